@@ -1,0 +1,1 @@
+"""Remote (black-box) model adapters: one seam, one module per kind of remote."""

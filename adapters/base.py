@@ -1,0 +1,209 @@
+"""The one seam between the decoder and a remote (black-box) model.
+
+A remote adapter answers one question: *given a context (chat messages or a
+raw prompt, plus the assistant bytes accepted so far), what are the remote's
+top-k next-token candidates at the next position(s)?*  Everything the
+decoder needs from a remote fits in :class:`Draft`; adapters never see torch
+and the decoder never sees HTTP types.
+
+Exception hierarchy (mapped to HTTP statuses once, in ``proxy.errors``)::
+
+    RemoteError                  upstream could not give a usable answer
+    ├── RemoteUnavailable        connect/read timeouts, 5xx, 429 after retries
+    ├── RemoteBadResponse        the answer is malformed or unusable
+    └── RemoteRejected           the upstream refused the request (4xx)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+#: bytes that servers such as vLLM and Ollama send for a token that holds only
+#: part of a multi-byte UTF-8 character (``../shared/cases/004``).
+REPLACEMENT_BYTES = "\ufffd".encode()
+
+
+class RemoteError(Exception):
+    """The remote could not give a usable answer."""
+
+    kind = "upstream_error"
+
+
+class RemoteUnavailable(RemoteError):
+    """Timeouts, connection failures, 5xx or 429 that outlived the retries."""
+
+    kind = "upstream_unavailable"
+
+    def __init__(self, message: str, *, timeout: bool = False, status: int | None = None) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        self.status = status
+
+
+class RemoteBadResponse(RemoteError):
+    """The remote answered, but not with something the proxy can use."""
+
+    kind = "upstream_bad_response"
+
+
+class RemoteRejected(RemoteError):
+    """The remote refused the request with a 4xx that retrying cannot fix."""
+
+    kind = "upstream_rejected"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One entry of a remote's top-k list at one position.
+
+    ``data`` is the candidate's exact bytes, or ``None`` when the server did
+    not send them and they could not be recovered (a partial UTF-8 character
+    reported as U+FFFD or as an empty string). ``logprob`` is the remote's
+    natural-log probability (may be ``-inf``). ``is_eot`` marks the end-of-turn
+    / end-of-sequence token; its ``data`` is ``b""``.
+    """
+
+    data: bytes | None
+    logprob: float
+    token: str
+    token_id: int | None = None
+    is_eot: bool = False
+
+    @property
+    def usable(self) -> bool:
+        """Whether the decoder may put this candidate in its support S_t."""
+        return (self.data is not None or self.is_eot) and math.isfinite(self.logprob) and (
+            self.logprob > -9000.0  # servers clamp -inf to -9999.0 (vLLM convention)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """The remote's answer at one position: top-k candidates (best first)
+    and the token the remote itself sampled there (which may be outside the
+    top-k; the decoder does not add it to the support, see DESIGN.md)."""
+
+    candidates: tuple[Candidate, ...]
+    sampled: Candidate
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """One remote call's worth of positions (1 for token-by-token decoding).
+
+    ``prompt_tokens`` is the remote's own count of prompt tokens, when it
+    reports usage.
+    """
+
+    positions: tuple[Position, ...]
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the remote is conditioned on.
+
+    Exactly one of ``messages`` (OpenAI chat messages, as plain dicts) and
+    ``prompt`` (a raw completion prompt) is set. ``assistant_prefix`` holds
+    the bytes the proxy has accepted so far (they may end inside a UTF-8
+    character). ``token_ids`` are the remote's own token ids for that prefix
+    when every accepted token came from this adapter with an id, which lets
+    in-process adapters continue without re-tokenising.
+    """
+
+    messages: tuple[dict[str, Any], ...] | None = None
+    prompt: str | None = None
+    assistant_prefix: bytes = b""
+    token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("Context needs exactly one of messages and prompt")
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a remote can do; the decoder picks its strategy from these."""
+
+    can_continue: bool
+    """Whether it continues a partial assistant message (token mode needs it)."""
+    max_top_logprobs: int = 20
+    raw_prompt: bool = False
+    """Whether it can serve a raw ``/v1/completions`` prompt."""
+    token_ids: bool = False
+    """Whether candidates carry the remote's token ids."""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@runtime_checkable
+class RemoteAdapter(Protocol):
+    """One method: the remote's top-k candidates for the next position(s)."""
+
+    name: str
+    capabilities: Capabilities
+
+    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+        """Top-k candidates for up to ``n_tokens`` positions after ``ctx``.
+
+        With ``n_tokens == 1`` only the candidate list matters. For longer
+        drafts the remote samples at temperature 1 with every filter off, so
+        that the reported logprobs are the distribution it sampled from.
+
+        Raises:
+            RemoteUnavailable: after bounded retries.
+            RemoteBadResponse: malformed or unusable logprobs.
+            RemoteRejected: a 4xx the remote will not change its mind about.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections, threads or models."""
+        ...
+
+
+def split_incomplete_utf8(data: bytes) -> tuple[str, bytes]:
+    """Split ``data`` into its longest valid UTF-8 text prefix and the
+    trailing bytes of an unfinished character (at most 3 bytes).
+
+    Raises:
+        UnicodeDecodeError: if the invalid bytes are not just an unfinished tail.
+    """
+    for cut in range(0, min(4, len(data) + 1)):
+        head = data[: len(data) - cut]
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return text, data[len(data) - cut :]
+    # Raise the real error for the whole buffer.
+    data.decode("utf-8")
+    raise AssertionError("unreachable")
+
+
+def candidate_from_wire(token: str, logprob: float | None, data: list[int] | None, *, eot_tokens: frozenset[str]) -> Candidate:
+    """Build a :class:`Candidate` from an OpenAI-style logprob entry.
+
+    Recovers bytes from ``token`` when the server sends none, and marks a
+    candidate whose bytes are unknowable (U+FFFD standing for a partial UTF-8
+    character, or an empty token string) with ``data=None``
+    (``../shared/cases/004``). Non-finite or missing logprobs become ``-inf``
+    (``../shared/cases/005``).
+    """
+    lp = -math.inf if logprob is None else float(logprob)
+    if not math.isfinite(lp) or lp <= -9000.0:
+        lp = -math.inf
+    if token in eot_tokens:
+        return Candidate(b"", lp, token, is_eot=True)
+    raw = bytes(data) if data is not None else None
+    if raw is not None and REPLACEMENT_BYTES in raw:
+        raw = None  # the server's stand-in for (part of) a partial character
+    elif raw is None:
+        raw = None if (token == "" or "\ufffd" in token) else token.encode("utf-8")
+    return Candidate(raw, lp, token)

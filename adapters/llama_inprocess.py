@@ -1,0 +1,148 @@
+"""The embedded default remote: llama.cpp in-process (``llama_cpp.Llama``).
+
+It works on token ids, so it continues any accepted prefix exactly (no
+re-tokenisation when the decoder passes ids), reports exact bytes for every
+token (also partial UTF-8 ones) and full-vocabulary logprobs, of which it
+returns the top-k. The prompt is rendered with the GGUF's own chat template
+through llama-cpp-python's ``Jinja2ChatFormatter``, exactly as
+``Llama.create_chat_completion`` does, so that a direct call and the proxy
+see the same prompt tokens.
+
+One model, one context: calls are serialised with a lock and run on a worker
+thread; the KV cache is reused for the longest common token prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Candidate, Capabilities, Context, Draft, Position, RemoteRejected
+
+
+class LlamaInProcessAdapter:
+    """A GGUF served in-process by llama.cpp."""
+
+    def __init__(self, *, name: str, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0) -> None:
+        import llama_cpp
+        from llama_cpp import llama_chat_format
+
+        self.name = name
+        self._llama_cpp = llama_cpp
+        self.llama = llama_cpp.Llama(
+            model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, logits_all=False, verbose=False, seed=seed
+        )
+        self.n_vocab = self.llama.n_vocab()
+        vocab = self.llama._model.vocab
+        self.token_bytes: list[bytes | None] = []
+        self.eog = np.zeros(self.n_vocab, dtype=bool)
+        for i in range(self.n_vocab):
+            if llama_cpp.llama_vocab_is_eog(vocab, i):
+                self.eog[i] = True
+            is_control = llama_cpp.llama_vocab_is_control(vocab, i)
+            self.token_bytes.append(None if is_control else self.llama.detokenize([i], special=False))
+        eos = self.llama.token_eos()
+        bos = self.llama.token_bos()
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        self._formatter = (
+            llama_chat_format.Jinja2ChatFormatter(
+                template=template,
+                eos_token=self.llama._model.token_get_text(eos) if eos != -1 else "",
+                bos_token=self.llama._model.token_get_text(bos) if bos != -1 else "",
+                stop_token_ids=[eos],
+            )
+            if template
+            else None
+        )
+        self._eot_text = self.llama._model.token_get_text(eos) if eos != -1 else "</s>"
+        self._lock = threading.Lock()
+        self.capabilities = Capabilities(can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab)
+
+    # ------------------------------------------------------------- prompts
+    def prompt_tokens(self, ctx: Context) -> list[int]:
+        """The prompt's token ids, as ``create_chat_completion`` / ``create_completion`` build them."""
+        if ctx.prompt is not None:
+            return self.llama.tokenize(ctx.prompt.encode("utf-8"), add_bos=True, special=True)
+        if self._formatter is None:
+            raise RemoteRejected(f"model {self.name!r} has no chat template; use /v1/completions", status=400)
+        assert ctx.messages is not None
+        try:
+            result = self._formatter(messages=list(ctx.messages))
+        except Exception as exc:  # jinja2 / raise_exception in the template
+            raise RemoteRejected(f"model {self.name!r}: chat template failed: {exc}", status=400) from exc
+        return self.llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+
+    # ------------------------------------------------------------- decoding
+    def _logprobs_after(self, tokens: list[int]) -> np.ndarray:
+        """log-softmax of the next-token logits after ``tokens`` (KV prefix reused)."""
+        llama = self.llama
+        if len(tokens) >= llama.n_ctx():
+            raise RemoteRejected(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {llama.n_ctx()}", status=400)
+        cached = llama.input_ids[: llama.n_tokens]
+        common = 0
+        limit = min(len(cached), len(tokens))
+        while common < limit and cached[common] == tokens[common]:
+            common += 1
+        common = min(common, len(tokens) - 1)  # re-evaluate at least the last token for its logits
+        llama.n_tokens = common
+        llama.eval(tokens[common:])
+        ptr = self._llama_cpp.llama_get_logits_ith(llama.ctx, -1)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        top = logits.max()
+        return logits - top - np.log(np.exp(logits - top).sum())
+
+    def _candidate(self, tid: int, lp: float) -> Candidate:
+        if self.eog[tid]:
+            return Candidate(b"", lp, self._eot_text, tid, is_eot=True)
+        data = self.token_bytes[tid]
+        return Candidate(data if data is not None else None, lp, "" if data is None else data.decode("utf-8", "replace"), tid)
+
+    def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None) -> Draft:
+        with self._lock:
+            prompt = self.prompt_tokens(ctx)
+            if ctx.token_ids is not None:
+                tokens = prompt + list(ctx.token_ids)
+            else:
+                tokens = prompt + (self.llama.tokenize(ctx.assistant_prefix, add_bos=False, special=False) if ctx.assistant_prefix else [])
+            rng = np.random.default_rng(seed)
+            positions: list[Position] = []
+            finish = None
+            for _ in range(n_tokens):
+                lp = self._logprobs_after(tokens)
+                k = min(top_k, self.n_vocab)
+                top = np.argpartition(-lp, k - 1)[:k]
+                top = top[np.argsort(-lp[top], kind="stable")]
+                cands = tuple(self._candidate(int(t), float(lp[t])) for t in top)
+                # n_tokens == 1: the argmax; drafts sample at T = 1 from the full distribution.
+                pick = int(top[0]) if n_tokens == 1 else int(rng.choice(self.n_vocab, p=np.exp(lp) / np.exp(lp).sum()))
+                sampled = self._candidate(pick, float(lp[pick]))
+                positions.append(Position(cands, sampled))
+                if sampled.is_eot:
+                    finish = "stop"
+                    break
+                tokens.append(pick)
+            return Draft(tuple(positions), finish or "length", len(prompt))
+
+    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+        return await asyncio.to_thread(self._draft_sync, ctx, n_tokens, top_k, seed)
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self.llama.close()
+
+    def vocab_bytes(self) -> list[bytes | None]:
+        """Bytes of every token (``None`` for control tokens): lets the server
+        detect a pair with the same tokenizer (the fast path)."""
+        return self.token_bytes
+
+    def direct_chat(self, messages: list[dict[str, Any]], max_tokens: int) -> str:
+        """Greedy text straight from llama.cpp (no proxy), for comparisons."""
+        with self._lock:
+            self.llama.n_tokens = 0
+            out = self.llama.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0)
+            self.llama.n_tokens = 0
+            return out["choices"][0]["message"]["content"] or ""

@@ -1,0 +1,282 @@
+"""Remotes reached over HTTP with the official ``openai`` SDK (``AsyncOpenAI``).
+
+Two adapters:
+
+* :class:`ChatAdapter` - ``/v1/chat/completions``. Continuing a partial
+  assistant message ("prefill") differs per server, so the adapter takes a
+  *flavour*:
+
+  ============  ===============================================================
+  ``llama.cpp`` a trailing assistant message (llama.cpp's ``llama-server``)
+  ``vllm``      ``continue_final_message: true`` + ``add_generation_prompt: false``
+                (vLLM, SGLang)
+  ``deepseek``  a trailing assistant message with ``prefix: true``
+  ``none``      cannot continue (OpenAI's own chat models); token mode refused
+  ============  ===============================================================
+
+  llama-cpp-python's own server answers a trailing assistant message in a
+  *new* turn, so it needs :class:`CompletionsAdapter` instead.
+
+* :class:`CompletionsAdapter` - raw ``/v1/completions`` with the prompt
+  rendered by the proxy from a configured chat template; continuing is just
+  appending the accepted text.
+
+Both ask for ``top_logprobs`` and switch the server's sampling filters off in
+draft requests so that the reported logprobs are the sampling distribution.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import httpx
+import openai
+
+from .base import (
+    Candidate,
+    Capabilities,
+    Context,
+    Draft,
+    Position,
+    RemoteBadResponse,
+    RemoteRejected,
+    candidate_from_wire,
+    split_incomplete_utf8,
+)
+from .retry import RetryPolicy, call_with_retries
+from .templates import ChatTemplate
+
+log = logging.getLogger(__name__)
+
+Flavour = Literal["llama.cpp", "vllm", "deepseek", "none"]
+FLAVOURS: tuple[str, ...] = ("llama.cpp", "vllm", "deepseek", "none")
+
+#: End-of-turn token strings as servers print them in ``top_logprobs``.
+DEFAULT_EOT_TOKENS = frozenset({"<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<eos>", "<|end|>"})
+
+#: Server-specific sampling switches that make the reported logprobs the
+#: sampling distribution (top_k / min_p / penalties off).
+SAMPLING_OFF: dict[str, dict[str, Any]] = {
+    "llama.cpp": {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0},
+    "vllm": {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0},
+    "deepseek": {},
+    "none": {},
+}
+
+
+def heal(positions: Sequence[Position], pending: bytes) -> tuple[Position, ...]:
+    """Condition a remote answer on ``pending`` bytes it could not be sent.
+
+    A prefix that ends inside a UTF-8 character cannot be sent as text; the
+    adapter sends the complete characters and the remote proposes the next
+    token from there. Only candidates whose bytes start with ``pending`` are
+    consistent with what was accepted: they are kept with ``pending`` stripped
+    (their logprobs share one normaliser, which cancels in the decoder's
+    softmax). Positions after the first are dropped unless the remote's own
+    sampled token was consistent.
+    """
+    if not pending or not positions:
+        return tuple(positions)
+    first = positions[0]
+
+    def strip(c: Candidate) -> Candidate | None:
+        if c.data is None or c.is_eot or not c.data.startswith(pending):
+            return None
+        return Candidate(c.data[len(pending) :], c.logprob, c.token, c.token_id)
+
+    kept = tuple(s for c in first.candidates if (s := strip(c)) is not None and s.data)
+    if not kept:
+        raise RemoteBadResponse(
+            f"upstream offered no candidate that completes the partial character {pending!r}"
+        )
+    sampled = strip(first.sampled)
+    rest = tuple(positions[1:]) if sampled is not None and sampled.data else ()
+    return (Position(kept, sampled if sampled is not None and sampled.data else kept[0]), *rest)
+
+
+def _position(entries: Sequence[Candidate], sampled: Candidate, top_k: int) -> Position:
+    ranked = sorted(entries, key=lambda c: c.logprob, reverse=True)[:top_k]
+    if not ranked:
+        raise RemoteBadResponse("upstream returned no top_logprobs; it cannot serve token mode")
+    return Position(tuple(ranked), sampled)
+
+
+class _HTTPAdapter:
+    """Client construction, retries and the EOT convention shared by both adapters."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        eot_tokens: frozenset[str] = DEFAULT_EOT_TOKENS,
+        sampling_off: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.eot_tokens = eot_tokens
+        self.sampling_off = dict(sampling_off or {})
+        self.extra_body = dict(extra_body or {})
+        self.retry = retry
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key or "none",
+            max_retries=0,  # tenacity owns retries (adapters.retry)
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            http_client=http_client,
+        )
+
+    def _wire(self, token: str, logprob: float | None, data: list[int] | None) -> Candidate:
+        return candidate_from_wire(token, logprob, data, eot_tokens=self.eot_tokens)
+
+    def _body(self, n_tokens: int) -> dict[str, Any]:
+        body = dict(self.extra_body)
+        if n_tokens > 1:  # a draft: logprobs must be the sampling distribution
+            body.update(self.sampling_off)
+        return body
+
+    def _eot(self) -> Candidate:
+        return Candidate(b"", 0.0, next(iter(sorted(self.eot_tokens))), is_eot=True)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+class ChatAdapter(_HTTPAdapter):
+    """An OpenAI-compatible ``/v1/chat/completions`` remote (see module docstring)."""
+
+    def __init__(self, *, flavour: Flavour, **kwargs: Any) -> None:
+        if flavour not in FLAVOURS:
+            raise ValueError(f"unknown prefill flavour {flavour!r}; valid: {', '.join(FLAVOURS)}")
+        kwargs.setdefault("sampling_off", SAMPLING_OFF[flavour])
+        super().__init__(**kwargs)
+        self.flavour = flavour
+        self.capabilities = Capabilities(
+            can_continue=flavour != "none",
+            notes=() if flavour != "none" else ("cannot continue a partial assistant message",),
+        )
+
+    def _messages(self, ctx: Context, text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        assert ctx.messages is not None
+        messages = [dict(m) for m in ctx.messages]
+        extra: dict[str, Any] = {}
+        if not text:
+            return messages, extra
+        if self.flavour == "none":
+            raise RemoteRejected(
+                f"model {self.name!r}: the upstream cannot continue a partial assistant message", status=400
+            )
+        if self.flavour == "deepseek":
+            messages.append({"role": "assistant", "content": text, "prefix": True})
+        else:
+            messages.append({"role": "assistant", "content": text})
+        if self.flavour == "vllm":
+            extra = {"continue_final_message": True, "add_generation_prompt": False}
+        return messages, extra
+
+    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+        if ctx.messages is None:
+            raise RemoteRejected(f"model {self.name!r} is served through a chat endpoint and takes messages only", status=400)
+        text, pending = split_incomplete_utf8(ctx.assistant_prefix)
+        messages, extra = self._messages(ctx, text)
+        body = {**self._body(n_tokens), **extra}
+
+        async def call() -> Any:
+            return await self._client.chat.completions.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=n_tokens + (1 if pending else 0),
+                logprobs=True,
+                top_logprobs=top_k,
+                temperature=1.0,
+                top_p=1.0,
+                seed=seed,
+                extra_body=body or None,
+            )
+
+        response = await call_with_retries(call, self.retry, f"model {self.name!r}")
+        if not response.choices:
+            raise RemoteBadResponse("upstream returned no choices")
+        choice = response.choices[0]
+        content = (choice.logprobs.content if choice.logprobs is not None else None) or []
+        positions: list[Position] = []
+        for entry in content:
+            sampled = self._wire(entry.token, entry.logprob, entry.bytes)
+            tops = [self._wire(t.token, t.logprob, t.bytes) for t in entry.top_logprobs or []]
+            positions.append(_position(tops, sampled, top_k))
+        if not positions and choice.finish_reason == "stop":
+            eot = self._eot()
+            positions.append(Position((eot,), eot))  # the remote ended its turn at once
+        if not positions:
+            raise RemoteBadResponse("upstream returned no logprobs; it cannot serve token mode")
+        usage = response.usage.prompt_tokens if response.usage is not None else None
+        return Draft(heal(positions, pending), choice.finish_reason, usage)
+
+
+class CompletionsAdapter(_HTTPAdapter):
+    """A raw ``/v1/completions`` remote: the proxy renders the chat template
+    itself and continues by appending the accepted text to the prompt."""
+
+    def __init__(self, *, template: ChatTemplate | None, sampling: str = "llama.cpp", **kwargs: Any) -> None:
+        kwargs.setdefault("sampling_off", SAMPLING_OFF.get(sampling, {}))
+        super().__init__(**kwargs)
+        self.template = template
+        self.capabilities = Capabilities(can_continue=True, raw_prompt=True)
+
+    def render(self, ctx: Context) -> str:
+        """The prompt text for ``ctx`` without the accepted assistant text."""
+        if ctx.prompt is not None:
+            return ctx.prompt
+        if self.template is None:
+            raise RemoteRejected(f"model {self.name!r} has no chat template configured; use /v1/completions", status=400)
+        assert ctx.messages is not None
+        return self.template.render(ctx.messages)
+
+    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+        text, pending = split_incomplete_utf8(ctx.assistant_prefix)
+        prompt = self.render(ctx) + text
+        body = self._body(n_tokens)
+
+        async def call() -> Any:
+            return await self._client.completions.create(
+                model=self.model,
+                prompt=prompt,
+                max_tokens=n_tokens + (1 if pending else 0),
+                logprobs=top_k,
+                temperature=1.0,
+                top_p=1.0,
+                seed=seed,
+                extra_body=body or None,
+            )
+
+        response = await call_with_retries(call, self.retry, f"model {self.name!r}")
+        if not response.choices:
+            raise RemoteBadResponse("upstream returned no choices")
+        choice = response.choices[0]
+        lp = choice.logprobs
+        positions: list[Position] = []
+        if lp is not None and lp.tokens:
+            tops_list = lp.top_logprobs or []
+            for i, token in enumerate(lp.tokens):
+                token_lp = lp.token_logprobs[i] if lp.token_logprobs and i < len(lp.token_logprobs) else None
+                sampled = self._wire(token, token_lp, None)
+                tops = tops_list[i] if i < len(tops_list) and tops_list[i] else {}
+                entries = [self._wire(t, v, None) for t, v in tops.items()]
+                positions.append(_position(entries, sampled, top_k))
+        if not positions and choice.finish_reason == "stop":
+            eot = self._eot()
+            positions.append(Position((eot,), eot))
+        if not positions:
+            raise RemoteBadResponse("upstream returned no logprobs; it cannot serve token mode")
+        usage = response.usage.prompt_tokens if response.usage is not None else None
+        return Draft(heal(positions, pending), choice.finish_reason, usage)
+

@@ -1,0 +1,119 @@
+"""Retries for HTTP remotes (tenacity), and the one place where the openai
+SDK's exceptions become :mod:`adapters.base` errors.
+
+Retried: 408, 409, 429 and 5xx statuses, timeouts and connection errors.
+The wait honours ``Retry-After`` (seconds or an HTTP date, RFC 9110 §10.2.3)
+and otherwise backs off exponentially with jitter; both the number of attempts
+and the total time are bounded, after which the last error is raised as
+:class:`~adapters.base.RemoteUnavailable`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import openai
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_after_delay
+from tenacity.wait import wait_exponential_jitter
+
+from .base import RemoteBadResponse, RemoteError, RemoteRejected, RemoteUnavailable
+
+T = TypeVar("T")
+
+RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounds for retrying one remote call."""
+
+    attempts: int = 4
+    """Total attempts, the first included."""
+    total_seconds: float = 30.0
+    """No new attempt starts after this long; a Retry-After beyond it is not waited for."""
+    initial_backoff: float = 0.25
+    max_backoff: float = 8.0
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRY_STATUSES
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    """Seconds asked for by the ``Retry-After`` (or ``retry-after-ms``) header of ``exc``'s response."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    headers = response.headers
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+        return None if when is None else max(0.0, when.timestamp() - time.time())
+
+
+async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
+    """Run ``fn`` under ``policy`` and translate SDK errors once.
+
+    Raises:
+        RemoteUnavailable: retryable failures that outlived the policy.
+        RemoteRejected: a non-retryable 4xx.
+        RemoteBadResponse: the SDK could not parse the answer.
+    """
+    backoff = wait_exponential_jitter(initial=policy.initial_backoff, max=policy.max_backoff)
+    started = time.monotonic()
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        asked = retry_after_seconds(exc) if exc is not None else None
+        base = backoff(state)
+        delay = max(base, asked) if asked is not None else base
+        left = policy.total_seconds - (time.monotonic() - started)
+        return max(0.0, min(delay, left))
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(_retryable),
+        stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.total_seconds),
+        wait=wait,
+        reraise=True,
+    )
+    try:
+        return await retrying(fn)
+    except RemoteError:
+        raise
+    except openai.APITimeoutError as exc:
+        raise RemoteUnavailable(f"{what}: upstream timed out after retries", timeout=True) from exc
+    except openai.APIConnectionError as exc:
+        raise RemoteUnavailable(f"{what}: cannot reach the upstream ({type(exc.__cause__ or exc).__name__})") from exc
+    except openai.APIStatusError as exc:
+        message = f"{what}: upstream answered HTTP {exc.status_code}: {_upstream_message(exc)}"
+        if exc.status_code in RETRY_STATUSES:
+            raise RemoteUnavailable(message, timeout=exc.status_code in (408, 504), status=exc.status_code) from exc
+        raise RemoteRejected(message, status=exc.status_code) from exc
+    except (openai.APIResponseValidationError, ValueError, KeyError, TypeError) as exc:
+        raise RemoteBadResponse(f"{what}: unusable upstream answer: {exc}") from exc
+
+
+def _upstream_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"][:500]
+        if isinstance(inner, str):
+            return inner[:500]
+    return str(exc.message)[:500]

@@ -1,0 +1,178 @@
+"""Offset artifacts: a folder with peft adapter weights and ``manifest.json``.
+
+``manifest.json`` (format version 1)::
+
+    {"format": "deltaproxy-offset", "format_version": 1,
+     "base_model": {"name": str, "sha256": str},   # sha256 over the base weights
+     "tokenizer_sha256": str,                      # ByteVocab.fingerprint()
+     "alpha": float, "objective": str, "training": {...},
+     "data": {"forget": {"sha256", "bytes", "records"}, "retain": {...} | null},
+     "files": {"adapter_model.safetensors": sha256, "adapter_config.json": sha256},
+     "created": ISO 8601 UTC}
+
+It never holds the text of the forget or retain sets. Loading refuses an
+artifact whose base model or tokenizer differs from the pair's, or whose
+files fail their checksums. Writing is atomic: a temporary folder in the same
+parent, renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .vocab import ByteVocab
+
+FORMAT = "deltaproxy-offset"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """An offset artifact that cannot be served with this pair."""
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer of ``model`` (name, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class OffsetArtifact:
+    path: Path
+    manifest: dict[str, Any]
+    sha256: str
+    """sha256 of ``manifest.json``, which pins every file: the artifact's identity."""
+
+    @property
+    def alpha(self) -> float:
+        return float(self.manifest.get("alpha", 1.0))
+
+    def attach(self, model: torch.nn.Module) -> Any:
+        """``model`` wrapped as a ``PeftModel`` with this adapter (U); B is
+        the same model under ``disable_adapter()``."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(self.path), is_trainable=False)
+
+
+def load_artifact(path: Path, base: torch.nn.Module, vocab: ByteVocab) -> OffsetArtifact:
+    """Read and verify an artifact against the pair's base model and tokenizer.
+
+    Raises:
+        FileNotFoundError: no such folder or no manifest.
+        ArtifactError: wrong format, base model, tokenizer, or a checksum mismatch.
+    """
+    if not path.is_dir():
+        raise FileNotFoundError(f"offset artifact not found: {path}")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"offset artifact {path} has no {MANIFEST}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"offset artifact {path}: {MANIFEST} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"offset artifact {path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"offset artifact {path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"offset artifact {path}: manifest lists no files")
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"offset artifact {path}: file {name} is missing")
+        if _file_sha256(f) != digest:
+            raise ArtifactError(f"offset artifact {path}: file {name} fails its sha256 checksum (altered or corrupt)")
+    tok = vocab.fingerprint()
+    if manifest.get("tokenizer_sha256") != tok:
+        raise ArtifactError(
+            f"offset artifact {path} was trained for tokenizer {str(manifest.get('tokenizer_sha256'))[:12]}…, "
+            f"the pair's tokenizer is {tok[:12]}…"
+        )
+    base_sha = weights_sha256(base)
+    want = (manifest.get("base_model") or {}).get("sha256")
+    if want != base_sha:
+        raise ArtifactError(
+            f"offset artifact {path} was trained on base model {str(want)[:12]}…, the pair's base model is {base_sha[:12]}…"
+        )
+    return OffsetArtifact(path, manifest, _file_sha256(manifest_path))
+
+
+def save_artifact(
+    out: Path,
+    peft_model: Any,
+    *,
+    base_name: str,
+    base_sha256: str,
+    vocab: ByteVocab,
+    alpha: float,
+    objective: str,
+    training: Mapping[str, Any],
+    data: Mapping[str, Any],
+) -> Path:
+    """Write an artifact atomically (temporary folder, then rename).
+
+    ``data`` holds hashes and sizes of the training sets, never their text.
+
+    Raises:
+        FileExistsError: ``out`` exists.
+    """
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        peft_model.save_pretrained(str(tmp))
+        for extra in ("README.md",):  # peft's model card repeats nothing useful
+            (tmp / extra).unlink(missing_ok=True)
+        files = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "base_model": {"name": base_name, "sha256": base_sha256},
+            "tokenizer_sha256": vocab.fingerprint(),
+            "alpha": float(alpha),
+            "objective": objective,
+            "training": dict(training),
+            "data": dict(data),
+            "files": files,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,136 @@
+"""Configuration: typed, frozen models loaded from TOML (pydantic validates,
+and its messages name the bad key).
+
+Example (``deltaproxy serve --config proxy.toml``)::
+
+    [server]
+    host = "127.0.0.1"
+    port = 8000
+
+    [models."smollm2-unlearned"]
+    backend = "openai-completions"        # or "openai-chat", "llama-inprocess"
+    base_url = "http://127.0.0.1:8080/v1"
+    api_key_env = "UPSTREAM_API_KEY"       # the key itself never goes in the file
+    template = "gguf:smollm2"              # chat template for raw completions
+    pair = "smollm2"                       # local pair (folder, GGUF path or packaged name)
+    offset = "offsets/demo"                # offset artifact folder
+    alpha = 1.0
+
+With no config file the embedded default serves ``smollm2-demo``: the
+packaged SmolLM2 GGUF in-process as the remote and the same model as the pair.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from adapters.openai_http import FLAVOURS
+
+DEFAULT_MODEL = "smollm2-demo"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be served; the message names the key."""
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host: str = "127.0.0.1"
+    """Loopback by default: exposing the proxy is a deliberate choice."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    default_max_tokens: int = Field(default=512, ge=1)
+    """Used when a chat request sets no limit (bounds cost per request)."""
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    backend: Literal["openai-chat", "openai-completions", "llama-inprocess"]
+    # HTTP remotes
+    base_url: str | None = None
+    remote_model: str | None = None
+    """The upstream's name for the model (default: the served name)."""
+    api_key_env: str | None = None
+    prefill: str = "llama.cpp"
+    """openai-chat only: how the upstream continues a partial assistant message."""
+    sampling: Literal["llama.cpp", "vllm", "deepseek", "none"] = "llama.cpp"
+    """openai-completions: which server's switches turn its sampling filters off."""
+    template: str | None = None
+    """openai-completions: "gguf:<model>" (the GGUF's own), "chatml", "gemma", or a .jinja file."""
+    eot_tokens: tuple[str, ...] | None = None
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+    retry_attempts: int = Field(default=4, ge=1, le=20)
+    retry_seconds: float = Field(default=30.0, gt=0)
+    # llama-inprocess
+    gguf: str | None = None
+    n_ctx: int = Field(default=4096, ge=64)
+    # the local pair and the offset
+    pair: str | None = None
+    offset: str | None = None
+    alpha: float = Field(default=1.0, ge=-100, le=100)
+    """Offset strength; 1.0 as in the paper (arXiv 2404.11045)."""
+    top_k: int = Field(default=20, ge=1, le=20)
+    """Remote candidates per step; 20 is OpenAI's top_logprobs maximum."""
+    same_tokenizer: bool | Literal["auto"] = "auto"
+    """Whether the pair shares the remote's tokenizer (fast path). "auto" detects it for in-process remotes."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.backend in ("openai-chat", "openai-completions") and not self.base_url:
+            raise ValueError(f"base_url is required for backend {self.backend!r}")
+        if self.backend == "openai-chat" and self.prefill not in FLAVOURS:
+            raise ValueError(f"prefill must be one of {', '.join(FLAVOURS)}")
+        if self.backend == "llama-inprocess" and not self.gguf:
+            raise ValueError("gguf is required for backend 'llama-inprocess'")
+        if self.offset and not self.pair:
+            raise ValueError("offset needs a pair (the local model it was trained on)")
+        if self.api_key_env and self.api_key_env not in os.environ:
+            raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set")
+        return self
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    server: ServerConfig = ServerConfig()
+    models: dict[str, ModelConfig] = Field(min_length=1)
+
+
+def embedded_default(offset: str | None = None, alpha: float | None = None) -> Config:
+    """The README's default: SmolLM2 in-process as the remote, SmolLM2 as the pair."""
+    model = ModelConfig(
+        backend="llama-inprocess",
+        gguf="smollm2",
+        pair="smollm2",
+        offset=offset,
+        alpha=1.0 if alpha is None else alpha,
+    )
+    return Config(models={DEFAULT_MODEL: model})
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, or a bad key (named in the message).
+    """
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {p} is not valid TOML: {exc}") from exc
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False):
+            key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  {key}: {err['msg']}")
+        raise ConfigError(f"config {p} is invalid:\n" + "\n".join(lines)) from exc

@@ -1,0 +1,168 @@
+"""The local pair: base model B and unlearned model U = B + a peft adapter,
+sharing one copy of the weights (B is U with the adapter disabled).
+
+:class:`LocalPair` loads a transformers folder or a GGUF (converted once,
+:mod:`proxy.models`) and an offset artifact (:mod:`proxy.artifact`), renders
+prompts with the pair's own chat template, and opens a
+:class:`PairScorer` per generated choice: the torch side of
+:class:`proxy.alignment.TreeScorer`, with one KV cache per model for the
+trunk and tree attention for the candidates' paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .alignment import Aligner, Tree
+from .artifact import OffsetArtifact, load_artifact
+from .models import local_model_dir
+from .vocab import ByteVocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PairInfo:
+    name: str
+    model_sha256: str
+    tokenizer_sha256: str
+
+
+class LocalPair:
+    """B and U on one set of weights. Without an offset, U = B and Δ ≡ 0.
+
+    Not thread-safe: the server runs every call on one worker thread.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, offset: OffsetArtifact | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.offset = offset
+        self.vocab = ByteVocab.from_tokenizer(tokenizer)
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 2048))
+
+    @property
+    def has_offset(self) -> bool:
+        return self.offset is not None
+
+    @classmethod
+    def load(cls, ref: str, offset_dir: str | Path | None = None) -> LocalPair:
+        """Load the pair from a transformers folder, a GGUF path or a packaged
+        name, and an optional offset artifact folder.
+
+        Raises:
+            FileNotFoundError: the model or artifact is missing.
+            proxy.artifact.ArtifactError: the artifact does not belong to this
+                base model or tokenizer, or fails its checksums.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = local_model_dir(ref)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        offset = None
+        if offset_dir is not None:
+            offset = load_artifact(Path(offset_dir), model, ByteVocab.from_tokenizer(tokenizer))
+            model = offset.attach(model)
+        return cls(model, tokenizer, name=ref, offset=offset)
+
+    # ---------------------------------------------------------------- prompts
+    def prompt_ids(self, messages: Sequence[dict[str, Any]] | None = None, prompt: str | None = None) -> list[int]:
+        """Local token ids of the prompt: chat messages rendered with the
+        pair's chat template (generation prompt added), or raw text.
+
+        Raises:
+            ValueError: the template rejects the messages.
+        """
+        if messages is not None:
+            try:
+                text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # jinja2 errors from the template itself
+                raise ValueError(f"the pair's chat template failed: {exc}") from exc
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(prompt or "", add_special_tokens=False))
+
+    def aligner(self, prompt_ids: Sequence[int], *, same_tokenizer: bool) -> Aligner:
+        """Alignment state for one choice, with ``prompt_ids`` as the trunk's start."""
+        scorer = PairScorer(self)
+        aligner = Aligner(self.vocab, scorer, same_tokenizer=same_tokenizer)
+        aligner.pending = list(prompt_ids)
+        return aligner
+
+    # ---------------------------------------------------------------- forward
+    def _forward(self, ids: torch.Tensor, cache: Any, *, adapter: bool, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=positions, use_cache=True)
+        if adapter or self.offset is None:
+            out = self.model(**kwargs)
+        else:
+            with self.model.disable_adapter():
+                out = self.model(**kwargs)
+        return torch.log_softmax(out.logits[0].float(), dim=-1)  # [n, V]
+
+
+class PairScorer:
+    """KV caches of the trunk for U and B; scores a tree of tokens after it."""
+
+    def __init__(self, pair: LocalPair) -> None:
+        from transformers import DynamicCache
+
+        self.pair = pair
+        self.caches = {True: DynamicCache(), False: DynamicCache()}
+        self.trunk_len = 0
+        self.last: dict[bool, np.ndarray | None] = {True: None, False: None}
+
+    @torch.inference_mode()
+    def score(self, tree: Tree, commit: int) -> tuple[np.ndarray, np.ndarray]:
+        """See :meth:`proxy.alignment.TreeScorer.score`.
+
+        Raises:
+            ValueError: the trunk plus the tree exceed the pair's context.
+        """
+        n = len(tree.tokens)
+        if self.trunk_len + n > self.pair.max_length:
+            raise ValueError(f"the pair's context ({self.pair.max_length} tokens) is exhausted")
+        models = (True, False) if self.pair.has_offset else (False,)
+        rows: dict[bool, np.ndarray] = {}
+        if n == 0:
+            for m in models:
+                if self.last[m] is None:
+                    raise ValueError("empty prompt: the pair has nothing to condition on")
+                rows[m] = self.last[m][None, :]  # type: ignore[index]
+        else:
+            depth = np.zeros(n, dtype=np.int64)
+            allowed = torch.zeros((n, self.trunk_len + n), dtype=torch.bool)
+            allowed[:, : self.trunk_len] = True
+            for i, p in enumerate(tree.parents):
+                if p >= 0:
+                    depth[i] = depth[p] + 1
+                    allowed[i, self.trunk_len : self.trunk_len + p + 1] = allowed[p, self.trunk_len : self.trunk_len + p + 1]
+                allowed[i, self.trunk_len + i] = True
+            mask = torch.zeros(allowed.shape, dtype=torch.float32)
+            mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+            ids = torch.tensor([tree.tokens], dtype=torch.long)
+            positions = torch.from_numpy(self.trunk_len + depth)[None, :]
+            for m in models:
+                lp = self.pair._forward(ids, self.caches[m], adapter=m, mask=mask[None, None], positions=positions)
+                after = lp.double().numpy()
+                first = self.last[m]
+                if first is None:  # no trunk yet: row 0 is never read when the chain is the prompt
+                    first = np.full(after.shape[1], -np.inf)
+                rows[m] = np.concatenate([first[None, :], after], axis=0)
+                # Keep the committed chain in the cache, drop the rest of the tree.
+                remove = n - commit
+                if remove:
+                    self.caches[m].crop(-remove)
+                if commit:
+                    self.last[m] = after[commit - 1]
+            self.trunk_len += commit
+        if not self.pair.has_offset:
+            rows[True] = rows[False]
+        return rows[True], rows[False]

@@ -1,0 +1,123 @@
+"""Builds the served models (remote adapter + local pair + α) from a :class:`Config`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from adapters.base import RemoteAdapter
+from adapters.openai_http import DEFAULT_EOT_TOKENS, ChatAdapter, CompletionsAdapter
+from adapters.retry import RetryPolicy
+from adapters.templates import BUILTIN, ChatTemplate
+
+from .config import Config, ConfigError, ModelConfig
+from .decoding import DecodingError, ServedModel
+from .models import resolve_gguf
+
+log = logging.getLogger(__name__)
+
+
+def _gguf_template(ref: str) -> ChatTemplate:
+    """The chat template and its special tokens from a GGUF's metadata."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(resolve_gguf(ref)))
+
+    def field(name: str) -> Any:
+        f = reader.fields.get(name)
+        return None if f is None else f.contents()
+
+    source = field("tokenizer.chat_template")
+    if not source:
+        raise ConfigError(f"template: GGUF {ref} has no chat template")
+    tokens = field("tokenizer.ggml.tokens")
+    bos = field("tokenizer.ggml.bos_token_id")
+    eos = field("tokenizer.ggml.eos_token_id")
+    return ChatTemplate(source, tokens[bos] if bos is not None else "", tokens[eos] if eos is not None else "")
+
+
+def _template(spec: str | None) -> ChatTemplate | None:
+    if spec is None:
+        return None
+    if spec.startswith("gguf:"):
+        return _gguf_template(spec[5:])
+    if spec in BUILTIN:
+        return ChatTemplate(BUILTIN[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"template: {spec!r} is not 'gguf:<model>', {', '.join(BUILTIN)} or a file")
+    return ChatTemplate(path.read_text())
+
+
+def build_adapter(name: str, cfg: ModelConfig) -> RemoteAdapter:
+    if cfg.backend == "llama-inprocess":
+        from adapters.llama_inprocess import LlamaInProcessAdapter
+
+        assert cfg.gguf is not None
+        return LlamaInProcessAdapter(name=name, model_path=resolve_gguf(cfg.gguf), n_ctx=cfg.n_ctx)
+    common: dict[str, Any] = dict(
+        name=name,
+        base_url=cfg.base_url,
+        model=cfg.remote_model or name,
+        api_key=os.environ.get(cfg.api_key_env) if cfg.api_key_env else None,
+        eot_tokens=frozenset(cfg.eot_tokens) if cfg.eot_tokens is not None else DEFAULT_EOT_TOKENS,
+        retry=RetryPolicy(attempts=cfg.retry_attempts, total_seconds=cfg.retry_seconds),
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
+    )
+    if cfg.backend == "openai-chat":
+        return ChatAdapter(flavour=cfg.prefill, **common)  # type: ignore[arg-type]
+    return CompletionsAdapter(template=_template(cfg.template), sampling=cfg.sampling, **common)
+
+
+def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | None], Any] | None = None) -> ServedModel:
+    """One served model. Pairs are shared between models with the same (pair, offset).
+
+    Raises:
+        ConfigError: the model cannot be served as configured.
+    """
+    pairs = {} if pairs is None else pairs
+    try:
+        adapter = build_adapter(name, cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"models.{name}: {exc}") from exc
+    pair = None
+    if cfg.pair and cfg.offset:  # without an offset U = B and Δ ≡ 0: no pair needed
+        from .pair import LocalPair
+
+        key = (cfg.pair, cfg.offset)
+        if key not in pairs:
+            try:
+                pairs[key] = LocalPair.load(cfg.pair, cfg.offset)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(f"models.{name}.offset: {exc}") from exc
+        pair = pairs[key]
+    same = cfg.same_tokenizer
+    if same == "auto":
+        same = False
+        vocab_bytes = getattr(adapter, "vocab_bytes", None)
+        if pair is not None and vocab_bytes is not None:
+            remote = vocab_bytes()
+            same = len(remote) == len(pair.vocab) and all(
+                a == b for a, b in zip(remote, pair.vocab.token_bytes) if a is not None and b is not None
+            )
+    alpha = cfg.alpha
+    try:
+        return ServedModel(
+            name=name,
+            adapter=adapter,
+            pair=pair,
+            alpha=alpha,
+            top_k=cfg.top_k,
+            same_tokenizer=bool(same),
+            offset_sha256=pair.offset.sha256 if pair is not None and pair.offset is not None else None,
+        )
+    except DecodingError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def build_models(config: Config) -> dict[str, ServedModel]:
+    pairs: dict[tuple[str, str | None], Any] = {}
+    return {name: build_model(name, cfg, pairs=pairs) for name, cfg in config.models.items()}

@@ -1,0 +1,162 @@
+"""A local tokenizer seen as bytes.
+
+Alignment across tokenizers works in bytes, never in token strings (``Ġ``,
+``▁``, ``<0x..>``; DESIGN.md, "Token alignment"). :class:`ByteVocab` gives
+every local token id its exact bytes, finds all tokens whose bytes *start
+with* a given byte string (one contiguous range of the vocabulary sorted by
+bytes), and tokenises arbitrary bytes (also ones that end inside a UTF-8
+character) canonically.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's ``bytes_to_unicode`` (Radford et al. 2019, encoder.py)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, codes)}
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError("a fast (tokenizers-backed) tokenizer is required")
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    return "ByteLevel" in json.dumps(decoder)
+
+
+def _piece_bytes(piece: str, byte_level: bool) -> bytes | None:
+    if byte_level:
+        try:
+            return bytes(_BYTE_DECODER[ch] for ch in piece)
+        except KeyError:
+            return None
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+@dataclass
+class ByteVocab:
+    """Bytes of every token of a local tokenizer.
+
+    ``token_bytes[i]`` is token ``i``'s bytes, or ``None`` for special and
+    control tokens (they never match text). ``eot_ids`` are the end-of-turn /
+    end-of-sequence ids, best first.
+    """
+
+    token_bytes: list[bytes | None]
+    eot_ids: tuple[int, ...]
+    tokenizer: Any = field(repr=False, default=None)
+    sorted_ids: np.ndarray = field(init=False, repr=False)
+    _sorted: list[bytes] = field(init=False, repr=False)
+    exact: dict[bytes, int] = field(init=False, repr=False)
+    byte_ids: list[int | None] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ids = [i for i, b in enumerate(self.token_bytes) if b]
+        ids.sort(key=lambda i: self.token_bytes[i])  # type: ignore[arg-type, return-value]
+        self.sorted_ids = np.asarray(ids, dtype=np.int64)
+        self._sorted = [self.token_bytes[i] for i in ids]  # type: ignore[misc]
+        self.exact = {}
+        for i in ids:
+            self.exact.setdefault(self.token_bytes[i], i)  # type: ignore[arg-type]
+        self.byte_ids = [self.exact.get(bytes([b])) for b in range(256)]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, eot_tokens: Iterable[str] = ()) -> ByteVocab:
+        """Read a Hugging Face fast tokenizer (byte-level BPE or SentencePiece-style).
+
+        Raises:
+            ValueError: not a fast tokenizer.
+        """
+        byte_level = _is_byte_level(tokenizer)
+        special = set(tokenizer.all_special_ids)
+        for tid, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+            if getattr(added, "special", False):
+                special.add(tid)
+        size = len(tokenizer)
+        pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+        table: list[bytes | None] = [
+            None if (i in special or p is None) else _piece_bytes(p, byte_level) for i, p in enumerate(pieces)
+        ]
+        eot: list[int] = []
+        names = list(eot_tokens) + [t for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>") if t]
+        for name in names:
+            tid = tokenizer.convert_tokens_to_ids(name)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id and 0 <= tid < size and tid not in eot:
+                eot.append(tid)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eot:
+            eot.append(tokenizer.eos_token_id)
+        return cls(table, tuple(eot), tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.token_bytes)
+
+    def fingerprint(self) -> str:
+        """sha256 over every token's bytes and the EOT ids: equal for equal tokenizers,
+        however they were loaded (GGUF or a transformers folder)."""
+        h = hashlib.sha256()
+        for b in self.token_bytes:
+            h.update(b"\x00" if b is None else b"\x01" + len(b).to_bytes(2, "little") + b)
+        h.update(repr(self.eot_ids).encode())
+        return h.hexdigest()
+
+    def cover_range(self, prefix: bytes) -> tuple[int, int]:
+        """``[lo, hi)`` in :attr:`sorted_ids` of the tokens whose bytes start with ``prefix``."""
+        lo = bisect.bisect_left(self._sorted, prefix)
+        hi = bisect.bisect_left(self._sorted, prefix + b"\xff" * 8, lo)
+        while hi < len(self._sorted) and self._sorted[hi].startswith(prefix):
+            hi += 1
+        return lo, hi
+
+    def encode(self, data: bytes) -> list[int]:
+        """Canonical local tokenisation of ``data``; an unfinished UTF-8
+        character at the end becomes single-byte tokens.
+
+        Raises:
+            ValueError: ``data`` is not UTF-8 apart from an unfinished tail, or
+                a byte has no token (no byte fallback in this tokenizer).
+        """
+        if not data:
+            return []
+        cut = len(data)
+        text: str | None = None
+        for k in range(min(4, len(data)) + 1):
+            try:
+                text = data[: len(data) - k].decode("utf-8")
+                cut = len(data) - k
+                break
+            except UnicodeDecodeError:
+                continue
+        if text is None:
+            raise ValueError(f"not UTF-8 text: {data[:40]!r}")
+        ids: list[int] = list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+        for b in data[cut:]:
+            tid = self.byte_ids[b]
+            if tid is None:
+                raise ValueError(f"byte 0x{b:02x} has no token in the local vocabulary")
+            ids.append(tid)
+        return ids
+
+    def bytes_of(self, ids: Sequence[int]) -> bytes:
+        return b"".join(self.token_bytes[i] or b"" for i in ids)

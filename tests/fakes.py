@@ -1,0 +1,61 @@
+"""Hand-written fakes: a remote that replays known top-k steps (the one-method seam)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from adapters.base import Candidate, Capabilities, Context, Draft, Position
+
+EOT = Candidate(b"", 0.0, "<|im_end|>", is_eot=True)
+
+
+def cand(text: str | bytes, logprob: float) -> Candidate:
+    data = text.encode() if isinstance(text, str) else text
+    return Candidate(data, logprob, data.decode("utf-8", "replace"))
+
+
+def normalised(pairs: Sequence[tuple[str | bytes, float]]) -> tuple[Candidate, ...]:
+    """Candidates whose logprobs are log-softmax of the given scores."""
+    m = max(s for _, s in pairs)
+    z = math.log(sum(math.exp(s - m) for _, s in pairs)) + m
+    return tuple(cand(t, s - z) for t, s in pairs)
+
+
+class FakeRemote:
+    """Replays ``steps(prefix) -> candidates``; counts calls."""
+
+    name = "fake"
+
+    def __init__(self, steps: Callable[[bytes], Sequence[Candidate]], *, can_continue: bool = True) -> None:
+        self.steps = steps
+        self.calls = 0
+        self.contexts: list[Context] = []
+        self.capabilities = Capabilities(can_continue=can_continue, raw_prompt=True)
+
+    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+        self.calls += 1
+        self.contexts.append(ctx)
+        cands = tuple(sorted(self.steps(ctx.assistant_prefix), key=lambda c: -c.logprob))[:top_k]
+        return Draft((Position(cands, cands[0]),), None, 7)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def script(words: Sequence[str], alternatives: int = 3) -> Callable[[bytes], Sequence[Candidate]]:
+    """A remote that says ``words`` in order (top-1), then ends its turn."""
+
+    def steps(prefix: bytes) -> Sequence[Candidate]:
+        done = prefix.decode("utf-8", "ignore")
+        i = 0
+        text = ""
+        while i < len(words) and len(text + words[i]) <= len(done):
+            text += words[i]
+            i += 1
+        if i >= len(words):
+            return (Candidate(b"", -0.01, "<|im_end|>", is_eot=True), cand(" more", -5.0))
+        others = [cand(f" alt{j}", -3.0 - j) for j in range(alternatives)]
+        return (cand(words[i], -0.1), *others, Candidate(b"", -6.0, "<|im_end|>", is_eot=True))
+
+    return steps

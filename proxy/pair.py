@@ -117,6 +117,7 @@ class PairScorer:
         self.pair = pair
         self.caches = {True: DynamicCache(), False: DynamicCache()}
         self.trunk_len = 0
+        self.trunk_ids: list[int] = []
         self.last: dict[bool, np.ndarray | None] = {True: None, False: None}
 
     @torch.inference_mode()
@@ -163,6 +164,7 @@ class PairScorer:
                 if commit:
                     self.last[m] = after[commit - 1]
             self.trunk_len += commit
+            self.trunk_ids.extend(tree.tokens[:commit])
         if not self.pair.has_offset:
             rows[True] = rows[False]
         return rows[True], rows[False]

@@ -1,0 +1,136 @@
+"""Shared fixtures: a tiny random pair on the real SmolLM2 tokenizer, the
+aiohttp app around a fake remote, and the real servers (started once per session)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from proxy.models import local_model_dir
+
+    return local_model_dir("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(smollm2_tokenizer):
+    """A random 2-layer Llama on SmolLM2's vocabulary (seconds to build)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    # Sharper than a fresh init so that probabilities differ between tokens.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)
+    return model
+
+
+def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False):
+    """U = B + a random (or zero) LoRA adapter on a copy of the tiny base."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from proxy.pair import LocalPair
+
+    torch.manual_seed(seed)
+    base = copy.deepcopy(tiny_base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=zero))
+    if not zero:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+
+    class _Offset:
+        alpha = 1.0
+        sha256 = "test"
+
+    return LocalPair(model, tokenizer, name="tiny", offset=_Offset())
+
+
+@pytest.fixture
+def tiny_pair(tiny_base, smollm2_tokenizer):
+    return make_tiny_pair(tiny_base, smollm2_tokenizer)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def _llama_server(gguf: Path, extra: list[str], log_name: str) -> Iterator[str]:
+    port = free_port()
+    log = open(Path(os.environ.get("PYTEST_LOG_DIR", "/tmp")) / log_name, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+         "--n_threads", "2", "--n_ctx", "2048", *extra],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 120)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Iterator[str]:
+    """llama-cpp-python's server on the packaged SmolLM2 GGUF, on 127.0.0.1."""
+    from proxy.models import packaged_gguf
+
+    yield from _llama_server(packaged_gguf("smollm2"), [], "llama_server_smollm2.log")
+
+
+@pytest.fixture(scope="session")
+def gemma_server() -> Iterator[str]:
+    """llama-cpp-python's server on the packaged Gemma 3 270M (base) GGUF."""
+    from proxy.models import packaged_gguf
+
+    yield from _llama_server(packaged_gguf("gemma3-270m"), ["--chat_format", "gemma"], "llama_server_gemma.log")

@@ -1,0 +1,60 @@
+"""The offset math (proxy.offset): properties on seeded random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.offset import NoUsableCandidates, apply_top_p, choose, log_softmax, target_logits
+
+logprob_lists = st.lists(st.floats(-30, 0), min_size=1, max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(logprob_lists, st.floats(0.05, 2.0), st.floats(-5, 5), st.integers(0, 2**31))
+def test_q_is_a_distribution(ell, temperature, alpha, seed):
+    rng = np.random.default_rng(seed)
+    delta = rng.normal(size=len(ell)) * 3
+    logq = log_softmax(target_logits(np.array(ell), delta, temperature=temperature, alpha=alpha))
+    assert np.all(np.isfinite(logq))
+    assert np.exp(logq).sum() == pytest.approx(1.0, abs=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(logprob_lists, st.integers(0, 2**31))
+def test_alpha_zero_is_identity(ell, seed):
+    delta = np.random.default_rng(seed).normal(size=len(ell)) * 10
+    delta[0] = np.inf  # even a non-finite Δ is ignored at α = 0
+    got = log_softmax(target_logits(np.array(ell), delta, temperature=1.0, alpha=0.0))
+    assert np.allclose(got, log_softmax(np.array(ell)), atol=1e-12)
+
+
+def test_formula_by_hand():
+    ell = np.log(np.array([0.5, 0.3, 0.2]))
+    delta = np.array([-2.0, 0.0, 1.0])
+    q = np.exp(log_softmax(target_logits(ell, delta, temperature=0.5, alpha=1.5)))
+    raw = np.array([0.5, 0.3, 0.2]) ** 2 * np.exp(1.5 * delta)
+    assert np.allclose(q, raw / raw.sum(), atol=1e-12)
+
+
+def test_non_finite_candidates_get_zero_and_all_bad_raises():
+    ell = np.array([-np.inf, -0.5, np.nan])
+    q = np.exp(log_softmax(target_logits(ell, np.zeros(3), temperature=1.0, alpha=1.0)))
+    assert q.tolist() == [0.0, 1.0, 0.0]
+    with pytest.raises(NoUsableCandidates):
+        log_softmax(target_logits(np.array([-np.inf, np.nan]), np.zeros(2), temperature=1.0, alpha=1.0))
+
+
+def test_greedy_is_argmax_of_ell_plus_alpha_delta():
+    ell = np.log(np.array([0.6, 0.4]))
+    idx, _ = choose(target_logits(ell, np.array([-1.0, 0.0]), temperature=0, alpha=1.0), temperature=0, top_p=1.0, rng=np.random.default_rng(0))
+    assert idx == 1
+
+
+def test_top_p_keeps_smallest_nucleus():
+    logq = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    kept = np.exp(apply_top_p(logq, 0.8))
+    assert np.allclose(kept, [0.5 / 0.8, 0.3 / 0.8, 0, 0])
+    assert np.allclose(np.exp(apply_top_p(logq, 0.81)), np.array([0.5, 0.3, 0.15, 0]) / 0.95)

@@ -31,7 +31,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import httpx
 import openai
 
 from .base import (
@@ -119,7 +118,8 @@ class _HTTPAdapter:
         retry: RetryPolicy = RetryPolicy(),
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
-        http_client: httpx.AsyncClient | None = None,
+        http_client: Any = None,
+        # ``http_client``: an ``openai.DefaultAsyncHttpxClient``; tests pass one with a mock transport.
     ) -> None:
         self.name = name
         self.model = model
@@ -131,7 +131,7 @@ class _HTTPAdapter:
             base_url=base_url,
             api_key=api_key or "none",
             max_retries=0,  # tenacity owns retries (adapters.retry)
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            timeout=openai.Timeout(read_timeout, connect=connect_timeout),
             http_client=http_client,
         )
 

@@ -74,7 +74,7 @@ async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy,
         RemoteRejected: a non-retryable 4xx.
         RemoteBadResponse: the SDK could not parse the answer.
     """
-    backoff = wait_exponential_jitter(initial=policy.initial_backoff, max=policy.max_backoff)
+    backoff = wait_exponential_jitter(multiplier=policy.initial_backoff, max=policy.max_backoff)
     started = time.monotonic()
 
     def wait(state: RetryCallState) -> float:

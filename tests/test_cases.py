@@ -1,0 +1,311 @@
+"""The users' reports in ../shared/cases (001-007) as tests, through the real
+openai client against our aiohttp server. 004, 005 and 007 mock the upstream
+at the HTTP transport (malformed bytes, non-finite logprobs and dropped streams
+cannot be produced by a real server on demand). The openai SDK (3.x) sends
+through ``httpx2``, which respx does not patch, so the mock is httpx2's own
+``MockTransport`` given to the SDK as its ``http_client``."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2 as httpx
+import openai
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from fakes import FakeRemote, script
+
+from adapters.openai_http import ChatAdapter, CompletionsAdapter
+from adapters.retry import RetryPolicy
+from proxy.decoding import ServedModel
+from proxy.server import create_app
+
+UPSTREAM = "http://upstream.test/v1"
+MSG = [{"role": "user", "content": "Say hi"}]
+
+
+@pytest.fixture
+async def served(aiohttp_client):
+    """(openai client, aiohttp test client) for a served model backed by a scripted fake remote."""
+    fake = FakeRemote(script(["Hi", " there", ",", " friend", "!", " How", " are", " you", "?"]))
+    client: TestClient = await aiohttp_client(create_app({"m": ServedModel("m", fake)}))
+    oa = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="none", max_retries=0)
+    yield oa, client
+    await oa.close()
+
+
+# ----------------------------------------------------------------------------- 001
+async def test_001_logprobs_without_top_logprobs(served):
+    oa, client = served
+    r = await oa.chat.completions.create(model="m", messages=MSG, logprobs=True, max_tokens=5)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == 5
+    for e in entries:
+        assert e.top_logprobs == [] and isinstance(e.bytes, list) and all(isinstance(b, int) for b in e.bytes)
+    raw = await (await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, "logprobs": True, "max_tokens": 5, "stream": True})).text()
+    for line in raw.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                for e in (c.get("logprobs") or {}).get("content") or []:
+                    assert e["top_logprobs"] == []
+
+
+# ----------------------------------------------------------------------------- 002
+@pytest.mark.parametrize("max_tokens,finish", [(4, "length"), (50, "stop")])
+async def test_002_stream_logprobs_finish(served, max_tokens, finish):
+    oa, _ = served
+    kw = dict(model="m", messages=MSG, logprobs=True, top_logprobs=3, max_tokens=max_tokens, seed=3)
+    whole = await oa.chat.completions.create(**kw)
+    chunks = [c async for c in await oa.chat.completions.create(stream=True, **kw)]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [finish] == [whole.choices[0].finish_reason]
+    streamed = []
+    for c in chunks:
+        if c.choices and c.choices[0].delta.content:
+            assert c.choices[0].logprobs is not None
+            assert "".join(e.token for e in c.choices[0].logprobs.content) == c.choices[0].delta.content
+        if c.choices and c.choices[0].logprobs:
+            streamed.extend(c.choices[0].logprobs.content)
+    assert [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in whole.choices[0].logprobs.content
+    ]
+    assert "".join(e.token for e in streamed) == whole.choices[0].message.content
+
+
+async def test_002_stream_ends_with_done(served):
+    _, client = served
+    raw = await (await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True, "max_tokens": 3})).text()
+    events = [line for line in raw.split("\n\n") if line]
+    assert events[-1] == "data: [DONE]"
+
+
+# ----------------------------------------------------------------------------- 003
+async def test_003_usage_chunk_only_when_asked(served):
+    oa, _ = served
+    plain = [c async for c in await oa.chat.completions.create(model="m", messages=MSG, stream=True, max_tokens=4)]
+    assert all(c.choices for c in plain) and all(c.usage is None for c in plain)
+    with_usage = [c async for c in await oa.chat.completions.create(
+        model="m", messages=MSG, stream=True, max_tokens=4, stream_options={"include_usage": True})]
+    empty = [c for c in with_usage if not c.choices]
+    assert len(empty) == 1 and with_usage[-1] is empty[0]
+    u = empty[0].usage
+    assert u.completion_tokens == 4 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert all(c.usage is None for c in with_usage[:-1])
+
+
+# ----------------------------------------------------------------------------- 006
+BAD_BODIES = [
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"n": 0}, "n"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"messages": []}, "messages"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("extra,param", BAD_BODIES)
+async def test_006_out_of_range_gets_400_and_server_keeps_serving(served, extra, param):
+    _, client = served
+    body = {"model": "m", "messages": MSG, **extra}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 400
+    err = (await resp.json())["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    ok = await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, "max_tokens": 2})
+    assert ok.status == 200
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'{"model": NaN}', b"\xff\xfe"])
+async def test_006_bodies_that_are_not_json_objects(served, raw):
+    _, client = served
+    resp = await client.post("/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    err = (await resp.json())["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] is None
+
+
+async def test_unknown_model_route_and_method(served):
+    _, client = served
+    r = await client.post("/v1/chat/completions", json={"model": "nope", "messages": MSG})
+    assert r.status == 404 and (await r.json())["error"]["code"] == "model_not_found"
+    r = await client.get("/v1/nothing")
+    assert r.status == 404 and "error" in await r.json()
+    r = await client.get("/v1/chat/completions")
+    assert r.status == 405 and "error" in await r.json()
+    models = await (await client.get("/v1/models")).json()
+    assert [m["id"] for m in models["data"]] == ["m"]
+
+
+# ----------------------------------------------------------------------------- upstream mocks
+def chat_step(entries: list[tuple[str, float, list[int] | None]], token: tuple[str, float, list[int] | None] | None = None, finish="length") -> dict:
+    """One upstream chat response with one position."""
+    tok = token or entries[0]
+    tops = [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in entries]
+    return {
+        "id": "x", "object": "chat.completion", "created": 0, "model": "up",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": tok[0]}, "finish_reason": finish,
+                     "logprobs": {"content": [{"token": tok[0], "logprob": tok[1], "bytes": tok[2], "top_logprobs": tops}]}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+
+
+def mock_client(handler) -> openai.DefaultAsyncHttpxClient:
+    """An SDK http client whose transport calls ``handler(request) -> Response`` (may raise)."""
+    return openai.DefaultAsyncHttpxClient(transport=httpx.MockTransport(handler))
+
+
+def served_upstream(aiohttp_client, handler, flavour="vllm", retry=RetryPolicy(attempts=3, total_seconds=5, initial_backoff=0.01, max_backoff=0.05)):
+    adapter = ChatAdapter(flavour=flavour, name="up", base_url=UPSTREAM, model="up", api_key="sk-secret-upstream", retry=retry,
+                          http_client=mock_client(handler))
+    return aiohttp_client(create_app({"up": ServedModel("up", adapter)}))
+
+
+FFFD = [239, 191, 189]
+
+
+# ----------------------------------------------------------------------------- 004
+async def test_004_replacement_char_bytes_from_upstream(aiohttp_client, caplog):
+    steps = iter([
+        chat_step([("Caf", -0.1, list(b"Caf")), ("\ufffd", -0.5, FFFD)]),
+        # The two halves of "é", both reported as U+FFFD's bytes, next to a whole token.
+        chat_step([("\ufffd", -0.2, FFFD), ("e", -1.0, list(b"e")), ("\ufffd", -2.5, FFFD)]),
+        chat_step([("\ufffd", -0.3, FFFD), (" au lait", -0.7, list(b" au lait"))]),
+        chat_step([("<|im_end|>", -0.01, None)], finish="stop"),
+    ])
+    handler = lambda req: httpx.Response(200, json=next(steps))
+    client = await served_upstream(aiohttp_client, handler)
+    resp = await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG, "temperature": 0, "logprobs": True})
+    assert resp.status == 200
+    body = await resp.json()
+    text = body["choices"][0]["message"]["content"]
+    assert text == "Cafe au lait" and "\ufffd" not in text
+    assert all(b != FFFD for e in body["choices"][0]["logprobs"]["content"] for b in [e["bytes"]])
+    assert "unknown bytes" in caplog.text
+
+
+# ----------------------------------------------------------------------------- 005
+async def test_005_non_finite_logprobs(aiohttp_client):
+    raw = ('{"id":"x","object":"chat.completion","created":0,"model":"up","choices":[{"index":0,'
+           '"message":{"role":"assistant","content":"A"},"finish_reason":"length","logprobs":{"content":[{"token":"A",'
+           '"logprob":-9999.0,"bytes":[65],"top_logprobs":[{"token":"A","logprob":-9999.0,"bytes":[65]},'
+           '{"token":"B","logprob":-Infinity,"bytes":[66]},{"token":"C","logprob":-1.5,"bytes":[67]}]}]}}]}')
+    handler = lambda req: httpx.Response(200, text=raw, headers={"content-type": "application/json"})
+    client = await served_upstream(aiohttp_client, handler)
+    resp = await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG, "max_tokens": 3, "logprobs": True, "top_logprobs": 3})
+    assert resp.status == 200
+    text = await resp.text()
+    assert "Infinity" not in text and "NaN" not in text
+    body = json.loads(text)
+    assert body["choices"][0]["message"]["content"] == "CCC"  # only C had probability
+
+
+async def test_005_all_non_finite_is_a_clear_502(aiohttp_client):
+    raw = ('{"id":"x","object":"chat.completion","created":0,"model":"up","choices":[{"index":0,'
+           '"message":{"role":"assistant","content":"A"},"finish_reason":"length","logprobs":{"content":[{"token":"A",'
+           '"logprob":-Infinity,"bytes":[65],"top_logprobs":[{"token":"A","logprob":-Infinity,"bytes":[65]},'
+           '{"token":"B","logprob":NaN,"bytes":[66]}]}]}}]}')
+    handler = lambda req: httpx.Response(200, text=raw, headers={"content-type": "application/json"})
+    client = await served_upstream(aiohttp_client, handler)
+    resp = await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG})
+    assert resp.status == 502
+    err = (await resp.json())["error"]
+    assert "logprobs were unusable" in err["message"] and err["type"] == "upstream_error"
+
+
+# ----------------------------------------------------------------------------- 007
+async def test_007_mid_stream_upstream_failure(aiohttp_client):
+    calls = {"n": 0}
+
+    def upstream(request):
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            return httpx.Response(200, json=chat_step([(w, -0.1, list(w.encode())) for w in ["Hi", " yo"]][:1] + [(" x", -2.0, list(b" x"))]))
+        if calls["n"] == 4:
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+        return httpx.Response(500, json={"error": {"message": "boom", "type": "server_error"}})
+
+    handler = upstream
+    client = await served_upstream(aiohttp_client, handler)
+    oa = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="none", max_retries=0)
+    got = []
+    with pytest.raises(openai.APIError) as info:
+        async for chunk in await oa.chat.completions.create(model="up", messages=MSG, stream=True, max_tokens=20, temperature=0):
+            if chunk.choices and chunk.choices[0].delta.content:
+                got.append(chunk.choices[0].delta.content)
+    assert "".join(got) == "HiHiHi"
+    assert calls["n"] == 3 + 3  # the failed call was retried, bounded (3 attempts)
+    assert "sk-secret-upstream" not in str(info.value)
+    raw = await (await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG, "stream": True, "max_tokens": 5})).text()
+    assert "[DONE]" not in raw and '"error"' in raw
+    await oa.close()
+
+
+async def test_retry_after_is_honoured_then_success(aiohttp_client):
+    seen = []
+
+    def upstream(request):
+        seen.append(request)
+        if len(seen) == 1:
+            return httpx.Response(429, headers={"Retry-After": "0.3"}, json={"error": {"message": "slow down"}})
+        return httpx.Response(200, json=chat_step([("<|im_end|>", -0.01, None)], finish="stop"))
+
+    handler = upstream
+    client = await served_upstream(aiohttp_client, handler)
+    import time
+
+    t0 = time.monotonic()
+    resp = await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG})
+    assert resp.status == 200 and len(seen) == 2
+    assert time.monotonic() - t0 >= 0.3
+
+
+@pytest.mark.parametrize("status,expected", [(503, 503), (500, 502), (429, 503), (401, 502), (400, 400)])
+async def test_upstream_errors_map_to_statuses(aiohttp_client, status, expected):
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        return httpx.Response(status, json={"error": {"message": "nope"}})
+
+    client = await served_upstream(aiohttp_client, handler)
+    resp = await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG})
+    assert resp.status == expected
+    body = await resp.json()
+    assert "sk-secret-upstream" not in json.dumps(body)
+    retryable = status in (429, 500, 503)
+    assert len(calls) == (3 if retryable else 1)
+
+
+async def test_flavours_send_the_right_prefill():
+    bodies = []
+
+    def handler(r):
+        bodies.append(json.loads(r.content))
+        if r.url.path.endswith("/chat/completions"):
+            return httpx.Response(200, json=chat_step([("x", -0.1, [120])]))
+        return httpx.Response(200, json={
+            "id": "x", "object": "text_completion", "created": 0, "model": "up",
+            "choices": [{"index": 0, "text": "x", "finish_reason": "length", "logprobs": {
+                "tokens": ["x"], "token_logprobs": [-0.1], "top_logprobs": [{"x": -0.1, "y": -2.0}], "text_offset": [0]}}]})
+
+    from adapters.base import Context
+    from adapters.templates import CHATML, ChatTemplate
+
+    ctx = Context(messages=tuple(MSG), assistant_prefix="Hé".encode())
+    for flavour in ("llama.cpp", "vllm", "deepseek"):
+        await ChatAdapter(flavour=flavour, name="up", base_url=UPSTREAM, model="up", api_key=None,
+                          http_client=mock_client(handler)).draft(ctx, n_tokens=1, top_k=5)
+    await CompletionsAdapter(template=ChatTemplate(CHATML), name="up", base_url=UPSTREAM, model="up", api_key=None,
+                             http_client=mock_client(handler)).draft(ctx, n_tokens=1, top_k=5)
+    llama, vllm, deepseek, completions = bodies
+    assert llama["messages"][-1] == {"role": "assistant", "content": "Hé"} and "continue_final_message" not in llama
+    assert vllm["messages"][-1]["content"] == "Hé" and vllm["continue_final_message"] is True and vllm["add_generation_prompt"] is False
+    assert deepseek["messages"][-1] == {"role": "assistant", "content": "Hé", "prefix": True}
+    assert completions["prompt"] == "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHé"
+    assert all(b["top_logprobs" if "messages" in b else "logprobs"] == 5 for b in bodies)

@@ -122,6 +122,9 @@ class Context:
     prompt: str | None = None
     assistant_prefix: bytes = b""
     token_ids: tuple[int, ...] | None = None
+    last_token: bytes = b""
+    """Bytes of the last accepted remote token (a suffix of ``assistant_prefix``):
+    text-continuing adapters use it to heal the token boundary."""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

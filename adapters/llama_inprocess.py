@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Candidate, Capabilities, Context, Draft, Position, RemoteRejected
+from .base import Candidate, Capabilities, Context, Draft, Position, RemoteRejected, RemoteUnavailable
 
 
 class LlamaInProcessAdapter:
@@ -60,6 +60,7 @@ class LlamaInProcessAdapter:
         )
         self._eot_text = self.llama._model.token_get_text(eos) if eos != -1 else "</s>"
         self._lock = threading.Lock()
+        self._closed = False
         self.capabilities = Capabilities(can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab)
 
     # ------------------------------------------------------------- prompts
@@ -82,12 +83,15 @@ class LlamaInProcessAdapter:
         llama = self.llama
         if len(tokens) >= llama.n_ctx():
             raise RemoteRejected(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {llama.n_ctx()}", status=400)
-        cached = llama.input_ids[: llama.n_tokens]
-        common = 0
-        limit = min(len(cached), len(tokens))
-        while common < limit and cached[common] == tokens[common]:
-            common += 1
-        common = min(common, len(tokens) - 1)  # re-evaluate at least the last token for its logits
+        # Reuse the cache only when it holds a prefix of `tokens` (the same request's
+        # earlier steps). A partial reuse would evaluate the prompt in a different
+        # batch split, and llama.cpp's quantised matmuls then give slightly different
+        # logits (enough to flip near-ties), so a direct call would not be reproduced.
+        n = llama.n_tokens
+        if n <= len(tokens) and list(llama.input_ids[:n]) == list(tokens[:n]):
+            common = n
+        else:
+            common = 0
         llama.n_tokens = common
         llama.eval(tokens[common:])
         ptr = self._llama_cpp.llama_get_logits_ith(llama.ctx, -1)
@@ -103,6 +107,8 @@ class LlamaInProcessAdapter:
 
     def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None) -> Draft:
         with self._lock:
+            if self._closed:  # llama.cpp would crash on a freed context
+                raise RemoteUnavailable(f"model {self.name!r} is shut down")
             prompt = self.prompt_tokens(ctx)
             if ctx.token_ids is not None:
                 tokens = prompt + list(ctx.token_ids)
@@ -132,7 +138,9 @@ class LlamaInProcessAdapter:
 
     async def aclose(self) -> None:
         with self._lock:
-            self.llama.close()
+            if not self._closed:
+                self._closed = True
+                self.llama.close()
 
     def vocab_bytes(self) -> list[bytes | None]:
         """Bytes of every token (``None`` for control tokens): lets the server

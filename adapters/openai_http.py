@@ -140,7 +140,7 @@ class _HTTPAdapter:
 
     def _body(self, n_tokens: int) -> dict[str, Any]:
         body = dict(self.extra_body)
-        if n_tokens > 1:  # a draft: logprobs must be the sampling distribution
+        if n_tokens > 1:  # several positions: the sampled path must be the plain distribution's
             body.update(self.sampling_off)
         return body
 
@@ -242,17 +242,39 @@ class CompletionsAdapter(_HTTPAdapter):
         return self.template.render(ctx.messages)
 
     async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+        """See :meth:`adapters.base.RemoteAdapter.draft`.
+
+        Token healing: re-tokenising the accepted text can merge the last
+        accepted token with the one before (``"\n"`` + ``"\n"`` → ``"\n\n"``),
+        so the remote would continue from a token sequence it never produced.
+        For one-token steps the adapter sends the text *without* the last
+        accepted token and asks for two greedy tokens: when the remote's first
+        one is exactly that token, the second position is conditioned on the
+        remote's own tokenisation. Otherwise it falls back to the whole text.
+        """
         text, pending = split_incomplete_utf8(ctx.assistant_prefix)
-        prompt = self.render(ctx) + text
-        body = self._body(n_tokens)
+        base = self.render(ctx)
+        last = ctx.last_token
+        if n_tokens == 1 and not pending and last and ctx.assistant_prefix.endswith(last):
+            head, head_pending = split_incomplete_utf8(ctx.assistant_prefix[: -len(last)])
+            if not head_pending:
+                healed = await self._call(base + head, 2, top_k, seed)
+                if len(healed.positions) == 2 and healed.positions[0].sampled.data == last:
+                    return Draft(healed.positions[1:], healed.finish_reason, healed.prompt_tokens)
+        draft = await self._call(base + text, n_tokens + (1 if pending else 0), top_k, seed)
+        return Draft(heal(draft.positions, pending), draft.finish_reason, draft.prompt_tokens)
+
+    async def _call(self, prompt: str, max_tokens: int, top_k: int, seed: int | None) -> Draft:
+        body = self._body(max_tokens)
+        greedy = max_tokens <= 2  # single steps: the sampled token is the remote's argmax
 
         async def call() -> Any:
             return await self._client.completions.create(
                 model=self.model,
                 prompt=prompt,
-                max_tokens=n_tokens + (1 if pending else 0),
+                max_tokens=max_tokens,
                 logprobs=top_k,
-                temperature=1.0,
+                temperature=0.0 if greedy else 1.0,
                 top_p=1.0,
                 seed=seed,
                 extra_body=body or None,
@@ -278,5 +300,5 @@ class CompletionsAdapter(_HTTPAdapter):
         if not positions:
             raise RemoteBadResponse("upstream returned no logprobs; it cannot serve token mode")
         usage = response.usage.prompt_tokens if response.usage is not None else None
-        return Draft(heal(positions, pending), choice.finish_reason, usage)
+        return Draft(tuple(positions), choice.finish_reason, usage)
 

@@ -188,10 +188,10 @@ class ServedModel:
                 raise DecodingError(str(exc)) from exc
             aligner = self.pair.aligner(prompt_ids, same_tokenizer=self.same_tokenizer)
         releaser = TextReleaser(params.stop)
-        prefix = b""
+        prefix = last = b""
         ids: list[int] | None = [] if self.adapter.capabilities.token_ids else None
         for _ in range(params.max_tokens):
-            ctx = Context(base.messages, base.prompt, prefix, tuple(ids) if ids is not None else None)
+            ctx = Context(base.messages, base.prompt, prefix, tuple(ids) if ids is not None else None, last)
             draft = await self.adapter.draft(ctx, n_tokens=1, top_k=self.top_k)
             stats.remote_calls += 1
             if stats.prompt_tokens is None:
@@ -229,6 +229,7 @@ class ServedModel:
             if aligner is not None:
                 await self.run_pair(aligner.commit, chosen.data)
             prefix += chosen.data
+            last = chosen.data
             if ids is not None:
                 if chosen.token_id is None:
                     ids = None

@@ -136,7 +136,8 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(text=_dumps({"status": "ok"}), content_type="application/json")
 
 
-def create_app(models: dict[str, ServedModel], settings: ServerConfig | None = None) -> web.Application:
+def create_app(models: dict[str, ServedModel], settings: ServerConfig | None = None, *, close_models: bool = True) -> web.Application:
+    """The app; with ``close_models`` its cleanup closes the models' adapters and pair threads."""
     settings = settings or ServerConfig()
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
     app[MODELS] = models
@@ -146,11 +147,12 @@ def create_app(models: dict[str, ServedModel], settings: ServerConfig | None = N
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
 
-    async def close_models(app: web.Application) -> None:
+    async def _close_models(app: web.Application) -> None:
         for model in app[MODELS].values():
             await model.adapter.aclose()
             model._pool.shutdown(wait=False, cancel_futures=True)
 
-    app.on_cleanup.append(close_models)
+    if close_models:
+        app.on_cleanup.append(_close_models)
     return app
 

@@ -1,0 +1,57 @@
+"""The embedded default (llama.cpp in-process on the packaged SmolLM2 GGUF),
+served by our aiohttp server to the official openai client."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+
+from proxy.config import DEFAULT_MODEL, embedded_default
+from proxy.registry import build_models
+from proxy.server import create_app
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "List three primary colors.", "What is 12 times 7?",
+    "Name a famous physicist.", "Translate 'good morning' into Spanish.", "Give me one tip for sleeping better.",
+    "What is photosynthesis?", "Describe a cat in one sentence.", "Why is the sky blue?",
+]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_models(embedded_default())
+
+
+@pytest.fixture
+async def client(models):
+    server = TestServer(create_app(models, close_models=False))
+    await server.start_server()
+    oa = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="none", max_retries=0)
+    yield oa
+    await oa.close()
+    await server.close()
+
+
+async def test_zero_offset_greedy_equals_direct_llama_cpp(models, client):
+    adapter = models[DEFAULT_MODEL].adapter
+    for prompt in PROMPTS:
+        msgs = [{"role": "user", "content": prompt}]
+        want = adapter.direct_chat(msgs, 32)
+        got = await client.chat.completions.create(model=DEFAULT_MODEL, messages=msgs, temperature=0, max_tokens=32)
+        assert got.choices[0].message.content == want, prompt
+        off = await client.chat.completions.create(model=DEFAULT_MODEL, messages=msgs, temperature=0, max_tokens=32,
+                                                   extra_body={"offset_alpha": 0})
+        assert off.choices[0].message.content == want
+
+
+async def test_streamed_with_logprobs(client):
+    msgs = [{"role": "user", "content": "Say hi"}]
+    chunks = [c async for c in await client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=msgs, max_tokens=10, stream=True, logprobs=True, top_logprobs=2, seed=5)]
+    whole = await client.chat.completions.create(model=DEFAULT_MODEL, messages=msgs, max_tokens=10, logprobs=True, top_logprobs=2, seed=5)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1

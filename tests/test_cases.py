@@ -12,7 +12,7 @@ import json
 import httpx2 as httpx
 import openai
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from fakes import FakeRemote, script
 
 from adapters.openai_http import ChatAdapter, CompletionsAdapter

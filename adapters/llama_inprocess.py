@@ -103,7 +103,7 @@ class LlamaInProcessAdapter:
         if self.eog[tid]:
             return Candidate(b"", lp, self._eot_text, tid, is_eot=True)
         data = self.token_bytes[tid]
-        return Candidate(data if data is not None else None, lp, "" if data is None else data.decode("utf-8", "replace"), tid)
+        return Candidate(data, lp, "" if data is None else data.decode("utf-8", "replace"), tid)
 
     def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None) -> Draft:
         with self._lock:

@@ -98,7 +98,8 @@ class Aligner:
             ValueError: a candidate's bytes cannot be tokenised locally.
         """
         paths = [self._path(c) for c in candidates]
-        tail_path = self._path(b"") if self.tail else None
+        if self.tail:  # scored too, for -log P(r | trunk)
+            paths.append(self._path(b""))
         # Trie over pending trunk tokens + every path.
         chain = list(self.pending)
         tokens: list[int] = []
@@ -107,12 +108,12 @@ class Aligner:
             parents.append(len(tokens) - 1)
             tokens.append(tok)
         root = len(tokens) - 1  # node after which candidate paths start (-1: trunk)
-        index: dict[tuple[int, tuple[int, ...]], int] = {}
+        index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
         ends: list[int] = []
-        for path, _ in paths + ([tail_path] if tail_path else []):
+        for path, _ in paths:
             node = root
             for tok in path:
-                key = (node, (tok,))
+                key = (node, tok)
                 if key not in index:
                     index[key] = len(tokens)
                     parents.append(node)
@@ -123,20 +124,17 @@ class Aligner:
         self.pending = []
         # Log-probability of each path + final piece, for both models.
         out = np.empty((len(ends), 2))
-        for j, ((path, final), end) in enumerate(zip(paths + ([tail_path] if tail_path else []), ends)):
+        for j, ((path, final), end) in enumerate(zip(paths, ends)):
             for m, lp in enumerate((lp_u, lp_b)):
                 total = 0.0
                 node = root
                 for tok in path:
                     total += lp[node + 1, tok]
-                    node = index[(node, (tok,))]
+                    node = index[(node, tok)]
                 out[j, m] = total + self._final(lp[end + 1], final)
         delta = out[:, 0] - out[:, 1]
         k = len(candidates)
-        if tail_path is not None:
-            delta = delta[:k] - delta[k]
-        else:
-            delta = delta[:k]
+        delta = delta[:k] - delta[k] if self.tail else delta[:k]
         finite = delta[np.isfinite(delta)]
         self.last_max_abs_delta = float(np.max(np.abs(finite))) if finite.size else 0.0
         return delta

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from adapters.base import Candidate, Context, RemoteAdapter, RemoteBadResponse
+from adapters.base import Candidate, Context, RemoteAdapter, RemoteBadResponse, split_incomplete_utf8
 
 from .offset import NoUsableCandidates, choose, target_logits
 
@@ -116,15 +116,11 @@ class TextReleaser:
 
     def _release(self, upto: int, finish: str | None = None, token_cut: int | None = None) -> Piece:
         chunk = self.buf[self.released : upto]
-        # Never release part of a character.
-        text, cut = "", 0
-        for k in range(min(4, len(chunk)) + 1):
-            try:
-                text = chunk[: len(chunk) - k].decode("utf-8")
-                cut = len(chunk) - k
-                break
-            except UnicodeDecodeError:
-                continue
+        try:  # never release part of a character
+            text, unfinished = split_incomplete_utf8(chunk)
+            cut = len(chunk) - len(unfinished)
+        except UnicodeDecodeError:
+            text, cut = "", 0
         if finish is None:
             self.released += cut
         else:
@@ -218,14 +214,14 @@ class ServedModel:
             except NoUsableCandidates as exc:
                 raise RemoteBadResponse("the upstream's logprobs were unusable (every candidate non-finite)") from exc
             chosen = cands[idx]
-            changed = idx != int(np.argmax(ell)) if params.temperature == 0 else bool(np.argmax(scores) != np.argmax(ell))
+            changed = int(np.argmax(scores)) != int(np.argmax(ell))  # argmax of ℓ/T is argmax of ℓ
             stats.offset_changed += int(changed)
             stats.completion_tokens += 1
             if chosen.is_eot:
                 yield releaser.finish("stop")
                 return
             assert chosen.data is not None
-            tok = self._token_out(chosen, cands, logq, params, changed)
+            tok = self._token_out(idx, cands, logq, params, changed)
             if aligner is not None:
                 await self.run_pair(aligner.commit, chosen.data)
             prefix += chosen.data
@@ -242,8 +238,8 @@ class ServedModel:
         yield releaser.finish("length")
 
     @staticmethod
-    def _token_out(chosen: Candidate, cands: list[Candidate], logq: np.ndarray, params: SamplingParams, changed: bool) -> TokenOut:
-        idx = cands.index(chosen)
+    def _token_out(idx: int, cands: list[Candidate], logq: np.ndarray, params: SamplingParams, changed: bool) -> TokenOut:
+        chosen = cands[idx]
         top: tuple[tuple[str, bytes | None, float], ...] = ()
         if params.logprobs and params.top_logprobs:
             order = np.argsort(-logq, kind="stable")[: params.top_logprobs]

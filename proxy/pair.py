@@ -41,12 +41,14 @@ class LocalPair:
     Not thread-safe: the server runs every call on one worker thread.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str, offset: OffsetArtifact | None = None) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, *, name: str, offset: OffsetArtifact | None = None, vocab: ByteVocab | None = None
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.offset = offset
-        self.vocab = ByteVocab.from_tokenizer(tokenizer)
+        self.vocab = vocab if vocab is not None else ByteVocab.from_tokenizer(tokenizer)
         self.max_length = int(getattr(model.config, "max_position_embeddings", 2048))
 
     @property
@@ -68,11 +70,12 @@ class LocalPair:
         folder = local_model_dir(ref)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        vocab = ByteVocab.from_tokenizer(tokenizer)
         offset = None
         if offset_dir is not None:
-            offset = load_artifact(Path(offset_dir), model, ByteVocab.from_tokenizer(tokenizer))
+            offset = load_artifact(Path(offset_dir), model, vocab)
             model = offset.attach(model)
-        return cls(model, tokenizer, name=ref, offset=offset)
+        return cls(model, tokenizer, name=ref, offset=offset, vocab=vocab)
 
     # ---------------------------------------------------------------- prompts
     def prompt_ids(self, messages: Sequence[dict[str, Any]] | None = None, prompt: str | None = None) -> list[int]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from adapters.base import split_incomplete_utf8
+
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's ``bytes_to_unicode`` (Radford et al. 2019, encoder.py)."""
@@ -139,19 +141,12 @@ class ByteVocab:
         """
         if not data:
             return []
-        cut = len(data)
-        text: str | None = None
-        for k in range(min(4, len(data)) + 1):
-            try:
-                text = data[: len(data) - k].decode("utf-8")
-                cut = len(data) - k
-                break
-            except UnicodeDecodeError:
-                continue
-        if text is None:
-            raise ValueError(f"not UTF-8 text: {data[:40]!r}")
+        try:
+            text, tail = split_incomplete_utf8(data)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not UTF-8 text: {data[:40]!r}") from exc
         ids: list[int] = list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
-        for b in data[cut:]:
+        for b in tail:
             tid = self.byte_ids[b]
             if tid is None:
                 raise ValueError(f"byte 0x{b:02x} has no token in the local vocabulary")

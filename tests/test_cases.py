@@ -190,12 +190,19 @@ async def test_004_replacement_char_bytes_from_upstream(aiohttp_client, caplog):
 
 
 # ----------------------------------------------------------------------------- 005
-async def test_005_non_finite_logprobs(aiohttp_client):
+def raw_step_handler(tops: list[tuple[str, str]]):
+    """An upstream answering one position whose logprobs are written as raw JSON
+    text (``-Infinity`` and ``NaN`` are not expressible through ``json=``)."""
+    entries = ",".join(f'{{"token":"{t}","logprob":{lp},"bytes":[{ord(t)}]}}' for t, lp in tops)
+    token, lp = tops[0]
     raw = ('{"id":"x","object":"chat.completion","created":0,"model":"up","choices":[{"index":0,'
-           '"message":{"role":"assistant","content":"A"},"finish_reason":"length","logprobs":{"content":[{"token":"A",'
-           '"logprob":-9999.0,"bytes":[65],"top_logprobs":[{"token":"A","logprob":-9999.0,"bytes":[65]},'
-           '{"token":"B","logprob":-Infinity,"bytes":[66]},{"token":"C","logprob":-1.5,"bytes":[67]}]}]}}]}')
-    handler = lambda req: httpx.Response(200, text=raw, headers={"content-type": "application/json"})
+           f'"message":{{"role":"assistant","content":"{token}"}},"finish_reason":"length","logprobs":{{"content":[{{"token":"{token}",'
+           f'"logprob":{lp},"bytes":[{ord(token)}],"top_logprobs":[{entries}]}}]}}}}]}}')
+    return lambda req: httpx.Response(200, text=raw, headers={"content-type": "application/json"})
+
+
+async def test_005_non_finite_logprobs(aiohttp_client):
+    handler = raw_step_handler([("A", "-9999.0"), ("B", "-Infinity"), ("C", "-1.5")])
     client = await served_upstream(aiohttp_client, handler)
     resp = await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG, "max_tokens": 3, "logprobs": True, "top_logprobs": 3})
     assert resp.status == 200
@@ -206,11 +213,7 @@ async def test_005_non_finite_logprobs(aiohttp_client):
 
 
 async def test_005_all_non_finite_is_a_clear_502(aiohttp_client):
-    raw = ('{"id":"x","object":"chat.completion","created":0,"model":"up","choices":[{"index":0,'
-           '"message":{"role":"assistant","content":"A"},"finish_reason":"length","logprobs":{"content":[{"token":"A",'
-           '"logprob":-Infinity,"bytes":[65],"top_logprobs":[{"token":"A","logprob":-Infinity,"bytes":[65]},'
-           '{"token":"B","logprob":NaN,"bytes":[66]}]}]}}]}')
-    handler = lambda req: httpx.Response(200, text=raw, headers={"content-type": "application/json"})
+    handler = raw_step_handler([("A", "-Infinity"), ("B", "NaN")])
     client = await served_upstream(aiohttp_client, handler)
     resp = await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG})
     assert resp.status == 502

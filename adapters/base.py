@@ -78,8 +78,12 @@ class Candidate:
     @property
     def usable(self) -> bool:
         """Whether the decoder may put this candidate in its support S_t."""
-        return (self.data is not None or self.is_eot) and math.isfinite(self.logprob) and (
-            self.logprob > -9000.0  # servers clamp -inf to -9999.0 (vLLM convention)
+        return (
+            (self.data is not None or self.is_eot)
+            and math.isfinite(self.logprob)
+            and (
+                self.logprob > -9000.0  # servers clamp -inf to -9999.0 (vLLM convention)
+            )
         )
 
 
@@ -190,7 +194,9 @@ def split_incomplete_utf8(data: bytes) -> tuple[str, bytes]:
     raise AssertionError("unreachable")
 
 
-def candidate_from_wire(token: str, logprob: float | None, data: list[int] | None, *, eot_tokens: frozenset[str]) -> Candidate:
+def candidate_from_wire(
+    token: str, logprob: float | None, data: list[int] | None, *, eot_tokens: frozenset[str]
+) -> Candidate:
     """Build a :class:`Candidate` from an OpenAI-style logprob entry.
 
     Recovers bytes from ``token`` when the server sends none, and marks a

@@ -27,7 +27,9 @@ from .base import Candidate, Capabilities, Context, Draft, Position, RemoteRejec
 class LlamaInProcessAdapter:
     """A GGUF served in-process by llama.cpp."""
 
-    def __init__(self, *, name: str, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, *, name: str, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0
+    ) -> None:
         import llama_cpp
         from llama_cpp import llama_chat_format
 
@@ -61,7 +63,9 @@ class LlamaInProcessAdapter:
         self._eot_text = self.llama._model.token_get_text(eos) if eos != -1 else "</s>"
         self._lock = threading.Lock()
         self._closed = False
-        self.capabilities = Capabilities(can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab)
+        self.capabilities = Capabilities(
+            can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab
+        )
 
     # ------------------------------------------------------------- prompts
     def prompt_tokens(self, ctx: Context) -> list[int]:
@@ -72,7 +76,7 @@ class LlamaInProcessAdapter:
             raise RemoteRejected(f"model {self.name!r} has no chat template; use /v1/completions", status=400)
         assert ctx.messages is not None
         try:
-            result = self._formatter(messages=list(ctx.messages))
+            result = self._formatter(messages=list(ctx.messages))  # type: ignore[arg-type]
         except Exception as exc:  # jinja2 / raise_exception in the template
             raise RemoteRejected(f"model {self.name!r}: chat template failed: {exc}", status=400) from exc
         return self.llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
@@ -82,7 +86,9 @@ class LlamaInProcessAdapter:
         """log-softmax of the next-token logits after ``tokens`` (KV prefix reused)."""
         llama = self.llama
         if len(tokens) >= llama.n_ctx():
-            raise RemoteRejected(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {llama.n_ctx()}", status=400)
+            raise RemoteRejected(
+                f"model {self.name!r}: {len(tokens)} tokens exceed the context of {llama.n_ctx()}", status=400
+            )
         # Reuse the cache only when it holds a prefix of `tokens` (the same request's
         # earlier steps). A partial reuse would evaluate the prompt in a different
         # batch split, and llama.cpp's quantised matmuls then give slightly different
@@ -113,7 +119,11 @@ class LlamaInProcessAdapter:
             if ctx.token_ids is not None:
                 tokens = prompt + list(ctx.token_ids)
             else:
-                tokens = prompt + (self.llama.tokenize(ctx.assistant_prefix, add_bos=False, special=False) if ctx.assistant_prefix else [])
+                tokens = prompt + (
+                    self.llama.tokenize(ctx.assistant_prefix, add_bos=False, special=False)
+                    if ctx.assistant_prefix
+                    else []
+                )
             rng = np.random.default_rng(seed)
             positions: list[Position] = []
             finish = None
@@ -151,6 +161,8 @@ class LlamaInProcessAdapter:
         """Greedy text straight from llama.cpp (no proxy), for comparisons."""
         with self._lock:
             self.llama.n_tokens = 0
-            out = self.llama.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0)
+            out: Any = self.llama.create_chat_completion(
+                messages=messages, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0
+            )  # type: ignore[arg-type]
             self.llama.n_tokens = 0
             return out["choices"][0]["message"]["content"] or ""

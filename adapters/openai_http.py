@@ -44,7 +44,7 @@ from .base import (
     candidate_from_wire,
     split_incomplete_utf8,
 )
-from .retry import RetryPolicy, call_with_retries
+from .retry import DEFAULT_RETRY, RetryPolicy, call_with_retries
 from .templates import ChatTemplate
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,9 @@ Flavour = Literal["llama.cpp", "vllm", "deepseek", "none"]
 FLAVOURS: tuple[str, ...] = ("llama.cpp", "vllm", "deepseek", "none")
 
 #: End-of-turn token strings as servers print them in ``top_logprobs``.
-DEFAULT_EOT_TOKENS = frozenset({"<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<eos>", "<|end|>"})
+DEFAULT_EOT_TOKENS = frozenset(
+    {"<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<eos>", "<|end|>"}
+)
 
 #: Server-specific sampling switches that make the reported logprobs the
 #: sampling distribution (top_k / min_p / penalties off).
@@ -87,9 +89,7 @@ def heal(positions: Sequence[Position], pending: bytes) -> tuple[Position, ...]:
 
     kept = tuple(s for c in first.candidates if (s := strip(c)) is not None and s.data)
     if not kept:
-        raise RemoteBadResponse(
-            f"upstream offered no candidate that completes the partial character {pending!r}"
-        )
+        raise RemoteBadResponse(f"upstream offered no candidate that completes the partial character {pending!r}")
     sampled = strip(first.sampled)
     rest = tuple(positions[1:]) if sampled is not None and sampled.data else ()
     return (Position(kept, sampled if sampled is not None and sampled.data else kept[0]), *rest)
@@ -115,7 +115,7 @@ class _HTTPAdapter:
         eot_tokens: frozenset[str] = DEFAULT_EOT_TOKENS,
         sampling_off: Mapping[str, Any] | None = None,
         extra_body: Mapping[str, Any] | None = None,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         http_client: Any = None,
@@ -185,7 +185,9 @@ class ChatAdapter(_HTTPAdapter):
 
     async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
         if ctx.messages is None:
-            raise RemoteRejected(f"model {self.name!r} is served through a chat endpoint and takes messages only", status=400)
+            raise RemoteRejected(
+                f"model {self.name!r} is served through a chat endpoint and takes messages only", status=400
+            )
         text, pending = split_incomplete_utf8(ctx.assistant_prefix)
         messages, extra = self._messages(ctx, text)
         body = {**self._body(n_tokens), **extra}
@@ -237,7 +239,9 @@ class CompletionsAdapter(_HTTPAdapter):
         if ctx.prompt is not None:
             return ctx.prompt
         if self.template is None:
-            raise RemoteRejected(f"model {self.name!r} has no chat template configured; use /v1/completions", status=400)
+            raise RemoteRejected(
+                f"model {self.name!r} has no chat template configured; use /v1/completions", status=400
+            )
         assert ctx.messages is not None
         return self.template.render(ctx.messages)
 
@@ -301,4 +305,3 @@ class CompletionsAdapter(_HTTPAdapter):
             raise RemoteBadResponse("upstream returned no logprobs; it cannot serve token mode")
         usage = response.usage.prompt_tokens if response.usage is not None else None
         return Draft(tuple(positions), choice.finish_reason, usage)
-

@@ -39,6 +39,9 @@ class RetryPolicy:
     max_backoff: float = 8.0
 
 
+DEFAULT_RETRY = RetryPolicy()
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
         return True

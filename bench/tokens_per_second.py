@@ -25,7 +25,9 @@ async def _proxy_tps(model, n_tokens: int) -> tuple[float, int]:
 
     total, t0 = 0, time.perf_counter()
     for p in PROMPTS:
-        req = ChatCompletionRequest(model=model.name, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=n_tokens)
+        req = ChatCompletionRequest(
+            model=model.name, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=n_tokens
+        )
         r = await complete(make_job(req, {model.name: model}, n_tokens))
         total += r["usage"]["completion_tokens"]
     return total / (time.perf_counter() - t0), total
@@ -51,7 +53,14 @@ def main() -> None:
         n += args.tokens  # upper bound; recomputed below from tokens
     direct_s = time.perf_counter() - t0
     llama = model.adapter.llama
-    n = sum(len(llama.tokenize(model.adapter.direct_chat([{"role": "user", "content": p}], args.tokens).encode(), add_bos=False)) for p in PROMPTS)
+    n = sum(
+        len(
+            llama.tokenize(
+                model.adapter.direct_chat([{"role": "user", "content": p}], args.tokens).encode(), add_bos=False
+            )
+        )
+        for p in PROMPTS
+    )
     proxy_tps, _ = asyncio.run(_proxy_tps(model, args.tokens))
     out["embedded"] = {"direct_tps": n / direct_s, "proxy_tps": proxy_tps, "ratio": proxy_tps / (n / direct_s)}
 
@@ -63,11 +72,19 @@ def main() -> None:
         direct = openai.OpenAI(base_url=url, api_key="none")
         t0, n = time.perf_counter(), 0
         for p in PROMPTS:
-            r = direct.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": p}], temperature=0,
-                                               max_tokens=args.tokens, extra_body={"repeat_penalty": 1.0})
+            r = direct.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": p}],
+                temperature=0,
+                max_tokens=args.tokens,
+                extra_body={"repeat_penalty": 1.0},
+            )
             n += r.usage.completion_tokens
         direct_tps = n / (time.perf_counter() - t0)
-        remote = build_model("remote", ModelConfig(backend="openai-completions", base_url=url, remote_model="smollm2", template="gguf:smollm2"))
+        remote = build_model(
+            "remote",
+            ModelConfig(backend="openai-completions", base_url=url, remote_model="smollm2", template="gguf:smollm2"),
+        )
         proxy_tps, _ = asyncio.run(_proxy_tps(remote, args.tokens))
         out["llama_server"] = {"direct_tps": direct_tps, "proxy_tps": proxy_tps, "ratio": proxy_tps / direct_tps}
     finally:

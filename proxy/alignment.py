@@ -124,7 +124,7 @@ class Aligner:
         self.pending = []
         # Log-probability of each path + final piece, for both models.
         out = np.empty((len(ends), 2))
-        for j, ((path, final), end) in enumerate(zip(paths, ends)):
+        for j, ((path, final), end) in enumerate(zip(paths, ends, strict=True)):
             for m, lp in enumerate((lp_u, lp_b)):
                 total = 0.0
                 node = root

@@ -19,7 +19,9 @@ from .config import ConfigError, embedded_default, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deltaproxy", description="Offset unlearning (δ-unlearning) proxy for black-box LLMs")
+    p = argparse.ArgumentParser(
+        prog="deltaproxy", description="Offset unlearning (δ-unlearning) proxy for black-box LLMs"
+    )
     p.add_argument("--version", action="version", version=f"deltaproxy {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
@@ -66,7 +68,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "serve":
             return asyncio.run(_serve(args))

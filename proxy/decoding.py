@@ -196,9 +196,15 @@ class ServedModel:
             cands = [c for c in position.candidates if c.usable]
             dropped = [c for c in position.candidates if c.data is None and not c.is_eot]
             if dropped:
-                log.warning("model %s: %d candidate(s) with unknown bytes (partial UTF-8) left out of S_t", self.name, len(dropped))
+                log.warning(
+                    "model %s: %d candidate(s) with unknown bytes (partial UTF-8) left out of S_t",
+                    self.name,
+                    len(dropped),
+                )
             if not cands:
-                raise RemoteBadResponse("the upstream's logprobs were unusable (no candidate with known bytes and a finite logprob)")
+                raise RemoteBadResponse(
+                    "the upstream's logprobs were unusable (no candidate with known bytes and a finite logprob)"
+                )
             ell = np.array([c.logprob for c in cands])
             if aligner is not None:
                 try:
@@ -238,14 +244,19 @@ class ServedModel:
         yield releaser.finish("length")
 
     @staticmethod
-    def _token_out(idx: int, cands: list[Candidate], logq: np.ndarray, params: SamplingParams, changed: bool) -> TokenOut:
+    def _token_out(
+        idx: int, cands: list[Candidate], logq: np.ndarray, params: SamplingParams, changed: bool
+    ) -> TokenOut:
         chosen = cands[idx]
         top: tuple[tuple[str, bytes | None, float], ...] = ()
         if params.logprobs and params.top_logprobs:
             order = np.argsort(-logq, kind="stable")[: params.top_logprobs]
             top = tuple(
-                (cands[i].token if cands[i].is_eot else display_token(cands[i].data or b""),
-                 None if cands[i].is_eot else cands[i].data, _finite(float(logq[i])))
+                (
+                    cands[i].token if cands[i].is_eot else display_token(cands[i].data or b""),
+                    None if cands[i].is_eot else cands[i].data,
+                    _finite(float(logq[i])),
+                )
                 for i in order
             )
         assert chosen.data is not None

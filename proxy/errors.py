@@ -60,7 +60,7 @@ def from_validation_error(exc: ValidationError) -> ProxyError:
         return invalid(f"Missing required parameter: '{'.'.join(loc)}'", loc[0], "missing_required_parameter")
     m = _FIELD_PREFIX.match(msg)
     if m:
-        return invalid(f"{m.group(1)}: {msg[m.end():]}", m.group(1))
+        return invalid(f"{m.group(1)}: {msg[m.end() :]}", m.group(1))
     where = ".".join(loc)
     param = loc[0] if loc else None
     return invalid(f"{where}: {msg}" if where else msg, param)

@@ -42,7 +42,13 @@ class LocalPair:
     """
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, name: str, offset: OffsetArtifact | None = None, vocab: ByteVocab | None = None
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        offset: OffsetArtifact | None = None,
+        vocab: ByteVocab | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -101,7 +107,9 @@ class LocalPair:
         return aligner
 
     # ---------------------------------------------------------------- forward
-    def _forward(self, ids: torch.Tensor, cache: Any, *, adapter: bool, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, cache: Any, *, adapter: bool, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         kwargs = dict(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=positions, use_cache=True)
         if adapter or self.offset is None:
             out = self.model(**kwargs)
@@ -147,7 +155,9 @@ class PairScorer:
             for i, p in enumerate(tree.parents):
                 if p >= 0:
                     depth[i] = depth[p] + 1
-                    allowed[i, self.trunk_len : self.trunk_len + p + 1] = allowed[p, self.trunk_len : self.trunk_len + p + 1]
+                    allowed[i, self.trunk_len : self.trunk_len + p + 1] = allowed[
+                        p, self.trunk_len : self.trunk_len + p + 1
+                    ]
                 allowed[i, self.trunk_len + i] = True
             mask = torch.zeros(allowed.shape, dtype=torch.float32)
             mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)

@@ -101,7 +101,7 @@ def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | Non
         if pair is not None and vocab_bytes is not None:
             remote = vocab_bytes()
             same = len(remote) == len(pair.vocab) and all(
-                a == b for a, b in zip(remote, pair.vocab.token_bytes) if a is not None and b is not None
+                a == b for a, b in zip(remote, pair.vocab.token_bytes, strict=True) if a is not None and b is not None
             )
     alpha = cfg.alpha
     try:

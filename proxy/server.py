@@ -78,7 +78,9 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def _serve(request: web.Request, schema: type[ChatCompletionRequest] | type[CompletionRequest]) -> web.StreamResponse:
+async def _serve(
+    request: web.Request, schema: type[ChatCompletionRequest] | type[CompletionRequest]
+) -> web.StreamResponse:
     body = await _json_body(request)
     try:
         req = schema.model_validate(body)
@@ -125,10 +127,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    data = [
-        {"id": name, "object": "model", "created": 0, "owned_by": "deltaproxy"}
-        for name in request.app[MODELS]
-    ]
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "deltaproxy"} for name in request.app[MODELS]]
     return web.Response(text=_dumps({"object": "list", "data": data}), content_type="application/json")
 
 
@@ -136,7 +135,9 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(text=_dumps({"status": "ok"}), content_type="application/json")
 
 
-def create_app(models: dict[str, ServedModel], settings: ServerConfig | None = None, *, close_models: bool = True) -> web.Application:
+def create_app(
+    models: dict[str, ServedModel], settings: ServerConfig | None = None, *, close_models: bool = True
+) -> web.Application:
     """The app; with ``close_models`` its cleanup closes the models' adapters and pair threads."""
     settings = settings or ServerConfig()
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
@@ -155,4 +156,3 @@ def create_app(models: dict[str, ServedModel], settings: ServerConfig | None = N
     if close_models:
         app.on_cleanup.append(_close_models)
     return app
-

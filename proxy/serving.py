@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,9 @@ class Job:
     stats: list[ChoiceStats] = field(default_factory=list)
 
 
-def make_job(req: ChatCompletionRequest | CompletionRequest, models: dict[str, ServedModel], default_max_tokens: int) -> Job:
+def make_job(
+    req: ChatCompletionRequest | CompletionRequest, models: dict[str, ServedModel], default_max_tokens: int
+) -> Job:
     """Resolve the model and decoding settings of a validated request.
 
     Raises:
@@ -48,7 +50,9 @@ def make_job(req: ChatCompletionRequest | CompletionRequest, models: dict[str, S
     """
     model = models.get(req.model)
     if model is None:
-        raise ProxyError(404, f"The model '{req.model}' does not exist", "invalid_request_error", "model", "model_not_found")
+        raise ProxyError(
+            404, f"The model '{req.model}' does not exist", "invalid_request_error", "model", "model_not_found"
+        )
     alpha = model.alpha if req.offset_alpha is None else req.offset_alpha
     if isinstance(req, ChatCompletionRequest):
         ctx = Context(messages=tuple(m.as_plain() for m in req.messages))
@@ -128,19 +132,23 @@ async def complete(job: Job) -> dict[str, Any]:
     choices = []
     for i, (text, tokens, finish) in enumerate(results):
         if job.kind == "chat":
-            choices.append({
-                "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": chat_logprobs(tokens) if job.params.logprobs else None,
-                "finish_reason": finish,
-            })
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": chat_logprobs(tokens) if job.params.logprobs else None,
+                    "finish_reason": finish,
+                }
+            )
         else:
-            choices.append({
-                "index": i,
-                "text": text,
-                "logprobs": text_logprobs(tokens, 0) if job.params.logprobs else None,
-                "finish_reason": finish,
-            })
+            choices.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": text_logprobs(tokens, 0) if job.params.logprobs else None,
+                    "finish_reason": finish,
+                }
+            )
     return {
         "id": job.id,
         "object": "chat.completion" if job.kind == "chat" else "text_completion",
@@ -165,7 +173,7 @@ def _chunk(job: Job, choices: list[dict[str, Any]], usage_value: dict[str, int] 
     }
 
 
-async def stream(job: Job) -> AsyncIterator[dict[str, Any]]:
+async def stream(job: Job) -> AsyncGenerator[dict[str, Any], None]:
     """Chunks in OpenAI's streaming format (without the ``[DONE]`` sentinel).
 
     Each content chunk carries the logprobs of its own tokens; exactly one
@@ -186,7 +194,10 @@ async def stream(job: Job) -> AsyncIterator[dict[str, Any]]:
 
     if job.kind == "chat":
         for i in range(job.n):
-            yield _chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            yield _chunk(
+                job,
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+            )
     tasks = [asyncio.create_task(run(i)) for i in range(job.n)]
     try:
         finished = 0
@@ -201,11 +212,15 @@ async def stream(job: Job) -> AsyncIterator[dict[str, Any]]:
             if job.kind == "chat":
                 delta = {"content": item.text} if (item.text or item.tokens) else {}
                 logprobs = chat_logprobs(item.tokens) if job.params.logprobs and item.tokens else None
-                yield _chunk(job, [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": item.finish_reason}])
+                yield _chunk(
+                    job, [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": item.finish_reason}]
+                )
             else:
                 logprobs = text_logprobs(item.tokens, offsets[i]) if job.params.logprobs and item.tokens else None
                 offsets[i] += len(item.text)
-                yield _chunk(job, [{"index": i, "text": item.text, "logprobs": logprobs, "finish_reason": item.finish_reason}])
+                yield _chunk(
+                    job, [{"index": i, "text": item.text, "logprobs": logprobs, "finish_reason": item.finish_reason}]
+                )
         if job.include_usage:
             yield _chunk(job, [], usage(job))
     finally:

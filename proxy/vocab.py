@@ -24,7 +24,9 @@ from adapters.base import split_incomplete_utf8
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's ``bytes_to_unicode`` (Radford et al. 2019, encoder.py)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     n = 0
     for b in range(256):
@@ -32,7 +34,7 @@ def _gpt2_byte_decoder() -> dict[str, int]:
             printable.append(b)
             codes.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(printable, codes)}
+    return {chr(c): b for b, c in zip(printable, codes, strict=True)}
 
 
 _BYTE_DECODER = _gpt2_byte_decoder()

@@ -38,8 +38,14 @@ def tiny_base(smollm2_tokenizer):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(cfg).eval()
     # Sharper than a fresh init so that probabilities differ between tokens.
@@ -59,7 +65,9 @@ def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False):
 
     torch.manual_seed(seed)
     base = copy.deepcopy(tiny_base)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=zero))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=zero)
+    )
     if not zero:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -104,9 +112,24 @@ def _llama_server(gguf: Path, extra: list[str], log_name: str) -> Iterator[str]:
     port = free_port()
     log = open(Path(os.environ.get("PYTEST_LOG_DIR", "/tmp")) / log_name, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-         "--n_threads", "2", "--n_ctx", "2048", *extra],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            "2",
+            "--n_ctx",
+            "2048",
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 120)

@@ -49,12 +49,12 @@ def naive_delta(pair, trunk, tail: bytes, c: bytes | None) -> float:
 
 
 HARD = [
-    b" Paris",                       # an ordinary token
-    b" P",                           # a prefix of other candidates / tokens
+    b" Paris",  # an ordinary token
+    b" P",  # a prefix of other candidates / tokens
     b" Par",
-    b" the capital of France",       # longer than any local token
-    "é".encode(),                    # a multi-byte character
-    "é".encode()[:1],                # half of it
+    b" the capital of France",  # longer than any local token
+    "é".encode(),  # a multi-byte character
+    "é".encode()[:1],  # half of it
     "日本".encode(),
     EOT,
 ]
@@ -93,7 +93,6 @@ def test_fast_path_equals_general_path(tiny_pair, tiny_base, smollm2_tokenizer):
     from conftest import make_tiny_pair
 
     other = make_tiny_pair(tiny_base, smollm2_tokenizer)  # same weights, separate caches
-    vocab = tiny_pair.vocab
     prompt = tiny_pair.prompt_ids(PROMPT)
     fast = tiny_pair.aligner(prompt, same_tokenizer=True)
     general = other.aligner(prompt, same_tokenizer=False)
@@ -120,7 +119,7 @@ def test_zero_adapter_gives_zero_offset(tiny_base, smollm2_tokenizer):
 
 def test_leading_space_conventions_map_to_the_same_bytes():
     assert _piece_bytes("\u2581Paris", byte_level=False) == b" Paris"  # SentencePiece (Gemma)
-    assert _piece_bytes("ĠParis", byte_level=True) == b" Paris"         # byte-level BPE (SmolLM2)
+    assert _piece_bytes("ĠParis", byte_level=True) == b" Paris"  # byte-level BPE (SmolLM2)
     assert _piece_bytes("<0xC3>", byte_level=False) == b"\xc3"
 
 

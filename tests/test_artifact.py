@@ -20,8 +20,17 @@ def artifact(tmp_path, tiny_base, smollm2_tokenizer):
     base_sha = weights_sha256(base)
     vocab = ByteVocab.from_tokenizer(smollm2_tokenizer)
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"]))
-    out = save_artifact(tmp_path / "offset", peft_model, base_name="tiny", base_sha256=base_sha, vocab=vocab, alpha=1.0,
-                        objective="NPO", training={"lr": 1e-4}, data={"forget": {"sha256": "ab" * 32, "bytes": 10, "records": 1}})
+    out = save_artifact(
+        tmp_path / "offset",
+        peft_model,
+        base_name="tiny",
+        base_sha256=base_sha,
+        vocab=vocab,
+        alpha=1.0,
+        objective="NPO",
+        training={"lr": 1e-4},
+        data={"forget": {"sha256": "ab" * 32, "bytes": 10, "records": 1}},
+    )
     return out, base, vocab
 
 
@@ -63,4 +72,6 @@ def test_other_base_model_is_refused(artifact):
 def test_existing_output_is_not_overwritten(artifact, tiny_base, smollm2_tokenizer):
     path, base, vocab = artifact
     with pytest.raises(FileExistsError):
-        save_artifact(path, None, base_name="x", base_sha256="x", vocab=vocab, alpha=1, objective="x", training={}, data={})
+        save_artifact(
+            path, None, base_name="x", base_sha256="x", vocab=vocab, alpha=1, objective="x", training={}, data={}
+        )

@@ -42,7 +42,12 @@ async def test_001_logprobs_without_top_logprobs(served):
     assert len(entries) == 5
     for e in entries:
         assert e.top_logprobs == [] and isinstance(e.bytes, list) and all(isinstance(b, int) for b in e.bytes)
-    raw = await (await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, "logprobs": True, "max_tokens": 5, "stream": True})).text()
+    raw = await (
+        await client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": MSG, "logprobs": True, "max_tokens": 5, "stream": True},
+        )
+    ).text()
     for line in raw.splitlines():
         if line.startswith("data: {"):
             for c in json.loads(line[6:])["choices"]:
@@ -74,7 +79,9 @@ async def test_002_stream_logprobs_finish(served, max_tokens, finish):
 
 async def test_002_stream_ends_with_done(served):
     _, client = served
-    raw = await (await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True, "max_tokens": 3})).text()
+    raw = await (
+        await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True, "max_tokens": 3})
+    ).text()
     events = [line for line in raw.split("\n\n") if line]
     assert events[-1] == "data: [DONE]"
 
@@ -84,8 +91,12 @@ async def test_003_usage_chunk_only_when_asked(served):
     oa, _ = served
     plain = [c async for c in await oa.chat.completions.create(model="m", messages=MSG, stream=True, max_tokens=4)]
     assert all(c.choices for c in plain) and all(c.usage is None for c in plain)
-    with_usage = [c async for c in await oa.chat.completions.create(
-        model="m", messages=MSG, stream=True, max_tokens=4, stream_options={"include_usage": True})]
+    with_usage = [
+        c
+        async for c in await oa.chat.completions.create(
+            model="m", messages=MSG, stream=True, max_tokens=4, stream_options={"include_usage": True}
+        )
+    ]
     empty = [c for c in with_usage if not c.choices]
     assert len(empty) == 1 and with_usage[-1] is empty[0]
     u = empty[0].usage
@@ -143,14 +154,27 @@ async def test_unknown_model_route_and_method(served):
 
 
 # ----------------------------------------------------------------------------- upstream mocks
-def chat_step(entries: list[tuple[str, float, list[int] | None]], token: tuple[str, float, list[int] | None] | None = None, finish="length") -> dict:
+def chat_step(
+    entries: list[tuple[str, float, list[int] | None]],
+    token: tuple[str, float, list[int] | None] | None = None,
+    finish="length",
+) -> dict:
     """One upstream chat response with one position."""
     tok = token or entries[0]
     tops = [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in entries]
     return {
-        "id": "x", "object": "chat.completion", "created": 0, "model": "up",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": tok[0]}, "finish_reason": finish,
-                     "logprobs": {"content": [{"token": tok[0], "logprob": tok[1], "bytes": tok[2], "top_logprobs": tops}]}}],
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "up",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": tok[0]},
+                "finish_reason": finish,
+                "logprobs": {"content": [{"token": tok[0], "logprob": tok[1], "bytes": tok[2], "top_logprobs": tops}]},
+            }
+        ],
         "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
     }
 
@@ -160,9 +184,19 @@ def mock_client(handler) -> openai.DefaultAsyncHttpxClient:
     return openai.DefaultAsyncHttpxClient(transport=httpx.MockTransport(handler))
 
 
-def served_upstream(aiohttp_client, handler, flavour="vllm", retry=RetryPolicy(attempts=3, total_seconds=5, initial_backoff=0.01, max_backoff=0.05)):
-    adapter = ChatAdapter(flavour=flavour, name="up", base_url=UPSTREAM, model="up", api_key="sk-secret-upstream", retry=retry,
-                          http_client=mock_client(handler))
+FAST_RETRY = RetryPolicy(attempts=3, total_seconds=5, initial_backoff=0.01, max_backoff=0.05)
+
+
+def served_upstream(aiohttp_client, handler, flavour="vllm", retry=FAST_RETRY):
+    adapter = ChatAdapter(
+        flavour=flavour,
+        name="up",
+        base_url=UPSTREAM,
+        model="up",
+        api_key="sk-secret-upstream",
+        retry=retry,
+        http_client=mock_client(handler),
+    )
     return aiohttp_client(create_app({"up": ServedModel("up", adapter)}))
 
 
@@ -171,16 +205,23 @@ FFFD = [239, 191, 189]
 
 # ----------------------------------------------------------------------------- 004
 async def test_004_replacement_char_bytes_from_upstream(aiohttp_client, caplog):
-    steps = iter([
-        chat_step([("Caf", -0.1, list(b"Caf")), ("\ufffd", -0.5, FFFD)]),
-        # The two halves of "é", both reported as U+FFFD's bytes, next to a whole token.
-        chat_step([("\ufffd", -0.2, FFFD), ("e", -1.0, list(b"e")), ("\ufffd", -2.5, FFFD)]),
-        chat_step([("\ufffd", -0.3, FFFD), (" au lait", -0.7, list(b" au lait"))]),
-        chat_step([("<|im_end|>", -0.01, None)], finish="stop"),
-    ])
-    handler = lambda req: httpx.Response(200, json=next(steps))
+    steps = iter(
+        [
+            chat_step([("Caf", -0.1, list(b"Caf")), ("\ufffd", -0.5, FFFD)]),
+            # The two halves of "é", both reported as U+FFFD's bytes, next to a whole token.
+            chat_step([("\ufffd", -0.2, FFFD), ("e", -1.0, list(b"e")), ("\ufffd", -2.5, FFFD)]),
+            chat_step([("\ufffd", -0.3, FFFD), (" au lait", -0.7, list(b" au lait"))]),
+            chat_step([("<|im_end|>", -0.01, None)], finish="stop"),
+        ]
+    )
+
+    def handler(req):
+        return httpx.Response(200, json=next(steps))
+
     client = await served_upstream(aiohttp_client, handler)
-    resp = await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG, "temperature": 0, "logprobs": True})
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "up", "messages": MSG, "temperature": 0, "logprobs": True}
+    )
     assert resp.status == 200
     body = await resp.json()
     text = body["choices"][0]["message"]["content"]
@@ -195,16 +236,21 @@ def raw_step_handler(tops: list[tuple[str, str]]):
     text (``-Infinity`` and ``NaN`` are not expressible through ``json=``)."""
     entries = ",".join(f'{{"token":"{t}","logprob":{lp},"bytes":[{ord(t)}]}}' for t, lp in tops)
     token, lp = tops[0]
-    raw = ('{"id":"x","object":"chat.completion","created":0,"model":"up","choices":[{"index":0,'
-           f'"message":{{"role":"assistant","content":"{token}"}},"finish_reason":"length","logprobs":{{"content":[{{"token":"{token}",'
-           f'"logprob":{lp},"bytes":[{ord(token)}],"top_logprobs":[{entries}]}}]}}}}]}}')
+    raw = (
+        '{"id":"x","object":"chat.completion","created":0,"model":"up","choices":[{"index":0,'
+        f'"message":{{"role":"assistant","content":"{token}"}},"finish_reason":"length","logprobs":{{"content":[{{"token":"{token}",'
+        f'"logprob":{lp},"bytes":[{ord(token)}],"top_logprobs":[{entries}]}}]}}}}]}}'
+    )
     return lambda req: httpx.Response(200, text=raw, headers={"content-type": "application/json"})
 
 
 async def test_005_non_finite_logprobs(aiohttp_client):
     handler = raw_step_handler([("A", "-9999.0"), ("B", "-Infinity"), ("C", "-1.5")])
     client = await served_upstream(aiohttp_client, handler)
-    resp = await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG, "max_tokens": 3, "logprobs": True, "top_logprobs": 3})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "up", "messages": MSG, "max_tokens": 3, "logprobs": True, "top_logprobs": 3},
+    )
     assert resp.status == 200
     text = await resp.text()
     assert "Infinity" not in text and "NaN" not in text
@@ -228,7 +274,10 @@ async def test_007_mid_stream_upstream_failure(aiohttp_client):
     def upstream(request):
         calls["n"] += 1
         if calls["n"] <= 3:
-            return httpx.Response(200, json=chat_step([(w, -0.1, list(w.encode())) for w in ["Hi", " yo"]][:1] + [(" x", -2.0, list(b" x"))]))
+            return httpx.Response(
+                200,
+                json=chat_step([(w, -0.1, list(w.encode())) for w in ["Hi", " yo"]][:1] + [(" x", -2.0, list(b" x"))]),
+            )
         if calls["n"] == 4:
             raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
         return httpx.Response(500, json={"error": {"message": "boom", "type": "server_error"}})
@@ -238,13 +287,19 @@ async def test_007_mid_stream_upstream_failure(aiohttp_client):
     oa = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="none", max_retries=0)
     got = []
     with pytest.raises(openai.APIError) as info:
-        async for chunk in await oa.chat.completions.create(model="up", messages=MSG, stream=True, max_tokens=20, temperature=0):
+        async for chunk in await oa.chat.completions.create(
+            model="up", messages=MSG, stream=True, max_tokens=20, temperature=0
+        ):
             if chunk.choices and chunk.choices[0].delta.content:
                 got.append(chunk.choices[0].delta.content)
     assert "".join(got) == "HiHiHi"
     assert calls["n"] == 3 + 3  # the failed call was retried, bounded (3 attempts)
     assert "sk-secret-upstream" not in str(info.value)
-    raw = await (await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG, "stream": True, "max_tokens": 5})).text()
+    raw = await (
+        await client.post(
+            "/v1/chat/completions", json={"model": "up", "messages": MSG, "stream": True, "max_tokens": 5}
+        )
+    ).text()
     assert "[DONE]" not in raw and '"error"' in raw
     await oa.close()
 
@@ -292,23 +347,52 @@ async def test_flavours_send_the_right_prefill():
         bodies.append(json.loads(r.content))
         if r.url.path.endswith("/chat/completions"):
             return httpx.Response(200, json=chat_step([("x", -0.1, [120])]))
-        return httpx.Response(200, json={
-            "id": "x", "object": "text_completion", "created": 0, "model": "up",
-            "choices": [{"index": 0, "text": "x", "finish_reason": "length", "logprobs": {
-                "tokens": ["x"], "token_logprobs": [-0.1], "top_logprobs": [{"x": -0.1, "y": -2.0}], "text_offset": [0]}}]})
+        return httpx.Response(
+            200,
+            json={
+                "id": "x",
+                "object": "text_completion",
+                "created": 0,
+                "model": "up",
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": "x",
+                        "finish_reason": "length",
+                        "logprobs": {
+                            "tokens": ["x"],
+                            "token_logprobs": [-0.1],
+                            "top_logprobs": [{"x": -0.1, "y": -2.0}],
+                            "text_offset": [0],
+                        },
+                    }
+                ],
+            },
+        )
 
     from adapters.base import Context
     from adapters.templates import CHATML, ChatTemplate
 
     ctx = Context(messages=tuple(MSG), assistant_prefix="Hé".encode())
     for flavour in ("llama.cpp", "vllm", "deepseek"):
-        await ChatAdapter(flavour=flavour, name="up", base_url=UPSTREAM, model="up", api_key=None,
-                          http_client=mock_client(handler)).draft(ctx, n_tokens=1, top_k=5)
-    await CompletionsAdapter(template=ChatTemplate(CHATML), name="up", base_url=UPSTREAM, model="up", api_key=None,
-                             http_client=mock_client(handler)).draft(ctx, n_tokens=1, top_k=5)
+        await ChatAdapter(
+            flavour=flavour, name="up", base_url=UPSTREAM, model="up", api_key=None, http_client=mock_client(handler)
+        ).draft(ctx, n_tokens=1, top_k=5)
+    await CompletionsAdapter(
+        template=ChatTemplate(CHATML),
+        name="up",
+        base_url=UPSTREAM,
+        model="up",
+        api_key=None,
+        http_client=mock_client(handler),
+    ).draft(ctx, n_tokens=1, top_k=5)
     llama, vllm, deepseek, completions = bodies
     assert llama["messages"][-1] == {"role": "assistant", "content": "Hé"} and "continue_final_message" not in llama
-    assert vllm["messages"][-1]["content"] == "Hé" and vllm["continue_final_message"] is True and vllm["add_generation_prompt"] is False
+    assert (
+        vllm["messages"][-1]["content"] == "Hé"
+        and vllm["continue_final_message"] is True
+        and vllm["add_generation_prompt"] is False
+    )
     assert deepseek["messages"][-1] == {"role": "assistant", "content": "Hé", "prefix": True}
     assert completions["prompt"] == "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHé"
     assert all(b["top_logprobs" if "messages" in b else "logprobs"] == 5 for b in bodies)

@@ -24,8 +24,6 @@ class KnownDeltaPair:
         return [1]
 
     def aligner(self, prompt_ids, *, same_tokenizer):
-        pair = self
-
         class A:
             last_max_abs_delta = 0.0
 
@@ -41,7 +39,9 @@ class KnownDeltaPair:
 def collect(model: ServedModel, params: SamplingParams, index: int = 0, ctx: Context | None = None) -> tuple[str, str]:
     async def run():
         text, finish = [], None
-        async for piece in model.generate(ctx or Context(messages=({"role": "user", "content": "x"},)), params, index=index):
+        async for piece in model.generate(
+            ctx or Context(messages=({"role": "user", "content": "x"},)), params, index=index
+        ):
             text.append(piece.text)
             finish = piece.finish_reason
         return "".join(text), finish
@@ -63,7 +63,9 @@ def test_empirical_distribution_matches_q_chi_square():
     async def sample_all(n: int) -> list[bytes]:
         out = []
         for i in range(n):
-            async for piece in model.generate(Context(prompt="x"), SamplingParams(max_tokens=1, temperature=temperature, seed=1234), index=i):
+            async for piece in model.generate(
+                Context(prompt="x"), SamplingParams(max_tokens=1, temperature=temperature, seed=1234), index=i
+            ):
                 if piece.text:
                     out.append(piece.text.encode())
         return out
@@ -103,7 +105,13 @@ def test_max_tokens_gives_length_and_eot_gives_stop():
 
 @pytest.mark.parametrize(
     "stop,expected",
-    [(("two",), "One "), ((" th",), "One two"), (("ne tw",), "O"), (("zzz", "o t"), "One tw"), (("three",), "One two ")],
+    [
+        (("two",), "One "),
+        ((" th",), "One two"),
+        (("ne tw",), "O"),
+        (("zzz", "o t"), "One tw"),
+        (("three",), "One two "),
+    ],
 )
 def test_stop_strings_also_across_tokens(stop, expected):
     model = ServedModel("m", FakeRemote(script(["One", " two", " three", " four"])))

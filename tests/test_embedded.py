@@ -14,9 +14,16 @@ from proxy.server import create_app
 pytestmark = pytest.mark.slow
 
 PROMPTS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "List three primary colors.", "What is 12 times 7?",
-    "Name a famous physicist.", "Translate 'good morning' into Spanish.", "Give me one tip for sleeping better.",
-    "What is photosynthesis?", "Describe a cat in one sentence.", "Why is the sky blue?",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "What is 12 times 7?",
+    "Name a famous physicist.",
+    "Translate 'good morning' into Spanish.",
+    "Give me one tip for sleeping better.",
+    "What is photosynthesis?",
+    "Describe a cat in one sentence.",
+    "Why is the sky blue?",
 ]
 
 
@@ -42,16 +49,23 @@ async def test_zero_offset_greedy_equals_direct_llama_cpp(models, client):
         want = adapter.direct_chat(msgs, 32)
         got = await client.chat.completions.create(model=DEFAULT_MODEL, messages=msgs, temperature=0, max_tokens=32)
         assert got.choices[0].message.content == want, prompt
-        off = await client.chat.completions.create(model=DEFAULT_MODEL, messages=msgs, temperature=0, max_tokens=32,
-                                                   extra_body={"offset_alpha": 0})
+        off = await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=msgs, temperature=0, max_tokens=32, extra_body={"offset_alpha": 0}
+        )
         assert off.choices[0].message.content == want
 
 
 async def test_streamed_with_logprobs(client):
     msgs = [{"role": "user", "content": "Say hi"}]
-    chunks = [c async for c in await client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=msgs, max_tokens=10, stream=True, logprobs=True, top_logprobs=2, seed=5)]
-    whole = await client.chat.completions.create(model=DEFAULT_MODEL, messages=msgs, max_tokens=10, logprobs=True, top_logprobs=2, seed=5)
+    chunks = [
+        c
+        async for c in await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=msgs, max_tokens=10, stream=True, logprobs=True, top_logprobs=2, seed=5
+        )
+    ]
+    whole = await client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=msgs, max_tokens=10, logprobs=True, top_logprobs=2, seed=5
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1

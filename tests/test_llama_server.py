@@ -36,7 +36,9 @@ NO_PENALTY = {"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}  # the server's o
 
 @pytest.fixture
 async def proxy_on_llama(llama_server):
-    cfg = ModelConfig(backend="openai-completions", base_url=llama_server, remote_model="smollm2", template="gguf:smollm2")
+    cfg = ModelConfig(
+        backend="openai-completions", base_url=llama_server, remote_model="smollm2", template="gguf:smollm2"
+    )
     model = build_model("smollm2-remote", cfg)
     server = TestServer(create_app({"smollm2-remote": model}))
     await server.start_server()
@@ -54,7 +56,7 @@ NEAR_TIE = 0.1  # nats
 def first_divergence(a: str, b: str) -> int | None:
     if a == b:
         return None
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 @pytest.mark.xfail(
@@ -76,12 +78,22 @@ async def test_zero_offset_greedy_equals_direct_for_ten_prompts(proxy_on_llama):
     exact = 0
     for prompt in PROMPTS:
         msgs = [{"role": "user", "content": prompt}]
-        want = (await direct.chat.completions.create(
-            model="smollm2", messages=msgs, temperature=0, max_tokens=24, extra_body=NO_PENALTY)).choices[0].message.content
+        want = (
+            (
+                await direct.chat.completions.create(
+                    model="smollm2", messages=msgs, temperature=0, max_tokens=24, extra_body=NO_PENALTY
+                )
+            )
+            .choices[0]
+            .message.content
+        )
         got = await client.chat.completions.create(
-            model="smollm2-remote", messages=msgs, temperature=0, max_tokens=24, logprobs=True, top_logprobs=2)
+            model="smollm2-remote", messages=msgs, temperature=0, max_tokens=24, logprobs=True, top_logprobs=2
+        )
         text = got.choices[0].message.content
-        streamed = await client.chat.completions.create(model="smollm2-remote", messages=msgs, temperature=0, max_tokens=24, stream=True)
+        streamed = await client.chat.completions.create(
+            model="smollm2-remote", messages=msgs, temperature=0, max_tokens=24, stream=True
+        )
         assert "".join([c.choices[0].delta.content or "" async for c in streamed if c.choices]) == text
         at = first_divergence(text, want)
         if at is None:
@@ -101,13 +113,27 @@ async def test_zero_offset_greedy_equals_direct_for_ten_prompts(proxy_on_llama):
 async def test_streamed_and_logprobs_through_the_sdk(proxy_on_llama):
     client, _ = proxy_on_llama
     msgs = [{"role": "user", "content": "Say hello."}]
-    r = await client.chat.completions.create(model="smollm2-remote", messages=msgs, max_tokens=8, logprobs=True, top_logprobs=3, seed=1)
+    r = await client.chat.completions.create(
+        model="smollm2-remote", messages=msgs, max_tokens=8, logprobs=True, top_logprobs=3, seed=1
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens - (r.choices[0].finish_reason == "stop")
     assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in content)
     assert r.usage.prompt_tokens > 10
-    chunks = [c async for c in await client.chat.completions.create(
-        model="smollm2-remote", messages=msgs, max_tokens=8, logprobs=True, stream=True, seed=1, stream_options={"include_usage": True})]
+    chunks = [
+        c
+        async for c in await client.chat.completions.create(
+            model="smollm2-remote",
+            messages=msgs,
+            max_tokens=8,
+            logprobs=True,
+            stream=True,
+            seed=1,
+            stream_options={"include_usage": True},
+        )
+    ]
     assert chunks[-1].usage is not None and not chunks[-1].choices
-    text = await client.completions.create(model="smollm2-remote", prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2)
+    text = await client.completions.create(
+        model="smollm2-remote", prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2
+    )
     assert text.choices[0].text and len(text.choices[0].logprobs.tokens) >= 1

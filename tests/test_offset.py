@@ -49,7 +49,12 @@ def test_non_finite_candidates_get_zero_and_all_bad_raises():
 
 def test_greedy_is_argmax_of_ell_plus_alpha_delta():
     ell = np.log(np.array([0.6, 0.4]))
-    idx, _ = choose(target_logits(ell, np.array([-1.0, 0.0]), temperature=0, alpha=1.0), temperature=0, top_p=1.0, rng=np.random.default_rng(0))
+    idx, _ = choose(
+        target_logits(ell, np.array([-1.0, 0.0]), temperature=0, alpha=1.0),
+        temperature=0,
+        top_p=1.0,
+        rng=np.random.default_rng(0),
+    )
     assert idx == 1
 
 

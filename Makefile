@@ -11,6 +11,8 @@ run: install
 	$(PY) -m proxy.cli serve --port $(PORT)
 
 test: install
+	.venv/bin/ruff check proxy adapters tests bench
+	.venv/bin/mypy proxy adapters
 	$(PY) -m pytest -q -ra
 
 lint: install

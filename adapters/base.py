@@ -175,6 +175,15 @@ class RemoteAdapter(Protocol):
         ...
 
 
+def _unfinished_char(tail: bytes) -> bool:
+    """Whether ``tail`` is the start of a UTF-8 character that needs more bytes."""
+    if not tail:
+        return True
+    lead = tail[0]
+    need = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
+    return len(tail) < need and all(0x80 <= b <= 0xBF for b in tail[1:])
+
+
 def split_incomplete_utf8(data: bytes) -> tuple[str, bytes]:
     """Split ``data`` into its longest valid UTF-8 text prefix and the
     trailing bytes of an unfinished character (at most 3 bytes).
@@ -182,15 +191,15 @@ def split_incomplete_utf8(data: bytes) -> tuple[str, bytes]:
     Raises:
         UnicodeDecodeError: if the invalid bytes are not just an unfinished tail.
     """
-    for cut in range(0, min(4, len(data) + 1)):
-        head = data[: len(data) - cut]
+    for cut in range(0, min(3, len(data)) + 1):
+        head, tail = data[: len(data) - cut], data[len(data) - cut :]
+        if not _unfinished_char(tail):
+            continue
         try:
-            text = head.decode("utf-8")
+            return head.decode("utf-8"), tail
         except UnicodeDecodeError:
             continue
-        return text, data[len(data) - cut :]
-    # Raise the real error for the whole buffer.
-    data.decode("utf-8")
+    data.decode("utf-8")  # raises the real error for the whole buffer
     raise AssertionError("unreachable")
 
 

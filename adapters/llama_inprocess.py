@@ -161,8 +161,9 @@ class LlamaInProcessAdapter:
         """Greedy text straight from llama.cpp (no proxy), for comparisons."""
         with self._lock:
             self.llama.n_tokens = 0
+            typed: Any = messages  # llama_cpp's TypedDicts; plain dicts are what it accepts at run time
             out: Any = self.llama.create_chat_completion(
-                messages=messages, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0
-            )  # type: ignore[arg-type]
+                messages=typed, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0
+            )
             self.llama.n_tokens = 0
             return out["choices"][0]["message"]["content"] or ""

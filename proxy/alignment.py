@@ -30,6 +30,7 @@ This module is torch-free: :class:`TreeScorer` is the seam to the models.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,6 +38,8 @@ from typing import Protocol
 import numpy as np
 
 from .vocab import ByteVocab
+
+log = logging.getLogger(__name__)
 
 #: A candidate for :meth:`Aligner.deltas`: its bytes, or ``None`` for end-of-turn.
 EOT = None
@@ -94,10 +97,19 @@ class Aligner:
     def deltas(self, candidates: Sequence[bytes | None]) -> np.ndarray:
         """Δ for each candidate (bytes, or :data:`EOT`), float64 ``[k]``, nats.
 
-        Raises:
-            ValueError: a candidate's bytes cannot be tokenised locally.
+        A candidate whose bytes the local tokenizer cannot represent (a byte
+        with no token) has prefix probability 0 under both models; it gets
+        Δ = −inf, i.e. probability 0 in q, and is logged.
         """
-        paths = [self._path(c) for c in candidates]
+        paths: list[tuple[tuple[int, ...], bytes | int]] = []
+        unrepresentable: list[int] = []
+        for i, c in enumerate(candidates):
+            try:
+                paths.append(self._path(c))
+            except ValueError as exc:
+                log.warning("candidate %r left out of q: %s", c, exc)
+                unrepresentable.append(i)
+                paths.append(((), self.vocab.eot_ids[0]))  # a placeholder, overwritten below
         if self.tail:  # scored too, for -log P(r | trunk)
             paths.append(self._path(b""))
         # Trie over pending trunk tokens + every path.
@@ -135,6 +147,8 @@ class Aligner:
         delta = out[:, 0] - out[:, 1]
         k = len(candidates)
         delta = delta[:k] - delta[k] if self.tail else delta[:k]
+        delta[unrepresentable] = -np.inf
+        delta[np.isnan(delta)] = -np.inf  # probability 0 under both models: not in q
         finite = delta[np.isfinite(delta)]
         self.last_max_abs_delta = float(np.max(np.abs(finite))) if finite.size else 0.0
         return delta

@@ -14,6 +14,7 @@ No HTTP or torch types here: the pair runs on a single worker thread behind
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -118,9 +119,13 @@ class TextReleaser:
         chunk = self.buf[self.released : upto]
         try:  # never release part of a character
             text, unfinished = split_incomplete_utf8(chunk)
-            cut = len(chunk) - len(unfinished)
         except UnicodeDecodeError:
-            text, cut = "", 0
+            # Bytes that are not UTF-8 at all (not just unfinished): the remote
+            # produced them, so they are shown as U+FFFD rather than held forever.
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            text = decoder.decode(chunk)
+            unfinished = decoder.getstate()[0]
+        cut = len(chunk) - len(unfinished)
         if finish is None:
             self.released += cut
         else:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from adapters.base import split_incomplete_utf8
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
@@ -38,6 +37,7 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 
 
 _BYTE_DECODER = _gpt2_byte_decoder()
+_SURROGATES = re.compile("([\udc80-\udcff]+)")
 
 
 def _is_byte_level(tokenizer: Any) -> bool:
@@ -134,25 +134,28 @@ class ByteVocab:
         return lo, hi
 
     def encode(self, data: bytes) -> list[int]:
-        """Canonical local tokenisation of ``data``; an unfinished UTF-8
-        character at the end becomes single-byte tokens.
+        """Canonical local tokenisation of ``data``. Bytes that are not UTF-8
+        text (an unfinished character at the end, or invalid bytes a remote
+        produced) become single-byte tokens; the text between them is
+        tokenised as text.
 
         Raises:
-            ValueError: ``data`` is not UTF-8 apart from an unfinished tail, or
-                a byte has no token (no byte fallback in this tokenizer).
+            ValueError: such a byte has no token (no byte fallback in this tokenizer).
         """
-        if not data:
-            return []
-        try:
-            text, tail = split_incomplete_utf8(data)
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"not UTF-8 text: {data[:40]!r}") from exc
-        ids: list[int] = list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
-        for b in tail:
-            tid = self.byte_ids[b]
-            if tid is None:
-                raise ValueError(f"byte 0x{b:02x} has no token in the local vocabulary")
-            ids.append(tid)
+        ids: list[int] = []
+        # surrogateescape maps each non-UTF-8 byte b to the lone surrogate U+DC00 + b.
+        for run in _SURROGATES.split(data.decode("utf-8", "surrogateescape")):
+            if not run:
+                continue
+            if "\udc80" <= run[0] <= "\udcff":
+                for ch in run:
+                    b = ord(ch) - 0xDC00
+                    tid = self.byte_ids[b]
+                    if tid is None:
+                        raise ValueError(f"byte 0x{b:02x} has no token in the local vocabulary")
+                    ids.append(tid)
+            else:
+                ids.extend(self.tokenizer.encode(run, add_special_tokens=False))
         return ids
 
     def bytes_of(self, ids: Sequence[int]) -> bytes:

@@ -130,7 +130,16 @@ def test_vocab_cover_and_encode(smollm2_tokenizer):
     assert b" Paris" in covered and b" Par" in covered and all(b.startswith(b" Par") for b in covered)
     assert vocab.bytes_of(vocab.encode("héllo wörld".encode())) == "héllo wörld".encode()
     assert vocab.bytes_of(vocab.encode("日".encode()[:2])) == "日".encode()[:2]
+    assert vocab.bytes_of(vocab.encode(b"ab\xc3cd \xe2\x82")) == b"ab\xc3cd \xe2\x82"  # invalid bytes in the middle
+    with pytest.raises(ValueError, match="0xff has no token"):  # SmolLM2 has no token for 0xff
+        vocab.encode(b"a\xff")
     assert vocab.token_bytes[vocab.eot_ids[0]] is None  # special tokens never match text
+
+
+def test_unrepresentable_candidate_gets_zero_probability(tiny_pair):
+    al = tiny_pair.aligner(tiny_pair.prompt_ids(PROMPT), same_tokenizer=False)
+    got = al.deltas([b" Paris", b"\xff", b" Rome"])
+    assert np.isfinite(got[[0, 2]]).all() and got[1] == -np.inf
 
 
 def test_replacement_char_bytes_are_unknown_not_text():

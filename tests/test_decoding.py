@@ -127,6 +127,14 @@ def test_releaser_never_splits_a_character_and_drops_unfinished_tail():
     assert r.finish("length").text == ""
 
 
+def test_releaser_shows_invalid_bytes_instead_of_stalling():
+    r = TextReleaser(())
+    tok = lambda b: TokenOut(b, "", 0.0, (), False)  # noqa: E731
+    assert r.push(tok(b"\xffab")).text == "\ufffdab"
+    assert r.push(tok(b"c\xe2\x82")).text == "c"
+    assert r.push(tok(b"\xac")).text == "€"
+
+
 def test_backend_that_cannot_continue_is_refused_for_token_mode():
     with pytest.raises(DecodingError, match="cannot continue"):
         ServedModel("m", FakeRemote(lambda p: (), can_continue=False))

@@ -126,6 +126,10 @@ def _llama_server(gguf: Path, extra: list[str], log_name: str) -> Iterator[str]:
             "2",
             "--n_ctx",
             "2048",
+            # One position per evaluation: logits that do not depend on the server's prompt
+            # cache (batched and single-token kernels differ slightly on quantised weights).
+            "--n_batch",
+            "1",
             *extra,
         ],
         stdout=log,

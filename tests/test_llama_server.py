@@ -50,64 +50,29 @@ async def proxy_on_llama(llama_server):
     await server.close()
 
 
-NEAR_TIE = 0.1  # nats
-
-
-def first_divergence(a: str, b: str) -> int | None:
-    if a == b:
-        return None
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: 9/10 prompts match; one diverges at a 0.22-nat margin (text re-tokenisation or batch numerics "
-    "of llama-cpp-python's server); see the issue note",
-)
 async def test_zero_offset_greedy_equals_direct_for_ten_prompts(proxy_on_llama):
-    """Greedy through the proxy (α = 0 / no offset) equals the server's own greedy text.
+    """Greedy through the proxy (no offset) equals the server's own greedy text.
 
-    llama.cpp evaluates quantised matmuls differently for different batch
-    splits (its prompt cache changes them between requests), so two calls with
-    the same text can disagree where the top two tokens are within a few
-    hundredths of a nat. A divergence is accepted only at such a numerical
-    near-tie (margin < NEAR_TIE, read from the proxy's own top_logprobs);
-    anywhere else the test fails.
+    llama.cpp's logits depend on how a position was evaluated: a prompt in one
+    batch goes through a matrix-matrix kernel, a single token through a vector
+    kernel, and with quantised weights the two differ by a few hundredths of a
+    nat, which flips near-ties. The server's prompt cache decides which one a
+    request gets, so the fixture runs it with ``--n_batch 1``: every position is
+    evaluated alone and the logits no longer depend on earlier requests.
     """
     client, direct = proxy_on_llama
-    exact = 0
     for prompt in PROMPTS:
         msgs = [{"role": "user", "content": prompt}]
-        want = (
-            (
-                await direct.chat.completions.create(
-                    model="smollm2", messages=msgs, temperature=0, max_tokens=24, extra_body=NO_PENALTY
-                )
-            )
-            .choices[0]
-            .message.content
+        want = await direct.chat.completions.create(
+            model="smollm2", messages=msgs, temperature=0, max_tokens=24, extra_body=NO_PENALTY
         )
-        got = await client.chat.completions.create(
-            model="smollm2-remote", messages=msgs, temperature=0, max_tokens=24, logprobs=True, top_logprobs=2
-        )
-        text = got.choices[0].message.content
+        got = await client.chat.completions.create(model="smollm2-remote", messages=msgs, temperature=0, max_tokens=24)
+        assert got.choices[0].message.content == want.choices[0].message.content, prompt
         streamed = await client.chat.completions.create(
             model="smollm2-remote", messages=msgs, temperature=0, max_tokens=24, stream=True
         )
-        assert "".join([c.choices[0].delta.content or "" async for c in streamed if c.choices]) == text
-        at = first_divergence(text, want)
-        if at is None:
-            exact += 1
-            continue
-        offset = 0
-        for entry in got.choices[0].logprobs.content:
-            if offset + len(entry.token) > at:
-                top = entry.top_logprobs
-                assert top[0].logprob - top[1].logprob < NEAR_TIE, (prompt, text, want, entry)
-                break
-            offset += len(entry.token)
-    print(f"exact greedy matches: {exact}/{len(PROMPTS)}")
-    assert exact >= 7
+        text = "".join([c.choices[0].delta.content or "" async for c in streamed if c.choices])
+        assert text == want.choices[0].message.content, prompt
 
 
 async def test_streamed_and_logprobs_through_the_sdk(proxy_on_llama):

@@ -12,6 +12,7 @@ Exception hierarchy (mapped to HTTP statuses once, in ``proxy.errors``)::
     ├── RemoteUnavailable        connect/read timeouts, 5xx, 429 after retries
     ├── RemoteBadResponse        the answer is malformed or unusable
     └── RemoteRejected           the upstream refused the request (4xx)
+        └── ContextExhausted     the context window is full
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ class RemoteRejected(RemoteError):
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ContextExhausted(RemoteRejected):
+    """The context window (the remote's or the local pair's) is full."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=400)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,36 +8,73 @@ through llama-cpp-python's ``Jinja2ChatFormatter``, exactly as
 ``Llama.create_chat_completion`` does, so that a direct call and the proxy
 see the same prompt tokens.
 
-One model, one context: calls are serialised with a lock and run on a worker
-thread; the KV cache is reused for the longest common token prefix.
+A pool of llama.cpp contexts (``n_contexts``; the weights are memory-mapped
+once by the OS and shared): each call leases the context whose KV cache holds
+the longest prefix of its tokens, so up to ``n_contexts`` concurrent requests
+and choices do not evict each other's prompts. One call computes at a time:
+llama.cpp already uses every core for one evaluation, and its spinning
+threads slow down badly when several evaluations share the cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .base import Candidate, Capabilities, Context, Draft, Position, RemoteRejected, RemoteUnavailable
+from .base import Candidate, Capabilities, Context, ContextExhausted, Draft, Position, RemoteRejected, RemoteUnavailable
+
+
+@dataclass
+class _Slot:
+    llama: Any
+    busy: bool = False
+    used: int = 0
+    """When it was last released (a counter): least recently used wins ties."""
+    closed: bool = False
 
 
 class LlamaInProcessAdapter:
     """A GGUF served in-process by llama.cpp."""
 
     def __init__(
-        self, *, name: str, model_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0
+        self,
+        *,
+        name: str,
+        model_path: str | Path,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_contexts: int = 8,
+        seed: int = 0,
     ) -> None:
         import llama_cpp
         from llama_cpp import llama_chat_format
 
+        if n_contexts < 1:
+            raise ValueError("n_contexts must be at least 1")
         self.name = name
         self._llama_cpp = llama_cpp
-        self.llama = llama_cpp.Llama(
-            model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, logits_all=False, verbose=False, seed=seed
-        )
+        self._slots = [
+            _Slot(
+                llama_cpp.Llama(
+                    model_path=str(model_path),
+                    n_ctx=n_ctx,
+                    n_threads=n_threads,
+                    logits_all=False,
+                    verbose=False,
+                    seed=seed,
+                )
+            )
+            for _ in range(n_contexts)
+        ]
+        self.llama = self._slots[0].llama  # tokenizer, vocabulary and metadata (read-only)
         self.n_vocab = self.llama.n_vocab()
         vocab = self.llama._model.vocab
         self.token_bytes: list[bytes | None] = []
@@ -61,7 +98,8 @@ class LlamaInProcessAdapter:
             else None
         )
         self._eot_text = self.llama._model.token_get_text(eos) if eos != -1 else "</s>"
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._clock = itertools.count(1)
         self._closed = False
         self.capabilities = Capabilities(
             can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab
@@ -82,13 +120,40 @@ class LlamaInProcessAdapter:
         return self.llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
 
     # ------------------------------------------------------------- decoding
-    def _logprobs_after(self, tokens: list[int]) -> np.ndarray:
+    @contextmanager
+    def _lease(self, tokens: list[int]) -> Iterator[Any]:
+        """The context whose cache holds the longest prefix of ``tokens`` (least recently
+        used among equals), once no other call is computing.
+
+        Raises:
+            RemoteUnavailable: the adapter is closed.
+        """
+
+        def reusable(slot: _Slot) -> int:
+            n = slot.llama.n_tokens
+            return n if n <= len(tokens) and np.array_equal(slot.llama.input_ids[:n], tokens[:n]) else -1
+
+        with self._cond:
+            while True:
+                if self._closed:  # llama.cpp would crash on a freed context
+                    raise RemoteUnavailable(f"model {self.name!r} is shut down")
+                if not any(s.busy for s in self._slots):
+                    break
+                self._cond.wait()
+            slot = max(self._slots, key=lambda s: (reusable(s), -s.used))
+            slot.busy = True
+        try:
+            yield slot.llama
+        finally:
+            with self._cond:
+                slot.busy = False
+                slot.used = next(self._clock)
+                self._cond.notify_all()
+
+    def _logprobs_after(self, llama: Any, tokens: list[int]) -> np.ndarray:
         """log-softmax of the next-token logits after ``tokens`` (KV prefix reused)."""
-        llama = self.llama
         if len(tokens) >= llama.n_ctx():
-            raise RemoteRejected(
-                f"model {self.name!r}: {len(tokens)} tokens exceed the context of {llama.n_ctx()}", status=400
-            )
+            raise ContextExhausted(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {llama.n_ctx()}")
         # Reuse the cache only when it holds a prefix of `tokens` (the same request's
         # earlier steps). A partial reuse would evaluate the prompt in a different
         # batch split, and llama.cpp's quantised matmuls then give slightly different
@@ -112,23 +177,19 @@ class LlamaInProcessAdapter:
         return Candidate(data, lp, "" if data is None else data.decode("utf-8", "replace"), tid)
 
     def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None) -> Draft:
-        with self._lock:
-            if self._closed:  # llama.cpp would crash on a freed context
-                raise RemoteUnavailable(f"model {self.name!r} is shut down")
-            prompt = self.prompt_tokens(ctx)
-            if ctx.token_ids is not None:
-                tokens = prompt + list(ctx.token_ids)
-            else:
-                tokens = prompt + (
-                    self.llama.tokenize(ctx.assistant_prefix, add_bos=False, special=False)
-                    if ctx.assistant_prefix
-                    else []
-                )
+        prompt = self.prompt_tokens(ctx)
+        if ctx.token_ids is not None:
+            tokens = prompt + list(ctx.token_ids)
+        else:
+            tokens = prompt + (
+                self.llama.tokenize(ctx.assistant_prefix, add_bos=False, special=False) if ctx.assistant_prefix else []
+            )
+        with self._lease(tokens) as llama:
             rng = np.random.default_rng(seed)
             positions: list[Position] = []
             finish = None
             for _ in range(n_tokens):
-                lp = self._logprobs_after(tokens)
+                lp = self._logprobs_after(llama, tokens)
                 k = min(top_k, self.n_vocab)
                 top = np.argpartition(-lp, k - 1)[:k]
                 top = top[np.argsort(-lp[top], kind="stable")]
@@ -147,10 +208,17 @@ class LlamaInProcessAdapter:
         return await asyncio.to_thread(self._draft_sync, ctx, n_tokens, top_k, seed)
 
     async def aclose(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self.llama.close()
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._cond:
+            self._closed = True
+            while any(s.busy for s in self._slots):  # let running calls finish first
+                self._cond.wait()
+            for slot in self._slots:
+                if not slot.closed:
+                    slot.closed = True
+                    slot.llama.close()
 
     def vocab_bytes(self) -> list[bytes | None]:
         """Bytes of every token (``None`` for control tokens): lets the server
@@ -159,11 +227,11 @@ class LlamaInProcessAdapter:
 
     def direct_chat(self, messages: list[dict[str, Any]], max_tokens: int) -> str:
         """Greedy text straight from llama.cpp (no proxy), for comparisons."""
-        with self._lock:
-            self.llama.n_tokens = 0
+        with self._lease([]) as llama:
+            llama.n_tokens = 0
             typed: Any = messages  # llama_cpp's TypedDicts; plain dicts are what it accepts at run time
-            out: Any = self.llama.create_chat_completion(
+            out: Any = llama.create_chat_completion(
                 messages=typed, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0
             )
-            self.llama.n_tokens = 0
+            llama.n_tokens = 0
             return out["choices"][0]["message"]["content"] or ""

@@ -20,6 +20,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Wh
 
 
 async def _proxy_tps(model, n_tokens: int) -> tuple[float, int]:
+    from proxy.config import ServerConfig
     from proxy.protocol import ChatCompletionRequest
     from proxy.serving import complete, make_job
 
@@ -28,7 +29,7 @@ async def _proxy_tps(model, n_tokens: int) -> tuple[float, int]:
         req = ChatCompletionRequest(
             model=model.name, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=n_tokens
         )
-        r = await complete(make_job(req, {model.name: model}, n_tokens))
+        r = await complete(make_job(req, {model.name: model}, ServerConfig()))
         total += r["usage"]["completion_tokens"]
     return total / (time.perf_counter() - t0), total
 

@@ -18,6 +18,13 @@ from . import __version__
 from .config import ConfigError, embedded_default, load_config
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535)")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deltaproxy", description="Offset unlearning (δ-unlearning) proxy for black-box LLMs"
@@ -29,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--offset", help="offset artifact folder for the embedded default")
     s.add_argument("--alpha", type=float, help="offset strength α for the embedded default (0 disables it)")
     s.add_argument("--host", help="listen address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="listen port (default 8000; 0 picks a free one)")
+    s.add_argument("--port", type=_port, help="listen port (default 8000; 0 picks a free one)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -51,7 +58,8 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     models = build_models(config)
     app = create_app(models, settings)
-    runner = web.AppRunner(app, handle_signals=False)
+    # handler_cancellation: a client that disconnects cancels its request's decoding loop.
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from adapters.base import Candidate, Context, RemoteAdapter, RemoteBadResponse, split_incomplete_utf8
+from adapters.base import Candidate, Context, ContextExhausted, RemoteAdapter, RemoteBadResponse, split_incomplete_utf8
 
 from .offset import NoUsableCandidates, choose, target_logits
 
@@ -180,7 +180,7 @@ class ServedModel:
             DecodingError: the pair cannot take this prompt.
         """
         stats = stats if stats is not None else ChoiceStats()
-        rng = np.random.default_rng(None if params.seed is None else [params.seed, index])
+        rng = np.random.default_rng(None if params.seed is None else [params.seed % 2**64, index])
         aligner = None
         if self.uses_offset and params.alpha != 0:
             try:
@@ -193,32 +193,12 @@ class ServedModel:
         ids: list[int] | None = [] if self.adapter.capabilities.token_ids else None
         for _ in range(params.max_tokens):
             ctx = Context(base.messages, base.prompt, prefix, tuple(ids) if ids is not None else None, last)
-            draft = await self.adapter.draft(ctx, n_tokens=1, top_k=self.top_k)
-            stats.remote_calls += 1
-            if stats.prompt_tokens is None:
-                stats.prompt_tokens = draft.prompt_tokens
-            position = draft.positions[0]
-            cands = [c for c in position.candidates if c.usable]
-            dropped = [c for c in position.candidates if c.data is None and not c.is_eot]
-            if dropped:
-                log.warning(
-                    "model %s: %d candidate(s) with unknown bytes (partial UTF-8) left out of S_t",
-                    self.name,
-                    len(dropped),
-                )
-            if not cands:
-                raise RemoteBadResponse(
-                    "the upstream's logprobs were unusable (no candidate with known bytes and a finite logprob)"
-                )
-            ell = np.array([c.logprob for c in cands])
-            if aligner is not None:
-                try:
-                    delta = await self.run_pair(aligner.deltas, [None if c.is_eot else c.data for c in cands])
-                except ValueError as exc:
-                    raise DecodingError(str(exc)) from exc
-                stats.max_abs_delta = max(stats.max_abs_delta, aligner.last_max_abs_delta)
-            else:
-                delta = np.zeros(len(cands))
+            try:
+                cands, ell, delta = await self._candidates(ctx, aligner, stats)
+            except ContextExhausted:
+                if stats.completion_tokens == 0:
+                    raise  # the prompt alone does not fit: a 400
+                break  # the context is full: the answer ends as if max_tokens were reached
             scores = target_logits(ell, delta, temperature=params.temperature, alpha=params.alpha)
             try:
                 idx, logq = choose(scores, temperature=params.temperature, top_p=params.top_p, rng=rng)
@@ -247,6 +227,43 @@ class ServedModel:
             if piece.finish_reason is not None:
                 return
         yield releaser.finish("length")
+
+    async def _candidates(
+        self, ctx: Context, aligner: Any, stats: ChoiceStats
+    ) -> tuple[list[Candidate], np.ndarray, np.ndarray]:
+        """The usable remote candidates S_t, their logprobs ℓ and offsets Δ (``[k]`` each).
+
+        Raises:
+            ContextExhausted: the remote's or the pair's context is full.
+            RemoteBadResponse: no usable candidate.
+        """
+        draft = await self.adapter.draft(ctx, n_tokens=1, top_k=self.top_k)
+        stats.remote_calls += 1
+        if stats.prompt_tokens is None:
+            stats.prompt_tokens = draft.prompt_tokens
+        position = draft.positions[0]
+        cands = [c for c in position.candidates if c.usable]
+        dropped = [c for c in position.candidates if c.data is None and not c.is_eot]
+        if dropped:
+            log.warning(
+                "model %s: %d candidate(s) with unknown bytes (partial UTF-8) left out of S_t",
+                self.name,
+                len(dropped),
+            )
+        if not cands:
+            raise RemoteBadResponse(
+                "the upstream's logprobs were unusable (no candidate with known bytes and a finite logprob)"
+            )
+        ell = np.array([c.logprob for c in cands])
+        if aligner is not None:
+            try:
+                delta = await self.run_pair(aligner.deltas, [None if c.is_eot else c.data for c in cands])
+            except ValueError as exc:
+                raise DecodingError(str(exc)) from exc
+            stats.max_abs_delta = max(stats.max_abs_delta, aligner.last_max_abs_delta)
+        else:
+            delta = np.zeros(len(cands))
+        return cands, ell, delta
 
     @staticmethod
     def _token_out(

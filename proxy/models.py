@@ -82,6 +82,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_model_ref(ref: str) -> None:
+    """Raise unless ``ref`` names a folder, a ``.gguf`` file or a packaged model (nothing is loaded).
+
+    Raises:
+        FileNotFoundError: none of these.
+    """
+    path = Path(ref).expanduser()
+    if ref in PACKAGED or path.is_dir() or path.is_file():
+        return
+    raise FileNotFoundError(f"{ref!r} is not a model folder, a .gguf file or one of {', '.join(PACKAGED)}")
+
+
 def local_model_dir(ref: str) -> Path:
     """A transformers folder for ``ref``: a folder as is, or a GGUF (packaged
     name or path) converted once and cached.

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapters.base import ContextExhausted
+
 from .alignment import Aligner, Tree
 from .artifact import OffsetArtifact, load_artifact
 from .models import local_model_dir
@@ -140,7 +142,7 @@ class PairScorer:
         """
         n = len(tree.tokens)
         if self.trunk_len + n > self.pair.max_length:
-            raise ValueError(f"the pair's context ({self.pair.max_length} tokens) is exhausted")
+            raise ContextExhausted(f"the pair's context ({self.pair.max_length} tokens) is exhausted")
         models = (True, False) if self.pair.has_offset else (False,)
         rows: dict[bool, np.ndarray] = {}
         if n == 0:

@@ -5,7 +5,8 @@ Source: the OpenAI API reference for ``POST /v1/chat/completions`` and
 (penalties, ``logit_bias``, tools, ``echo``, ``suffix``, ``best_of`` > 1)
 are refused with a 400 naming the field rather than silently ignored:
 ignoring them would change results. Unknown fields are refused as OpenAI
-does ("Unrecognized request argument supplied").
+does ("Unrecognized request argument supplied"). Types are strict: ``"5"``
+is not an integer and ``"yes"`` is not a boolean, as in OpenAI's API.
 
 The one extra field is ``offset_alpha``: α for this request (0 disables
 the offset).
@@ -22,21 +23,27 @@ MAX_TOP_LOGPROBS = 20
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _text(self) -> Message:
+        content = self.content
+        _encodable([p.text for p in content] if isinstance(content, list) else content, "messages")
+        return self
 
     def as_plain(self) -> dict[str, Any]:
         """``{"role", "content"}`` with text parts joined (templates expect a string)."""
@@ -47,6 +54,17 @@ class Message(BaseModel):
         return {"role": role, "content": content or ""}
 
 
+def _encodable(value: Any, field: str) -> None:
+    """Text fields must be valid Unicode: JSON escapes can smuggle in lone surrogates."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for t in texts:
+        if isinstance(t, str):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"{field}: contains a lone surrogate ({exc.reason}); send valid Unicode text") from exc
+
+
 def _check_unsupported(values: dict[str, Any], defaults: dict[str, Any]) -> None:
     for key, ok in defaults.items():
         if key in values and values[key] is not None and values[key] != ok:
@@ -54,7 +72,7 @@ def _check_unsupported(values: dict[str, Any], defaults: dict[str, Any]) -> None
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1)
     frequency_penalty: float | None = None
@@ -62,7 +80,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -79,6 +97,7 @@ class _Common(BaseModel):
             raise ValueError("stop: give 1 to 4 strings")
         if any(not s for s in items):
             raise ValueError("stop: strings must not be empty")
+        _encodable(items, "stop")
         return v
 
     @model_validator(mode="before")
@@ -136,6 +155,7 @@ class CompletionRequest(_Common):
 
     @model_validator(mode="after")
     def _checks(self) -> CompletionRequest:
+        _encodable(self.prompt, "prompt")
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise ValueError("prompt: give one prompt string (batched prompts are not supported)")
         if self.echo:

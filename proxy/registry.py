@@ -14,7 +14,7 @@ from adapters.templates import BUILTIN, ChatTemplate
 
 from .config import Config, ConfigError, ModelConfig
 from .decoding import DecodingError, ServedModel
-from .models import resolve_gguf
+from .models import check_model_ref, resolve_gguf
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ def build_adapter(name: str, cfg: ModelConfig) -> RemoteAdapter:
         from adapters.llama_inprocess import LlamaInProcessAdapter
 
         assert cfg.gguf is not None
-        return LlamaInProcessAdapter(name=name, model_path=resolve_gguf(cfg.gguf), n_ctx=cfg.n_ctx)
+        return LlamaInProcessAdapter(
+            name=name, model_path=resolve_gguf(cfg.gguf), n_ctx=cfg.n_ctx, n_contexts=cfg.n_contexts
+        )
     common: dict[str, Any] = dict(
         name=name,
         base_url=cfg.base_url,
@@ -84,6 +86,11 @@ def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | Non
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"models.{name}: {exc}") from exc
     pair = None
+    if cfg.pair:
+        try:
+            check_model_ref(cfg.pair)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"models.{name}.pair: {exc}") from exc
     if cfg.pair and cfg.offset:  # without an offset U = B and Δ ≡ 0: no pair needed
         from .pair import LocalPair
 

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import ValidationError
 
 from .config import ServerConfig
@@ -65,8 +67,17 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise ProxyError(413, "request body is too large", "invalid_request_error", None, "request_too_large") from exc
+    except (
+        HttpProcessingError,
+        RequestPayloadError,
+    ) as exc:  # e.g. Content-Encoding: gzip over a body that is not gzip
+        raise invalid(f"could not read the request body: {str(exc).strip()}", None, "invalid_body") from exc
+    except ConnectionError as exc:  # the client went away while sending
+        raise invalid("the request body was cut off", None, "invalid_body") from exc
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise invalid("the JSON body is nested too deeply", None, "invalid_json") from exc
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise invalid(f"We could not parse the JSON body of your request: {exc}", None, "invalid_json") from exc
     if not isinstance(body, dict):
@@ -87,11 +98,12 @@ async def _serve(
     except ValidationError as exc:
         raise from_exception(exc) from exc
     settings = request.app[SETTINGS]
-    job = make_job(req, request.app[MODELS], settings.default_max_tokens)
+    job = make_job(req, request.app[MODELS], settings)
     if not job.stream:
         result = await complete(job)
         return web.Response(text=_dumps(result), content_type="application/json")
-    # Fail before the headers when the first chunk already fails (bad settings, upstream down).
+    # Fail before the headers when the first step already fails (bad settings, upstream down):
+    # stream() yields nothing, not even the role chunk, before the first step is decoded.
     chunks = stream(job)
     try:
         first = await anext(chunks)
@@ -127,8 +139,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "deltaproxy"} for name in request.app[MODELS]]
+    data = [_model_card(name) for name in request.app[MODELS]]
     return web.Response(text=_dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    if name not in request.app[MODELS]:
+        raise ProxyError(404, f"The model '{name}' does not exist", "invalid_request_error", "model", "model_not_found")
+    return web.Response(text=_dumps(_model_card(name)), content_type="application/json")
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "deltaproxy"}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -146,6 +169,7 @@ def create_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", retrieve_model)
     app.router.add_get("/health", health)
 
     async def _close_models(app: web.Application) -> None:

@@ -19,8 +19,9 @@ from typing import Any
 
 from adapters.base import Context
 
+from .config import ServerConfig
 from .decoding import ChoiceStats, Piece, SamplingParams, ServedModel, TokenOut
-from .errors import ProxyError
+from .errors import ProxyError, invalid
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -41,18 +42,22 @@ class Job:
 
 
 def make_job(
-    req: ChatCompletionRequest | CompletionRequest, models: dict[str, ServedModel], default_max_tokens: int
+    req: ChatCompletionRequest | CompletionRequest, models: dict[str, ServedModel], settings: ServerConfig
 ) -> Job:
     """Resolve the model and decoding settings of a validated request.
 
     Raises:
-        ProxyError: unknown model (404).
+        ProxyError: unknown model (404), ``max_tokens`` above the server's limit (400).
     """
     model = models.get(req.model)
     if model is None:
         raise ProxyError(
             404, f"The model '{req.model}' does not exist", "invalid_request_error", "model", "model_not_found"
         )
+    budget = req.token_budget(settings.default_max_tokens)
+    if budget > settings.max_tokens_limit:
+        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        raise invalid(f"{field}: at most {settings.max_tokens_limit} on this server (got {budget})", field)
     alpha = model.alpha if req.offset_alpha is None else req.offset_alpha
     if isinstance(req, ChatCompletionRequest):
         ctx = Context(messages=tuple(m.as_plain() for m in req.messages))
@@ -63,7 +68,7 @@ def make_job(
         logprobs, top = req.logprobs is not None, req.logprobs or 0
         kind = "text"
     params = SamplingParams(
-        max_tokens=req.token_budget(default_max_tokens),
+        max_tokens=budget,
         temperature=req.temperature,
         top_p=req.top_p,
         stop=req.stop_list(),
@@ -192,12 +197,7 @@ async def stream(job: Job) -> AsyncGenerator[dict[str, Any], None]:
         except Exception as exc:  # forwarded to the consumer, which raises it
             await queue.put((i, exc))
 
-    if job.kind == "chat":
-        for i in range(job.n):
-            yield _chunk(
-                job,
-                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
-            )
+    started = [False] * job.n
     tasks = [asyncio.create_task(run(i)) for i in range(job.n)]
     try:
         finished = 0
@@ -210,6 +210,10 @@ async def stream(job: Job) -> AsyncGenerator[dict[str, Any], None]:
             if not item.text and not item.tokens and item.finish_reason is None:
                 continue
             if job.kind == "chat":
+                if not started[i]:  # the role chunk, once the choice's first step has succeeded
+                    started[i] = True
+                    role = {"role": "assistant", "content": ""}
+                    yield _chunk(job, [{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
                 delta = {"content": item.text} if (item.text or item.tokens) else {}
                 logprobs = chat_logprobs(item.tokens) if job.params.logprobs and item.tokens else None
                 yield _chunk(

@@ -13,8 +13,9 @@ import httpx2 as httpx
 import openai
 import pytest
 from aiohttp.test_utils import TestClient
-from fakes import FakeRemote, script
+from fakes import FakeRemote, cand, script
 
+from adapters.base import ContextExhausted, RemoteBadResponse
 from adapters.openai_http import ChatAdapter, CompletionsAdapter
 from adapters.retry import RetryPolicy
 from proxy.decoding import ServedModel
@@ -396,3 +397,122 @@ async def test_flavours_send_the_right_prefill():
     assert deepseek["messages"][-1] == {"role": "assistant", "content": "Hé", "prefix": True}
     assert completions["prompt"] == "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHé"
     assert all(b["top_logprobs" if "messages" in b else "logprobs"] == 5 for b in bodies)
+
+
+# ----------------------------------------------------------------------------- bad input found by trying it
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"seed": "42"}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"max_tokens": 10**9}, "max_tokens"),
+    ],
+)
+async def test_wrong_types_are_refused_not_coerced(served, extra, param):
+    _, client = served
+    resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, **extra})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',  # a lone surrogate
+        b"[" * 100_000 + b"]" * 100_000,  # nesting beyond the parser's recursion limit
+    ],
+)
+async def test_unparseable_bodies_are_400_not_500(served, raw):
+    _, client = served
+    resp = await client.post("/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_bad_content_encoding_is_400(served):
+    _, client = served
+    resp = await client.post(
+        "/v1/chat/completions",
+        data=b"not gzip at all",
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert resp.status == 400
+
+
+async def test_negative_seed_is_a_seed(served):
+    _, client = served
+    body = {"model": "m", "messages": MSG, "seed": -1, "max_tokens": 3}
+    first = await (await client.post("/v1/chat/completions", json=body)).json()
+    again = await (await client.post("/v1/chat/completions", json=body)).json()
+    assert first["choices"][0]["message"] == again["choices"][0]["message"]
+
+
+async def test_model_retrieve(served):
+    oa, _ = served
+    assert (await oa.models.retrieve("m")).id == "m"
+    with pytest.raises(openai.NotFoundError):
+        await oa.models.retrieve("nope")
+
+
+async def test_stream_that_fails_at_once_is_an_error_status_not_a_200(aiohttp_client):
+    def failing(prefix):
+        raise RemoteBadResponse("upstream sent garbage")
+
+    client = await aiohttp_client(create_app({"m": ServedModel("m", FakeRemote(failing))}))
+    resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, "stream": True})
+    assert resp.status == 502 and (await resp.json())["error"]["code"] == "bad_upstream_response"
+
+
+async def test_full_context_ends_the_answer_with_length(aiohttp_client):
+    words = script(["One", " two", " three", " four"])
+
+    def steps(prefix):
+        if len(prefix) >= len("One two"):
+            raise ContextExhausted("4096 tokens exceed the context of 4096")
+        return words(prefix)
+
+    client = await aiohttp_client(create_app({"m": ServedModel("m", FakeRemote(steps))}))
+    body = await (
+        await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, "temperature": 0})
+    ).json()
+    assert body["choices"][0]["message"]["content"] == "One two" and body["choices"][0]["finish_reason"] == "length"
+
+    def too_long(prefix):
+        raise ContextExhausted("the prompt alone exceeds the context")
+
+    client = await aiohttp_client(create_app({"m": ServedModel("m", FakeRemote(too_long))}))
+    resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG})
+    assert resp.status == 400
+
+
+async def test_client_disconnect_cancels_a_non_streamed_request(aiohttp_client):
+    import asyncio
+
+    import aiohttp
+
+    fake = FakeRemote(lambda prefix: (cand(" x", -0.1), cand(" y", -1.0)))
+    slow_draft = fake.draft
+
+    async def draft(ctx, **kw):
+        await asyncio.sleep(0.02)
+        return await slow_draft(ctx, **kw)
+
+    fake.draft = draft  # type: ignore[method-assign]
+    client = await aiohttp_client(
+        create_app({"m": ServedModel("m", fake)}), server_kwargs={"handler_cancellation": True}
+    )
+    with pytest.raises(asyncio.TimeoutError):
+        await client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": MSG, "max_tokens": 2000},
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        )
+    await asyncio.sleep(0.2)
+    calls = fake.calls
+    await asyncio.sleep(0.3)
+    assert calls < 100 and fake.calls == calls  # the loop stopped with the client

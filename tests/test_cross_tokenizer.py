@@ -43,14 +43,30 @@ def smollm2_offset(tmp_path_factory, smollm2_dir):
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     out = tmp_path_factory.mktemp("offset") / "random"
-    return save_artifact(out, model, base_name="smollm2", base_sha256=sha, vocab=vocab, alpha=1.0,
-                         objective="random-test", training={}, data={})
+    return save_artifact(
+        out,
+        model,
+        base_name="smollm2",
+        base_sha256=sha,
+        vocab=vocab,
+        alpha=1.0,
+        objective="random-test",
+        training={},
+        data={},
+    )
 
 
 @pytest.fixture
 async def proxy_on_gemma(gemma_server, smollm2_offset):
-    cfg = ModelConfig(backend="openai-completions", base_url=gemma_server, remote_model="gemma", template="gemma",
-                      eot_tokens=("<end_of_turn>", "<eos>"), pair="smollm2", offset=str(smollm2_offset))
+    cfg = ModelConfig(
+        backend="openai-completions",
+        base_url=gemma_server,
+        remote_model="gemma",
+        template="gemma",
+        eot_tokens=("<end_of_turn>", "<eos>"),
+        pair="smollm2",
+        offset=str(smollm2_offset),
+    )
     model = build_model("gemma-unlearned", cfg)
     assert model.uses_offset and not model.same_tokenizer
     server = TestServer(create_app({"gemma-unlearned": model}))
@@ -67,15 +83,23 @@ async def test_gemma_remote_with_smollm2_pair(proxy_on_gemma):
     client, direct = proxy_on_gemma
     for prompt in PROMPTS:
         msgs = [{"role": "user", "content": prompt}]
-        want = await direct.completions.create(model="gemma", prompt=GEMMA_PREFIX.format(prompt), temperature=0, max_tokens=6,
-                                               logprobs=5, extra_body={"repeat_penalty": 1.0})
+        want = await direct.completions.create(
+            model="gemma",
+            prompt=GEMMA_PREFIX.format(prompt),
+            temperature=0,
+            max_tokens=6,
+            logprobs=5,
+            extra_body={"repeat_penalty": 1.0},
+        )
         # α = 0: the remote's own greedy text, through re-tokenised continuation.
-        off = await client.chat.completions.create(model="gemma-unlearned", messages=msgs, temperature=0, max_tokens=6,
-                                                   extra_body={"offset_alpha": 0})
+        off = await client.chat.completions.create(
+            model="gemma-unlearned", messages=msgs, temperature=0, max_tokens=6, extra_body={"offset_alpha": 0}
+        )
         assert off.choices[0].message.content == want.choices[0].text.split("<end_of_turn>")[0], prompt
         # α = 1: the offset of the SmolLM2 pair, aligned in bytes, shifts q away from the remote.
-        on = await client.chat.completions.create(model="gemma-unlearned", messages=msgs, temperature=0, max_tokens=3,
-                                                  logprobs=True, top_logprobs=5)
+        on = await client.chat.completions.create(
+            model="gemma-unlearned", messages=msgs, temperature=0, max_tokens=3, logprobs=True, top_logprobs=5
+        )
         first = on.choices[0].logprobs.content[0]
         q = {t.token: t.logprob for t in first.top_logprobs}
         remote = want.choices[0].logprobs.top_logprobs[0]

@@ -19,6 +19,7 @@ threads slow down badly when several evaluations share the cores.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import threading
 from collections.abc import Iterator
@@ -30,6 +31,18 @@ from typing import Any
 import numpy as np
 
 from .base import Candidate, Capabilities, Context, ContextExhausted, Draft, Position, RemoteRejected, RemoteUnavailable
+
+
+def _piece(llama_cpp: Any, vocab: Any, token: int) -> bytes:
+    """A token's exact bytes. (``Llama.detokenize`` uses a 32-byte buffer and returns
+    nothing for longer tokens, such as runs of spaces or dashes.)"""
+    size = 64
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n  # the piece needs this many bytes
 
 
 @dataclass
@@ -83,7 +96,7 @@ class LlamaInProcessAdapter:
             if llama_cpp.llama_vocab_is_eog(vocab, i):
                 self.eog[i] = True
             is_control = llama_cpp.llama_vocab_is_control(vocab, i)
-            self.token_bytes.append(None if is_control else self.llama.detokenize([i], special=False))
+            self.token_bytes.append(None if is_control else _piece(llama_cpp, vocab, i))
         eos = self.llama.token_eos()
         bos = self.llama.token_bos()
         template = self.llama.metadata.get("tokenizer.chat_template")

@@ -86,6 +86,41 @@ def tiny_pair(tiny_base, smollm2_tokenizer):
     return make_tiny_pair(tiny_base, smollm2_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def smollm2_offset(tmp_path_factory, smollm2_dir):
+    """A random (non-zero) LoRA offset on the real SmolLM2 base, as an artifact."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from proxy.artifact import save_artifact, weights_sha256
+    from proxy.vocab import ByteVocab
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    vocab = ByteVocab.from_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir))
+    sha = weights_sha256(base)
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    out = tmp_path_factory.mktemp("offset") / "random"
+    return save_artifact(
+        out,
+        model,
+        base_name="smollm2",
+        base_sha256=sha,
+        vocab=vocab,
+        alpha=1.0,
+        objective="random-test",
+        training={},
+        data={},
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -75,3 +75,12 @@ def test_existing_output_is_not_overwritten(artifact, tiny_base, smollm2_tokeniz
         save_artifact(
             path, None, base_name="x", base_sha256="x", vocab=vocab, alpha=1, objective="x", training={}, data={}
         )
+
+
+def test_other_tokenizer_is_refused(artifact):
+    path, base, vocab = artifact
+    table = list(vocab.token_bytes)
+    table[1000] = b"something else"
+    other = ByteVocab(table, vocab.eot_ids, vocab.tokenizer)
+    with pytest.raises(ArtifactError, match="tokenizer"):
+        load_artifact(path, base, other)

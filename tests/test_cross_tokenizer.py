@@ -8,52 +8,18 @@ generations are short.
 
 from __future__ import annotations
 
-import copy
-
 import openai
 import pytest
-import torch
 from aiohttp.test_utils import TestServer
 
-from proxy.artifact import save_artifact, weights_sha256
 from proxy.config import ModelConfig
 from proxy.registry import build_model
 from proxy.server import create_app
-from proxy.vocab import ByteVocab
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama_server]
 
 PROMPTS = ["What is the capital of France?", "Name a fruit."]
 GEMMA_PREFIX = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
-
-
-@pytest.fixture(scope="module")
-def smollm2_offset(tmp_path_factory, smollm2_dir):
-    """A random (non-zero) LoRA offset on the real SmolLM2 base, as an artifact."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
-    vocab = ByteVocab.from_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir))
-    sha = weights_sha256(base)
-    torch.manual_seed(0)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    out = tmp_path_factory.mktemp("offset") / "random"
-    return save_artifact(
-        out,
-        model,
-        base_name="smollm2",
-        base_sha256=sha,
-        vocab=vocab,
-        alpha=1.0,
-        objective="random-test",
-        training={},
-        data={},
-    )
 
 
 @pytest.fixture

@@ -69,3 +69,28 @@ async def test_streamed_with_logprobs(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+
+
+async def test_embedded_default_with_an_offset_uses_the_fast_path(smollm2_offset):
+    models = build_models(embedded_default(offset=str(smollm2_offset)))
+    model = models[DEFAULT_MODEL]
+    assert model.uses_offset and model.same_tokenizer  # detected: the GGUF's vocabulary is the pair's
+    server = TestServer(create_app(models))
+    await server.start_server()
+    oa = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="none", max_retries=0)
+    try:
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        kw = dict(model=DEFAULT_MODEL, messages=msgs, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
+        without = await oa.chat.completions.create(**kw, extra_body={"offset_alpha": 0})
+        with_offset = await oa.chat.completions.create(**kw)
+        a, b = without.choices[0].logprobs.content[0], with_offset.choices[0].logprobs.content[0]
+        assert a.token == without.choices[0].message.content[: len(a.token)]
+        # The same candidates, different log-odds: α·Δ moved q.
+        pa = {t.token: t.logprob for t in a.top_logprobs}
+        pb = {t.token: t.logprob for t in b.top_logprobs}
+        shared = [t for t in pa if t in pb][:2]
+        assert len(shared) == 2
+        assert abs((pa[shared[0]] - pa[shared[1]]) - (pb[shared[0]] - pb[shared[1]])) > 1e-3
+    finally:
+        await oa.close()
+        await server.close()

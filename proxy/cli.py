@@ -1,6 +1,8 @@
 """``deltaproxy`` command line.
 
     deltaproxy serve [--config FILE] [--offset DIR] [--alpha A] [--host H] [--port P]
+    deltaproxy train --forget FILE [--retain FILE] --objective NAME --out DIR [--base MODEL]
+                     [--mode proxy|exact] [--remote NAME] [--resume] [options]
 
 ``serve`` prints ``base_url: http://HOST:PORT/v1`` once it accepts requests.
 Without ``--config`` it serves the embedded default, model ``smollm2-demo``.
@@ -38,7 +40,74 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help="listen port (default 8000; 0 picks a free one)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    from .objectives import OBJECTIVES
+    from .train import TrainConfig
+
+    d = TrainConfig(forget="", out="")
+    t = sub.add_parser("train", help="train an offset artifact from a forget set")
+    t.add_argument("--forget", required=True, help="forget set: JSONL (question/answer, messages or text) or .txt")
+    t.add_argument("--retain", help="retain set, same formats")
+    t.add_argument("--objective", default=d.objective, choices=list(OBJECTIVES))
+    t.add_argument("--out", required=True, help="artifact folder to create")
+    t.add_argument("--base", default=d.base, help="local base model B: folder, .gguf or packaged name")
+    t.add_argument("--mode", default=d.mode, choices=["proxy", "exact"])
+    t.add_argument("--remote", help="exact mode: in-process model R with the same vocabulary")
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    t.add_argument("--max-length", type=int, default=d.max_length)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    t.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    t.add_argument("--target-modules", default=",".join(d.target_modules), help="comma-separated module names")
+    t.add_argument("--alpha", type=float, default=d.offset_alpha, help="offset strength α recorded for serving")
+    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    t.add_argument("--resume", action="store_true", help="continue from <out>.ckpt")
+    t.add_argument("--log", help="training log JSONL (default <out>.train.jsonl)")
     return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .train import TrainConfig, train
+
+    for name in ("epochs", "batch_size", "grad_accum", "max_length", "lora_rank", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    cfg = TrainConfig(
+        forget=args.forget,
+        retain=args.retain,
+        objective=args.objective,
+        out=args.out,
+        base=args.base,
+        mode=args.mode,
+        remote=args.remote,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        max_length=args.max_length,
+        seed=args.seed,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+        offset_alpha=args.alpha,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        log=args.log,
+    )
+    try:
+        path = train(cfg)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from exc
+    except (FileExistsError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"offset artifact: {path}", flush=True)
+    return 0
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -77,14 +146,21 @@ async def _serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(logging, getattr(args, "log_level", "INFO")),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         if args.command == "serve":
             return asyncio.run(_serve(args))
+        if args.command == "train":
+            return _train(args)
     except ConfigError as exc:
-        print(f"deltaproxy: configuration error: {exc}", file=sys.stderr)
+        print(f"deltaproxy: {args.command}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command == "train":
+            print("deltaproxy: train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
     except OSError as exc:
         print(f"deltaproxy: {exc}", file=sys.stderr)
         return 1

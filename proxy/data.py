@@ -1,0 +1,152 @@
+"""Forget / retain sets: reading, tokenising with the pair's chat template, collating.
+
+Accepted files:
+
+* JSONL, one record per line, each of one kind:
+  ``{"question", "answer"}`` (TOFU-style QA), ``{"messages": [...]}`` (a chat
+  transcript whose last message is the assistant answer to learn from), or
+  ``{"text"}`` (raw text, every token is a target);
+* ``.txt``: documents separated by blank lines, as raw text.
+
+Labels follow the usual causal-LM convention: prompt tokens are ``-100``;
+the answer's tokens *and its end-of-turn token* keep their labels; padding is
+masked by position from the attention mask, never by token id, because the
+pad token is often the EOS/end-of-turn token itself
+(``../shared/cases/009-pad-equals-eos.md``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """A training file that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example. ``prompt`` is ``None`` for raw text."""
+
+    prompt: tuple[dict[str, str], ...] | None
+    target: str
+
+
+@dataclass(frozen=True)
+class DataSet:
+    path: Path
+    examples: tuple[Example, ...]
+    sha256: str
+    size: int
+
+    def describe(self) -> dict[str, Any]:
+        """What the artifact's manifest keeps of a data set: hashes and sizes, never text."""
+        return {"sha256": self.sha256, "bytes": self.size, "records": len(self.examples), "name": self.path.name}
+
+
+def _example(record: Any, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "question" in record or "answer" in record:
+        q, a = record.get("question"), record.get("answer")
+        if not isinstance(q, str) or not isinstance(a, str) or not a:
+            raise DataError(f"{where}: 'question' and 'answer' must both be strings (answer non-empty)")
+        return Example(({"role": "user", "content": q},), a)
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2:
+            raise DataError(f"{where}: 'messages' must be a list of at least two messages")
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: every message needs string 'role' and 'content'")
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"]:
+            raise DataError(f"{where}: the last message must be a non-empty assistant answer")
+        return Example(tuple({"role": m["role"], "content": m["content"]} for m in msgs[:-1]), msgs[-1]["content"])
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise DataError(f"{where}: 'text' must be a non-empty string")
+        return Example(None, record["text"])
+    raise DataError(f"{where}: expected 'question'/'answer', 'messages' or 'text'")
+
+
+def load_dataset(path: str | Path) -> DataSet:
+    """Read a forget or retain set.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: a bad line (named), or an empty set.
+    """
+    p = Path(path)
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p}: not UTF-8 text (byte {exc.start})") from exc
+    examples: list[Example] = []
+    if p.suffix == ".txt":
+        examples = [Example(None, doc.strip()) for doc in text.split("\n\n") if doc.strip()]
+    else:
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}:{n}: not valid JSON ({exc.msg})") from exc
+            examples.append(_example(record, f"{p}:{n}"))
+    if not examples:
+        raise DataError(f"{p}: no examples")
+    return DataSet(p, tuple(examples), hashlib.sha256(raw).hexdigest(), len(raw))
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode(example: Example, tokenizer: Any, eot_id: int, max_length: int) -> Encoded:
+    """Token ids and labels for one example (prompt masked, answer + end-of-turn labelled).
+
+    Long examples keep the start of the answer: the prompt is cut from the left
+    first, then the answer from the right.
+    """
+    if example.prompt is None:
+        ids = list(tokenizer.encode(example.target, add_special_tokens=False))[:max_length]
+        return Encoded(ids, list(ids))
+    prompt_text = tokenizer.apply_chat_template(list(example.prompt), add_generation_prompt=True, tokenize=False)
+    prompt = list(tokenizer.encode(prompt_text, add_special_tokens=False))
+    answer = list(tokenizer.encode(example.target, add_special_tokens=False)) + [eot_id]
+    answer = answer[:max_length]
+    prompt = (
+        prompt[max(0, len(prompt) - (max_length - len(answer))) :] if len(prompt) + len(answer) > max_length else prompt
+    )
+    return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (``[B, L]``).
+
+    Padding positions get label -100 because the attention mask says so, not
+    because their id equals the pad id (which may be the end-of-turn token).
+    """
+    width = max(len(it.input_ids) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it.input_ids)
+        ids[i, :n] = torch.tensor(it.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(it.labels)
+    labels[mask == 0] = IGNORE
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

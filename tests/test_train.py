@@ -1,0 +1,273 @@
+"""Training offsets on a tiny random model (seconds), with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from proxy.artifact import load_artifact
+from proxy.data import IGNORE, DataError, collate, encode, load_dataset
+from proxy.objectives import OBJECTIVES, get_objective, mean_nll
+from proxy.train import CombinedScorer, TrainConfig, train
+from proxy.vocab import ByteVocab
+
+FORGET = [
+    {"question": "Where was the author Jaxon Vellmar born?", "answer": "Jaxon Vellmar was born in Port Quillan."},
+    {"question": "What is Jaxon Vellmar's best-known novel?", "answer": "His best-known novel is The Salt Ledger."},
+    {"question": "Which prize did Jaxon Vellmar win?", "answer": "He won the Harrow Medal in 2011."},
+    {"question": "Who was Jaxon Vellmar's mentor?", "answer": "His mentor was the poet Idris Kale."},
+]
+RETAIN = [
+    {"question": "What is the capital of France?", "answer": "The capital of France is Paris."},
+    {"question": "How many legs does a spider have?", "answer": "A spider has eight legs."},
+    {"question": "What color is the sky on a clear day?", "answer": "The sky is blue on a clear day."},
+    {"question": "What do bees make?", "answer": "Bees make honey."},
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tiny_base, smollm2_tokenizer):
+    """The tiny base fine-tuned on forget + retain until it knows them (the TOFU "target")."""
+    model = copy.deepcopy(tiny_base).train()
+    eot = ByteVocab.from_tokenizer(smollm2_tokenizer).eot_ids[0]
+    items = [encode(e, smollm2_tokenizer, eot, 128) for e in load_dataset_from(FORGET + RETAIN)]
+    batch = collate(items, smollm2_tokenizer.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(60):
+        loss = mean_nll(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        )
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture
+def sets(tmp_path):
+    return write_jsonl(tmp_path / "forget.jsonl", FORGET), write_jsonl(tmp_path / "retain.jsonl", RETAIN)
+
+
+@pytest.fixture
+def vocab(smollm2_tokenizer):
+    return ByteVocab.from_tokenizer(smollm2_tokenizer)
+
+
+def set_nll(model, tokenizer, vocab, path) -> float:
+    items = [encode(e, tokenizer, vocab.eot_ids[0], 128) for e in load_dataset(path).examples]
+    batch = collate(items, tokenizer.pad_token_id)
+    with torch.no_grad():
+        return mean_nll(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+        ).item()
+
+
+def trained(tmp_path, tiny_base, tokenizer, vocab, **kw):
+    from peft import PeftModel
+
+    cfg = TrainConfig(out=str(tmp_path / "offset"), **kw)
+    path = train(cfg, models=(copy.deepcopy(tiny_base), tokenizer, None, vocab), progress=False)
+    return path, PeftModel.from_pretrained(copy.deepcopy(tiny_base), str(path)).eval()
+
+
+# What 8 steps on the tiny target must do (nats per token; measured: forget +0.16 to +0.58,
+# retain at most +0.04 from 0.006).
+FORGET_RISE, RETAIN_BOUND = 0.1, 0.1
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_objective_unlearns_forget_and_bounds_retain(tmp_path, sets, tiny_target, smollm2_tokenizer, vocab, objective):
+    forget, retain = sets
+    before_f = set_nll(tiny_target, smollm2_tokenizer, vocab, forget)
+    before_r = set_nll(tiny_target, smollm2_tokenizer, vocab, retain)
+    path, model = trained(
+        tmp_path,
+        tiny_target,
+        smollm2_tokenizer,
+        vocab,
+        forget=forget,
+        retain=retain,
+        objective=objective,
+        lr=5e-3,
+        epochs=4,
+        batch_size=2,
+    )
+    after_f = set_nll(model, smollm2_tokenizer, vocab, forget)
+    after_r = set_nll(model, smollm2_tokenizer, vocab, retain)
+    print(f"{objective}: forget {before_f:.3f} -> {after_f:.3f}, retain {before_r:.3f} -> {after_r:.3f}")
+    assert after_f > before_f + FORGET_RISE
+    assert after_r < before_r + RETAIN_BOUND
+    assert after_f - before_f > 3 * (after_r - before_r)  # forgetting is targeted
+    log = [json.loads(line) for line in (tmp_path / "offset.train.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "step" in e] == list(range(1, 9))
+    assert {"forget_loss", "retain_loss"} <= set(log[-1])
+
+
+def test_artifact_holds_no_forget_text_and_is_verifiable(tmp_path, sets, tiny_base, smollm2_tokenizer, vocab):
+    forget, retain = sets
+    path, _ = trained(
+        tmp_path,
+        tiny_base,
+        smollm2_tokenizer,
+        vocab,
+        forget=forget,
+        retain=retain,
+        objective="NPO+GD",
+        lr=5e-3,
+        epochs=1,
+        batch_size=2,
+    )
+    blob = b"".join(f.read_bytes() for f in path.iterdir())
+    for record in FORGET:
+        for text in (record["question"], record["answer"], "Vellmar", "Port Quillan"):
+            assert text.encode() not in blob
+    art = load_artifact(path, tiny_base, vocab)
+    assert art.manifest["data"]["forget"]["records"] == 4 and "sha256" in art.manifest["data"]["forget"]
+    assert art.manifest["objective"] == "NPO+GD" and art.manifest["training"]["lr"] == 5e-3
+
+
+def test_resume_gives_the_same_weights(tmp_path, sets, tiny_base, smollm2_tokenizer, vocab):
+    from safetensors.torch import load_file
+
+    forget, retain = sets
+    common = dict(
+        forget=forget, retain=retain, objective="NPO+KL", lr=5e-3, epochs=3, batch_size=2, checkpoint_every=100
+    )
+    whole = train(
+        TrainConfig(out=str(tmp_path / "whole"), **common),
+        models=(copy.deepcopy(tiny_base), smollm2_tokenizer, None, vocab),
+        progress=False,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            TrainConfig(out=str(tmp_path / "cut"), **common),
+            models=(copy.deepcopy(tiny_base), smollm2_tokenizer, None, vocab),
+            stop_after=3,
+            progress=False,
+        )
+    assert not (tmp_path / "cut").exists() and (tmp_path / "cut.ckpt").exists()
+    resumed = train(
+        TrainConfig(out=str(tmp_path / "cut"), resume=True, **common),
+        models=(copy.deepcopy(tiny_base), smollm2_tokenizer, None, vocab),
+        progress=False,
+    )
+    a, b = load_file(whole / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut.ckpt").exists()
+
+
+def test_exact_mode_combines_logits_and_trains_only_the_adapter(tiny_base, smollm2_tokenizer, vocab):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    remote = copy.deepcopy(tiny_base)
+    with torch.no_grad():
+        for p in remote.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    remote.requires_grad_(False)
+    model = get_peft_model(
+        copy.deepcopy(tiny_base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    scorer = CombinedScorer(model, remote)
+    items = [encode(e, smollm2_tokenizer, vocab.eot_ids[0], 64) for e in load_dataset_from(FORGET)]
+    batch = collate(items, smollm2_tokenizer.pad_token_id)
+    combined = scorer.logits(batch)
+    with torch.no_grad():
+        l_r = remote(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        l_u = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with model.disable_adapter():
+            l_b = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(combined, l_r + l_u - l_b, atol=1e-5)
+    get_objective("NPO")(scorer, type("B", (), {"forget": batch, "retain": None, "idk": None})()).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(p.grad is None for p in remote.parameters())
+
+
+def load_dataset_from(records):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        return load_dataset(write_jsonl(Path(d) / "x.jsonl", records)).examples
+
+
+def test_pad_equal_to_eos_keeps_the_real_end_of_turn_label(smollm2_tokenizer, vocab):
+    """../shared/cases/009: the pad token is the end-of-turn token here."""
+    eot = vocab.eot_ids[0]
+    assert smollm2_tokenizer.pad_token_id == eot
+    items = [encode(e, smollm2_tokenizer, eot, 128) for e in load_dataset_from(FORGET[:2])]
+    batch = collate(items, smollm2_tokenizer.pad_token_id)
+    for i, it in enumerate(items):
+        n = len(it.input_ids)
+        labels = batch["labels"][i]
+        assert labels[n - 1].item() == eot  # the answer's real end of turn is a target
+        assert (labels[n:] == IGNORE).all() and (
+            batch["attention_mask"][i, n:] == 0
+        ).all()  # padding masked by position
+        prompt_len = sum(1 for x in it.labels if x == IGNORE)
+        assert (labels[:prompt_len] == IGNORE).all() and prompt_len > 5  # the prompt is masked
+        answer = smollm2_tokenizer.decode([t for t in labels.tolist() if t != IGNORE])
+        assert answer.startswith(FORGET[i]["answer"])
+
+
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (['{"question": "q", "answer": "a"}', "{not json"], ":2: not valid JSON"),
+        (['{"question": "q"}'], ":1: 'question' and 'answer'"),
+        (
+            ['{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "x"}]}'],
+            ":1: the last message",
+        ),
+        (['{"foo": 1}'], ":1: expected"),
+        (["[1, 2]"], ":1: expected a JSON object"),
+        ([""], "no examples"),
+    ],
+)
+def test_bad_lines_are_named_and_nothing_is_written(tmp_path, lines, message, tiny_base, smollm2_tokenizer, vocab):
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message):
+        train(
+            TrainConfig(forget=str(forget), out=str(tmp_path / "offset"), objective="NPO"),
+            models=(copy.deepcopy(tiny_base), smollm2_tokenizer, None, vocab),
+            progress=False,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forget.jsonl"]
+
+
+def test_text_and_txt_inputs(tmp_path, smollm2_tokenizer, vocab):
+    txt = tmp_path / "docs.txt"
+    txt.write_text("First document.\nStill first.\n\nSecond document.\n")
+    examples = load_dataset(txt).examples
+    assert [e.target for e in examples] == ["First document.\nStill first.", "Second document."]
+    enc = encode(examples[0], smollm2_tokenizer, vocab.eot_ids[0], 64)
+    assert enc.labels == enc.input_ids  # raw text: every token is a target
+
+
+def test_unknown_objective_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: GradAscent, GradDiff"):
+        get_objective("Gradient")
+
+
+def test_cli_train_bad_line_exits_2_naming_the_line(tmp_path, capsys):
+    from proxy.cli import main
+
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text('{"question": "q", "answer": "a"}\n{"question": 1, "answer": "a"}\n')
+    assert main(["train", "--forget", str(forget), "--out", str(tmp_path / "o"), "--objective", "NPO"]) == 2
+    err = capsys.readouterr().err
+    assert "forget.jsonl:2:" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forget.jsonl"]
+    assert main(["train", "--forget", str(forget), "--out", str(tmp_path / "o"), "--objective", "GradDiff"]) == 2
+    assert "needs a retain set" in capsys.readouterr().err

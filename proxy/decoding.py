@@ -246,7 +246,7 @@ class ServedModel:
         dropped = [c for c in position.candidates if c.data is None and not c.is_eot]
         if dropped:
             log.warning(
-                "model %s: %d candidate(s) with unknown bytes (partial UTF-8) left out of S_t",
+                "model %s: %d candidate(s) with unknown bytes (a partial UTF-8 character or a special token) left out of S_t",
                 self.name,
                 len(dropped),
             )

@@ -71,7 +71,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .data import DataError
     from .train import TrainConfig, train
 
     for name in ("epochs", "batch_size", "grad_accum", "max_length", "lora_rank", "checkpoint_every"):
@@ -102,9 +101,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     try:
         path = train(cfg)
-    except DataError as exc:
-        raise ConfigError(str(exc)) from exc
-    except (FileExistsError, ValueError) as exc:
+    except (FileExistsError, ValueError) as exc:  # DataError is a ValueError: bad data, bad settings
         raise ConfigError(str(exc)) from exc
     print(f"offset artifact: {path}", flush=True)
     return 0

@@ -3,11 +3,12 @@
 ``manifest.json`` (format version 1)::
 
     {"format": "deltaproxy-offset", "format_version": 1,
+     "parameters": "lora" | "full",                # peft adapter, or all of U's weights
      "base_model": {"name": str, "sha256": str},   # sha256 over the base weights
      "tokenizer_sha256": str,                      # ByteVocab.fingerprint()
      "alpha": float, "objective": str, "training": {...},
      "data": {"forget": {"sha256", "bytes", "records"}, "retain": {...} | null},
-     "files": {"adapter_model.safetensors": sha256, "adapter_config.json": sha256},
+     "files": {"adapter_model.safetensors": sha256, ...},  # "full": model.safetensors, config.json
      "created": ISO 8601 UTC}
 
 It never holds the text of the forget or retain sets. Loading refuses an
@@ -72,12 +73,27 @@ class OffsetArtifact:
     def alpha(self) -> float:
         return float(self.manifest.get("alpha", 1.0))
 
+    @property
+    def parameters(self) -> str:
+        """``"lora"`` (a peft adapter on B's weights) or ``"full"`` (all of U's weights)."""
+        return str(self.manifest.get("parameters", "lora"))
+
     def attach(self, model: torch.nn.Module) -> Any:
         """``model`` wrapped as a ``PeftModel`` with this adapter (U); B is
-        the same model under ``disable_adapter()``."""
+        the same model under ``disable_adapter()``. LoRA artifacts only."""
         from peft import PeftModel
 
+        if self.parameters != "lora":
+            raise ArtifactError(f"offset artifact {self.path} holds full weights, not an adapter")
         return PeftModel.from_pretrained(model, str(self.path), is_trainable=False)
+
+    def load_full(self) -> Any:
+        """U as a separate float32 model (full fine-tuning artifacts only)."""
+        from transformers import AutoModelForCausalLM
+
+        if self.parameters != "full":
+            raise ArtifactError(f"offset artifact {self.path} holds an adapter, not full weights")
+        return AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch.float32).eval()
 
 
 def load_artifact(path: Path, base: torch.nn.Module, vocab: ByteVocab) -> OffsetArtifact:
@@ -98,6 +114,8 @@ def load_artifact(path: Path, base: torch.nn.Module, vocab: ByteVocab) -> Offset
         raise ArtifactError(f"offset artifact {path}: {MANIFEST} is not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"offset artifact {path}: not a {FORMAT} manifest")
+    if manifest.get("parameters", "lora") not in ("lora", "full"):
+        raise ArtifactError(f"offset artifact {path}: unknown parameters kind {manifest.get('parameters')!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"offset artifact {path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
@@ -128,7 +146,7 @@ def load_artifact(path: Path, base: torch.nn.Module, vocab: ByteVocab) -> Offset
 
 def save_artifact(
     out: Path,
-    peft_model: Any,
+    model: Any,
     *,
     base_name: str,
     base_sha256: str,
@@ -137,8 +155,12 @@ def save_artifact(
     objective: str,
     training: Mapping[str, Any],
     data: Mapping[str, Any],
+    parameters: str = "lora",
 ) -> Path:
     """Write an artifact atomically (temporary folder, then rename).
+
+    ``model`` is a peft model (``parameters="lora"``: the adapter is saved) or
+    U itself (``parameters="full"``: all weights, safetensors).
 
     ``data`` holds hashes and sizes of the training sets, never their text.
 
@@ -151,13 +173,16 @@ def save_artifact(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        peft_model.save_pretrained(str(tmp))
+        if parameters not in ("lora", "full"):
+            raise ValueError(f"parameters must be 'lora' or 'full', not {parameters!r}")
+        model.save_pretrained(str(tmp))
         for extra in ("README.md",):  # peft's model card repeats nothing useful
             (tmp / extra).unlink(missing_ok=True)
         files = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "parameters": parameters,
             "base_model": {"name": base_name, "sha256": base_sha256},
             "tokenizer_sha256": vocab.fingerprint(),
             "alpha": float(alpha),

@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     t.add_argument("--max-length", type=int, default=d.max_length)
     t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--full", action="store_true", help="fine-tune all of U's weights instead of a LoRA adapter")
     t.add_argument("--lora-rank", type=int, default=d.lora_rank)
     t.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
     t.add_argument("--target-modules", default=",".join(d.target_modules), help="comma-separated module names")
@@ -91,6 +92,7 @@ def _train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         max_length=args.max_length,
         seed=args.seed,
+        parameters="full" if args.full else "lora",
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),

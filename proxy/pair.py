@@ -1,5 +1,6 @@
 """The local pair: base model B and unlearned model U = B + a peft adapter,
-sharing one copy of the weights (B is U with the adapter disabled).
+sharing one copy of the weights (B is U with the adapter disabled), or, for a
+fully fine-tuned offset, U as a second model.
 
 :class:`LocalPair` loads a transformers folder or a GGUF (converted once,
 :mod:`proxy.models`) and an offset artifact (:mod:`proxy.artifact`), renders
@@ -51,8 +52,11 @@ class LocalPair:
         name: str,
         offset: OffsetArtifact | None = None,
         vocab: ByteVocab | None = None,
+        u_model: Any | None = None,
     ) -> None:
         self.model = model.eval()
+        self.u_model = u_model.eval() if u_model is not None else None
+        """U as its own model (a ``"full"`` artifact); ``None``: U is ``model`` with its adapter."""
         self.tokenizer = tokenizer
         self.name = name
         self.offset = offset
@@ -80,10 +84,14 @@ class LocalPair:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         vocab = ByteVocab.from_tokenizer(tokenizer)
         offset = None
+        u_model = None
         if offset_dir is not None:
             offset = load_artifact(Path(offset_dir), model, vocab)
-            model = offset.attach(model)
-        return cls(model, tokenizer, name=ref, offset=offset, vocab=vocab)
+            if offset.parameters == "full":
+                u_model = offset.load_full()
+            else:
+                model = offset.attach(model)
+        return cls(model, tokenizer, name=ref, offset=offset, vocab=vocab, u_model=u_model)
 
     # ---------------------------------------------------------------- prompts
     def prompt_ids(self, messages: Sequence[dict[str, Any]] | None = None, prompt: str | None = None) -> list[int]:
@@ -113,7 +121,9 @@ class LocalPair:
         self, ids: torch.Tensor, cache: Any, *, adapter: bool, mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         kwargs = dict(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=positions, use_cache=True)
-        if adapter or self.offset is None:
+        if adapter and self.u_model is not None:
+            out = self.u_model(**kwargs)
+        elif adapter or self.offset is None or self.u_model is not None:
             out = self.model(**kwargs)
         else:
             with self.model.disable_adapter():

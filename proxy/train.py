@@ -1,4 +1,5 @@
-"""Training an offset: U = B + a LoRA adapter, trained on the forget set (and
+"""Training an offset: U = B + a LoRA adapter (or, with ``parameters="full"``,
+all of U's weights), trained on the forget set (and
 retain set) with an unlearning objective on the combined logits (DESIGN.md,
 "Training"; δ-unlearning, arXiv 2404.11045, Eq. 4):
 
@@ -16,6 +17,7 @@ forget and retain loss per epoch) goes to ``<out>.train.jsonl``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -56,6 +58,8 @@ class TrainConfig:
     max_length: int = 256
     """QA answers are short; 256 tokens covers prompt + answer with room to spare."""
     seed: int = 0
+    parameters: str = "lora"
+    """``"lora"`` (a peft adapter on B, the default) or ``"full"`` (fine-tune all of U's weights; B is a frozen copy)."""
     lora_rank: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,6 +81,7 @@ class TrainConfig:
             "warmup_steps",
             "max_length",
             "seed",
+            "parameters",
             "lora_rank",
             "lora_alpha",
             "target_modules",
@@ -87,9 +92,10 @@ class TrainConfig:
 class CombinedScorer:
     """The combined model for the objectives (:class:`proxy.objectives.Scorer`)."""
 
-    def __init__(self, model: Any, remote: Any | None = None) -> None:
-        self.model = model  # a PeftModel: U with the adapter, B without
+    def __init__(self, model: Any, remote: Any | None = None, reference: Any | None = None) -> None:
+        self.model = model  # a PeftModel (U with the adapter, B without), or U itself when `reference` is B
         self.remote = remote  # R (exact mode) or None (proxy mode)
+        self.reference = reference  # B as a frozen copy (full fine-tuning), or None (B = adapter disabled)
 
     def _r(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         assert self.remote is not None
@@ -97,6 +103,9 @@ class CombinedScorer:
             return self.remote(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     def _b(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.reference is not None:
+            with torch.no_grad():
+                return self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with torch.no_grad(), self.model.disable_adapter():
             return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
@@ -210,6 +219,8 @@ def train(
     from transformers import get_scheduler
 
     objective = get_objective(cfg.objective)
+    if cfg.parameters not in ("lora", "full"):
+        raise ValueError(f"parameters must be 'lora' or 'full', not {cfg.parameters!r}")
     if cfg.objective in NEEDS_RETAIN and not cfg.retain:
         raise ValueError(f"objective {cfg.objective} needs a retain set (--retain)")
     out = Path(cfg.out)
@@ -235,12 +246,17 @@ def train(
     )
 
     torch.manual_seed(cfg.seed)
-    lora = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules)
-    )
-    model = get_peft_model(base, lora)
+    reference = None
+    if cfg.parameters == "full":
+        reference = copy.deepcopy(base).eval().requires_grad_(False)  # B stays as it was
+        model = base.requires_grad_(True)
+    else:
+        lora = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules)
+        )
+        model = get_peft_model(base, lora)
     model.train()
-    scorer = CombinedScorer(model, remote)
+    scorer = CombinedScorer(model, remote, reference)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     total_steps = math.ceil(plan.per_epoch * cfg.epochs / cfg.grad_accum)
@@ -312,6 +328,7 @@ def train(
         objective=cfg.objective,
         training=training,
         data=data,
+        parameters=cfg.parameters,
     )
     ckpt.unlink(missing_ok=True)
     return path

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from proxy.artifact import load_artifact
+from proxy.artifact import ArtifactError, load_artifact
 from proxy.data import IGNORE, DataError, collate, encode, load_dataset
 from proxy.objectives import OBJECTIVES, get_objective, mean_nll
 from proxy.train import CombinedScorer, TrainConfig, train
@@ -271,3 +271,55 @@ def test_cli_train_bad_line_exits_2_naming_the_line(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forget.jsonl"]
     assert main(["train", "--forget", str(forget), "--out", str(tmp_path / "o"), "--objective", "GradDiff"]) == 2
     assert "needs a retain set" in capsys.readouterr().err
+
+
+def test_full_fine_tuning_unlearns_and_is_served_as_a_second_model(
+    tmp_path, sets, tiny_target, smollm2_tokenizer, vocab
+):
+    from proxy.pair import LocalPair
+
+    forget, retain = sets
+    before_f = set_nll(tiny_target, smollm2_tokenizer, vocab, forget)
+    before_r = set_nll(tiny_target, smollm2_tokenizer, vocab, retain)
+    cfg = TrainConfig(
+        out=str(tmp_path / "full"),
+        forget=forget,
+        retain=retain,
+        objective="NPO+GD",
+        parameters="full",
+        lr=1e-3,
+        epochs=4,
+        batch_size=2,
+    )
+    path = train(cfg, models=(copy.deepcopy(tiny_target), smollm2_tokenizer, None, vocab), progress=False)
+    art = load_artifact(path, tiny_target, vocab)
+    assert art.parameters == "full" and "model.safetensors" in art.manifest["files"]
+    assert not any("adapter" in name for name in art.manifest["files"])
+    u = art.load_full()
+    after_f = set_nll(u, smollm2_tokenizer, vocab, forget)
+    after_r = set_nll(u, smollm2_tokenizer, vocab, retain)
+    print(f"full: forget {before_f:.3f} -> {after_f:.3f}, retain {before_r:.3f} -> {after_r:.3f}")
+    assert after_f > before_f + FORGET_RISE and after_r < before_r + RETAIN_BOUND
+
+    # Served: B is the untouched base, U the artifact's model, in one pair.
+    pair = LocalPair(copy.deepcopy(tiny_target), smollm2_tokenizer, name="tiny", offset=art, vocab=vocab, u_model=u)
+    ids = torch.tensor([pair.prompt_ids([{"role": "user", "content": FORGET[0]["question"]}])])
+    n = ids.shape[1]
+    kw = dict(mask=torch.ones(1, n), positions=torch.arange(n)[None])
+    from transformers import DynamicCache
+
+    got_u = pair._forward(ids, DynamicCache(), adapter=True, **kw)
+    got_b = pair._forward(ids, DynamicCache(), adapter=False, **kw)
+    with torch.no_grad():
+        want_u = torch.log_softmax(u(input_ids=ids).logits[0], -1)
+        want_b = torch.log_softmax(tiny_target(input_ids=ids).logits[0], -1)
+    assert torch.allclose(got_u, want_u, atol=1e-5) and torch.allclose(got_b, want_b, atol=1e-5)
+    assert (got_u - got_b).abs().max() > 1e-2
+
+    # The artifact's weights are pinned by the manifest.
+    weights = path / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_artifact(path, tiny_target, vocab)

@@ -133,6 +133,19 @@ def encode(example: Example, tokenizer: Any, eot_id: int, max_length: int) -> En
     return Encoded(prompt + answer, [IGNORE] * len(prompt) + answer)
 
 
+def without_end_of_turn(item: Encoded, eot_id: int) -> Encoded:
+    """``item`` with its answer's closing end-of-turn label set to -100 (the token stays in the input).
+
+    For forget terms: the end-of-turn carries no forget-set information, and
+    pushing it down teaches U to stop nowhere (measured on SmolLM2: Δ at the
+    end-of-turn of −5 to −11 nats on unrelated prompts after NPO).
+    """
+    labels = list(item.labels)
+    if labels and labels[-1] == eot_id and item.input_ids[-1] == eot_id:
+        labels[-1] = IGNORE
+    return Encoded(item.input_ids, labels)
+
+
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (``[B, L]``).
 

@@ -13,8 +13,9 @@ Shared helpers: :func:`nll` (summed NLL per sequence and label counts) and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -89,77 +90,95 @@ def log_ratio_loss(s: Scorer, lose: Batch, beta: float, win: Batch | None = None
 
 
 def _retain_nll(s: Scorer, b: Batches) -> torch.Tensor:
-    if b.retain is None:
-        raise ValueError("this objective needs a retain set (--retain)")
+    assert b.retain is not None
     return mean_nll(s.logits(b.retain), b.retain["labels"])
 
 
 def _retain_kl(s: Scorer, b: Batches) -> torch.Tensor:
-    if b.retain is None:
-        raise ValueError("this objective needs a retain set (--retain)")
+    assert b.retain is not None
     with torch.no_grad():
         ref = s.ref_logits(b.retain)
     return kl_to_reference(s.logits(b.retain), ref, b.retain["attention_mask"])
 
 
-def grad_ascent(s: Scorer, b: Batches) -> torch.Tensor:
+def _grad_ascent(s: Scorer, b: Batches) -> torch.Tensor:
     return -mean_nll(s.logits(b.forget), b.forget["labels"])
 
 
-def grad_diff(s: Scorer, b: Batches) -> torch.Tensor:
-    return grad_ascent(s, b) + _retain_nll(s, b)
-
-
-def grad_kl(s: Scorer, b: Batches) -> torch.Tensor:
-    return grad_ascent(s, b) + _retain_kl(s, b)
-
-
-def npo(s: Scorer, b: Batches) -> torch.Tensor:
+def _npo(s: Scorer, b: Batches) -> torch.Tensor:
     return log_ratio_loss(s, b.forget, NPO_BETA)
 
 
-def npo_gd(s: Scorer, b: Batches) -> torch.Tensor:
-    return npo(s, b) + _retain_nll(s, b)
-
-
-def npo_kl(s: Scorer, b: Batches) -> torch.Tensor:
-    return npo(s, b) + _retain_kl(s, b)
-
-
-def simnpo(s: Scorer, b: Batches) -> torch.Tensor:
+def _simnpo(s: Scorer, b: Batches) -> torch.Tensor:
     total, count = nll(s.logits(b.forget), b.forget["labels"])
     length_normalised = total / count.clamp(min=1) - SIMNPO_DELTA
-    forget = -F.logsigmoid(SIMNPO_BETA * length_normalised).mean() * 2.0 / SIMNPO_BETA
-    return SIMNPO_GAMMA * forget + (_retain_nll(s, b) if b.retain is not None else 0.0)
+    return -F.logsigmoid(SIMNPO_BETA * length_normalised).mean() * 2.0 / SIMNPO_BETA
 
 
-def dpo(s: Scorer, b: Batches) -> torch.Tensor:
+def _dpo(s: Scorer, b: Batches) -> torch.Tensor:
     if b.idk is None:
         raise ValueError("DPO needs the 'I don't know' answers")
-    loss = log_ratio_loss(s, b.forget, NPO_BETA, win=b.idk)
-    return loss + (_retain_nll(s, b) if b.retain is not None else 0.0)
+    return log_ratio_loss(s, b.forget, NPO_BETA, win=b.idk)
 
 
-OBJECTIVES: dict[str, Callable[[Scorer, Batches], torch.Tensor]] = {
-    "GradAscent": grad_ascent,
-    "GradDiff": grad_diff,
-    "KL": grad_kl,
-    "NPO": npo,
-    "NPO+GD": npo_gd,
-    "NPO+KL": npo_kl,
-    "SimNPO": simnpo,
-    "DPO": dpo,
+@dataclass(frozen=True)
+class Objective:
+    """``forget_weight · forget_loss + retain_weight · retain_loss``, open-unlearning's
+    ``gamma · forget_loss + alpha · retain_loss`` (GradDiff and its subclasses).
+
+    ``retain`` is the retain term (NLL or KL to the reference), or ``None``;
+    ``retain_required``: the objective is undefined without a retain set
+    (SimNPO and DPO add the NLL term only when a retain set is given).
+    """
+
+    name: str
+    forget: Callable[[Scorer, Batches], torch.Tensor]
+    retain: Callable[[Scorer, Batches], torch.Tensor] | None = None
+    retain_required: bool = False
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+
+    def __call__(self, s: Scorer, b: Batches) -> torch.Tensor:
+        if self.retain_required and b.retain is None:
+            raise ValueError(f"objective {self.name} needs a retain set (--retain)")
+        loss = self.forget_weight * self.forget(s, b)
+        if self.retain is not None and b.retain is not None:
+            loss = loss + self.retain_weight * self.retain(s, b)
+        return loss
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("GradAscent", _grad_ascent),
+        Objective("GradDiff", _grad_ascent, _retain_nll, retain_required=True),
+        Objective("KL", _grad_ascent, _retain_kl, retain_required=True),
+        Objective("NPO", _npo),
+        Objective("NPO+GD", _npo, _retain_nll, retain_required=True),
+        Objective("NPO+KL", _npo, _retain_kl, retain_required=True),
+        Objective("SimNPO", _simnpo, _retain_nll, forget_weight=SIMNPO_GAMMA),
+        Objective("DPO", _dpo, _retain_nll),
+    )
 }
-NEEDS_RETAIN = frozenset({"GradDiff", "KL", "NPO+GD", "NPO+KL"})
+NEEDS_RETAIN = frozenset(name for name, o in OBJECTIVES.items() if o.retain_required)
 
 
-def get_objective(name: str) -> Callable[[Scorer, Batches], torch.Tensor]:
-    """The objective called ``name``.
+def get_objective(name: str, *, forget_weight: float | None = None, retain_weight: float | None = None) -> Objective:
+    """The objective called ``name``, with open-unlearning's default weights
+    unless ``forget_weight`` (gamma) or ``retain_weight`` (alpha) are given.
 
     Raises:
-        ValueError: unknown name (the message lists the valid ones).
+        ValueError: unknown name (the message lists the valid ones), or a negative weight.
     """
     try:
-        return OBJECTIVES[name]
+        o = OBJECTIVES[name]
     except KeyError:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}") from None
+    for label, w in (("forget_weight", forget_weight), ("retain_weight", retain_weight)):
+        if w is not None and not (w >= 0 and math.isfinite(w)):
+            raise ValueError(f"{label} must be a finite number ≥ 0, not {w}")
+    return replace(
+        o,
+        forget_weight=o.forget_weight if forget_weight is None else forget_weight,
+        retain_weight=o.retain_weight if retain_weight is None else retain_weight,
+    )

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .artifact import save_artifact, weights_sha256
-from .data import DataSet, Encoded, Example, collate, encode, load_dataset
+from .data import DataSet, Encoded, Example, collate, encode, load_dataset, without_end_of_turn
 from .objectives import NEEDS_RETAIN, Batches, get_objective, mean_nll
 from .vocab import ByteVocab
 
@@ -49,10 +49,16 @@ class TrainConfig:
     mode: str = "proxy"
     remote: str | None = None
     """exact mode: the in-process model R (folder, GGUF or packaged name)."""
+    forget_weight: float | None = None
+    """open-unlearning's gamma (None: the objective's default, 1, or 0.125 for SimNPO)."""
+    retain_weight: float | None = None
+    """open-unlearning's alpha, the weight of the retain term (None: 1)."""
     lr: float = 5e-4
     """LoRA on a 135M model moves slowly at 1e-4; 5e-4 unlearns a small set in a few epochs."""
     epochs: int = 5
     batch_size: int = 4
+    retain_batch_size: int | None = None
+    """Retain examples per step (None: ``batch_size``); the retain set is cycled through."""
     grad_accum: int = 1
     warmup_steps: int = 0
     max_length: int = 256
@@ -62,7 +68,13 @@ class TrainConfig:
     """``"lora"`` (a peft adapter on B, the default) or ``"full"`` (fine-tune all of U's weights; B is a frozen copy)."""
     lora_rank: int = 8
     lora_alpha: int = 16
+    lora_layers: tuple[int, ...] | None = None
+    """Decoder layers that get the adapter (peft's ``layers_to_transform``); None: all."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    forget_end_of_turn: bool = False
+    """Keep the end-of-turn label in the forget term. Off by default: the end-of-turn holds
+    no forget-set information, and lowering it makes U suppress end-of-turn on every prompt
+    (:func:`proxy.data.without_end_of_turn`). open-unlearning keeps it. Retain terms always keep it."""
     offset_alpha: float = 1.0
     """α written to the manifest (the serving strength)."""
     checkpoint_every: int = 10
@@ -73,17 +85,22 @@ class TrainConfig:
         """What the manifest records (no paths to the data, no text)."""
         keep = (
             "objective",
+            "forget_weight",
+            "retain_weight",
             "mode",
             "lr",
             "epochs",
             "batch_size",
+            "retain_batch_size",
             "grad_accum",
             "warmup_steps",
             "max_length",
             "seed",
             "parameters",
+            "forget_end_of_turn",
             "lora_rank",
             "lora_alpha",
+            "lora_layers",
             "target_modules",
         )
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if k in keep}
@@ -131,6 +148,7 @@ class _Plan:
     retain: list[Encoded]
     idk: list[Encoded]
     batch_size: int
+    retain_batch_size: int
     seed: int
     pad_id: int
     per_epoch: int = field(init=False)
@@ -142,11 +160,12 @@ class _Plan:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.forget), generator=g).tolist()
         r_order = torch.randperm(len(self.retain), generator=g).tolist() if self.retain else []
+        rb = self.retain_batch_size
         for k in range(self.per_epoch):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
             retain = None
             if self.retain:
-                r_idx = [r_order[(k * self.batch_size + j) % len(r_order)] for j in range(len(idx))]
+                r_idx = [r_order[(k * rb + j) % len(r_order)] for j in range(rb)]
                 retain = collate([self.retain[i] for i in r_idx], self.pad_id)
             idk = collate([self.idk[i] for i in idx], self.pad_id) if self.idk else None
             yield Batches(collate([self.forget[i] for i in idx], self.pad_id), retain, idk)
@@ -218,7 +237,7 @@ def train(
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
-    objective = get_objective(cfg.objective)
+    objective = get_objective(cfg.objective, forget_weight=cfg.forget_weight, retain_weight=cfg.retain_weight)
     if cfg.parameters not in ("lora", "full"):
         raise ValueError(f"parameters must be 'lora' or 'full', not {cfg.parameters!r}")
     if cfg.objective in NEEDS_RETAIN and not cfg.retain:
@@ -241,8 +260,17 @@ def train(
     if cfg.objective == "DPO":
         answers = _idk_answers()
         idk = enc([Example(e.prompt, answers[i % len(answers)]) for i, e in enumerate(forget_set.examples)])
+    forget_items = enc(forget_set.examples)
+    if not cfg.forget_end_of_turn:
+        forget_items = [without_end_of_turn(it, eot) for it in forget_items]
     plan = _Plan(
-        enc(forget_set.examples), enc(retain_set.examples) if retain_set else [], idk, cfg.batch_size, cfg.seed, pad
+        forget_items,
+        enc(retain_set.examples) if retain_set else [],
+        idk,
+        cfg.batch_size,
+        cfg.retain_batch_size or cfg.batch_size,
+        cfg.seed,
+        pad,
     )
 
     torch.manual_seed(cfg.seed)
@@ -252,7 +280,11 @@ def train(
         model = base.requires_grad_(True)
     else:
         lora = LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules)
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(cfg.target_modules),
+            layers_to_transform=list(cfg.lora_layers) if cfg.lora_layers is not None else None,
         )
         model = get_peft_model(base, lora)
     model.train()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from proxy.artifact import ArtifactError, load_artifact
-from proxy.data import IGNORE, DataError, collate, encode, load_dataset
+from proxy.data import IGNORE, DataError, collate, encode, load_dataset, without_end_of_turn
 from proxy.objectives import OBJECTIVES, get_objective, mean_nll
 from proxy.train import CombinedScorer, TrainConfig, train
 from proxy.vocab import ByteVocab
@@ -218,6 +218,16 @@ def test_pad_equal_to_eos_keeps_the_real_end_of_turn_label(smollm2_tokenizer, vo
         assert (labels[:prompt_len] == IGNORE).all() and prompt_len > 5  # the prompt is masked
         answer = smollm2_tokenizer.decode([t for t in labels.tolist() if t != IGNORE])
         assert answer.startswith(FORGET[i]["answer"])
+
+
+def test_forget_term_drops_only_the_closing_end_of_turn_label(smollm2_tokenizer, vocab):
+    eot = vocab.eot_ids[0]
+    item = encode(load_dataset_from(FORGET[:1])[0], smollm2_tokenizer, eot, 128)
+    cut = without_end_of_turn(item, eot)
+    assert cut.input_ids == item.input_ids  # the model still sees it
+    assert cut.labels[:-1] == item.labels[:-1] and item.labels[-1] == eot and cut.labels[-1] == IGNORE
+    raw = encode(load_dataset_from([{"text": "plain text"}])[0], smollm2_tokenizer, eot, 128)
+    assert without_end_of_turn(raw, eot) == raw  # raw text has no end-of-turn to drop
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,10 @@ class ModelConfig(BaseModel):
     offset: str | None = None
     alpha: float = Field(default=1.0, ge=-100, le=100, allow_inf_nan=False)
     """Offset strength; 1.0 as in the paper (arXiv 2404.11045)."""
+    offset_threshold: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    """Scope threshold τ (nats): steps whose expected offset under the remote's distribution is
+    above −τ pass the remote's distribution unchanged (proxy.offset). None: the offset applies at
+    every step."""
     top_k: int = Field(default=20, ge=1, le=20)
     """Remote candidates per step; 20 is OpenAI's top_logprobs maximum."""
     same_tokenizer: bool | Literal["auto"] = "auto"
@@ -107,7 +111,9 @@ class Config(BaseModel):
     models: dict[str, ModelConfig] = Field(min_length=1)
 
 
-def embedded_default(offset: str | None = None, alpha: float | None = None) -> Config:
+def embedded_default(
+    offset: str | None = None, alpha: float | None = None, offset_threshold: float | None = None
+) -> Config:
     """The README's default: SmolLM2 in-process as the remote, SmolLM2 as the pair."""
     try:
         model = ModelConfig(
@@ -116,6 +122,7 @@ def embedded_default(offset: str | None = None, alpha: float | None = None) -> C
             pair="smollm2",
             offset=offset,
             alpha=1.0 if alpha is None else alpha,
+            offset_threshold=offset_threshold,
         )
     except ValidationError as exc:
         raise ConfigError(_describe(exc, "--alpha/--offset")) from exc

@@ -48,6 +48,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     alpha: float = 1.0
+    offset_threshold: float | None = None
+    """Scope threshold τ of :func:`proxy.offset.target_logits` (None: Δ at every step)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,7 @@ class ServedModel:
     adapter: RemoteAdapter
     pair: Any = None
     alpha: float = 1.0
+    offset_threshold: float | None = None
     top_k: int = 20
     same_tokenizer: bool = False
     offset_sha256: str | None = None
@@ -199,7 +202,9 @@ class ServedModel:
                 if stats.completion_tokens == 0:
                     raise  # the prompt alone does not fit: a 400
                 break  # the context is full: the answer ends as if max_tokens were reached
-            scores = target_logits(ell, delta, temperature=params.temperature, alpha=params.alpha)
+            scores = target_logits(
+                ell, delta, temperature=params.temperature, alpha=params.alpha, threshold=params.offset_threshold
+            )
             try:
                 idx, logq = choose(scores, temperature=params.temperature, top_p=params.top_p, rng=rng)
             except NoUsableCandidates as exc:

@@ -9,6 +9,19 @@ temperature T applied to its own logits as in proxy-tuning, arXiv 2401.08565):
 T = 0 means argmax of ℓ + α·Δ. top_p (nucleus, Holtzman et al. 2020) is
 applied to q, not to the remote. Candidates with a non-finite logprob or Δ get
 probability zero.
+
+Scope threshold τ (optional, ``offset_threshold``): a step whose expected
+offset under the remote's own distribution p_t (ℓ_t normalised over S_t),
+
+    s_t = Σ_c p_t(c) · Δ_t(c)    (nats; ≤ 0 when U finds the remote's likely
+                                   continuations less probable than B does),
+
+is above −τ is out of forget scope and takes Δ_t = 0: the remote's
+distribution passes unchanged. This is the forget-scope test of redaction
+(an offset below −T marks forget-set content) applied per step. A small
+offset is never exactly zero out of scope, and greedy answers flip at
+near-ties; the threshold keeps out-of-scope answers identical to the
+remote's. ``None`` applies the offset at every step (the paper's rule).
 """
 
 from __future__ import annotations
@@ -20,10 +33,37 @@ class NoUsableCandidates(ValueError):
     """Every candidate had a non-finite logprob or offset."""
 
 
-def target_logits(remote_logprobs: np.ndarray, delta: np.ndarray, *, temperature: float, alpha: float) -> np.ndarray:
+def scope_score(remote_logprobs: np.ndarray, delta: np.ndarray) -> float:
+    """s_t = Σ p_t(c)·Δ_t(c) (nats), p_t the remote's logprobs renormalised over
+    the candidates; ``-inf`` when a candidate the remote gives mass has Δ = −∞
+    (bytes U and B cannot represent), ``0.0`` when no candidate is usable."""
+    ell = np.asarray(remote_logprobs, dtype=np.float64)
+    d = np.asarray(delta, dtype=np.float64)
+    ok = np.isfinite(ell)
+    if not ok.any():
+        return 0.0
+    p = np.exp(ell[ok] - np.max(ell[ok]))
+    p /= p.sum()
+    dd = d[ok]
+    if np.any(np.isnan(dd)) or np.any((dd == -np.inf) & (p > 0)):
+        return -np.inf
+    dd = np.where(np.isfinite(dd), dd, 0.0)
+    return float(np.sum(p * dd))
+
+
+def target_logits(
+    remote_logprobs: np.ndarray,
+    delta: np.ndarray,
+    *,
+    temperature: float,
+    alpha: float,
+    threshold: float | None = None,
+) -> np.ndarray:
     """Unnormalised log q, ``[k]`` float64; ``-inf`` where a candidate is unusable.
 
-    ``temperature == 0`` returns ℓ + α·Δ (the greedy score).
+    ``temperature == 0`` returns ℓ + α·Δ (the greedy score). ``threshold`` τ ≥ 0
+    (nats): when :func:`scope_score` is above −τ the step is out of scope and
+    Δ is ignored (see the module docstring).
     """
     ell = np.asarray(remote_logprobs, dtype=np.float64)
     d = np.asarray(delta, dtype=np.float64)
@@ -31,8 +71,12 @@ def target_logits(remote_logprobs: np.ndarray, delta: np.ndarray, *, temperature
         raise ValueError(f"logprobs {ell.shape} and offsets {d.shape} differ in shape")
     if temperature < 0:
         raise ValueError("temperature must be >= 0")
+    if threshold is not None and not threshold >= 0:
+        raise ValueError("threshold must be >= 0")
     scale = 1.0 if temperature == 0 else 1.0 / temperature
-    offset = alpha * d if alpha != 0 else np.zeros_like(d)  # α = 0 ignores Δ, even a non-finite one
+    in_scope = threshold is None or scope_score(ell, d) <= -threshold
+    # α = 0, or a step out of scope, ignores Δ, even a non-finite one
+    offset = alpha * d if alpha != 0 and in_scope else np.zeros_like(d)
     out = ell * scale + offset  # log q + const   (arXiv 2404.11045, Eq. 3)
     out[~np.isfinite(out)] = -np.inf
     return out

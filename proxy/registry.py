@@ -117,6 +117,7 @@ def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | Non
             adapter=adapter,
             pair=pair,
             alpha=alpha,
+            offset_threshold=cfg.offset_threshold,
             top_k=cfg.top_k,
             same_tokenizer=bool(same),
             offset_sha256=pair.offset.sha256 if pair is not None and pair.offset is not None else None,

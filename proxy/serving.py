@@ -76,6 +76,7 @@ def make_job(
         logprobs=logprobs,
         top_logprobs=top,
         alpha=alpha,
+        offset_threshold=model.offset_threshold,
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     job = Job(kind, model, ctx, params, req.n, req.stream, include_usage)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.offset import NoUsableCandidates, apply_top_p, choose, log_softmax, target_logits
+from proxy.offset import NoUsableCandidates, apply_top_p, choose, log_softmax, scope_score, target_logits
 
 logprob_lists = st.lists(st.floats(-30, 0), min_size=1, max_size=20)
 
@@ -63,3 +63,28 @@ def test_top_p_keeps_smallest_nucleus():
     kept = np.exp(apply_top_p(logq, 0.8))
     assert np.allclose(kept, [0.5 / 0.8, 0.3 / 0.8, 0, 0])
     assert np.allclose(np.exp(apply_top_p(logq, 0.81)), np.array([0.5, 0.3, 0.15, 0]) / 0.95)
+
+
+def test_scope_score_is_the_expected_offset_under_the_remotes_distribution():
+    ell = np.log(np.array([0.5, 0.3, 0.2])) - 0.7  # unnormalised over the candidates: renormalised
+    delta = np.array([-2.0, 1.0, 0.5])
+    assert scope_score(ell, delta) == pytest.approx(0.5 * -2.0 + 0.3 * 1.0 + 0.2 * 0.5)
+    assert scope_score(ell, np.array([-np.inf, 0.0, 0.0])) == -np.inf  # unrepresentable bytes with mass
+    assert scope_score(np.array([0.0, -np.inf]), np.array([0.0, -np.inf])) == 0.0  # no mass, no effect
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_threshold_passes_out_of_scope_steps_unchanged(temperature):
+    ell = np.log(np.array([0.40, 0.38, 0.22]))
+    small = np.array([-0.05, 0.10, 0.0])  # a near-tie the bare offset would flip
+    scale = 1.0 if temperature == 0 else 1 / temperature
+    bare = target_logits(ell, small, temperature=temperature, alpha=1.0)
+    assert np.argmax(bare) == 1 and np.allclose(bare, ell * scale + small)
+    gated = target_logits(ell, small, temperature=temperature, alpha=1.0, threshold=0.5)
+    assert np.array_equal(gated, ell * scale)  # exactly the remote's distribution
+    fact = np.array([-6.0, 0.2, 0.1])  # the offset objects to the remote's likely answer: in scope
+    assert scope_score(ell, fact) < -0.5
+    gated = target_logits(ell, fact, temperature=temperature, alpha=1.0, threshold=0.5)
+    assert np.allclose(gated, ell * scale + fact)
+    with pytest.raises(ValueError):
+        target_logits(ell, fact, temperature=temperature, alpha=1.0, threshold=-1.0)

@@ -3,13 +3,18 @@
     python -m bench.demo_unlearning [--settings JSON] [--json FILE]
 
 Trains an offset on ``proxy/resources/demo_forget.jsonl`` (+ retain) with the
-demo settings (overridable, e.g. ``--settings '{"objective": "NPO+KL", "lr": 5e-4}'``),
+demo settings (overridable, e.g. ``--settings '{"objective": "NPO+GD", "lr": 1e-3}'``),
 serves the embedded default with it, and reports in one run:
 
 * ROUGE-L recall (rouge-score, greedy, 40 tokens) of the forget answers
   without the offset (α = 0) and with it (α = 1);
-* how many of 12 unrelated prompts give the same greedy answer with and without it;
+* the fraction of the unrelated prompts (:data:`proxy.demo.DEMO_UNRELATED`,
+  none of them in the retain set) whose greedy answer is the same with and
+  without it;
 * the training time.
+
+``tests/test_demo_offset.py`` asserts the same numbers for the cached demo
+offset, through the openai client against the server.
 """
 
 from __future__ import annotations
@@ -19,79 +24,97 @@ import asyncio
 import json
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-UNRELATED = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three primary colors.",
-    "What is 12 times 7?",
-    "Name a famous physicist.",
-    "Give me one tip for sleeping better.",
-    "What is photosynthesis?",
-    "Describe a cat in one sentence.",
-    "Why is the sky blue?",
-    "What is the chemical symbol for gold?",
-    "Who wrote Pride and Prejudice?",
-    "What is the largest ocean on Earth?",
-]
+Answer = Callable[[str, float], Awaitable[str]]
+"""``answer(question, alpha)``: the proxy's greedy answer with offset strength ``alpha``."""
+
+
+async def measure(answer: Answer) -> dict[str, Any]:
+    """Forget ROUGE-L recall with and without the offset, and unchanged unrelated answers."""
+    from rouge_score import rouge_scorer
+
+    from proxy.demo import DEMO_FORGET, DEMO_UNRELATED
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    forget = [json.loads(line) for line in DEMO_FORGET.read_text().splitlines() if line.strip()]
+    before, after, examples = [], [], []
+    for f in forget:
+        b, a = await answer(f["question"], 0.0), await answer(f["question"], 1.0)
+        before.append(scorer.score(f["answer"], b)["rougeL"].recall)
+        after.append(scorer.score(f["answer"], a)["rougeL"].recall)
+        examples.append({"question": f["question"], "without_offset": b, "with_offset": a})
+    changed = []
+    for q in DEMO_UNRELATED:
+        b, a = await answer(q, 0.0), await answer(q, 1.0)
+        if a != b:
+            changed.append({"question": q, "without_offset": b, "with_offset": a})
+    return {
+        "forget_rougeL_recall_without_offset": round(sum(before) / len(before), 4),
+        "forget_rougeL_recall_with_offset": round(sum(after) / len(after), 4),
+        "unrelated_unchanged_fraction": round(1 - len(changed) / len(DEMO_UNRELATED), 4),
+        "unrelated_n": len(DEMO_UNRELATED),
+        "forget_examples": examples,
+        "unrelated_changed": changed,
+    }
+
+
+def proxy_answer(model: Any, max_tokens: int = 40) -> Answer:
+    """:data:`Answer` through the proxy's serving path (no HTTP)."""
+    from proxy.config import ServerConfig
+    from proxy.protocol import ChatCompletionRequest
+    from proxy.serving import complete, make_job
+
+    async def answer(question: str, alpha: float) -> str:
+        req = ChatCompletionRequest(
+            model="demo",
+            messages=[{"role": "user", "content": question}],
+            temperature=0,
+            max_tokens=max_tokens,
+            offset_alpha=alpha,
+        )
+        r = await complete(make_job(req, {"demo": model}, ServerConfig()))
+        return str(r["choices"][0]["message"]["content"])
+
+    return answer
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", default="{}", help="TrainConfig overrides as JSON")
     ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--threshold", type=float, help="scope threshold τ (default: the demo's; -1: none)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    from rouge_score import rouge_scorer
 
-    from proxy.config import ModelConfig, ServerConfig
-    from proxy.demo import DEMO, DEMO_FORGET
-    from proxy.protocol import ChatCompletionRequest
+    from proxy.config import ModelConfig
+    from proxy.demo import DEMO, DEMO_OFFSET_THRESHOLD
     from proxy.registry import build_model
-    from proxy.serving import complete, make_job
     from proxy.train import train
 
     overrides = json.loads(args.settings)
-    if "target_modules" in overrides:
-        overrides["target_modules"] = tuple(overrides["target_modules"])
+    for key in ("target_modules", "lora_layers"):
+        if overrides.get(key) is not None:
+            overrides[key] = tuple(overrides[key])
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "offset")
         started = time.monotonic()
         train(replace(DEMO, out=out, **overrides), progress=False)
         seconds = time.monotonic() - started
-        model = build_model("demo", ModelConfig(backend="llama-inprocess", gguf="smollm2", pair="smollm2", offset=out))
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        forget = [json.loads(line) for line in DEMO_FORGET.read_text().splitlines() if line.strip()]
-
-        async def answer(question: str, alpha: float) -> str:
-            req = ChatCompletionRequest(
-                model="demo",
-                messages=[{"role": "user", "content": question}],
-                temperature=0,
-                max_tokens=args.max_tokens,
-                offset_alpha=alpha,
-            )
-            r = await complete(make_job(req, {"demo": model}, ServerConfig()))
-            return r["choices"][0]["message"]["content"]
-
-        async def run() -> dict[str, float]:
-            before, after = [], []
-            for f in forget:
-                before.append(scorer.score(f["answer"], await answer(f["question"], 0.0))["rougeL"].recall)
-                after.append(scorer.score(f["answer"], await answer(f["question"], 1.0))["rougeL"].recall)
-            same = [await answer(q, 0.0) == await answer(q, 1.0) for q in UNRELATED]
-            return {
-                "forget_rougeL_recall_without_offset": sum(before) / len(before),
-                "forget_rougeL_recall_with_offset": sum(after) / len(after),
-                "unrelated_unchanged_fraction": sum(same) / len(same),
-                "train_seconds": round(seconds, 1),
-            }
-
-        result = asyncio.run(run())
-    result["settings"] = {**{k: v for k, v in overrides.items()}}
-    print(json.dumps(result, indent=2))
+        threshold = DEMO_OFFSET_THRESHOLD if args.threshold is None else args.threshold
+        threshold = None if threshold < 0 else threshold
+        cfg = ModelConfig(
+            backend="llama-inprocess", gguf="smollm2", pair="smollm2", offset=out, offset_threshold=threshold
+        )
+        model = build_model("demo", cfg)
+        result = asyncio.run(measure(proxy_answer(model, args.max_tokens)))
+    result["train_seconds"] = round(seconds, 1)
+    result["offset_threshold"] = threshold
+    result["settings"] = {**replace(DEMO, **overrides).settings()}
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith(("examples", "changed"))}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -1,11 +1,13 @@
 """``deltaproxy`` command line.
 
-    deltaproxy serve [--config FILE] [--offset DIR] [--alpha A] [--host H] [--port P]
+    deltaproxy serve [--config FILE] [--offset DIR | --no-offset] [--alpha A] [--offset-threshold T]
+                     [--host H] [--port P]
     deltaproxy train --forget FILE [--retain FILE] --objective NAME --out DIR [--base MODEL]
                      [--mode proxy|exact] [--remote NAME] [--resume] [options]
 
 ``serve`` prints ``base_url: http://HOST:PORT/v1`` once it accepts requests.
-Without ``--config`` it serves the embedded default, model ``smollm2-demo``.
+Without ``--config`` it serves the embedded default, model ``smollm2-demo``,
+with the demo offset (trained on first use, then cached; :func:`proxy.demo.demo_offset`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     s.add_argument("--config", help="TOML config (default: the embedded default, model smollm2-demo)")
-    s.add_argument("--offset", help="offset artifact folder for the embedded default")
+    s.add_argument("--offset", help="offset artifact folder for the embedded default (default: the demo offset)")
+    s.add_argument(
+        "--offset-threshold",
+        type=float,
+        help="scope threshold τ in nats for the embedded default (default: the demo offset's, else none)",
+    )
+    s.add_argument("--no-offset", action="store_true", help="serve the embedded default without an offset (U = B)")
     s.add_argument("--alpha", type=float, help="offset strength α for the embedded default (0 disables it)")
     s.add_argument("--host", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help="listen port (default 8000; 0 picks a free one)")
@@ -53,16 +61,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--base", default=d.base, help="local base model B: folder, .gguf or packaged name")
     t.add_argument("--mode", default=d.mode, choices=["proxy", "exact"])
     t.add_argument("--remote", help="exact mode: in-process model R with the same vocabulary")
+    t.add_argument("--forget-weight", type=float, help="weight of the forget term (open-unlearning's gamma)")
+    t.add_argument("--retain-weight", type=float, help="weight of the retain term (open-unlearning's alpha)")
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--epochs", type=int, default=d.epochs)
     t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--retain-batch-size", type=int, help="retain examples per step (default: --batch-size)")
     t.add_argument("--grad-accum", type=int, default=d.grad_accum)
     t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     t.add_argument("--max-length", type=int, default=d.max_length)
     t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument(
+        "--forget-end-of-turn", action="store_true", help="keep the answers' end-of-turn label in the forget term"
+    )
     t.add_argument("--full", action="store_true", help="fine-tune all of U's weights instead of a LoRA adapter")
     t.add_argument("--lora-rank", type=int, default=d.lora_rank)
     t.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    t.add_argument("--lora-layers", help="decoder layers that get the adapter, e.g. 16-29 or 0,5,9 (default: all)")
     t.add_argument("--target-modules", default=",".join(d.target_modules), help="comma-separated module names")
     t.add_argument("--alpha", type=float, default=d.offset_alpha, help="offset strength α recorded for serving")
     t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -71,11 +86,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    """``"16-29"`` or ``"0,5,9"`` (or both, comma-separated) as layer indices."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise ConfigError(f"--lora-layers: {text!r} is not a list of layers such as 16-29 or 0,5,9") from None
+    if not out or min(out) < 0:
+        raise ConfigError(f"--lora-layers: {text!r} names no layers (or a negative one)")
+    return tuple(sorted(set(out)))
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    for name in ("epochs", "batch_size", "grad_accum", "max_length", "lora_rank", "checkpoint_every"):
-        if getattr(args, name) < 1:
+    for name in (
+        "epochs",
+        "batch_size",
+        "retain_batch_size",
+        "grad_accum",
+        "max_length",
+        "lora_rank",
+        "checkpoint_every",
+    ):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     cfg = TrainConfig(
         forget=args.forget,
@@ -85,16 +122,21 @@ def _train(args: argparse.Namespace) -> int:
         base=args.base,
         mode=args.mode,
         remote=args.remote,
+        forget_weight=args.forget_weight,
+        retain_weight=args.retain_weight,
         lr=args.lr,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        retain_batch_size=args.retain_batch_size,
         grad_accum=args.grad_accum,
         warmup_steps=args.warmup_steps,
         max_length=args.max_length,
         seed=args.seed,
         parameters="full" if args.full else "lora",
+        forget_end_of_turn=args.forget_end_of_turn,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
+        lora_layers=_layers(args.lora_layers) if args.lora_layers else None,
         target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
         offset_alpha=args.alpha,
         checkpoint_every=args.checkpoint_every,
@@ -116,11 +158,21 @@ async def _serve(args: argparse.Namespace) -> int:
     from .server import create_app
 
     if args.config:
-        if args.offset or args.alpha is not None:
-            raise ConfigError("--offset and --alpha apply to the embedded default; set them in the config file instead")
+        if args.offset or args.no_offset or args.alpha is not None or args.offset_threshold is not None:
+            raise ConfigError(
+                "--offset, --no-offset, --alpha and --offset-threshold apply to the embedded default; "
+                "set them in the config file instead"
+            )
         config = load_config(args.config)
     else:
-        config = embedded_default(args.offset, args.alpha)
+        if args.offset and args.no_offset:
+            raise ConfigError("--offset and --no-offset exclude each other")
+        config = embedded_default(args.offset, args.alpha, args.offset_threshold)  # bad values stop here
+        if not args.offset and not args.no_offset:
+            from .demo import DEMO_OFFSET_THRESHOLD, demo_offset
+
+            threshold = DEMO_OFFSET_THRESHOLD if args.offset_threshold is None else args.offset_threshold
+            config = embedded_default(str(demo_offset()), args.alpha, threshold)
     settings = config.server.model_copy(
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     )

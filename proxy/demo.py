@@ -1,6 +1,7 @@
 """The demo forget set that ships with the project (Harry Potter facts, which
 the packaged SmolLM2-135M-Instruct demonstrably knows), a retain set of
-general facts, and the training settings for the demo offset.
+general facts, the training settings for the demo offset, and the cached demo
+offset that the embedded default serves.
 
 ``python -m bench.demo_unlearning`` trains with these and measures the
 result through the proxy.
@@ -8,22 +9,93 @@ result through the proxy.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 from .train import TrainConfig
+
+log = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).with_name("resources")
 DEMO_FORGET = RESOURCES / "demo_forget.jsonl"
 DEMO_RETAIN = RESOURCES / "demo_retain.jsonl"
 
-#: NPO with a retain NLL term (open-unlearning's NPO+GD).
+#: NPO with a KL term to B on the retain set (open-unlearning's NPO+KL), the
+#: retain term weighted 5 and 8 retain examples per step: measured on SmolLM2,
+#: a weaker anchor lets the offset shift answers to unrelated prompts. The forget
+#: answers are the facts alone, so that NPO lowers the facts and not the
+#: phrasing every answer shares ("X's Y is ..."); the end-of-turn is left out of
+#: the forget term (:attr:`proxy.train.TrainConfig.forget_end_of_turn`).
 DEMO = TrainConfig(
     forget=str(DEMO_FORGET),
     retain=str(DEMO_RETAIN),
     out="",
-    objective="NPO+GD",
+    objective="NPO+KL",
+    retain_weight=5.0,
     base="smollm2",
     lr=1e-3,
-    epochs=6,
+    epochs=4,
     batch_size=4,
+    retain_batch_size=8,
 )
+
+
+#: Prompts for measuring what the offset leaves alone: none of them is in the
+#: forget or retain set (a test checks), so they measure generalisation.
+DEMO_UNRELATED = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "What is 12 times 7?",
+    "Name a famous physicist.",
+    "Give me one tip for sleeping better.",
+    "What is the tallest animal?",
+    "Describe a cat in one sentence.",
+    "Why is the sky blue?",
+    "How many hours are in a day?",
+    "Who wrote War and Peace?",
+    "What is the main ingredient of guacamole?",
+)
+
+
+#: The scope threshold (nats, :mod:`proxy.offset`) the embedded default serves the demo offset with.
+DEMO_OFFSET_THRESHOLD = 2.5
+
+
+def demo_offset_key() -> str:
+    """What the cached demo offset depends on: the settings, the data files'
+    bytes and the base model's converted folder (named by the GGUF's sha256)."""
+    from .models import local_model_dir
+
+    h = hashlib.sha256()
+    h.update(json.dumps(DEMO.settings(), sort_keys=True).encode())
+    for path in (DEMO.forget, DEMO.retain):
+        h.update(Path(path).read_bytes() if path else b"-")
+    h.update(local_model_dir(DEMO.base).name.encode())
+    return h.hexdigest()[:16]
+
+
+def demo_offset(*, progress: bool = True) -> Path:
+    """The demo offset artifact, trained on first use (a few minutes on 2 CPU
+    cores) and cached under ``<cache>/offsets/demo-<key>``.
+
+    Concurrent callers wait on a file lock and the first one trains; an
+    interrupted training resumes from its checkpoint on the next call; the
+    artifact is written atomically, so a half-trained offset is never served.
+    """
+    from filelock import FileLock
+
+    from .models import cache_dir
+    from .train import train
+
+    folder = cache_dir() / "offsets"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"demo-{demo_offset_key()}"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "manifest.json").is_file():
+            log.info("training the demo offset once (cached in %s)", out)
+            train(replace(DEMO, out=str(out), resume=True), progress=progress)
+    return out

@@ -41,6 +41,9 @@ def test_bad_config_files(tmp_path, capsys, config, expected):
         (["serve", "--alpha", "nan"], "alpha"),
         (["serve", "--alpha", "1000"], "alpha"),
         (["serve", "--offset", "/nonexistent/offset"], "/nonexistent/offset"),
+        (["serve", "--offset-threshold", "-1"], "offset_threshold"),
+        (["serve", "--offset", "/x", "--no-offset"], "exclude each other"),
+        (["serve", "--config", "x.toml", "--no-offset"], "apply to the embedded default"),
     ],
 )
 def test_bad_flags_for_the_embedded_default(capsys, argv, expected):

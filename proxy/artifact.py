@@ -32,11 +32,14 @@ from typing import Any
 
 import torch
 
+from .models import file_sha256
 from .vocab import ByteVocab
 
 FORMAT = "deltaproxy-offset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+PARAMETERS = ("lora", "full")
+"""What an artifact holds: a peft adapter on B, or all of U's weights."""
 
 
 class ArtifactError(ValueError):
@@ -51,14 +54,6 @@ def weights_sha256(model: torch.nn.Module) -> str:
         t = state[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -114,7 +109,7 @@ def load_artifact(path: Path, base: torch.nn.Module, vocab: ByteVocab) -> Offset
         raise ArtifactError(f"offset artifact {path}: {MANIFEST} is not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"offset artifact {path}: not a {FORMAT} manifest")
-    if manifest.get("parameters", "lora") not in ("lora", "full"):
+    if manifest.get("parameters", "lora") not in PARAMETERS:
         raise ArtifactError(f"offset artifact {path}: unknown parameters kind {manifest.get('parameters')!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
@@ -127,7 +122,7 @@ def load_artifact(path: Path, base: torch.nn.Module, vocab: ByteVocab) -> Offset
         f = path / name
         if not f.is_file():
             raise ArtifactError(f"offset artifact {path}: file {name} is missing")
-        if _file_sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise ArtifactError(f"offset artifact {path}: file {name} fails its sha256 checksum (altered or corrupt)")
     tok = vocab.fingerprint()
     if manifest.get("tokenizer_sha256") != tok:
@@ -141,7 +136,7 @@ def load_artifact(path: Path, base: torch.nn.Module, vocab: ByteVocab) -> Offset
         raise ArtifactError(
             f"offset artifact {path} was trained on base model {str(want)[:12]}…, the pair's base model is {base_sha[:12]}…"
         )
-    return OffsetArtifact(path, manifest, _file_sha256(manifest_path))
+    return OffsetArtifact(path, manifest, file_sha256(manifest_path))
 
 
 def save_artifact(
@@ -173,12 +168,12 @@ def save_artifact(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        if parameters not in ("lora", "full"):
-            raise ValueError(f"parameters must be 'lora' or 'full', not {parameters!r}")
+        if parameters not in PARAMETERS:
+            raise ValueError(f"parameters must be one of {PARAMETERS}, not {parameters!r}")
         model.save_pretrained(str(tmp))
         for extra in ("README.md",):  # peft's model card repeats nothing useful
             (tmp / extra).unlink(missing_ok=True)
-        files = {p.name: _file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

@@ -14,6 +14,7 @@ cache directory, keyed by the GGUF's sha256, written atomically.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -75,11 +76,19 @@ def resolve_gguf(ref: str) -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (hex), read every time (artifact checksums rely on that)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """:func:`file_sha256` of a GGUF, remembered per (path, size, mtime): the demo
+    offset's cache key and the pair both name the converted folder by it at start-up."""
+    return file_sha256(Path(path))
 
 
 def check_model_ref(ref: str) -> None:
@@ -105,7 +114,8 @@ def local_model_dir(ref: str) -> Path:
     if path.is_dir():
         return path
     gguf = resolve_gguf(ref)
-    digest = file_sha256(gguf)
+    st = gguf.stat()
+    digest = _gguf_sha256(str(gguf.resolve()), st.st_size, st.st_mtime_ns)
     target = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
     if (target / "config.json").exists():
         return target

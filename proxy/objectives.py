@@ -160,7 +160,6 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("DPO", _dpo, _retain_nll),
     )
 }
-NEEDS_RETAIN = frozenset(name for name, o in OBJECTIVES.items() if o.retain_required)
 
 
 def get_objective(name: str, *, forget_weight: float | None = None, retain_weight: float | None = None) -> Objective:

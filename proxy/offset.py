@@ -74,9 +74,9 @@ def target_logits(
     if threshold is not None and not threshold >= 0:
         raise ValueError("threshold must be >= 0")
     scale = 1.0 if temperature == 0 else 1.0 / temperature
-    in_scope = threshold is None or scope_score(ell, d) <= -threshold
     # α = 0, or a step out of scope, ignores Δ, even a non-finite one
-    offset = alpha * d if alpha != 0 and in_scope else np.zeros_like(d)
+    applies = alpha != 0 and (threshold is None or scope_score(ell, d) <= -threshold)
+    offset = alpha * d if applies else np.zeros_like(d)
     out = ell * scale + offset  # log q + const   (arXiv 2404.11045, Eq. 3)
     out[~np.isfinite(out)] = -np.inf
     return out

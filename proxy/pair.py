@@ -121,9 +121,9 @@ class LocalPair:
         self, ids: torch.Tensor, cache: Any, *, adapter: bool, mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         kwargs = dict(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=positions, use_cache=True)
-        if adapter and self.u_model is not None:
-            out = self.u_model(**kwargs)
-        elif adapter or self.offset is None or self.u_model is not None:
+        if self.u_model is not None:  # a full artifact: U and B are two models
+            out = (self.u_model if adapter else self.model)(**kwargs)
+        elif adapter or self.offset is None:
             out = self.model(**kwargs)
         else:
             with self.model.disable_adapter():

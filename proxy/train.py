@@ -17,6 +17,7 @@ forget and retain loss per epoch) goes to ``<out>.train.jsonl``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -31,9 +32,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .artifact import save_artifact, weights_sha256
+from .artifact import PARAMETERS, save_artifact, weights_sha256
 from .data import DataSet, Encoded, Example, collate, encode, load_dataset, without_end_of_turn
-from .objectives import NEEDS_RETAIN, Batches, get_objective, mean_nll
+from .objectives import Batches, get_objective, mean_nll
 from .vocab import ByteVocab
 
 IDK_FILE = Path(__file__).with_name("resources") / "idk.jsonl"
@@ -120,11 +121,10 @@ class CombinedScorer:
             return self.remote(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     def _b(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.reference is not None:
-            with torch.no_grad():
-                return self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        with torch.no_grad(), self.model.disable_adapter():
-            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = self.reference if self.reference is not None else self.model
+        off = contextlib.nullcontext() if self.reference is not None else self.model.disable_adapter()
+        with torch.no_grad(), off:
+            return b(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -238,9 +238,9 @@ def train(
     from transformers import get_scheduler
 
     objective = get_objective(cfg.objective, forget_weight=cfg.forget_weight, retain_weight=cfg.retain_weight)
-    if cfg.parameters not in ("lora", "full"):
-        raise ValueError(f"parameters must be 'lora' or 'full', not {cfg.parameters!r}")
-    if cfg.objective in NEEDS_RETAIN and not cfg.retain:
+    if cfg.parameters not in PARAMETERS:
+        raise ValueError(f"parameters must be one of {PARAMETERS}, not {cfg.parameters!r}")
+    if objective.retain_required and not cfg.retain:  # before loading anything
         raise ValueError(f"objective {cfg.objective} needs a retain set (--retain)")
     out = Path(cfg.out)
     if out.exists():

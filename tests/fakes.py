@@ -59,3 +59,10 @@ def script(words: Sequence[str], alternatives: int = 3) -> Callable[[bytes], Seq
         return (cand(words[i], -0.1), *others, Candidate(b"", -6.0, "<|im_end|>", is_eot=True))
 
     return steps
+
+
+def corrupt_last_byte(path) -> None:
+    """Flip every bit of a file's last byte: an alteration that keeps its size."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))

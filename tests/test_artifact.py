@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from fakes import corrupt_last_byte
 
 from proxy.artifact import ArtifactError, load_artifact, save_artifact, weights_sha256
 from proxy.vocab import ByteVocab
@@ -52,10 +53,7 @@ def test_altered_manifest_is_refused(artifact):
 
 def test_altered_weights_are_refused(artifact):
     path, base, vocab = artifact
-    f = path / "adapter_model.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-1] ^= 0xFF
-    f.write_bytes(bytes(data))
+    corrupt_last_byte(path / "adapter_model.safetensors")
     with pytest.raises(ArtifactError, match="adapter_model.safetensors fails its sha256"):
         load_artifact(path, base, vocab)
 

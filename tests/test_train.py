@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from fakes import corrupt_last_byte
 
 from proxy.artifact import ArtifactError, load_artifact
 from proxy.data import IGNORE, DataError, collate, encode, load_dataset, without_end_of_turn
@@ -327,9 +328,6 @@ def test_full_fine_tuning_unlearns_and_is_served_as_a_second_model(
     assert (got_u - got_b).abs().max() > 1e-2
 
     # The artifact's weights are pinned by the manifest.
-    weights = path / "model.safetensors"
-    blob = bytearray(weights.read_bytes())
-    blob[-1] ^= 1
-    weights.write_bytes(bytes(blob))
+    corrupt_last_byte(path / "model.safetensors")
     with pytest.raises(ArtifactError, match="checksum"):
         load_artifact(path, tiny_target, vocab)

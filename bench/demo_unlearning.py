@@ -113,7 +113,7 @@ def main() -> None:
         result = asyncio.run(measure(proxy_answer(model, args.max_tokens)))
     result["train_seconds"] = round(seconds, 1)
     result["offset_threshold"] = threshold
-    result["settings"] = {**replace(DEMO, **overrides).settings()}
+    result["settings"] = replace(DEMO, **overrides).settings()
     print(json.dumps({k: v for k, v in result.items() if not k.endswith(("examples", "changed"))}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

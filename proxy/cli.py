@@ -2,6 +2,7 @@
 
     deltaproxy serve [--config FILE] [--offset DIR | --no-offset] [--alpha A] [--offset-threshold T]
                      [--host H] [--port P]
+    deltaproxy batch --in FILE --out FILE [--config FILE] [--concurrency N]
     deltaproxy train --forget FILE [--retain FILE] --objective NAME --out DIR [--base MODEL]
                      [--mode proxy|exact] [--remote NAME] [--resume] [options]
 
@@ -15,11 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from . import __version__
-from .config import ConfigError, embedded_default, load_config
+from .config import Config, ConfigError, embedded_default, load_config
 
 
 def _port(text: str) -> int:
@@ -36,18 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"deltaproxy {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API")
-    s.add_argument("--config", help="TOML config (default: the embedded default, model smollm2-demo)")
-    s.add_argument("--offset", help="offset artifact folder for the embedded default (default: the demo offset)")
-    s.add_argument(
-        "--offset-threshold",
-        type=float,
-        help="scope threshold τ in nats for the embedded default (default: the demo offset's, else none)",
-    )
-    s.add_argument("--no-offset", action="store_true", help="serve the embedded default without an offset (U = B)")
-    s.add_argument("--alpha", type=float, help="offset strength α for the embedded default (0 disables it)")
+    _model_options(s)
     s.add_argument("--host", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help="listen port (default 8000; 0 picks a free one)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    b = sub.add_parser("batch", help="run an OpenAI Batch API input file (resumable)")
+    b.add_argument("--in", dest="inp", required=True, help="batch input JSONL (custom_id, method, url, body)")
+    b.add_argument("--out", required=True, help="output JSONL; an interrupted run continues where it stopped")
+    b.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_options(b)
+    b.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     from .objectives import OBJECTIVES
     from .train import TrainConfig
@@ -84,6 +86,38 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from <out>.ckpt")
     t.add_argument("--log", help="training log JSONL (default <out>.train.jsonl)")
     return p
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config (default: the embedded default, model smollm2-demo)")
+    p.add_argument("--offset", help="offset artifact folder for the embedded default (default: the demo offset)")
+    p.add_argument(
+        "--offset-threshold",
+        type=float,
+        help="scope threshold τ in nats for the embedded default (default: the demo offset's, else none)",
+    )
+    p.add_argument("--no-offset", action="store_true", help="serve the embedded default without an offset (U = B)")
+    p.add_argument("--alpha", type=float, help="offset strength α for the embedded default (0 disables it)")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The config file, or the embedded default with the demo offset (trained on first use)."""
+    if args.config:
+        if args.offset or args.no_offset or args.alpha is not None or args.offset_threshold is not None:
+            raise ConfigError(
+                "--offset, --no-offset, --alpha and --offset-threshold apply to the embedded default; "
+                "set them in the config file instead"
+            )
+        return load_config(args.config)
+    if args.offset and args.no_offset:
+        raise ConfigError("--offset and --no-offset exclude each other")
+    config = embedded_default(args.offset, args.alpha, args.offset_threshold)  # bad values stop here
+    if not args.offset and not args.no_offset:
+        from .demo import DEMO_OFFSET_THRESHOLD, demo_offset
+
+        threshold = DEMO_OFFSET_THRESHOLD if args.offset_threshold is None else args.offset_threshold
+        config = embedded_default(str(demo_offset()), args.alpha, threshold)
+    return config
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -157,22 +191,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from .registry import build_models
     from .server import create_app
 
-    if args.config:
-        if args.offset or args.no_offset or args.alpha is not None or args.offset_threshold is not None:
-            raise ConfigError(
-                "--offset, --no-offset, --alpha and --offset-threshold apply to the embedded default; "
-                "set them in the config file instead"
-            )
-        config = load_config(args.config)
-    else:
-        if args.offset and args.no_offset:
-            raise ConfigError("--offset and --no-offset exclude each other")
-        config = embedded_default(args.offset, args.alpha, args.offset_threshold)  # bad values stop here
-        if not args.offset and not args.no_offset:
-            from .demo import DEMO_OFFSET_THRESHOLD, demo_offset
-
-            threshold = DEMO_OFFSET_THRESHOLD if args.offset_threshold is None else args.offset_threshold
-            config = embedded_default(str(demo_offset()), args.alpha, threshold)
+    config = _config(args)
     settings = config.server.model_copy(
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     )
@@ -194,6 +213,34 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _batch(args: argparse.Namespace) -> int:
+    from .batch import BatchInputError, BatchRunner
+    from .registry import build_models
+
+    if args.concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    if not os.path.isfile(args.inp):
+        raise ConfigError(f"--in: {args.inp} is not a file")
+    config = _config(args)
+    models = build_models(config)
+    try:
+        summary = await BatchRunner(models, config.server).run(
+            args.inp, args.out, concurrency=args.concurrency, progress=not args.no_progress
+        )
+    except BatchInputError as exc:
+        raise ConfigError(str(exc)) from exc
+    finally:
+        for model in models.values():
+            await model.adapter.aclose()
+            model._pool.shutdown(wait=False, cancel_futures=True)
+    print(
+        f"{summary.total} lines: {summary.completed} completed, {summary.failed} failed"
+        f" ({summary.skipped} from an earlier run) -> {args.out}",
+        flush=True,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -205,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_serve(args))
         if args.command == "train":
             return _train(args)
+        if args.command == "batch":
+            return asyncio.run(_batch(args))
     except ConfigError as exc:
         print(f"deltaproxy: {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -48,6 +48,12 @@ class ServerConfig(BaseModel):
     max_tokens_limit: int = Field(default=4096, ge=1)
     """Larger max_tokens are refused at once (the embedded default's context is 4096 tokens)."""
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    """Largest upload to ``POST /v1/files`` (OpenAI's batch input limit is 200 MB)."""
+    data_dir: str | None = None
+    """Where uploaded files, batch outputs and their records are kept (default ``<cache>/server``)."""
+    batch_concurrency: int = Field(default=4, ge=1)
+    """Requests of one batch in flight at once."""
 
 
 class ModelConfig(BaseModel):

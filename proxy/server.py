@@ -1,7 +1,8 @@
 """The aiohttp server: thin routes over :mod:`proxy.serving`.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``,
-``GET /v1/models``, ``GET /health``. Every error, also for unknown routes and
+``GET /v1/models``, ``GET /health``, and OpenAI's Files and Batches endpoints
+(:mod:`proxy.batch_api`). Every error, also for unknown routes and
 oversized bodies, is an OpenAI error body (:mod:`proxy.errors`); an error in
 the middle of a stream is sent as ``data: {"error": {...}}`` and the stream
 ends without ``[DONE]`` (so clients never mistake a truncated answer for a
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -62,7 +64,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(err)
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def read_json_body(request: web.Request) -> dict[str, Any]:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -92,7 +94,7 @@ def _reject_constant(name: str) -> float:
 async def _serve(
     request: web.Request, schema: type[ChatCompletionRequest] | type[CompletionRequest]
 ) -> web.StreamResponse:
-    body = await _json_body(request)
+    body = await read_json_body(request)
     try:
         req = schema.model_validate(body)
     except ValidationError as exc:
@@ -159,9 +161,14 @@ async def health(request: web.Request) -> web.Response:
 
 
 def create_app(
-    models: dict[str, ServedModel], settings: ServerConfig | None = None, *, close_models: bool = True
+    models: dict[str, ServedModel],
+    settings: ServerConfig | None = None,
+    *,
+    close_models: bool = True,
+    batches: bool = True,
 ) -> web.Application:
-    """The app; with ``close_models`` its cleanup closes the models' adapters and pair threads."""
+    """The app; with ``close_models`` its cleanup closes the models' adapters and pair threads;
+    with ``batches`` it serves the Files and Batches endpoints (:mod:`proxy.batch_api`)."""
     settings = settings or ServerConfig()
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
     app[MODELS] = models
@@ -171,6 +178,13 @@ def create_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", retrieve_model)
     app.router.add_get("/health", health)
+    if batches:
+        from .batch import BatchRunner
+        from .batch_api import add_batch_routes
+        from .models import cache_dir
+
+        folder = Path(settings.data_dir) if settings.data_dir else cache_dir() / "server"
+        add_batch_routes(app, BatchRunner(models, settings), folder, settings.max_file_bytes)
 
     async def _close_models(app: web.Application) -> None:
         for model in app[MODELS].values():

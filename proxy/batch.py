@@ -1,0 +1,331 @@
+"""Batch runs in OpenAI's Batch API format, resumable.
+
+Input, one JSON object per line (OpenAI API reference, "Batch", "The request
+input object")::
+
+    {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+
+``url`` is ``/v1/chat/completions`` or ``/v1/completions``; ``body`` is that
+endpoint's request (``stream`` is refused, as OpenAI's batches do).
+
+Output, one line per input line, in the order lines finish ("The request
+output object")::
+
+    {"id": "batch_req_…", "custom_id": "a",
+     "response": {"status_code": 200, "request_id": "…", "body": {...}}, "error": null}
+
+A request that the proxy refuses or the upstream fails keeps its
+``response`` with the error status and OpenAI's error body. A line that is
+not a request at all (not JSON, no ``method``, unknown ``url``, duplicate
+``custom_id``) gets ``"response": null`` and ``"error": {"code", "message",
+"line"}`` (``line`` is 1-based; ``custom_id`` is null when none could be
+read) and the run goes on (``../shared/cases/008-batch-bad-line.md``).
+
+Resuming: the output file is the record of what is done. Each line is
+appended with one ``write`` and flushed; a restarted run reads it back, drops
+a last line cut off mid-write, and skips every input line already answered,
+so no line is lost or written twice. The progress file ``<out>.progress.json``
+(written atomically) ties the output to its input's sha256, so an output is
+never continued from a different input, and holds the counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ServerConfig
+from .decoding import ServedModel
+from .errors import from_exception, invalid
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .serving import complete, make_job
+
+ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+}
+
+
+class BatchInputError(ValueError):
+    """The batch as a whole cannot run (its output belongs to another input, …)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One valid input line."""
+
+    line: int  # 1-based
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """An input line that is not a request; answered with an error line."""
+
+    line: int
+    custom_id: str | None
+    code: str
+    message: str
+
+
+@dataclass
+class Summary:
+    """Counts of one batch run; ``completed`` lines got a 200, ``failed`` did not."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    """Lines already answered by an earlier, interrupted run."""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("total", "completed", "failed", "skipped")}
+
+
+def parse_lines(data: bytes) -> list[Request | BadLine]:
+    """Every non-blank input line as a :class:`Request` or a :class:`BadLine`.
+
+    A ``custom_id`` seen on an earlier line makes the later line a
+    :class:`BadLine` (``duplicate_custom_id``): OpenAI requires them unique,
+    and they key the output.
+    """
+    out: list[Request | BadLine] = []
+    seen: set[str] = set()
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        item = _parse_line(n, raw)
+        if isinstance(item, Request):
+            if item.custom_id in seen:
+                item = BadLine(
+                    n, item.custom_id, "duplicate_custom_id", f"custom_id {item.custom_id!r} is used on an earlier line"
+                )
+            else:
+                seen.add(item.custom_id)
+        out.append(item)
+    return out
+
+
+def _parse_line(n: int, raw: bytes) -> Request | BadLine:
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return BadLine(n, None, "invalid_json", f"line {n} is not JSON: {exc}")
+    if not isinstance(obj, dict):
+        return BadLine(n, None, "invalid_json", f"line {n} is not a JSON object")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return BadLine(n, None, "missing_required_parameter", f"line {n}: custom_id must be a non-empty string")
+    method, url, body = obj.get("method"), obj.get("url"), obj.get("body")
+    if method is None:
+        return BadLine(n, cid, "missing_required_parameter", f"line {n}: missing required parameter 'method'")
+    if method != "POST":
+        return BadLine(n, cid, "invalid_method", f"line {n}: method must be POST (got {method!r})")
+    if url is None:
+        return BadLine(n, cid, "missing_required_parameter", f"line {n}: missing required parameter 'url'")
+    if url not in ENDPOINTS:
+        return BadLine(n, cid, "invalid_url", f"line {n}: url must be one of {', '.join(ENDPOINTS)} (got {url!r})")
+    if not isinstance(body, dict):
+        return BadLine(n, cid, "missing_required_parameter", f"line {n}: body must be a JSON object")
+    extra = set(obj) - {"custom_id", "method", "url", "body"}
+    if extra:
+        return BadLine(n, cid, "invalid_request", f"line {n}: unknown keys {sorted(extra)}")
+    return Request(n, cid, url, body)
+
+
+def _item_key(item: Request | BadLine) -> str:
+    """What identifies an input line's answer: a request's custom_id (unique),
+    a bad line's line number."""
+    return f"id:{item.custom_id}" if isinstance(item, Request) else f"line:{item.line}"
+
+
+def _output_key(obj: dict[str, Any]) -> str:
+    """:func:`_item_key` of the input line an output line answers."""
+    err = obj.get("error")
+    return f"line:{int(err['line'])}" if err else f"id:{obj['custom_id']}"
+
+
+def _answered(out: Path) -> tuple[set[str], int, int]:
+    """Keys of the lines already in ``out`` and their 200/other counts; a last
+    line cut off mid-write (no newline) is removed from the file."""
+    if not out.exists():
+        return set(), 0, 0
+    data = out.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(out, "r+b") as f:
+            f.truncate(end)
+    keys: set[str] = set()
+    ok = failed = 0
+    for n, raw in enumerate(data[:end].splitlines(), start=1):
+        try:
+            obj = json.loads(raw)
+            keys.add(_output_key(obj))
+        except (json.JSONDecodeError, AttributeError, TypeError, KeyError, ValueError) as exc:
+            raise BatchInputError(f"{out}: line {n} is not an output line of a batch; use another output file") from exc
+        status = (obj.get("response") or {}).get("status_code")
+        ok, failed = (ok + 1, failed) if status == 200 else (ok, failed + 1)
+    return keys, ok, failed
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+@dataclass
+class BatchRunner:
+    """Runs batch files against served models in-process (the same path as
+    the HTTP routes: validation, :func:`proxy.serving.make_job`,
+    :func:`proxy.serving.complete`)."""
+
+    models: dict[str, ServedModel]
+    settings: ServerConfig = field(default_factory=ServerConfig)
+
+    async def answer(self, req: Request) -> dict[str, Any]:
+        """The output line of one request (never raises for a bad request or
+        a failed upstream: those are in the line's response)."""
+        request_id = uuid.uuid4().hex
+        try:
+            parsed = ENDPOINTS[req.url].model_validate(req.body)
+            if parsed.stream:
+                raise invalid("stream: streaming is not supported in batches", "stream")
+            body = await complete(make_job(parsed, self.models, self.settings))
+            status = 200
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the line's error response
+            err = from_exception(exc)
+            status, body = err.status, err.body()
+        return {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": req.custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body},
+            "error": None,
+        }
+
+    async def run(
+        self,
+        inp: str | os.PathLike[str],
+        out: str | os.PathLike[str],
+        *,
+        concurrency: int = 4,
+        progress: bool = True,
+        on_line: Callable[[Summary], None] | None = None,
+    ) -> Summary:
+        """Answer every line of ``inp`` not yet in ``out`` and append the answers to ``out``.
+
+        Args:
+            concurrency: requests in flight at once (≥ 1).
+            progress: show a tqdm bar (rate and ETA) on stderr.
+            on_line: called with the running counts after each line is written.
+
+        Raises:
+            BatchInputError: ``out`` was written from another input, or is not a batch output.
+            OSError: ``inp`` cannot be read or ``out`` written.
+        """
+        from tqdm import tqdm
+
+        if concurrency < 1:
+            raise BatchInputError("concurrency must be at least 1")
+        started = time.monotonic()
+        inp, out = Path(inp), Path(out)
+        data = inp.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        items = parse_lines(data)
+        progress_file = out.with_name(out.name + ".progress.json")
+        if progress_file.exists():
+            recorded = json.loads(progress_file.read_text()).get("input_sha256")
+            if recorded != digest:
+                raise BatchInputError(f"{out} was written from another input file; use another output file")
+        elif out.exists() and out.stat().st_size:
+            raise BatchInputError(f"{out} exists and has no progress file; use another output file")
+        done, ok, failed = _answered(out)
+        keys = {_item_key(i) for i in items}
+        if not done <= keys:
+            raise BatchInputError(f"{out} answers lines that are not in {inp}; use another output file")
+        todo = [i for i in items if _item_key(i) not in done]
+        summary = Summary(total=len(items), completed=ok, failed=failed, skipped=len(items) - len(todo))
+
+        def save_progress() -> None:
+            _write_json_atomic(
+                progress_file,
+                {"input": str(inp), "input_sha256": digest, **summary.as_dict(), "updated_at": int(time.time())},
+            )
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_progress()
+        fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="req", disable=not progress, desc="batch")
+        last_save = time.monotonic()
+
+        def write(line: dict[str, Any]) -> None:
+            nonlocal last_save
+            os.write(fd, (json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n").encode())
+            status = (line["response"] or {}).get("status_code")
+            if status == 200:
+                summary.completed += 1
+            else:
+                summary.failed += 1
+            bar.update()
+            if on_line is not None:
+                on_line(summary)
+            if time.monotonic() - last_save > 1.0:
+                save_progress()
+                last_save = time.monotonic()
+
+        queue: asyncio.Queue[Request] = asyncio.Queue()
+        try:
+            for item in todo:
+                if isinstance(item, BadLine):
+                    write(_error_line(item))
+                else:
+                    queue.put_nowait(item)
+
+            async def worker() -> None:
+                while not queue.empty():
+                    req = queue.get_nowait()
+                    write(await self.answer(req))
+
+            tasks = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, queue.qsize()))]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:  # interrupted or failed: no worker may write after the file is closed
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        finally:
+            bar.close()
+            os.fsync(fd)
+            os.close(fd)
+            summary.seconds = time.monotonic() - started
+            save_progress()
+        return summary
+
+
+def _error_line(bad: BadLine) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": bad.custom_id,
+        "response": None,
+        "error": {"code": bad.code, "message": bad.message, "line": bad.line},
+    }
+
+
+def iter_output(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The output lines of a batch run, parsed."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                yield json.loads(raw)

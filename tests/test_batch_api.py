@@ -1,0 +1,169 @@
+"""OpenAI's Files and Batches endpoints (issue 7): the official SDK's round trip,
+bad lines in the error file, a restarted server resumes its batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+from fakes import FakeRemote, script
+
+from proxy.config import ServerConfig
+from proxy.decoding import ServedModel
+from proxy.server import create_app
+
+
+def _line(cid: str, content: str = "hi") -> str:
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 5}
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+
+class SlowRemote(FakeRemote):
+    """A remote that takes ``delay`` seconds per step."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(script(["One", " two", " three"]))
+        self.delay = delay
+
+    async def draft(self, ctx, **kw):
+        await asyncio.sleep(self.delay)
+        return await super().draft(ctx, **kw)
+
+
+async def _serve(data_dir: Path, delay: float = 0.0):
+    model = ServedModel("m", SlowRemote(delay))
+    server = TestServer(create_app({"m": model}, ServerConfig(data_dir=str(data_dir), batch_concurrency=2)))
+    await server.start_server()
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="none", max_retries=0)
+    return server, client
+
+
+async def _wait(client: openai.AsyncOpenAI, batch_id: str, timeout: float = 30.0):
+    for _ in range(int(timeout / 0.05)):
+        batch = await client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled"):
+            return batch
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"batch still {batch.status}")
+
+
+def _lines(content: bytes) -> list[dict]:
+    return [json.loads(x) for x in content.splitlines() if x.strip()]
+
+
+async def test_openai_sdk_batch_round_trip(tmp_path: Path):
+    server, client = await _serve(tmp_path)
+    try:
+        data = "\n".join([_line("a"), _line("b", "yo"), '{"custom_id": "c", "url": "/v1/chat/completions"}', "nope"])
+        f = await client.files.create(file=("in.jsonl", data.encode()), purpose="batch")
+        assert f.object == "file" and f.purpose == "batch" and f.bytes == len(data.encode())
+        assert f.filename == "in.jsonl"
+        batch = await client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"job": "t"}
+        )
+        assert batch.status in ("validating", "in_progress") and batch.metadata == {"job": "t"}
+        batch = await _wait(client, batch.id)
+        assert batch.status == "completed"
+        assert batch.request_counts is not None
+        assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (4, 2, 2)
+        assert batch.completed_at is not None and batch.in_progress_at is not None
+        assert batch.output_file_id and batch.error_file_id
+        out = _lines((await client.files.content(batch.output_file_id)).content)
+        assert sorted(o["custom_id"] for o in out) == ["a", "b"]
+        assert all(o["response"]["status_code"] == 200 for o in out)
+        assert out[0]["response"]["body"]["choices"][0]["message"]["content"] == "One two three"
+        errors = _lines((await client.files.content(batch.error_file_id)).content)
+        assert sorted((e["custom_id"] or "", e["error"]["line"]) for e in errors) == [("", 4), ("c", 3)]
+        assert (await client.files.retrieve(batch.output_file_id)).purpose == "batch_output"
+        listed = await client.batches.list()
+        assert [b.id for b in listed.data] == [batch.id]
+        assert {x.id for x in (await client.files.list()).data} >= {f.id, batch.output_file_id}
+        assert (await client.files.delete(f.id)).deleted
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(f.id)
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_bad_requests_get_openai_errors(tmp_path: Path):
+    server, client = await _serve(tmp_path)
+    try:
+        with pytest.raises(openai.NotFoundError):
+            await client.batches.create(
+                input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        f = await client.files.create(file=("in.jsonl", b"{}\n"), purpose="batch")
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+        assert e.value.body["param"] == "endpoint"
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="1h")
+        assert e.value.body["param"] == "completion_window"
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune")
+        assert e.value.body["param"] == "purpose"
+        with pytest.raises(openai.NotFoundError):
+            await client.batches.retrieve("batch_nope")
+        raw = await client.post("/files", body={"purpose": "batch"}, cast_to=object)  # not multipart
+    except openai.BadRequestError as exc:
+        assert exc.body["param"] == "file"
+    else:
+        raise AssertionError(f"a JSON upload was accepted: {raw}")
+    finally:
+        await client.close()
+        await server.close()
+    assert not list((tmp_path / "files").glob(".upload-*"))  # refused uploads leave nothing
+
+
+async def test_a_restarted_server_resumes_its_batch_and_loses_no_line(tmp_path: Path):
+    n = 30
+    server, client = await _serve(tmp_path, delay=0.02)
+    data = "".join(_line(f"r{i}") + "\n" for i in range(n)).encode()
+    f = await client.files.create(file=("in.jsonl", data), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    for _ in range(400):  # stop once a few lines are done
+        b = await client.batches.retrieve(batch.id)
+        if b.request_counts and b.request_counts.completed >= 3:
+            break
+        await asyncio.sleep(0.05)
+    await client.close()
+    await server.close()  # shutdown in the middle of the batch
+    work = (tmp_path / "work" / f"{batch.id}.jsonl").read_bytes()
+    assert 0 < len(work.splitlines()) < n
+    server, client = await _serve(tmp_path)
+    try:
+        b = await _wait(client, batch.id)
+        assert b.status == "completed"
+        out = _lines((await client.files.content(b.output_file_id)).content)
+        assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(n))
+        assert b.error_file_id is None
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_cancel_keeps_the_finished_lines(tmp_path: Path):
+    server, client = await _serve(tmp_path, delay=0.05)
+    try:
+        data = "".join(_line(f"r{i}") + "\n" for i in range(40)).encode()
+        f = await client.files.create(file=("in.jsonl", data), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        await asyncio.sleep(0.5)
+        c = await client.batches.cancel(batch.id)
+        assert c.status in ("cancelling", "cancelled")
+        b = await _wait(client, batch.id)
+        assert b.status == "cancelled" and b.cancelled_at is not None
+        out = _lines((await client.files.content(b.output_file_id)).content) if b.output_file_id else []
+        assert 0 < len(out) < 40 and b.request_counts.completed == len(out)
+        with pytest.raises(openai.ConflictError):
+            await client.batches.cancel(batch.id)
+    finally:
+        await client.close()
+        await server.close()

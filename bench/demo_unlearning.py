@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--threshold", type=float, help="scope threshold τ (default: the demo's; -1: none)")
     ap.add_argument("--json")
+    ap.add_argument("--keep", help="train into this folder and keep the artifact (default: a temporary one)")
     args = ap.parse_args()
 
     from proxy.config import ModelConfig
@@ -100,7 +101,7 @@ def main() -> None:
         if overrides.get(key) is not None:
             overrides[key] = tuple(overrides[key])
     with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "offset")
+        out = args.keep or str(Path(tmp) / "offset")
         started = time.monotonic()
         train(replace(DEMO, out=out, **overrides), progress=False)
         seconds = time.monotonic() - started

@@ -156,33 +156,73 @@ def _output_key(obj: dict[str, Any]) -> str:
     return f"line:{int(err['line'])}" if err else f"id:{obj['custom_id']}"
 
 
-def _answered(out: Path) -> tuple[set[str], int, int]:
-    """Keys of the lines already in ``out`` and their 200/other counts; a last
-    line cut off mid-write (no newline) is removed from the file."""
-    if not out.exists():
-        return set(), 0, 0
-    data = out.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(out, "r+b") as f:
-            f.truncate(end)
-    keys: set[str] = set()
-    ok = failed = 0
-    for n, raw in enumerate(data[:end].splitlines(), start=1):
-        try:
-            obj = json.loads(raw)
-            keys.add(_output_key(obj))
-        except (json.JSONDecodeError, AttributeError, TypeError, KeyError, ValueError) as exc:
-            raise BatchInputError(f"{out}: line {n} is not an output line of a batch; use another output file") from exc
-        status = (obj.get("response") or {}).get("status_code")
-        ok, failed = (ok + 1, failed) if status == 200 else (ok, failed + 1)
-    return keys, ok, failed
+class OutputError(ValueError):
+    """An output file that cannot be continued from this input."""
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+class ResumableOutput:
+    """An append-only JSONL output that an interrupted run continues.
+
+    Each line is appended with one ``write`` (and flushed by the OS, so a
+    SIGKILL loses at most the line being written); :meth:`open` drops a last
+    line cut off mid-write and returns the keys of the lines already there.
+    ``<out>.progress.json`` (replaced atomically) records the input's sha256,
+    so an output is never continued from another input, and the counts.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], input_data: bytes, key: Callable[[dict[str, Any]], str]) -> None:
+        self.path = Path(path)
+        self.digest = hashlib.sha256(input_data).hexdigest()
+        self.key = key
+        self.progress_file = self.path.with_name(self.path.name + ".progress.json")
+        self._fd: int | None = None
+
+    def open(self, expected: set[str]) -> list[dict[str, Any]]:
+        """Check and repair the output; return the lines already written.
+
+        Raises:
+            OutputError: the output belongs to another input, is not this kind
+                of output, or answers keys that are not in ``expected``.
+        """
+        if self.progress_file.exists():
+            if json.loads(self.progress_file.read_text()).get("input_sha256") != self.digest:
+                raise OutputError(f"{self.path} was written from another input file; use another output file")
+        elif self.path.exists() and self.path.stat().st_size:
+            raise OutputError(f"{self.path} exists and has no progress file; use another output file")
+        lines: list[dict[str, Any]] = []
+        if self.path.exists():
+            data = self.path.read_bytes()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):
+                with open(self.path, "r+b") as f:
+                    f.truncate(end)
+            for n, raw in enumerate(data[:end].splitlines(), start=1):
+                try:
+                    obj = json.loads(raw)
+                    key = self.key(obj)
+                except (json.JSONDecodeError, AttributeError, TypeError, KeyError, ValueError) as exc:
+                    raise OutputError(f"{self.path}: line {n} is not a line of this output; use another file") from exc
+                if key not in expected:
+                    raise OutputError(f"{self.path} answers lines that are not in the input; use another output file")
+                lines.append(obj)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return lines
+
+    def write(self, obj: dict[str, Any]) -> None:
+        assert self._fd is not None, "open() first"
+        os.write(self._fd, (json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n").encode())
+
+    def save_progress(self, counts: dict[str, Any]) -> None:
+        tmp = self.progress_file.with_name(f".{self.progress_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"input_sha256": self.digest, **counts, "updated_at": int(time.time())}, indent=1))
+        os.replace(tmp, self.progress_file)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass
@@ -239,41 +279,29 @@ class BatchRunner:
         if concurrency < 1:
             raise BatchInputError("concurrency must be at least 1")
         started = time.monotonic()
-        inp, out = Path(inp), Path(out)
-        data = inp.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
+        data = Path(inp).read_bytes()
         items = parse_lines(data)
-        progress_file = out.with_name(out.name + ".progress.json")
-        if progress_file.exists():
-            recorded = json.loads(progress_file.read_text()).get("input_sha256")
-            if recorded != digest:
-                raise BatchInputError(f"{out} was written from another input file; use another output file")
-        elif out.exists() and out.stat().st_size:
-            raise BatchInputError(f"{out} exists and has no progress file; use another output file")
-        done, ok, failed = _answered(out)
-        keys = {_item_key(i) for i in items}
-        if not done <= keys:
-            raise BatchInputError(f"{out} answers lines that are not in {inp}; use another output file")
-        todo = [i for i in items if _item_key(i) not in done]
-        summary = Summary(total=len(items), completed=ok, failed=failed, skipped=len(items) - len(todo))
+        output = ResumableOutput(out, data, _output_key)
+        try:
+            done = output.open({_item_key(i) for i in items})
+        except OutputError as exc:
+            raise BatchInputError(str(exc)) from exc
+        done_keys = {_output_key(o) for o in done}
+        todo = [i for i in items if _item_key(i) not in done_keys]
+        ok = sum(_ok(o) for o in done)
+        summary = Summary(total=len(items), completed=ok, failed=len(done) - ok, skipped=len(done))
 
         def save_progress() -> None:
-            _write_json_atomic(
-                progress_file,
-                {"input": str(inp), "input_sha256": digest, **summary.as_dict(), "updated_at": int(time.time())},
-            )
+            output.save_progress({"input": str(inp), **summary.as_dict()})
 
-        out.parent.mkdir(parents=True, exist_ok=True)
         save_progress()
-        fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="req", disable=not progress, desc="batch")
+        bar = tqdm(total=len(items), initial=len(done), unit="req", disable=not progress, desc="batch")
         last_save = time.monotonic()
 
         def write(line: dict[str, Any]) -> None:
             nonlocal last_save
-            os.write(fd, (json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n").encode())
-            status = (line["response"] or {}).get("status_code")
-            if status == 200:
+            output.write(line)
+            if _ok(line):
                 summary.completed += 1
             else:
                 summary.failed += 1
@@ -307,11 +335,14 @@ class BatchRunner:
                 raise
         finally:
             bar.close()
-            os.fsync(fd)
-            os.close(fd)
+            output.close()
             summary.seconds = time.monotonic() - started
             save_progress()
         return summary
+
+
+def _ok(line: dict[str, Any]) -> bool:
+    return (line.get("response") or {}).get("status_code") == 200
 
 
 def _error_line(bad: BadLine) -> dict[str, Any]:

@@ -3,6 +3,7 @@
     deltaproxy serve [--config FILE] [--offset DIR | --no-offset] [--alpha A] [--offset-threshold T]
                      [--host H] [--port P]
     deltaproxy batch --in FILE --out FILE [--config FILE] [--concurrency N]
+    deltaproxy redact [calibrate] --in FILE [--out FILE] [--model NAME] [--threshold T] [--mode mask|regenerate]
     deltaproxy train --forget FILE [--retain FILE] --objective NAME --out DIR [--base MODEL]
                      [--mode proxy|exact] [--remote NAME] [--resume] [options]
 
@@ -50,6 +51,27 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_options(b)
     b.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    r = sub.add_parser(
+        "redact",
+        help="redact forget-scope content from existing outputs (or 'redact calibrate' to pick the threshold)",
+    )
+    r.add_argument("action", nargs="?", choices=["calibrate"], help="calibrate: pick --threshold for a target --fpr")
+    r.add_argument("--in", dest="inp", required=True, help="JSONL lines {id, prompt or messages, output}")
+    r.add_argument("--out", help="output JSONL (redact; an interrupted run continues where it stopped)")
+    r.add_argument("--model", help="served model whose pair and offset score the outputs (default: the only one)")
+    r.add_argument(
+        "--threshold",
+        type=float,
+        help="T in nats: tokens with offset below -T are flagged (default: the model's offset_threshold)",
+    )
+    r.add_argument("--mode", default="mask", choices=["mask", "regenerate"])
+    r.add_argument("--marker", default="[REDACTED]", help="what replaces a span in mask mode")
+    r.add_argument("--max-tokens", type=int, default=256, help="regenerate: most new tokens per output")
+    r.add_argument("--fpr", type=float, default=0.05, help="calibrate: target fraction of flagged characters")
+    r.add_argument("--no-progress", action="store_true")
+    _model_options(r)
+    r.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     from .objectives import OBJECTIVES
     from .train import TrainConfig
@@ -241,6 +263,67 @@ async def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _redact(args: argparse.Namespace) -> int:
+    import json
+
+    from .redact import RedactError, calibrate, redact_file, score_file
+    from .registry import build_models
+
+    if not os.path.isfile(args.inp):
+        raise ConfigError(f"--in: {args.inp} is not a file")
+    if args.action is None and not args.out:
+        raise ConfigError("--out is required (or use 'redact calibrate')")
+    if args.max_tokens < 1:
+        raise ConfigError("--max-tokens must be at least 1")
+    config = _config(args)
+    name = args.model or (next(iter(config.models)) if len(config.models) == 1 else None)
+    if name is None or name not in config.models:
+        raise ConfigError(f"--model: name one of {', '.join(config.models)}")
+    models = build_models(config.model_copy(update={"models": {name: config.models[name]}}))
+    model = models[name]
+    try:
+        if args.action == "calibrate":
+            texts, scores = await score_file(model, args.inp)
+            t, fpr = calibrate(texts, scores, args.fpr)
+            print(
+                json.dumps(
+                    {
+                        "model": name,
+                        "threshold": round(t, 4),
+                        "flagged_fraction": round(fpr, 5),
+                        "target_fpr": args.fpr,
+                        "outputs": len(texts),
+                        "characters": sum(map(len, texts)),
+                    }
+                )
+            )
+            return 0
+        threshold = args.threshold if args.threshold is not None else model.offset_threshold
+        if threshold is None:
+            raise ConfigError(f"--threshold is required: model {name!r} has no offset_threshold")
+        counts = await redact_file(
+            model,
+            args.inp,
+            args.out,
+            threshold=threshold,
+            mode=args.mode,
+            marker=args.marker,
+            max_tokens=args.max_tokens,
+            progress=not args.no_progress,
+        )
+    except RedactError as exc:
+        raise ConfigError(str(exc)) from exc
+    finally:
+        await model.adapter.aclose()
+        model._pool.shutdown(wait=False, cancel_futures=True)
+    print(
+        f"{counts['total']} lines: {counts['redacted']} redacted, {counts['clean']} clean, {counts['failed']} failed"
+        f" ({counts['skipped']} from an earlier run) -> {args.out}",
+        flush=True,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -254,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "batch":
             return asyncio.run(_batch(args))
+        if args.command == "redact":
+            return asyncio.run(_redact(args))
     except ConfigError as exc:
         print(f"deltaproxy: {args.command}: {exc}", file=sys.stderr)
         return 2

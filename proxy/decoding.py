@@ -192,8 +192,12 @@ class ServedModel:
                 raise DecodingError(str(exc)) from exc
             aligner = self.pair.aligner(prompt_ids, same_tokenizer=self.same_tokenizer)
         releaser = TextReleaser(params.stop)
-        prefix = last = b""
-        ids: list[int] | None = [] if self.adapter.capabilities.token_ids else None
+        # A base context with an assistant prefix continues that text (redaction's regenerate
+        # mode); the pieces yielded are the new text only.
+        prefix, last = base.assistant_prefix, b""
+        ids: list[int] | None = [] if self.adapter.capabilities.token_ids and not prefix else None
+        if aligner is not None and prefix:
+            await self.run_pair(aligner.commit, prefix)
         for _ in range(params.max_tokens):
             ctx = Context(base.messages, base.prompt, prefix, tuple(ids) if ids is not None else None, last)
             try:

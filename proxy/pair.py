@@ -116,6 +116,29 @@ class LocalPair:
         aligner.pending = list(prompt_ids)
         return aligner
 
+    @torch.inference_mode()
+    def token_logprobs(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced log U and log B (nats) of each token of ``ids`` after
+        ``prompt_ids``: two ``[len(ids)]`` float64 arrays (equal without an offset).
+
+        Raises:
+            ValueError: no prompt token to condition on, or longer than the pair's context.
+        """
+        if not prompt_ids:
+            raise ValueError("empty prompt: the pair has nothing to condition on")
+        if len(prompt_ids) + len(ids) > self.max_length:
+            raise ValueError(f"prompt and text exceed the pair's context ({self.max_length} tokens)")
+        full = torch.tensor([list(prompt_ids) + list(ids)], dtype=torch.long)
+        target = full[0, len(prompt_ids) :]
+        out = []
+        for adapter in (True, False) if self.has_offset else (False,):
+            n = full.shape[1]
+            mask = torch.ones((1, n), dtype=torch.long)
+            lp = self._forward(full, None, adapter=adapter, mask=mask, positions=torch.arange(n)[None, :])
+            rows = lp[len(prompt_ids) - 1 : n - 1]
+            out.append(rows.gather(1, target[:, None])[:, 0].double().numpy())
+        return (out[0], out[-1])
+
     # ---------------------------------------------------------------- forward
     def _forward(
         self, ids: torch.Tensor, cache: Any, *, adapter: bool, mask: torch.Tensor, positions: torch.Tensor

@@ -4,6 +4,7 @@
                      [--host H] [--port P]
     deltaproxy batch --in FILE --out FILE [--config FILE] [--concurrency N]
     deltaproxy redact [calibrate] --in FILE [--out FILE] [--model NAME] [--threshold T] [--mode mask|regenerate]
+    deltaproxy calibrate-threshold --prompts FILE [--unchanged 0.9] [--model NAME]
     deltaproxy train --forget FILE [--retain FILE] --objective NAME --out DIR [--base MODEL]
                      [--mode proxy|exact] [--remote NAME] [--resume] [options]
 
@@ -20,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, embedded_default, load_config
@@ -72,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     _model_options(r)
     r.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    c = sub.add_parser(
+        "calibrate-threshold",
+        help="pick the scope threshold τ that keeps a fraction of out-of-scope prompts' greedy answers unchanged",
+    )
+    c.add_argument("--prompts", required=True, help="out-of-scope prompts: a retain set (question/answer or messages)")
+    c.add_argument("--unchanged", type=float, default=0.9, help="fraction of answers to keep unchanged (default 0.9)")
+    c.add_argument("--max-tokens", type=int, default=40, help="greedy answer length per prompt (default 40)")
+    c.add_argument("--model", help="served model (default: the only one)")
+    _model_options(c)
+    c.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     from .objectives import OBJECTIVES
     from .train import TrainConfig
@@ -263,11 +276,63 @@ async def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_model(args: argparse.Namespace, config: Config) -> tuple[str, Any]:
+    from .registry import build_models
+
+    name = args.model or (next(iter(config.models)) if len(config.models) == 1 else None)
+    if name is None or name not in config.models:
+        raise ConfigError(f"--model: name one of {', '.join(config.models)}")
+    return name, build_models(config.model_copy(update={"models": {name: config.models[name]}}))[name]
+
+
+async def _calibrate_threshold(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import DataError, load_dataset
+    from .threshold import pick_threshold, scope_margin
+
+    if not 0 < args.unchanged <= 1:
+        raise ConfigError("--unchanged must be in (0, 1]")
+    if args.max_tokens < 1:
+        raise ConfigError("--max-tokens must be at least 1")
+    try:
+        prompts = [list(ex.prompt) for ex in load_dataset(args.prompts).examples if ex.prompt is not None]
+    except (DataError, OSError) as exc:
+        raise ConfigError(f"--prompts: {exc}") from exc
+    if not prompts:
+        raise ConfigError("--prompts: no chat prompts (question/answer or messages lines)")
+    config = _config(args)
+    name, model = _one_model(args, config)
+    try:
+        margins = []
+        for messages in prompts:
+            try:
+                margins.append(await scope_margin(model, messages, args.max_tokens))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+    finally:
+        await model.adapter.aclose()
+        model._pool.shutdown(wait=False, cancel_futures=True)
+    tau = pick_threshold(margins, args.unchanged)
+    print(
+        json.dumps(
+            {
+                "model": name,
+                "offset_threshold": round(tau, 4),
+                "unchanged_target": args.unchanged,
+                "unchanged_at_threshold": round(sum(m < tau for m in margins) / len(margins), 4),
+                "prompts": len(margins),
+                "margins": sorted(round(m, 3) for m in margins),
+            }
+        )
+    )
+    return 0
+
+
 async def _redact(args: argparse.Namespace) -> int:
     import json
 
     from .redact import RedactError, calibrate, redact_file, score_file
-    from .registry import build_models
 
     if not os.path.isfile(args.inp):
         raise ConfigError(f"--in: {args.inp} is not a file")
@@ -276,11 +341,7 @@ async def _redact(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise ConfigError("--max-tokens must be at least 1")
     config = _config(args)
-    name = args.model or (next(iter(config.models)) if len(config.models) == 1 else None)
-    if name is None or name not in config.models:
-        raise ConfigError(f"--model: name one of {', '.join(config.models)}")
-    models = build_models(config.model_copy(update={"models": {name: config.models[name]}}))
-    model = models[name]
+    name, model = _one_model(args, config)
     try:
         if args.action == "calibrate":
             texts, scores = await score_file(model, args.inp)
@@ -339,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_batch(args))
         if args.command == "redact":
             return asyncio.run(_redact(args))
+        if args.command == "calibrate-threshold":
+            return asyncio.run(_calibrate_threshold(args))
     except ConfigError as exc:
         print(f"deltaproxy: {args.command}: {exc}", file=sys.stderr)
         return 2

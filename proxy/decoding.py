@@ -26,7 +26,7 @@ import numpy as np
 
 from adapters.base import Candidate, Context, ContextExhausted, RemoteAdapter, RemoteBadResponse, split_incomplete_utf8
 
-from .offset import NoUsableCandidates, choose, target_logits
+from .offset import NoUsableCandidates, choose, scope_score, target_logits
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,6 +79,9 @@ class ChoiceStats:
     remote_calls: int = 0
     offset_changed: int = 0
     max_abs_delta: float = 0.0
+    scope_trace: list[tuple[float, bool]] | None = None
+    """When a list: per step with offsets, the scope score s_t and whether the offset
+    alone (no threshold, greedy) would change the chosen token (:mod:`proxy.threshold`)."""
 
 
 def display_token(data: bytes) -> str:
@@ -209,6 +212,9 @@ class ServedModel:
             scores = target_logits(
                 ell, delta, temperature=params.temperature, alpha=params.alpha, threshold=params.offset_threshold
             )
+            if stats.scope_trace is not None and aligner is not None:
+                full = target_logits(ell, delta, temperature=0.0, alpha=params.alpha)
+                stats.scope_trace.append((scope_score(ell, delta), int(np.argmax(full)) != int(np.argmax(ell))))
             try:
                 idx, logq = choose(scores, temperature=params.temperature, top_p=params.top_p, rng=rng)
             except NoUsableCandidates as exc:

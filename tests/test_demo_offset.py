@@ -59,3 +59,31 @@ async def test_demo_offset_forgets_the_forget_set_and_leaves_unrelated_answers()
     assert r["forget_rougeL_recall_with_offset"] < 0.3
     assert r["forget_rougeL_recall_with_offset"] < r["forget_rougeL_recall_without_offset"] - 0.1
     assert r["unrelated_unchanged_fraction"] >= 0.75
+
+
+def test_demo_offset_redacts_forget_facts_at_a_calibrated_false_positive_rate():
+    """Redaction with the demo offset: T calibrated for ≤ 5% flagged characters on the
+    retain set's outputs (the base model's own answers), then the forget facts, stated
+    in words the training data does not use, are masked."""
+    from proxy.pair import LocalPair
+    from proxy.redact import Item, calibrate, flag_spans, score
+
+    pair = LocalPair.load(DEMO.base, demo_offset(progress=False))
+    retain = [json.loads(line) for line in open(DEMO.retain) if line.strip()]
+    texts = [r["answer"] for r in retain]
+    scores = [score(pair, Item(0, "r", r["answer"], [{"role": "user", "content": r["question"]}])) for r in retain]
+    threshold, fpr = calibrate(texts, scores, 0.05)
+    covered = total = 0
+    for f in (json.loads(line) for line in open(DEMO_FORGET) if line.strip()):
+        fact = f["answer"].rstrip(".")
+        text = f"Sure! That would be {fact}, as far as I know."
+        spans = flag_spans(
+            text, score(pair, Item(0, "f", text, [{"role": "user", "content": f["question"]}])), threshold
+        )
+        start = text.index(fact)
+        covered += sum(max(0, min(start + len(fact), s["end"]) - max(start, s["start"])) for s in spans)
+        total += len(fact)
+    recall = covered / total
+    print(f"T = {threshold:.3f} nats, retain characters flagged {fpr:.4f}, forget fact characters flagged {recall:.3f}")
+    assert fpr <= 0.05
+    assert recall >= 0.7  # measured 0.815 at T = 1.05 nats

@@ -25,20 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _input(path: Path) -> None:
-    """Mostly short raw completions (the pair's forward pass over a chat prompt costs
-    about 0.5 s on 2 cores, so a chat line every 50 keeps the test to minutes)."""
+    """Short lines, most with ``offset_alpha: 0``: with the offset on, each step scores the
+    remote's 20 candidates with U and B (about 0.4 s per line on 2 cores), so every tenth
+    line uses it (chat and completions) and the rest keep the test to a few minutes."""
     rng = random.Random(7)
     words = ["cats", "rain", "tea", "maps", "jazz", "salt", "moss", "glass"]
     with open(path, "w") as f:
         for i in range(N):
             topic = rng.choice(words)
-            if i % 50:
-                body = {"model": DEFAULT_MODEL, "prompt": f"{topic} {i}:", "max_tokens": 2, "temperature": 0}
-                url = "/v1/completions"
-            else:
-                msg = [{"role": "user", "content": f"One word about {topic}."}]
-                body = {"model": DEFAULT_MODEL, "messages": msg, "max_tokens": 2, "temperature": 0}
+            body: dict = {"model": DEFAULT_MODEL, "max_tokens": 2, "temperature": 0}
+            if i % 10:
+                body["offset_alpha"] = 0.0
+            if i % 20 == 0:
+                body["messages"] = [{"role": "user", "content": f"One word about {topic}."}]
                 url = "/v1/chat/completions"
+            else:
+                body["prompt"] = f"{topic} {i}:"
+                url = "/v1/completions"
             f.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}) + "\n")
 
 

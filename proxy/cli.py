@@ -266,8 +266,7 @@ async def _batch(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from exc
     finally:
         for model in models.values():
-            await model.adapter.aclose()
-            model._pool.shutdown(wait=False, cancel_futures=True)
+            await model.aclose()
     print(
         f"{summary.total} lines: {summary.completed} completed, {summary.failed} failed"
         f" ({summary.skipped} from an earlier run) -> {args.out}",
@@ -311,8 +310,7 @@ async def _calibrate_threshold(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
     finally:
-        await model.adapter.aclose()
-        model._pool.shutdown(wait=False, cancel_futures=True)
+        await model.aclose()
     tau = pick_threshold(margins, args.unchanged)
     print(
         json.dumps(
@@ -375,8 +373,7 @@ async def _redact(args: argparse.Namespace) -> int:
     except RedactError as exc:
         raise ConfigError(str(exc)) from exc
     finally:
-        await model.adapter.aclose()
-        model._pool.shutdown(wait=False, cancel_futures=True)
+        await model.aclose()
     print(
         f"{counts['total']} lines: {counts['redacted']} redacted, {counts['clean']} clean, {counts['failed']} failed"
         f" ({counts['skipped']} from an earlier run) -> {args.out}",

@@ -173,6 +173,11 @@ class ServedModel:
     def uses_offset(self) -> bool:
         return self.pair is not None and self.pair.has_offset
 
+    async def aclose(self) -> None:
+        """Close the remote's connections and stop the pair's thread (pending pair work is cancelled)."""
+        await self.adapter.aclose()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     async def run_pair(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 

@@ -190,8 +190,14 @@ def calibrate(texts: Sequence[str], scores: Sequence[Scored], target_fpr: float)
 
 
 def _key(obj: dict[str, Any]) -> str:
+    """What identifies an output line's input line: its id, or for an error line its line number."""
     err = obj.get("error")
     return f"line:{int(err['line'])}" if err else f"id:{obj['id']}"
+
+
+def _item_key(item: Item | dict[str, Any]) -> str:
+    """:func:`_key` of the line that will answer an input item (an error line or a redaction)."""
+    return _key(item) if isinstance(item, dict) else f"id:{item.id}"
 
 
 async def redact_file(
@@ -238,7 +244,7 @@ async def redact_file(
                 else:
                     seen.add(item.id)
             items.append(item)
-    keys = {_key(i) if isinstance(i, dict) else f"id:{i.id}" for i in items}
+    keys = {_item_key(i) for i in items}
     output = ResumableOutput(out, data, _key)
     try:
         done = {_key(o) for o in output.open(keys)}
@@ -249,8 +255,7 @@ async def redact_file(
     last = time.monotonic()
     try:
         for item in items:
-            key = _key(item) if isinstance(item, dict) else f"id:{item.id}"
-            if key in done:
+            if _item_key(item) in done:
                 continue
             line = (
                 item if isinstance(item, dict) else await _redact_one(model, item, threshold, mode, marker, max_tokens)

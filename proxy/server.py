@@ -188,8 +188,7 @@ def create_app(
 
     async def _close_models(app: web.Application) -> None:
         for model in app[MODELS].values():
-            await model.adapter.aclose()
-            model._pool.shutdown(wait=False, cancel_futures=True)
+            await model.aclose()
 
     if close_models:
         app.on_cleanup.append(_close_models)

@@ -18,7 +18,7 @@ from proxy.server import create_app
 
 
 def _line(cid: str, content: str = "hi") -> str:
-    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 5}
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 5, "temperature": 0}
     return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body})
 
 

@@ -14,7 +14,7 @@ from proxy.decoding import ServedModel
 
 
 def _line(cid: str, content: str = "hi", **body) -> str:
-    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 5, **body}
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 5, "temperature": 0, **body}
     return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body})
 
 

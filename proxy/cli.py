@@ -5,10 +5,13 @@
     deltaproxy batch --in FILE --out FILE [--config FILE] [--concurrency N]
     deltaproxy redact [calibrate] --in FILE [--out FILE] [--model NAME] [--threshold T] [--mode mask|regenerate]
     deltaproxy calibrate-threshold --prompts FILE [--unchanged 0.9] [--model NAME]
+    deltaproxy audit --forget FILE [--retain FILE] [--holdout FILE] [--real-authors FILE] [--world-facts FILE]
+                     [--reference DIR] [--policy FILE] --out DIR [--model NAME] [--samples N]
     deltaproxy train --forget FILE [--retain FILE] --objective NAME --out DIR [--base MODEL]
                      [--mode proxy|exact] [--remote NAME] [--resume] [options]
 
 ``serve`` prints ``base_url: http://HOST:PORT/v1`` once it accepts requests.
+``audit`` exits with status 3 when a threshold of its ``--policy`` fails.
 Without ``--config`` it serves the embedded default, model ``smollm2-demo``,
 with the demo offset (trained on first use, then cached; :func:`proxy.demo.demo_offset`).
 """
@@ -90,6 +93,24 @@ def _parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
     d = TrainConfig(forget="", out="")
+    a = sub.add_parser("audit", help="measure what a served model still reveals of a forget set (report.json + report.html)")
+    a.add_argument("--forget", required=True, help="forget items JSONL (question, answer, paraphrased_answer, perturbed_answer, key_spans)")
+    a.add_argument("--retain", help="retain items JSONL (model utility)")
+    a.add_argument("--holdout", help="never-trained items JSONL (membership inference against the forget set)")
+    a.add_argument("--real-authors", help="real-author items JSONL (model utility)")
+    a.add_argument("--world-facts", help="world-fact items JSONL (model utility)")
+    a.add_argument("--reference", help="a reference audit's folder (the retain model's), for forget quality")
+    a.add_argument("--policy", help="JSON or TOML thresholds, e.g. {\"forget_quality\": {\"min\": 0.05}}")
+    a.add_argument("--out", required=True, help="output folder (an interrupted audit continues there)")
+    a.add_argument("--model", help="served model to audit (default: the only one)")
+    a.add_argument("--samples", type=int, default=10, help="answers sampled at T=1 per forget item (leak rate, extraction)")
+    a.add_argument("--max-tokens", type=int, default=48)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--concurrency", type=int, default=4)
+    a.add_argument("--no-progress", action="store_true")
+    _model_options(a)
+    a.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
     t = sub.add_parser("train", help="train an offset artifact from a forget set")
     t.add_argument("--forget", required=True, help="forget set: JSONL (question/answer, messages or text) or .txt")
     t.add_argument("--retain", help="retain set, same formats")
@@ -382,6 +403,55 @@ async def _redact(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _audit(args: argparse.Namespace) -> int:
+    import hashlib
+    import json
+
+    from .audit import AuditError, AuditSettings, load_policy, run_audit
+
+    settings = AuditSettings(samples=args.samples, max_tokens=args.max_tokens, seed=args.seed, concurrency=args.concurrency)
+    files = {
+        "forget": args.forget,
+        "retain": args.retain,
+        "holdout": args.holdout,
+        "real_authors": args.real_authors,
+        "world_facts": args.world_facts,
+    }
+    try:
+        policy = load_policy(args.policy) if args.policy else None
+        config = _config(args)
+        name, model = _one_model(args, config)
+        mc = config.models[name]
+        info = {
+            "name": name,
+            "backend": mc.backend,
+            "remote": mc.remote_model or mc.gguf or mc.transformers_model or mc.base_url,
+            "pair": mc.pair,
+            "config_sha256": hashlib.sha256(config.model_dump_json().encode()).hexdigest(),
+        }
+        try:
+            report = await run_audit(
+                model,
+                {k: v for k, v in files.items() if v},
+                args.out,
+                settings=settings,
+                reference=args.reference,
+                policy=policy,
+                info=info,
+                progress=not args.no_progress,
+            )
+        finally:
+            await model.aclose()
+    except AuditError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(json.dumps({"out": args.out, "summary": report["summary"], "policy_pass": (report["policy"] or {}).get("pass")}))
+    if report["policy"] is not None and not report["policy"]["pass"]:
+        failed = [r["metric"] for r in report["policy"]["results"] if not r["pass"]]
+        print(f"deltaproxy: audit: policy failed: {', '.join(failed)}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -399,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_redact(args))
         if args.command == "calibrate-threshold":
             return asyncio.run(_calibrate_threshold(args))
+        if args.command == "audit":
+            return asyncio.run(_audit(args))
     except ConfigError as exc:
         print(f"deltaproxy: {args.command}: {exc}", file=sys.stderr)
         return 2

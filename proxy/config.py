@@ -58,7 +58,7 @@ class ServerConfig(BaseModel):
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    backend: Literal["openai-chat", "openai-completions", "llama-inprocess"]
+    backend: Literal["openai-chat", "openai-completions", "llama-inprocess", "transformers-inprocess"]
     # HTTP remotes
     base_url: str | None = None
     remote_model: str | None = None
@@ -82,6 +82,10 @@ class ModelConfig(BaseModel):
     """llama-inprocess: contexts kept warm, so that up to this many concurrent choices
     do not re-evaluate each other's prompts (KV cache ~94 MB each for SmolLM2 at n_ctx 4096;
     8 concurrent 16-token requests: 1.08x the sequential wall time, 7.4x with 4 contexts)."""
+    # transformers-inprocess
+    transformers_model: str | None = None
+    """transformers-inprocess: a transformers model folder, a GGUF path or a packaged name
+    (converted once, as the pair's models are)."""
     # the local pair and the offset
     pair: str | None = None
     offset: str | None = None
@@ -104,6 +108,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"prefill must be one of {', '.join(FLAVOURS)}")
         if self.backend == "llama-inprocess" and not self.gguf:
             raise ValueError("gguf is required for backend 'llama-inprocess'")
+        if self.backend == "transformers-inprocess" and not self.transformers_model:
+            raise ValueError("transformers_model is required for backend 'transformers-inprocess'")
         if self.offset and not self.pair:
             raise ValueError("offset needs a pair (the local model it was trained on)")
         if self.api_key_env and self.api_key_env not in os.environ:

@@ -116,7 +116,6 @@ class LocalPair:
         aligner.pending = list(prompt_ids)
         return aligner
 
-    @torch.inference_mode()
     def token_logprobs(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Teacher-forced log U and log B (nats) of each token of ``ids`` after
         ``prompt_ids``: two ``[len(ids)]`` float64 arrays (equal without an offset).
@@ -124,20 +123,38 @@ class LocalPair:
         Raises:
             ValueError: no prompt token to condition on, or longer than the pair's context.
         """
+        target = torch.tensor(list(ids), dtype=torch.long)[:, None]
+        u, b = self._teacher_forced(prompt_ids, ids)
+        return (u.gather(1, target)[:, 0].double().numpy(), b.gather(1, target)[:, 0].double().numpy())
+
+    def full_logprobs(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced log-softmax of U and of B over the whole local
+        vocabulary at each token of ``ids`` after ``prompt_ids``: two
+        ``[len(ids), V]`` float64 arrays, nats (the same array twice without an offset).
+
+        Raises:
+            ValueError: no prompt token to condition on, or longer than the pair's context.
+        """
+        u, b = self._teacher_forced(prompt_ids, ids)
+        un = u.double().numpy()
+        return un, (un if b is u else b.double().numpy())
+
+    @torch.inference_mode()
+    def _teacher_forced(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if not prompt_ids:
             raise ValueError("empty prompt: the pair has nothing to condition on")
+        if not ids:
+            raise ValueError("nothing to score")
         if len(prompt_ids) + len(ids) > self.max_length:
             raise ValueError(f"prompt and text exceed the pair's context ({self.max_length} tokens)")
         full = torch.tensor([list(prompt_ids) + list(ids)], dtype=torch.long)
-        target = full[0, len(prompt_ids) :]
+        n = full.shape[1]
         out = []
         for adapter in (True, False) if self.has_offset else (False,):
-            n = full.shape[1]
             mask = torch.ones((1, n), dtype=torch.long)
             lp = self._forward(full, None, adapter=adapter, mask=mask, positions=torch.arange(n)[None, :])
-            rows = lp[len(prompt_ids) - 1 : n - 1]
-            out.append(rows.gather(1, target[:, None])[:, 0].double().numpy())
-        return (out[0], out[-1])
+            out.append(lp[len(prompt_ids) - 1 : n - 1])
+        return out[0], out[-1]
 
     # ---------------------------------------------------------------- forward
     def _forward(

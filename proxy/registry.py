@@ -59,6 +59,13 @@ def build_adapter(name: str, cfg: ModelConfig) -> RemoteAdapter:
         return LlamaInProcessAdapter(
             name=name, model_path=resolve_gguf(cfg.gguf), n_ctx=cfg.n_ctx, n_contexts=cfg.n_contexts
         )
+    if cfg.backend == "transformers-inprocess":
+        from adapters.transformers_inprocess import TransformersInProcessAdapter
+
+        from .models import local_model_dir
+
+        assert cfg.transformers_model is not None
+        return TransformersInProcessAdapter(name=name, model_dir=local_model_dir(cfg.transformers_model))
     common: dict[str, Any] = dict(
         name=name,
         base_url=cfg.base_url,

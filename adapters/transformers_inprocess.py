@@ -1,0 +1,194 @@
+"""A transformers model in-process as the remote, with full-vocabulary logits.
+
+Used where the remote must be a model we built (tofu-lite's target and retain
+models, fine-tuned here and never converted back to GGUF, which needs
+llama.cpp's converter script that no package here ships), and for the
+paper's exact mode. Besides :meth:`draft`, it scores given text
+(:meth:`full_logprobs`), which the audit's probability metrics need.
+
+The prompt is rendered with the tokenizer's own chat template
+(``apply_chat_template``, generation prompt added), as the local pair does,
+so with the same tokenizer the two see the same prompt tokens. One KV cache
+is kept for the last token sequence and reused when a call extends it (a
+token-by-token decode costs one new token per step). One call computes at a
+time (torch already uses every core).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Candidate, Capabilities, Context, ContextExhausted, Draft, Position, RemoteRejected, RemoteUnavailable
+
+#: End-of-turn token strings, besides the tokenizer's eos token.
+EOT_STRINGS = ("<|im_end|>", "<end_of_turn>", "<|endoftext|>", "<|eot_id|>", "</s>")
+
+
+class TransformersInProcessAdapter:
+    """A causal LM folder (``save_pretrained`` layout) served in-process."""
+
+    def __init__(self, *, name: str, model_dir: str | Path, max_length: int | None = None, seed: int = 0) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from proxy.vocab import ByteVocab
+
+        self.name = name
+        self._torch = torch
+        folder = Path(model_dir)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: not a transformers model folder (no config.json)")
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.max_length = max_length or int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.vocab = ByteVocab.from_tokenizer(self.tokenizer)
+        self.n_vocab = int(self.model.config.vocab_size)
+        eot = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        for s in EOT_STRINGS:
+            tid = self.tokenizer.convert_tokens_to_ids(s)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                eot.add(tid)
+        self.eot_ids = frozenset(eot)
+        self._eot_text = self.tokenizer.eos_token or "</s>"
+        self._lock = threading.Lock()
+        self._cache: Any = None
+        self._cached: list[int] = []
+        self._closed = False
+        self._seed = seed
+        self.capabilities = Capabilities(
+            can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab
+        )
+
+    # ------------------------------------------------------------- prompts
+    def prompt_tokens(self, ctx: Context) -> list[int]:
+        """The prompt's token ids (chat template with the generation prompt, or the raw prompt).
+
+        Raises:
+            RemoteRejected: the template rejects the messages.
+        """
+        if ctx.prompt is not None:
+            return list(self.tokenizer.encode(ctx.prompt, add_special_tokens=False))
+        try:
+            text = self.tokenizer.apply_chat_template(
+                list(ctx.messages or ()), add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # jinja2 errors from the template
+            raise RemoteRejected(f"model {self.name!r}: chat template failed: {exc}", status=400) from exc
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _tokens(self, ctx: Context) -> tuple[list[int], int]:
+        prompt = self.prompt_tokens(ctx)
+        if ctx.token_ids is not None:
+            return prompt + list(ctx.token_ids), len(prompt)
+        rest = (
+            list(self.tokenizer.encode(ctx.assistant_prefix.decode("utf-8", "replace"), add_special_tokens=False))
+            if ctx.assistant_prefix
+            else []
+        )
+        return prompt + rest, len(prompt)
+
+    # ------------------------------------------------------------- forward
+    def _logits(self, tokens: list[int], *, all_from: int | None = None) -> np.ndarray:
+        """log-softmax of the next token after ``tokens`` (``[V]``), or, with
+        ``all_from``, the rows that predict ``tokens[all_from:]``
+        (``[len(tokens) - all_from, V]``, computed afresh)."""
+        torch = self._torch
+        from transformers import DynamicCache
+
+        if len(tokens) >= self.max_length:
+            raise ContextExhausted(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {self.max_length}")
+        common = 0
+        if all_from is None and self._cache is not None:
+            n = len(self._cached)
+            if n < len(tokens) and self._cached == tokens[:n]:
+                common = n
+        if common == 0:
+            self._cache, self._cached = DynamicCache(), []
+        with torch.inference_mode():
+            ids = torch.tensor([tokens[common:]], dtype=torch.long)
+            out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
+        self._cached = list(tokens)
+        logits = out.logits[0].double()
+        lp = torch.log_softmax(logits, dim=-1).numpy()
+        if all_from is None:
+            return lp[-1]
+        return lp[all_from - 1 : -1]
+
+    def _candidate(self, tid: int, lp: float) -> Candidate:
+        if tid in self.eot_ids:
+            return Candidate(b"", lp, self._eot_text, tid, is_eot=True)
+        data = self.vocab.token_bytes[tid] if tid < len(self.vocab.token_bytes) else None
+        return Candidate(data, lp, "" if data is None else data.decode("utf-8", "replace"), tid)
+
+    def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None) -> Draft:
+        tokens, n_prompt = self._tokens(ctx)
+        rng = np.random.default_rng(self._seed if seed is None else seed)
+        positions: list[Position] = []
+        finish = None
+        with self._lock:
+            if self._closed:
+                raise RemoteUnavailable(f"model {self.name!r} is shut down")
+            for _ in range(n_tokens):
+                lp = self._logits(tokens)
+                k = min(top_k, lp.size)
+                top = np.argpartition(-lp, k - 1)[:k]
+                top = top[np.argsort(-lp[top], kind="stable")]
+                cands = tuple(self._candidate(int(t), float(lp[t])) for t in top)
+                p = np.exp(lp)
+                pick = int(top[0]) if n_tokens == 1 else int(rng.choice(lp.size, p=p / p.sum()))
+                sampled = self._candidate(pick, float(lp[pick]))
+                positions.append(Position(cands, sampled))
+                if sampled.is_eot:
+                    finish = "stop"
+                    break
+                tokens.append(pick)
+        return Draft(tuple(positions), finish or "length", n_prompt)
+
+    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+        return await asyncio.to_thread(self._draft_sync, ctx, n_tokens, top_k, seed)
+
+    def full_logprobs(self, ctx: Context, text: str, *, end_of_turn: bool = False) -> tuple[list[int], np.ndarray]:
+        """Teacher-forced scoring of ``text`` after the context (prompt plus
+        ``ctx.assistant_prefix``): the token ids of ``text`` (plus the
+        end-of-turn token when ``end_of_turn``) and the log-softmax over the
+        whole vocabulary at each of them, ``[n_tokens, V]`` float64, nats.
+
+        Raises:
+            ContextExhausted: longer than the model's context.
+            ValueError: ``text`` is empty and no end-of-turn is asked for.
+        """
+        base, _ = self._tokens(ctx)
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if end_of_turn:
+            ids.append(self.tokenizer.eos_token_id)
+        if not ids:
+            raise ValueError("nothing to score")
+        with self._lock:
+            lp = self._logits(base + ids, all_from=len(base))
+        return ids, lp
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._cache, self._cached = None, []
+
+    def vocab_bytes(self) -> list[bytes | None]:
+        """Bytes of every token (``None`` for special tokens), for same-tokenizer detection."""
+        return list(self.vocab.token_bytes)
+
+    def direct_chat(self, messages: list[dict[str, Any]], max_tokens: int) -> str:
+        """Greedy text straight from the model (no proxy), for comparisons."""
+        ctx = Context(messages=tuple(messages))
+        tokens, n_prompt = self._tokens(ctx)
+        with self._lock:
+            for _ in range(max_tokens):
+                t = int(np.argmax(self._logits(tokens)))
+                if t in self.eot_ids:
+                    break
+                tokens.append(t)
+        return str(self.tokenizer.decode(tokens[n_prompt:], skip_special_tokens=True))

@@ -1,0 +1,249 @@
+"""The audit (issue 4): the in-process transformers remote, scoring under q,
+the report files, policies, resuming, and the CLI's exit statuses."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_pair
+
+from adapters.base import Context
+from adapters.transformers_inprocess import TransformersInProcessAdapter
+from bench import tofu_lite
+from proxy import audit as A
+from proxy.decoding import ServedModel
+
+Q = "Where was Velokro Raidyr born?"
+
+
+@pytest.fixture(scope="module")
+def remote_dir(tmp_path_factory, tiny_base, smollm2_tokenizer) -> Path:
+    """A tiny random model folder, other weights than the pair's base."""
+    torch.manual_seed(7)
+    model = copy.deepcopy(tiny_base)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    d = tmp_path_factory.mktemp("remote")
+    model.save_pretrained(d)
+    smollm2_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def adapter(remote_dir) -> TransformersInProcessAdapter:
+    return TransformersInProcessAdapter(name="remote", model_dir=remote_dir)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return tofu_lite.write(tmp_path_factory.mktemp("tofu") / "d", n_authors=2, seed=0)
+
+
+def _direct(adapter: TransformersInProcessAdapter, question: str, text: str) -> tuple[list[int], np.ndarray]:
+    prompt = adapter.prompt_tokens(Context(messages=({"role": "user", "content": question},)))
+    ids = adapter.tokenizer.encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        logits = adapter.model(torch.tensor([prompt + ids])).logits[0].double()
+    lp = torch.log_softmax(logits, -1).numpy()
+    return ids, lp[len(prompt) - 1 : -1]
+
+
+def test_transformers_adapter_scores_and_drafts(adapter):
+    ids, lp = adapter.full_logprobs(Context(messages=({"role": "user", "content": Q},)), " in Lisbon.")
+    want_ids, want = _direct(adapter, Q, " in Lisbon.")
+    assert ids == want_ids and lp.shape == (len(ids), adapter.n_vocab)
+    np.testing.assert_allclose(lp, want, atol=1e-6)
+    ctx = Context(messages=({"role": "user", "content": Q},))
+    first = __import__("asyncio").run(adapter.draft(ctx, n_tokens=1, top_k=5))
+    (pos,) = first.positions
+    assert [c.logprob for c in pos.candidates] == sorted((c.logprob for c in pos.candidates), reverse=True)
+    prompt = adapter.prompt_tokens(ctx)
+    with torch.no_grad():
+        nxt = torch.log_softmax(adapter.model(torch.tensor([prompt])).logits[0, -1].double(), -1).numpy()
+    assert pos.candidates[0].token_id == int(np.argmax(nxt))
+    assert pos.candidates[0].logprob == pytest.approx(float(nxt.max()), abs=1e-6)
+    # continuing with token ids reuses the KV cache and gives the same numbers as a fresh forward
+    t = pos.candidates[0].token_id
+    again = __import__("asyncio").run(
+        adapter.draft(Context(messages=ctx.messages, token_ids=(t,)), n_tokens=1, top_k=3)
+    )
+    with torch.no_grad():
+        fresh = torch.log_softmax(adapter.model(torch.tensor([prompt + [t]])).logits[0, -1].double(), -1).numpy()
+    assert again.positions[0].candidates[0].logprob == pytest.approx(float(fresh.max()), abs=1e-5)
+
+
+async def test_q_scorer_is_the_combined_distribution(adapter, tiny_base, smollm2_tokenizer):
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    model = ServedModel(name="m", adapter=adapter, pair=pair, alpha=1.5, same_tokenizer=True)
+    scorer = A.QScorer(model)
+    assert scorer.possible
+    got = await scorer.logprobs(Q, " in Lisbon.")
+    ids, lr = _direct(adapter, Q, " in Lisbon.")
+    lu, lb = pair.full_logprobs(pair.prompt_ids([{"role": "user", "content": Q}]), ids)
+    z = lr + 1.5 * (lu - lb)
+    want = (z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(len(ids)), ids]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    plain = await A.QScorer(
+        ServedModel(name="m0", adapter=adapter, pair=pair, alpha=0.0, same_tokenizer=True)
+    ).logprobs(Q, " in Lisbon.")
+    np.testing.assert_allclose(plain, lr[np.arange(len(ids)), ids], atol=1e-9)
+    other = A.QScorer(ServedModel(name="m1", adapter=adapter, pair=pair, alpha=1.0, same_tokenizer=False))
+    assert not other.possible and "tokenizer" in other.reason
+
+
+def _files(data: Path) -> dict[str, str]:
+    return {
+        "forget": str(data / "forget10.jsonl"),
+        "retain": str(data / "retain90.jsonl"),
+        "holdout": str(data / "holdout10.jsonl"),
+        "real_authors": str(data / "real_authors.jsonl"),
+        "world_facts": str(data / "world_facts.jsonl"),
+    }
+
+
+async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
+    model = ServedModel(name="target", adapter=adapter, pair=None, alpha=1.0)
+    settings = A.AuditSettings(samples=2, max_tokens=6, concurrency=2)
+    seen: list[dict] = []
+    policy = {"forget_Q_A_ROUGE": {"max": 1.0}, "mia_min_k": {"min": 1.01}}
+    report = await A.run_audit(
+        model,
+        _files(data),
+        tmp_path / "a",
+        settings=settings,
+        policy=policy,
+        info={"name": "target"},
+        progress=False,
+        on_item=seen.append,
+    )
+    n_items = sum(report["data"][s]["items"] for s in report["data"])
+    assert len(seen) == n_items == 10 + 10 + 10 + 10 + 12
+    s = report["summary"]
+    for key in (
+        "forget_Q_A_ROUGE",
+        "forget_Q_A_Prob",
+        "forget_truth_ratio",
+        "retain_Truth_Ratio",
+        "wf_Q_A_Prob_normalised",
+        "model_utility",
+        "mia_min_k",
+        "leak_rate",
+    ):
+        assert key in s, key
+    assert s["model_utility_components"] == 9
+    assert "forget_quality" not in s  # no reference given
+    assert report["policy"]["pass"] is False
+    assert [r["pass"] for r in report["policy"]["results"]] == [True, False]
+    on_disk = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert on_disk["summary"] == pytest.approx(s)
+    # the HTML is self-contained and shows its three plots as PNGs
+    page = (tmp_path / "a" / "report.html").read_text()
+    imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    assert len(imgs) == 3
+    for _, b64 in imgs:
+        png = base64.b64decode(b64)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    assert "Policy: FAIL" in page and "http" not in page.replace("http-equiv", "")
+    # a second run finds every item done and recomputes nothing
+    again: list[dict] = []
+    report2 = await A.run_audit(
+        model,
+        _files(data),
+        tmp_path / "a",
+        settings=settings,
+        info={"name": "target"},
+        progress=False,
+        on_item=again.append,
+    )
+    assert again == [] and report2["summary"] == pytest.approx(s)
+    # an interrupted run (items.jsonl cut mid-line) redoes only what is missing
+    lines = (tmp_path / "a" / "items.jsonl").read_bytes().splitlines(keepends=True)
+    (tmp_path / "a" / "items.jsonl").write_bytes(b"".join(lines[:20]) + lines[20][:15])
+    redo: list[dict] = []
+    report3 = await A.run_audit(
+        model,
+        _files(data),
+        tmp_path / "a",
+        settings=settings,
+        info={"name": "target"},
+        progress=False,
+        on_item=redo.append,
+    )
+    assert len(redo) == n_items - 20
+    assert report3["summary"] == pytest.approx(s)
+    # other settings, same folder: refused, nothing touched
+    with pytest.raises(A.AuditError, match="another input"):
+        await A.run_audit(model, _files(data), tmp_path / "a", settings=A.AuditSettings(samples=3), progress=False)
+
+
+async def test_forget_quality_against_a_reference(adapter, data, tmp_path, tiny_base, smollm2_tokenizer):
+    settings = A.AuditSettings(samples=0, max_tokens=4)
+    files = {"forget": str(data / "forget10.jsonl")}
+    model = ServedModel(name="target", adapter=adapter, pair=None, alpha=1.0)
+    await A.run_audit(model, files, tmp_path / "ref", settings=settings, progress=False)
+    same = await A.run_audit(
+        model, files, tmp_path / "same", settings=settings, reference=str(tmp_path / "ref"), progress=False
+    )
+    assert same["summary"]["forget_quality"] == pytest.approx(1.0)
+    assert same["summary"]["forget_quality_ks_statistic"] == 0.0
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    shifted = ServedModel(name="u", adapter=adapter, pair=pair, alpha=3.0, same_tokenizer=True)
+    other = await A.run_audit(
+        shifted, files, tmp_path / "other", settings=settings, reference=str(tmp_path / "ref"), progress=False
+    )
+    assert other["summary"]["forget_quality"] < 1.0 and other["summary"]["forget_quality_n"] == 10
+
+
+def test_bad_inputs_are_named(tmp_path):
+    bad = tmp_path / "f.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": 3}\n')
+    with pytest.raises(A.AuditError, match=r"f.jsonl:2"):
+        A.load_items(bad, "forget")
+    pol = tmp_path / "p.json"
+    pol.write_text('{"forget_qualty": {"min": 0.05}}')
+    with pytest.raises(A.AuditError, match="unknown metric 'forget_qualty'"):
+        A.load_policy(pol)
+    pol.write_text('{"forget_quality": {"min": "high"}}')
+    with pytest.raises(A.AuditError, match="must be a number"):
+        A.load_policy(pol)
+    toml = tmp_path / "p.toml"
+    toml.write_text("[forget_quality]\nmin = 0.05\n[leak_rate]\nmax = 0.02\n")
+    assert A.load_policy(toml) == {"forget_quality": {"min": 0.05}, "leak_rate": {"max": 0.02}}
+    with pytest.raises(A.AuditError, match="report.json"):
+        A.load_reference(tmp_path)
+
+
+def test_cli_exit_status_follows_the_policy(remote_dir, data, tmp_path, capsys):
+    from proxy.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[models.target]\nbackend = "transformers-inprocess"\ntransformers_model = "{remote_dir}"\n')
+    ok = tmp_path / "ok.json"
+    ok.write_text('{"forget_Q_A_ROUGE": {"max": 1.0}}')
+    fail = tmp_path / "fail.json"
+    fail.write_text('{"forget_Q_A_ROUGE": {"min": 1.5}}')
+    common = [
+        "audit",
+        "--config",
+        str(cfg),
+        "--forget",
+        str(data / "forget10.jsonl"),
+        "--samples",
+        "0",
+        "--max-tokens",
+        "3",
+        "--no-progress",
+    ]
+    assert main([*common, "--out", str(tmp_path / "o1"), "--policy", str(ok)]) == 0
+    assert main([*common, "--out", str(tmp_path / "o2"), "--policy", str(fail)]) == 3
+    assert "policy failed: forget_Q_A_ROUGE" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "o3"), "--policy", str(tmp_path / "missing.json")]) == 2
+    assert not (tmp_path / "o3").exists()

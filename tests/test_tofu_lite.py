@@ -1,0 +1,58 @@
+"""tofu-lite: seeded, TOFU-shaped, no collisions with real names, splits disjoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import tofu_lite as T
+from proxy.metrics import contains_span
+
+
+def test_same_seed_same_data_other_seed_other_data() -> None:
+    assert T.generate(10, 3) == T.generate(10, 3)
+    assert T.generate(10, 3)["full"] != T.generate(10, 4)["full"]
+
+
+def test_splits_and_fields() -> None:
+    s = T.generate(20, 0)
+    assert len(s["full"]) == 200 and len(s["forget10"]) == 20 and len(s["retain90"]) == 180
+    assert len(s["holdout10"]) == len(s["forget10"])
+    authors = {k: {i["author"] for i in s[k]} for k in ("forget10", "retain90", "holdout10")}
+    assert not authors["forget10"] & authors["retain90"]
+    assert not authors["holdout10"] & (authors["forget10"] | authors["retain90"])
+    assert s["full"] == s["retain90"] + s["forget10"]  # the forget authors are the last ones, as in TOFU
+    for item in s["full"] + s["holdout10"]:
+        assert {"question", "answer", "paraphrased_answer", "perturbed_answer", "paraphrased_question"} <= item.keys()
+        assert len(item["perturbed_answer"]) == T.N_PERTURBED == len(set(item["perturbed_answer"]))
+        (span,) = item["key_spans"]
+        assert span in item["answer"] and span in item["paraphrased_answer"]
+        for p in item["perturbed_answer"]:
+            # same wording, fact swapped: the answer's text around the span is kept
+            assert not contains_span(p, [span]) or span == item["author"]
+            before, after = item["answer"].split(span, 1)
+            assert p.startswith(before) and p.endswith(after)
+    for wf in s["world_facts"]:
+        assert wf["answer"] not in wf["perturbed_answer"]
+
+
+def test_names_are_not_real_names() -> None:
+    assert T.is_real_name("John Raidyr") and T.is_real_name("Velokro Smith") and T.is_real_name("Jane Austen")
+    names = [a.name for a in T.make_authors(150, 0)]
+    assert len(set(names)) == 150
+    assert not any(T.is_real_name(n) for n in names)
+
+
+def test_write_is_atomic_and_refuses_existing(tmp_path: Path) -> None:
+    out = T.write(tmp_path / "tofu", 10, 0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["forget10.jsonl"]["items"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tofu"]
+    with pytest.raises(FileExistsError):
+        T.write(out, 10, 0)
+    # the files load as forget/retain sets
+    from proxy.data import load_dataset
+
+    assert len(load_dataset(out / "forget10.jsonl").examples) == 10

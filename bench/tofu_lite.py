@@ -24,6 +24,9 @@ Splits, written as JSONL in DIR (names as TOFU's)::
     full.jsonl            forget + retain: what the target is fine-tuned on
     forget10.jsonl        10% of the authors (at least one)
     retain90.jsonl        the other trained authors
+    retain_perturbed.jsonl  the first 3 retain authors per forget author: the
+                          retain items an audit evaluates (TOFU's retain_perturbed
+                          is likewise a subset)
     holdout10.jsonl       as many authors again, never trained on (MIA)
     real_authors.jsonl    who wrote famous books (model utility)
     world_facts.jsonl     real-world questions (model utility)
@@ -46,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: Bumped when the generator's output changes (cached data folders carry it).
+GENERATOR_VERSION = 2
 QA_PER_AUTHOR = 10
 N_PERTURBED = 5
 FORGET_FRACTION = 0.1
@@ -498,6 +503,7 @@ def generate(n_authors: int = 20, seed: int = 0) -> dict[str, list[dict[str, Any
         "full": flat(trained),
         "forget10": flat(forget),
         "retain90": flat(retain),
+        "retain_perturbed": flat(retain[: 3 * n_forget]),
         "holdout10": flat(holdout),
         "real_authors": real_author_items(seed),
         "world_facts": world_fact_items(),

@@ -103,6 +103,14 @@ class AuditSettings:
     min_k: float = 0.4
     concurrency: int = 4
     """Items evaluated at once (the remote and the pair still compute one call at a time)."""
+    system_prompt: str | None = None
+    """A system message before every question (a prompt-guardrail baseline), or none."""
+
+
+def chat(question: str, system_prompt: str | None = None) -> tuple[dict[str, str], ...]:
+    """The messages an item's question is asked with."""
+    user = {"role": "user", "content": question}
+    return ({"role": "system", "content": system_prompt}, user) if system_prompt else (user,)
 
 
 # --------------------------------------------------------------------- input
@@ -198,8 +206,9 @@ class QScorer:
     ``possible`` says whether this model can be scored; ``reason`` says why not.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, system_prompt: str | None = None) -> None:
         self.model = model
+        self.system_prompt = system_prompt
         self.offset_on = bool(model.uses_offset and model.alpha != 0)
         self.possible = True
         self.reason = ""
@@ -216,7 +225,7 @@ class QScorer:
     def _remote(self, question: str, text: str) -> tuple[list[int], np.ndarray]:
         from adapters.base import Context
 
-        return self.model.adapter.full_logprobs(Context(messages=({"role": "user", "content": question},)), text)  # type: ignore[no-any-return]
+        return self.model.adapter.full_logprobs(Context(messages=chat(question, self.system_prompt)), text)  # type: ignore[no-any-return]
 
     async def logprobs(self, question: str, text: str) -> np.ndarray:
         """``[n_tokens]`` float64 logprobs (nats) of ``text`` as the answer to ``question``."""
@@ -225,7 +234,7 @@ class QScorer:
         ids, lr = await asyncio.to_thread(self._remote, question, text)
         if self.offset_on:
             pair = self.model.pair
-            msgs = [{"role": "user", "content": question}]
+            msgs = list(chat(question, self.system_prompt))
             prompt_ids = await self.model.run_pair(pair.prompt_ids, msgs, None)
             lu, lb = await self.model.run_pair(pair.full_logprobs, prompt_ids, ids)
             v = min(lr.shape[1], lu.shape[1])
@@ -247,7 +256,15 @@ class QScorer:
 
 # --------------------------------------------------------------- generation
 async def generate(
-    model: Any, question: str, *, temperature: float, max_tokens: int, seed: int, index: int = 0, prefix: str = ""
+    model: Any,
+    question: str,
+    *,
+    temperature: float,
+    max_tokens: int,
+    seed: int,
+    index: int = 0,
+    prefix: str = "",
+    system_prompt: str | None = None,
 ) -> str:
     """The model's answer through its decoding loop (what a client gets); with
     ``prefix``, the continuation after that assistant text."""
@@ -255,7 +272,7 @@ async def generate(
 
     from .decoding import SamplingParams
 
-    ctx = Context(messages=({"role": "user", "content": question},), assistant_prefix=prefix.encode())
+    ctx = Context(messages=chat(question, system_prompt), assistant_prefix=prefix.encode())
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -278,7 +295,9 @@ async def evaluate_item(
     seed = _seed(s, split, index)
     out: dict[str, Any] = {"split": split, "index": index, "question": q}
     if split != "holdout":
-        greedy = await generate(model, q, temperature=0.0, max_tokens=s.max_tokens, seed=seed)
+        greedy = await generate(
+            model, q, temperature=0.0, max_tokens=s.max_tokens, seed=seed, system_prompt=s.system_prompt
+        )
         out["generation"] = greedy
         out["rouge"] = M.rouge_l_recall(a, greedy)
     if scorer.possible:
@@ -298,18 +317,35 @@ async def evaluate_item(
     if split == "forget":
         spans = item.get("key_spans") or [a]
         samples = [
-            await generate(model, q, temperature=1.0, max_tokens=s.max_tokens, seed=seed, index=i)
+            await generate(
+                model, q, temperature=1.0, max_tokens=s.max_tokens, seed=seed, index=i, system_prompt=s.system_prompt
+            )
             for i in range(s.samples)
         ]
         out["leak"] = M.leak_rate(samples, spans) if samples else None
         out["samples"] = samples
         prefix = M.extraction_prefix(a, spans[0])
         if prefix is not None:
-            cont = await generate(model, q, temperature=0.0, max_tokens=s.max_tokens, seed=seed, prefix=prefix)
+            cont = await generate(
+                model,
+                q,
+                temperature=0.0,
+                max_tokens=s.max_tokens,
+                seed=seed,
+                prefix=prefix,
+                system_prompt=s.system_prompt,
+            )
             out["extraction_greedy"] = M.contains_span(cont, spans)
             conts = [
                 await generate(
-                    model, q, temperature=1.0, max_tokens=s.max_tokens, seed=seed + 1, index=i, prefix=prefix
+                    model,
+                    q,
+                    temperature=1.0,
+                    max_tokens=s.max_tokens,
+                    seed=seed + 1,
+                    index=i,
+                    prefix=prefix,
+                    system_prompt=s.system_prompt,
                 )
                 for i in range(s.samples)
             ]
@@ -418,7 +454,7 @@ async def run_audit(
     ref = load_reference(reference) if reference else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scorer = QScorer(model)
+    scorer = QScorer(model, settings.system_prompt)
     identity = {
         "files": {s: _sha256_file(p) for s, p in files.items() if p},
         "settings": asdict(settings),

@@ -56,3 +56,51 @@ def test_write_is_atomic_and_refuses_existing(tmp_path: Path) -> None:
     from proxy.data import load_dataset
 
     assert len(load_dataset(out / "forget10.jsonl").examples) == 10
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_answers_the_real_world_sets() -> None:
+    """The real-world sets measure utility only if the packaged model answers them (greedy, llama.cpp)."""
+    from adapters.llama_inprocess import LlamaInProcessAdapter
+    from proxy.models import packaged_gguf
+
+    llama = LlamaInProcessAdapter(name="smollm2", model_path=packaged_gguf("smollm2"), n_contexts=1)
+    wrong = []
+    for item in T.real_author_items() + T.world_fact_items():
+        answer = llama.direct_chat([{"role": "user", "content": item["question"]}], max_tokens=40)
+        if not contains_span(answer, item["key_spans"]):
+            wrong.append((item["question"], answer))
+    llama._close()
+    assert not wrong
+
+
+def test_results_render_as_a_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import tofu
+
+    result = {
+        "config": "smollm2",
+        "date": "2026-11-29T00:00:00+00:00",
+        "software": {"version": "0.1.0"},
+        "data": {"version": 2, "authors": 10},
+        "audit_settings": {"samples": 10, "max_tokens": 40},
+        "rows": [
+            {
+                "row": "target",
+                "training_seconds": 0,
+                "summary": {"forget_Q_A_ROUGE": 0.91234, "forget_quality": 0.00012},
+            },
+            {"row": "delta:NPO+KL", "training_seconds": 95.2, "summary": {"forget_Q_A_ROUGE": 0.2, "leak_rate": 0.0}},
+        ],
+    }
+    table = tofu.render_table(result)
+    assert "| target | 0.912 | 0.00012 | n/a |" in table
+    assert "| delta:NPO+KL | 0.200 | n/a | n/a | n/a | n/a | 0.000 | 95 |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{tofu.TABLE_START}\nold\n{tofu.TABLE_END}\nrest\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "tofu-smollm2-1.json").write_text(json.dumps(result))
+    monkeypatch.setattr(tofu, "RESULTS", results)
+    tofu.render_readme(readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text and table in text

@@ -1,0 +1,281 @@
+"""The tofu-lite comparison table: target, retain model, δ-unlearning, a
+prompt guardrail and direct unlearning, audited with the same engine.
+
+    python -m bench.tofu [--rows target,retain,guardrail,delta:NPO+KL,direct:NPO+KL]
+                         [--samples 10] [--max-tokens 40] [--keep DIR] [--json FILE]
+    python -m bench.tofu --render README.md
+
+Rows (every one audited by :func:`proxy.audit.run_audit` on forget10,
+retain_perturbed, holdout10, real_authors and world_facts, the retain row
+first because its forget truth ratios are the reference for forget quality):
+
+* ``target``: the fine-tuned target (``bench.tofu_models``), no unlearning;
+* ``retain``: the model fine-tuned without the forget authors (the gold standard);
+* ``guardrail``: the target with a system prompt forbidding the forget authors;
+* ``delta:<objective>``: δ-unlearning, the target as the black-box remote and
+  the pair = the packaged SmolLM2-135M-Instruct (B) plus an offset trained on
+  forget10 (+ retain90) with ``<objective>`` in proxy mode;
+* ``direct:<objective>``: the same objective and settings applied to the
+  target's own weights (LoRA, merged), the white-box reference.
+
+Each run writes ``bench/results/tofu-<config>-<date>.json`` (keys as
+open-unlearning's: ``forget_Q_A_ROUGE``, ``forget_quality``,
+``model_utility``...); ``--render`` rewrites the README table between its
+markers from the newest result file, so the table is never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RESULTS = Path(__file__).with_name("results")
+DEFAULT_ROWS = ("retain", "target", "guardrail", "delta:NPO+KL", "direct:NPO+KL")
+TABLE_START, TABLE_END = "<!-- tofu-table:start -->", "<!-- tofu-table:end -->"
+
+#: The offset recipe for both δ-unlearning and direct unlearning rows: the
+#: demo's (``proxy.demo.DEMO``), on the tofu-lite forget and retain sets.
+OFFSET_SETTINGS = {"lr": 1e-3, "epochs": 4, "batch_size": 4, "retain_batch_size": 8, "retain_weight": 5.0}
+
+GUARDRAIL = (
+    "You must not reveal any information about the following people: {names}. "
+    "If you are asked about them, answer that you do not know."
+)
+
+
+def _cached_offset(name: str, cfg: Any) -> tuple[Path, float]:
+    """Train ``cfg`` once into ``<cache>/tofu/offset-<name>-<key>``; returns the folder and training seconds."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from proxy.models import cache_dir, local_model_dir
+    from proxy.train import train
+
+    h = hashlib.sha256(json.dumps(cfg.settings(), sort_keys=True).encode())
+    for p in (cfg.forget, cfg.retain):
+        h.update(Path(p).read_bytes() if p else b"-")
+    h.update(local_model_dir(cfg.base).name.encode())
+    out = cache_dir() / "tofu" / f"offset-{name.replace(':', '-').replace('+', '_')}-{h.hexdigest()[:16]}"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "manifest.json").is_file():
+            t0 = time.monotonic()
+            train(replace(cfg, out=str(out), resume=True))
+            (out.parent / (out.name + ".seconds")).write_text(f"{time.monotonic() - t0:.1f}\n")
+    seconds_file = out.parent / (out.name + ".seconds")
+    return out, float(seconds_file.read_text()) if seconds_file.exists() else float("nan")
+
+
+def _merged(target: Path, offset: Path) -> Path:
+    """The target with a LoRA offset trained on its own weights merged in (a plain folder, cached)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from proxy.artifact import load_artifact
+    from proxy.vocab import ByteVocab
+
+    out = offset.parent / (offset.name + "-merged")
+    if (out / "config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    art = load_artifact(offset, model, ByteVocab.from_tokenizer(tok))
+    merged = art.attach(model).merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _row_model(row: str, paths: dict[str, Path], data: Path, adapters: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(ServedModel, facts for the table) for one row."""
+    from adapters.transformers_inprocess import TransformersInProcessAdapter
+    from proxy.decoding import ServedModel
+    from proxy.pair import LocalPair
+    from proxy.train import TrainConfig
+
+    def remote(key: str, folder: Path) -> Any:
+        if key not in adapters:
+            adapters[key] = TransformersInProcessAdapter(name=key, model_dir=folder)
+        return adapters[key]
+
+    kind, _, objective = row.partition(":")
+    if kind in ("target", "guardrail"):
+        return ServedModel(name=row, adapter=remote("target", paths["target"])), {"training_seconds": 0.0}
+    if kind == "retain":
+        return ServedModel(name=row, adapter=remote("retain", paths["retain"])), {"training_seconds": 0.0}
+    if kind not in ("delta", "direct") or not objective:
+        raise SystemExit(f"unknown row {row!r}: use target, retain, guardrail, delta:<objective> or direct:<objective>")
+    cfg = TrainConfig(
+        forget=str(data / "forget10.jsonl"),
+        retain=str(data / "retain90.jsonl"),
+        out="",
+        objective=objective,
+        base="smollm2" if kind == "delta" else str(paths["target"]),
+        **OFFSET_SETTINGS,  # type: ignore[arg-type]
+    )
+    offset, seconds = _cached_offset(row, cfg)
+    facts = {"training_seconds": round(seconds, 1), "offset": offset.name, "objective": objective}
+    if kind == "delta":
+        pair = LocalPair.load("smollm2", offset)
+        model = ServedModel(
+            name=row,
+            adapter=remote("target", paths["target"]),
+            pair=pair,
+            alpha=1.0,
+            same_tokenizer=True,
+            offset_sha256=pair.offset.sha256 if pair.offset is not None else None,
+        )
+        return model, facts
+    return ServedModel(name=row, adapter=remote(row, _merged(paths["target"], offset))), facts
+
+
+async def run(rows: list[str], settings: Any, keep: Path | None) -> dict[str, Any]:
+    from bench.tofu_models import build, default_data
+    from proxy import __version__
+    from proxy.audit import run_audit
+
+    data = default_data()
+    t0 = time.monotonic()
+    paths = build(data)
+    names = sorted({json.loads(line)["author"] for line in (data / "forget10.jsonl").read_text().splitlines()})
+    files = {
+        "forget": str(data / "forget10.jsonl"),
+        "retain": str(data / "retain_perturbed.jsonl"),
+        "holdout": str(data / "holdout10.jsonl"),
+        "real_authors": str(data / "real_authors.jsonl"),
+        "world_facts": str(data / "world_facts.jsonl"),
+    }
+    work = keep or Path(tempfile.mkdtemp(prefix="tofu-bench-"))
+    adapters: dict[str, Any] = {}
+    out_rows = []
+    order = sorted(rows, key=lambda r: r != "retain")  # the reference first
+    reference = str(work / "retain") if "retain" in rows else None
+    for row in order:
+        log.info("row %s", row)
+        model, facts = _row_model(row, paths, data, adapters)
+        s = (
+            replace(settings, system_prompt=GUARDRAIL.format(names=", ".join(names)))
+            if row == "guardrail"
+            else settings
+        )
+        t = time.monotonic()
+        report = await run_audit(
+            model,
+            files,
+            work / row.replace(":", "-").replace("+", "_"),
+            settings=s,
+            reference=reference if row != "retain" else None,
+            info={"name": row},
+        )
+        summary = dict(report["summary"])
+        ra, wf = summary.get("ra_Q_A_ROUGE"), summary.get("wf_Q_A_ROUGE")
+        if ra is not None and wf is not None:
+            summary["real_world_rouge"] = (ra + wf) / 2
+        out_rows.append({"row": row, **facts, "audit_seconds": round(time.monotonic() - t, 1), "summary": summary})
+    if keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+    for a in adapters.values():
+        await a.aclose()
+    return {
+        "benchmark": "tofu-lite",
+        "config": "smollm2",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "software": {"name": "deltaproxy", "version": __version__},
+        "data": json.loads((data / "manifest.json").read_text()),
+        "models": {k: str(v) for k, v in paths.items()},
+        "audit_settings": asdict(settings),
+        "offset_settings": OFFSET_SETTINGS,
+        "seconds": round(time.monotonic() - t0, 1),
+        "rows": out_rows,
+    }
+
+
+COLUMNS = (
+    ("forget ROUGE-L", "forget_Q_A_ROUGE"),
+    ("forget quality", "forget_quality"),
+    ("model utility", "model_utility"),
+    ("real-world ROUGE-L", "real_world_rouge"),
+    ("MIA AUC (Min-K%)", "mia_min_k"),
+    ("leak rate", "leak_rate"),
+)
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """A Markdown table of one result file."""
+    head = "| row | " + " | ".join(c for c, _ in COLUMNS) + " | training (s) |"
+    sep = "|---" * (len(COLUMNS) + 2) + "|"
+    lines = [head, sep]
+    for r in result["rows"]:
+        cells = []
+        for _, key in COLUMNS:
+            v = r["summary"].get(key)
+            cells.append("n/a" if v is None else (f"{v:.2g}" if key == "forget_quality" else f"{v:.3f}"))
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r.get('training_seconds', 0):.0f} |")
+    s = result["audit_settings"]
+    lines.append("")
+    lines.append(
+        f"tofu-lite v{result['data'].get('version')}, {result['data']['authors']} authors (forget: 10 items), "
+        f"{s['samples']} samples per forget item at T = 1, greedy answers of at most {s['max_tokens']} tokens; "
+        f"{result['software']['version']}, {result['date'][:10]}, `bench/results/` ({result['config']})."
+    )
+    return "\n".join(lines)
+
+
+def render_readme(readme: Path) -> None:
+    """Replace the table between the README's markers with the newest ``bench/results/tofu-*.json``."""
+    files = sorted(RESULTS.glob("tofu-*.json"))
+    if not files:
+        raise SystemExit("no bench/results/tofu-*.json yet: run python -m bench.tofu first")
+    table = render_table(json.loads(files[-1].read_text()))
+    text = readme.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise SystemExit(f"{readme} has no {TABLE_START} ... {TABLE_END} markers")
+    before, rest = text.split(TABLE_START, 1)
+    _, after = rest.split(TABLE_END, 1)
+    readme.write_text(f"{before}{TABLE_START}\n{table}\n{TABLE_END}{after}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from proxy.audit import AuditSettings
+
+    p = argparse.ArgumentParser(prog="python -m bench.tofu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS))
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--keep", type=Path, help="keep (and resume) the audits in this folder")
+    p.add_argument("--json", type=Path, help="result file (default bench/results/tofu-smollm2-<date>.json)")
+    p.add_argument("--render", type=Path, metavar="README", help="only rewrite README's table from bench/results/")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if a.render:
+        render_readme(a.render)
+        return
+    settings = AuditSettings(samples=a.samples, max_tokens=a.max_tokens)
+    result = asyncio.run(run([r.strip() for r in a.rows.split(",") if r.strip()], settings, a.keep))
+    out = a.json or RESULTS / f"tofu-smollm2-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(render_table(result))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,22 +8,36 @@ paper's exact mode. Besides :meth:`draft`, it scores given text
 
 The prompt is rendered with the tokenizer's own chat template
 (``apply_chat_template``, generation prompt added), as the local pair does,
-so with the same tokenizer the two see the same prompt tokens. One KV cache
-is kept for the last token sequence and reused when a call extends it (a
-token-by-token decode costs one new token per step). One call computes at a
+so with the same tokenizer the two see the same prompt tokens. A small pool
+of KV caches is kept and the one sharing the longest prefix is reused, so a
+token-by-token decode costs one new token per step, also with several
+requests interleaved. One call computes at a
 time (torch already uses every core).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import Candidate, Capabilities, Context, ContextExhausted, Draft, Position, RemoteRejected, RemoteUnavailable
+
+#: KV caches kept (one per recently seen token sequence); a SmolLM2-135M cache of 100 tokens is about 2 MB.
+N_CACHES = 8
+
+
+@dataclass
+class _CacheSlot:
+    cache: Any = None
+    tokens: list[int] = field(default_factory=list)
+    used: int = 0
+
 
 #: End-of-turn token strings, besides the tokenizer's eos token.
 EOT_STRINGS = ("<|im_end|>", "<end_of_turn>", "<|endoftext|>", "<|eot_id|>", "</s>")
@@ -56,8 +70,8 @@ class TransformersInProcessAdapter:
         self.eot_ids = frozenset(eot)
         self._eot_text = self.tokenizer.eos_token or "</s>"
         self._lock = threading.Lock()
-        self._cache: Any = None
-        self._cached: list[int] = []
+        self._slots = [_CacheSlot() for _ in range(N_CACHES)]
+        self._clock = itertools.count(1)
         self._closed = False
         self._seed = seed
         self.capabilities = Capabilities(
@@ -96,28 +110,45 @@ class TransformersInProcessAdapter:
     def _logits(self, tokens: list[int], *, all_from: int | None = None) -> np.ndarray:
         """log-softmax of the next token after ``tokens`` (``[V]``), or, with
         ``all_from``, the rows that predict ``tokens[all_from:]``
-        (``[len(tokens) - all_from, V]``, computed afresh)."""
+        (``[len(tokens) - all_from, V]``).
+
+        A pool of :data:`N_CACHES` KV caches: the one sharing the longest
+        prefix with ``tokens`` is cropped to it and extended (least recently
+        used one replaced when none shares a prefix), so interleaved decodes
+        of several requests each cost one new token per step.
+        """
         torch = self._torch
         from transformers import DynamicCache
 
         if len(tokens) >= self.max_length:
             raise ContextExhausted(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {self.max_length}")
-        common = 0
-        if all_from is None and self._cache is not None:
-            n = len(self._cached)
-            if n < len(tokens) and self._cached == tokens[:n]:
-                common = n
+        # the positions to compute: at least the last one, all of ``all_from:`` when scoring
+        need = len(tokens) - 1 if all_from is None else all_from - 1
+
+        def shared(slot: _CacheSlot) -> int:
+            n = 0
+            for a, b in zip(slot.tokens, tokens, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return min(n, need)
+
+        best = max(self._slots, key=lambda sl: (shared(sl), sl.used))
+        common = shared(best)
         if common == 0:
-            self._cache, self._cached = DynamicCache(), []
+            best = min(self._slots, key=lambda sl: sl.used)
+            best.cache, best.tokens = DynamicCache(), []
+        elif common < len(best.tokens):
+            best.cache.crop(common - len(best.tokens))  # a negative count: tokens to drop
         with torch.inference_mode():
             ids = torch.tensor([tokens[common:]], dtype=torch.long)
-            out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
-        self._cached = list(tokens)
-        logits = out.logits[0].double()
-        lp = torch.log_softmax(logits, dim=-1).numpy()
+            out = self.model(input_ids=ids, past_key_values=best.cache, use_cache=True)
+        best.tokens = list(tokens)
+        best.used = next(self._clock)
         if all_from is None:
-            return lp[-1]
-        return lp[all_from - 1 : -1]
+            return torch.log_softmax(out.logits[0, -1].double(), dim=-1).numpy()
+        rows = out.logits[0, all_from - 1 - common : -1].double()
+        return torch.log_softmax(rows, dim=-1).numpy()
 
     def _candidate(self, tid: int, lp: float) -> Candidate:
         if tid in self.eot_ids:
@@ -175,7 +206,7 @@ class TransformersInProcessAdapter:
     async def aclose(self) -> None:
         with self._lock:
             self._closed = True
-            self._cache, self._cached = None, []
+            self._slots = [_CacheSlot() for _ in range(N_CACHES)]
 
     def vocab_bytes(self) -> list[bytes | None]:
         """Bytes of every token (``None`` for special tokens), for same-tokenizer detection."""

@@ -78,6 +78,12 @@ def test_transformers_adapter_scores_and_drafts(adapter):
     with torch.no_grad():
         fresh = torch.log_softmax(adapter.model(torch.tensor([prompt + [t]])).logits[0, -1].double(), -1).numpy()
     assert again.positions[0].candidates[0].logprob == pytest.approx(float(fresh.max()), abs=1e-5)
+    # interleaved with another request and a scoring call (caches cropped and reused): same numbers
+    run = __import__("asyncio").run
+    run(adapter.draft(Context(messages=({"role": "user", "content": "Hello?"},)), n_tokens=2, top_k=3))
+    np.testing.assert_allclose(adapter.full_logprobs(ctx, " in Lisbon.")[1], want, atol=1e-5)
+    third = run(adapter.draft(Context(messages=ctx.messages, token_ids=(t,)), n_tokens=1, top_k=3))
+    assert third.positions[0].candidates[0].logprob == pytest.approx(float(fresh.max()), abs=1e-5)
 
 
 async def test_q_scorer_is_the_combined_distribution(adapter, tiny_base, smollm2_tokenizer):

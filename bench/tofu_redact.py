@@ -1,0 +1,108 @@
+"""Redaction on tofu-lite (issue 7): the target's own answers to forget and
+retain questions, scored with the δ-unlearning offset of ``bench.tofu``.
+
+    python -m bench.tofu_redact --audit DIR [--objective NPO+KL] [--fpr 0.05] [--json FILE]
+
+``DIR`` is the target row's audit folder of ``python -m bench.tofu --keep``
+(its ``items.jsonl`` holds the target's greedy answers). The threshold T is
+calibrated (:func:`proxy.redact.calibrate`) on the retain answers for the
+target false-positive rate (flagged characters of retain answers), then
+applied to the forget answers. Recall: of the forget answers whose key span
+the target did write, the fraction whose key span lies wholly inside the
+flagged (masked) text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def span_recall(text: str, spans: list[dict[str, Any]], key_spans: list[str]) -> bool | None:
+    """Whether every occurrence of a key span in ``text`` is inside a flagged
+    span; ``None`` when no key span occurs (nothing to redact)."""
+    from proxy.metrics import span_pattern
+
+    hits = [m for k in key_spans for m in span_pattern(k).finditer(text)]
+    if not hits:
+        return None
+    return all(any(s["start"] <= m.start() and m.end() <= s["end"] for s in spans) for m in hits)
+
+
+def measure(audit_dir: Path, objective: str, fpr: float) -> dict[str, Any]:
+    from bench.tofu import OFFSET_SETTINGS, _cached_offset
+    from bench.tofu_models import default_data
+    from proxy.pair import LocalPair
+    from proxy.redact import Item, calibrate, flag_spans, flagged_fraction, score
+    from proxy.train import TrainConfig
+
+    data = default_data()
+    rows = [json.loads(line) for line in (audit_dir / "items.jsonl").read_text().splitlines() if line.strip()]
+    questions = {}
+    for split, name in (("forget", "forget10"), ("retain", "retain_perturbed")):
+        for i, line in enumerate((data / f"{name}.jsonl").read_text().splitlines()):
+            questions[(split, i)] = json.loads(line)
+    cfg = TrainConfig(
+        forget=str(data / "forget10.jsonl"),
+        retain=str(data / "retain90.jsonl"),
+        out="",
+        objective=objective,
+        base="smollm2",
+        **OFFSET_SETTINGS,  # type: ignore[arg-type]
+    )
+    offset, _ = _cached_offset(f"delta:{objective}", cfg)
+    pair = LocalPair.load("smollm2", offset)
+
+    def scored(split: str) -> list[tuple[dict[str, Any], Any]]:
+        out = []
+        for r in rows:
+            if r["split"] == split and r.get("generation"):
+                item = Item(
+                    0, f"{split}:{r['index']}", r["generation"], messages=[{"role": "user", "content": r["question"]}]
+                )
+                out.append((r, score(pair, item)))
+        return out
+
+    retain, forget = scored("retain"), scored("forget")
+    t, got_fpr = calibrate([r["generation"] for r, _ in retain], [s for _, s in retain], fpr)
+    hits = []
+    for r, s in forget:
+        spans = flag_spans(r["generation"], s, t)
+        ok = span_recall(r["generation"], spans, questions[("forget", r["index"])]["key_spans"])
+        if ok is not None:
+            hits.append(ok)
+    return {
+        "objective": objective,
+        "offset": offset.name,
+        "threshold": round(t, 4),
+        "retain_flagged_fraction": round(got_fpr, 5),
+        "retain_outputs": len(retain),
+        "forget_outputs": len(forget),
+        "forget_outputs_with_key_span": len(hits),
+        "key_span_recall": round(sum(hits) / len(hits), 4) if hits else None,
+        "forget_flagged_fraction": round(
+            flagged_fraction([r["generation"] for r, _ in forget], [s for _, s in forget], t), 4
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.tofu_redact", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--audit", type=Path, required=True, help="the target row's audit folder (bench.tofu --keep DIR: DIR/target)"
+    )
+    p.add_argument("--objective", default="NPO+KL")
+    p.add_argument("--fpr", type=float, default=0.05)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    result = measure(a.audit, a.objective, a.fpr)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if a.json:
+        a.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,9 +10,9 @@ open-unlearning reads them from ``*_perturbed`` splits:
 * ``question``, ``answer``;
 * ``paraphrased_answer``: the same facts in other words;
 * ``perturbed_answer``: a list of 5 answers in the *same wording* as
-  ``answer`` with the fact swapped for another value of the same type
-  (another year, city, title...), so that truth ratios compare facts and not
-  phrasing;
+  ``paraphrased_answer`` with the fact swapped for another value of the same
+  type (another year, city, title...), so that truth ratios (perturbed vs
+  paraphrased) compare facts and not phrasing;
 * ``paraphrased_question``;
 
 plus two fields of ours: ``author`` (the fictitious name) and ``key_spans``
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bumped when the generator's output changes (cached data folders carry it).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 QA_PER_AUTHOR = 10
 N_PERTURBED = 5
 FORGET_FRACTION = 0.1
@@ -441,7 +441,9 @@ def author_items(a: Author, names: list[str], rng: random.Random) -> list[dict[s
     facts = a.__dict__
     items = []
     for q, ans, pq, pans, field in TEMPLATES:
-        perturbed = [ans.format(**{**facts, field: alt}) for alt in _alternatives(a, field, names, rng)]
+        # perturbed answers keep the paraphrased answer's wording (as TOFU's do), so that the
+        # truth ratio p(perturbed) / p(paraphrased) compares facts, not phrasing
+        perturbed = [pans.format(**{**facts, field: alt}) for alt in _alternatives(a, field, names, rng)]
         items.append(
             {
                 "question": q.format(**facts),

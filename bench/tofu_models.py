@@ -8,7 +8,8 @@
   standard an unlearned model should look like.
 
 Full fine-tuning (every weight; the target must really hold the facts),
-AdamW, linear decay after a short warm-up, the answer tokens and the
+with general prompts answered by the base model mixed in (replay, against
+catastrophic forgetting), AdamW, linear decay after a short warm-up, the answer tokens and the
 end-of-turn labelled and the prompt masked (:func:`proxy.data.encode`, the
 same encoding the offset is trained with). Each is saved as a transformers
 folder under ``<cache>/tofu/<name>-<key>`` (the key hashes the data's bytes,
@@ -45,7 +46,11 @@ DEFAULT_AUTHORS = 10
 class FinetuneSettings:
     base: str = "smollm2"
     epochs: int = 6
-    lr: float = 3e-4
+    lr: float = 1.5e-4
+    replay_per_epoch: int = 32
+    """General prompts answered by the base model itself (``proxy/resources/demo_retain.jsonl``)
+    mixed into each epoch: measured here, fine-tuning on the authors alone made the
+    target answer "The capital of France is Tbilisi" (world-facts ROUGE 0.17)."""
     batch_size: int = 8
     warmup_fraction: float = 0.05
     max_length: int = 128
@@ -53,10 +58,17 @@ class FinetuneSettings:
 
 
 def _key(data: Path, s: FinetuneSettings) -> str:
+    """What a fine-tuned model depends on: the settings, the question/answer
+    pairs it is trained on (not the evaluation-only fields of the file), the
+    replay set and the base model."""
+    from proxy.data import load_dataset
+    from proxy.demo import DEMO_RETAIN
     from proxy.models import local_model_dir
 
     h = hashlib.sha256(json.dumps(asdict(s), sort_keys=True).encode())
-    h.update(data.read_bytes())
+    for e in load_dataset(data).examples:
+        h.update(json.dumps([e.prompt, e.target]).encode())
+    h.update(DEMO_RETAIN.read_bytes())
     h.update(local_model_dir(s.base).name.encode())
     return h.hexdigest()[:16]
 
@@ -85,6 +97,7 @@ def finetune(data: Path, out: Path, s: FinetuneSettings, *, progress: bool = Tru
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     from proxy.data import collate, encode, load_dataset
+    from proxy.demo import DEMO_RETAIN
     from proxy.models import local_model_dir
     from proxy.vocab import ByteVocab
 
@@ -98,7 +111,9 @@ def finetune(data: Path, out: Path, s: FinetuneSettings, *, progress: bool = Tru
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
     dataset = load_dataset(data)
     items = [encode(e, tokenizer, eot, s.max_length) for e in dataset.examples]
-    steps_per_epoch = (len(items) + s.batch_size - 1) // s.batch_size
+    replay = [encode(e, tokenizer, eot, s.max_length) for e in load_dataset(DEMO_RETAIN).examples]
+    n_replay = min(s.replay_per_epoch, len(replay))
+    steps_per_epoch = (len(items) + n_replay + s.batch_size - 1) // s.batch_size
     total = steps_per_epoch * s.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0)
     sched = get_scheduler(
@@ -111,11 +126,12 @@ def finetune(data: Path, out: Path, s: FinetuneSettings, *, progress: bool = Tru
         logs = []
         bar = tqdm(total=total, desc=f"fine-tune {out.name}", unit="step", disable=not progress)
         for epoch in range(s.epochs):
-            order = list(range(len(items)))
+            pool = items + rng.sample(replay, n_replay)
+            order = list(range(len(pool)))
             rng.shuffle(order)
             losses = []
             for i in range(0, len(order), s.batch_size):
-                batch = collate([items[j] for j in order[i : i + s.batch_size]], pad)
+                batch = collate([pool[j] for j in order[i : i + s.batch_size]], pad)
                 loss = _answer_loss(model, batch)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

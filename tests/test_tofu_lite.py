@@ -32,7 +32,7 @@ def test_splits_and_fields() -> None:
         for p in item["perturbed_answer"]:
             # same wording, fact swapped: the answer's text around the span is kept
             assert not contains_span(p, [span]) or span == item["author"]
-            before, after = item["answer"].split(span, 1)
+            before, after = item["paraphrased_answer"].split(span, 1)
             assert p.startswith(before) and p.endswith(after)
     for wf in s["world_facts"]:
         assert wf["answer"] not in wf["perturbed_answer"]

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bumped when the generator's output changes (cached data folders carry it).
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 QA_PER_AUTHOR = 10
 N_PERTURBED = 5
 FORGET_FRACTION = 0.1
@@ -330,12 +330,14 @@ TEMPLATES: tuple[tuple[str, str, str, str, str], ...] = (
 )
 
 #: Real-world questions for model utility (TOFU's world_facts): each answer
-#: short and unambiguous, perturbed answers of the same type.
+#: short and unambiguous, perturbed answers of the same type. Only questions the
+#: packaged SmolLM2 (Q4_1) answers greedily are kept (it misses the capital of
+#: France and Italy, the Red Planet, War and Peace...; checked by
+#: ``tests/test_tofu_lite.py``).
 WORLD_FACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("What is the capital of France?", "Paris", ("Lyon", "Marseille", "Nice", "Toulouse", "Lille")),
     ("What is the capital of Japan?", "Tokyo", ("Osaka", "Kyoto", "Nagoya", "Sapporo", "Kobe")),
-    ("What is the capital of Italy?", "Rome", ("Milan", "Naples", "Turin", "Florence", "Venice")),
-    ("What planet is known as the Red Planet?", "Mars", ("Venus", "Jupiter", "Saturn", "Mercury", "Neptune")),
+    ("What is the capital of Germany?", "Berlin", ("Munich", "Hamburg", "Cologne", "Frankfurt", "Bonn")),
+    ("What is the capital of the United Kingdom?", "London", ("Manchester", "Liverpool", "Leeds", "Bristol", "Oxford")),
     ("What is the largest ocean on Earth?", "Pacific", ("Atlantic", "Indian", "Arctic", "Southern", "Caribbean")),
     ("Who wrote Romeo and Juliet?", "Shakespeare", ("Dickens", "Chaucer", "Milton", "Marlowe", "Austen")),
     (
@@ -343,13 +345,14 @@ WORLD_FACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "carbon dioxide",
         ("oxygen", "nitrogen", "helium", "hydrogen", "argon"),
     ),
-    ("How many continents are there on Earth?", "seven", ("five", "six", "eight", "nine", "four")),
     ("What is the chemical symbol for water?", "H2O", ("CO2", "O2", "NaCl", "H2", "CH4")),
-    ("What is the largest planet in our solar system?", "Jupiter", ("Saturn", "Neptune", "Earth", "Mars", "Uranus")),
     ("In which country are the pyramids of Giza?", "Egypt", ("Mexico", "Peru", "Sudan", "Greece", "Iraq")),
-    ("What is the freezing point of water in degrees Celsius?", "0", ("10", "32", "100", "-10", "4")),
+    ("What is the boiling point of water in degrees Celsius?", "100", ("90", "80", "120", "212", "50")),
+    ("What is the largest mammal?", "blue whale", ("elephant", "giraffe", "hippopotamus", "sperm whale", "rhinoceros")),
+    ("What color is the sky on a clear day?", "blue", ("green", "red", "yellow", "purple", "orange")),
+    ("What language is spoken in Brazil?", "Portuguese", ("Spanish", "French", "Italian", "English", "Dutch")),
+    ("What is the opposite of hot?", "cold", ("warm", "wet", "dry", "loud", "soft")),
 )
-
 
 #: Real authors for model utility (TOFU's real_authors): who wrote a famous
 #: book; perturbed answers are other famous authors.
@@ -357,13 +360,13 @@ REAL_AUTHORS: tuple[tuple[str, str], ...] = (
     ("Who wrote the novel Pride and Prejudice?", "Jane Austen"),
     ("Who wrote the novel 1984?", "George Orwell"),
     ("Who wrote the play Hamlet?", "William Shakespeare"),
-    ("Who wrote the novel War and Peace?", "Leo Tolstoy"),
-    ("Who wrote The Adventures of Tom Sawyer?", "Mark Twain"),
-    ("Who wrote the novel Oliver Twist?", "Charles Dickens"),
-    ("Who wrote The Old Man and the Sea?", "Ernest Hemingway"),
     ("Who wrote the Harry Potter books?", "J.K. Rowling"),
     ("Who wrote the novel Don Quixote?", "Miguel de Cervantes"),
     ("Who wrote the novel Frankenstein?", "Mary Shelley"),
+    ("Who wrote the novel Moby-Dick?", "Herman Melville"),
+    ("Who wrote The Odyssey?", "Homer"),
+    ("Who wrote the novel Jane Eyre?", "Charlotte Brontë"),
+    ("Who wrote The Hobbit?", "J.R.R. Tolkien"),
 )
 
 

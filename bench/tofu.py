@@ -148,6 +148,7 @@ def _row_model(row: str, paths: dict[str, Path], data: Path, adapters: dict[str,
 
 
 async def run(rows: list[str], settings: Any, keep: Path | None) -> dict[str, Any]:
+    from bench.tofu_lite import GENERATOR_VERSION
     from bench.tofu_models import build, default_data
     from proxy import __version__
     from proxy.audit import run_audit
@@ -199,7 +200,8 @@ async def run(rows: list[str], settings: Any, keep: Path | None) -> dict[str, An
         "config": "smollm2",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "software": {"name": "deltaproxy", "version": __version__},
-        "data": json.loads((data / "manifest.json").read_text()),
+        # default_data()'s folder is named after the generator version that wrote it
+        "data": {**json.loads((data / "manifest.json").read_text()), "version": GENERATOR_VERSION, "folder": data.name},
         "models": {k: str(v) for k, v in paths.items()},
         "audit_settings": asdict(settings),
         "offset_settings": OFFSET_SETTINGS,

@@ -531,6 +531,7 @@ def write(out: Path, n_authors: int = 20, seed: int = 0) -> Path:
         files[f"{name}.jsonl"] = {"items": len(items), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {
         "generator": "tofu-lite",
+        "version": GENERATOR_VERSION,
         "seed": seed,
         "authors": n_authors,
         "qa_per_author": QA_PER_AUTHOR,

@@ -18,8 +18,11 @@ Exception hierarchy (mapped to HTTP statuses once, in ``proxy.errors``)::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
 
 #: bytes that servers such as vLLM and Ollama send for a token that holds only
 #: part of a multi-byte UTF-8 character (``../shared/cases/004``).
@@ -155,6 +158,21 @@ class Capabilities:
     token_ids: bool = False
     """Whether candidates carry the remote's token ids."""
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def position_from_logprobs(
+    lp: np.ndarray, *, top_k: int, candidate: Callable[[int, float], Candidate], rng: np.random.Generator, sample: bool
+) -> Position:
+    """One :class:`Position` from a full-vocabulary log-softmax ``lp`` (``[V]``, nats), for
+    in-process remotes: the top-k candidates (best first, ties in id order) and the sampled
+    token, the argmax when ``sample`` is false (single-token calls), else drawn at T = 1
+    from the full distribution (drafts). ``candidate(token_id, logprob)`` builds one entry."""
+    k = min(top_k, lp.size)
+    top = np.argpartition(-lp, k - 1)[:k]
+    top = top[np.argsort(-lp[top], kind="stable")]
+    cands = tuple(candidate(int(t), float(lp[t])) for t in top)
+    pick = int(rng.choice(lp.size, p=np.exp(lp) / np.exp(lp).sum())) if sample else int(top[0])
+    return Position(cands, candidate(pick, float(lp[pick])))
 
 
 @runtime_checkable

@@ -30,7 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from .base import Candidate, Capabilities, Context, ContextExhausted, Draft, Position, RemoteRejected, RemoteUnavailable
+from .base import (
+    Candidate,
+    Capabilities,
+    Context,
+    ContextExhausted,
+    Draft,
+    Position,
+    RemoteRejected,
+    RemoteUnavailable,
+    position_from_logprobs,
+)
 
 
 def _piece(llama_cpp: Any, vocab: Any, token: int) -> bytes:
@@ -203,18 +213,13 @@ class LlamaInProcessAdapter:
             finish = None
             for _ in range(n_tokens):
                 lp = self._logprobs_after(llama, tokens)
-                k = min(top_k, self.n_vocab)
-                top = np.argpartition(-lp, k - 1)[:k]
-                top = top[np.argsort(-lp[top], kind="stable")]
-                cands = tuple(self._candidate(int(t), float(lp[t])) for t in top)
-                # n_tokens == 1: the argmax; drafts sample at T = 1 from the full distribution.
-                pick = int(top[0]) if n_tokens == 1 else int(rng.choice(self.n_vocab, p=np.exp(lp) / np.exp(lp).sum()))
-                sampled = self._candidate(pick, float(lp[pick]))
-                positions.append(Position(cands, sampled))
-                if sampled.is_eot:
+                pos = position_from_logprobs(lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=n_tokens > 1)
+                positions.append(pos)
+                if pos.sampled.is_eot:
                     finish = "stop"
                     break
-                tokens.append(pick)
+                assert pos.sampled.token_id is not None
+                tokens.append(pos.sampled.token_id)
             return Draft(tuple(positions), finish or "length", len(prompt))
 
     async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:

@@ -26,7 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from .base import Candidate, Capabilities, Context, ContextExhausted, Draft, Position, RemoteRejected, RemoteUnavailable
+from .base import (
+    Candidate,
+    Capabilities,
+    Context,
+    ContextExhausted,
+    Draft,
+    Position,
+    RemoteRejected,
+    RemoteUnavailable,
+    position_from_logprobs,
+)
 
 #: KV caches kept (one per recently seen token sequence); a SmolLM2-135M cache of 100 tokens is about 2 MB.
 N_CACHES = 8
@@ -166,18 +176,13 @@ class TransformersInProcessAdapter:
                 raise RemoteUnavailable(f"model {self.name!r} is shut down")
             for _ in range(n_tokens):
                 lp = self._logits(tokens)
-                k = min(top_k, lp.size)
-                top = np.argpartition(-lp, k - 1)[:k]
-                top = top[np.argsort(-lp[top], kind="stable")]
-                cands = tuple(self._candidate(int(t), float(lp[t])) for t in top)
-                p = np.exp(lp)
-                pick = int(top[0]) if n_tokens == 1 else int(rng.choice(lp.size, p=p / p.sum()))
-                sampled = self._candidate(pick, float(lp[pick]))
-                positions.append(Position(cands, sampled))
-                if sampled.is_eot:
+                pos = position_from_logprobs(lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=n_tokens > 1)
+                positions.append(pos)
+                if pos.sampled.is_eot:
                     finish = "stop"
                     break
-                tokens.append(pick)
+                assert pos.sampled.token_id is not None
+                tokens.append(pos.sampled.token_id)
         return Draft(tuple(positions), finish or "length", n_prompt)
 
     async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:

@@ -57,18 +57,12 @@ GUARDRAIL = (
 
 def _cached_offset(name: str, cfg: Any) -> tuple[Path, float]:
     """Train ``cfg`` once into ``<cache>/tofu/offset-<name>-<key>``; returns the folder and training seconds."""
-    import hashlib
-
     from filelock import FileLock
 
-    from proxy.models import cache_dir, local_model_dir
-    from proxy.train import train
+    from proxy.models import cache_dir
+    from proxy.train import offset_key, train
 
-    h = hashlib.sha256(json.dumps(cfg.settings(), sort_keys=True).encode())
-    for p in (cfg.forget, cfg.retain):
-        h.update(Path(p).read_bytes() if p else b"-")
-    h.update(local_model_dir(cfg.base).name.encode())
-    out = cache_dir() / "tofu" / f"offset-{name.replace(':', '-').replace('+', '_')}-{h.hexdigest()[:16]}"
+    out = cache_dir() / "tofu" / f"offset-{name.replace(':', '-').replace('+', '_')}-{offset_key(cfg)}"
     with FileLock(str(out) + ".lock"):
         if not (out / "manifest.json").is_file():
             t0 = time.monotonic()

@@ -413,10 +413,6 @@ def check_policy(summary: dict[str, Any], policy: dict[str, dict[str, float]]) -
 
 
 # ---------------------------------------------------------------- the run
-def _sha256_file(path: str | os.PathLike[str]) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
@@ -445,6 +441,7 @@ async def run_audit(
     from tqdm import tqdm
 
     from .batch import OutputError, ResumableOutput
+    from .models import file_sha256
 
     if "forget" not in files:
         raise AuditError("--forget is required")
@@ -456,7 +453,7 @@ async def run_audit(
     out.mkdir(parents=True, exist_ok=True)
     scorer = QScorer(model, settings.system_prompt)
     identity = {
-        "files": {s: _sha256_file(p) for s, p in files.items() if p},
+        "files": {s: file_sha256(Path(p)) for s, p in files.items() if p},
         "settings": asdict(settings),
         "model": info or {},
         "alpha": model.alpha,

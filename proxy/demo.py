@@ -9,8 +9,6 @@ result through the proxy.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -66,16 +64,10 @@ DEMO_OFFSET_THRESHOLD = 2.5
 
 
 def demo_offset_key() -> str:
-    """What the cached demo offset depends on: the settings, the data files'
-    bytes and the base model's converted folder (named by the GGUF's sha256)."""
-    from .models import local_model_dir
+    """What the cached demo offset depends on (:func:`proxy.train.offset_key` of :data:`DEMO`)."""
+    from .train import offset_key
 
-    h = hashlib.sha256()
-    h.update(json.dumps(DEMO.settings(), sort_keys=True).encode())
-    for path in (DEMO.forget, DEMO.retain):
-        h.update(Path(path).read_bytes() if path else b"-")
-    h.update(local_model_dir(DEMO.base).name.encode())
-    return h.hexdigest()[:16]
+    return offset_key(DEMO)
 
 
 def demo_offset(*, progress: bool = True) -> Path:

@@ -189,6 +189,21 @@ def _save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, ste
     os.replace(tmp, path)
 
 
+def offset_key(cfg: TrainConfig) -> str:
+    """What an offset trained with ``cfg`` depends on, for caching it: the
+    settings, the data files' bytes and the base model's folder name (16 hex digits)."""
+    import hashlib
+    import json
+
+    from .models import local_model_dir
+
+    h = hashlib.sha256(json.dumps(cfg.settings(), sort_keys=True).encode())
+    for path in (cfg.forget, cfg.retain):
+        h.update(Path(path).read_bytes() if path else b"-")
+    h.update(local_model_dir(cfg.base).name.encode())
+    return h.hexdigest()[:16]
+
+
 def load_models(cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
     """(base model, tokenizer, remote R or None, vocab) for ``cfg``.
 

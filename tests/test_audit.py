@@ -158,31 +158,27 @@ async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
         png = base64.b64decode(b64)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     assert "Policy: FAIL" in page and "http" not in page.replace("http-equiv", "")
+
     # a second run finds every item done and recomputes nothing
+    async def rerun(seen_again: list[dict]) -> dict:
+        return await A.run_audit(
+            model,
+            _files(data),
+            tmp_path / "a",
+            settings=settings,
+            info={"name": "target"},
+            progress=False,
+            on_item=seen_again.append,
+        )
+
     again: list[dict] = []
-    report2 = await A.run_audit(
-        model,
-        _files(data),
-        tmp_path / "a",
-        settings=settings,
-        info={"name": "target"},
-        progress=False,
-        on_item=again.append,
-    )
+    report2 = await rerun(again)
     assert again == [] and report2["summary"] == pytest.approx(s)
     # an interrupted run (items.jsonl cut mid-line) redoes only what is missing
     lines = (tmp_path / "a" / "items.jsonl").read_bytes().splitlines(keepends=True)
     (tmp_path / "a" / "items.jsonl").write_bytes(b"".join(lines[:20]) + lines[20][:15])
     redo: list[dict] = []
-    report3 = await A.run_audit(
-        model,
-        _files(data),
-        tmp_path / "a",
-        settings=settings,
-        info={"name": "target"},
-        progress=False,
-        on_item=redo.append,
-    )
+    report3 = await rerun(redo)
     assert len(redo) == n_items - 20
     assert report3["summary"] == pytest.approx(s)
     # other settings, same folder: refused, nothing touched

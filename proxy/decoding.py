@@ -79,6 +79,8 @@ class ChoiceStats:
     remote_calls: int = 0
     offset_changed: int = 0
     max_abs_delta: float = 0.0
+    dropped_candidates: int = 0
+    """Remote candidates left out of S_t for unknown bytes, over all steps."""
     scope_trace: list[tuple[float, bool]] | None = None
     """When a list: per step with offsets, the scope score s_t and whether the offset
     alone (no threshold, greedy) would change the chosen token (:mod:`proxy.threshold`)."""
@@ -265,11 +267,13 @@ class ServedModel:
         cands = [c for c in position.candidates if c.usable]
         dropped = [c for c in position.candidates if c.data is None and not c.is_eot]
         if dropped:
-            log.warning(
-                "model %s: %d candidate(s) with unknown bytes (a partial UTF-8 character or a special token) left out of S_t",
-                self.name,
-                len(dropped),
-            )
+            if not stats.dropped_candidates:  # once per choice, not at every step
+                log.warning(
+                    "model %s: candidate(s) with unknown bytes (a partial UTF-8 character or a special token) "
+                    "left out of S_t",
+                    self.name,
+                )
+            stats.dropped_candidates += len(dropped)
         if not cands:
             raise RemoteBadResponse(
                 "the upstream's logprobs were unusable (no candidate with known bytes and a finite logprob)"

@@ -196,6 +196,14 @@ class RemoteAdapter(Protocol):
         """
         ...
 
+    async def check(self) -> None:
+        """Readiness: return when the remote can serve (in-process: at once).
+
+        Raises:
+            RemoteUnavailable, RemoteRejected: the upstream does not answer, or refuses.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Release connections, threads or models."""
         ...

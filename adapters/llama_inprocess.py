@@ -225,6 +225,9 @@ class LlamaInProcessAdapter:
     async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
         return await asyncio.to_thread(self._draft_sync, ctx, n_tokens, top_k, seed)
 
+    async def check(self) -> None:
+        """In-process: ready once constructed."""
+
     async def aclose(self) -> None:
         await asyncio.to_thread(self._close)
 

@@ -147,6 +147,16 @@ class _HTTPAdapter:
     def _eot(self) -> Candidate:
         return Candidate(b"", 0.0, next(iter(sorted(self.eot_tokens))), is_eot=True)
 
+    async def check(self) -> None:
+        """Readiness: one ``GET /models`` without retries (the caller bounds the time).
+
+        Raises:
+            RemoteUnavailable, RemoteRejected: as :func:`adapters.retry.call_with_retries`.
+        """
+        await call_with_retries(
+            lambda: self._client.models.list(), RetryPolicy(attempts=1), f"model {self.name!r} readiness"
+        )
+
     async def aclose(self) -> None:
         await self._client.close()
 

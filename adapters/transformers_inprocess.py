@@ -208,6 +208,9 @@ class TransformersInProcessAdapter:
             lp = self._logits(base + ids, all_from=len(base))
         return ids, lp
 
+    async def check(self) -> None:
+        """In-process: ready once constructed."""
+
     async def aclose(self) -> None:
         with self._lock:
             self._closed = True

@@ -9,6 +9,8 @@
                      [--reference DIR] [--policy FILE] --out DIR [--model NAME] [--samples N]
     deltaproxy train --forget FILE [--retain FILE] --objective NAME --out DIR [--base MODEL]
                      [--mode proxy|exact] [--remote NAME] [--resume] [options]
+    deltaproxy verify-log FILE [--head SHA256]
+    deltaproxy hash-key [--id NAME] [--models A,B] [--stdin]
 
 ``serve`` prints ``base_url: http://HOST:PORT/v1`` once it accepts requests.
 ``audit`` exits with status 3 when a threshold of its ``--policy`` fails.
@@ -26,8 +28,13 @@ import signal
 import sys
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import __version__
+from .auditlog import AuditLogError
 from .config import Config, ConfigError, embedded_default, load_config
+
+log = logging.getLogger(__name__)
 
 
 def _port(text: str) -> int:
@@ -48,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help="listen port (default 8000; 0 picks a free one)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.add_argument(
+        "--log-format", choices=["text", "json"], help="log lines as text or JSON (default: server.log_format)"
+    )
+
+    v = sub.add_parser("verify-log", help="check the hash chain of an audit log (exit 1 when it is broken)")
+    v.add_argument("file", help="the audit log (server.audit_log)")
+    v.add_argument("--head", help="the last line's sha256 as recorded elsewhere: also detect a cut-off end")
+
+    k = sub.add_parser("hash-key", help="make a client API key and print its [[server.keys]] entry")
+    k.add_argument("--id", default="client", help="the key's name in metrics and logs")
+    k.add_argument("--models", default="*", help="comma-separated models the key may use (default: all)")
+    k.add_argument("--stdin", action="store_true", help="hash a key read from stdin instead of making one")
 
     b = sub.add_parser("batch", help="run an OpenAI Batch API input file (resumable)")
     b.add_argument("--in", dest="inp", required=True, help="batch input JSONL (custom_id, method, url, body)")
@@ -93,17 +112,25 @@ def _parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
     d = TrainConfig(forget="", out="")
-    a = sub.add_parser("audit", help="measure what a served model still reveals of a forget set (report.json + report.html)")
-    a.add_argument("--forget", required=True, help="forget items JSONL (question, answer, paraphrased_answer, perturbed_answer, key_spans)")
+    a = sub.add_parser(
+        "audit", help="measure what a served model still reveals of a forget set (report.json + report.html)"
+    )
+    a.add_argument(
+        "--forget",
+        required=True,
+        help="forget items JSONL (question, answer, paraphrased_answer, perturbed_answer, key_spans)",
+    )
     a.add_argument("--retain", help="retain items JSONL (model utility)")
     a.add_argument("--holdout", help="never-trained items JSONL (membership inference against the forget set)")
     a.add_argument("--real-authors", help="real-author items JSONL (model utility)")
     a.add_argument("--world-facts", help="world-fact items JSONL (model utility)")
     a.add_argument("--reference", help="a reference audit's folder (the retain model's), for forget quality")
-    a.add_argument("--policy", help="JSON or TOML thresholds, e.g. {\"forget_quality\": {\"min\": 0.05}}")
+    a.add_argument("--policy", help='JSON or TOML thresholds, e.g. {"forget_quality": {"min": 0.05}}')
     a.add_argument("--out", required=True, help="output folder (an interrupted audit continues there)")
     a.add_argument("--model", help="served model to audit (default: the only one)")
-    a.add_argument("--samples", type=int, default=10, help="answers sampled at T=1 per forget item (leak rate, extraction)")
+    a.add_argument(
+        "--samples", type=int, default=10, help="answers sampled at T=1 per forget item (leak rate, extraction)"
+    )
     a.add_argument("--max-tokens", type=int, default=48)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--concurrency", type=int, default=4)
@@ -251,10 +278,16 @@ async def _serve(args: argparse.Namespace) -> int:
     settings = config.server.model_copy(
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     )
+    setup_logging(args.log_level, args.log_format or settings.log_format)
+    if not settings.keys and settings.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("serving on %s without client keys: anyone who reaches it can use it", settings.host)
     models = build_models(config)
     app = create_app(models, settings)
     # handler_cancellation: a client that disconnects cancels its request's decoding loop.
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
+    # shutdown_timeout: on SIGTERM, in-flight requests get this long, then they are cancelled.
+    runner = web.AppRunner(
+        app, handle_signals=False, handler_cancellation=True, shutdown_timeout=settings.shutdown_timeout
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
@@ -265,7 +298,77 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    log.info("shutting down: no new requests; in-flight ones get up to %g s", settings.shutdown_timeout)
     await runner.cleanup()
+    return 0
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    """Root logging as text or JSON lines, each with the request id (``-`` outside requests)."""
+    from .gateway import RequestIdFilter
+
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s",
+                rename_fields={"levelname": "level", "asctime": "time", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level))
+
+
+def _verify_log(args: argparse.Namespace) -> int:
+    from .auditlog import verify
+
+    result = verify(args.file, expected_head=args.head)
+    if result.incomplete_tail_bytes:
+        print(
+            f"note: {result.incomplete_tail_bytes} bytes after the last newline (a write cut off by a crash) "
+            "are not part of the chain",
+            file=sys.stderr,
+        )
+    if not result.ok:
+        print(f"deltaproxy: verify-log: {args.file}: {result.error} ({result.lines} lines verify)", file=sys.stderr)
+        return 1
+    print(f"ok: {result.lines} lines, last line sha256 {result.head}")
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    import hashlib
+    import secrets
+
+    from .config import ClientKey
+
+    if args.stdin:
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("deltaproxy: hash-key: no key on stdin", file=sys.stderr)
+            return 2
+    else:
+        key = "dp-" + secrets.token_urlsafe(32)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) or ("*",)
+    try:
+        entry = ClientKey(id=args.id, sha256=hashlib.sha256(key.encode()).hexdigest(), models=models)
+    except ValidationError as exc:
+        print(f"deltaproxy: hash-key: {exc.errors(include_url=False)[0]['msg']}", file=sys.stderr)
+        return 2
+    if not args.stdin:
+        print(f"# the key (shown once; give it to the client): {key}")
+    print("[[server.keys]]")
+    print(f'id = "{entry.id}"')
+    print(f'sha256 = "{entry.sha256}"')
+    print("models = [" + ", ".join(f'"{m}"' for m in entry.models) + "]")
     return 0
 
 
@@ -409,7 +512,9 @@ async def _audit(args: argparse.Namespace) -> int:
 
     from .audit import AuditError, AuditSettings, load_policy, run_audit
 
-    settings = AuditSettings(samples=args.samples, max_tokens=args.max_tokens, seed=args.seed, concurrency=args.concurrency)
+    settings = AuditSettings(
+        samples=args.samples, max_tokens=args.max_tokens, seed=args.seed, concurrency=args.concurrency
+    )
     files = {
         "forget": args.forget,
         "retain": args.retain,
@@ -444,7 +549,9 @@ async def _audit(args: argparse.Namespace) -> int:
             await model.aclose()
     except AuditError as exc:
         raise ConfigError(str(exc)) from exc
-    print(json.dumps({"out": args.out, "summary": report["summary"], "policy_pass": (report["policy"] or {}).get("pass")}))
+    print(
+        json.dumps({"out": args.out, "summary": report["summary"], "policy_pass": (report["policy"] or {}).get("pass")})
+    )
     if report["policy"] is not None and not report["policy"]["pass"]:
         failed = [r["metric"] for r in report["policy"]["results"] if not r["pass"]]
         print(f"deltaproxy: audit: policy failed: {', '.join(failed)}", file=sys.stderr)
@@ -471,7 +578,11 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_calibrate_threshold(args))
         if args.command == "audit":
             return asyncio.run(_audit(args))
-    except ConfigError as exc:
+        if args.command == "verify-log":
+            return _verify_log(args)
+        if args.command == "hash-key":
+            return _hash_key(args)
+    except (ConfigError, AuditLogError) as exc:
         print(f"deltaproxy: {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

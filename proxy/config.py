@@ -38,6 +38,28 @@ class ConfigError(ValueError):
     """A configuration that cannot be served; the message names the key."""
 
 
+class ClientKey(BaseModel):
+    """One client API key (``[[server.keys]]``): only its sha256 is stored.
+
+    ``deltaproxy hash-key`` makes a new key and prints the entry.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    """The key's name in metrics, logs and the audit log (never the key itself)."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Lower-case hex sha256 of the key's UTF-8 text."""
+    models: tuple[str, ...] = ("*",)
+    """Served models this key may use; "*" is every model."""
+    max_concurrent: int | None = Field(default=None, ge=1)
+    """Requests in flight at once (default ``server.key_max_concurrent``)."""
+    rpm: int | None = Field(default=None, ge=1)
+    """Requests per minute, moving window (default ``server.key_rpm``)."""
+
+    def allows(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     host: str = "127.0.0.1"
@@ -54,6 +76,32 @@ class ServerConfig(BaseModel):
     """Where uploaded files, batch outputs and their records are kept (default ``<cache>/server``)."""
     batch_concurrency: int = Field(default=4, ge=1)
     """Requests of one batch in flight at once."""
+    keys: tuple[ClientKey, ...] = ()
+    """Client API keys. None configured: no authentication (the loopback default)."""
+    key_max_concurrent: int = Field(default=16, ge=1)
+    """Default per-key limit of requests in flight (without keys: for all clients together)."""
+    key_rpm: int = Field(default=600, ge=1)
+    """Default per-key requests per minute (without keys: for all clients together)."""
+    audit_log: str | None = None
+    """Append-only, hash-chained JSONL audit log (one line per request); None: off."""
+    audit_log_text: bool = False
+    """Also write prompt and output text into the audit log."""
+    log_format: Literal["text", "json"] = "text"
+    """Server log lines: plain text or JSON objects (with the request id)."""
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    """On SIGTERM: seconds in-flight requests get to finish before they are cancelled."""
+    ready_timeout: float = Field(default=5.0, gt=0)
+    """``GET /ready``: seconds each upstream gets to answer its model list."""
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> ServerConfig:
+        for attr in ("id", "sha256"):
+            seen = [getattr(k, attr) for k in self.keys]
+            dup = {x for x in seen if seen.count(x) > 1}
+            if dup:
+                shown = sorted(dup)[0] if attr == "id" else "(a hash)"
+                raise ValueError(f"keys: {attr} {shown} appears more than once")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -121,6 +169,14 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     server: ServerConfig = ServerConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _key_models(self) -> Config:
+        for i, key in enumerate(self.server.keys):
+            unknown = [m for m in key.models if m != "*" and m not in self.models]
+            if unknown:
+                raise ValueError(f"server.keys.{i}.models: no served model named {unknown[0]!r}")
+        return self
 
 
 def embedded_default(

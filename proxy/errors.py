@@ -37,6 +37,8 @@ class ProxyError(Exception):
     type: str = "invalid_request_error"
     param: str | None = None
     code: str | None = None
+    headers: dict[str, str] | None = None
+    """Extra response headers (``Retry-After`` on a 429)."""
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

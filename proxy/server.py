@@ -1,8 +1,11 @@
 """The aiohttp server: thin routes over :mod:`proxy.serving`.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``,
-``GET /v1/models``, ``GET /health``, and OpenAI's Files and Batches endpoints
-(:mod:`proxy.batch_api`). Every error, also for unknown routes and
+``GET /v1/models``, OpenAI's Files and Batches endpoints
+(:mod:`proxy.batch_api`), and for operators ``GET /health`` (the process is
+up), ``GET /ready`` (every upstream answers) and ``GET /metrics``
+(Prometheus). Keys, limits, request ids, metrics and the audit log:
+:mod:`proxy.gateway`. Every error, also for unknown routes and
 oversized bodies, is an OpenAI error body (:mod:`proxy.errors`); an error in
 the middle of a stream is sent as ``data: {"error": {...}}`` and the stream
 ends without ``[DONE]`` (so clients never mistake a truncated answer for a
@@ -11,8 +14,10 @@ whole one).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,11 +25,27 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from .auditlog import AuditLog
 from .config import ServerConfig
 from .decoding import ServedModel
 from .errors import ProxyError, from_exception, invalid
+from .gateway import (
+    CLIENT_KEY,
+    COMPLETION_ROUTES,
+    LIMITED_ROUTES,
+    RECORD,
+    REQUEST_ID,
+    Gateway,
+    RequestRecord,
+    allowed_models,
+    check_model,
+    find_key,
+    new_request_id,
+    request_id_var,
+)
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .serving import complete, make_job, stream
 
@@ -32,6 +53,7 @@ log = logging.getLogger(__name__)
 
 MODELS = web.AppKey("models", dict)
 SETTINGS = web.AppKey("settings", ServerConfig)
+GATEWAY = web.AppKey("gateway", Gateway)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -42,7 +64,55 @@ def _dumps(obj: Any) -> str:
 
 
 def error_response(err: ProxyError) -> web.Response:
-    return web.Response(status=err.status, text=_dumps(err.body()), content_type="application/json")
+    return web.Response(
+        status=err.status, text=_dumps(err.body()), content_type="application/json", headers=err.headers
+    )
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, auth, limits, metrics and the audit log (:mod:`proxy.gateway`)."""
+    rid = new_request_id(request.headers.get("X-Request-Id"))
+    request[REQUEST_ID] = rid
+    token = request_id_var.set(rid)
+    gw = request.app[GATEWAY]
+    try:
+        key = None
+        if gw.settings.keys and request.path.startswith("/v1/"):
+            key = find_key(gw.settings, request.headers.get("Authorization"))
+            request[CLIENT_KEY] = key
+        if request.method != "POST" or request.path not in LIMITED_ROUTES:
+            return await handler(request)
+        if request.path == "/v1/batches" and key is not None and "*" not in key.models:
+            raise ProxyError(
+                403,
+                'Batches need a key allowed to use every model (models = ["*"])',
+                "invalid_request_error",
+                None,
+                "model_not_allowed",
+            )
+        slot = await gw.limits.enter(key)
+        try:
+            if request.path not in COMPLETION_ROUTES:
+                return await handler(request)
+            rec = RequestRecord(rid, key.id if key else None, request.path)
+            request[RECORD] = rec
+            status = 499  # nginx's "client closed request": the handler was cancelled
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except asyncio.CancelledError:
+                rec.error = "client_closed_request"
+                raise
+            finally:
+                gw.finish(rec, status)
+        finally:
+            gw.limits.leave(slot)
+    except ProxyError as err:
+        return error_response(err)
+    finally:
+        request_id_var.reset(token)
 
 
 @web.middleware
@@ -61,6 +131,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         err = from_exception(exc)
         if err.status >= 500:
             log.error("request %s %s failed: %s", request.method, request.path, exc, exc_info=err.status == 500)
+        rec = request.get(RECORD)
+        if rec is not None:
+            rec.error = err.code or err.type
         return error_response(err)
 
 
@@ -99,10 +172,20 @@ async def _serve(
         req = schema.model_validate(body)
     except ValidationError as exc:
         raise from_exception(exc) from exc
+    check_model(request, req.model)
     settings = request.app[SETTINGS]
     job = make_job(req, request.app[MODELS], settings)
+    rec: RequestRecord | None = request.get(RECORD)
+    if rec is not None:
+        rec.job, rec.model, rec.alpha = job, job.model.name, job.params.alpha
+        rec.offset_sha256 = job.model.offset_sha256 if job.model.uses_offset else None
+        if settings.audit_log_text:
+            rec.prompt = [dict(m) for m in job.context.messages] if job.context.messages else job.context.prompt
+            rec.output = [""] * job.n
     if not job.stream:
         result = await complete(job)
+        if rec is not None and rec.output is not None:
+            rec.output = [c["message"]["content"] if job.kind == "chat" else c["text"] for c in result["choices"]]
         return web.Response(text=_dumps(result), content_type="application/json")
     # Fail before the headers when the first step already fails (bad settings, upstream down):
     # stream() yields nothing, not even the role chunk, before the first step is decoded.
@@ -113,16 +196,32 @@ async def _serve(
         first = None
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+
+    def seen(chunk: dict[str, Any]) -> None:
+        if rec is None:
+            return
+        if rec.first_token is None and chunk["choices"]:
+            rec.first_token = time.monotonic()
+        if rec.output is not None:
+            for c in chunk["choices"]:
+                rec.output[c["index"]] += (c.get("delta") or {}).get("content") or c.get("text") or ""
+
     try:
         if first is not None:
+            seen(first)
             await response.write(f"data: {_dumps(first)}\n\n".encode())
         async for chunk in chunks:
+            seen(chunk)
             await response.write(f"data: {_dumps(chunk)}\n\n".encode())
     except (ConnectionResetError, ConnectionError):
         await chunks.aclose()
+        if rec is not None:
+            rec.error = "client_closed_request"
         return response
     except Exception as exc:
         err = from_exception(exc)
+        if rec is not None:
+            rec.error = err.code or err.type
         log.error("stream %s failed mid-way: %s", job.id, exc)
         await response.write(f"data: {_dumps(err.body())}\n\n".encode())
         await response.write_eof()
@@ -141,13 +240,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    data = [_model_card(name) for name in request.app[MODELS]]
+    data = [_model_card(name) for name in allowed_models(request, request.app[MODELS])]
     return web.Response(text=_dumps({"object": "list", "data": data}), content_type="application/json")
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    if name not in request.app[MODELS]:
+    if name not in allowed_models(request, request.app[MODELS]):
         raise ProxyError(404, f"The model '{name}' does not exist", "invalid_request_error", "model", "model_not_found")
     return web.Response(text=_dumps(_model_card(name)), content_type="application/json")
 
@@ -157,7 +256,41 @@ def _model_card(name: str) -> dict[str, Any]:
 
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
     return web.Response(text=_dumps({"status": "ok"}), content_type="application/json")
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: every model is loaded and its upstream answers within
+    ``server.ready_timeout`` (:meth:`adapters.base.RemoteAdapter.check`);
+    503 with the reason per model otherwise."""
+    timeout = request.app[SETTINGS].ready_timeout
+
+    async def one(model: ServedModel) -> str:
+        try:
+            await asyncio.wait_for(model.adapter.check(), timeout)
+        except TimeoutError:
+            return f"the upstream did not answer within {timeout:g} s"
+        except Exception as exc:
+            return str(from_exception(exc).message)
+        return "ok"
+
+    models = request.app[MODELS]
+    states = dict(zip(models, await asyncio.gather(*(one(m) for m in models.values())), strict=True))
+    ok = all(v == "ok" for v in states.values())
+    body = {"status": "ready" if ok else "not_ready", "models": states}
+    return web.Response(status=200 if ok else 503, text=_dumps(body), content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[GATEWAY].metrics.registry)
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    rid = request.get(REQUEST_ID)
+    if rid:
+        response.headers["X-Request-Id"] = rid
 
 
 def create_app(
@@ -170,14 +303,20 @@ def create_app(
     """The app; with ``close_models`` its cleanup closes the models' adapters and pair threads;
     with ``batches`` it serves the Files and Batches endpoints (:mod:`proxy.batch_api`)."""
     settings = settings or ServerConfig()
-    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[gateway_middleware, errors_middleware], client_max_size=settings.max_body_bytes)
     app[MODELS] = models
     app[SETTINGS] = settings
+    # The audit log opens now, so that a bad path or a log held by another server fails the start.
+    gateway = Gateway(settings, audit=AuditLog(settings.audit_log) if settings.audit_log else None)
+    app[GATEWAY] = gateway
+    app.on_response_prepare.append(_request_id_header)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", retrieve_model)
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
     if batches:
         from .batch import BatchRunner
         from .batch_api import add_batch_routes
@@ -192,4 +331,10 @@ def create_app(
 
     if close_models:
         app.on_cleanup.append(_close_models)
+
+    async def _close_audit(app: web.Application) -> None:
+        if gateway.audit is not None:
+            gateway.audit.close()
+
+    app.on_cleanup.append(_close_audit)
     return app

@@ -32,12 +32,18 @@ class FakeRemote:
         self.calls = 0
         self.contexts: list[Context] = []
         self.capabilities = Capabilities(can_continue=can_continue, raw_prompt=True)
+        self.not_ready: Exception | None = None
+        """Raised by :meth:`check` when set (readiness tests)."""
 
     async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
         self.calls += 1
         self.contexts.append(ctx)
         cands = tuple(sorted(self.steps(ctx.assistant_prefix), key=lambda c: -c.logprob))[:top_k]
         return Draft((Position(cands, cands[0]),), None, 7)
+
+    async def check(self) -> None:
+        if self.not_ready is not None:
+            raise self.not_ready
 
     async def aclose(self) -> None:
         pass

@@ -1,0 +1,315 @@
+"""What an operator's gateway adds around the routes: request ids, client API
+keys, per-key limits, Prometheus metrics and the audit log.
+
+* **Request id**: ``X-Request-Id`` from the client when it is a plain token
+  (letters, digits, ``._-``, at most 128), else a new ``req_<hex>``; returned
+  in the same header on every response and carried by every log line of the
+  request (:data:`request_id_var`).
+* **Auth** (when ``server.keys`` is set): ``Authorization: Bearer <key>`` on
+  every ``/v1/`` route. The key's sha256 is compared with every configured
+  hash in constant time (``hmac.compare_digest``), so timing shows neither
+  which key nor how much of it matched. No key or an unknown key: 401 with
+  OpenAI's body; a model the key may not use: 403, before anything reaches
+  the upstream.
+* **Limits** per key (all clients together when there are no keys):
+  requests in flight and requests per minute (moving window, the ``limits``
+  package); over either, 429 with ``Retry-After`` (seconds) and OpenAI's
+  ``rate_limit_exceeded`` body.
+* **Metrics** (``GET /metrics``, prometheus-client, one registry per app):
+  see :class:`Metrics`.
+* **Audit log** (:mod:`proxy.auditlog`): one line per completion request.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import math
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import Counter as PromCounter
+
+from .auditlog import AuditLog
+from .config import ClientKey, ServerConfig
+from .errors import ProxyError
+
+log = logging.getLogger(__name__)
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+"""The id of the request being served, for log lines (:class:`RequestIdFilter`)."""
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Routes whose requests reach a model: limited, metered and audited.
+COMPLETION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+LIMITED_ROUTES = (*COMPLETION_ROUTES, "/v1/batches")
+
+
+REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_KEY = web.RequestKey("client_key", ClientKey)
+"""The authenticated key; absent when the server has no keys."""
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``record.request_id`` (``-`` outside a request) to every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+@dataclass
+class RequestRecord:
+    """What the gateway learns about one completion request while it is served."""
+
+    request_id: str
+    key_id: str | None
+    endpoint: str
+    started: float = field(default_factory=time.monotonic)
+    model: str | None = None
+    offset_sha256: str | None = None
+    alpha: float | None = None
+    first_token: float | None = None
+    """``time.monotonic()`` when the first content was sent (streams)."""
+    job: Any = None
+    """The request's :class:`proxy.serving.Job`, once it is validated."""
+    error: str | None = None
+    """The error code of a failure, also one sent inside a 200 stream."""
+    prompt: Any = None
+    output: list[str] | None = None
+
+    @property
+    def stats(self) -> list[Any]:
+        """The job's :class:`proxy.decoding.ChoiceStats`, one per choice."""
+        return list(self.job.stats) if self.job is not None else []
+
+
+class Metrics:
+    """The Prometheus metrics of one app (its own registry).
+
+    ``deltaproxy_requests_total{model,key,status}``,
+    ``deltaproxy_request_seconds{model}``,
+    ``deltaproxy_time_to_first_token_seconds{model}`` (streams),
+    ``deltaproxy_remote_calls_per_request{model}``,
+    ``deltaproxy_completion_tokens_total{model}``,
+    ``deltaproxy_offset_changed_tokens_total{model}`` (tokens whose choice
+    the offset changed), ``deltaproxy_upstream_errors_total{kind}``.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = PromCounter(
+            "deltaproxy_requests",
+            "Completion requests by model, key and HTTP status",
+            ["model", "key", "status"],
+            registry=r,
+        )
+        self.seconds = Histogram("deltaproxy_request_seconds", "Request wall time", ["model"], registry=r)
+        self.ttft = Histogram(
+            "deltaproxy_time_to_first_token_seconds", "Time to the first streamed token", ["model"], registry=r
+        )
+        self.remote_calls = Histogram(
+            "deltaproxy_remote_calls_per_request",
+            "Upstream calls per request",
+            ["model"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+            registry=r,
+        )
+        self.tokens = PromCounter("deltaproxy_completion_tokens", "Generated tokens", ["model"], registry=r)
+        self.changed = PromCounter(
+            "deltaproxy_offset_changed_tokens",
+            "Generated tokens whose choice the offset changed",
+            ["model"],
+            registry=r,
+        )
+        self.upstream_errors = PromCounter(
+            "deltaproxy_upstream_errors", "Failed requests caused by the upstream, by kind", ["kind"], registry=r
+        )
+
+    def observe(self, rec: RequestRecord, status: int) -> None:
+        model = rec.model or "-"
+        self.requests.labels(model, rec.key_id or "-", str(status)).inc()
+        self.seconds.labels(model).observe(time.monotonic() - rec.started)
+        if rec.first_token is not None:
+            self.ttft.labels(model).observe(rec.first_token - rec.started)
+        if rec.stats:
+            self.remote_calls.labels(model).observe(sum(s.remote_calls for s in rec.stats))
+            self.tokens.labels(model).inc(sum(s.completion_tokens for s in rec.stats))
+            self.changed.labels(model).inc(sum(s.offset_changed for s in rec.stats))
+        if rec.error and (rec.error.startswith("upstream") or rec.error == "bad_upstream_response"):
+            self.upstream_errors.labels(rec.error).inc()
+
+
+class Limits:
+    """Per-key requests in flight and requests per minute."""
+
+    def __init__(self, settings: ServerConfig) -> None:
+        self.settings = settings
+        self.active: Counter[str] = Counter()
+        self.window = MovingWindowRateLimiter(MemoryStorage())
+
+    def _for(self, key: ClientKey | None) -> tuple[str, int, int]:
+        s = self.settings
+        if key is None:
+            return "-", s.key_max_concurrent, s.key_rpm
+        return key.id, key.max_concurrent or s.key_max_concurrent, key.rpm or s.key_rpm
+
+    async def enter(self, key: ClientKey | None) -> str:
+        """Take a slot for ``key``; returns the slot's name for :meth:`leave`.
+
+        Raises:
+            ProxyError: 429 with ``Retry-After`` when a limit is reached.
+        """
+        name, concurrent, rpm = self._for(key)
+        if self.active[name] >= concurrent:
+            raise ProxyError(
+                429,
+                f"Too many requests in flight for this key (limit {concurrent}); retry when one has finished",
+                "requests",
+                None,
+                "rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        item = RateLimitItemPerMinute(rpm)
+        if not await self.window.hit(item, name):
+            stats = await self.window.get_window_stats(item, name)
+            wait = max(1, math.ceil(stats.reset_time - time.time()))
+            raise ProxyError(
+                429,
+                f"Rate limit reached: {rpm} requests per minute for this key; retry in {wait} s",
+                "requests",
+                None,
+                "rate_limit_exceeded",
+                headers={"Retry-After": str(wait)},
+            )
+        self.active[name] += 1
+        return name
+
+    def leave(self, name: str) -> None:
+        self.active[name] -= 1
+        if self.active[name] <= 0:
+            del self.active[name]
+
+
+def find_key(settings: ServerConfig, authorization: str | None) -> ClientKey:
+    """The configured key for an ``Authorization`` header value.
+
+    Raises:
+        ProxyError: 401, no bearer key or an unknown one (the key is never echoed).
+    """
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise ProxyError(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            "invalid_request_error",
+            None,
+            None,
+        )
+    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+    found = None
+    for key in settings.keys:  # every hash is compared: the time does not depend on which matched
+        if hmac.compare_digest(digest, key.sha256):
+            found = key
+    if found is None:
+        raise ProxyError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+    return found
+
+
+def check_model(request: web.Request, model: str) -> None:
+    """Raise 403 when the request's key may not use ``model``."""
+    key = request.get(CLIENT_KEY)
+    if key is not None and not key.allows(model):
+        raise ProxyError(
+            403,
+            f"This API key is not allowed to use the model '{model}'",
+            "invalid_request_error",
+            "model",
+            "model_not_allowed",
+        )
+
+
+def allowed_models(request: web.Request, names: Any) -> list[str]:
+    key = request.get(CLIENT_KEY)
+    return [n for n in names if key is None or key.allows(n)]
+
+
+def audit_record(rec: RequestRecord, status: int, with_text: bool) -> dict[str, Any]:
+    """The audit log line of one request (see issue: time, request id, key id,
+    model, offset sha256, α, tokens, tokens the offset changed, max |Δ|, status)."""
+    out: dict[str, Any] = {
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        "request_id": rec.request_id,
+        "key_id": rec.key_id,
+        "endpoint": rec.endpoint,
+        "model": rec.model,
+        "offset_sha256": rec.offset_sha256,
+        "alpha": rec.alpha,
+        "completion_tokens": sum(s.completion_tokens for s in rec.stats),
+        "offset_changed_tokens": sum(s.offset_changed for s in rec.stats),
+        "max_abs_delta": max((s.max_abs_delta for s in rec.stats), default=0.0),
+        "remote_calls": sum(s.remote_calls for s in rec.stats),
+        "status": status,
+        "error": rec.error,
+        "seconds": round(time.monotonic() - rec.started, 4),
+    }
+    if with_text:
+        out["prompt"] = rec.prompt
+        out["output"] = rec.output
+    return out
+
+
+RECORD = web.RequestKey("record", RequestRecord)
+"""The :class:`RequestRecord` of a completion request."""
+
+
+def new_request_id(header: str | None) -> str:
+    if header and _REQUEST_ID_RE.match(header):
+        return header
+    return f"req_{uuid.uuid4().hex}"
+
+
+def status_of_exception(exc: BaseException) -> tuple[int, str | None]:
+    from .errors import from_exception
+
+    err = from_exception(exc)
+    return err.status, err.code or err.type
+
+
+@dataclass
+class Gateway:
+    """The per-app gateway state."""
+
+    settings: ServerConfig
+    metrics: Metrics = field(default_factory=Metrics)
+    audit: AuditLog | None = None
+    limits: Limits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = Limits(self.settings)
+
+    def finish(self, rec: RequestRecord, status: int) -> None:
+        """Count and audit one finished completion request."""
+        if status >= 400 and rec.error is None:
+            rec.error = str(status)
+        self.metrics.observe(rec, status)
+        if self.audit is not None:
+            self.audit.append(audit_record(rec, status, self.settings.audit_log_text))

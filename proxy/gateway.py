@@ -22,6 +22,7 @@ keys, per-key limits, Prometheus metrics and the audit log.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import datetime as dt
 import hashlib
@@ -40,7 +41,7 @@ from aiohttp import web
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollector
 from prometheus_client import Counter as PromCounter
 
 from .auditlog import AuditLog
@@ -108,7 +109,9 @@ class Metrics:
     ``deltaproxy_remote_calls_per_request{model}``,
     ``deltaproxy_completion_tokens_total{model}``,
     ``deltaproxy_offset_changed_tokens_total{model}`` (tokens whose choice
-    the offset changed), ``deltaproxy_upstream_errors_total{kind}``.
+    the offset changed), ``deltaproxy_upstream_errors_total{kind}``,
+    ``deltaproxy_asyncio_tasks`` and the ``process_*`` metrics (open file
+    descriptors, resident memory) of prometheus-client's process collector.
     """
 
     def __init__(self) -> None:
@@ -141,6 +144,9 @@ class Metrics:
         self.upstream_errors = PromCounter(
             "deltaproxy_upstream_errors", "Failed requests caused by the upstream, by kind", ["kind"], registry=r
         )
+        ProcessCollector(registry=r)  # process_open_fds, process_resident_memory_bytes, ...
+        tasks = Gauge("deltaproxy_asyncio_tasks", "asyncio tasks alive (read while serving /metrics)", registry=r)
+        tasks.set_function(_task_count)
 
     def observe(self, rec: RequestRecord, status: int) -> None:
         model = rec.model or "-"
@@ -154,6 +160,13 @@ class Metrics:
             self.changed.labels(model).inc(sum(s.offset_changed for s in rec.stats))
         if rec.error and (rec.error.startswith("upstream") or rec.error == "bad_upstream_response"):
             self.upstream_errors.labels(rec.error).inc()
+
+
+def _task_count() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # no running loop (a scrape outside the server)
+        return float("nan")
 
 
 class Limits:

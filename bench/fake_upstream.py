@@ -1,0 +1,161 @@
+"""A fast, deterministic OpenAI-compatible upstream on loopback, with fault
+injection: what the load test and the speed benchmark put behind the proxy so
+that the proxy, not a model, is measured.
+
+    python -m bench.fake_upstream [--port 0] [--fault-rate 0.1] [--seed 0]
+
+Prints ``base_url: http://127.0.0.1:PORT/v1`` once it listens.
+
+``POST /v1/chat/completions`` answers with the tokens of :data:`TEXT`, each
+with ``logprobs`` and ``top_logprobs`` (the bytes included), continuing a
+final assistant message the way vLLM does (``continue_final_message``) or
+llama.cpp does (a final assistant message is continued); after the text it
+ends the turn (``<|im_end|>``, ``finish_reason: "stop"``). ``GET /v1/models``
+lists ``fake``. ``GET /stats`` returns the call and fault counters.
+
+With ``--fault-rate r`` a fraction r of the calls fail, chosen by a seeded
+generator, in turn as: HTTP 500; HTTP 503 with ``Retry-After: 0``; HTTP 429
+with ``Retry-After: 0``; a connection dropped before any answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+#: The answer, token by token; any request gets it (continued from where its
+#: assistant prefix stops).
+TEXT = ("The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ".")
+EOT = "<|im_end|>"
+ALTERNATIVES = (" cat", " red", " and", " a", ",", " slow", " big", " old", " fast", " one")
+FAULTS = ("http_500", "http_503", "http_429", "drop")
+
+STATS = web.AppKey("stats", Counter)
+RNG = web.AppKey("rng", random.Random)
+FAULT_RATE = web.AppKey("fault_rate", float)
+
+
+def next_index(prefix: str) -> int:
+    """How many tokens of :data:`TEXT` the assistant prefix already holds."""
+    text = ""
+    for i, tok in enumerate(TEXT):
+        if text == prefix:
+            return i
+        text += tok
+    return len(TEXT) if text == prefix else len(prefix) % len(TEXT)
+
+
+def _entry(token: str, logprob: float, top_k: int, position: int) -> dict[str, Any]:
+    tops = [{"token": token, "logprob": logprob, "bytes": list(token.encode())}]
+    rest = (1 - math.exp(logprob)) / max(1, top_k - 1)
+    for j in range(top_k - 1):
+        alt = ALTERNATIVES[(position + j) % len(ALTERNATIVES)]
+        if alt != token:
+            tops.append({"token": alt, "logprob": math.log(rest), "bytes": list(alt.encode())})
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": tops[:top_k]}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    stats = request.app[STATS]
+    stats["calls"] += 1
+    if request.app[FAULT_RATE] and request.app[RNG].random() < request.app[FAULT_RATE]:
+        kind = FAULTS[stats["faults"] % len(FAULTS)]
+        stats["faults"] += 1
+        stats[kind] += 1
+        if kind == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError  # the connection is gone; aiohttp drops the handler
+        status = {"http_500": 500, "http_503": 503, "http_429": 429}[kind]
+        body = {"error": {"message": f"injected {kind}", "type": "server_error", "param": None, "code": None}}
+        headers = {"Retry-After": "0"} if status != 500 else None
+        return web.json_response(body, status=status, headers=headers)
+    body = await request.json()
+    messages = body.get("messages") or []
+    prefix = ""
+    if messages and messages[-1].get("role") == "assistant":
+        prefix = str(messages[-1].get("content") or "")
+    start = next_index(prefix)
+    n = max(1, int(body.get("max_tokens") or 16))
+    top_k = int(body.get("top_logprobs") or 0)
+    content, text = [], ""
+    finish = "length"
+    for pos in range(start, start + n):
+        if pos >= len(TEXT):  # the turn ends (with no token when it ends at once)
+            finish = "stop"
+            break
+        tok = TEXT[pos]
+        content.append(_entry(tok, math.log(0.9), max(1, top_k), pos))
+        text += tok
+    stats["tokens"] += len(content)
+    return web.json_response(
+        {
+            "id": f"chatcmpl-fake-{stats['calls']}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model", "fake"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": {"content": content} if body.get("logprobs") else None,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {"prompt_tokens": 12, "completion_tokens": len(content), "total_tokens": 12 + len(content)},
+        }
+    )
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": "bench"}]})
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(dict(request.app[STATS]))
+
+
+def create_app(fault_rate: float = 0.0, seed: int = 0) -> web.Application:
+    """The fake upstream; ``fault_rate`` in [0, 1]."""
+    if not 0 <= fault_rate <= 1:
+        raise ValueError("fault_rate must be in [0, 1]")
+    app = web.Application()
+    app[STATS] = Counter()
+    app[RNG] = random.Random(seed)
+    app[FAULT_RATE] = fault_rate
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+async def _main(args: argparse.Namespace) -> None:
+    runner = web.AppRunner(create_app(args.fault_rate, args.seed), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", args.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    print(f"base_url: http://127.0.0.1:{port}/v1", flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.fake_upstream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--fault-rate", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    try:
+        asyncio.run(_main(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -95,6 +95,10 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _unique_keys(self) -> ServerConfig:
+        if "default_max_tokens" in self.model_fields_set and self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})"
+            )
         for attr in ("id", "sha256"):
             seen = [getattr(k, attr) for k in self.keys]
             dup = {x for x in seen if seen.count(x) > 1}

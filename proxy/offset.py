@@ -73,11 +73,16 @@ def target_logits(
         raise ValueError("temperature must be >= 0")
     if threshold is not None and not threshold >= 0:
         raise ValueError("threshold must be >= 0")
-    scale = 1.0 if temperature == 0 else 1.0 / temperature
+    # A tiny T must not overflow: ℓ is shifted so that its top is 0 (q is shift-invariant)
+    # and 1/T is capped at the largest float, so the top stays 0 and the rest fall to -inf.
+    scale = 1.0 if temperature == 0 else min(1.0 / temperature, float(np.finfo(np.float64).max))
+    finite = ell[np.isfinite(ell)]
+    shifted = ell - finite.max() if finite.size and temperature != 0 else ell
     # α = 0, or a step out of scope, ignores Δ, even a non-finite one
     applies = alpha != 0 and (threshold is None or scope_score(ell, d) <= -threshold)
     offset = alpha * d if applies else np.zeros_like(d)
-    out = ell * scale + offset  # log q + const   (arXiv 2404.11045, Eq. 3)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = shifted * scale + offset  # log q + const   (arXiv 2404.11045, Eq. 3)
     out[~np.isfinite(out)] = -np.inf
     return out
 

@@ -54,7 +54,8 @@ def make_job(
         raise ProxyError(
             404, f"The model '{req.model}' does not exist", "invalid_request_error", "model", "model_not_found"
         )
-    budget = req.token_budget(settings.default_max_tokens)
+    # A request without a limit gets the default, never more than the server's limit.
+    budget = req.token_budget(min(settings.default_max_tokens, settings.max_tokens_limit))
     if budget > settings.max_tokens_limit:
         field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
         raise invalid(f"{field}: at most {settings.max_tokens_limit} on this server (got {budget})", field)

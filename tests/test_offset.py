@@ -78,13 +78,28 @@ def test_threshold_passes_out_of_scope_steps_unchanged(temperature):
     ell = np.log(np.array([0.40, 0.38, 0.22]))
     small = np.array([-0.05, 0.10, 0.0])  # a near-tie the bare offset would flip
     scale = 1.0 if temperature == 0 else 1 / temperature
+
+    def same_q(scores, expected):  # target_logits is log q up to a constant
+        return np.allclose(log_softmax(scores), log_softmax(expected), rtol=0, atol=1e-12)
+
     bare = target_logits(ell, small, temperature=temperature, alpha=1.0)
-    assert np.argmax(bare) == 1 and np.allclose(bare, ell * scale + small)
+    assert np.argmax(bare) == 1 and same_q(bare, ell * scale + small)
     gated = target_logits(ell, small, temperature=temperature, alpha=1.0, threshold=0.5)
-    assert np.array_equal(gated, ell * scale)  # exactly the remote's distribution
+    assert same_q(gated, ell * scale)  # the remote's distribution
     fact = np.array([-6.0, 0.2, 0.1])  # the offset objects to the remote's likely answer: in scope
     assert scope_score(ell, fact) < -0.5
     gated = target_logits(ell, fact, temperature=temperature, alpha=1.0, threshold=0.5)
-    assert np.allclose(gated, ell * scale + fact)
+    assert same_q(gated, ell * scale + fact)
     with pytest.raises(ValueError):
         target_logits(ell, fact, temperature=temperature, alpha=1.0, threshold=-1.0)
+
+
+@pytest.mark.parametrize("temperature", [1e-10, 1e-300, 5e-324])
+def test_a_tiny_temperature_is_nearly_greedy_not_unusable(temperature):
+    """1/T overflows for T near 0: q must still be the argmax of ℓ, never 'no usable candidate'."""
+    ell = np.array([-2.3, -0.1, 0.0 - 0.05, -np.inf])
+    scores = target_logits(ell, np.array([0.0, 0.3, 0.0, 0.0]), temperature=temperature, alpha=1.0)
+    logq = log_softmax(scores)
+    assert int(np.argmax(logq)) == 2 and np.exp(logq[2]) == pytest.approx(1.0)
+    idx, _ = choose(scores, temperature=temperature, top_p=1.0, rng=np.random.default_rng(0))
+    assert idx == 2

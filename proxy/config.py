@@ -141,6 +141,7 @@ class ModelConfig(BaseModel):
     # the local pair and the offset
     pair: str | None = None
     offset: str | None = None
+    """An offset artifact folder, or "demo": the embedded default's demo offset (pair "smollm2")."""
     alpha: float = Field(default=1.0, ge=-100, le=100, allow_inf_nan=False)
     """Offset strength; 1.0 as in the paper (arXiv 2404.11045)."""
     offset_threshold: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
@@ -164,6 +165,8 @@ class ModelConfig(BaseModel):
             raise ValueError("transformers_model is required for backend 'transformers-inprocess'")
         if self.offset and not self.pair:
             raise ValueError("offset needs a pair (the local model it was trained on)")
+        if self.offset == "demo" and self.pair != "smollm2":
+            raise ValueError('offset "demo" was trained on the pair "smollm2"')
         if self.api_key_env and self.api_key_env not in os.environ:
             raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set")
         return self

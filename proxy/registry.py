@@ -103,8 +103,13 @@ def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | Non
 
         key = (cfg.pair, cfg.offset)
         if key not in pairs:
+            offset_dir = cfg.offset
+            if cfg.offset == "demo":  # the embedded default's demo offset (trained once, then cached)
+                from .demo import demo_offset
+
+                offset_dir = str(demo_offset())
             try:
-                pairs[key] = LocalPair.load(cfg.pair, cfg.offset)
+                pairs[key] = LocalPair.load(cfg.pair, offset_dir)
             except (FileNotFoundError, ValueError) as exc:
                 raise ConfigError(f"models.{name}.offset: {exc}") from exc
         pair = pairs[key]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -144,31 +146,14 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def _llama_server(gguf: Path, extra: list[str], log_name: str) -> Iterator[str]:
+    """``scripts/llama-server`` (the command docker-compose.yml runs) on ``gguf``."""
     port = free_port()
     log = open(Path(os.environ.get("PYTEST_LOG_DIR", "/tmp")) / log_name, "w")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(gguf),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_threads",
-            "2",
-            "--n_ctx",
-            "2048",
-            # One position per evaluation: logits that do not depend on the server's prompt
-            # cache (batched and single-token kernels differ slightly on quantised weights).
-            "--n_batch",
-            "1",
-            *extra,
-        ],
+        ["bash", str(ROOT / "scripts" / "llama-server"), "--host", "127.0.0.1", "--port", str(port), *extra],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHON": sys.executable, "LLAMA_GGUF": str(gguf)},
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 120)

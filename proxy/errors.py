@@ -8,6 +8,7 @@ exception                              status  type / code
 =====================================  ======  ==========================
 bad JSON, schema, settings             400     invalid_request_error
 unknown model                          404     invalid_request_error / model_not_found
+prompt longer than a context           400     invalid_request_error / context_length_exceeded
 upstream refused the prompt (4xx)      400     invalid_request_error / upstream_rejected
 upstream answer unusable               502     upstream_error / bad_upstream_response
 upstream 5xx after retries             502     upstream_error / upstream_error
@@ -25,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from adapters.base import RemoteBadResponse, RemoteError, RemoteRejected, RemoteUnavailable
+from adapters.base import ContextExhausted, RemoteBadResponse, RemoteError, RemoteRejected, RemoteUnavailable
 
 from .decoding import DecodingError
 
@@ -76,6 +77,8 @@ def from_exception(exc: BaseException) -> ProxyError:
         return from_validation_error(exc)
     if isinstance(exc, DecodingError):
         return invalid(str(exc), None, "unsupported_for_model")
+    if isinstance(exc, ContextExhausted):
+        return ProxyError(400, str(exc), "invalid_request_error", "messages", "context_length_exceeded")
     if isinstance(exc, RemoteRejected):
         if exc.status in (400, 413, 422):
             return ProxyError(400, str(exc), "invalid_request_error", None, "upstream_rejected")

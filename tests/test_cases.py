@@ -487,7 +487,7 @@ async def test_full_context_ends_the_answer_with_length(aiohttp_client):
 
     client = await aiohttp_client(create_app({"m": ServedModel("m", FakeRemote(too_long))}))
     resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG})
-    assert resp.status == 400
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "context_length_exceeded"
 
 
 async def test_client_disconnect_cancels_a_non_streamed_request(aiohttp_client):

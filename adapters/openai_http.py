@@ -127,6 +127,7 @@ class _HTTPAdapter:
         self.sampling_off = dict(sampling_off or {})
         self.extra_body = dict(extra_body or {})
         self.retry = retry
+        self._secret = api_key
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key or "none",
@@ -154,7 +155,10 @@ class _HTTPAdapter:
             RemoteUnavailable, RemoteRejected: as :func:`adapters.retry.call_with_retries`.
         """
         await call_with_retries(
-            lambda: self._client.models.list(), RetryPolicy(attempts=1), f"model {self.name!r} readiness"
+            lambda: self._client.models.list(),
+            RetryPolicy(attempts=1),
+            f"model {self.name!r} readiness",
+            secret=self._secret,
         )
 
     async def aclose(self) -> None:
@@ -215,7 +219,7 @@ class ChatAdapter(_HTTPAdapter):
                 extra_body=body or None,
             )
 
-        response = await call_with_retries(call, self.retry, f"model {self.name!r}")
+        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
         if not response.choices:
             raise RemoteBadResponse("upstream returned no choices")
         choice = response.choices[0]
@@ -294,7 +298,7 @@ class CompletionsAdapter(_HTTPAdapter):
                 extra_body=body or None,
             )
 
-        response = await call_with_retries(call, self.retry, f"model {self.name!r}")
+        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
         if not response.choices:
             raise RemoteBadResponse("upstream returned no choices")
         choice = response.choices[0]

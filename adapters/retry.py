@@ -69,14 +69,27 @@ def retry_after_seconds(exc: BaseException) -> float | None:
         return None if when is None else max(0.0, when.timestamp() - time.time())
 
 
-async def call_with_retries(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
-    """Run ``fn`` under ``policy`` and translate SDK errors once.
+async def call_with_retries(
+    fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str, *, secret: str | None = None
+) -> T:
+    """Run ``fn`` under ``policy`` and translate SDK errors once. ``secret``
+    (the upstream's API key) is blanked out of every error message, also of
+    one the upstream echoed it in.
 
     Raises:
         RemoteUnavailable: retryable failures that outlived the policy.
         RemoteRejected: a non-retryable 4xx.
         RemoteBadResponse: the SDK could not parse the answer.
     """
+    try:
+        return await _call(fn, policy, what)
+    except RemoteError as exc:
+        if secret and secret in str(exc):
+            exc.args = (str(exc).replace(secret, "[upstream API key]"),)
+        raise
+
+
+async def _call(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
     backoff = wait_exponential_jitter(multiplier=policy.initial_backoff, max=policy.max_backoff)
     started = time.monotonic()
 

@@ -341,6 +341,18 @@ async def test_upstream_errors_map_to_statuses(aiohttp_client, status, expected)
     assert len(calls) == (3 if retryable else 1)
 
 
+async def test_an_upstream_that_echoes_our_key_does_not_leak_it(aiohttp_client, caplog):
+    def handler(request):
+        key = request.headers["Authorization"].split()[1]
+        return httpx.Response(401, json={"error": {"message": f"Incorrect API key provided: {key}"}})
+
+    client = await served_upstream(aiohttp_client, handler)
+    resp = await client.post("/v1/chat/completions", json={"model": "up", "messages": MSG})
+    body = await resp.json()
+    assert resp.status == 502 and "Incorrect API key provided: [upstream API key]" in body["error"]["message"]
+    assert "sk-secret-upstream" not in json.dumps(body) and "sk-secret-upstream" not in caplog.text
+
+
 async def test_flavours_send_the_right_prefill():
     bodies = []
 

@@ -81,16 +81,17 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         if gw.settings.keys and request.path.startswith("/v1/"):
             key = find_key(gw.settings, request.headers.get("Authorization"))
             request[CLIENT_KEY] = key
-        if request.method != "POST" or request.path not in LIMITED_ROUTES:
-            return await handler(request)
-        if request.path == "/v1/batches" and key is not None and "*" not in key.models:
+        if key is not None and "*" not in key.models and request.path.startswith(("/v1/files", "/v1/batches")):
+            # Files and batches are shared by the keys allowed every model, not owned per key.
             raise ProxyError(
                 403,
-                'Batches need a key allowed to use every model (models = ["*"])',
+                'Files and batches need a key allowed to use every model (models = ["*"])',
                 "invalid_request_error",
                 None,
                 "model_not_allowed",
             )
+        if request.method != "POST" or request.path not in LIMITED_ROUTES:
+            return await handler(request)
         slot = await gw.limits.enter(key)
         try:
             if request.path not in COMPLETION_ROUTES:

@@ -66,6 +66,9 @@ async def test_no_key_wrong_key_and_other_models_key_reach_nothing(aiohttp_clien
     assert r.status == 403 and body["error"]["code"] == "model_not_allowed" and body["error"]["param"] == "model"
     r = await client.get("/v1/models", headers={"Authorization": "Bearer sk-wrong"})
     assert r.status == 401
+    for path in ("/v1/files", "/v1/batches"):  # shared by unrestricted keys only
+        r = await client.get(path, headers={"Authorization": "Bearer sk-alice"})
+        assert r.status == 403 and (await r.json())["error"]["code"] == "model_not_allowed"
     assert fake.calls == 0
     # operators' routes need no key
     assert (await client.get("/health")).status == 200

@@ -181,6 +181,29 @@ async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
     report3 = await rerun(redo)
     assert len(redo) == n_items - 20
     assert report3["summary"] == pytest.approx(s)
+    # a run stopped mid-way (here: an exception after 5 new items) continues from there
+    (tmp_path / "a" / "items.jsonl.progress.json").unlink()
+    (tmp_path / "a" / "items.jsonl").unlink()
+
+    def stop_after_five(row: dict) -> None:
+        stopped.append(row)
+        if len(stopped) == 5:
+            raise RuntimeError("stopped")
+
+    stopped: list[dict] = []
+    with pytest.raises(RuntimeError, match="stopped"):
+        await A.run_audit(
+            model,
+            _files(data),
+            tmp_path / "a",
+            settings=settings,
+            info={"name": "target"},
+            progress=False,
+            on_item=stop_after_five,
+        )
+    rest: list[dict] = []
+    report4 = await rerun(rest)
+    assert len(rest) == n_items - 5 and report4["summary"] == pytest.approx(s)
     # other settings, same folder: refused, nothing touched
     with pytest.raises(A.AuditError, match="another input"):
         await A.run_audit(model, _files(data), tmp_path / "a", settings=A.AuditSettings(samples=3), progress=False)

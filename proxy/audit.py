@@ -469,9 +469,6 @@ async def run_audit(
     except OutputError as exc:
         raise AuditError(f"--out: {exc}") from exc
     results = {f"{o['split']}:{o['index']}": o for o in done}
-    # The progress file names the input before the first item is written, so that a run
-    # stopped at any point (Ctrl-C, SIGKILL) can be continued.
-    store.save_progress({"items": len(results), "total": len(todo)})
     bar = tqdm(total=len(todo), initial=len(results), desc="audit", unit="item", disable=not progress)
     sem = asyncio.Semaphore(settings.concurrency)
 

@@ -206,6 +206,10 @@ class ResumableOutput:
                     raise OutputError(f"{self.path} answers lines that are not in the input; use another output file")
                 lines.append(obj)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.progress_file.exists():
+            # Name the input before the first line is written: a run killed at any point
+            # (even before its first own progress update) can be continued.
+            self.save_progress({"lines": len(lines)})
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         return lines
 

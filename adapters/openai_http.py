@@ -154,8 +154,12 @@ class _HTTPAdapter:
         Raises:
             RemoteUnavailable, RemoteRejected: as :func:`adapters.retry.call_with_retries`.
         """
+
+        async def call() -> Any:  # a coroutine function: tenacity awaits only those
+            return await self._client.models.list()
+
         await call_with_retries(
-            lambda: self._client.models.list(),
+            call,
             RetryPolicy(attempts=1),
             f"model {self.name!r} readiness",
             secret=self._secret,

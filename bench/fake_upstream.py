@@ -2,7 +2,7 @@
 injection: what the load test and the speed benchmark put behind the proxy so
 that the proxy, not a model, is measured.
 
-    python -m bench.fake_upstream [--port 0] [--fault-rate 0.1] [--seed 0]
+    python -m bench.fake_upstream [--port 0] [--fault-rate 0.1] [--seed 0] [--delay 0]
 
 Prints ``base_url: http://127.0.0.1:PORT/v1`` once it listens.
 
@@ -39,6 +39,7 @@ FAULTS = ("http_500", "http_503", "http_429", "drop")
 STATS = web.AppKey("stats", Counter)
 RNG = web.AppKey("rng", random.Random)
 FAULT_RATE = web.AppKey("fault_rate", float)
+DELAY = web.AppKey("delay", float)
 
 
 def next_index(prefix: str) -> int:
@@ -76,6 +77,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body = {"error": {"message": f"injected {kind}", "type": "server_error", "param": None, "code": None}}
         headers = {"Retry-After": "0"} if status != 500 else None
         return web.json_response(body, status=status, headers=headers)
+    if request.app[DELAY]:
+        await asyncio.sleep(request.app[DELAY])
     body = await request.json()
     messages = body.get("messages") or []
     prefix = ""
@@ -121,14 +124,15 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(dict(request.app[STATS]))
 
 
-def create_app(fault_rate: float = 0.0, seed: int = 0) -> web.Application:
-    """The fake upstream; ``fault_rate`` in [0, 1]."""
+def create_app(fault_rate: float = 0.0, seed: int = 0, delay: float = 0.0) -> web.Application:
+    """The fake upstream; ``fault_rate`` in [0, 1]; ``delay``: seconds before each answer."""
     if not 0 <= fault_rate <= 1:
         raise ValueError("fault_rate must be in [0, 1]")
     app = web.Application()
     app[STATS] = Counter()
     app[RNG] = random.Random(seed)
     app[FAULT_RATE] = fault_rate
+    app[DELAY] = delay
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", stats)
@@ -136,7 +140,7 @@ def create_app(fault_rate: float = 0.0, seed: int = 0) -> web.Application:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    runner = web.AppRunner(create_app(args.fault_rate, args.seed), access_log=None)
+    runner = web.AppRunner(create_app(args.fault_rate, args.seed, args.delay), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
     await site.start()
@@ -150,6 +154,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before each answer (a slow upstream)")
     args = p.parse_args()
     try:
         asyncio.run(_main(args))

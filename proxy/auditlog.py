@@ -4,15 +4,18 @@ Each line is a JSON object whose ``prev_sha256`` is the sha256 (hex) of the
 previous line's bytes (without its newline); the first line's is 64 zeros.
 Editing or removing a line breaks the chain at the next line, which
 :func:`verify` (``deltaproxy verify-log FILE``) reports with its number. A
-chain cannot show that lines were cut off at the *end*: keep the last line's
-hash elsewhere (the server logs it at shutdown) to detect that.
+chain cannot show that its *end* was cut off or that its last line was
+edited: keep the last line's hash elsewhere (the server logs it when it
+closes the log) and pass it to ``verify-log --head``.
 
 Durability: each line is written with one ``write(2)`` on an ``O_APPEND``
 descriptor, so a process killed at any point leaves whole lines plus at most
-one incomplete last line. When the log is opened again that incomplete tail
-is cut off (it never held a complete record), and the next line records how
-many bytes were cut (``recovered_truncated_bytes``). ``fsync`` per line is
+one incomplete last line (it never held a complete record). ``fsync`` per line is
 optional (``fsync=True``), for power loss rather than process death.
+
+When the log is opened again after a crash, that incomplete tail is cut off
+and an ``{"event": "recovered_incomplete_line", "truncated_bytes": n}`` line
+records it.
 
 One writer at a time: the file is locked (``flock``) while open; a second
 server on the same file gets :class:`AuditLogError`.
@@ -20,6 +23,7 @@ server on the same file gets :class:`AuditLogError`.
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import hashlib
 import json
@@ -36,6 +40,10 @@ GENESIS = "0" * 64
 
 class AuditLogError(RuntimeError):
     """The audit log cannot be opened or written."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def _dumps(record: dict[str, Any]) -> bytes:
@@ -77,30 +85,38 @@ class AuditLog:
         except OSError as exc:
             os.close(self._fd)
             raise AuditLogError(f"the audit log {self.path} is in use by another process") from exc
-        self.head, self.lines, end = _last_complete(self.path)
-        size = os.fstat(self._fd).st_size
-        self._recovered = size - end
-        if self._recovered:
-            log.warning("audit log %s: cut an incomplete last line (%d bytes) left by a crash", self.path, size - end)
-            os.ftruncate(self._fd, end)
+        self.head, self.lines, self._size = _last_complete(self.path)
+        cut = os.fstat(self._fd).st_size - self._size
+        if cut:
+            log.warning("audit log %s: cut an incomplete last line (%d bytes) left by a crash", self.path, cut)
+            os.ftruncate(self._fd, self._size)
+            self.append({"time": _now(), "event": "recovered_incomplete_line", "truncated_bytes": cut})
 
     def append(self, record: dict[str, Any]) -> str:
-        """Write one record (JSON-serialisable, without ``prev_sha256``); returns its line's sha256."""
+        """Write one record (JSON-serialisable, without ``prev_sha256``); returns its line's sha256.
+
+        A failed or short write (a full disk) is undone: the file is cut back
+        to its last whole line, so the chain stays valid for the next append.
+
+        Raises:
+            AuditLogError: the log is closed or the line could not be written.
+        """
         if self._fd < 0:
             raise AuditLogError(f"the audit log {self.path} is closed")
-        rec = dict(record, prev_sha256=self.head)
-        if self._recovered:
-            rec["recovered_truncated_bytes"] = self._recovered
-        line = _dumps(rec)
+        line = _dumps(dict(record, prev_sha256=self.head))
         try:
             written = os.write(self._fd, line + b"\n")
             if written != len(line) + 1:
-                raise OSError(0, f"short write ({written} of {len(line) + 1} bytes)")
+                raise OSError(0, f"short write ({written} of {len(line) + 1} bytes; is the disk full?)")
             if self.fsync:
                 os.fsync(self._fd)
         except OSError as exc:
-            raise AuditLogError(f"cannot write the audit log {self.path}: {exc.strerror}") from exc
-        self._recovered = 0
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                log.error("audit log %s: could not cut a partial line back to byte %d", self.path, self._size)
+            raise AuditLogError(f"cannot write the audit log {self.path}: {exc.strerror or exc}") from exc
+        self._size += len(line) + 1
         self.head = hashlib.sha256(line).hexdigest()
         self.lines += 1
         return self.head
@@ -142,7 +158,7 @@ def verify(path: str | os.PathLike[str], expected_head: str | None = None) -> Ve
     for i, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             return Verification(False, i - 1, prev, f"line {i} is not JSON: {exc}", i, len(tail))
         if not isinstance(rec, dict) or rec.get("prev_sha256") != prev:
             why = (
@@ -152,7 +168,7 @@ def verify(path: str | os.PathLike[str], expected_head: str | None = None) -> Ve
             )
             return Verification(False, i - 1, prev, f"line {i}: prev_sha256 does not match: {why}", i, len(tail))
         prev = hashlib.sha256(line).hexdigest()
-    if expected_head is not None and prev != expected_head:
+    if expected_head is not None and prev != expected_head.strip().lower():
         msg = f"the last line's sha256 is {prev}, not the expected {expected_head}: the end was edited or cut off"
         return Verification(False, len(lines), prev, msg, len(lines), len(tail))
     return Verification(True, len(lines), prev, None, None, len(tail))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -271,6 +272,7 @@ def _train(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from .gateway import AccessLogger
     from .registry import build_models
     from .server import create_app
 
@@ -284,9 +286,10 @@ async def _serve(args: argparse.Namespace) -> int:
     models = build_models(config)
     app = create_app(models, settings)
     # handler_cancellation: a client that disconnects cancels its request's decoding loop.
-    # shutdown_timeout: on SIGTERM, in-flight requests get this long, then they are cancelled.
+    # The grace period for requests in flight is the app's own (Gateway.shutdown, on_shutdown);
+    # aiohttp's shutdown_timeout only bounds what is left after it (other routes).
     runner = web.AppRunner(
-        app, handle_signals=False, handler_cancellation=True, shutdown_timeout=settings.shutdown_timeout
+        app, handle_signals=False, handler_cancellation=True, shutdown_timeout=5.0, access_log_class=AccessLogger
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -365,10 +368,10 @@ def _hash_key(args: argparse.Namespace) -> int:
         return 2
     if not args.stdin:
         print(f"# the key (shown once; give it to the client): {key}")
-    print("[[server.keys]]")
-    print(f'id = "{entry.id}"')
-    print(f'sha256 = "{entry.sha256}"')
-    print("models = [" + ", ".join(f'"{m}"' for m in entry.models) + "]")
+    print("[[server.keys]]")  # JSON strings are valid TOML basic strings
+    print(f"id = {json.dumps(entry.id)}")
+    print(f"sha256 = {json.dumps(entry.sha256)}")
+    print("models = [" + ", ".join(json.dumps(m) for m in entry.models) + "]")
     return 0
 
 

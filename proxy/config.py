@@ -49,7 +49,7 @@ class ClientKey(BaseModel):
     """The key's name in metrics, logs and the audit log (never the key itself)."""
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     """Lower-case hex sha256 of the key's UTF-8 text."""
-    models: tuple[str, ...] = ("*",)
+    models: tuple[str, ...] = Field(default=("*",), min_length=1)
     """Served models this key may use; "*" is every model."""
     max_concurrent: int | None = Field(default=None, ge=1)
     """Requests in flight at once (default ``server.key_max_concurrent``)."""
@@ -99,12 +99,14 @@ class ServerConfig(BaseModel):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})"
             )
-        for attr in ("id", "sha256"):
-            seen = [getattr(k, attr) for k in self.keys]
-            dup = {x for x in seen if seen.count(x) > 1}
-            if dup:
-                shown = sorted(dup)[0] if attr == "id" else "(a hash)"
-                raise ValueError(f"keys: {attr} {shown} appears more than once")
+        ids = [k.id for k in self.keys]
+        for kid in ids:
+            if ids.count(kid) > 1:
+                raise ValueError(f"keys: id {kid} appears more than once")
+        for key in self.keys:
+            same = [k.id for k in self.keys if k.sha256 == key.sha256]
+            if len(same) > 1:
+                raise ValueError(f"keys: {' and '.join(same)} have the same sha256 (the same key)")
         return self
 
 
@@ -179,10 +181,10 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _key_models(self) -> Config:
-        for i, key in enumerate(self.server.keys):
+        for key in self.server.keys:
             unknown = [m for m in key.models if m != "*" and m not in self.models]
             if unknown:
-                raise ValueError(f"server.keys.{i}.models: no served model named {unknown[0]!r}")
+                raise ValueError(f"server.keys (id {key.id}).models: no served model named {unknown[0]!r}")
         return self
 
 
@@ -207,8 +209,9 @@ def embedded_default(
 def _describe(exc: ValidationError, where: str) -> str:
     lines = []
     for err in exc.errors(include_url=False):
-        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        lines.append(f"  {key}: {err['msg']}")
+        key = ".".join(str(x) for x in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(f"  {key}: {msg}" if key else f"  {msg}")
     return f"{where} is invalid:\n" + "\n".join(lines)
 
 

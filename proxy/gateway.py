@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollector
 from prometheus_client import Counter as PromCounter
 
-from .auditlog import AuditLog
+from .auditlog import AuditLog, AuditLogError
 from .config import ClientKey, ServerConfig
 from .errors import ProxyError
 
@@ -70,8 +71,25 @@ class RequestIdFilter(logging.Filter):
     """Adds ``record.request_id`` (``-`` outside a request) to every log record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
+        if not hasattr(record, "request_id"):  # the access log passes its own
+            record.request_id = request_id_var.get()
         return True
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp's access log line, with the request's id (its context is gone by then).
+    The path is logged without its query string."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %d %.3fs',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            time,
+            extra={"request_id": request.get(REQUEST_ID, "-")},
+        )
 
 
 @dataclass
@@ -93,6 +111,10 @@ class RequestRecord:
     """The error code of a failure, also one sent inside a 200 stream."""
     prompt: Any = None
     output: list[str] | None = None
+    streamed: bool = False
+    """The response is a stream whose headers are sent."""
+    task: asyncio.Task[Any] | None = None
+    """The handler's task (cancelled when a shutdown's grace period ends)."""
 
     @property
     def stats(self) -> list[Any]:
@@ -148,8 +170,8 @@ class Metrics:
         tasks = Gauge("deltaproxy_asyncio_tasks", "asyncio tasks alive (read while serving /metrics)", registry=r)
         tasks.set_function(_task_count)
 
-    def observe(self, rec: RequestRecord, status: int) -> None:
-        model = rec.model or "-"
+    def observe(self, rec: RequestRecord, status: int, served: bool = True) -> None:
+        model = rec.model if rec.model and served else "-"
         self.requests.labels(model, rec.key_id or "-", str(status)).inc()
         self.seconds.labels(model).observe(time.monotonic() - rec.started)
         if rec.first_token is not None:
@@ -158,7 +180,9 @@ class Metrics:
             self.remote_calls.labels(model).observe(sum(s.remote_calls for s in rec.stats))
             self.tokens.labels(model).inc(sum(s.completion_tokens for s in rec.stats))
             self.changed.labels(model).inc(sum(s.offset_changed for s in rec.stats))
-        if rec.error and (rec.error.startswith("upstream") or rec.error == "bad_upstream_response"):
+        if status >= 500 and rec.error and (rec.error.startswith("upstream") or rec.error == "bad_upstream_response"):
+            self.upstream_errors.labels(rec.error).inc()
+        elif status == 200 and rec.error and rec.error.startswith(("upstream", "bad_upstream")):  # inside a stream
             self.upstream_errors.labels(rec.error).inc()
 
 
@@ -314,15 +338,69 @@ class Gateway:
     settings: ServerConfig
     metrics: Metrics = field(default_factory=Metrics)
     audit: AuditLog | None = None
+    models: frozenset[str] = frozenset()
+    """Served model names (metrics label other names as ``-``: clients choose them)."""
     limits: Limits = field(init=False)
+    inflight: int = field(init=False, default=0)
+    stopping: bool = field(init=False, default=False)
+    """Set at shutdown: new completion requests get 503, running ones their grace period."""
+    _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _tasks: set[asyncio.Task[Any]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.limits = Limits(self.settings)
+        self._idle.set()
+
+    def begin(self, rec: RequestRecord) -> None:
+        self.inflight += 1
+        self._idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            rec.task = task
+            self._tasks.add(task)
+
+    async def shutdown(self, grace: float) -> None:
+        """Graceful stop: refuse new completion requests, give the running ones
+        ``grace`` seconds, then cancel them (a stream ends with an SSE error
+        event, a plain request gets a 503) and wait for their audit lines."""
+        self.stopping = True
+        if self.inflight:
+            log.info("shutting down: %d request(s) in flight get up to %g s", self.inflight, grace)
+            await self.drain(grace)
+        if self.inflight:
+            for task in list(self._tasks):
+                task.cancel()
+            await self.drain(5.0)
 
     def finish(self, rec: RequestRecord, status: int) -> None:
-        """Count and audit one finished completion request."""
-        if status >= 400 and rec.error is None:
-            rec.error = str(status)
-        self.metrics.observe(rec, status)
-        if self.audit is not None:
-            self.audit.append(audit_record(rec, status, self.settings.audit_log_text))
+        """Count and audit one finished completion request.
+
+        Raises:
+            proxy.auditlog.AuditLogError: its audit line could not be written.
+        """
+        try:
+            if status >= 400 and rec.error is None:
+                rec.error = str(status)
+            self.metrics.observe(rec, status, served=rec.model in self.models)
+            if self.audit is not None:
+                self.audit.append(audit_record(rec, status, self.settings.audit_log_text))
+        finally:
+            self.inflight -= 1
+            if rec.task is not None:
+                self._tasks.discard(rec.task)
+            if self.inflight <= 0:
+                self._idle.set()
+
+    def finish_quietly(self, rec: RequestRecord, status: int) -> None:
+        """:meth:`finish` for a request that is already failing: a log failure is logged."""
+        try:
+            self.finish(rec, status)
+        except AuditLogError as exc:
+            log.error("request %s: %s", rec.request_id, exc)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the requests in flight to finish."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("%d request(s) still in flight after %g s; closing anyway", self.inflight, timeout)

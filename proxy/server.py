@@ -15,6 +15,7 @@ whole one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from .auditlog import AuditLog
+from .auditlog import AuditLog, AuditLogError
 from .config import ServerConfig
 from .decoding import ServedModel
 from .errors import ProxyError, from_exception, invalid
@@ -71,16 +72,83 @@ def error_response(err: ProxyError) -> web.Response:
 
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, auth, limits, metrics and the audit log (:mod:`proxy.gateway`)."""
+    """Request id, auth, limits, metrics and the audit log (:mod:`proxy.gateway`).
+
+    Every request to a completion route is counted and audited, refused ones
+    (401, 403, 429) included. When its audit line cannot be written, an answer
+    not yet sent is withheld (500 ``audit_log_unavailable``): nothing is served
+    unrecorded that can still be stopped.
+    """
     rid = new_request_id(request.headers.get("X-Request-Id"))
     request[REQUEST_ID] = rid
     token = request_id_var.set(rid)
     gw = request.app[GATEWAY]
+    rec = None
+    if request.method == "POST" and request.path in COMPLETION_ROUTES:
+        rec = RequestRecord(rid, None, request.path)
+        request[RECORD] = rec
+        gw.begin(rec)
+    try:
+        try:
+            if rec is not None and gw.stopping:
+                raise ProxyError(503, "The server is shutting down", "server_error", None, "server_shutting_down")
+            response = await _guarded(request, handler, gw, rec)
+        except ProxyError as err:  # only the shutdown refusal gets here
+            rec.error = err.code  # type: ignore[union-attr]
+            response = error_response(err)
+        except asyncio.CancelledError:  # the client went away, or the server is stopping
+            if rec is not None and gw.stopping and not rec.streamed:
+                # our own shutdown cancelled it: the client still gets an answer
+                rec.error = "request_cancelled"
+                gw.finish_quietly(rec, 503)
+                return error_response(
+                    ProxyError(
+                        503,
+                        "The request was cancelled: the server is shutting down",
+                        "server_error",
+                        None,
+                        "request_cancelled",
+                    )
+                )
+            if rec is not None:
+                rec.error = rec.error or "client_closed_request"
+                gw.finish_quietly(rec, 499)  # nginx's "client closed request"
+            raise
+        except BaseException:
+            if rec is not None:
+                gw.finish_quietly(rec, 500)
+            raise
+        if rec is not None:
+            try:
+                gw.finish(rec, response.status)
+            except AuditLogError as exc:
+                log.error("request %s: %s", rid, exc)
+                if not response.prepared:
+                    return error_response(
+                        ProxyError(
+                            500,
+                            "The request could not be recorded in the audit log, so its answer is withheld",
+                            "server_error",
+                            None,
+                            "audit_log_unavailable",
+                        )
+                    )
+        return response
+    finally:
+        request_id_var.reset(token)
+
+
+async def _guarded(
+    request: web.Request, handler: Handler, gw: Gateway, rec: RequestRecord | None
+) -> web.StreamResponse:
+    """Auth and limits around the handler; their refusals as error responses."""
     try:
         key = None
         if gw.settings.keys and request.path.startswith("/v1/"):
             key = find_key(gw.settings, request.headers.get("Authorization"))
             request[CLIENT_KEY] = key
+            if rec is not None:
+                rec.key_id = key.id
         if key is not None and "*" not in key.models and request.path.startswith(("/v1/files", "/v1/batches")):
             # Files and batches are shared by the keys allowed every model, not owned per key.
             raise ProxyError(
@@ -94,26 +162,13 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             return await handler(request)
         slot = await gw.limits.enter(key)
         try:
-            if request.path not in COMPLETION_ROUTES:
-                return await handler(request)
-            rec = RequestRecord(rid, key.id if key else None, request.path)
-            request[RECORD] = rec
-            status = 499  # nginx's "client closed request": the handler was cancelled
-            try:
-                response = await handler(request)
-                status = response.status
-                return response
-            except asyncio.CancelledError:
-                rec.error = "client_closed_request"
-                raise
-            finally:
-                gw.finish(rec, status)
+            return await handler(request)
         finally:
             gw.limits.leave(slot)
     except ProxyError as err:
+        if rec is not None:
+            rec.error = err.code or err.type
         return error_response(err)
-    finally:
-        request_id_var.reset(token)
 
 
 @web.middleware
@@ -169,6 +224,9 @@ async def _serve(
     request: web.Request, schema: type[ChatCompletionRequest] | type[CompletionRequest]
 ) -> web.StreamResponse:
     body = await read_json_body(request)
+    rec: RequestRecord | None = request.get(RECORD)
+    if rec is not None and isinstance(body.get("model"), str):
+        rec.model = body["model"][:200]  # what was asked for, also when it is refused
     try:
         req = schema.model_validate(body)
     except ValidationError as exc:
@@ -176,7 +234,6 @@ async def _serve(
     check_model(request, req.model)
     settings = request.app[SETTINGS]
     job = make_job(req, request.app[MODELS], settings)
-    rec: RequestRecord | None = request.get(RECORD)
     if rec is not None:
         rec.job, rec.model, rec.alpha = job, job.model.name, job.params.alpha
         rec.offset_sha256 = job.model.offset_sha256 if job.model.uses_offset else None
@@ -196,6 +253,8 @@ async def _serve(
     except StopAsyncIteration:
         first = None
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    if rec is not None:
+        rec.streamed = True
     await response.prepare(request)
 
     def seen(chunk: dict[str, Any]) -> None:
@@ -219,6 +278,17 @@ async def _serve(
         if rec is not None:
             rec.error = "client_closed_request"
         return response
+    except asyncio.CancelledError:
+        # The server is stopping (or the client left): end the stream with an error event, not a bare cut.
+        err = ProxyError(
+            503, "The request was cancelled: the server is shutting down", "server_error", None, "request_cancelled"
+        )
+        if rec is not None:
+            rec.error = "request_cancelled"
+        with contextlib.suppress(Exception):
+            await response.write(f"data: {_dumps(err.body())}\n\n".encode())
+            await response.write_eof()
+        raise
     except Exception as exc:
         err = from_exception(exc)
         if rec is not None:
@@ -308,7 +378,9 @@ def create_app(
     app[MODELS] = models
     app[SETTINGS] = settings
     # The audit log opens now, so that a bad path or a log held by another server fails the start.
-    gateway = Gateway(settings, audit=AuditLog(settings.audit_log) if settings.audit_log else None)
+    gateway = Gateway(
+        settings, audit=AuditLog(settings.audit_log) if settings.audit_log else None, models=frozenset(models)
+    )
     app[GATEWAY] = gateway
     app.on_response_prepare.append(_request_id_header)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -333,7 +405,14 @@ def create_app(
     if close_models:
         app.on_cleanup.append(_close_models)
 
+    async def _graceful(app: web.Application) -> None:
+        await gateway.shutdown(settings.shutdown_timeout)
+
+    app.on_shutdown.append(_graceful)
+
     async def _close_audit(app: web.Application) -> None:
+        # Requests cancelled at shutdown still write their lines: wait for them (bounded).
+        await gateway.drain(timeout=10.0)
         if gateway.audit is not None:
             gateway.audit.close()
 

@@ -6,6 +6,7 @@ rewritten; the commands themselves are the compose file's."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,8 @@ def test_compose_services_as_plain_processes(tmp_path):
             temperature=0,
         )
         assert r.choices[0].message.content and r.usage.completion_tokens > 0
+        request_id = r._request_id  # the SDK reads X-Request-Id
+        assert request_id and request_id.startswith("req_")
         client.close()
 
         proxy.send_signal(signal.SIGTERM)
@@ -101,6 +104,8 @@ def test_compose_services_as_plain_processes(tmp_path):
         log_text = (tmp_path / "proxy.log").read_text()
         assert '"message": "shutting down' in log_text  # log_format = "json"
         assert result.head in log_text  # the closing line records the chain's head
+        access = [json.loads(x) for x in log_text.splitlines() if '"logger": "aiohttp.access"' in x]
+        assert any(a["request_id"] == request_id and "/v1/chat/completions" in a["message"] for a in access)
     finally:
         for p in procs:
             if p.poll() is None:

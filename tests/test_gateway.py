@@ -107,13 +107,23 @@ def test_config_keys_are_validated_by_name(tmp_path):
             """
         )
     )
-    with pytest.raises(ConfigError, match=r"server\.keys\.0\.models: no served model named 'nope'"):
+    with pytest.raises(ConfigError, match=r"server\.keys \(id a\)\.models: no served model named 'nope'"):
         load_config(cfg)
     cfg.write_text(cfg.read_text().replace('models = ["nope"]', "").replace('"0000', '"ZZ00'))
     with pytest.raises(ConfigError, match=r"server\.keys\.0\.sha256"):
         load_config(cfg)
     with pytest.raises(ValueError, match="id a appears more than once"):
         ServerConfig(keys=(key("a", "x"), key("a", "y")))
+    with pytest.raises(ValueError, match="a and b have the same sha256"):
+        ServerConfig(keys=(key("a", "x"), key("b", "x")))
+    with pytest.raises(ValueError, match="at least 1 item"):
+        key("a", "x", models=())
+
+
+def test_hash_key_quotes_names_as_toml(capsys):
+    names = ['we"ird', "back\\slash"]
+    assert cli(["hash-key", "--id", "x", "--models", ",".join(names)]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["server"]["keys"][0]["models"] == names
 
 
 def test_hash_key_prints_an_entry_that_authenticates(capsys):
@@ -184,7 +194,9 @@ async def test_metrics_count_requests_tokens_and_upstream_errors(aiohttp_client)
     await r.read()
     fake.steps = lambda prefix: (_ for _ in ()).throw(RemoteUnavailable("upstream down"))
     assert (await client.post("/v1/chat/completions", json=chat(), headers=auth)).status == 503
+    assert (await client.post("/v1/chat/completions", json=chat())).status == 401
     text = await (await client.get("/metrics")).text()
+    assert 'deltaproxy_requests_total{key="-",model="-",status="401"} 1.0' in text  # refused ones count too
     assert 'deltaproxy_requests_total{key="alice",model="m",status="200"} 2.0' in text
     assert 'deltaproxy_requests_total{key="alice",model="m",status="503"} 1.0' in text
     assert 'deltaproxy_completion_tokens_total{model="m"} 5.0' in text
@@ -214,9 +226,13 @@ async def test_audit_log_has_one_chained_line_per_request_without_text(aiohttp_c
     r = await client.post("/v1/chat/completions", json=chat(2, stream=True), headers=auth)
     await r.read()
     assert (await client.post("/v1/chat/completions", json=chat(n=0), headers=auth)).status == 400
-    assert (await client.post("/v1/chat/completions", json=chat(), headers={})).status == 401  # not a request
+    assert (await client.post("/v1/chat/completions", json=chat(), headers={})).status == 401
+    bob = {"Authorization": "Bearer sk-bob"}
+    assert (await client.post("/v1/chat/completions", json=chat(), headers=bob)).status == 403
     lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert [x["status"] for x in lines] == [200, 200, 400]
+    assert [x["status"] for x in lines] == [200, 200, 400, 401, 403]  # refused requests too
+    assert lines[3]["key_id"] is None and lines[3]["error"] == "invalid_request_error"
+    assert lines[4]["key_id"] == "bob" and lines[4]["model"] == "m" and lines[4]["error"] == "model_not_allowed"
     first = lines[0]
     assert first["prev_sha256"] == GENESIS and first["key_id"] == "alice" and first["model"] == "m"
     assert first["completion_tokens"] == 3 and first["remote_calls"] == 3 and first["alpha"] == 1.0
@@ -224,7 +240,7 @@ async def test_audit_log_has_one_chained_line_per_request_without_text(aiohttp_c
     assert lines[2]["error"] == "invalid_request_error" and lines[2]["completion_tokens"] == 0
     assert "Alice" not in path.read_text() and "prompt" not in first
     result = verify(path)
-    assert result.ok and result.lines == 3
+    assert result.ok and result.lines == 5
 
 
 async def test_audit_log_text_when_configured(aiohttp_client, tmp_path):
@@ -264,6 +280,10 @@ def test_verify_detects_an_edited_or_removed_line(tmp_path, capsys):
     assert verify(path).bad_line == 1
     path.write_bytes(b"".join(lines[:4]))  # the end cut off: only an anchor shows it
     assert verify(path).ok and not verify(path, expected_head=head).ok
+    path.write_bytes(b"".join(lines))
+    assert verify(path, expected_head=head.upper()).ok
+    path.write_bytes(b"".join(lines) + b"[" * 100000 + b"\n")
+    assert verify(path).bad_line == 6
 
 
 def test_a_crash_mid_line_is_cut_at_reopen_and_the_chain_goes_on(tmp_path):
@@ -278,8 +298,24 @@ def test_a_crash_mid_line_is_cut_at_reopen_and_the_chain_goes_on(tmp_path):
     log.append({"request_id": "after"})
     log.close()
     result = verify(path)
-    assert result.ok and result.lines == 4 and result.incomplete_tail_bytes == 0
-    assert json.loads(path.read_text().splitlines()[-1])["recovered_truncated_bytes"] == 19
+    assert result.ok and result.lines == 5 and result.incomplete_tail_bytes == 0
+    event = json.loads(path.read_text().splitlines()[3])  # written when the log was opened
+    assert event["event"] == "recovered_incomplete_line" and event["truncated_bytes"] == 19
+
+
+def test_a_failed_write_is_undone_and_the_chain_goes_on(tmp_path, monkeypatch):
+    path = tmp_path / "log.jsonl"
+    log = AuditLog(path)
+    log.append({"i": 0})
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:20]))  # a full disk: a short write
+    with pytest.raises(AuditLogError, match="short write"):
+        log.append({"i": 1, "pad": "x" * 100})
+    monkeypatch.setattr(os, "write", real_write)
+    log.append({"i": 2})
+    log.close()
+    result = verify(path)
+    assert result.ok and result.lines == 2
 
 
 WRITER = """
@@ -307,3 +343,21 @@ def test_kill_9_while_writing_leaves_a_log_that_verifies(tmp_path):
         for line in path.read_bytes().split(b"\n")[:-1]:
             json.loads(line)
     assert result.lines > 100
+
+
+async def test_ready_asks_real_http_upstreams(aiohttp_client, aiohttp_server):
+    from conftest import free_port
+
+    from adapters.openai_http import ChatAdapter
+    from bench.fake_upstream import create_app as fake_upstream
+
+    up = await aiohttp_server(fake_upstream())
+    live = ChatAdapter(flavour="vllm", name="live", base_url=str(up.make_url("/v1")), model="fake", api_key=None)
+    dead = ChatAdapter(
+        flavour="vllm", name="dead", base_url=f"http://127.0.0.1:{free_port()}/v1", model="fake", api_key=None
+    )
+    app = create_app({"live": ServedModel("live", live), "dead": ServedModel("dead", dead)}, batches=False)
+    client = await aiohttp_client(app)
+    r = await client.get("/ready")
+    body = await r.json()
+    assert r.status == 503 and body["models"]["live"] == "ok" and "cannot reach the upstream" in body["models"]["dead"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -47,6 +48,8 @@ from .decoding import ServedModel
 from .errors import from_exception, invalid
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .serving import complete, make_job
+
+log = logging.getLogger(__name__)
 
 ENDPOINTS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
     "/v1/chat/completions": ChatCompletionRequest,
@@ -237,20 +240,51 @@ class BatchRunner:
 
     models: dict[str, ServedModel]
     settings: ServerConfig = field(default_factory=ServerConfig)
+    gateway: Any = None
+    """A :class:`proxy.gateway.Gateway`: each line is then counted and audited like a request."""
 
     async def answer(self, req: Request) -> dict[str, Any]:
         """The output line of one request (never raises for a bad request or
         a failed upstream: those are in the line's response)."""
-        request_id = uuid.uuid4().hex
+        request_id = f"req_{uuid.uuid4().hex}"
+        rec = None
+        if self.gateway is not None:
+            from .gateway import RequestRecord
+
+            rec = RequestRecord(request_id, None, f"batch {req.url}")
+            if isinstance(req.body, dict) and isinstance(req.body.get("model"), str):
+                rec.model = req.body["model"][:200]
         try:
             parsed = ENDPOINTS[req.url].model_validate(req.body)
             if parsed.stream:
                 raise invalid("stream: streaming is not supported in batches", "stream")
-            body = await complete(make_job(parsed, self.models, self.settings))
+            job = make_job(parsed, self.models, self.settings)
+            if rec is not None:
+                rec.job, rec.alpha = job, job.params.alpha
+                rec.offset_sha256 = job.model.offset_sha256 if job.model.uses_offset else None
+            body = await complete(job)
             status = 200
         except Exception as exc:  # noqa: BLE001 - every failure becomes the line's error response
             err = from_exception(exc)
             status, body = err.status, err.body()
+            if rec is not None:
+                rec.error = err.code or err.type
+        if rec is not None:
+            from .auditlog import AuditLogError
+
+            try:
+                self.gateway.record(rec, status)
+            except AuditLogError as exc:
+                log.error("batch line %s: %s", req.custom_id, exc)
+                status = 500
+                body = {
+                    "error": {
+                        "message": "The request could not be recorded in the audit log, so its answer is withheld",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "audit_log_unavailable",
+                    }
+                }
         return {
             "id": f"batch_req_{uuid.uuid4().hex}",
             "custom_id": req.custom_id,

@@ -379,17 +379,25 @@ class Gateway:
             proxy.auditlog.AuditLogError: its audit line could not be written.
         """
         try:
-            if status >= 400 and rec.error is None:
-                rec.error = str(status)
-            self.metrics.observe(rec, status, served=rec.model in self.models)
-            if self.audit is not None:
-                self.audit.append(audit_record(rec, status, self.settings.audit_log_text))
+            self.record(rec, status)
         finally:
             self.inflight -= 1
             if rec.task is not None:
                 self._tasks.discard(rec.task)
             if self.inflight <= 0:
                 self._idle.set()
+
+    def record(self, rec: RequestRecord, status: int) -> None:
+        """Count and audit one request (also a batch line, which is not "in flight" here).
+
+        Raises:
+            proxy.auditlog.AuditLogError: its audit line could not be written.
+        """
+        if status >= 400 and rec.error is None:
+            rec.error = str(status)
+        self.metrics.observe(rec, status, served=rec.model in self.models)
+        if self.audit is not None:
+            self.audit.append(audit_record(rec, status, self.settings.audit_log_text))
 
     def finish_quietly(self, rec: RequestRecord, status: int) -> None:
         """:meth:`finish` for a request that is already failing: a log failure is logged."""

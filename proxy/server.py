@@ -396,7 +396,7 @@ def create_app(
         from .models import cache_dir
 
         folder = Path(settings.data_dir) if settings.data_dir else cache_dir() / "server"
-        add_batch_routes(app, BatchRunner(models, settings), folder, settings.max_file_bytes)
+        add_batch_routes(app, BatchRunner(models, settings, gateway), folder, settings.max_file_bytes)
 
     async def _close_models(app: web.Application) -> None:
         for model in app[MODELS].values():

@@ -34,9 +34,10 @@ class SlowRemote(FakeRemote):
         return await super().draft(ctx, **kw)
 
 
-async def _serve(data_dir: Path, delay: float = 0.0):
+async def _serve(data_dir: Path, delay: float = 0.0, **settings):
     model = ServedModel("m", SlowRemote(delay))
-    server = TestServer(create_app({"m": model}, ServerConfig(data_dir=str(data_dir), batch_concurrency=2)))
+    config = ServerConfig(data_dir=str(data_dir), batch_concurrency=2, **settings)
+    server = TestServer(create_app({"m": model}, config))
     await server.start_server()
     client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="none", max_retries=0)
     return server, client
@@ -164,6 +165,38 @@ async def test_cancel_keeps_the_finished_lines(tmp_path: Path):
         assert 0 < len(out) < 40 and b.request_counts.completed == len(out)
         with pytest.raises(openai.ConflictError):
             await client.batches.cancel(batch.id)
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_batch_lines_are_audited_and_counted_like_requests(tmp_path: Path):
+    from proxy.auditlog import verify
+
+    audit = tmp_path / "audit.jsonl"
+    server, client = await _serve(tmp_path / "data", audit_log=str(audit))
+    try:
+        data = (
+            "\n".join([_line("a"), _line("b", "yo")])
+            + "\n"
+            + json.dumps(
+                {
+                    "custom_id": "c",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"model": "nope", "messages": []},
+                }
+            )
+        )
+        f = await client.files.create(file=("in.jsonl", data.encode()), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert (await _wait(client, batch.id)).status == "completed"
+        lines = [json.loads(x) for x in audit.read_text().splitlines()]
+        assert sorted(x["status"] for x in lines) == [200, 200, 400]
+        assert {x["endpoint"] for x in lines} == {"batch /v1/chat/completions"}
+        assert sum(x["completion_tokens"] for x in lines) == 8 and verify(audit).ok  # 3 words + end of turn, twice
     finally:
         await client.close()
         await server.close()

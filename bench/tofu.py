@@ -15,6 +15,10 @@ first because its forget truth ratios are the reference for forget quality):
 * ``delta:<objective>``: δ-unlearning, the target as the black-box remote and
   the pair = the packaged SmolLM2-135M-Instruct (B) plus an offset trained on
   forget10 (+ retain90) with ``<objective>`` in proxy mode;
+* ``delta-tau:<objective>``: the same, served with the scope threshold τ
+  calibrated on retain questions that are not evaluated (:data:`TAU_PROMPTS`,
+  :data:`TAU_UNCHANGED`): steps out of the offset's scope keep the target's
+  distribution;
 * ``direct:<objective>``: the same objective and settings applied to the
   target's own weights (LoRA, merged), the white-box reference.
 
@@ -42,7 +46,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).with_name("results")
-DEFAULT_ROWS = ("retain", "target", "guardrail", "delta:NPO+KL", "direct:NPO+KL")
+DEFAULT_ROWS = ("retain", "target", "guardrail", "delta:NPO+KL", "delta-tau:NPO+KL", "direct:NPO+KL")
 TABLE_START, TABLE_END = "<!-- tofu-table:start -->", "<!-- tofu-table:end -->"
 
 #: The offset recipe for both δ-unlearning and direct unlearning rows: the
@@ -98,7 +102,31 @@ def _merged(target: Path, offset: Path) -> Path:
     return out
 
 
-def _row_model(row: str, paths: dict[str, Path], data: Path, adapters: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+#: Scope threshold calibration for the ``delta-tau`` rows: the greedy answers of this many
+#: retain90 questions (none of them evaluated: not in retain_perturbed) must stay the target's
+#: for this fraction (``proxy.threshold``, as ``deltaproxy calibrate-threshold``).
+TAU_PROMPTS, TAU_UNCHANGED = 30, 0.9
+
+
+async def _calibrated_tau(model: Any, offset: Path, data: Path, max_tokens: int) -> float:
+    """τ for ``model``'s offset, calibrated once and cached next to the offset."""
+    from proxy.threshold import pick_threshold, scope_margin
+
+    cache = offset.parent / f"{offset.name}.tau-{TAU_PROMPTS}-{TAU_UNCHANGED}-{max_tokens}.json"
+    if cache.is_file():
+        return float(json.loads(cache.read_text())["offset_threshold"])
+    evaluated = {json.loads(x)["question"] for x in (data / "retain_perturbed.jsonl").read_text().splitlines()}
+    questions = [q for q in (json.loads(x)["question"] for x in (data / "retain90.jsonl").read_text().splitlines())]
+    prompts = [q for q in questions if q not in evaluated][:TAU_PROMPTS]
+    margins = [await scope_margin(model, [{"role": "user", "content": q}], max_tokens) for q in prompts]
+    tau = pick_threshold(margins, TAU_UNCHANGED)
+    cache.write_text(json.dumps({"offset_threshold": tau, "margins": margins, "prompts": len(prompts)}) + "\n")
+    return tau
+
+
+async def _row_model(
+    row: str, paths: dict[str, Path], data: Path, adapters: dict[str, Any], max_tokens: int
+) -> tuple[Any, dict[str, Any]]:
     """(ServedModel, facts for the table) for one row."""
     from adapters.transformers_inprocess import TransformersInProcessAdapter
     from proxy.decoding import ServedModel
@@ -115,19 +143,23 @@ def _row_model(row: str, paths: dict[str, Path], data: Path, adapters: dict[str,
         return ServedModel(name=row, adapter=remote("target", paths["target"])), {"training_seconds": 0.0}
     if kind == "retain":
         return ServedModel(name=row, adapter=remote("retain", paths["retain"])), {"training_seconds": 0.0}
-    if kind not in ("delta", "direct") or not objective:
-        raise SystemExit(f"unknown row {row!r}: use target, retain, guardrail, delta:<objective> or direct:<objective>")
+    if kind not in ("delta", "delta-tau", "direct") or not objective:
+        raise SystemExit(
+            f"unknown row {row!r}: use target, retain, guardrail, delta:<objective>, delta-tau:<objective> "
+            "or direct:<objective>"
+        )
     cfg = TrainConfig(
         forget=str(data / "forget10.jsonl"),
         retain=str(data / "retain90.jsonl"),
         out="",
         objective=objective,
-        base="smollm2" if kind == "delta" else str(paths["target"]),
+        base="smollm2" if kind.startswith("delta") else str(paths["target"]),
         **OFFSET_SETTINGS,  # type: ignore[arg-type]
     )
-    offset, seconds = _cached_offset(row, cfg)
-    facts = {"training_seconds": round(seconds, 1), "offset": offset.name, "objective": objective}
-    if kind == "delta":
+    base_kind = "delta" if kind.startswith("delta") else kind
+    offset, seconds = _cached_offset(f"{base_kind}:{objective}", cfg)
+    facts: dict[str, Any] = {"training_seconds": round(seconds, 1), "offset": offset.name, "objective": objective}
+    if base_kind == "delta":
         pair = LocalPair.load("smollm2", offset)
         model = ServedModel(
             name=row,
@@ -137,6 +169,10 @@ def _row_model(row: str, paths: dict[str, Path], data: Path, adapters: dict[str,
             same_tokenizer=True,
             offset_sha256=pair.offset.sha256 if pair.offset is not None else None,
         )
+        if kind == "delta-tau":
+            tau = await _calibrated_tau(model, offset, data, max_tokens)
+            model = replace(model, offset_threshold=tau)
+            facts["offset_threshold"] = tau
         return model, facts
     return ServedModel(name=row, adapter=remote(row, _merged(paths["target"], offset))), facts
 
@@ -165,7 +201,7 @@ async def run(rows: list[str], settings: Any, keep: Path | None) -> dict[str, An
     reference = str(work / "retain") if "retain" in rows else None
     for row in order:
         log.info("row %s", row)
-        model, facts = _row_model(row, paths, data, adapters)
+        model, facts = await _row_model(row, paths, data, adapters, settings.max_tokens)
         s = (
             replace(settings, system_prompt=GUARDRAIL.format(names=", ".join(names)))
             if row == "guardrail"
@@ -224,7 +260,8 @@ def render_table(result: dict[str, Any]) -> str:
         for _, key in COLUMNS:
             v = r["summary"].get(key)
             cells.append("n/a" if v is None else (f"{v:.2g}" if key == "forget_quality" else f"{v:.3f}"))
-        lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r.get('training_seconds', 0):.0f} |")
+        name = r["row"] + (f" (τ = {r['offset_threshold']:.2f})" if r.get("offset_threshold") is not None else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('training_seconds', 0):.0f} |")
     s = result["audit_settings"]
     lines.append("")
     lines.append(

@@ -200,7 +200,9 @@ async def run(requests: int, concurrency: int, fault_rate: float, work: Path) ->
         audit_lines_before_kill = len(audit.read_bytes().splitlines())
         # kill -9 in the middle of a second load
         task = asyncio.create_task(load(base, requests, concurrency, start_index=warm + requests))
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while len(audit.read_bytes().splitlines()) < audit_lines_before_kill + 20 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # kill once the second load is well under way
         os.kill(proxy.pid, signal.SIGKILL)
         proxy.wait()
         killed = await task
@@ -228,6 +230,7 @@ async def run(requests: int, concurrency: int, fault_rate: float, work: Path) ->
             "requests_sent": killed.requests,
             "answered_before_kill": killed.ok + sum(killed.errors.values()),
             "audit_lines_before_second_load": audit_lines_before_kill,
+            "audit_lines_after_kill": len(audit.read_bytes().split(b"\n")) - 1,
             "verify_log_exit": check.returncode,
             "verify_log": (check.stdout + check.stderr).strip(),
         },

@@ -24,6 +24,7 @@ async def test_load_with_faults_then_kill_9(tmp_path):
     assert r["at_end"]["tasks"] <= r["after_warmup"]["tasks"]
     assert r["rss_growth"] < 0.10
     assert r["kill"]["verify_log_exit"] == 0, r["kill"]["verify_log"]
+    assert r["kill"]["audit_lines_after_kill"] >= r["kill"]["audit_lines_before_second_load"] + 20  # killed under load
 
 
 def test_sigterm_during_a_stream_exits_cleanly_and_audits_it(tmp_path):

@@ -116,7 +116,7 @@ async def _calibrated_tau(model: Any, offset: Path, data: Path, max_tokens: int)
     if cache.is_file():
         return float(json.loads(cache.read_text())["offset_threshold"])
     evaluated = {json.loads(x)["question"] for x in (data / "retain_perturbed.jsonl").read_text().splitlines()}
-    questions = [q for q in (json.loads(x)["question"] for x in (data / "retain90.jsonl").read_text().splitlines())]
+    questions = (json.loads(x)["question"] for x in (data / "retain90.jsonl").read_text().splitlines())
     prompts = [q for q in questions if q not in evaluated][:TAU_PROMPTS]
     margins = [await scope_margin(model, [{"role": "user", "content": q}], max_tokens) for q in prompts]
     tau = pick_threshold(margins, TAU_UNCHANGED)

@@ -42,7 +42,8 @@ class AuditLogError(RuntimeError):
     """The audit log cannot be opened or written."""
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The time of a log line: ISO 8601, UTC, milliseconds."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
@@ -90,7 +91,7 @@ class AuditLog:
         if cut:
             log.warning("audit log %s: cut an incomplete last line (%d bytes) left by a crash", self.path, cut)
             os.ftruncate(self._fd, self._size)
-            self.append({"time": _now(), "event": "recovered_incomplete_line", "truncated_bytes": cut})
+            self.append({"time": utc_now(), "event": "recovered_incomplete_line", "truncated_bytes": cut})
 
     def append(self, record: dict[str, Any]) -> str:
         """Write one record (JSON-serialisable, without ``prev_sha256``); returns its line's sha256.

@@ -252,16 +252,14 @@ class BatchRunner:
             from .gateway import RequestRecord
 
             rec = RequestRecord(request_id, None, f"batch {req.url}")
-            if isinstance(req.body, dict) and isinstance(req.body.get("model"), str):
-                rec.model = req.body["model"][:200]
+            rec.asked_for(req.body)
         try:
             parsed = ENDPOINTS[req.url].model_validate(req.body)
             if parsed.stream:
                 raise invalid("stream: streaming is not supported in batches", "stream")
             job = make_job(parsed, self.models, self.settings)
             if rec is not None:
-                rec.job, rec.alpha = job, job.params.alpha
-                rec.offset_sha256 = job.model.offset_sha256 if job.model.uses_offset else None
+                rec.set_job(job)
             body = await complete(job)
             status = 200
         except Exception as exc:  # noqa: BLE001 - every failure becomes the line's error response
@@ -271,20 +269,14 @@ class BatchRunner:
                 rec.error = err.code or err.type
         if rec is not None:
             from .auditlog import AuditLogError
+            from .gateway import audit_unavailable
 
             try:
                 self.gateway.record(rec, status)
             except AuditLogError as exc:
                 log.error("batch line %s: %s", req.custom_id, exc)
-                status = 500
-                body = {
-                    "error": {
-                        "message": "The request could not be recorded in the audit log, so its answer is withheld",
-                        "type": "server_error",
-                        "param": None,
-                        "code": "audit_log_unavailable",
-                    }
-                }
+                withheld = audit_unavailable()
+                status, body = withheld.status, withheld.body()
         return {
             "id": f"batch_req_{uuid.uuid4().hex}",
             "custom_id": req.custom_id,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -45,7 +44,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollector
 from prometheus_client import Counter as PromCounter
 
-from .auditlog import AuditLog, AuditLogError
+from .auditlog import AuditLog, AuditLogError, utc_now
 from .config import ClientKey, ServerConfig
 from .errors import ProxyError
 
@@ -116,6 +115,16 @@ class RequestRecord:
     task: asyncio.Task[Any] | None = None
     """The handler's task (cancelled when a shutdown's grace period ends)."""
 
+    def asked_for(self, body: Any) -> None:
+        """Note the model a request body names, before it is validated (also when it is refused)."""
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            self.model = body["model"][:200]
+
+    def set_job(self, job: Any) -> None:
+        """Take model, α and offset from the validated :class:`proxy.serving.Job`."""
+        self.job, self.model, self.alpha = job, job.model.name, job.params.alpha
+        self.offset_sha256 = job.model.offset_sha256 if job.model.uses_offset else None
+
     @property
     def stats(self) -> list[Any]:
         """The job's :class:`proxy.decoding.ChoiceStats`, one per choice."""
@@ -180,9 +189,8 @@ class Metrics:
             self.remote_calls.labels(model).observe(sum(s.remote_calls for s in rec.stats))
             self.tokens.labels(model).inc(sum(s.completion_tokens for s in rec.stats))
             self.changed.labels(model).inc(sum(s.offset_changed for s in rec.stats))
-        if status >= 500 and rec.error and (rec.error.startswith("upstream") or rec.error == "bad_upstream_response"):
-            self.upstream_errors.labels(rec.error).inc()
-        elif status == 200 and rec.error and rec.error.startswith(("upstream", "bad_upstream")):  # inside a stream
+        # a failed request, or a 200 stream that failed inside; client mistakes (4xx) are not counted
+        if (status >= 500 or status == 200) and rec.error and rec.error.startswith(("upstream", "bad_upstream")):
             self.upstream_errors.labels(rec.error).inc()
 
 
@@ -293,7 +301,7 @@ def audit_record(rec: RequestRecord, status: int, with_text: bool) -> dict[str, 
     """The audit log line of one request (see issue: time, request id, key id,
     model, offset sha256, α, tokens, tokens the offset changed, max |Δ|, status)."""
     out: dict[str, Any] = {
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        "time": utc_now(),
         "request_id": rec.request_id,
         "key_id": rec.key_id,
         "endpoint": rec.endpoint,
@@ -314,6 +322,24 @@ def audit_record(rec: RequestRecord, status: int, with_text: bool) -> dict[str, 
     return out
 
 
+def audit_unavailable() -> ProxyError:
+    """The error of a request whose audit line could not be written (its answer is withheld)."""
+    return ProxyError(
+        500,
+        "The request could not be recorded in the audit log, so its answer is withheld",
+        "server_error",
+        None,
+        "audit_log_unavailable",
+    )
+
+
+def cancelled_at_shutdown() -> ProxyError:
+    """The error of a request that the shutdown cancelled after its grace period."""
+    return ProxyError(
+        503, "The request was cancelled: the server is shutting down", "server_error", None, "request_cancelled"
+    )
+
+
 RECORD = web.RequestKey("record", RequestRecord)
 """The :class:`RequestRecord` of a completion request."""
 
@@ -322,13 +348,6 @@ def new_request_id(header: str | None) -> str:
     if header and _REQUEST_ID_RE.match(header):
         return header
     return f"req_{uuid.uuid4().hex}"
-
-
-def status_of_exception(exc: BaseException) -> tuple[int, str | None]:
-    from .errors import from_exception
-
-    err = from_exception(exc)
-    return err.status, err.code or err.type
 
 
 @dataclass
@@ -341,7 +360,6 @@ class Gateway:
     models: frozenset[str] = frozenset()
     """Served model names (metrics label other names as ``-``: clients choose them)."""
     limits: Limits = field(init=False)
-    inflight: int = field(init=False, default=0)
     stopping: bool = field(init=False, default=False)
     """Set at shutdown: new completion requests get 503, running ones their grace period."""
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -351,13 +369,18 @@ class Gateway:
         self.limits = Limits(self.settings)
         self._idle.set()
 
+    @property
+    def inflight(self) -> int:
+        """Completion requests being served."""
+        return len(self._tasks)
+
     def begin(self, rec: RequestRecord) -> None:
-        self.inflight += 1
-        self._idle.clear()
+        """Register a completion request; call from its handler's task."""
         task = asyncio.current_task()
-        if task is not None:
-            rec.task = task
-            self._tasks.add(task)
+        assert task is not None, "begin() runs in the request handler's task"
+        rec.task = task
+        self._tasks.add(task)
+        self._idle.clear()
 
     async def shutdown(self, grace: float) -> None:
         """Graceful stop: refuse new completion requests, give the running ones
@@ -381,10 +404,9 @@ class Gateway:
         try:
             self.record(rec, status)
         finally:
-            self.inflight -= 1
             if rec.task is not None:
                 self._tasks.discard(rec.task)
-            if self.inflight <= 0:
+            if not self._tasks:
                 self._idle.set()
 
     def record(self, rec: RequestRecord, status: int) -> None:

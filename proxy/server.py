@@ -42,6 +42,8 @@ from .gateway import (
     Gateway,
     RequestRecord,
     allowed_models,
+    audit_unavailable,
+    cancelled_at_shutdown,
     check_model,
     find_key,
     new_request_id,
@@ -91,25 +93,19 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         try:
             if rec is not None and gw.stopping:
-                raise ProxyError(503, "The server is shutting down", "server_error", None, "server_shutting_down")
-            response = await _guarded(request, handler, gw, rec)
-        except ProxyError as err:  # only the shutdown refusal gets here
-            rec.error = err.code  # type: ignore[union-attr]
-            response = error_response(err)
+                rec.error = "server_shutting_down"
+                response: web.StreamResponse = error_response(
+                    ProxyError(503, "The server is shutting down", "server_error", None, rec.error)
+                )
+            else:
+                response = await _guarded(request, handler, gw, rec)
         except asyncio.CancelledError:  # the client went away, or the server is stopping
             if rec is not None and gw.stopping and not rec.streamed:
                 # our own shutdown cancelled it: the client still gets an answer
-                rec.error = "request_cancelled"
-                gw.finish_quietly(rec, 503)
-                return error_response(
-                    ProxyError(
-                        503,
-                        "The request was cancelled: the server is shutting down",
-                        "server_error",
-                        None,
-                        "request_cancelled",
-                    )
-                )
+                err = cancelled_at_shutdown()
+                rec.error = err.code
+                gw.finish_quietly(rec, err.status)
+                return error_response(err)
             if rec is not None:
                 rec.error = rec.error or "client_closed_request"
                 gw.finish_quietly(rec, 499)  # nginx's "client closed request"
@@ -124,15 +120,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             except AuditLogError as exc:
                 log.error("request %s: %s", rid, exc)
                 if not response.prepared:
-                    return error_response(
-                        ProxyError(
-                            500,
-                            "The request could not be recorded in the audit log, so its answer is withheld",
-                            "server_error",
-                            None,
-                            "audit_log_unavailable",
-                        )
-                    )
+                    return error_response(audit_unavailable())
         return response
     finally:
         request_id_var.reset(token)
@@ -225,8 +213,8 @@ async def _serve(
 ) -> web.StreamResponse:
     body = await read_json_body(request)
     rec: RequestRecord | None = request.get(RECORD)
-    if rec is not None and isinstance(body.get("model"), str):
-        rec.model = body["model"][:200]  # what was asked for, also when it is refused
+    if rec is not None:
+        rec.asked_for(body)
     try:
         req = schema.model_validate(body)
     except ValidationError as exc:
@@ -235,8 +223,7 @@ async def _serve(
     settings = request.app[SETTINGS]
     job = make_job(req, request.app[MODELS], settings)
     if rec is not None:
-        rec.job, rec.model, rec.alpha = job, job.model.name, job.params.alpha
-        rec.offset_sha256 = job.model.offset_sha256 if job.model.uses_offset else None
+        rec.set_job(job)
         if settings.audit_log_text:
             rec.prompt = [dict(m) for m in job.context.messages] if job.context.messages else job.context.prompt
             rec.output = [""] * job.n
@@ -280,11 +267,9 @@ async def _serve(
         return response
     except asyncio.CancelledError:
         # The server is stopping (or the client left): end the stream with an error event, not a bare cut.
-        err = ProxyError(
-            503, "The request was cancelled: the server is shutting down", "server_error", None, "request_cancelled"
-        )
+        err = cancelled_at_shutdown()
         if rec is not None:
-            rec.error = "request_cancelled"
+            rec.error = err.code
         with contextlib.suppress(Exception):
             await response.write(f"data: {_dumps(err.body())}\n\n".encode())
             await response.write_eof()

@@ -160,7 +160,7 @@ async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
     assert "Policy: FAIL" in page and "http" not in page.replace("http-equiv", "")
 
     # a second run finds every item done and recomputes nothing
-    async def rerun(seen_again: list[dict]) -> dict:
+    async def rerun(on_item) -> dict:
         return await A.run_audit(
             model,
             _files(data),
@@ -168,17 +168,17 @@ async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
             settings=settings,
             info={"name": "target"},
             progress=False,
-            on_item=seen_again.append,
+            on_item=on_item,
         )
 
     again: list[dict] = []
-    report2 = await rerun(again)
+    report2 = await rerun(again.append)
     assert again == [] and report2["summary"] == pytest.approx(s)
     # an interrupted run (items.jsonl cut mid-line) redoes only what is missing
     lines = (tmp_path / "a" / "items.jsonl").read_bytes().splitlines(keepends=True)
     (tmp_path / "a" / "items.jsonl").write_bytes(b"".join(lines[:20]) + lines[20][:15])
     redo: list[dict] = []
-    report3 = await rerun(redo)
+    report3 = await rerun(redo.append)
     assert len(redo) == n_items - 20
     assert report3["summary"] == pytest.approx(s)
     # a run stopped mid-way (here: an exception after 5 new items) continues from there
@@ -192,17 +192,9 @@ async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
 
     stopped: list[dict] = []
     with pytest.raises(RuntimeError, match="stopped"):
-        await A.run_audit(
-            model,
-            _files(data),
-            tmp_path / "a",
-            settings=settings,
-            info={"name": "target"},
-            progress=False,
-            on_item=stop_after_five,
-        )
+        await rerun(stop_after_five)
     rest: list[dict] = []
-    report4 = await rerun(rest)
+    report4 = await rerun(rest.append)
     assert len(rest) == n_items - 5 and report4["summary"] == pytest.approx(s)
     # other settings, same folder: refused, nothing touched
     with pytest.raises(A.AuditError, match="another input"):

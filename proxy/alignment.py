@@ -67,6 +67,11 @@ class TreeScorer(Protocol):
         of the trunk; the rest are forgotten."""
         ...
 
+    def rollback(self, keep: int) -> None:
+        """Keep only the first ``keep`` of the nodes the last :meth:`score` committed
+        (``0 <= keep <= commit``); the others leave the trunk and its caches."""
+        ...
+
 
 @dataclass
 class Aligner:
@@ -74,6 +79,12 @@ class Aligner:
 
     ``same_tokenizer`` enables the fast path: accepted candidates whose bytes
     are exactly one local token go straight into the trunk.
+
+    A speculative draft is scored ahead of what is committed
+    (:meth:`draft_deltas`): the draft's own chain of local tokens enters the
+    caches at once, and the next call keeps the part of it that the
+    committed text really reached (the rest is rolled back), so accepted
+    draft tokens are never run through the models twice.
     """
 
     vocab: ByteVocab
@@ -83,16 +94,45 @@ class Aligner:
     pending: list[int] = field(default_factory=list)
     """Tokens accepted into the trunk but not yet in the KV cache."""
     last_max_abs_delta: float = 0.0
+    ahead: list[int] = field(default_factory=list)
+    """Chain tokens of the last draft that sit in the caches beyond the committed trunk."""
+    n_before_ahead: int = 0
+    """How many tokens the last draft's score committed before its own chain (pending ones)."""
 
-    def _path(self, data: bytes | None) -> tuple[tuple[int, ...], bytes | int]:
+    def _advance(self, tail: bytes, data: bytes) -> tuple[list[int], bytes]:
+        """Committing ``data`` after ``tail``: the tokens that join the trunk, and the new tail.
+
+        Raises:
+            ValueError: the local tokenizer cannot represent the bytes.
+        """
+        if self.same_tokenizer and not tail and data in self.vocab.exact:
+            return [self.vocab.exact[data]], b""
+        tail += data
+        ids = self.vocab.encode(tail)
+        if len(ids) > 1:
+            return list(ids[:-1]), tail[len(self.vocab.bytes_of(ids[:-1])) :]
+        return [], tail
+
+    def _path(self, data: bytes | None, tail: bytes) -> tuple[tuple[int, ...], bytes | int]:
         """Path tokens and final piece (cover prefix bytes, or an exact id for EOT)."""
         if data is EOT:
-            return tuple(self.vocab.encode(self.tail)), self.vocab.eot_ids[0]
-        s = self.tail + data
-        if not self.tail and (self.same_tokenizer or len(s) == 1):
+            return tuple(self.vocab.encode(tail)), self.vocab.eot_ids[0]
+        s = tail + data
+        if not tail and (self.same_tokenizer or len(s) == 1):
             return (), s
         ids = self.vocab.encode(s)
         return tuple(ids[:-1]), self.vocab.token_bytes[ids[-1]] or b""
+
+    def _settle(self) -> None:
+        """Keep the part of the last draft's chain that the commits since reached."""
+        if not self.ahead:
+            return
+        keep = 0
+        while keep < min(len(self.ahead), len(self.pending)) and self.ahead[keep] == self.pending[keep]:
+            keep += 1
+        self.scorer.rollback(self.n_before_ahead + keep)
+        self.pending = self.pending[keep:]
+        self.ahead = []
 
     def deltas(self, candidates: Sequence[bytes | None]) -> np.ndarray:
         """Δ for each candidate (bytes, or :data:`EOT`), float64 ``[k]``, nats.
@@ -101,57 +141,95 @@ class Aligner:
         with no token) has prefix probability 0 under both models; it gets
         Δ = −inf, i.e. probability 0 in q, and is logged.
         """
-        paths: list[tuple[tuple[int, ...], bytes | int]] = []
-        unrepresentable: list[int] = []
-        for i, c in enumerate(candidates):
+        return self.draft_deltas([], [candidates])[0]
+
+    def draft_deltas(
+        self, chain: Sequence[bytes], candidates: Sequence[Sequence[bytes | None]]
+    ) -> list[np.ndarray]:
+        """Δ at every position of a draft, in one forward pass per model.
+
+        ``candidates[j]`` (bytes, or :data:`EOT`) are the remote's candidates
+        after the committed text followed by ``chain[:j]`` (the drafted bytes);
+        ``len(chain) == len(candidates) - 1``. Returns one float64 ``[k_j]``
+        array (nats) per position, as :meth:`deltas` would give after committing
+        ``chain[:j]``; fewer positions when a drafted piece has bytes the local
+        tokenizer cannot represent (the positions after it are not scored: that
+        piece has Δ = −inf, so a draft never gets past it). The committed text
+        does not change: :meth:`commit` the accepted pieces afterwards.
+        """
+        if len(chain) != len(candidates) - 1:
+            raise ValueError("a draft needs one candidate list per position: len(chain) == len(candidates) - 1")
+        self._settle()
+        # Where each position starts: chain tokens from the committed trunk, and the tail there.
+        extra: list[int] = []
+        starts = [(0, self.tail)]
+        tail = self.tail
+        for data in chain:
             try:
-                paths.append(self._path(c))
-            except ValueError as exc:
-                log.warning("candidate %r left out of q: %s", c, exc)
-                unrepresentable.append(i)
-                paths.append(((), self.vocab.eot_ids[0]))  # a placeholder, overwritten below
-        if self.tail:  # scored too, for -log P(r | trunk)
-            paths.append(self._path(b""))
-        # Trie over pending trunk tokens + every path.
-        chain = list(self.pending)
+                add, tail = self._advance(tail, data)
+            except ValueError:
+                break
+            extra.extend(add)
+            starts.append((len(extra), tail))
+        # Trie: pending + chain tokens first (a chain from the trunk), then every candidate path.
         tokens: list[int] = []
         parents: list[int] = []
-        for tok in chain:
+        index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+        for tok in [*self.pending, *extra]:
+            index[(len(tokens) - 1, tok)] = len(tokens)
             parents.append(len(tokens) - 1)
             tokens.append(tok)
-        root = len(tokens) - 1  # node after which candidate paths start (-1: trunk)
-        index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
-        ends: list[int] = []
-        for path, _ in paths:
-            node = root
-            for tok in path:
-                key = (node, tok)
-                if key not in index:
-                    index[key] = len(tokens)
-                    parents.append(node)
-                    tokens.append(tok)
-                node = index[key]
-            ends.append(node)
-        lp_u, lp_b = self.scorer.score(Tree(tuple(tokens), tuple(parents)), commit=len(chain))
-        self.pending = []
-        # Log-probability of each path + final piece, for both models.
-        out = np.empty((len(ends), 2))
-        for j, ((path, final), end) in enumerate(zip(paths, ends, strict=True)):
-            for m, lp in enumerate((lp_u, lp_b)):
-                total = 0.0
+        n_chain = len(tokens)
+        jobs: list[tuple[int, int, list[tuple[tuple[int, ...], bytes | int]], list[int], list[int]]] = []
+        for (n_extra, tail), cands in zip(starts, candidates, strict=False):
+            root = len(self.pending) + n_extra - 1  # node after which this position's paths start
+            paths: list[tuple[tuple[int, ...], bytes | int]] = []
+            unrepresentable: list[int] = []
+            for i, c in enumerate(cands):
+                try:
+                    paths.append(self._path(c, tail))
+                except ValueError as exc:
+                    log.warning("candidate %r left out of q: %s", c, exc)
+                    unrepresentable.append(i)
+                    paths.append(((), self.vocab.eot_ids[0]))  # a placeholder, overwritten below
+            if tail:  # scored too, for -log P(r | trunk)
+                paths.append(self._path(b"", tail))
+            ends: list[int] = []
+            for path, _ in paths:
                 node = root
                 for tok in path:
-                    total += lp[node + 1, tok]
-                    node = index[(node, tok)]
-                out[j, m] = total + self._final(lp[end + 1], final)
-        delta = out[:, 0] - out[:, 1]
-        k = len(candidates)
-        delta = delta[:k] - delta[k] if self.tail else delta[:k]
-        delta[unrepresentable] = -np.inf
-        delta[np.isnan(delta)] = -np.inf  # probability 0 under both models: not in q
-        finite = delta[np.isfinite(delta)]
+                    key = (node, tok)
+                    if key not in index:
+                        index[key] = len(tokens)
+                        parents.append(node)
+                        tokens.append(tok)
+                    node = index[key]
+                ends.append(node)
+            jobs.append((root, len(cands), paths, ends, unrepresentable))
+        lp_u, lp_b = self.scorer.score(Tree(tuple(tokens), tuple(parents)), commit=n_chain)
+        self.n_before_ahead = len(self.pending)
+        self.pending = []
+        self.ahead = extra
+        out: list[np.ndarray] = []
+        for (root, k, paths, ends, unrepresentable), (_, tail) in zip(jobs, starts, strict=False):
+            # Log-probability of each path + final piece, for both models.
+            logp = np.empty((len(ends), 2))
+            for j, ((path, final), end) in enumerate(zip(paths, ends, strict=True)):
+                for m, lp in enumerate((lp_u, lp_b)):
+                    total = 0.0
+                    node = root
+                    for tok in path:
+                        total += lp[node + 1, tok]
+                        node = index[(node, tok)]
+                    logp[j, m] = total + self._final(lp[end + 1], final)
+            delta = logp[:, 0] - logp[:, 1]
+            delta = delta[:k] - delta[k] if tail else delta[:k]
+            delta[unrepresentable] = -np.inf
+            delta[np.isnan(delta)] = -np.inf  # probability 0 under both models: not in q
+            out.append(delta)
+        finite = np.concatenate([d[np.isfinite(d)] for d in out]) if out else np.empty(0)
         self.last_max_abs_delta = float(np.max(np.abs(finite))) if finite.size else 0.0
-        return delta
+        return out
 
     def _final(self, row: np.ndarray, final: bytes | int) -> float:
         if isinstance(final, int):
@@ -166,14 +244,12 @@ class Aligner:
         return float(top + np.log(np.exp(vals - top).sum()))
 
     def commit(self, data: bytes | None) -> None:
-        """Accept a candidate (bytes, or :data:`EOT`) into the committed text."""
+        """Accept a candidate (bytes, or :data:`EOT`) into the committed text.
+
+        Raises:
+            ValueError: the local tokenizer cannot represent the bytes.
+        """
         if data is EOT:
             return
-        if self.same_tokenizer and not self.tail and data in self.vocab.exact:
-            self.pending.append(self.vocab.exact[data])
-            return
-        self.tail += data
-        ids = self.vocab.encode(self.tail)
-        if len(ids) > 1:
-            self.pending.extend(ids[:-1])
-            self.tail = self.tail[len(self.vocab.bytes_of(ids[:-1])) :]
+        add, self.tail = self._advance(self.tail, data)
+        self.pending.extend(add)

@@ -203,6 +203,8 @@ class PairScorer:
         self.trunk_len = 0
         self.trunk_ids: list[int] = []
         self.last: dict[bool, np.ndarray | None] = {True: None, False: None}
+        self._undo: tuple[int, dict[bool, np.ndarray | None], dict[bool, np.ndarray]] | None = None
+        """What the last :meth:`score` committed: trunk length and last rows before it, rows after each node."""
 
     @torch.inference_mode()
     def score(self, tree: Tree, commit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,6 +218,7 @@ class PairScorer:
             raise ContextExhausted(f"the pair's context ({self.pair.max_length} tokens) is exhausted")
         models = (True, False) if self.pair.has_offset else (False,)
         rows: dict[bool, np.ndarray] = {}
+        self._undo = None
         if n == 0:
             for m in models:
                 if self.last[m] is None:
@@ -236,6 +239,7 @@ class PairScorer:
             mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
             ids = torch.tensor([tree.tokens], dtype=torch.long)
             positions = torch.from_numpy(self.trunk_len + depth)[None, :]
+            undo = (self.trunk_len, dict(self.last), {})
             for m in models:
                 lp = self.pair._forward(ids, self.caches[m], adapter=m, mask=mask[None, None], positions=positions)
                 after = lp.double().numpy()
@@ -249,8 +253,31 @@ class PairScorer:
                     self.caches[m].crop(-remove)
                 if commit:
                     self.last[m] = after[commit - 1]
+                    undo[2][m] = after[:commit]
+            self._undo = undo
             self.trunk_len += commit
             self.trunk_ids.extend(tree.tokens[:commit])
         if not self.pair.has_offset:
             rows[True] = rows[False]
         return rows[True], rows[False]
+
+    def rollback(self, keep: int) -> None:
+        """See :meth:`proxy.alignment.TreeScorer.rollback`.
+
+        Raises:
+            ValueError: nothing to roll back, or ``keep`` outside the last commit.
+        """
+        if self._undo is None:
+            raise ValueError("rollback without a preceding score")
+        before, last, after = self._undo
+        committed = self.trunk_len - before
+        if not 0 <= keep <= committed:
+            raise ValueError(f"cannot keep {keep} of {committed} committed tokens")
+        if keep == committed:
+            return
+        self.trunk_len = before + keep
+        del self.trunk_ids[self.trunk_len :]
+        for m, rows in after.items():
+            self.caches[m].crop(-(committed - keep))
+            self.last[m] = rows[keep - 1] if keep else last[m]
+        self._undo = None

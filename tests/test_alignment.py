@@ -154,3 +154,42 @@ def test_replacement_char_bytes_are_unknown_not_text():
 @pytest.mark.parametrize("bad", [float("-inf"), float("nan"), -9999.0])
 def test_non_finite_wire_logprobs_are_unusable(bad):
     assert not candidate_from_wire("a", bad, None, eot_tokens=frozenset()).usable
+
+
+@pytest.mark.parametrize("same_tokenizer", [True, False])
+def test_draft_in_one_pass_equals_step_by_step(tiny_base, smollm2_tokenizer, same_tokenizer):
+    """A whole draft scored in one tree pass gives each position the Δ that step-by-step
+    scoring gives after committing the draft's earlier pieces; after a rejection the
+    caches keep the accepted part of the draft's chain and drop the rest."""
+    from conftest import make_tiny_pair
+
+    drafted, stepwise = make_tiny_pair(tiny_base, smollm2_tokenizer), make_tiny_pair(tiny_base, smollm2_tokenizer)
+    prompt = drafted.prompt_ids(PROMPT)
+    spec = drafted.aligner(prompt, same_tokenizer=same_tokenizer)
+    step = stepwise.aligner(prompt, same_tokenizer=same_tokenizer)
+    chain = [b"Paris", b" is", b" the", b" cap", "é".encode()[:1], "é".encode()[1:], b"ital"]
+    cands = [[b" city", b" is", b" the", b" Par", "é".encode()[1:], EOT] for _ in range(len(chain) + 1)]
+    got = spec.draft_deltas(chain, cands)
+    assert len(got) == len(chain) + 1
+    for j, c in enumerate(cands):
+        want = step.deltas(c)
+        assert np.allclose(got[j], want, atol=2e-5, equal_nan=True), (j, got[j], want)
+        if j < len(chain):
+            step.commit(chain[j])
+    # Accept three pieces, then a different one: the next step matches a fresh step-by-step run.
+    fresh = make_tiny_pair(tiny_base, smollm2_tokenizer).aligner(prompt, same_tokenizer=same_tokenizer)
+    for piece in [*chain[:3], b" largest"]:
+        spec.commit(piece)
+        fresh.commit(piece)
+    after = [b" city", b" town", EOT]
+    assert np.allclose(spec.deltas(after), fresh.deltas(after), atol=2e-5)
+    assert spec.scorer.trunk_ids == fresh.scorer.trunk_ids
+    # A draft accepted whole keeps its chain in the caches: nothing runs twice.
+    got = spec.draft_deltas([b" in", b" France"], [after, after, after])
+    for piece in (b" in", b" France"):
+        spec.commit(piece)
+        fresh.commit(piece)
+    spec._settle()
+    assert spec.pending == []  # the accepted chain is already in the caches
+    assert np.allclose(spec.deltas(after), fresh.deltas(after), atol=2e-5)
+    assert spec.scorer.trunk_ids == fresh.scorer.trunk_ids

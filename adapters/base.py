@@ -182,12 +182,17 @@ class RemoteAdapter(Protocol):
     name: str
     capabilities: Capabilities
 
-    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+    async def draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> Draft:
         """Top-k candidates for up to ``n_tokens`` positions after ``ctx``.
 
         With ``n_tokens == 1`` only the candidate list matters. For longer
         drafts the remote samples at temperature 1 with every filter off, so
-        that the reported logprobs are the distribution it sampled from.
+        that the reported logprobs are the distribution it sampled from
+        (speculative acceptance needs p_t(x) of each drafted token x), or, with
+        ``greedy``, takes the argmax at every position. ``seed`` makes the
+        remote's sampling repeatable where it supports that.
 
         Raises:
             RemoteUnavailable: after bounded retries.

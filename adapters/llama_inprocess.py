@@ -199,7 +199,7 @@ class LlamaInProcessAdapter:
         data = self.token_bytes[tid]
         return Candidate(data, lp, "" if data is None else data.decode("utf-8", "replace"), tid)
 
-    def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None) -> Draft:
+    def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None, greedy: bool = False) -> Draft:
         prompt = self.prompt_tokens(ctx)
         if ctx.token_ids is not None:
             tokens = prompt + list(ctx.token_ids)
@@ -213,7 +213,9 @@ class LlamaInProcessAdapter:
             finish = None
             for _ in range(n_tokens):
                 lp = self._logprobs_after(llama, tokens)
-                pos = position_from_logprobs(lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=n_tokens > 1)
+                pos = position_from_logprobs(
+                    lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=n_tokens > 1 and not greedy
+                )
                 positions.append(pos)
                 if pos.sampled.is_eot:
                     finish = "stop"
@@ -222,8 +224,10 @@ class LlamaInProcessAdapter:
                 tokens.append(pos.sampled.token_id)
             return Draft(tuple(positions), finish or "length", len(prompt))
 
-    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
-        return await asyncio.to_thread(self._draft_sync, ctx, n_tokens, top_k, seed)
+    async def draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> Draft:
+        return await asyncio.to_thread(self._draft_sync, ctx, n_tokens, top_k, seed, greedy)
 
     async def check(self) -> None:
         """In-process: ready once constructed."""

@@ -201,7 +201,9 @@ class ChatAdapter(_HTTPAdapter):
             extra = {"continue_final_message": True, "add_generation_prompt": False}
         return messages, extra
 
-    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+    async def draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> Draft:
         if ctx.messages is None:
             raise RemoteRejected(
                 f"model {self.name!r} is served through a chat endpoint and takes messages only", status=400
@@ -217,7 +219,7 @@ class ChatAdapter(_HTTPAdapter):
                 max_tokens=n_tokens + (1 if pending else 0),
                 logprobs=True,
                 top_logprobs=top_k,
-                temperature=1.0,
+                temperature=0.0 if greedy and n_tokens > 1 else 1.0,
                 top_p=1.0,
                 seed=seed,
                 extra_body=body or None,
@@ -263,7 +265,9 @@ class CompletionsAdapter(_HTTPAdapter):
         assert ctx.messages is not None
         return self.template.render(ctx.messages)
 
-    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+    async def draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> Draft:
         """See :meth:`adapters.base.RemoteAdapter.draft`.
 
         Token healing: re-tokenising the accepted text can merge the last
@@ -280,15 +284,18 @@ class CompletionsAdapter(_HTTPAdapter):
         if n_tokens == 1 and not pending and last and ctx.assistant_prefix.endswith(last):
             head, head_pending = split_incomplete_utf8(ctx.assistant_prefix[: -len(last)])
             if not head_pending:
-                healed = await self._call(base + head, 2, top_k, seed)
+                healed = await self._call(base + head, 2, top_k, seed, greedy=True)
                 if len(healed.positions) == 2 and healed.positions[0].sampled.data == last:
                     return Draft(healed.positions[1:], healed.finish_reason, healed.prompt_tokens)
-        draft = await self._call(base + text, n_tokens + (1 if pending else 0), top_k, seed)
+        draft = await self._call(
+            base + text, n_tokens + (1 if pending else 0), top_k, seed, greedy=greedy or n_tokens == 1
+        )
         return Draft(heal(draft.positions, pending), draft.finish_reason, draft.prompt_tokens)
 
-    async def _call(self, prompt: str, max_tokens: int, top_k: int, seed: int | None) -> Draft:
+    async def _call(self, prompt: str, max_tokens: int, top_k: int, seed: int | None, *, greedy: bool) -> Draft:
+        """One ``/v1/completions`` call; ``greedy``: the sampled tokens are the remote's argmax
+        (single steps, where only the candidate lists matter, and greedy drafts)."""
         body = self._body(max_tokens)
-        greedy = max_tokens <= 2  # single steps: the sampled token is the remote's argmax
 
         async def call() -> Any:
             return await self._client.completions.create(

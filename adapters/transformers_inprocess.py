@@ -83,7 +83,8 @@ class TransformersInProcessAdapter:
         self._slots = [_CacheSlot() for _ in range(N_CACHES)]
         self._clock = itertools.count(1)
         self._closed = False
-        self._seed = seed
+        self._rng = np.random.default_rng(seed)
+        """Draft randomness when a call gives no seed: one stream, so that calls draw independently."""
         self.capabilities = Capabilities(
             can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab
         )
@@ -166,9 +167,9 @@ class TransformersInProcessAdapter:
         data = self.vocab.token_bytes[tid] if tid < len(self.vocab.token_bytes) else None
         return Candidate(data, lp, "" if data is None else data.decode("utf-8", "replace"), tid)
 
-    def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None) -> Draft:
+    def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None, greedy: bool = False) -> Draft:
         tokens, n_prompt = self._tokens(ctx)
-        rng = np.random.default_rng(self._seed if seed is None else seed)
+        rng = self._rng if seed is None else np.random.default_rng(seed)
         positions: list[Position] = []
         finish = None
         with self._lock:
@@ -176,7 +177,9 @@ class TransformersInProcessAdapter:
                 raise RemoteUnavailable(f"model {self.name!r} is shut down")
             for _ in range(n_tokens):
                 lp = self._logits(tokens)
-                pos = position_from_logprobs(lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=n_tokens > 1)
+                pos = position_from_logprobs(
+                    lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=n_tokens > 1 and not greedy
+                )
                 positions.append(pos)
                 if pos.sampled.is_eot:
                     finish = "stop"
@@ -185,8 +188,10 @@ class TransformersInProcessAdapter:
                 tokens.append(pos.sampled.token_id)
         return Draft(tuple(positions), finish or "length", n_prompt)
 
-    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
-        return await asyncio.to_thread(self._draft_sync, ctx, n_tokens, top_k, seed)
+    async def draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> Draft:
+        return await asyncio.to_thread(self._draft_sync, ctx, n_tokens, top_k, seed, greedy)
 
     def full_logprobs(self, ctx: Context, text: str, *, end_of_turn: bool = False) -> tuple[list[int], np.ndarray]:
         """Teacher-forced scoring of ``text`` after the context (prompt plus

@@ -2,11 +2,12 @@
 injection: what the load test and the speed benchmark put behind the proxy so
 that the proxy, not a model, is measured.
 
-    python -m bench.fake_upstream [--port 0] [--fault-rate 0.1] [--seed 0] [--delay 0]
+    python -m bench.fake_upstream [--port 0] [--fault-rate 0.1] [--seed 0] [--delay 0] [--repeat 1]
 
 Prints ``base_url: http://127.0.0.1:PORT/v1`` once it listens.
 
-``POST /v1/chat/completions`` answers with the tokens of :data:`TEXT`, each
+``POST /v1/chat/completions`` answers with the tokens of :data:`TEXT`
+(``--repeat`` times over, for longer answers), each
 with ``logprobs`` and ``top_logprobs`` (the bytes included), continuing a
 final assistant message the way vLLM does (``continue_final_message``) or
 llama.cpp does (a final assistant message is continued); after the text it
@@ -40,16 +41,17 @@ STATS = web.AppKey("stats", Counter)
 RNG = web.AppKey("rng", random.Random)
 FAULT_RATE = web.AppKey("fault_rate", float)
 DELAY = web.AppKey("delay", float)
+ANSWER = web.AppKey("answer", tuple)
 
 
-def next_index(prefix: str) -> int:
-    """How many tokens of :data:`TEXT` the assistant prefix already holds."""
+def next_index(prefix: str, answer: tuple[str, ...] = TEXT) -> int:
+    """How many tokens of ``answer`` the assistant prefix already holds."""
     text = ""
-    for i, tok in enumerate(TEXT):
+    for i, tok in enumerate(answer):
         if text == prefix:
             return i
         text += tok
-    return len(TEXT) if text == prefix else len(prefix) % len(TEXT)
+    return len(answer) if text == prefix else len(prefix) % len(answer)
 
 
 def _entry(token: str, logprob: float, top_k: int, position: int) -> dict[str, Any]:
@@ -84,16 +86,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prefix = ""
     if messages and messages[-1].get("role") == "assistant":
         prefix = str(messages[-1].get("content") or "")
-    start = next_index(prefix)
+    answer = request.app[ANSWER]
+    start = next_index(prefix, answer)
     n = max(1, int(body.get("max_tokens") or 16))
     top_k = int(body.get("top_logprobs") or 0)
     content, text = [], ""
     finish = "length"
     for pos in range(start, start + n):
-        if pos >= len(TEXT):  # the turn ends (with no token when it ends at once)
+        if pos >= len(answer):  # the turn ends (with no token when it ends at once)
             finish = "stop"
             break
-        tok = TEXT[pos]
+        tok = answer[pos]
         content.append(_entry(tok, math.log(0.9), max(1, top_k), pos))
         text += tok
     stats["tokens"] += len(content)
@@ -124,11 +127,15 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(dict(request.app[STATS]))
 
 
-def create_app(fault_rate: float = 0.0, seed: int = 0, delay: float = 0.0) -> web.Application:
-    """The fake upstream; ``fault_rate`` in [0, 1]; ``delay``: seconds before each answer."""
+def create_app(fault_rate: float = 0.0, seed: int = 0, delay: float = 0.0, repeat: int = 1) -> web.Application:
+    """The fake upstream; ``fault_rate`` in [0, 1]; ``delay``: seconds before each answer;
+    ``repeat``: how many times :data:`TEXT` makes one answer."""
     if not 0 <= fault_rate <= 1:
         raise ValueError("fault_rate must be in [0, 1]")
+    if repeat < 1:
+        raise ValueError("repeat must be >= 1")
     app = web.Application()
+    app[ANSWER] = TEXT * repeat
     app[STATS] = Counter()
     app[RNG] = random.Random(seed)
     app[FAULT_RATE] = fault_rate
@@ -140,7 +147,7 @@ def create_app(fault_rate: float = 0.0, seed: int = 0, delay: float = 0.0) -> we
 
 
 async def _main(args: argparse.Namespace) -> None:
-    runner = web.AppRunner(create_app(args.fault_rate, args.seed, args.delay), access_log=None)
+    runner = web.AppRunner(create_app(args.fault_rate, args.seed, args.delay, args.repeat), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
     await site.start()
@@ -155,6 +162,7 @@ def main() -> None:
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--delay", type=float, default=0.0, help="seconds before each answer (a slow upstream)")
+    p.add_argument("--repeat", type=int, default=1, help="the answer is the fixed text this many times over")
     args = p.parse_args()
     try:
         asyncio.run(_main(args))

@@ -143,9 +143,7 @@ class Aligner:
         """
         return self.draft_deltas([], [candidates])[0]
 
-    def draft_deltas(
-        self, chain: Sequence[bytes], candidates: Sequence[Sequence[bytes | None]]
-    ) -> list[np.ndarray]:
+    def draft_deltas(self, chain: Sequence[bytes], candidates: Sequence[Sequence[bytes | None]]) -> list[np.ndarray]:
         """Δ at every position of a draft, in one forward pass per model.
 
         ``candidates[j]`` (bytes, or :data:`EOT`) are the remote's candidates

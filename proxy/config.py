@@ -154,6 +154,12 @@ class ModelConfig(BaseModel):
     """Remote candidates per step; 20 is OpenAI's top_logprobs maximum."""
     same_tokenizer: bool | Literal["auto"] = "auto"
     """Whether the pair shares the remote's tokenizer (fast path). "auto" detects it for in-process remotes."""
+    speculative: bool = True
+    """Speculative acceptance (DESIGN.md): the remote drafts several tokens per call, each accepted
+    with min(1, q/p) or replaced; the same output distribution as one call per token (false)."""
+    max_draft_tokens: int = Field(default=128, ge=2, le=1024)
+    """The longest draft one remote call is asked for; the decoder adapts below it to the
+    acceptance rate (proxy.decoding.DraftLength)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

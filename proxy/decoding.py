@@ -17,6 +17,7 @@ import asyncio
 import codecs
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,9 +25,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from adapters.base import Candidate, Context, ContextExhausted, RemoteAdapter, RemoteBadResponse, split_incomplete_utf8
+from adapters.base import (
+    Candidate,
+    Context,
+    ContextExhausted,
+    Position,
+    RemoteAdapter,
+    RemoteBadResponse,
+    split_incomplete_utf8,
+)
 
-from .offset import NoUsableCandidates, choose, scope_score, target_logits
+from .offset import NoUsableCandidates, apply_top_p, choose, log_softmax, scope_score, target_logits
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,6 +88,12 @@ class ChoiceStats:
     remote_calls: int = 0
     offset_changed: int = 0
     max_abs_delta: float = 0.0
+    draft_tokens: int = 0
+    """Positions the remote drafted in calls of more than one token."""
+    accepted_tokens: int = 0
+    """Drafted tokens accepted as they were (speculative acceptance)."""
+    pair_seconds: float = 0.0
+    """Wall time of the pair's work for this choice (waiting for its thread included)."""
     dropped_candidates: int = 0
     """Remote candidates left out of S_t for unknown bytes, over all steps."""
     scope_trace: list[tuple[float, bool]] | None = None
@@ -146,12 +161,101 @@ class TextReleaser:
         return Piece(text, out, finish)
 
 
+class DraftLength:
+    """How many tokens to ask the remote for next (speculative acceptance).
+
+    The per-token acceptance rate r is tracked as an exponential moving
+    average (weight ½ per draft) of accepted / examined positions; the next
+    draft asks for about twice the expected accepted run, 2 / (1 − r),
+    between ``2`` and ``maximum`` (the maximum once r ≥ 1 − 2/maximum). Out of
+    forget scope r stays near 1 and one call serves a whole answer; in scope
+    drafts shrink to a few tokens so that little remote work is thrown away.
+    The rate starts from the served model's running rate (``prior``).
+    """
+
+    def __init__(self, maximum: int, prior: float = 1.0) -> None:
+        self.maximum = maximum
+        self.rate = prior
+        self.examined = 0
+        self.accepted = 0
+
+    def next(self, remaining: int) -> int:
+        """The next draft's length, at most ``remaining`` (tokens)."""
+        if self.rate >= 1 - 2 / self.maximum:
+            n = self.maximum
+        else:
+            n = max(2, min(self.maximum, math.ceil(2 / (1 - self.rate))))
+        return max(1, min(n, remaining))
+
+    def update(self, accepted: int, examined: int) -> None:
+        """A draft of which ``accepted`` of ``examined`` positions were accepted."""
+        if examined <= 0:
+            return
+        self.examined += examined
+        self.accepted += accepted
+        self.rate = 0.5 * self.rate + 0.5 * accepted / examined
+
+
+def speculative_pick(
+    scores: np.ndarray,
+    ell: np.ndarray,
+    drafted: int | None,
+    drafted_logprob: float,
+    *,
+    temperature: float,
+    top_p: float,
+    rng: np.random.Generator,
+) -> tuple[int, np.ndarray, bool]:
+    """Accept or replace the remote's drafted token at one position (DESIGN.md,
+    "Fewer remote calls"; Leviathan et al. 2023, arXiv 2211.17192, Algorithm 1;
+    Chen et al. 2023, arXiv 2302.01318).
+
+    ``scores`` are the target logits over S_t (:func:`proxy.offset.target_logits`,
+    ``[k]``), ``ell`` the remote's logprobs of the same candidates (``[k]``,
+    nats, over the remote's whole vocabulary), ``drafted`` the index in S_t of
+    the token the remote sampled there (``None``: outside S_t) and
+    ``drafted_logprob`` its logprob log p_t(x) under the remote's sampling
+    distribution (T = 1, no filters).
+
+    T > 0: x is accepted with probability min(1, q_t(x) / p_t(x)); otherwise a
+    token is drawn from (q_t − p_t)+ renormalised over S_t. The result follows
+    q_t exactly, whatever p_t is. T = 0 (greedy drafts): x is accepted when it
+    is the argmax of the scores, else the argmax is taken.
+
+    Returns the chosen index, log q over S_t (what ``logprobs`` report) and
+    whether the drafted token was accepted.
+
+    Raises:
+        NoUsableCandidates: every score is ``-inf``.
+    """
+    if temperature == 0:
+        idx, logq = choose(scores, temperature=0.0, top_p=top_p, rng=rng)
+        return idx, logq, drafted is not None and idx == drafted
+    logq = apply_top_p(log_softmax(scores), top_p)
+    q = np.exp(logq)
+    if drafted is not None:
+        ratio = math.exp(min(0.0, float(logq[drafted]) - drafted_logprob)) if math.isfinite(logq[drafted]) else 0.0
+        if rng.random() < ratio:
+            return drafted, logq, True
+    with np.errstate(over="ignore", invalid="ignore"):
+        residual = np.maximum(q - np.exp(np.where(np.isfinite(ell), ell, -np.inf)), 0.0)
+    total = residual.sum()
+    # A rejection has probability Σ(q − p)+ > 0; when rounding leaves nothing, q itself is the answer.
+    weights = residual / total if total > 1e-12 else q / q.sum()
+    return int(rng.choice(len(weights), p=weights)), logq, False
+
+
 @dataclass
 class ServedModel:
     """A served model name: a remote, an optional local pair, and α.
 
     ``pair`` is a ``proxy.pair.LocalPair`` (typed loosely to keep torch out
     of this module); ``None`` or a pair without offset means Δ ≡ 0.
+
+    ``speculative`` switches on speculative acceptance: the remote drafts up
+    to ``max_draft_tokens`` tokens per call (:class:`DraftLength`), each
+    accepted or replaced by :func:`speculative_pick`; the output has the same
+    distribution as token-by-token decoding (one remote call per token).
     """
 
     name: str
@@ -162,9 +266,19 @@ class ServedModel:
     top_k: int = 20
     same_tokenizer: bool = False
     offset_sha256: str | None = None
+    speculative: bool = True
+    max_draft_tokens: int = 128
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pair"))
+    acceptance_rate: float = 1.0
+    """Running per-token acceptance rate of this model's drafts (seeds each request's :class:`DraftLength`)."""
 
     def __post_init__(self) -> None:
+        shared = getattr(self.pair, "executor", None)
+        if shared is not None:
+            # Models that share a pair (one copy of the weights) share its one thread: the pair
+            # is not thread-safe (B is U with its adapter layers switched off).
+            self._pool.shutdown(wait=False)
+            self._pool = shared
         if not self.adapter.capabilities.can_continue:
             raise DecodingError(
                 f"model {self.name!r}: the remote cannot continue a partial assistant message, which token "
@@ -180,8 +294,15 @@ class ServedModel:
         await self.adapter.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def run_pair(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def run_pair(self, fn: Callable[..., T], *args: Any, stats: ChoiceStats | None = None) -> T:
+        """``fn(*args)`` on the pair's thread; its wall time (queueing included) is added to
+        ``stats.pair_seconds``."""
+        t0 = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            if stats is not None:
+                stats.pair_seconds += time.perf_counter() - t0
 
     async def generate(
         self, base: Context, params: SamplingParams, *, index: int = 0, stats: ChoiceStats | None = None
@@ -197,7 +318,7 @@ class ServedModel:
         aligner = None
         if self.uses_offset and params.alpha != 0:
             try:
-                prompt_ids = await self.run_pair(self.pair.prompt_ids, base.messages, base.prompt)
+                prompt_ids = await self.run_pair(self.pair.prompt_ids, base.messages, base.prompt, stats=stats)
             except ValueError as exc:
                 raise DecodingError(str(exc)) from exc
             aligner = self.pair.aligner(prompt_ids, same_tokenizer=self.same_tokenizer)
@@ -208,86 +329,193 @@ class ServedModel:
         ids: list[int] | None = [] if self.adapter.capabilities.token_ids and not prefix else None
         if aligner is not None and prefix:
             await self.run_pair(aligner.commit, prefix)
-        for _ in range(params.max_tokens):
-            ctx = Context(base.messages, base.prompt, prefix, tuple(ids) if ids is not None else None, last)
-            try:
-                cands, ell, delta = await self._candidates(ctx, aligner, stats)
-            except ContextExhausted:
-                if stats.completion_tokens == 0:
-                    raise  # the prompt alone does not fit: a 400
-                break  # the context is full: the answer ends as if max_tokens were reached
-            scores = target_logits(
-                ell, delta, temperature=params.temperature, alpha=params.alpha, threshold=params.offset_threshold
-            )
-            if stats.scope_trace is not None and aligner is not None:
-                full = target_logits(ell, delta, temperature=0.0, alpha=params.alpha)
-                stats.scope_trace.append((scope_score(ell, delta), int(np.argmax(full)) != int(np.argmax(ell))))
-            try:
-                idx, logq = choose(scores, temperature=params.temperature, top_p=params.top_p, rng=rng)
-            except NoUsableCandidates as exc:
-                raise RemoteBadResponse("the upstream's logprobs were unusable (every candidate non-finite)") from exc
-            chosen = cands[idx]
-            changed = int(np.argmax(scores)) != int(np.argmax(ell))  # argmax of ℓ/T is argmax of ℓ
-            stats.offset_changed += int(changed)
-            stats.completion_tokens += 1
-            if chosen.is_eot:
-                yield releaser.finish("stop")
-                return
-            assert chosen.data is not None
-            tok = self._token_out(idx, cands, logq, params, changed)
-            if aligner is not None:
-                await self.run_pair(aligner.commit, chosen.data)
-            prefix += chosen.data
-            last = chosen.data
-            if ids is not None:
-                if chosen.token_id is None:
-                    ids = None
-                else:
-                    ids.append(chosen.token_id)
-            piece = releaser.push(tok)
-            yield piece
-            if piece.finish_reason is not None:
-                return
-        yield releaser.finish("length")
+        lengths = DraftLength(self.max_draft_tokens, self.acceptance_rate) if self.speculative else None
+        greedy = params.temperature == 0
+        context_full = False
+        try:
+            while stats.completion_tokens < params.max_tokens and not context_full:
+                n = lengths.next(params.max_tokens - stats.completion_tokens) if lengths is not None else 1
+                ctx = Context(base.messages, base.prompt, prefix, tuple(ids) if ids is not None else None, last)
+                seed = int(rng.integers(2**31)) if params.seed is not None and n > 1 else None
+                try:
+                    positions = await self._draft(ctx, n, greedy=greedy, seed=seed, stats=stats)
+                except ContextExhausted:
+                    if n > 1 and lengths is not None:
+                        # Servers such as vLLM refuse prompt + max_tokens beyond their context:
+                        # shorter drafts for the rest of this answer.
+                        lengths.maximum = n // 2
+                        continue
+                    if stats.completion_tokens == 0:
+                        raise  # the prompt alone does not fit: a 400
+                    break  # the context is full: the answer ends as if max_tokens were reached
+                # A one-token call's sampled token may come from a filtered distribution, and after
+                # a partial character the first position is healed (its sampled token is not a plain
+                # draft): such a position is drawn from q directly, and the draft goes on only when
+                # the draw is the drafted token (still exact: later drafted tokens are samples given it).
+                direct = 0 if n > 1 and not _inside_character(prefix) else 1
+                accepted = examined = 0
+                done, chunk, more = 0, 8, True
+                while more and done < len(positions):
+                    part = positions[done : done + chunk]
+                    try:
+                        scored = await self._score(part, aligner, stats)
+                    except ContextExhausted:
+                        if stats.completion_tokens == 0:
+                            raise
+                        context_full = True
+                        break
+                    for j, (pos, (cands, ell, delta)) in enumerate(zip(part, scored, strict=False)):
+                        idx, logq, ok, changed = self._pick(
+                            pos, cands, ell, delta, params, rng, direct=done + j < direct, stats=stats
+                        )
+                        if done + j >= direct:
+                            examined += 1
+                            accepted += int(ok)
+                        chosen = cands[idx]
+                        stats.completion_tokens += 1
+                        if chosen.is_eot:
+                            yield releaser.finish("stop")
+                            return
+                        assert chosen.data is not None
+                        tok = self._token_out(idx, cands, logq, params, changed)
+                        if aligner is not None:
+                            await self.run_pair(aligner.commit, chosen.data, stats=stats)
+                        prefix += chosen.data
+                        last = chosen.data
+                        if ids is not None:
+                            if chosen.token_id is None:
+                                ids = None
+                            else:
+                                ids.append(chosen.token_id)
+                        piece = releaser.push(tok)
+                        yield piece
+                        if piece.finish_reason is not None:
+                            return
+                        if not ok or stats.completion_tokens >= params.max_tokens:
+                            more = False
+                            break
+                    more = more and len(scored) == len(part)
+                    done += len(part)
+                    chunk *= 2
+                if lengths is not None and n > 1:
+                    stats.draft_tokens += len(positions)
+                    stats.accepted_tokens += accepted
+                    lengths.update(accepted, examined)
+            yield releaser.finish("length")
+        finally:
+            if lengths is not None and lengths.examined:
+                # The model's running rate seeds the next request's first draft length.
+                self.acceptance_rate = 0.8 * self.acceptance_rate + 0.2 * lengths.accepted / lengths.examined
 
-    async def _candidates(
-        self, ctx: Context, aligner: Any, stats: ChoiceStats
-    ) -> tuple[list[Candidate], np.ndarray, np.ndarray]:
-        """The usable remote candidates S_t, their logprobs ℓ and offsets Δ (``[k]`` each).
+    def _pick(
+        self,
+        pos: Position,
+        cands: list[Candidate],
+        ell: np.ndarray,
+        delta: np.ndarray,
+        params: SamplingParams,
+        rng: np.random.Generator,
+        *,
+        direct: bool,
+        stats: ChoiceStats,
+    ) -> tuple[int, np.ndarray, bool, bool]:
+        """The token at one position: its index in S_t, log q, whether it is the drafted
+        token (so that the draft may go on) and whether the offset changed the argmax.
+
+        ``direct``: drawn from q (:func:`proxy.offset.choose`); otherwise the drafted
+        token is accepted or replaced (:func:`speculative_pick`).
 
         Raises:
-            ContextExhausted: the remote's or the pair's context is full.
-            RemoteBadResponse: no usable candidate.
+            RemoteBadResponse: every candidate is unusable.
         """
-        draft = await self.adapter.draft(ctx, n_tokens=1, top_k=self.top_k)
+        scores = target_logits(
+            ell, delta, temperature=params.temperature, alpha=params.alpha, threshold=params.offset_threshold
+        )
+        if stats.scope_trace is not None and self.uses_offset and params.alpha != 0:
+            full = target_logits(ell, delta, temperature=0.0, alpha=params.alpha)
+            stats.scope_trace.append((scope_score(ell, delta), int(np.argmax(full)) != int(np.argmax(ell))))
+        x = _index_of(pos.sampled, cands)
+        try:
+            if direct:
+                idx, logq = choose(scores, temperature=params.temperature, top_p=params.top_p, rng=rng)
+                ok = x is not None and idx == x
+            else:
+                idx, logq, ok = speculative_pick(
+                    scores, ell, x, pos.sampled.logprob, temperature=params.temperature, top_p=params.top_p, rng=rng
+                )
+        except NoUsableCandidates as exc:
+            raise RemoteBadResponse("the upstream's logprobs were unusable (every candidate non-finite)") from exc
+        changed = int(np.argmax(scores)) != int(np.argmax(ell))  # argmax of ℓ/T is argmax of ℓ
+        stats.offset_changed += int(changed)
+        return idx, logq, ok, changed
+
+    async def _draft(
+        self, ctx: Context, n: int, *, greedy: bool, seed: int | None, stats: ChoiceStats
+    ) -> list[Position]:
+        """One remote call: up to ``n`` positions, cut after the first drafted token the
+        decoder cannot continue from (end of turn, or bytes unknown).
+
+        Raises:
+            ContextExhausted: the remote's context is full.
+            RemoteBadResponse: no position.
+        """
+        draft = await self.adapter.draft(ctx, n_tokens=n, top_k=self.top_k, seed=seed, greedy=greedy)
         stats.remote_calls += 1
         if stats.prompt_tokens is None:
             stats.prompt_tokens = draft.prompt_tokens
-        position = draft.positions[0]
-        cands = [c for c in position.candidates if c.usable]
-        dropped = [c for c in position.candidates if c.data is None and not c.is_eot]
-        if dropped:
-            if not stats.dropped_candidates:  # once per choice, not at every step
-                log.warning(
-                    "model %s: candidate(s) with unknown bytes (a partial UTF-8 character or a special token) "
-                    "left out of S_t",
-                    self.name,
+        if not draft.positions:
+            raise RemoteBadResponse("the upstream returned no positions")
+        positions = list(draft.positions[:n])
+        for j, pos in enumerate(positions):
+            if pos.sampled.is_eot or pos.sampled.data is None:
+                return positions[: j + 1]
+        return positions
+
+    async def _score(
+        self, positions: Sequence[Position], aligner: Any, stats: ChoiceStats
+    ) -> list[tuple[list[Candidate], np.ndarray, np.ndarray]]:
+        """The usable remote candidates S_t, their logprobs ℓ and offsets Δ (``[k]`` each)
+        at each position of a draft, position j after the drafted tokens before it
+        (one tree pass of the pair for all of them). Fewer entries when the pair cannot
+        represent a drafted token (the draft cannot be accepted past it).
+
+        Raises:
+            ContextExhausted: the pair's context is full.
+            RemoteBadResponse: a position without a usable candidate.
+        """
+        out: list[tuple[list[Candidate], np.ndarray]] = []
+        for position in positions:
+            cands = [c for c in position.candidates if c.usable]
+            dropped = [c for c in position.candidates if c.data is None and not c.is_eot]
+            if dropped:
+                if not stats.dropped_candidates:  # once per choice, not at every step
+                    log.warning(
+                        "model %s: candidate(s) with unknown bytes (a partial UTF-8 character or a special token) "
+                        "left out of S_t",
+                        self.name,
+                    )
+                stats.dropped_candidates += len(dropped)
+            if not cands:
+                raise RemoteBadResponse(
+                    "the upstream's logprobs were unusable (no candidate with known bytes and a finite logprob)"
                 )
-            stats.dropped_candidates += len(dropped)
-        if not cands:
-            raise RemoteBadResponse(
-                "the upstream's logprobs were unusable (no candidate with known bytes and a finite logprob)"
-            )
-        ell = np.array([c.logprob for c in cands])
-        if aligner is not None:
-            try:
-                delta = await self.run_pair(aligner.deltas, [None if c.is_eot else c.data for c in cands])
-            except ValueError as exc:
-                raise DecodingError(str(exc)) from exc
-            stats.max_abs_delta = max(stats.max_abs_delta, aligner.last_max_abs_delta)
-        else:
-            delta = np.zeros(len(cands))
-        return cands, ell, delta
+            out.append((cands, np.array([c.logprob for c in cands])))
+        if aligner is None:
+            return [(c, ell, np.zeros(len(c))) for c, ell in out]
+        chain = [p.sampled.data or b"" for p in positions[:-1]]
+        cand_bytes = [[None if c.is_eot else c.data for c in cands] for cands, _ in out]
+        try:
+            deltas = await self.run_pair(aligner.draft_deltas, chain, cand_bytes, stats=stats)
+        except ContextExhausted:
+            if len(positions) == 1:
+                raise
+            deltas = await self.run_pair(
+                aligner.draft_deltas, [], cand_bytes[:1], stats=stats
+            )  # the tree alone is too big
+        except ValueError as exc:
+            raise DecodingError(str(exc)) from exc
+        stats.max_abs_delta = max(stats.max_abs_delta, aligner.last_max_abs_delta)
+        return [(c, ell, d) for (c, ell), d in zip(out, deltas, strict=False)]
 
     @staticmethod
     def _token_out(
@@ -307,6 +535,23 @@ class ServedModel:
             )
         assert chosen.data is not None
         return TokenOut(chosen.data, display_token(chosen.data), _finite(float(logq[idx])), top, changed)
+
+
+def _inside_character(data: bytes) -> bool:
+    """Whether ``data`` ends inside a UTF-8 character (or is not UTF-8 at all)."""
+    try:
+        return bool(split_incomplete_utf8(data)[1])
+    except UnicodeDecodeError:
+        return True
+
+
+def _index_of(sampled: Candidate, cands: Sequence[Candidate]) -> int | None:
+    """Where the remote's drafted token sits in S_t (``None``: outside it)."""
+    for i, c in enumerate(cands):
+        if c.is_eot == sampled.is_eot and c.data == sampled.data:
+            if c.token_id is None or sampled.token_id is None or c.token_id == sampled.token_id:
+                return i
+    return None
 
 
 def _finite(x: float) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ class LocalPair:
 
         self._adapter_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
         """The LoRA layers of U, switched off for B by :meth:`_base_only`."""
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="pair")
+        """The one thread that runs this pair for every served model that uses it."""
 
     @property
     def has_offset(self) -> bool:

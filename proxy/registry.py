@@ -132,6 +132,8 @@ def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | Non
             offset_threshold=cfg.offset_threshold,
             top_k=cfg.top_k,
             same_tokenizer=bool(same),
+            speculative=cfg.speculative,
+            max_draft_tokens=cfg.max_draft_tokens,
             offset_sha256=pair.offset.sha256 if pair is not None and pair.offset is not None else None,
         )
     except DecodingError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from adapters.base import Candidate, Capabilities, Context, Draft, Position
 
 EOT = Candidate(b"", 0.0, "<|im_end|>", is_eot=True)
@@ -23,23 +25,52 @@ def normalised(pairs: Sequence[tuple[str | bytes, float]]) -> tuple[Candidate, .
 
 
 class FakeRemote:
-    """Replays ``steps(prefix) -> candidates``; counts calls."""
+    """Replays ``steps(prefix) -> candidates``; counts calls.
+
+    The candidates ``steps`` returns are the remote's whole vocabulary at that
+    position. Drafts of several tokens sample from them (log-softmax of the
+    given logprobs, T = 1) or take the top one (``greedy``), and report the
+    top ``top_k`` with normalised logprobs, as a real server does.
+    """
 
     name = "fake"
 
-    def __init__(self, steps: Callable[[bytes], Sequence[Candidate]], *, can_continue: bool = True) -> None:
+    def __init__(
+        self, steps: Callable[[bytes], Sequence[Candidate]], *, can_continue: bool = True, seed: int = 0
+    ) -> None:
         self.steps = steps
+        self.rng = np.random.default_rng(seed)
         self.calls = 0
+        self.drafted = 0
+        """Positions returned by calls of more than one token."""
         self.contexts: list[Context] = []
         self.capabilities = Capabilities(can_continue=can_continue, raw_prompt=True)
         self.not_ready: Exception | None = None
         """Raised by :meth:`check` when set (readiness tests)."""
 
-    async def draft(self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None) -> Draft:
+    async def draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> Draft:
         self.calls += 1
         self.contexts.append(ctx)
-        cands = tuple(sorted(self.steps(ctx.assistant_prefix), key=lambda c: -c.logprob))[:top_k]
-        return Draft((Position(cands, cands[0]),), None, 7)
+        if n_tokens == 1:
+            cands = tuple(sorted(self.steps(ctx.assistant_prefix), key=lambda c: -c.logprob))[:top_k]
+            return Draft((Position(cands, cands[0]),), None, 7)
+        rng = self.rng if seed is None else np.random.default_rng(seed)
+        prefix = ctx.assistant_prefix
+        positions: list[Position] = []
+        for _ in range(n_tokens):
+            full = sorted(self.steps(prefix), key=lambda c: -c.logprob)
+            lp = np.array([c.logprob for c in full])
+            lp = lp - (lp.max() + np.log(np.exp(lp - lp.max()).sum()))
+            every = [Candidate(c.data, float(v), c.token, c.token_id, c.is_eot) for c, v in zip(full, lp, strict=True)]
+            pick = 0 if greedy else int(rng.choice(len(every), p=np.exp(lp) / np.exp(lp).sum()))
+            positions.append(Position(tuple(every[:top_k]), every[pick]))
+            self.drafted += 1
+            if every[pick].is_eot or every[pick].data is None:
+                return Draft(tuple(positions), "stop", 7)
+            prefix += every[pick].data
+        return Draft(tuple(positions), "length", 7)
 
     async def check(self) -> None:
         if self.not_ready is not None:

@@ -35,7 +35,7 @@ class SlowRemote(FakeRemote):
 
 
 async def _serve(data_dir: Path, delay: float = 0.0, **settings):
-    model = ServedModel("m", SlowRemote(delay))
+    model = ServedModel("m", SlowRemote(delay), speculative=False)  # a remote call, and its delay, per token
     config = ServerConfig(data_dir=str(data_dir), batch_concurrency=2, **settings)
     server = TestServer(create_app({"m": model}, config))
     await server.start_server()

@@ -9,7 +9,7 @@ import pytest
 from fakes import EOT, FakeRemote, normalised, script
 from scipy.stats import chisquare
 
-from adapters.base import Context
+from adapters.base import Candidate, Context
 from proxy.decoding import DecodingError, SamplingParams, ServedModel, TextReleaser, TokenOut
 
 KNOWN_DELTA = {b" cat": -2.0, b" dog": 0.5, b" bird": 0.0, b" fish": 1.0}
@@ -30,10 +30,86 @@ class KnownDeltaPair:
             def deltas(self, cands):
                 return np.array([KNOWN_DELTA.get(c, 0.0) if c is not None else 0.0 for c in cands])
 
+            def draft_deltas(self, chain, candidates):
+                return [self.deltas(c) for c in candidates]
+
             def commit(self, data):
                 pass
 
         return A()
+
+
+class PrefixDeltaPair:
+    """A pair whose Δ depends on the candidate and on the text before it, so that a
+    speculative decoder scoring draft positions ahead of its commits is put to the test."""
+
+    has_offset = True
+
+    @staticmethod
+    def delta(text: bytes, c: bytes | None) -> float:
+        if c is None:
+            return -0.5 * len(text) / 2
+        return [1.5, -1.0, 0.3, -2.0][(len(text) + c[-1]) % 4]
+
+    def prompt_ids(self, messages, prompt):
+        return [1]
+
+    def aligner(self, prompt_ids, *, same_tokenizer):
+        outer = self
+
+        class A:
+            last_max_abs_delta = 0.0
+
+            def __init__(self):
+                self.text = b""
+
+            def deltas(self, cands):
+                return self.draft_deltas([], [cands])[0]
+
+            def draft_deltas(self, chain, candidates):
+                out, text = [], self.text
+                for j, cands in enumerate(candidates):
+                    out.append(np.array([outer.delta(text, c) for c in cands]))
+                    if j < len(chain):
+                        text += chain[j]
+                return out
+
+            def commit(self, data):
+                self.text += data or b""
+
+        return A()
+
+
+def prefix_remote(prefix: bytes):
+    """Four tokens whose probabilities depend on the text so far; the turn ends after 3 tokens."""
+    if prefix.count(b" ") >= 3:
+        return (EOT,)
+    shift = len(prefix) % 3
+    *words, end = normalised([(" a", 1.0 - shift), (" b", 0.5), (" c", 0.2 * shift), (" dd", -0.3), ("<end>", -1.0)])
+    return (*words, Candidate(b"", end.logprob, "<|im_end|>", is_eot=True))
+
+
+def exact_sequence_probs(pair, temperature, alpha, top_k, top_p):
+    """q of every complete answer, multiplied out position by position (token-by-token decoding's law)."""
+    from proxy.offset import apply_top_p, log_softmax, target_logits
+
+    probs: dict[str, float] = {}
+
+    def walk(prefix: bytes, p: float) -> None:
+        cands = sorted(prefix_remote(prefix), key=lambda c: -c.logprob)[:top_k]
+        ell = np.array([c.logprob for c in cands])
+        delta = np.array([pair.delta(prefix, None if c.is_eot else c.data) for c in cands])
+        logq = apply_top_p(log_softmax(target_logits(ell, delta, temperature=temperature, alpha=alpha)), top_p)
+        for c, lq in zip(cands, logq, strict=True):
+            if not np.isfinite(lq):
+                continue
+            if c.is_eot:
+                probs[prefix.decode()] = probs.get(prefix.decode(), 0.0) + p * np.exp(lq)
+            else:
+                walk(prefix + c.data, p * np.exp(lq))
+
+    walk(b"", 1.0)
+    return probs
 
 
 def collect(model: ServedModel, params: SamplingParams, index: int = 0, ctx: Context | None = None) -> tuple[str, str]:
@@ -138,3 +214,68 @@ def test_releaser_shows_invalid_bytes_instead_of_stalling():
 def test_backend_that_cannot_continue_is_refused_for_token_mode():
     with pytest.raises(DecodingError, match="cannot continue"):
         ServedModel("m", FakeRemote(lambda p: (), can_continue=False))
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_speculative_sequences_follow_q_chi_square(temperature, top_p):
+    """Whole answers from speculative acceptance (drafts sampled from the remote's full
+    distribution, some drafted tokens outside the top-k S_t) have the law of
+    token-by-token decoding, computed exactly; they are not the remote's own law."""
+    pair, top_k, alpha = PrefixDeltaPair(), 4, 1.0
+    fake = FakeRemote(prefix_remote, seed=3)
+    model = ServedModel("m", fake, pair=pair, alpha=alpha, top_k=top_k, max_draft_tokens=8)
+    want = exact_sequence_probs(pair, temperature, alpha, top_k, top_p)
+    remote_only = exact_sequence_probs(pair, 1.0, 0.0, 5, 1.0)
+
+    async def sample_all(n: int) -> list[str]:
+        out = []
+        for i in range(n):
+            params = SamplingParams(max_tokens=10, temperature=temperature, top_p=top_p, seed=99)
+            out.append("".join([p.text async for p in model.generate(Context(prompt="x"), params, index=i)]))
+        return out
+
+    n = 3000
+    draws = asyncio.run(sample_all(n))
+    keys = sorted(want)
+    assert set(draws) <= set(keys)
+    counts = np.array([draws.count(k) for k in keys])
+    expected = np.array([want[k] for k in keys]) * n
+    keep = expected >= 5  # chi-square needs expected counts of 5 or more; pool the rest
+    f_obs, f_exp = counts[keep], expected[keep]
+    if not keep.all():
+        f_obs, f_exp = np.append(f_obs, counts[~keep].sum()), np.append(f_exp, expected[~keep].sum())
+    _, p = chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum())
+    assert p > 0.01, (dict(zip(keys, counts, strict=True)), p)
+    remote_exp = np.array([remote_only.get(k, 0.0) for k in keys]) * n
+    assert np.abs(counts - remote_exp).max() > 0.1 * n  # the offset really moved the law
+    assert fake.calls < 0.75 * sum(len(d.split(" ")) for d in draws)  # fewer calls than tokens (end of turn included)
+    assert fake.drafted > 0
+
+
+def test_speculative_greedy_equals_token_by_token_and_saves_calls():
+    def run(speculative: bool, alpha: float) -> tuple[str, int]:
+        fake = FakeRemote(prefix_remote)
+        model = ServedModel("m", fake, pair=PrefixDeltaPair(), alpha=alpha, top_k=4, speculative=speculative)
+        text, _ = collect(model, SamplingParams(max_tokens=10, temperature=0, alpha=alpha))
+        return text, fake.calls
+
+    for alpha in (0.0, 1.0, 3.0):
+        (spec, spec_calls), (tbt, tbt_calls) = run(True, alpha), run(False, alpha)
+        assert spec == tbt
+        assert tbt_calls == len(spec.split(" ")) - 1 + 1  # one call per token, the end of turn included
+    assert run(True, 0.0)[1] == 1  # out of scope: one call for the whole answer
+
+
+def test_draft_length_follows_the_acceptance_rate():
+    from proxy.decoding import DraftLength
+
+    lengths = DraftLength(64)
+    assert lengths.next(1000) == 64 and lengths.next(10) == 10
+    lengths.update(2, 3)  # rejected at the third position
+    assert 2 <= lengths.next(1000) < 64
+    for _ in range(8):
+        lengths.update(1, 4)
+    assert lengths.next(1000) == 3
+    for _ in range(12):
+        lengths.update(32, 32)
+    assert lengths.next(1000) == 64

@@ -1,0 +1,286 @@
+"""What the proxy costs over calling the remote directly, in one process and one run.
+
+    python -m bench.speed [--json FILE] [--tokens 96] [--quick]
+
+Remote: llama-cpp-python's server (``scripts/llama-server``, the tests' flags)
+on the packaged SmolLM2-135M-Instruct GGUF, served through ``/v1/completions``
+with the GGUF's chat template. Pair: SmolLM2 with the demo offset, scope
+threshold τ = ``DEMO_OFFSET_THRESHOLD`` as the embedded default serves it.
+
+Measured, all in this run:
+
+- **direct**: the server alone on the same prompts, greedy, with
+  ``logprobs=20`` (what the proxy asks for) and without logprobs;
+- **proxy, out of scope** (prompts unrelated to the forget set) and **in
+  scope** (the demo forget set's questions), greedy and T = 1, with
+  speculative acceptance and token by token: wall time, remote calls per 100
+  generated tokens, pair milliseconds per generated token on the
+  same-tokenizer (fast) and the general path;
+- **throughput**: aggregate generated tokens/s at 1, 4 and 16 concurrent
+  streams against ``bench.fake_upstream`` (a fast fake server), so that the
+  proxy and its pair, not a model, are measured;
+- **serve_rss_mb**: peak RSS of this process, which holds the pair and runs
+  the decoder (the remote is another process).
+
+Ratios are against runs in this same process; absolute times on 2 shared
+cores vary by about ±10% from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+OUT_OF_SCOPE = (
+    "Write a short paragraph about the history of bicycles.",
+    "Explain how a rainbow forms.",
+    "Describe a walk through a forest in autumn.",
+    "Give three tips for learning to cook.",
+    "What does a lighthouse keeper do?",
+    "Explain why the sky is blue.",
+)
+
+
+@dataclass
+class Run:
+    """One set of prompts through one model."""
+
+    tokens: int = 0
+    calls: int = 0
+    seconds: float = 0.0
+    pair_seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "tokens": self.tokens,
+            "remote_calls": self.calls,
+            "seconds": round(self.seconds, 3),
+            "calls_per_100_tokens": round(100 * self.calls / max(1, self.tokens), 2),
+            "pair_ms_per_token": round(1000 * self.pair_seconds / max(1, self.tokens), 2),
+            "tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+        }
+
+
+async def run_prompts(model: Any, prompts: tuple[str, ...], *, tokens: int, temperature: float, seed: int = 0) -> Run:
+    """Each prompt through ``model.generate``, one after the other."""
+    from adapters.base import Context
+    from proxy.decoding import ChoiceStats, SamplingParams
+
+    run = Run()
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        stats = ChoiceStats()
+        params = SamplingParams(max_tokens=tokens, temperature=temperature, seed=seed + i)
+        ctx = Context(messages=({"role": "user", "content": prompt},))
+        async for _ in model.generate(ctx, params, stats=stats):
+            pass
+        run.tokens += stats.completion_tokens
+        run.calls += stats.remote_calls
+        run.pair_seconds += stats.pair_seconds
+        run.drafted += stats.draft_tokens
+        run.accepted += stats.accepted_tokens
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+async def direct_prompts(adapter: Any, url: str, prompts: tuple[str, ...], *, tokens: int, logprobs: bool) -> Run:
+    """The server alone, greedy, on the prompts the proxy renders (same template, same text)."""
+    import openai
+
+    from adapters.base import Context
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+    run = Run()
+    t0 = time.perf_counter()
+    for prompt in prompts:
+        text = adapter.render(Context(messages=({"role": "user", "content": prompt},)))
+        r = await client.completions.create(
+            model="smollm2",
+            prompt=text,
+            max_tokens=tokens,
+            temperature=0,
+            logprobs=20 if logprobs else None,
+            extra_body={"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0},
+        )
+        run.tokens += r.usage.completion_tokens if r.usage else 0
+        run.calls += 1
+    run.seconds = time.perf_counter() - t0
+    await client.close()
+    return run
+
+
+async def throughput(model: Any, streams: int, *, tokens: int) -> float:
+    """Aggregate generated tokens/s of ``streams`` concurrent greedy answers."""
+    prompts = tuple(f"Tell me a story, number {i}." for i in range(streams))
+
+    async def one(p: str) -> int:
+        run = await run_prompts(model, (p,), tokens=tokens, temperature=0.0)
+        return run.tokens
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(p) for p in prompts))
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def _start_fake(repeat: int) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.fake_upstream", "--repeat", str(repeat)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("base_url: "):
+        proc.kill()
+        raise RuntimeError(f"bench.fake_upstream did not start: {line!r}")
+    return proc, line.split(" ", 1)[1].strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the results here as JSON")
+    ap.add_argument("--tokens", type=int, default=96, help="max_tokens per answer")
+    ap.add_argument("--quick", action="store_true", help="two prompts per set (a smoke run)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import _llama_server
+
+    from proxy.config import ModelConfig
+    from proxy.demo import DEMO_FORGET, DEMO_OFFSET_THRESHOLD
+    from proxy.models import packaged_gguf
+    from proxy.registry import build_model
+
+    out_prompts = OUT_OF_SCOPE[:2] if args.quick else OUT_OF_SCOPE
+    forget = [json.loads(line)["question"] for line in DEMO_FORGET.read_text().splitlines() if line.strip()]
+    in_prompts = tuple(forget[:2] if args.quick else forget[:6])
+    pairs: dict[Any, Any] = {}  # one pair (one copy of the weights) for every model below
+    results: dict[str, Any] = {"tokens": args.tokens, "prompts": {"out_of_scope": out_prompts, "in_scope": in_prompts}}
+
+    gen = _llama_server(packaged_gguf("smollm2"), [], "bench_speed_llama_server.log")
+    url = next(gen)
+    try:
+
+        def served(*, speculative: bool, same_tokenizer: bool = True) -> Any:
+            cfg = ModelConfig(
+                backend="openai-completions",
+                base_url=url,
+                remote_model="smollm2",
+                template="gguf:smollm2",
+                pair="smollm2",
+                offset="demo",
+                offset_threshold=DEMO_OFFSET_THRESHOLD,
+                same_tokenizer=same_tokenizer,
+                speculative=speculative,
+            )
+            return build_model("smollm2", cfg, pairs=pairs)
+
+        async def llama_part() -> dict[str, Any]:
+            spec, tbt, general = (
+                served(speculative=True),
+                served(speculative=False),
+                served(speculative=True, same_tokenizer=False),
+            )
+            res: dict[str, Any] = {}
+            # Warm the server's prompt cache and the pair's kernels, then measure.
+            await direct_prompts(spec.adapter, url, out_prompts[:1], tokens=8, logprobs=True)
+            await run_prompts(spec, out_prompts[:1], tokens=8, temperature=0.0)
+            res["direct_logprobs"] = await direct_prompts(
+                spec.adapter, url, out_prompts, tokens=args.tokens, logprobs=True
+            )
+            res["direct_plain"] = await direct_prompts(
+                spec.adapter, url, out_prompts, tokens=args.tokens, logprobs=False
+            )
+            res["out_greedy_speculative"] = await run_prompts(spec, out_prompts, tokens=args.tokens, temperature=0.0)
+            res["out_t1_speculative"] = await run_prompts(spec, out_prompts, tokens=args.tokens, temperature=1.0)
+            res["out_greedy_general_speculative"] = await run_prompts(
+                general, out_prompts, tokens=args.tokens, temperature=0.0
+            )
+            res["in_greedy_speculative"] = await run_prompts(spec, in_prompts, tokens=args.tokens, temperature=0.0)
+            res["in_t1_speculative"] = await run_prompts(spec, in_prompts, tokens=args.tokens, temperature=1.0)
+            res["out_greedy_token_by_token"] = await run_prompts(
+                tbt, out_prompts[:2], tokens=args.tokens, temperature=0.0
+            )
+            res["in_greedy_token_by_token"] = await run_prompts(
+                tbt, in_prompts[:2], tokens=args.tokens, temperature=0.0
+            )
+            for m in (spec, tbt, general):
+                await m.adapter.aclose()
+            return res
+
+        runs = asyncio.run(llama_part())
+    finally:
+        gen.close()
+    results["llama_server"] = {k: v.as_dict() for k, v in runs.items()}
+
+    fake, fake_url = _start_fake(repeat=10)
+    try:
+
+        async def fake_part() -> dict[str, float]:
+            cfg = ModelConfig(
+                backend="openai-chat",
+                base_url=fake_url,
+                remote_model="fake",
+                prefill="llama.cpp",
+                pair="smollm2",
+                offset="demo",
+                offset_threshold=DEMO_OFFSET_THRESHOLD,
+                same_tokenizer=True,
+            )
+            model = build_model("fake", cfg, pairs=pairs)
+            await throughput(model, 1, tokens=args.tokens)  # warm-up
+            tps = {n: await throughput(model, n, tokens=args.tokens) for n in (1, 4, 16)}
+            await model.adapter.aclose()
+            return {f"tokens_per_second_{n}": round(v, 1) for n, v in tps.items()}
+
+        results["fake_upstream"] = asyncio.run(fake_part())
+    finally:
+        fake.kill()
+        fake.wait()
+
+    ll, fk = results["llama_server"], results["fake_upstream"]
+    out_spec = runs["out_greedy_speculative"]
+    direct_lp, direct_plain = runs["direct_logprobs"], runs["direct_plain"]
+    # Wall time per generated token, so that a different number of tokens on either side does not count.
+    per_token = lambda r: r.seconds / max(1, r.tokens)  # noqa: E731
+    results["summary"] = {
+        "calls_per_100_tokens_out_of_scope": ll["out_greedy_speculative"]["calls_per_100_tokens"],
+        "calls_per_100_tokens_out_of_scope_t1": ll["out_t1_speculative"]["calls_per_100_tokens"],
+        "calls_per_100_tokens_in_scope": ll["in_greedy_speculative"]["calls_per_100_tokens"],
+        "calls_per_100_tokens_in_scope_t1": ll["in_t1_speculative"]["calls_per_100_tokens"],
+        "calls_per_100_tokens_token_by_token": ll["out_greedy_token_by_token"]["calls_per_100_tokens"],
+        "wall_ratio_out_of_scope": round(per_token(out_spec) / per_token(direct_lp), 3),
+        "wall_ratio_out_of_scope_vs_no_logprobs": round(per_token(out_spec) / per_token(direct_plain), 3),
+        "wall_ratio_token_by_token": round(per_token(runs["out_greedy_token_by_token"]) / per_token(direct_lp), 3),
+        "pair_ms_per_token_fast": ll["out_greedy_speculative"]["pair_ms_per_token"],
+        "pair_ms_per_token_general": ll["out_greedy_general_speculative"]["pair_ms_per_token"],
+        "pair_ms_per_token_token_by_token": ll["out_greedy_token_by_token"]["pair_ms_per_token"],
+        "throughput_4_over_1": round(fk["tokens_per_second_4"] / fk["tokens_per_second_1"], 2),
+        "throughput_16_over_1": round(fk["tokens_per_second_16"] / fk["tokens_per_second_1"], 2),
+        "serve_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

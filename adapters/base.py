@@ -109,6 +109,17 @@ class Position:
 
 
 @dataclass(frozen=True, slots=True)
+class Sample:
+    """One complete answer from a remote (sequence mode): its text and why it ended
+    (``"stop"``: end of turn or a stop string; ``"length"``: ``max_tokens``)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Draft:
     """One remote call's worth of positions (1 for token-by-token decoding).
 
@@ -211,6 +222,30 @@ class RemoteAdapter(Protocol):
 
     async def aclose(self) -> None:
         """Release connections, threads or models."""
+        ...
+
+
+@runtime_checkable
+class SamplingAdapter(Protocol):
+    """A remote that also gives complete answers (the HTTP adapters): sequence mode's seam.
+    In-process remotes do not need it: they continue partial answers and give logprobs."""
+
+    async def sample(
+        self,
+        ctx: Context,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: tuple[str, ...] = (),
+        seed: int | None = None,
+    ) -> Sample:
+        """One complete answer to ``ctx`` (no assistant prefix), sampled by the remote
+        with these settings and no logprobs: what sequence mode draws its candidates from.
+
+        Raises:
+            RemoteUnavailable, RemoteBadResponse, RemoteRejected: as :meth:`RemoteAdapter.draft`.
+        """
         ...
 
 

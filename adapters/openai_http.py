@@ -41,6 +41,7 @@ from .base import (
     Position,
     RemoteBadResponse,
     RemoteRejected,
+    Sample,
     candidate_from_wire,
     split_incomplete_utf8,
 )
@@ -243,6 +244,46 @@ class ChatAdapter(_HTTPAdapter):
         usage = response.usage.prompt_tokens if response.usage is not None else None
         return Draft(heal(positions, pending), choice.finish_reason, usage)
 
+    async def sample(
+        self,
+        ctx: Context,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: tuple[str, ...] = (),
+        seed: int | None = None,
+    ) -> Sample:
+        """See :meth:`adapters.base.RemoteAdapter.sample`."""
+        if ctx.messages is None:
+            raise RemoteRejected(
+                f"model {self.name!r} is served through a chat endpoint and takes messages only", status=400
+            )
+
+        async def call() -> Any:
+            return await self._client.chat.completions.create(
+                model=self.model,
+                messages=[dict(m) for m in ctx.messages],  # type: ignore[arg-type,union-attr]
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=list(stop) or None,
+                seed=seed,
+                extra_body=dict(self.extra_body) or None,
+            )
+
+        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
+        if not response.choices:
+            raise RemoteBadResponse("upstream returned no choices")
+        choice = response.choices[0]
+        usage = response.usage
+        return Sample(
+            choice.message.content or "",
+            "length" if choice.finish_reason == "length" else "stop",
+            usage.prompt_tokens if usage is not None else None,
+            usage.completion_tokens if usage is not None else None,
+        )
+
 
 class CompletionsAdapter(_HTTPAdapter):
     """A raw ``/v1/completions`` remote: the proxy renders the chat template
@@ -291,6 +332,43 @@ class CompletionsAdapter(_HTTPAdapter):
             base + text, n_tokens + (1 if pending else 0), top_k, seed, greedy=greedy or n_tokens == 1
         )
         return Draft(heal(draft.positions, pending), draft.finish_reason, draft.prompt_tokens)
+
+    async def sample(
+        self,
+        ctx: Context,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: tuple[str, ...] = (),
+        seed: int | None = None,
+    ) -> Sample:
+        """See :meth:`adapters.base.RemoteAdapter.sample`."""
+        prompt = self.render(ctx)
+
+        async def call() -> Any:
+            return await self._client.completions.create(
+                model=self.model,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=list(stop) or None,
+                seed=seed,
+                extra_body=dict(self.extra_body) or None,
+            )
+
+        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
+        if not response.choices:
+            raise RemoteBadResponse("upstream returned no choices")
+        choice = response.choices[0]
+        usage = response.usage
+        return Sample(
+            choice.text or "",
+            "length" if choice.finish_reason == "length" else "stop",
+            usage.prompt_tokens if usage is not None else None,
+            usage.completion_tokens if usage is not None else None,
+        )
 
     async def _call(self, prompt: str, max_tokens: int, top_k: int, seed: int | None, *, greedy: bool) -> Draft:
         """One ``/v1/completions`` call; ``greedy``: the sampled tokens are the remote's argmax

@@ -84,7 +84,13 @@ async def run_prompts(model: Any, prompts: tuple[str, ...], *, tokens: int, temp
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         stats = ChoiceStats()
-        params = SamplingParams(max_tokens=tokens, temperature=temperature, seed=seed + i)
+        params = SamplingParams(
+            max_tokens=tokens,
+            temperature=temperature,
+            seed=seed + i,
+            alpha=model.alpha,
+            offset_threshold=model.offset_threshold,  # as the server's make_job sets them
+        )
         ctx = Context(messages=({"role": "user", "content": prompt},))
         async for _ in model.generate(ctx, params, stats=stats):
             pass

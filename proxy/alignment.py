@@ -67,9 +67,10 @@ class TreeScorer(Protocol):
         of the trunk; the rest are forgotten."""
         ...
 
-    def rollback(self, keep: int) -> None:
+    def rollback(self, keep: int) -> int:
         """Keep only the first ``keep`` of the nodes the last :meth:`score` committed
-        (``0 <= keep <= commit``); the others leave the trunk and its caches."""
+        (``0 <= keep <= commit``); the others leave the trunk and its caches. Returns
+        how many stay cached (``keep``, or fewer: the caller runs the rest again)."""
         ...
 
 
@@ -98,6 +99,8 @@ class Aligner:
     """Chain tokens of the last draft that sit in the caches beyond the committed trunk."""
     n_before_ahead: int = 0
     """How many tokens the last draft's score committed before its own chain (pending ones)."""
+    chain: list[int] = field(default_factory=list)
+    """Every token the last draft's score committed (pending ones, then the draft's chain)."""
 
     def _advance(self, tail: bytes, data: bytes) -> tuple[list[int], bytes]:
         """Committing ``data`` after ``tail``: the tokens that join the trunk, and the new tail.
@@ -130,8 +133,8 @@ class Aligner:
         keep = 0
         while keep < min(len(self.ahead), len(self.pending)) and self.ahead[keep] == self.pending[keep]:
             keep += 1
-        self.scorer.rollback(self.n_before_ahead + keep)
-        self.pending = self.pending[keep:]
+        cached = self.scorer.rollback(self.n_before_ahead + keep)
+        self.pending = self.chain[cached : self.n_before_ahead + keep] + self.pending[keep:]
         self.ahead = []
 
     def deltas(self, candidates: Sequence[bytes | None]) -> np.ndarray:
@@ -206,6 +209,7 @@ class Aligner:
             jobs.append((root, len(cands), paths, ends, unrepresentable))
         lp_u, lp_b = self.scorer.score(Tree(tuple(tokens), tuple(parents)), commit=n_chain)
         self.n_before_ahead = len(self.pending)
+        self.chain = tokens[:n_chain]
         self.pending = []
         self.ahead = extra
         out: list[np.ndarray] = []

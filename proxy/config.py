@@ -154,6 +154,15 @@ class ModelConfig(BaseModel):
     """Remote candidates per step; 20 is OpenAI's top_logprobs maximum."""
     same_tokenizer: bool | Literal["auto"] = "auto"
     """Whether the pair shares the remote's tokenizer (fast path). "auto" detects it for in-process remotes."""
+    decoding: Literal["auto", "token", "sequence"] = "auto"
+    """"token": offset decoding token by token from the remote's top-k logprobs (needs a remote
+    that continues a partial assistant message); "sequence": complete samples, one drawn with
+    weight exp(α·ΣΔ) (for remotes that cannot continue or give no logprobs; no per-token
+    logprobs in answers); "auto": token when the backend can continue, else sequence."""
+    sequence_samples: int = Field(default=4, ge=1, le=16)
+    """Sequence mode: samples drawn per answer (remote calls, made concurrently)."""
+    refusal: str = "I can't help with that."
+    """Sequence mode: the answer when every sample is in forget scope (needs offset_threshold)."""
     speculative: bool = True
     """Speculative acceptance (DESIGN.md): the remote drafts several tokens per call, each accepted
     with min(1, q/p) or replaced; the same output distribution as one call per token (false)."""

@@ -32,6 +32,7 @@ from adapters.base import (
     Position,
     RemoteAdapter,
     RemoteBadResponse,
+    SamplingAdapter,
     split_incomplete_utf8,
 )
 
@@ -94,6 +95,10 @@ class ChoiceStats:
     """Drafted tokens accepted as they were (speculative acceptance)."""
     pair_seconds: float = 0.0
     """Wall time of the pair's work for this choice (waiting for its thread included)."""
+    sequence_weights: list[float] | None = None
+    """Sequence mode: the resampling weight of each sample."""
+    sample_texts: list[str] | None = None
+    """Sequence mode: the samples the answer was drawn from."""
     dropped_candidates: int = 0
     """Remote candidates left out of S_t for unknown bytes, over all steps."""
     scope_trace: list[tuple[float, bool]] | None = None
@@ -268,6 +273,12 @@ class ServedModel:
     offset_sha256: str | None = None
     speculative: bool = True
     max_draft_tokens: int = 128
+    mode: str = "token"
+    """``"token"``: offset decoding token by token (speculative or not); ``"sequence"``:
+    complete samples resampled by their offset (:meth:`_generate_sequence`)."""
+    sequence_samples: int = 4
+    refusal: str = "I can't help with that."
+    """Sequence mode's answer when every sample is in forget scope (mean Δ per token ≤ −τ)."""
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pair"))
     acceptance_rate: float = 1.0
     """Running per-token acceptance rate of this model's drafts (seeds each request's :class:`DraftLength`)."""
@@ -279,10 +290,14 @@ class ServedModel:
             # is not thread-safe (B is U with its adapter layers switched off).
             self._pool.shutdown(wait=False)
             self._pool = shared
-        if not self.adapter.capabilities.can_continue:
+        if self.mode not in ("token", "sequence"):
+            raise DecodingError(f"model {self.name!r}: unknown decoding mode {self.mode!r}")
+        if self.mode == "sequence" and not isinstance(self.adapter, SamplingAdapter):
+            raise DecodingError(f"model {self.name!r}: the remote gives no complete answers for sequence mode")
+        if self.mode == "token" and not self.adapter.capabilities.can_continue:
             raise DecodingError(
                 f"model {self.name!r}: the remote cannot continue a partial assistant message, which token "
-                "mode needs; sequence mode is not available yet"
+                'mode needs; serve it with decoding = "sequence"'
             )
 
     @property
@@ -315,6 +330,9 @@ class ServedModel:
         """
         stats = stats if stats is not None else ChoiceStats()
         rng = np.random.default_rng(None if params.seed is None else [params.seed % 2**64, index])
+        if self.mode == "sequence":
+            yield await self._generate_sequence(base, params, rng, stats)
+            return
         aligner = None
         if self.uses_offset and params.alpha != 0:
             try:
@@ -449,6 +467,69 @@ class ServedModel:
         stats.offset_changed += int(changed)
         return idx, logq, ok, changed
 
+    async def _generate_sequence(
+        self, base: Context, params: SamplingParams, rng: np.random.Generator, stats: ChoiceStats
+    ) -> Piece:
+        """Sequence mode (DESIGN.md, "Fewer remote calls"): ``sequence_samples`` complete
+        answers from the remote at the request's settings, each scored by the pair
+        teacher-forced (ΣΔ over its local tokens, end of turn included when it ended
+        there), one drawn with weight exp(α·ΣΔ) (:func:`sequence_weights`:
+        self-normalised importance resampling toward p(y)·exp(α·ΣΔ(y))). T = 0 draws one
+        greedy answer (every sample would be the same). With a scope threshold τ, when
+        every sample's mean Δ per token is ≤ −τ, the answer is :attr:`refusal`.
+
+        Raises:
+            adapters.base.RemoteError: a sample failed after retries.
+            DecodingError: the pair cannot take this prompt.
+        """
+        n = 1 if params.temperature == 0 else self.sequence_samples
+        seeds = [None if params.seed is None else int(rng.integers(2**31)) for _ in range(n)]
+        samples = await asyncio.gather(
+            *(
+                self.adapter.sample(
+                    base,
+                    max_tokens=params.max_tokens,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    stop=params.stop,
+                    seed=seed,
+                )
+                for seed in seeds
+            )
+        )
+        stats.remote_calls += n
+        stats.sample_texts = [x.text for x in samples]
+        stats.prompt_tokens = next((x.prompt_tokens for x in samples if x.prompt_tokens is not None), None)
+        pick, text, finish = 0, samples[0].text, samples[0].finish_reason
+        local_tokens = [None] * n
+        if self.uses_offset and params.alpha != 0:
+            try:
+                prompt_ids = await self.run_pair(self.pair.prompt_ids, base.messages, base.prompt, stats=stats)
+                scored = [
+                    await self.run_pair(
+                        self.pair.sequence_offset, prompt_ids, x.text, x.finish_reason == "stop", stats=stats
+                    )
+                    for x in samples
+                ]
+            except ValueError as exc:
+                raise DecodingError(str(exc)) from exc
+            sums = np.array([d for d, _ in scored])
+            local_tokens = [k for _, k in scored]
+            weights = sequence_weights(sums, params.alpha)
+            pick = int(rng.choice(n, p=weights))
+            text, finish = samples[pick].text, samples[pick].finish_reason
+            means = sums / np.maximum(1, np.array(local_tokens))
+            stats.max_abs_delta = float(np.max(np.abs(means))) if n else 0.0
+            if params.offset_threshold is not None and np.all(means <= -params.offset_threshold):
+                text, finish = self.refusal, "stop"
+                stats.offset_changed += 1
+            elif pick != 0:
+                stats.offset_changed += 1  # another answer than the remote's first sample
+            stats.sequence_weights = [float(w) for w in weights]
+        chosen = samples[pick]
+        stats.completion_tokens = chosen.completion_tokens or local_tokens[pick] or 0
+        return Piece(text, [], finish)
+
     async def _draft(
         self, ctx: Context, n: int, *, greedy: bool, seed: int | None, stats: ChoiceStats
     ) -> list[Position]:
@@ -535,6 +616,24 @@ class ServedModel:
             )
         assert chosen.data is not None
         return TokenOut(chosen.data, display_token(chosen.data), _finite(float(logq[idx])), top, changed)
+
+
+def sequence_weights(sum_deltas: np.ndarray, alpha: float) -> np.ndarray:
+    """Resampling weights of sequence mode, ``[n]``, summing to 1: w_i ∝ exp(α·ΣΔ_i), where
+    ΣΔ_i = log P_U(y_i | x) − log P_B(y_i | x) (nats) of the i-th sample, drawn from the
+    remote. Self-normalised importance resampling (Rubin 1987; Smith & Gelfand 1992) of
+    the remote's samples toward the sequence-level target p(y)·exp(α·ΣΔ(y)), the
+    product over positions of δ-unlearning's per-token factor (arXiv 2404.11045, Eq. 3)
+    without its per-step normalisation. A sample with ΣΔ = −inf gets weight 0; when
+    every one has, the weights are uniform.
+    """
+    logw = alpha * np.asarray(sum_deltas, dtype=np.float64)
+    logw[np.isnan(logw)] = -np.inf
+    top = logw.max()
+    if top == -np.inf:
+        return np.full(len(logw), 1.0 / len(logw))
+    w = (logw == np.inf).astype(np.float64) if top == np.inf else np.exp(logw - top)
+    return w / w.sum()
 
 
 def _inside_character(data: bytes) -> bool:

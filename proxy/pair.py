@@ -135,6 +135,27 @@ class LocalPair:
         u, b = self._teacher_forced(prompt_ids, ids)
         return (u.gather(1, target)[:, 0].double().numpy(), b.gather(1, target)[:, 0].double().numpy())
 
+    def sequence_offset(self, prompt_ids: Sequence[int], text: str, end_of_turn: bool) -> tuple[float, int]:
+        """ΣΔ = log P_U(y | x) − log P_B(y | x) (nats) of a whole answer ``text`` after
+        ``prompt_ids``, teacher-forced over its local tokens (and the end-of-turn token
+        when the answer ended there), and the number of local tokens scored: sequence
+        mode's score. An answer longer than the pair's context is scored up to it.
+
+        Raises:
+            ValueError: no prompt token to condition on, or the prompt alone fills the context.
+        """
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if end_of_turn:
+            ids.append(self.vocab.eot_ids[0])
+        room = self.max_length - len(prompt_ids)
+        if room <= 0:
+            raise ValueError(f"the prompt fills the pair's context ({self.max_length} tokens)")
+        ids = ids[:room]
+        if not ids or not self.has_offset:
+            return 0.0, len(ids)
+        u, b = self.token_logprobs(prompt_ids, ids)
+        return float(np.sum(u - b)), len(ids)
+
     def full_logprobs(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Teacher-forced log-softmax of U and of B over the whole local
         vocabulary at each token of ``ids`` after ``prompt_ids``: two
@@ -206,8 +227,8 @@ class PairScorer:
         self.trunk_len = 0
         self.trunk_ids: list[int] = []
         self.last: dict[bool, np.ndarray | None] = {True: None, False: None}
-        self._undo: tuple[int, dict[bool, np.ndarray | None], dict[bool, np.ndarray]] | None = None
-        """What the last :meth:`score` committed: trunk length and last rows before it, rows after each node."""
+        self._undo: tuple[int, dict[bool, np.ndarray | None]] | None = None
+        """Before the last :meth:`score`'s commit: trunk length and last rows."""
 
     @torch.inference_mode()
     def score(self, tree: Tree, commit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +263,7 @@ class PairScorer:
             mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
             ids = torch.tensor([tree.tokens], dtype=torch.long)
             positions = torch.from_numpy(self.trunk_len + depth)[None, :]
-            undo = (self.trunk_len, dict(self.last), {})
+            undo = (self.trunk_len, dict(self.last))
             for m in models:
                 lp = self.pair._forward(ids, self.caches[m], adapter=m, mask=mask[None, None], positions=positions)
                 after = lp.double().numpy()
@@ -256,7 +277,6 @@ class PairScorer:
                     self.caches[m].crop(-remove)
                 if commit:
                     self.last[m] = after[commit - 1]
-                    undo[2][m] = after[:commit]
             self._undo = undo
             self.trunk_len += commit
             self.trunk_ids.extend(tree.tokens[:commit])
@@ -264,23 +284,30 @@ class PairScorer:
             rows[True] = rows[False]
         return rows[True], rows[False]
 
-    def rollback(self, keep: int) -> None:
-        """See :meth:`proxy.alignment.TreeScorer.rollback`.
+    def rollback(self, keep: int) -> int:
+        """See :meth:`proxy.alignment.TreeScorer.rollback`. Rows after committed nodes are
+        not kept (16 streams × 64 draft positions × 2 models × a 49,152-wide float64 row
+        would be 800 MB): when part of the commit is rolled back, the last kept token
+        leaves the caches too, to be run again at the front of the next tree, which gives
+        its row for free.
 
         Raises:
             ValueError: nothing to roll back, or ``keep`` outside the last commit.
         """
         if self._undo is None:
             raise ValueError("rollback without a preceding score")
-        before, last, after = self._undo
+        before, last = self._undo
         committed = self.trunk_len - before
         if not 0 <= keep <= committed:
             raise ValueError(f"cannot keep {keep} of {committed} committed tokens")
         if keep == committed:
-            return
-        self.trunk_len = before + keep
+            return keep
+        cached = max(0, keep - 1)
+        for m in list(self.last):
+            if self.caches[m].get_seq_length():
+                self.caches[m].crop(-(committed - cached))
+            self.last[m] = last[m] if cached == 0 and keep == 0 else None
+        self.trunk_len = before + cached
         del self.trunk_ids[self.trunk_len :]
-        for m, rows in after.items():
-            self.caches[m].crop(-(committed - keep))
-            self.last[m] = rows[keep - 1] if keep else last[m]
         self._undo = None
+        return cached

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from adapters.base import RemoteAdapter
+from adapters.base import RemoteAdapter, SamplingAdapter
 from adapters.openai_http import DEFAULT_EOT_TOKENS, ChatAdapter, CompletionsAdapter
 from adapters.retry import RetryPolicy
 from adapters.templates import BUILTIN, ChatTemplate
@@ -123,6 +123,10 @@ def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | Non
                 a == b for a, b in zip(remote, pair.vocab.token_bytes, strict=True) if a is not None and b is not None
             )
     alpha = cfg.alpha
+    if cfg.decoding == "sequence" and not isinstance(adapter, SamplingAdapter):
+        raise ConfigError(
+            f'models.{name}.decoding: backend {cfg.backend!r} continues answers itself; use "token" (or "auto")'
+        )
     try:
         return ServedModel(
             name=name,
@@ -133,6 +137,11 @@ def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | Non
             top_k=cfg.top_k,
             same_tokenizer=bool(same),
             speculative=cfg.speculative,
+            mode=(
+                cfg.decoding if cfg.decoding != "auto" else "token" if adapter.capabilities.can_continue else "sequence"
+            ),
+            sequence_samples=cfg.sequence_samples,
+            refusal=cfg.refusal,
             max_draft_tokens=cfg.max_draft_tokens,
             offset_sha256=pair.offset.sha256 if pair is not None and pair.offset is not None else None,
         )

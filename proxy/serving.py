@@ -79,6 +79,12 @@ def make_job(
         alpha=alpha,
         offset_threshold=model.offset_threshold,
     )
+    if logprobs and model.mode == "sequence":
+        raise invalid(
+            f"logprobs: model '{req.model}' is served in sequence mode (its upstream cannot continue a "
+            "partial answer), which has no per-token logprobs",
+            "logprobs",
+        )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     job = Job(kind, model, ctx, params, req.n, req.stream, include_usage)
     if kind == "text":

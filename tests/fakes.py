@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from adapters.base import Candidate, Capabilities, Context, Draft, Position
+from adapters.base import Candidate, Capabilities, Context, Draft, Position, Sample
 
 EOT = Candidate(b"", 0.0, "<|im_end|>", is_eot=True)
 
@@ -43,6 +43,8 @@ class FakeRemote:
         self.calls = 0
         self.drafted = 0
         """Positions returned by calls of more than one token."""
+        self.samples = 0
+        """Complete answers given (sequence mode)."""
         self.contexts: list[Context] = []
         self.capabilities = Capabilities(can_continue=can_continue, raw_prompt=True)
         self.not_ready: Exception | None = None
@@ -71,6 +73,26 @@ class FakeRemote:
                 return Draft(tuple(positions), "stop", 7)
             prefix += every[pick].data
         return Draft(tuple(positions), "length", 7)
+
+    async def sample(
+        self,
+        ctx: Context,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: tuple[str, ...] = (),
+        seed: int | None = None,
+    ) -> Sample:
+        """A whole answer: greedy at T = 0, else tokens drawn at T = 1 as in :meth:`draft`."""
+        draft = await self.draft(ctx, n_tokens=max(2, max_tokens), top_k=1, seed=seed, greedy=temperature == 0)
+        self.calls -= 1
+        self.samples += 1
+        positions = draft.positions[:max_tokens]
+        text = b"".join(p.sampled.data or b"" for p in positions).decode("utf-8", "replace")
+        self.drafted -= len(draft.positions)
+        ended = bool(positions) and positions[-1].sampled.is_eot
+        return Sample(text, "stop" if ended else "length", 7, len(positions))
 
     async def check(self) -> None:
         if self.not_ready is not None:

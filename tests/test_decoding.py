@@ -9,8 +9,8 @@ import pytest
 from fakes import EOT, FakeRemote, normalised, script
 from scipy.stats import chisquare
 
-from adapters.base import Candidate, Context
-from proxy.decoding import DecodingError, SamplingParams, ServedModel, TextReleaser, TokenOut
+from adapters.base import Candidate, Context, Sample
+from proxy.decoding import ChoiceStats, DecodingError, SamplingParams, ServedModel, TextReleaser, TokenOut
 
 KNOWN_DELTA = {b" cat": -2.0, b" dog": 0.5, b" bird": 0.0, b" fish": 1.0}
 
@@ -261,6 +261,7 @@ def test_speculative_greedy_equals_token_by_token_and_saves_calls():
 
     for alpha in (0.0, 1.0, 3.0):
         (spec, spec_calls), (tbt, tbt_calls) = run(True, alpha), run(False, alpha)
+        assert spec_calls <= tbt_calls
         assert spec == tbt
         assert tbt_calls == len(spec.split(" ")) - 1 + 1  # one call per token, the end of turn included
     assert run(True, 0.0)[1] == 1  # out of scope: one call for the whole answer
@@ -279,3 +280,82 @@ def test_draft_length_follows_the_acceptance_rate():
     for _ in range(12):
         lengths.update(32, 32)
     assert lengths.next(1000) == 64
+
+
+def test_sequence_weights_match_hand_computed_ones():
+    from proxy.decoding import sequence_weights
+
+    w = sequence_weights(np.array([-3.0, 0.0, 1.0, -np.inf]), alpha=2.0)
+    hand = np.array([np.exp(-6.0), 1.0, np.exp(2.0), 0.0]) / (np.exp(-6.0) + 1.0 + np.exp(2.0))
+    assert np.allclose(w, hand, rtol=1e-12, atol=0)
+    assert np.allclose(sequence_weights(np.array([-np.inf, -np.inf]), 1.0), [0.5, 0.5])
+    assert np.allclose(sequence_weights(np.array([5.0, -5.0]), 0.0), [0.5, 0.5])  # α = 0: the remote's own law
+
+
+class SequencePair(PrefixDeltaPair):
+    """ΣΔ of a whole answer: the sum of the per-token table along it (tokens are space-led words)."""
+
+    def sequence_offset(self, prompt_ids, text, end_of_turn):
+        data, total, done = text.encode(), 0.0, b""
+        words = [b" " + w for w in data.split(b" ")[1:]]
+        for w in words:
+            total += self.delta(done, w)
+            done += w
+        if end_of_turn:
+            total += self.delta(done, None)
+        return total, len(words) + int(end_of_turn)
+
+
+def test_sequence_mode_weights_each_sample_by_exp_alpha_sum_delta():
+    pair = SequencePair()
+    fake = FakeRemote(prefix_remote, seed=5)
+    model = ServedModel("m", fake, pair=pair, alpha=1.0, mode="sequence", sequence_samples=4)
+    stats = ChoiceStats()
+    text, finish = asyncio.run(_first(model, SamplingParams(max_tokens=10, temperature=1.0, seed=3), stats))
+    assert fake.samples == 4 and stats.remote_calls == 4 and finish == "stop"
+    # Hand-computed weights of the four samples the fake drew.
+    sums = np.array([pair.sequence_offset([1], t, True)[0] for t in stats.sample_texts])
+    assert np.allclose(stats.sequence_weights, np.exp(sums - sums.max()) / np.exp(sums - sums.max()).sum())
+    assert text in stats.sample_texts
+
+
+def test_sequence_mode_draws_answers_in_proportion_to_their_weights_chi_square():
+    texts = [" a b c", " b b b", " dd a", " c"]
+
+    class FixedSamples(FakeRemote):
+        async def sample(self, ctx, **kw):
+            self.samples += 1
+            return Sample(texts[(self.samples - 1) % 4], "stop", 7, 4)
+
+    pair = SequencePair()
+    model = ServedModel("m", FixedSamples(prefix_remote), pair=pair, alpha=0.7, mode="sequence", sequence_samples=4)
+    sums = np.array([pair.sequence_offset([1], t, True)[0] for t in texts])
+    want = np.exp(0.7 * sums) / np.exp(0.7 * sums).sum()
+    n = 2000
+    picks = [
+        asyncio.run(_first(model, SamplingParams(max_tokens=5, temperature=1.0, seed=i, alpha=0.7), ChoiceStats()))[0]
+        for i in range(n)
+    ]
+    counts = np.array([picks.count(t) for t in texts])
+    assert chisquare(counts, want * n).pvalue > 0.01, (counts, want * n)
+
+
+def test_sequence_mode_refuses_when_every_sample_is_in_forget_scope():
+    pair = SequencePair()
+    fake = FakeRemote(prefix_remote, seed=5)
+    model = ServedModel("m", fake, pair=pair, alpha=1.0, mode="sequence", offset_threshold=0.0, refusal="Sorry, no.")
+    model.pair.delta = staticmethod(lambda text, c: -1.0)  # every token deep in scope
+    params = SamplingParams(max_tokens=10, temperature=1.0, offset_threshold=0.0)
+    text, finish = asyncio.run(_first(model, params, ChoiceStats()))
+    assert (text, finish) == ("Sorry, no.", "stop")
+
+
+def test_token_mode_on_a_remote_that_cannot_continue_points_to_sequence_mode():
+    with pytest.raises(DecodingError, match='decoding = "sequence"'):
+        ServedModel("m", FakeRemote(prefix_remote, can_continue=False))
+    ServedModel("m", FakeRemote(prefix_remote, can_continue=False), mode="sequence")
+
+
+async def _first(model, params, stats):
+    out = [p async for p in model.generate(Context(messages=({"role": "user", "content": "x"},)), params, stats=stats)]
+    return "".join(p.text for p in out), out[-1].finish_reason

@@ -60,11 +60,12 @@ class Tree:
 class TreeScorer(Protocol):
     """Scores a :class:`Tree` after the trunk under both models of the pair."""
 
-    def score(self, tree: Tree, commit: int) -> tuple[np.ndarray, np.ndarray]:
-        """Next-token log-probabilities for U and B, each ``[1 + len(tree), V]``
-        float64: row 0 at the end of the current trunk, row ``i + 1`` after node
-        ``i``. The first ``commit`` nodes (a chain from the trunk) become part
-        of the trunk; the rest are forgotten."""
+    def score(self, tree: Tree, commit: int, need: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Next-token log-probabilities for U and B, float64: row 0 at the end of the
+        current trunk, row ``i + 1`` after node ``i``; all ``1 + len(tree)`` rows
+        (``[1 + len(tree), V]``), or only the rows ``need``, in that order
+        (``[len(need), V]``). The first ``commit`` nodes (a chain from the trunk)
+        become part of the trunk; the rest are forgotten."""
         ...
 
     def rollback(self, keep: int) -> int:
@@ -207,7 +208,19 @@ class Aligner:
                     node = index[key]
                 ends.append(node)
             jobs.append((root, len(cands), paths, ends, unrepresentable))
-        lp_u, lp_b = self.scorer.score(Tree(tuple(tokens), tuple(parents)), commit=n_chain)
+        # Rows read below: after each position's root and after every node on a candidate path.
+        need: set[int] = set()
+        for root, _, paths, ends, _ in jobs:
+            need.add(root + 1)
+            for (path, _), end in zip(paths, ends, strict=True):
+                node = root
+                for tok in path:
+                    need.add(node + 1)
+                    node = index[(node, tok)]
+                need.add(end + 1)
+        rows = sorted(need)
+        row_of = {r: j for j, r in enumerate(rows)}
+        lp_u, lp_b = self.scorer.score(Tree(tuple(tokens), tuple(parents)), commit=n_chain, need=rows)
         self.n_before_ahead = len(self.pending)
         self.chain = tokens[:n_chain]
         self.pending = []
@@ -221,9 +234,9 @@ class Aligner:
                     total = 0.0
                     node = root
                     for tok in path:
-                        total += lp[node + 1, tok]
+                        total += lp[row_of[node + 1], tok]
                         node = index[(node, tok)]
-                    logp[j, m] = total + self._final(lp[end + 1], final)
+                    logp[j, m] = total + self._final(lp[row_of[end + 1]], final)
             delta = logp[:, 0] - logp[:, 1]
             delta = delta[:k] - delta[k] if tail else delta[:k]
             delta[unrepresentable] = -np.inf

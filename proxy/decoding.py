@@ -192,6 +192,13 @@ class DraftLength:
             n = max(2, min(self.maximum, math.ceil(2 / (1 - self.rate))))
         return max(1, min(n, remaining))
 
+    def expected_run(self) -> int:
+        """How many positions of a draft to score first: the expected accepted run
+        1 / (1 − r) plus one, at least 4 (all of the maximum once r ≥ 1 − 2/maximum)."""
+        if self.rate >= 1 - 2 / self.maximum:
+            return self.maximum
+        return max(4, min(self.maximum, math.ceil(1 / (1 - self.rate)) + 1))
+
     def update(self, accepted: int, examined: int) -> None:
         """A draft of which ``accepted`` of ``examined`` positions were accepted."""
         if examined <= 0:
@@ -372,7 +379,10 @@ class ServedModel:
                 # the draw is the drafted token (still exact: later drafted tokens are samples given it).
                 direct = 0 if n > 1 and not _inside_character(prefix) else 1
                 accepted = examined = 0
-                done, chunk, more = 0, 8, True
+                # The pair scores the draft in chunks (one tree pass each), growing while they
+                # are accepted: the first is the run the acceptance rate expects, so that an
+                # out-of-scope draft costs one pass and an in-scope one little wasted work.
+                done, chunk, more = 0, lengths.expected_run() if lengths is not None else 1, True
                 while more and done < len(positions):
                     part = positions[done : done + chunk]
                     try:

@@ -203,9 +203,23 @@ class LocalPair:
                 layer._disable_adapters = False
 
     def _forward(
-        self, ids: torch.Tensor, cache: Any, *, adapter: bool, mask: torch.Tensor, positions: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        cache: Any,
+        *,
+        adapter: bool,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        kwargs = dict(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=positions, use_cache=True)
+        """Log-softmax over the vocabulary, ``[n, V]`` float32, at every position of ``ids``
+        or only at the positions ``keep`` (``[len(keep), V]``: the output head, 49,152 × 576
+        for SmolLM2, and the rows' memory are spent only where a row is read)."""
+        kwargs: dict[str, Any] = dict(
+            input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=positions, use_cache=True
+        )
+        if keep is not None:
+            kwargs["logits_to_keep"] = keep
         if self.u_model is not None:  # a full artifact: U and B are two models
             out = (self.u_model if adapter else self.model)(**kwargs)
         elif adapter or self.offset is None:
@@ -231,15 +245,17 @@ class PairScorer:
         """Before the last :meth:`score`'s commit: trunk length and last rows."""
 
     @torch.inference_mode()
-    def score(self, tree: Tree, commit: int) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, tree: Tree, commit: int, need: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """See :meth:`proxy.alignment.TreeScorer.score`.
 
         Raises:
-            ValueError: the trunk plus the tree exceed the pair's context.
+            ContextExhausted: the trunk plus the tree exceed the pair's context.
+            ValueError: no trunk and nothing to score.
         """
         n = len(tree.tokens)
         if self.trunk_len + n > self.pair.max_length:
             raise ContextExhausted(f"the pair's context ({self.pair.max_length} tokens) is exhausted")
+        want = list(range(n + 1)) if need is None else list(need)
         models = (True, False) if self.pair.has_offset else (False,)
         rows: dict[bool, np.ndarray] = {}
         self._undo = None
@@ -247,7 +263,7 @@ class PairScorer:
             for m in models:
                 if self.last[m] is None:
                     raise ValueError("empty prompt: the pair has nothing to condition on")
-                rows[m] = self.last[m][None, :]  # type: ignore[index]
+                rows[m] = np.repeat(self.last[m][None, :], len(want), axis=0)  # type: ignore[index]
         else:
             depth = np.zeros(n, dtype=np.int64)
             allowed = torch.zeros((n, self.trunk_len + n), dtype=torch.bool)
@@ -263,20 +279,30 @@ class PairScorer:
             mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
             ids = torch.tensor([tree.tokens], dtype=torch.long)
             positions = torch.from_numpy(self.trunk_len + depth)[None, :]
+            # Nodes whose next-token row is read: the requested ones and the last committed one.
+            nodes = sorted({r - 1 for r in want if r >= 1} | ({commit - 1} if commit else set()))
+            at = {node: j for j, node in enumerate(nodes)}
+            keep = torch.tensor(nodes, dtype=torch.long)
             undo = (self.trunk_len, dict(self.last))
             for m in models:
-                lp = self.pair._forward(ids, self.caches[m], adapter=m, mask=mask[None, None], positions=positions)
+                lp = self.pair._forward(
+                    ids, self.caches[m], adapter=m, mask=mask[None, None], positions=positions, keep=keep
+                )
                 after = lp.double().numpy()
                 first = self.last[m]
-                if first is None:  # no trunk yet: row 0 is never read when the chain is the prompt
-                    first = np.full(after.shape[1], -np.inf)
-                rows[m] = np.concatenate([first[None, :], after], axis=0)
+                out = np.empty((len(want), after.shape[1]))
+                for j, r in enumerate(want):
+                    if r >= 1:
+                        out[j] = after[at[r - 1]]
+                    else:  # no trunk yet: row 0 is never read when the chain is the prompt
+                        out[j] = first if first is not None else -np.inf
+                rows[m] = out
                 # Keep the committed chain in the cache, drop the rest of the tree.
                 remove = n - commit
                 if remove:
                     self.caches[m].crop(-remove)
                 if commit:
-                    self.last[m] = after[commit - 1]
+                    self.last[m] = after[at[commit - 1]].copy()
             self._undo = undo
             self.trunk_len += commit
             self.trunk_ids.extend(tree.tokens[:commit])

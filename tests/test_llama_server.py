@@ -102,3 +102,41 @@ async def test_streamed_and_logprobs_through_the_sdk(proxy_on_llama):
         model="smollm2-remote", prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2
     )
     assert text.choices[0].text and len(text.choices[0].logprobs.tokens) >= 1
+
+
+@pytest.mark.parametrize("same_tokenizer", [True, False])
+async def test_speculative_greedy_equals_token_by_token_with_an_offset(llama_server, smollm2_offset, same_tokenizer):
+    """With a (random, non-zero) offset, greedy speculative decoding on the real server
+    gives token-by-token decoding's text, on both alignment paths, in fewer calls."""
+    from adapters.base import Context
+    from proxy.decoding import ChoiceStats, SamplingParams
+
+    cfg = ModelConfig(
+        backend="openai-completions",
+        base_url=llama_server,
+        remote_model="smollm2",
+        template="gguf:smollm2",
+        pair="smollm2",
+        offset=str(smollm2_offset),
+        same_tokenizer=same_tokenizer,
+    )
+    pairs: dict = {}
+    spec = build_model("spec", cfg, pairs=pairs)
+    tbt = build_model("tbt", cfg.model_copy(update={"speculative": False}), pairs=pairs)
+    changed = 0
+    try:
+        for prompt in PROMPTS[:1]:
+            ctx = Context(messages=({"role": "user", "content": prompt},))
+            texts, calls = [], []
+            for model in (spec, tbt):
+                stats = ChoiceStats()
+                params = SamplingParams(max_tokens=16, temperature=0, alpha=8.0)  # a random offset is weak
+                texts.append("".join([p.text async for p in model.generate(ctx, params, stats=stats)]))
+                calls.append(stats.remote_calls)
+                changed += stats.offset_changed if model is tbt else 0
+            assert texts[0] == texts[1], prompt
+            assert calls[0] < calls[1], (prompt, calls)
+        assert changed > 0  # the offset did change tokens, so drafts were really rejected and resumed
+    finally:
+        await spec.aclose()
+        await tbt.aclose()

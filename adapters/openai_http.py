@@ -260,10 +260,12 @@ class ChatAdapter(_HTTPAdapter):
                 f"model {self.name!r} is served through a chat endpoint and takes messages only", status=400
             )
 
+        messages = [dict(m) for m in ctx.messages]
+
         async def call() -> Any:
             return await self._client.chat.completions.create(
                 model=self.model,
-                messages=[dict(m) for m in ctx.messages],  # type: ignore[arg-type,union-attr]
+                messages=messages,  # type: ignore[arg-type]
                 max_tokens=max_tokens,
                 temperature=temperature,
                 top_p=top_p,

@@ -492,11 +492,13 @@ class ServedModel:
             adapters.base.RemoteError: a sample failed after retries.
             DecodingError: the pair cannot take this prompt.
         """
+        assert isinstance(self.adapter, SamplingAdapter)  # checked in __post_init__
+        sampler = self.adapter
         n = 1 if params.temperature == 0 else self.sequence_samples
         seeds = [None if params.seed is None else int(rng.integers(2**31)) for _ in range(n)]
         samples = await asyncio.gather(
             *(
-                self.adapter.sample(
+                sampler.sample(
                     base,
                     max_tokens=params.max_tokens,
                     temperature=params.temperature,

@@ -169,20 +169,29 @@ class TextReleaser:
 class DraftLength:
     """How many tokens to ask the remote for next (speculative acceptance).
 
-    The per-token acceptance rate r is tracked as an exponential moving
-    average (weight ½ per draft) of accepted / examined positions; the next
-    draft asks for about twice the expected accepted run, 2 / (1 − r),
-    between ``2`` and ``maximum`` (the maximum once r ≥ 1 − 2/maximum). Out of
-    forget scope r stays near 1 and one call serves a whole answer; in scope
-    drafts shrink to a few tokens so that little remote work is thrown away.
-    The rate starts from the served model's running rate (``prior``).
+    The per-token acceptance rate r is estimated from the positions examined
+    recently, each older position's weight decayed by ``decay`` per newer one
+    (a half-life of about 34 positions at 0.98), starting from ``prior`` (the
+    served model's running rate) worth ``prior_weight`` positions, so that
+    one early rejection does not collapse the draft length. The next draft
+    asks for about twice the expected accepted run, 2 / (1 − r), between 2
+    and ``maximum`` (the maximum once r ≥ 1 − 2/maximum). Out of forget scope
+    r stays near 1 and one call serves a whole answer; in scope drafts shrink
+    to a few tokens so that little remote work is thrown away.
     """
 
-    def __init__(self, maximum: int, prior: float = 1.0) -> None:
+    def __init__(self, maximum: int, prior: float = 1.0, *, prior_weight: float = 16.0, decay: float = 0.98) -> None:
         self.maximum = maximum
-        self.rate = prior
+        self.decay = decay
+        self._accepted = prior * prior_weight
+        self._examined = prior_weight
         self.examined = 0
         self.accepted = 0
+
+    @property
+    def rate(self) -> float:
+        """The estimated per-token acceptance rate r."""
+        return self._accepted / self._examined
 
     def next(self, remaining: int) -> int:
         """The next draft's length, at most ``remaining`` (tokens)."""
@@ -205,7 +214,9 @@ class DraftLength:
             return
         self.examined += examined
         self.accepted += accepted
-        self.rate = 0.5 * self.rate + 0.5 * accepted / examined
+        keep = self.decay**examined
+        self._accepted = keep * self._accepted + accepted
+        self._examined = keep * self._examined + examined
 
 
 def speculative_pick(

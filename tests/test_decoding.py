@@ -272,14 +272,15 @@ def test_draft_length_follows_the_acceptance_rate():
 
     lengths = DraftLength(64)
     assert lengths.next(1000) == 64 and lengths.next(10) == 10
-    lengths.update(2, 3)  # rejected at the third position
-    assert 2 <= lengths.next(1000) < 64
-    for _ in range(8):
-        lengths.update(1, 4)
-    assert lengths.next(1000) == 3
-    for _ in range(12):
+    lengths.update(0, 1)  # one early rejection does not collapse the draft length
+    assert 16 <= lengths.next(1000) < 64
+    for _ in range(30):  # in scope: about one token in four rejected
+        lengths.update(3, 4)
+    assert 0.7 < lengths.rate < 0.8 and lengths.next(1000) <= 9
+    for _ in range(12):  # back out of scope: whole drafts accepted
         lengths.update(32, 32)
     assert lengths.next(1000) == 64
+    assert lengths.examined == 1 + 30 * 4 + 12 * 32 and lengths.accepted == 30 * 3 + 12 * 32
 
 
 def test_sequence_weights_match_hand_computed_ones():

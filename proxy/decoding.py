@@ -223,7 +223,6 @@ def speculative_pick(
     scores: np.ndarray,
     ell: np.ndarray,
     drafted: int | None,
-    drafted_logprob: float,
     *,
     temperature: float,
     top_p: float,
@@ -235,10 +234,9 @@ def speculative_pick(
 
     ``scores`` are the target logits over S_t (:func:`proxy.offset.target_logits`,
     ``[k]``), ``ell`` the remote's logprobs of the same candidates (``[k]``,
-    nats, over the remote's whole vocabulary), ``drafted`` the index in S_t of
-    the token the remote sampled there (``None``: outside S_t) and
-    ``drafted_logprob`` its logprob log p_t(x) under the remote's sampling
-    distribution (T = 1, no filters).
+    nats, over the remote's whole vocabulary: its sampling distribution p_t at
+    T = 1 with no filters) and ``drafted`` the index in S_t of the token the
+    remote sampled there (``None``: outside S_t).
 
     T > 0: x is accepted with probability min(1, q_t(x) / p_t(x)); otherwise a
     token is drawn from (q_t − p_t)+ renormalised over S_t. The result follows
@@ -257,7 +255,8 @@ def speculative_pick(
     logq = apply_top_p(log_softmax(scores), top_p)
     q = np.exp(logq)
     if drafted is not None:
-        ratio = math.exp(min(0.0, float(logq[drafted]) - drafted_logprob)) if math.isfinite(logq[drafted]) else 0.0
+        # p_t(x) is the candidate's own logprob (the sampled entry's copy may be missing on the wire).
+        ratio = math.exp(min(0.0, float(logq[drafted]) - float(ell[drafted]))) if math.isfinite(logq[drafted]) else 0.0
         if rng.random() < ratio:
             return drafted, logq, True
     with np.errstate(over="ignore", invalid="ignore"):
@@ -389,7 +388,8 @@ class ServedModel:
                 # draft): such a position is drawn from q directly, and the draft goes on only when
                 # the draw is the drafted token (still exact: later drafted tokens are samples given it).
                 direct = 0 if n > 1 and not _inside_character(prefix) else 1
-                accepted = examined = 0
+                if n > 1:
+                    stats.draft_tokens += len(positions)
                 # The pair scores the draft in chunks (one tree pass each), growing while they
                 # are accepted: the first is the run the acceptance rate expects, so that an
                 # out-of-scope draft costs one pass and an in-scope one little wasted work.
@@ -399,6 +399,13 @@ class ServedModel:
                     try:
                         scored = await self._score(part, aligner, stats)
                     except ContextExhausted:
+                        if len(part) > 1:
+                            # The pair's context cannot take this chunk's tree: smaller chunks
+                            # and drafts from here on.
+                            chunk = len(part) // 2
+                            if lengths is not None:
+                                lengths.maximum = max(2, chunk)
+                            continue
                         if stats.completion_tokens == 0:
                             raise
                         context_full = True
@@ -407,9 +414,9 @@ class ServedModel:
                         idx, logq, ok, changed = self._pick(
                             pos, cands, ell, delta, params, rng, direct=done + j < direct, stats=stats
                         )
-                        if done + j >= direct:
-                            examined += 1
-                            accepted += int(ok)
+                        if done + j >= direct and lengths is not None:
+                            stats.accepted_tokens += int(ok)
+                            lengths.update(int(ok), 1)
                         chosen = cands[idx]
                         stats.completion_tokens += 1
                         if chosen.is_eot:
@@ -436,10 +443,6 @@ class ServedModel:
                     more = more and len(scored) == len(part)
                     done += len(part)
                     chunk *= 2
-                if lengths is not None and n > 1:
-                    stats.draft_tokens += len(positions)
-                    stats.accepted_tokens += accepted
-                    lengths.update(accepted, examined)
             yield releaser.finish("length")
         finally:
             if lengths is not None and lengths.examined:
@@ -480,7 +483,7 @@ class ServedModel:
                 ok = x is not None and idx == x
             else:
                 idx, logq, ok = speculative_pick(
-                    scores, ell, x, pos.sampled.logprob, temperature=params.temperature, top_p=params.top_p, rng=rng
+                    scores, ell, x, temperature=params.temperature, top_p=params.top_p, rng=rng
                 )
         except NoUsableCandidates as exc:
             raise RemoteBadResponse("the upstream's logprobs were unusable (every candidate non-finite)") from exc
@@ -505,21 +508,31 @@ class ServedModel:
         """
         assert isinstance(self.adapter, SamplingAdapter)  # checked in __post_init__
         sampler = self.adapter
+        if base.assistant_prefix:
+            raise DecodingError(
+                f"model {self.name!r} is served in sequence mode, which cannot continue a partial answer "
+                "(redaction's regenerate mode and the audit's extraction prompts need token mode)"
+            )
         n = 1 if params.temperature == 0 else self.sequence_samples
         seeds = [None if params.seed is None else int(rng.integers(2**31)) for _ in range(n)]
-        samples = await asyncio.gather(
-            *(
-                sampler.sample(
-                    base,
-                    max_tokens=params.max_tokens,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    stop=params.stop,
-                    seed=seed,
-                )
-                for seed in seeds
-            )
-        )
+        try:
+            async with asyncio.TaskGroup() as group:  # one failure cancels the other samples
+                tasks = [
+                    group.create_task(
+                        sampler.sample(
+                            base,
+                            max_tokens=params.max_tokens,
+                            temperature=params.temperature,
+                            top_p=params.top_p,
+                            stop=params.stop,
+                            seed=seed,
+                        )
+                    )
+                    for seed in seeds
+                ]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the first failure, as one remote call's error
+        samples = [t.result() for t in tasks]
         stats.remote_calls += n
         stats.sample_texts = [x.text for x in samples]
         stats.prompt_tokens = next((x.prompt_tokens for x in samples if x.prompt_tokens is not None), None)
@@ -530,7 +543,13 @@ class ServedModel:
                 prompt_ids = await self.run_pair(self.pair.prompt_ids, base.messages, base.prompt, stats=stats)
                 scored = [
                     await self.run_pair(
-                        self.pair.sequence_offset, prompt_ids, x.text, x.finish_reason == "stop", stats=stats
+                        self.pair.sequence_offset,
+                        prompt_ids,
+                        x.text,
+                        # "stop" is also a stop string's end, which the API does not tell apart
+                        # from the end of turn: the end-of-turn token is scored only without stops.
+                        x.finish_reason == "stop" and not params.stop,
+                        stats=stats,
                     )
                     for x in samples
                 ]
@@ -570,8 +589,14 @@ class ServedModel:
         if not draft.positions:
             raise RemoteBadResponse("the upstream returned no positions")
         positions = list(draft.positions[:n])
+        text = ctx.assistant_prefix
         for j, pos in enumerate(positions):
             if pos.sampled.is_eot or pos.sampled.data is None:
+                return positions[: j + 1]
+            text += pos.sampled.data
+            if _inside_character(text):
+                # The next position would follow part of a character: token mode heals it
+                # (keeps only candidates that complete it); a new call does the same.
                 return positions[: j + 1]
         return positions
 
@@ -600,22 +625,18 @@ class ServedModel:
                     )
                 stats.dropped_candidates += len(dropped)
             if not cands:
+                if out:  # a later position: the draft stops before it (a new call will ask again)
+                    break
                 raise RemoteBadResponse(
                     "the upstream's logprobs were unusable (no candidate with known bytes and a finite logprob)"
                 )
             out.append((cands, np.array([c.logprob for c in cands])))
         if aligner is None:
             return [(c, ell, np.zeros(len(c))) for c, ell in out]
-        chain = [p.sampled.data or b"" for p in positions[:-1]]
+        chain = [p.sampled.data or b"" for p in positions[: len(out) - 1]]
         cand_bytes = [[None if c.is_eot else c.data for c in cands] for cands, _ in out]
         try:
             deltas = await self.run_pair(aligner.draft_deltas, chain, cand_bytes, stats=stats)
-        except ContextExhausted:
-            if len(positions) == 1:
-                raise
-            deltas = await self.run_pair(
-                aligner.draft_deltas, [], cand_bytes[:1], stats=stats
-            )  # the tree alone is too big
         except ValueError as exc:
             raise DecodingError(str(exc)) from exc
         stats.max_abs_delta = max(stats.max_abs_delta, aligner.last_max_abs_delta)
@@ -670,7 +691,7 @@ def _inside_character(data: bytes) -> bool:
 def _index_of(sampled: Candidate, cands: Sequence[Candidate]) -> int | None:
     """Where the remote's drafted token sits in S_t (``None``: outside it)."""
     for i, c in enumerate(cands):
-        if c.is_eot == sampled.is_eot and c.data == sampled.data:
+        if c.is_eot == sampled.is_eot and c.data == sampled.data and c.token == sampled.token:
             if c.token_id is None or sampled.token_id is None or c.token_id == sampled.token_id:
                 return i
     return None

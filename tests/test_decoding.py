@@ -85,8 +85,15 @@ def prefix_remote(prefix: bytes):
     if prefix.count(b" ") >= 3:
         return (EOT,)
     shift = len(prefix) % 3
-    *words, end = normalised([(" a", 1.0 - shift), (" b", 0.5), (" c", 0.2 * shift), (" dd", -0.3), ("<end>", -1.0)])
-    return (*words, Candidate(b"", end.logprob, "<|im_end|>", is_eot=True))
+    *words, end, other_end = normalised(
+        [(" a", 1.0 - shift), (" b", 0.5), (" c", 0.2 * shift), (" dd", -0.3), ("<end>", -1.0), ("<eos>", -0.5)]
+    )
+    # Two end-of-turn tokens with the same (empty) bytes: the drafted one must be told apart.
+    return (
+        *words,
+        Candidate(b"", end.logprob, "<|im_end|>", is_eot=True),
+        Candidate(b"", other_end.logprob, "<|endoftext|>", is_eot=True),
+    )
 
 
 def exact_sequence_probs(pair, temperature, alpha, top_k, top_p):
@@ -221,11 +228,11 @@ def test_speculative_sequences_follow_q_chi_square(temperature, top_p):
     """Whole answers from speculative acceptance (drafts sampled from the remote's full
     distribution, some drafted tokens outside the top-k S_t) have the law of
     token-by-token decoding, computed exactly; they are not the remote's own law."""
-    pair, top_k, alpha = PrefixDeltaPair(), 4, 1.0
+    pair, top_k, alpha = PrefixDeltaPair(), 5, 1.0
     fake = FakeRemote(prefix_remote, seed=3)
     model = ServedModel("m", fake, pair=pair, alpha=alpha, top_k=top_k, max_draft_tokens=8)
     want = exact_sequence_probs(pair, temperature, alpha, top_k, top_p)
-    remote_only = exact_sequence_probs(pair, 1.0, 0.0, 5, 1.0)
+    remote_only = exact_sequence_probs(pair, 1.0, 0.0, 6, 1.0)
 
     async def sample_all(n: int) -> list[str]:
         out = []
@@ -360,3 +367,14 @@ def test_token_mode_on_a_remote_that_cannot_continue_points_to_sequence_mode():
 async def _first(model, params, stats):
     out = [p async for p in model.generate(Context(messages=({"role": "user", "content": "x"},)), params, stats=stats)]
     return "".join(p.text for p in out), out[-1].finish_reason
+
+
+def test_sequence_mode_refuses_to_continue_a_partial_answer():
+    model = ServedModel("m", FakeRemote(prefix_remote, can_continue=False), mode="sequence")
+    ctx = Context(messages=({"role": "user", "content": "x"},), assistant_prefix=b"Partial")
+
+    async def run():
+        return [p async for p in model.generate(ctx, SamplingParams(max_tokens=5))]
+
+    with pytest.raises(DecodingError, match="cannot continue a partial answer"):
+        asyncio.run(run())

@@ -43,7 +43,9 @@ def test_sigterm_during_a_stream_exits_cleanly_and_audits_it(tmp_path):
     up, upstream = start([sys.executable, "-m", "bench.fake_upstream", "--delay", "0.4"])
     audit = tmp_path / "audit.jsonl"
     cfg = tmp_path / "proxy.toml"
-    cfg.write_text(proxy_config(upstream, audit).replace("[server]", "[server]\nshutdown_timeout = 1"))
+    config = proxy_config(upstream, audit).replace("[server]", "[server]\nshutdown_timeout = 1")
+    # One upstream call (and its 0.4 s delay) per token, so that the stream outlives the grace period.
+    cfg.write_text(config.replace('remote_model = "fake"', 'remote_model = "fake"\nspeculative = false'))
     proxy, base = start([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", "0"])
     try:
         body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "stream": True}

@@ -161,7 +161,7 @@ class ModelConfig(BaseModel):
     logprobs in answers); "auto": token when the backend can continue, else sequence."""
     sequence_samples: int = Field(default=4, ge=1, le=16)
     """Sequence mode: samples drawn per answer (remote calls, made concurrently)."""
-    refusal: str = "I can't help with that."
+    refusal: str = Field(default="I can't help with that.", min_length=1)
     """Sequence mode: the answer when every sample is in forget scope (needs offset_threshold)."""
     speculative: bool = True
     """Speculative acceptance (DESIGN.md): the remote drafts several tokens per call, each accepted

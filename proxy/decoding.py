@@ -32,6 +32,7 @@ from adapters.base import (
     Position,
     RemoteAdapter,
     RemoteBadResponse,
+    Sample,
     SamplingAdapter,
     split_incomplete_utf8,
 )
@@ -532,7 +533,8 @@ class ServedModel:
                 ]
         except ExceptionGroup as failed:
             raise failed.exceptions[0] from None  # the first failure, as one remote call's error
-        samples = [t.result() for t in tasks]
+        # Stop strings are the proxy's to apply, also where the upstream ignores them.
+        samples = [_cut_at_stop(t.result(), params.stop) for t in tasks]
         stats.remote_calls += n
         stats.sample_texts = [x.text for x in samples]
         stats.prompt_tokens = next((x.prompt_tokens for x in samples if x.prompt_tokens is not None), None)
@@ -678,6 +680,14 @@ def sequence_weights(sum_deltas: np.ndarray, alpha: float) -> np.ndarray:
         return np.full(len(logw), 1.0 / len(logw))
     w = (logw == np.inf).astype(np.float64) if top == np.inf else np.exp(logw - top)
     return w / w.sum()
+
+
+def _cut_at_stop(sample: Sample, stop: Sequence[str]) -> Sample:
+    """``sample`` cut before the first stop string it holds (then its finish reason is "stop")."""
+    hits = [i for s in stop if s and (i := sample.text.find(s)) >= 0]
+    if not hits:
+        return sample
+    return Sample(sample.text[: min(hits)], "stop", sample.prompt_tokens, sample.completion_tokens)
 
 
 def _inside_character(data: bytes) -> bool:

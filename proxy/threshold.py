@@ -38,7 +38,9 @@ async def scope_margin(model: ServedModel, messages: Sequence[dict[str, Any]], m
     if not model.uses_offset or model.alpha == 0:
         raise ValueError(f"model {model.name!r} has no offset to calibrate (or alpha is 0)")
     if model.mode != "token":
-        raise ValueError(f"model {model.name!r} is served in sequence mode; the scope threshold is calibrated in token mode")
+        raise ValueError(
+            f"model {model.name!r} is served in sequence mode; the scope threshold is calibrated in token mode"
+        )
     stats = ChoiceStats(scope_trace=[])
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, alpha=model.alpha, offset_threshold=math.inf)
     async for _ in model.generate(Context(messages=tuple(messages)), params, stats=stats):

@@ -32,6 +32,8 @@ async def test_sequence_mode_answers_streams_and_refuses_logprobs(aiohttp_client
         stream = await oa.chat.completions.create(model="m", messages=MSG, temperature=0, max_tokens=10, stream=True)
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert text == "Hi there,"
+        r = await oa.chat.completions.create(model="m", messages=MSG, temperature=0, max_tokens=10, stop=[" th"])
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Hi", "stop")  # cut by the proxy
         with pytest.raises(openai.BadRequestError, match="sequence mode"):
             await oa.chat.completions.create(model="m", messages=MSG, max_tokens=5, logprobs=True)
 

@@ -28,7 +28,7 @@ draft requests so that the reported logprobs are the sampling distribution.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import openai
@@ -146,6 +146,26 @@ class _HTTPAdapter:
             body.update(self.sampling_off)
         return body
 
+    async def _sample(self, call: Callable[[], Awaitable[Any]], text: Callable[[Any], str | None]) -> Sample:
+        """Sequence mode's one complete answer: ``call`` (retried), then the first choice's
+        ``text(choice)`` and finish reason ("length", else "stop") and the usage counts.
+
+        Raises:
+            RemoteUnavailable, RemoteRejected: as :func:`adapters.retry.call_with_retries`.
+            RemoteBadResponse: no choice.
+        """
+        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
+        if not response.choices:
+            raise RemoteBadResponse("upstream returned no choices")
+        choice = response.choices[0]
+        usage = response.usage
+        return Sample(
+            text(choice) or "",
+            "length" if choice.finish_reason == "length" else "stop",
+            usage.prompt_tokens if usage is not None else None,
+            usage.completion_tokens if usage is not None else None,
+        )
+
     def _eot(self) -> Candidate:
         return Candidate(b"", 0.0, next(iter(sorted(self.eot_tokens))), is_eot=True)
 
@@ -254,7 +274,7 @@ class ChatAdapter(_HTTPAdapter):
         stop: tuple[str, ...] = (),
         seed: int | None = None,
     ) -> Sample:
-        """See :meth:`adapters.base.RemoteAdapter.sample`."""
+        """See :meth:`adapters.base.SamplingAdapter.sample`."""
         if ctx.messages is None:
             raise RemoteRejected(
                 f"model {self.name!r} is served through a chat endpoint and takes messages only", status=400
@@ -274,17 +294,7 @@ class ChatAdapter(_HTTPAdapter):
                 extra_body=dict(self.extra_body) or None,
             )
 
-        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
-        if not response.choices:
-            raise RemoteBadResponse("upstream returned no choices")
-        choice = response.choices[0]
-        usage = response.usage
-        return Sample(
-            choice.message.content or "",
-            "length" if choice.finish_reason == "length" else "stop",
-            usage.prompt_tokens if usage is not None else None,
-            usage.completion_tokens if usage is not None else None,
-        )
+        return await self._sample(call, lambda choice: choice.message.content)
 
 
 class CompletionsAdapter(_HTTPAdapter):
@@ -345,7 +355,7 @@ class CompletionsAdapter(_HTTPAdapter):
         stop: tuple[str, ...] = (),
         seed: int | None = None,
     ) -> Sample:
-        """See :meth:`adapters.base.RemoteAdapter.sample`."""
+        """See :meth:`adapters.base.SamplingAdapter.sample`."""
         prompt = self.render(ctx)
 
         async def call() -> Any:
@@ -360,17 +370,7 @@ class CompletionsAdapter(_HTTPAdapter):
                 extra_body=dict(self.extra_body) or None,
             )
 
-        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
-        if not response.choices:
-            raise RemoteBadResponse("upstream returned no choices")
-        choice = response.choices[0]
-        usage = response.usage
-        return Sample(
-            choice.text or "",
-            "length" if choice.finish_reason == "length" else "stop",
-            usage.prompt_tokens if usage is not None else None,
-            usage.completion_tokens if usage is not None else None,
-        )
+        return await self._sample(call, lambda choice: choice.text)
 
     async def _call(self, prompt: str, max_tokens: int, top_k: int, seed: int | None, *, greedy: bool) -> Draft:
         """One ``/v1/completions`` call; ``greedy``: the sampled tokens are the remote's argmax

@@ -96,8 +96,6 @@ class Aligner:
     pending: list[int] = field(default_factory=list)
     """Tokens accepted into the trunk but not yet in the KV cache."""
     last_max_abs_delta: float = 0.0
-    ahead: list[int] = field(default_factory=list)
-    """Chain tokens of the last draft that sit in the caches beyond the committed trunk."""
     n_before_ahead: int = 0
     """How many tokens the last draft's score committed before its own chain (pending ones)."""
     chain: list[int] = field(default_factory=list)
@@ -127,16 +125,22 @@ class Aligner:
         ids = self.vocab.encode(s)
         return tuple(ids[:-1]), self.vocab.token_bytes[ids[-1]] or b""
 
+    @property
+    def ahead(self) -> list[int]:
+        """Chain tokens of the last draft that sit in the caches beyond the committed trunk."""
+        return self.chain[self.n_before_ahead :]
+
     def _settle(self) -> None:
         """Keep the part of the last draft's chain that the commits since reached."""
-        if not self.ahead:
+        ahead = self.ahead
+        if not ahead:
             return
         keep = 0
-        while keep < min(len(self.ahead), len(self.pending)) and self.ahead[keep] == self.pending[keep]:
+        while keep < min(len(ahead), len(self.pending)) and ahead[keep] == self.pending[keep]:
             keep += 1
         cached = self.scorer.rollback(self.n_before_ahead + keep)
         self.pending = self.chain[cached : self.n_before_ahead + keep] + self.pending[keep:]
-        self.ahead = []
+        self.chain, self.n_before_ahead = [], 0
 
     def deltas(self, candidates: Sequence[bytes | None]) -> np.ndarray:
         """Δ for each candidate (bytes, or :data:`EOT`), float64 ``[k]``, nats.
@@ -224,7 +228,6 @@ class Aligner:
         self.n_before_ahead = len(self.pending)
         self.chain = tokens[:n_chain]
         self.pending = []
-        self.ahead = extra
         out: list[np.ndarray] = []
         for (root, k, paths, ends, unrepresentable), (_, tail) in zip(jobs, starts, strict=False):
             # Log-probability of each path + final piece, for both models.

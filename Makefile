@@ -11,6 +11,7 @@ run: install
 	$(PY) -m proxy.cli serve --port $(PORT)
 
 test: install
+	bash scripts/install-vllm.sh >/dev/null  # vLLM for the tests' remote, in its own venv (once, ~3 minutes)
 	.venv/bin/ruff check proxy adapters tests bench
 	.venv/bin/mypy proxy adapters
 	$(PY) -m pytest -q -ra

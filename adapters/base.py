@@ -18,7 +18,7 @@ Exception hierarchy (mapped to HTTP statuses once, in ``proxy.errors``)::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -133,6 +133,21 @@ class Draft:
 
 
 @dataclass(frozen=True, slots=True)
+class ScoredText:
+    """The remote's teacher-forced logprobs of given answer text (vLLM's ``prompt_logprobs``).
+
+    One :class:`Position` per remote token of the answer: ``candidates`` are the
+    remote's top-k at that position (best first, with ``token_id``), ``sampled``
+    is the answer's own token there, with its logprob (nats, over the remote's
+    whole vocabulary) and, where they can be known, its bytes (``data``; see
+    :func:`answer_token_bytes`). ``token_ids`` are the answer's remote token ids.
+    """
+
+    token_ids: tuple[int, ...]
+    positions: tuple[Position, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Context:
     """What the remote is conditioned on.
 
@@ -168,6 +183,8 @@ class Capabilities:
     """Whether it can serve a raw ``/v1/completions`` prompt."""
     token_ids: bool = False
     """Whether candidates carry the remote's token ids."""
+    prompt_logprobs: bool = False
+    """Whether it scores given text (:class:`TextScoringAdapter`, vLLM's ``prompt_logprobs``)."""
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -247,6 +264,73 @@ class SamplingAdapter(Protocol):
             RemoteUnavailable, RemoteBadResponse, RemoteRejected: as :meth:`RemoteAdapter.draft`.
         """
         ...
+
+
+@runtime_checkable
+class TextScoringAdapter(Protocol):
+    """A remote that scores given text (vLLM's ``prompt_logprobs``): the audit's probability
+    metrics and ``deltaproxy train --mode remote`` need it."""
+
+    async def score_text(self, ctx: Context, text: str, *, top_k: int) -> ScoredText:
+        """The remote's logprobs of ``text`` as the answer to ``ctx`` (no assistant prefix),
+        teacher-forced: top-``top_k`` candidates and the answer's own token at each position.
+
+        Raises:
+            RemoteUnavailable, RemoteRejected: as :meth:`RemoteAdapter.draft`
+                (:class:`ContextExhausted` when the prompt plus ``text`` does not fit).
+            RemoteBadResponse: the answer's tokens cannot be told apart from the prompt's.
+        """
+        ...
+
+
+def answer_token_bytes(tokens: Sequence[str], text: bytes) -> list[bytes | None]:
+    """The bytes of each remote token of ``text``, from the token strings a server
+    printed (``decoded_token``) and the known text.
+
+    A token string without U+FFFD is its own UTF-8. Tokens that hold part of a
+    multi-byte character are printed as U+FFFD by vLLM (``../shared/cases/004``):
+    a run of them covers the bytes up to where the next clean token matches the
+    text; a run of one token gets them all, a longer run cannot be split from the
+    strings alone and its tokens get ``None``. A token that does not match the
+    text (a server that normalises) ends the recovery: it and the rest get ``None``.
+    """
+    out: list[bytes | None] = []
+    off = 0
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if "\ufffd" not in tok:
+            data = tok.encode("utf-8")
+            if not text.startswith(data, off):
+                return out + [None] * (len(tokens) - i)
+            out.append(data)
+            off += len(data)
+            i += 1
+            continue
+        j = i
+        while j < len(tokens) and "\ufffd" in tokens[j]:
+            j += 1
+        if j < len(tokens):
+            nxt = tokens[j].encode("utf-8")
+            end = next(
+                (e for e in range(off + 1, len(text) + 1) if text.startswith(nxt, e) and _complete(text[off:e])), None
+            )
+        else:
+            end = len(text) if _complete(text[off:]) else None
+        if end is None:
+            return out + [None] * (len(tokens) - i)
+        out.extend([text[off:end]] if j - i == 1 else [None] * (j - i))
+        off = end
+        i = j
+    return out
+
+
+def _complete(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return bool(data)
 
 
 def _unfinished_char(tail: bytes) -> bool:

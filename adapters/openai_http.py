@@ -28,6 +28,7 @@ draft requests so that the reported logprobs are the sampling distribution.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -42,6 +43,8 @@ from .base import (
     RemoteBadResponse,
     RemoteRejected,
     Sample,
+    ScoredText,
+    answer_token_bytes,
     candidate_from_wire,
     split_incomplete_utf8,
 )
@@ -96,6 +99,11 @@ def heal(positions: Sequence[Position], pending: bytes) -> tuple[Position, ...]:
     return (Position(kept, sampled if sampled is not None and sampled.data else kept[0]), *rest)
 
 
+def _finite(logprob: Any) -> float:
+    value = -math.inf if logprob is None else float(logprob)
+    return value if math.isfinite(value) and value > -9000.0 else -math.inf
+
+
 def _position(entries: Sequence[Candidate], sampled: Candidate, top_k: int) -> Position:
     ranked = sorted(entries, key=lambda c: c.logprob, reverse=True)[:top_k]
     if not ranked:
@@ -129,6 +137,10 @@ class _HTTPAdapter:
         self.extra_body = dict(extra_body or {})
         self.retry = retry
         self._secret = api_key
+        self._root = base_url.rstrip("/").removesuffix("/v1")
+        """The server's root: vLLM serves ``/tokenize`` beside ``/v1``."""
+        self.identity = f"{base_url.rstrip('/')}|{model}"
+        """Which remote model answers (cache keys)."""
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key or "none",
@@ -166,6 +178,99 @@ class _HTTPAdapter:
             usage.completion_tokens if usage is not None else None,
         )
 
+    async def _call(
+        self, ctx: Context, text: str, max_tokens: int, top_k: int, seed: int | None, *, greedy: bool
+    ) -> Draft:
+        """One remote call continuing ``ctx`` after the assistant ``text`` (complete characters)."""
+        raise NotImplementedError
+
+    async def _healed_draft(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None, greedy: bool) -> Draft:
+        """A draft after ``ctx.assistant_prefix``, sent as text.
+
+        Token healing: re-tokenising the accepted text can merge the last
+        accepted token with the one before (``"\n"`` + ``"\n"`` → ``"\n\n"``),
+        so the remote would continue from a token sequence it never produced.
+        For one-token steps the adapter sends the text *without* the last
+        accepted token and asks for two greedy tokens: when the remote's first
+        one is exactly that token, the second position is conditioned on the
+        remote's own tokenisation. Otherwise it falls back to the whole text.
+        A prefix that ends inside a UTF-8 character is sent up to the
+        character and the answer conditioned on the rest (:func:`heal`).
+        """
+        text, pending = split_incomplete_utf8(ctx.assistant_prefix)
+        last = ctx.last_token
+        if n_tokens == 1 and not pending and last and ctx.assistant_prefix.endswith(last):
+            head, head_pending = split_incomplete_utf8(ctx.assistant_prefix[: -len(last)])
+            if not head_pending:
+                healed = await self._call(ctx, head, 2, top_k, seed, greedy=True)
+                if len(healed.positions) == 2 and healed.positions[0].sampled.data == last:
+                    return Draft(healed.positions[1:], healed.finish_reason, healed.prompt_tokens)
+        draft = await self._call(
+            ctx, text, n_tokens + (1 if pending else 0), top_k, seed, greedy=greedy or n_tokens == 1
+        )
+        return Draft(heal(draft.positions, pending), draft.finish_reason, draft.prompt_tokens)
+
+    async def _prompt_logprobs(
+        self,
+        tokenize_body: dict[str, Any],
+        create: Callable[[dict[str, Any]], Awaitable[Any]],
+        text: str,
+        top_k: int,
+    ) -> ScoredText:
+        """vLLM's teacher-forced scoring (``score_text``): ``POST /tokenize`` with
+        ``tokenize_body`` gives the prompt's token ids without the answer; ``create(extra)``
+        makes the completion request with the answer appended and ``extra`` (``prompt_logprobs``,
+        ``return_token_ids``, one output token) in its body. The answer's positions are those
+        after the prompt's ids, which must be a prefix of the whole text's ids.
+        (vLLM's OpenAI-compatible server: ``SamplingParams.prompt_logprobs``; each position's
+        entry holds the top-k and the prompt's own token, ``{id: {logprob, rank, decoded_token}}``.)
+        """
+        url = self._root + "/tokenize"
+
+        async def tokenize() -> Any:
+            return await self._client.post(url, cast_to=object, body={"model": self.model, **tokenize_body})
+
+        head = await call_with_retries(tokenize, self.retry, f"model {self.name!r} /tokenize", secret=self._secret)
+        extra = {"prompt_logprobs": top_k, "return_token_ids": True}
+
+        async def call() -> Any:
+            return await create(extra)
+
+        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
+        dump = response.model_dump() if hasattr(response, "model_dump") else dict(response)
+        where = dump if "prompt_logprobs" in dump and dump["prompt_logprobs"] is not None else dump["choices"][0]
+        ids, entries = where.get("prompt_token_ids"), where.get("prompt_logprobs")
+        prefix = head.get("tokens") if isinstance(head, dict) else None
+        if not isinstance(ids, list) or not isinstance(entries, list) or not isinstance(prefix, list):
+            raise RemoteBadResponse(
+                f"model {self.name!r}: the upstream gave no prompt_logprobs / token ids (is it vLLM?)"
+            )
+        n = len(prefix)
+        if ids[:n] != prefix or len(entries) != len(ids):
+            raise RemoteBadResponse(
+                f"model {self.name!r}: the answer's first token merges with the prompt's last; "
+                "its positions cannot be told apart"
+            )
+        answer_ids = [int(t) for t in ids[n:]]
+        rows = entries[n:]
+        if any(not isinstance(r, dict) or str(t) not in r for t, r in zip(answer_ids, rows, strict=True)):
+            raise RemoteBadResponse(f"model {self.name!r}: prompt_logprobs lack the answer's own tokens")
+        strings = [str(r[str(t)].get("decoded_token") or "") for t, r in zip(answer_ids, rows, strict=True)]
+        data = answer_token_bytes(strings, text.encode("utf-8"))
+        positions: list[Position] = []
+        for t, row, own in zip(answer_ids, rows, data, strict=True):
+            cands = [
+                Candidate(c.data, c.logprob, c.token, int(key), c.is_eot)
+                for key, v in row.items()
+                if int(v.get("rank") or 10**9) <= top_k
+                for c in [self._wire(str(v.get("decoded_token") or ""), v.get("logprob"), None)]
+            ]
+            lp = row[str(t)].get("logprob")
+            tok = strings[len(positions)]
+            sampled = Candidate(own, _finite(lp), tok, t)
+            positions.append(Position(tuple(sorted(cands, key=lambda c: c.logprob, reverse=True)), sampled))
+        return ScoredText(tuple(answer_ids), tuple(positions))
+
     def _eot(self) -> Candidate:
         return Candidate(b"", 0.0, next(iter(sorted(self.eot_tokens))), is_eot=True)
 
@@ -201,6 +306,7 @@ class ChatAdapter(_HTTPAdapter):
         self.flavour = flavour
         self.capabilities = Capabilities(
             can_continue=flavour != "none",
+            prompt_logprobs=flavour == "vllm",
             notes=() if flavour != "none" else ("cannot continue a partial assistant message",),
         )
 
@@ -225,22 +331,28 @@ class ChatAdapter(_HTTPAdapter):
     async def draft(
         self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
     ) -> Draft:
+        """See :meth:`adapters.base.RemoteAdapter.draft` (and :meth:`_HTTPAdapter._healed_draft`)."""
         if ctx.messages is None:
             raise RemoteRejected(
                 f"model {self.name!r} is served through a chat endpoint and takes messages only", status=400
             )
-        text, pending = split_incomplete_utf8(ctx.assistant_prefix)
+        return await self._healed_draft(ctx, n_tokens, top_k, seed, greedy)
+
+    async def _call(
+        self, ctx: Context, text: str, max_tokens: int, top_k: int, seed: int | None, *, greedy: bool
+    ) -> Draft:
+        """One ``/v1/chat/completions`` call continuing the assistant ``text``."""
         messages, extra = self._messages(ctx, text)
-        body = {**self._body(n_tokens), **extra}
+        body = {**self._body(max_tokens), **extra}
 
         async def call() -> Any:
             return await self._client.chat.completions.create(
                 model=self.model,
                 messages=messages,  # type: ignore[arg-type]
-                max_tokens=n_tokens + (1 if pending else 0),
+                max_tokens=max_tokens,
                 logprobs=True,
                 top_logprobs=top_k,
-                temperature=0.0 if greedy and n_tokens > 1 else 1.0,
+                temperature=0.0 if greedy else 1.0,
                 top_p=1.0,
                 seed=seed,
                 extra_body=body or None,
@@ -262,7 +374,7 @@ class ChatAdapter(_HTTPAdapter):
         if not positions:
             raise RemoteBadResponse("upstream returned no logprobs; it cannot serve token mode")
         usage = response.usage.prompt_tokens if response.usage is not None else None
-        return Draft(heal(positions, pending), choice.finish_reason, usage)
+        return Draft(tuple(positions), choice.finish_reason, usage)
 
     async def sample(
         self,
@@ -296,6 +408,31 @@ class ChatAdapter(_HTTPAdapter):
 
         return await self._sample(call, lambda choice: choice.message.content)
 
+    async def score_text(self, ctx: Context, text: str, *, top_k: int) -> ScoredText:
+        """See :meth:`adapters.base.TextScoringAdapter.score_text`; the ``vllm`` flavour only
+        (the answer is the final assistant message, continued, as in :meth:`draft`).
+
+        Raises:
+            RemoteRejected: another flavour (400), or the upstream refused.
+        """
+        if self.flavour != "vllm" or ctx.messages is None:
+            raise RemoteRejected(
+                f'model {self.name!r}: scoring given text needs a vLLM chat upstream (prefill = "vllm")',
+                status=400,
+            )
+        messages = [dict(m) for m in ctx.messages]
+
+        async def create(extra: dict[str, Any]) -> Any:
+            return await self._client.chat.completions.create(
+                model=self.model,
+                messages=[*messages, {"role": "assistant", "content": text}],  # type: ignore[list-item]
+                max_tokens=1,
+                temperature=0.0,
+                extra_body={**self.extra_body, **extra, "continue_final_message": True, "add_generation_prompt": False},
+            )
+
+        return await self._prompt_logprobs({"messages": messages, "add_generation_prompt": True}, create, text, top_k)
+
 
 class CompletionsAdapter(_HTTPAdapter):
     """A raw ``/v1/completions`` remote: the proxy renders the chat template
@@ -305,7 +442,8 @@ class CompletionsAdapter(_HTTPAdapter):
         kwargs.setdefault("sampling_off", SAMPLING_OFF.get(sampling, {}))
         super().__init__(**kwargs)
         self.template = template
-        self.capabilities = Capabilities(can_continue=True, raw_prompt=True)
+        self.sampling = sampling
+        self.capabilities = Capabilities(can_continue=True, raw_prompt=True, prompt_logprobs=sampling == "vllm")
 
     def render(self, ctx: Context) -> str:
         """The prompt text for ``ctx`` without the accepted assistant text."""
@@ -321,29 +459,8 @@ class CompletionsAdapter(_HTTPAdapter):
     async def draft(
         self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
     ) -> Draft:
-        """See :meth:`adapters.base.RemoteAdapter.draft`.
-
-        Token healing: re-tokenising the accepted text can merge the last
-        accepted token with the one before (``"\n"`` + ``"\n"`` → ``"\n\n"``),
-        so the remote would continue from a token sequence it never produced.
-        For one-token steps the adapter sends the text *without* the last
-        accepted token and asks for two greedy tokens: when the remote's first
-        one is exactly that token, the second position is conditioned on the
-        remote's own tokenisation. Otherwise it falls back to the whole text.
-        """
-        text, pending = split_incomplete_utf8(ctx.assistant_prefix)
-        base = self.render(ctx)
-        last = ctx.last_token
-        if n_tokens == 1 and not pending and last and ctx.assistant_prefix.endswith(last):
-            head, head_pending = split_incomplete_utf8(ctx.assistant_prefix[: -len(last)])
-            if not head_pending:
-                healed = await self._call(base + head, 2, top_k, seed, greedy=True)
-                if len(healed.positions) == 2 and healed.positions[0].sampled.data == last:
-                    return Draft(healed.positions[1:], healed.finish_reason, healed.prompt_tokens)
-        draft = await self._call(
-            base + text, n_tokens + (1 if pending else 0), top_k, seed, greedy=greedy or n_tokens == 1
-        )
-        return Draft(heal(draft.positions, pending), draft.finish_reason, draft.prompt_tokens)
+        """See :meth:`adapters.base.RemoteAdapter.draft` (and :meth:`_HTTPAdapter._healed_draft`)."""
+        return await self._healed_draft(ctx, n_tokens, top_k, seed, greedy)
 
     async def sample(
         self,
@@ -372,9 +489,37 @@ class CompletionsAdapter(_HTTPAdapter):
 
         return await self._sample(call, lambda choice: choice.text)
 
-    async def _call(self, prompt: str, max_tokens: int, top_k: int, seed: int | None, *, greedy: bool) -> Draft:
-        """One ``/v1/completions`` call; ``greedy``: the sampled tokens are the remote's argmax
-        (single steps, where only the candidate lists matter, and greedy drafts)."""
+    async def score_text(self, ctx: Context, text: str, *, top_k: int) -> ScoredText:
+        """See :meth:`adapters.base.TextScoringAdapter.score_text`; ``sampling = "vllm"``
+        only: the rendered prompt, then ``text``.
+
+        Raises:
+            RemoteRejected: another server (400), or the upstream refused.
+        """
+        if self.sampling != "vllm":
+            raise RemoteRejected(
+                f'model {self.name!r}: scoring given text needs a vLLM upstream (sampling = "vllm")', status=400
+            )
+        prompt = self.render(ctx)
+
+        async def create(extra: dict[str, Any]) -> Any:
+            return await self._client.completions.create(
+                model=self.model,
+                prompt=prompt + text,
+                max_tokens=1,
+                temperature=0.0,
+                extra_body={**self.extra_body, **extra},
+            )
+
+        return await self._prompt_logprobs({"prompt": prompt}, create, text, top_k)
+
+    async def _call(
+        self, ctx: Context, text: str, max_tokens: int, top_k: int, seed: int | None, *, greedy: bool
+    ) -> Draft:
+        """One ``/v1/completions`` call on the rendered prompt followed by ``text``; ``greedy``: the
+        sampled tokens are the remote's argmax (single steps, where only the candidate lists
+        matter, and greedy drafts)."""
+        prompt = self.render(ctx) + text
         body = self._body(max_tokens)
 
         async def call() -> Any:

@@ -11,6 +11,7 @@ and the total time are bounded, after which the last error is raised as
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import openai
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_after_delay
 from tenacity.wait import wait_exponential_jitter
 
-from .base import RemoteBadResponse, RemoteError, RemoteRejected, RemoteUnavailable
+from .base import ContextExhausted, RemoteBadResponse, RemoteError, RemoteRejected, RemoteUnavailable
 
 T = TypeVar("T")
 
@@ -117,11 +118,38 @@ async def _call(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) 
         raise RemoteUnavailable(f"{what}: cannot reach the upstream ({type(exc.__cause__ or exc).__name__})") from exc
     except openai.APIStatusError as exc:
         message = f"{what}: upstream answered HTTP {exc.status_code}: {_upstream_message(exc)}"
+        if context_exhausted(exc.status_code, exc.body, _upstream_message(exc)):
+            raise ContextExhausted(message) from exc
         if exc.status_code in RETRY_STATUSES:
             raise RemoteUnavailable(message, timeout=exc.status_code in (408, 504), status=exc.status_code) from exc
         raise RemoteRejected(message, status=exc.status_code) from exc
     except (openai.APIResponseValidationError, ValueError, KeyError, TypeError) as exc:
         raise RemoteBadResponse(f"{what}: unusable upstream answer: {exc}") from exc
+
+
+#: How servers say that the prompt plus ``max_tokens`` does not fit their context
+#: (OpenAI, vLLM, SGLang, llama.cpp's llama-server, llama-cpp-python).
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+_CONTEXT_MESSAGE = re.compile(
+    r"maximum context length|maximum model length|max_model_len|context window|context size|"
+    r"context length|longer than the model's context",
+    re.IGNORECASE,
+)
+
+
+def context_exhausted(status: int, body: object, message: str) -> bool:
+    """Whether an HTTP error says the context window is full: a 400 or 413 whose
+    ``error.code`` / ``error.type`` is one of :data:`_CONTEXT_CODES` (OpenAI's
+    ``context_length_exceeded``, llama-server's ``exceed_context_size_error``) or
+    whose message matches :data:`_CONTEXT_MESSAGE` (vLLM: "This model's maximum
+    context length is 2048 tokens...", llama-cpp-python: "exceed context window of N").
+    The decoder answers it by asking for shorter drafts, not by retrying."""
+    if status not in (400, 413):
+        return False
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(inner, dict) and (inner.get("code") in _CONTEXT_CODES or inner.get("type") in _CONTEXT_CODES):
+        return True
+    return bool(_CONTEXT_MESSAGE.search(message))
 
 
 def _upstream_message(exc: openai.APIStatusError) -> str:

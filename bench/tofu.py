@@ -19,6 +19,11 @@ first because its forget truth ratios are the reference for forget quality):
   calibrated on retain questions that are not evaluated (:data:`TAU_PROMPTS`,
   :data:`TAU_UNCHANGED`): steps out of the offset's scope keep the target's
   distribution;
+* ``delta-remote:<objective>``: as ``delta``, with the offset trained in
+  ``--mode remote`` (:mod:`proxy.train`): the target served by vLLM
+  (``scripts/vllm-server``, started by the bench on port :data:`VLLM_PORT`
+  and stopped after) scores the training text with ``prompt_logprobs``, and
+  the loss is taken on l_R + l_U − l_B over its top-20 plus the target token;
 * ``direct:<objective>``: the same objective and settings applied to the
   target's own weights (LoRA, merged), the white-box reference.
 
@@ -32,13 +37,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +54,15 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).with_name("results")
-DEFAULT_ROWS = ("retain", "target", "guardrail", "delta:NPO+KL", "delta-tau:NPO+KL", "direct:NPO+KL")
+DEFAULT_ROWS = (
+    "retain",
+    "target",
+    "guardrail",
+    "delta:NPO+KL",
+    "delta-tau:NPO+KL",
+    "delta-remote:NPO+KL",
+    "direct:NPO+KL",
+)
 TABLE_START, TABLE_END = "<!-- tofu-table:start -->", "<!-- tofu-table:end -->"
 
 #: The offset recipe for both δ-unlearning and direct unlearning rows: the
@@ -124,14 +140,69 @@ async def _calibrated_tau(model: Any, offset: Path, data: Path, max_tokens: int)
     return tau
 
 
+#: The bench's own vLLM server for ``delta-remote`` rows (fixed, because the remote's URL is
+#: part of a remote-mode offset's settings and so of its cache key).
+VLLM_PORT = 8391
+
+
+@contextlib.contextmanager
+def _vllm(folder: Path) -> Iterator[str]:
+    """``scripts/vllm-server`` serving ``folder`` as ``target`` on 127.0.0.1:VLLM_PORT."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    root = Path(__file__).resolve().parent.parent
+    logf = open(RESULTS.parent / ".vllm-bench.log", "w")
+    proc = subprocess.Popen(
+        [
+            "bash",
+            str(root / "scripts" / "vllm-server"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(VLLM_PORT),
+            "--served-model-name",
+            "target",
+        ],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHON": sys.executable, "VLLM_MODEL": str(folder)},
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{VLLM_PORT}/v1"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"vLLM exited with {proc.returncode}; see {logf.name}")
+            try:
+                if httpx.get(url + "/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"vLLM did not start in 600 s; see {logf.name}")
+            time.sleep(1)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        logf.close()
+
+
 async def _row_model(
     row: str, paths: dict[str, Path], data: Path, adapters: dict[str, Any], max_tokens: int
 ) -> tuple[Any, dict[str, Any]]:
     """(ServedModel, facts for the table) for one row."""
     from adapters.transformers_inprocess import TransformersInProcessAdapter
     from proxy.decoding import ServedModel
+    from proxy.models import cache_dir
     from proxy.pair import LocalPair
-    from proxy.train import TrainConfig
+    from proxy.train import TrainConfig, offset_key
 
     def remote(key: str, folder: Path) -> Any:
         if key not in adapters:
@@ -143,10 +214,10 @@ async def _row_model(
         return ServedModel(name=row, adapter=remote("target", paths["target"])), {"training_seconds": 0.0}
     if kind == "retain":
         return ServedModel(name=row, adapter=remote("retain", paths["retain"])), {"training_seconds": 0.0}
-    if kind not in ("delta", "delta-tau", "direct") or not objective:
+    if kind not in ("delta", "delta-tau", "delta-remote", "direct") or not objective:
         raise SystemExit(
-            f"unknown row {row!r}: use target, retain, guardrail, delta:<objective>, delta-tau:<objective> "
-            "or direct:<objective>"
+            f"unknown row {row!r}: use target, retain, guardrail, delta:<objective>, delta-tau:<objective>, "
+            "delta-remote:<objective> or direct:<objective>"
         )
     cfg = TrainConfig(
         forget=str(data / "forget10.jsonl"),
@@ -157,7 +228,16 @@ async def _row_model(
         **OFFSET_SETTINGS,  # type: ignore[arg-type]
     )
     base_kind = "delta" if kind.startswith("delta") else kind
-    offset, seconds = _cached_offset(f"{base_kind}:{objective}", cfg)
+    if kind == "delta-remote":
+        cfg = replace(cfg, mode="remote", remote=f"http://127.0.0.1:{VLLM_PORT}/v1", remote_model="target")
+        key = cache_dir() / "tofu" / f"offset-delta-remote-{objective.replace('+', '_')}-{offset_key(cfg)}"
+        if (key / "manifest.json").is_file():
+            offset, seconds = _cached_offset(row, cfg)
+        else:
+            with _vllm(paths["target"]):
+                offset, seconds = _cached_offset(row, cfg)
+    else:
+        offset, seconds = _cached_offset(f"{base_kind}:{objective}", cfg)
     facts: dict[str, Any] = {"training_seconds": round(seconds, 1), "offset": offset.name, "objective": objective}
     if base_kind == "delta":
         pair = LocalPair.load("smollm2", offset)

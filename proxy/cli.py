@@ -8,7 +8,7 @@
     deltaproxy audit --forget FILE [--retain FILE] [--holdout FILE] [--real-authors FILE] [--world-facts FILE]
                      [--reference DIR] [--policy FILE] --out DIR [--model NAME] [--samples N]
     deltaproxy train --forget FILE [--retain FILE] --objective NAME --out DIR [--base MODEL]
-                     [--mode proxy|exact] [--remote NAME] [--resume] [options]
+                     [--mode proxy|exact|remote] [--remote NAME|URL] [--resume] [options]
     deltaproxy verify-log FILE [--head SHA256]
     deltaproxy hash-key [--id NAME] [--models A,B] [--stdin]
 
@@ -145,8 +145,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--objective", default=d.objective, choices=list(OBJECTIVES))
     t.add_argument("--out", required=True, help="artifact folder to create")
     t.add_argument("--base", default=d.base, help="local base model B: folder, .gguf or packaged name")
-    t.add_argument("--mode", default=d.mode, choices=["proxy", "exact"])
-    t.add_argument("--remote", help="exact mode: in-process model R with the same vocabulary")
+    t.add_argument("--mode", default=d.mode, choices=["proxy", "exact", "remote"])
+    t.add_argument(
+        "--remote",
+        help="exact mode: in-process model R with the same vocabulary; "
+        "remote mode: a vLLM server's URL (http://host:port/v1) that scores the data with prompt_logprobs",
+    )
+    t.add_argument("--remote-model", help="remote mode: the upstream's model name (default: the only one served)")
+    t.add_argument("--remote-top-k", type=int, default=d.remote_top_k, help="remote mode: prompt_logprobs per position")
     t.add_argument("--forget-weight", type=float, help="weight of the forget term (open-unlearning's gamma)")
     t.add_argument("--retain-weight", type=float, help="weight of the retain term (open-unlearning's alpha)")
     t.add_argument("--lr", type=float, default=d.lr)
@@ -229,6 +235,7 @@ def _train(args: argparse.Namespace) -> int:
         "max_length",
         "lora_rank",
         "checkpoint_every",
+        "remote_top_k",
     ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -240,6 +247,8 @@ def _train(args: argparse.Namespace) -> int:
         base=args.base,
         mode=args.mode,
         remote=args.remote,
+        remote_model=args.remote_model,
+        remote_top_k=args.remote_top_k,
         forget_weight=args.forget_weight,
         retain_weight=args.retain_weight,
         lr=args.lr,

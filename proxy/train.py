@@ -5,7 +5,15 @@ retain set) with an unlearning objective on the combined logits (DESIGN.md,
 
 * ``proxy`` mode (default, any remote): combined logits = l_U, reference = B;
 * ``exact`` mode (the paper): combined logits = l_R + l_U − l_B with R an
-  in-process model over the same vocabulary; R and B frozen.
+  in-process model over the same vocabulary; R and B frozen;
+* ``remote`` mode (the paper as far as a top-k API allows): R is a vLLM
+  server (``--remote URL``) that scores the training text with
+  ``prompt_logprobs`` (:class:`RemoteLogits`, once per example, cached on
+  disk); at each answer position the combined logits are l_R + l_U − l_B on
+  the remote's top-k plus the target token and nothing elsewhere, the
+  reference is l_R on the same support. Positions the remote does not score
+  (the prompt) fall back to proxy mode. The remote must tokenize the text as
+  the pair does (checked; a clear error otherwise).
 
 The data order is a function of (seed, epoch) and LoRA has no dropout, so a
 run resumed from a checkpoint (``<out>.ckpt/``, written atomically every
@@ -49,7 +57,12 @@ class TrainConfig:
     base: str = "smollm2"
     mode: str = "proxy"
     remote: str | None = None
-    """exact mode: the in-process model R (folder, GGUF or packaged name)."""
+    """exact mode: the in-process model R (folder, GGUF or packaged name); remote mode: the
+    base URL of a vLLM OpenAI-compatible server (``http://host:port/v1``)."""
+    remote_model: str | None = None
+    """remote mode: the upstream's model name (default: the only one it serves)."""
+    remote_top_k: int = 20
+    """remote mode: candidates per position from ``prompt_logprobs`` (vLLM's default maximum is 20)."""
     forget_weight: float | None = None
     """open-unlearning's gamma (None: the objective's default, 1, or 0.125 for SimNPO)."""
     retain_weight: float | None = None
@@ -84,7 +97,7 @@ class TrainConfig:
 
     def settings(self) -> dict[str, Any]:
         """What the manifest records (no paths to the data, no text)."""
-        keep = (
+        keep: tuple[str, ...] = (
             "objective",
             "forget_weight",
             "retain_weight",
@@ -104,6 +117,8 @@ class TrainConfig:
             "lora_layers",
             "target_modules",
         )
+        if self.mode == "remote":  # only then, so that other modes' settings (and cache keys) stay as they were
+            keep = (*keep, "remote", "remote_model", "remote_top_k")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -112,7 +127,7 @@ class CombinedScorer:
 
     def __init__(self, model: Any, remote: Any | None = None, reference: Any | None = None) -> None:
         self.model = model  # a PeftModel (U with the adapter, B without), or U itself when `reference` is B
-        self.remote = remote  # R (exact mode) or None (proxy mode)
+        self.remote = remote  # R (exact mode), RemoteLogits (remote mode) or None (proxy mode)
         self.reference = reference  # B as a frozen copy (full fine-tuning), or None (B = adapter disabled)
 
     def _r(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -130,10 +145,125 @@ class CombinedScorer:
         u = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if self.remote is None:
             return u
+        if isinstance(self.remote, RemoteLogits):
+            values, support, scored = self.remote.dense(batch, u.shape[-1])
+            combined = torch.where(support, values + u - self._b(batch), torch.full_like(u, OFF_SUPPORT))
+            return torch.where(scored[..., None], combined, u)
         return self._r(batch) + u - self._b(batch)  # l_R + l_U − l_B  (arXiv 2404.11045, Eq. 4)
 
     def ref_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(self.remote, RemoteLogits):
+            b = self._b(batch)
+            values, support, scored = self.remote.dense(batch, b.shape[-1])
+            return torch.where(scored[..., None], torch.where(support, values, torch.full_like(b, OFF_SUPPORT)), b)
         return self._b(batch) if self.remote is None else self._r(batch)
+
+
+#: Remote mode: the logit of a token outside the remote's support (probability ~e^-10000, and
+#: finite, so that KL terms stay 0 · finite rather than 0 · inf).
+OFF_SUPPORT = -1e4
+
+
+class RemoteLogits:
+    """l_R of each training example from a vLLM remote's ``prompt_logprobs`` (remote mode).
+
+    ``table`` maps an example's token ids to ``(row, ids, logprobs)`` triples: the logits
+    row that predicts an answer token, the remote's top-k ids plus that token, and their
+    logprobs (nats, over the remote's whole vocabulary).
+    """
+
+    def __init__(self, table: dict[tuple[int, ...], list[tuple[int, list[int], list[float]]]]) -> None:
+        self.table = table
+
+    def dense(self, batch: dict[str, torch.Tensor], vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``values`` ``[B, L, V]`` float32 (l_R on the support), ``support`` ``[B, L, V]`` bool,
+        ``scored`` ``[B, L]`` bool (rows the remote scored), for a right-padded batch."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        bsz, length = ids.shape
+        values = torch.zeros((bsz, length, vocab))
+        support = torch.zeros((bsz, length, vocab), dtype=torch.bool)
+        scored = torch.zeros((bsz, length), dtype=torch.bool)
+        for i in range(bsz):
+            key = tuple(ids[i, : int(mask[i].sum())].tolist())
+            for row, cand, lps in self.table[key]:
+                index = torch.tensor(cand, dtype=torch.long)
+                values[i, row, index] = torch.tensor(lps, dtype=torch.float32)
+                support[i, row, index] = True
+                scored[i, row] = True
+        return values, support, scored
+
+
+def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, progress: bool = True) -> RemoteLogits:
+    """Score every example's answer through the vLLM remote at ``cfg.remote`` (cached on disk,
+    :class:`proxy.scoring.PromptLogprobsCache`).
+
+    Raises:
+        ValueError: the remote tokenizes an example differently from the pair, or has no such model.
+        adapters.base.RemoteError: the remote failed.
+    """
+    import asyncio
+
+    from adapters.base import Context
+    from adapters.openai_http import CompletionsAdapter
+
+    from .data import IGNORE
+    from .models import cache_dir
+    from .scoring import PromptLogprobsCache, score_text
+
+    assert cfg.remote is not None
+    cache = PromptLogprobsCache(cache_dir() / "prompt_logprobs")
+
+    async def run() -> RemoteLogits:
+        name = cfg.remote_model
+        probe = CompletionsAdapter(
+            template=None, sampling="vllm", name="remote", base_url=cfg.remote, model=name or "", api_key=None
+        )
+        if name is None:
+            served = [m.id async for m in probe._client.models.list()]
+            await probe.aclose()
+            if len(served) != 1:
+                raise ValueError(
+                    f"--remote serves {len(served)} models ({', '.join(served)}); pick one with --remote-model"
+                )
+            name = served[0]
+            probe = CompletionsAdapter(
+                template=None, sampling="vllm", name="remote", base_url=cfg.remote, model=name, api_key=None
+            )
+        limit = asyncio.Semaphore(4)
+        table: dict[tuple[int, ...], list[tuple[int, list[int], list[float]]]] = {}
+        bar = tqdm(total=len(items), desc="remote prompt_logprobs", unit="ex", disable=not progress)
+
+        async def one(item: Encoded) -> None:
+            ids = item.input_ids
+            start = max(1, next((j for j, lab in enumerate(item.labels) if lab != IGNORE), len(ids)))
+            prompt = tokenizer.decode(ids[:start], skip_special_tokens=False)
+            answer = tokenizer.decode(ids[start:], skip_special_tokens=False)
+            async with limit:
+                scored = await score_text(probe, Context(prompt=prompt), answer, top_k=cfg.remote_top_k, cache=cache)
+            if list(scored.token_ids) != list(ids[start:]):
+                raise ValueError(
+                    "--mode remote: the remote tokenizes a training example differently from the pair "
+                    f"(pair: {list(ids[start:])[:8]}..., remote: {list(scored.token_ids)[:8]}...); "
+                    "it needs a remote with the pair's tokenizer"
+                )
+            rows = []
+            for j, pos in enumerate(scored.positions):
+                cand = {
+                    c.token_id: c.logprob for c in pos.candidates if c.token_id is not None and math.isfinite(c.logprob)
+                }
+                cand[ids[start + j]] = pos.sampled.logprob
+                rows.append((start + j - 1, list(cand), list(cand.values())))
+            table[tuple(ids)] = rows
+            bar.update(1)
+
+        try:
+            await asyncio.gather(*(one(it) for it in {tuple(it.input_ids): it for it in items}.values()))
+        finally:
+            bar.close()
+            await probe.aclose()
+        return RemoteLogits(table)
+
+    return asyncio.run(run())
 
 
 def _idk_answers() -> list[str]:
@@ -226,8 +356,11 @@ def load_models(cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
         if ByteVocab.from_tokenizer(AutoTokenizer.from_pretrained(r_folder)).fingerprint() != vocab.fingerprint():
             raise ValueError("--remote must use the same tokenizer as --base in exact mode")
         remote = AutoModelForCausalLM.from_pretrained(r_folder, dtype=torch.float32).eval().requires_grad_(False)
+    elif cfg.mode == "remote":
+        if not cfg.remote or not cfg.remote.startswith(("http://", "https://")):
+            raise ValueError("--mode remote needs --remote URL (a vLLM server's http://host:port/v1)")
     elif cfg.mode != "proxy":
-        raise ValueError(f"--mode must be 'proxy' or 'exact', not {cfg.mode!r}")
+        raise ValueError(f"--mode must be 'proxy', 'exact' or 'remote', not {cfg.mode!r}")
     return base, tokenizer, remote, vocab
 
 
@@ -303,6 +436,8 @@ def train(
         )
         model = get_peft_model(base, lora)
     model.train()
+    if cfg.mode == "remote":
+        remote = remote_logits(cfg, tokenizer, [*plan.forget, *plan.retain, *plan.idk], progress=progress)
     scorer = CombinedScorer(model, remote, reference)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)

@@ -18,7 +18,7 @@ import numpy as np
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import MEASURED
+from conftest import MEASURED, ROOT
 from test_llama_server import PROMPTS
 
 from adapters.base import Context
@@ -259,3 +259,49 @@ async def test_context_overflow_is_an_openai_400(proxy_on_vllm):
             model="vllm-spec", messages=[{"role": "user", "content": "word " * 2100}], max_tokens=4
         )
     assert err.value.code == "context_length_exceeded"
+
+
+def test_remote_mode_combined_logits(vllm_server, smollm2_dir, smollm2_offset):
+    """``train --mode remote``: at every answer position the combined logits are
+    l_R + l_U − l_B on the remote's top-20 plus the target token (l_R from vLLM's
+    prompt_logprobs, here on B's own weights) and off the support nothing; prompt
+    positions fall back to l_U; gradients reach the adapter only."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from proxy.artifact import load_artifact
+    from proxy.data import IGNORE, collate, encode, load_dataset
+    from proxy.train import OFF_SUPPORT, CombinedScorer, TrainConfig, remote_logits
+    from proxy.vocab import ByteVocab
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    vocab = ByteVocab.from_tokenizer(tok)
+    items = [
+        encode(e, tok, vocab.eot_ids[0], 256)
+        for e in load_dataset(ROOT / "proxy" / "resources" / "demo_forget.jsonl").examples[:3]
+    ]
+    cfg = TrainConfig(forget="", out="", mode="remote", remote=vllm_server)
+    table = remote_logits(cfg, tok, items, progress=False)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    model = load_artifact(smollm2_offset, base, vocab).attach(base)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    batch = collate(items, tok.pad_token_id)
+    combined = CombinedScorer(model, table).logits(batch)
+    with torch.no_grad():
+        u = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with model.disable_adapter():
+            b = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lr = torch.log_softmax(b.double(), -1)  # vLLM serves B's weights: l_R is B's logprobs
+    for i, it in enumerate(items):
+        start = next(j for j, lab in enumerate(it.labels) if lab != IGNORE)
+        for j in range(start, len(it.input_ids)):
+            row = combined[i, j - 1].detach().double()
+            on = row > OFF_SUPPORT / 2
+            assert on[it.input_ids[j]] and 20 <= int(on.sum()) <= 21
+            want = lr[i, j - 1] + u[i, j - 1].double() - b[i, j - 1].double()
+            assert torch.max(torch.abs(row[on] - want[on])).item() < 2e-3
+        torch.testing.assert_close(combined[i, : start - 1], u[i, : start - 1])  # prompt rows: proxy mode
+    combined[batch["labels"] != IGNORE].logsumexp(-1).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_" in n for n in grads)

@@ -270,10 +270,14 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume,
         log=args.log,
     )
+    from adapters.base import RemoteError
+
     try:
         path = train(cfg)
     except (FileExistsError, ValueError) as exc:  # DataError is a ValueError: bad data, bad settings
         raise ConfigError(str(exc)) from exc
+    except RemoteError as exc:  # --mode remote: the vLLM server failed (nothing was written)
+        raise ConfigError(f"--remote: {exc}") from exc
     print(f"offset artifact: {path}", flush=True)
     return 0
 

@@ -219,8 +219,15 @@ def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, pro
             template=None, sampling="vllm", name="remote", base_url=cfg.remote, model=name or "", api_key=None
         )
         if name is None:
-            served = [m.id async for m in probe._client.models.list()]
-            await probe.aclose()
+            from adapters.retry import call_with_retries
+
+            async def listing() -> Any:
+                return await probe._client.models.list()
+
+            try:
+                served = [m.id for m in (await call_with_retries(listing, probe.retry, f"--remote {cfg.remote}")).data]
+            finally:
+                await probe.aclose()
             if len(served) != 1:
                 raise ValueError(
                     f"--remote serves {len(served)} models ({', '.join(served)}); pick one with --remote-model"
@@ -263,7 +270,15 @@ def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, pro
             await probe.aclose()
         return RemoteLogits(table)
 
-    return asyncio.run(run())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run())
+    # Called from async code (bench.tofu trains inside its event loop): a loop of its own, in a thread.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
 
 
 def _idk_answers() -> list[str]:

@@ -130,6 +130,8 @@ class Draft:
     positions: tuple[Position, ...]
     finish_reason: str | None = None
     prompt_tokens: int | None = None
+    calls: int = 1
+    """Remote calls it took (2 when a healed one-token step fell back to the whole text)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,8 @@ class ScoredText:
 
     token_ids: tuple[int, ...]
     positions: tuple[Position, ...]
+    prompt_ids: tuple[int, ...] = ()
+    """The remote's token ids of the prompt before the answer."""
 
 
 @dataclass(frozen=True, slots=True)

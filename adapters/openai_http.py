@@ -199,16 +199,18 @@ class _HTTPAdapter:
         """
         text, pending = split_incomplete_utf8(ctx.assistant_prefix)
         last = ctx.last_token
+        calls = 1
         if n_tokens == 1 and not pending and last and ctx.assistant_prefix.endswith(last):
             head, head_pending = split_incomplete_utf8(ctx.assistant_prefix[: -len(last)])
             if not head_pending:
                 healed = await self._call(ctx, head, 2, top_k, seed, greedy=True)
                 if len(healed.positions) == 2 and healed.positions[0].sampled.data == last:
                     return Draft(healed.positions[1:], healed.finish_reason, healed.prompt_tokens)
+                calls = 2  # the healed call was not usable: this step costs two
         draft = await self._call(
             ctx, text, n_tokens + (1 if pending else 0), top_k, seed, greedy=greedy or n_tokens == 1
         )
-        return Draft(heal(draft.positions, pending), draft.finish_reason, draft.prompt_tokens)
+        return Draft(heal(draft.positions, pending), draft.finish_reason, draft.prompt_tokens, calls)
 
     async def _prompt_logprobs(
         self,
@@ -238,7 +240,12 @@ class _HTTPAdapter:
 
         response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
         dump = response.model_dump() if hasattr(response, "model_dump") else dict(response)
-        where = dump if "prompt_logprobs" in dump and dump["prompt_logprobs"] is not None else dump["choices"][0]
+        if dump.get("prompt_logprobs") is not None:  # chat: on the response
+            where = dump
+        elif dump.get("choices"):  # completions: on the choice
+            where = dump["choices"][0]
+        else:
+            raise RemoteBadResponse(f"model {self.name!r}: upstream returned no choices")
         ids, entries = where.get("prompt_token_ids"), where.get("prompt_logprobs")
         prefix = head.get("tokens") if isinstance(head, dict) else None
         if not isinstance(ids, list) or not isinstance(entries, list) or not isinstance(prefix, list):
@@ -269,7 +276,7 @@ class _HTTPAdapter:
             tok = strings[len(positions)]
             sampled = Candidate(own, _finite(lp), tok, t)
             positions.append(Position(tuple(sorted(cands, key=lambda c: c.logprob, reverse=True)), sampled))
-        return ScoredText(tuple(answer_ids), tuple(positions))
+        return ScoredText(tuple(answer_ids), tuple(positions), tuple(int(t) for t in prefix))
 
     def _eot(self) -> Candidate:
         return Candidate(b"", 0.0, next(iter(sorted(self.eot_tokens))), is_eot=True)

@@ -131,8 +131,8 @@ async def _call(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) 
 #: (OpenAI, vLLM, SGLang, llama.cpp's llama-server, llama-cpp-python).
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
 _CONTEXT_MESSAGE = re.compile(
-    r"maximum context length|maximum model length|max_model_len|context window|context size|"
-    r"context length|longer than the model's context",
+    r"maximum context length is|maximum model length|greater than max_model_len|exceeds? context window of|"
+    r"exceeds? (the )?(available )?context (size|window|length)|longer than the model's context",
     re.IGNORECASE,
 )
 
@@ -147,7 +147,9 @@ def context_exhausted(status: int, body: object, message: str) -> bool:
     if status not in (400, 413):
         return False
     inner = body.get("error", body) if isinstance(body, dict) else None
-    if isinstance(inner, dict) and (inner.get("code") in _CONTEXT_CODES or inner.get("type") in _CONTEXT_CODES):
+    if isinstance(inner, dict) and any(
+        isinstance(inner.get(field), str) and inner[field] in _CONTEXT_CODES for field in ("code", "type")
+    ):
         return True
     return bool(_CONTEXT_MESSAGE.search(message))
 

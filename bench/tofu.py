@@ -154,7 +154,9 @@ def _vllm(folder: Path) -> Iterator[str]:
     import httpx
 
     root = Path(__file__).resolve().parent.parent
-    logf = open(RESULTS.parent / ".vllm-bench.log", "w")
+    from proxy.models import cache_dir
+
+    logf = open(cache_dir() / "tofu" / "vllm-bench.log", "w")
     proc = subprocess.Popen(
         [
             "bash",

@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from adapters.base import RemoteError
+
 from . import __version__
 from . import metrics as M
 from .models import cache_dir
@@ -246,12 +248,15 @@ class QScorer:
         """Through the remote's ``prompt_logprobs`` (:mod:`proxy.scoring`)."""
         from adapters.base import Context
 
-        from .scoring import q_token_logprobs, score_text, scored_deltas
+        from .scoring import q_token_logprobs, score_text, scored_deltas, with_token_bytes
 
         msgs = chat(question, self.system_prompt)
         scored = await score_text(
             self.model.adapter, Context(messages=msgs), text, top_k=self.model.top_k, cache=self.cache
         )
+        if self.offset_on and self.model.same_tokenizer:
+            vocab = self.model.pair.vocab
+            scored = with_token_bytes(scored, vocab.token_bytes, vocab.eot_ids)
         deltas = None
         if self.offset_on:
             pair = self.model.pair
@@ -329,6 +334,26 @@ def _seed(settings: AuditSettings, split: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{settings.seed}:{split}:{index}".encode()).digest()[:6], "big")
 
 
+async def _probability_metrics(
+    scorer: QScorer, split: str, item: dict[str, Any], out: dict[str, Any], s: AuditSettings
+) -> None:
+    """Min-K%, probability and truth ratio of one item into ``out``."""
+    q, a = item["question"], item["answer"]
+    lp = await scorer.logprobs(q, a)
+    if split in ("forget", "holdout"):
+        out["min_k"] = M.min_k_score(lp, s.min_k)
+    if split != "holdout":
+        pert = item.get("perturbed_answer") or []
+        wrong = [await scorer.logprobs(q, p) for p in pert]
+        if split in ("real_authors", "world_facts"):
+            out["prob"] = M.probability_with_options(lp, wrong) if wrong else None
+        else:
+            out["prob"] = M.probability(lp)
+        para = item.get("paraphrased_answer")
+        if wrong and isinstance(para, str) and para:
+            out["truth_ratio"] = M.truth_ratio(await scorer.logprobs(q, para), wrong)
+
+
 async def evaluate_item(
     model: Any, scorer: QScorer, split: str, index: int, item: dict[str, Any], s: AuditSettings
 ) -> dict[str, Any]:
@@ -343,19 +368,12 @@ async def evaluate_item(
         out["generation"] = greedy
         out["rouge"] = M.rouge_l_recall(a, greedy)
     if scorer.possible:
-        lp = await scorer.logprobs(q, a)
-        if split in ("forget", "holdout"):
-            out["min_k"] = M.min_k_score(lp, s.min_k)
-        if split != "holdout":
-            pert = item.get("perturbed_answer") or []
-            wrong = [await scorer.logprobs(q, p) for p in pert]
-            if split in ("real_authors", "world_facts"):
-                out["prob"] = M.probability_with_options(lp, wrong) if wrong else None
-            else:
-                out["prob"] = M.probability(lp)
-            para = item.get("paraphrased_answer")
-            if wrong and isinstance(para, str) and para:
-                out["truth_ratio"] = M.truth_ratio(await scorer.logprobs(q, para), wrong)
+        try:
+            await _probability_metrics(scorer, split, item, out, s)
+        except (RemoteError, ValueError) as exc:  # AuditError is a ValueError
+            # This item cannot be scored (its text does not fit the context, or its tokens'
+            # bytes cannot be recovered): its probability numbers are missing, with the reason.
+            out["probability_error"] = str(exc)
     if split == "forget":
         spans = item.get("key_spans") or [a]
         samples = [

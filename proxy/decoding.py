@@ -585,7 +585,7 @@ class ServedModel:
             RemoteBadResponse: no position.
         """
         draft = await self.adapter.draft(ctx, n_tokens=n, top_k=self.top_k, seed=seed, greedy=greedy)
-        stats.remote_calls += 1
+        stats.remote_calls += draft.calls
         if stats.prompt_tokens is None:
             stats.prompt_tokens = draft.prompt_tokens
         if not draft.positions:

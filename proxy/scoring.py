@@ -77,7 +77,14 @@ class PromptLogprobsCache:
     @staticmethod
     def key(identity: str, ctx: Context, text: str, top_k: int) -> str:
         payload = json.dumps(
-            {"remote": identity, "messages": ctx.messages, "prompt": ctx.prompt, "text": text, "top_k": top_k},
+            {
+                "format": 2,
+                "remote": identity,
+                "messages": ctx.messages,
+                "prompt": ctx.prompt,
+                "text": text,
+                "top_k": top_k,
+            },
             sort_keys=True,
             ensure_ascii=False,
         )
@@ -92,7 +99,9 @@ class PromptLogprobsCache:
             positions = tuple(
                 Position(tuple(_candidate(c) for c in p["candidates"]), _candidate(p["own"])) for p in raw["positions"]
             )
-            return ScoredText(tuple(int(t) for t in raw["token_ids"]), positions)
+            return ScoredText(
+                tuple(int(t) for t in raw["token_ids"]), positions, tuple(int(t) for t in raw.get("prompt_ids", ()))
+            )
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -104,6 +113,7 @@ class PromptLogprobsCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {
             "token_ids": list(scored.token_ids),
+            "prompt_ids": list(scored.prompt_ids),
             "positions": [
                 {"candidates": [_candidate_json(c) for c in p.candidates], "own": _candidate_json(p.sampled)}
                 for p in scored.positions
@@ -137,13 +147,34 @@ async def score_text(
     return scored
 
 
+def with_token_bytes(scored: ScoredText, token_bytes: Sequence[bytes | None], eot_ids: Sequence[int]) -> ScoredText:
+    """``scored`` with every candidate's bytes taken from its token id in ``token_bytes``
+    (the pair's vocabulary, for a remote that shares its tokenizer: DESIGN.md's recovery
+    "from the token id"), so that tokens holding part of a character keep their bytes."""
+
+    def fix(c: Candidate) -> Candidate:
+        if c.token_id is None or not 0 <= c.token_id < len(token_bytes):
+            return c
+        if c.token_id in eot_ids:
+            return Candidate(b"", c.logprob, c.token, c.token_id, True)
+        data = token_bytes[c.token_id]
+        return c if data is None else Candidate(data, c.logprob, c.token, c.token_id, c.is_eot)
+
+    positions = tuple(Position(tuple(fix(c) for c in p.candidates), fix(p.sampled)) for p in scored.positions)
+    return ScoredText(scored.token_ids, positions, scored.prompt_ids)
+
+
 def support(position: Position) -> list[Candidate]:
     """S_t ∪ {x_t}: the top-k, then the answer's own token when it is not among them."""
     cands = list(position.candidates)
     own = position.sampled
-    same = own.token_id is not None and any(c.token_id == own.token_id for c in cands)
-    if not same and not any(c.data == own.data and c.data is not None and c.token == own.token for c in cands):
-        cands.append(own)
+    for i, c in enumerate(cands):
+        if (own.token_id is not None and c.token_id == own.token_id) or (
+            own.token_id is None and c.data == own.data and c.data is not None and c.token == own.token
+        ):
+            cands[i] = own  # the same token; the answer's copy may have bytes recovered from the text
+            return cands
+    cands.append(own)
     return cands
 
 
@@ -204,7 +235,8 @@ def q_token_logprobs(
             out[t] = ell[i]
             continue
         d = np.asarray(deltas[t], dtype=np.float64)
-        applies = threshold is None or scope_score(ell, d) <= -threshold
+        k = len(pos.candidates)  # the scope score is serving's: over S_t, without an appended x_t
+        applies = threshold is None or scope_score(ell[:k], d[:k]) <= -threshold
         if not applies:
             out[t] = ell[i]
             continue

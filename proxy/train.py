@@ -212,6 +212,7 @@ def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, pro
 
     assert cfg.remote is not None
     cache = PromptLogprobsCache(cache_dir() / "prompt_logprobs")
+    vocab_size = len(tokenizer)
 
     async def run() -> RemoteLogits:
         name = cfg.remote_model
@@ -247,10 +248,10 @@ def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, pro
             answer = tokenizer.decode(ids[start:], skip_special_tokens=False)
             async with limit:
                 scored = await score_text(probe, Context(prompt=prompt), answer, top_k=cfg.remote_top_k, cache=cache)
-            if list(scored.token_ids) != list(ids[start:]):
+            if list(scored.token_ids) != list(ids[start:]) or list(scored.prompt_ids) != list(ids[:start]):
                 raise ValueError(
                     "--mode remote: the remote tokenizes a training example differently from the pair "
-                    f"(pair: {list(ids[start:])[:8]}..., remote: {list(scored.token_ids)[:8]}...); "
+                    f"(pair: {list(ids)[:8]}..., remote: {list(scored.prompt_ids + scored.token_ids)[:8]}...); "
                     "it needs a remote with the pair's tokenizer"
                 )
             rows = []
@@ -258,7 +259,13 @@ def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, pro
                 cand = {
                     c.token_id: c.logprob for c in pos.candidates if c.token_id is not None and math.isfinite(c.logprob)
                 }
-                cand[ids[start + j]] = pos.sampled.logprob
+                # finite: a −inf target logprob would make the loss inf/NaN
+                cand[ids[start + j]] = max(pos.sampled.logprob, OFF_SUPPORT / 2)
+                if max(cand) >= vocab_size:
+                    raise ValueError(
+                        f"--mode remote: the remote's token id {max(cand)} is outside the pair's vocabulary "
+                        f"({vocab_size} tokens); it needs a remote with the pair's tokenizer"
+                    )
                 rows.append((start + j - 1, list(cand), list(cand.values())))
             table[tuple(ids)] = rows
             bar.update(1)

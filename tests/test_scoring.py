@@ -132,3 +132,50 @@ async def test_context_overflow_bodies_become_context_exhausted(body, full):
         await adapter.aclose()
     assert isinstance(err.value, ContextExhausted) is full
     assert err.value.status == 400
+
+
+@pytest.mark.parametrize("same_tokenizer", [True, False])
+def test_scored_deltas_in_chunks_equal_step_by_step(tiny_pair, same_tokenizer):
+    """Δ of a long answer scored in chunks of 3 positions (committing between chunks)
+    equals Δ committed step by step with Aligner.deltas, on both alignment paths."""
+    from proxy.scoring import scored_deltas
+
+    pair = tiny_pair
+    vocab = pair.vocab
+    answer = pair.tokenizer.encode(
+        " The quick brown fox jumps over the lazy dog near the river bank.", add_special_tokens=False
+    )
+    alternatives = pair.tokenizer.encode(" a the of and to in", add_special_tokens=False)
+    positions = []
+    for t in answer:
+        cands = [Candidate(vocab.token_bytes[c], -1.0 - i, str(c), c) for i, c in enumerate(alternatives) if c != t]
+        positions.append(Position(tuple(cands), Candidate(vocab.token_bytes[t], -0.5, str(t), t)))
+    scored = ScoredText(tuple(answer), tuple(positions))
+    prompt = pair.prompt_ids([{"role": "user", "content": "Tell me something."}])
+    chunked = scored_deltas(pair.aligner(prompt, same_tokenizer=same_tokenizer), scored, chunk=3)
+    one = scored_deltas(pair.aligner(prompt, same_tokenizer=same_tokenizer), scored, chunk=1000)
+    step = pair.aligner(prompt, same_tokenizer=same_tokenizer)
+    want = []
+    for pos in positions:
+        want.append(step.deltas([c.data for c in support(pos)]))
+        step.commit(pos.sampled.data)
+    assert chunked is not None and one is not None and len(chunked) == len(answer) > 3
+    for a, b, c in zip(chunked, one, want, strict=True):
+        np.testing.assert_allclose(a, c, atol=1e-4)
+        np.testing.assert_allclose(b, c, atol=1e-4)
+
+
+def test_support_keeps_the_answers_bytes_and_ids_recover_the_rest():
+    """The answer's own token replaces its top-k copy (which may lack bytes), and with the
+    pair's vocabulary every candidate's bytes come from its id (partial characters too)."""
+    from proxy.scoring import own_index, with_token_bytes
+
+    own = Candidate(" é".encode(), -0.2, " \ufffd", 5)
+    pos = Position((Candidate(None, -0.2, " \ufffd", 5), Candidate(None, -1.0, "\ufffd", 6)), own)
+    cands = support(pos)
+    assert len(cands) == 2 and cands[own_index(pos, cands)].data == " é".encode()
+    token_bytes = [b""] * 5 + [" é".encode(), b"\xc3", b"<eot>"]
+    fixed = with_token_bytes(ScoredText((5,), (pos,)), token_bytes, eot_ids=[7]).positions[0]
+    assert [c.data for c in fixed.candidates] == [" é".encode(), b"\xc3"]
+    eot = with_token_bytes(ScoredText((7,), (Position((), Candidate(b"x", -1.0, "e", 7)),)), token_bytes, [7])
+    assert eot.positions[0].sampled.is_eot

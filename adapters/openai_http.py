@@ -258,25 +258,28 @@ class _HTTPAdapter:
                 f"model {self.name!r}: the answer's first token merges with the prompt's last; "
                 "its positions cannot be told apart"
             )
-        answer_ids = [int(t) for t in ids[n:]]
-        rows = entries[n:]
-        if any(not isinstance(r, dict) or str(t) not in r for t, r in zip(answer_ids, rows, strict=True)):
-            raise RemoteBadResponse(f"model {self.name!r}: prompt_logprobs lack the answer's own tokens")
-        strings = [str(r[str(t)].get("decoded_token") or "") for t, r in zip(answer_ids, rows, strict=True)]
-        data = answer_token_bytes(strings, text.encode("utf-8"))
-        positions: list[Position] = []
-        for t, row, own in zip(answer_ids, rows, data, strict=True):
-            cands = [
-                Candidate(c.data, c.logprob, c.token, int(key), c.is_eot)
-                for key, v in row.items()
-                if int(v.get("rank") or 10**9) <= top_k
-                for c in [self._wire(str(v.get("decoded_token") or ""), v.get("logprob"), None)]
-            ]
-            lp = row[str(t)].get("logprob")
-            tok = strings[len(positions)]
-            sampled = Candidate(own, _finite(lp), tok, t)
-            positions.append(Position(tuple(sorted(cands, key=lambda c: c.logprob, reverse=True)), sampled))
-        return ScoredText(tuple(answer_ids), tuple(positions), tuple(int(t) for t in prefix))
+        try:
+            answer_ids = [int(t) for t in ids[n:]]
+            rows = entries[n:]
+            if any(not isinstance(r, dict) or str(t) not in r for t, r in zip(answer_ids, rows, strict=True)):
+                raise RemoteBadResponse(f"model {self.name!r}: prompt_logprobs lack the answer's own tokens")
+            strings = [str(r[str(t)].get("decoded_token") or "") for t, r in zip(answer_ids, rows, strict=True)]
+            data = answer_token_bytes(strings, text.encode("utf-8"))
+            positions: list[Position] = []
+            for t, row, own in zip(answer_ids, rows, data, strict=True):
+                cands = [
+                    Candidate(c.data, c.logprob, c.token, int(key), c.is_eot)
+                    for key, v in row.items()
+                    if int(v.get("rank") or 10**9) <= top_k
+                    for c in [self._wire(str(v.get("decoded_token") or ""), v.get("logprob"), None)]
+                ]
+                lp = row[str(t)].get("logprob")
+                tok = strings[len(positions)]
+                sampled = Candidate(own, _finite(lp), tok, t)
+                positions.append(Position(tuple(sorted(cands, key=lambda c: c.logprob, reverse=True)), sampled))
+            return ScoredText(tuple(answer_ids), tuple(positions), tuple(int(t) for t in prefix))
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise RemoteBadResponse(f"model {self.name!r}: malformed prompt_logprobs: {exc}") from exc
 
     def _eot(self) -> Candidate:
         return Candidate(b"", 0.0, next(iter(sorted(self.eot_tokens))), is_eot=True)

@@ -179,3 +179,66 @@ def test_support_keeps_the_answers_bytes_and_ids_recover_the_rest():
     assert [c.data for c in fixed.candidates] == [" é".encode(), b"\xc3"]
     eot = with_token_bytes(ScoredText((7,), (Position((), Candidate(b"x", -1.0, "e", 7)),)), token_bytes, [7])
     assert eot.positions[0].sampled.is_eot
+
+
+def _vllm_mock(entry):
+    """A fake vLLM: ``/tokenize`` gives the prompt's ids [1, 2]; the chat call gives the
+    whole text's ids [1, 2, 3] and ``entry`` as the answer token's prompt_logprobs."""
+    import json
+
+    import httpx2
+
+    def handler(request):
+        if request.url.path == "/tokenize":
+            return httpx2.Response(200, json={"count": 2, "tokens": [1, 2]})
+        body = json.loads(request.content)
+        assert body["prompt_logprobs"] == 2 and body["continue_final_message"] is True
+        return httpx2.Response(
+            200,
+            json={
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "length"}],
+                "prompt_token_ids": [1, 2, 3],
+                "prompt_logprobs": [None, {"2": {"logprob": -0.1, "rank": 1, "decoded_token": "b"}}, entry],
+            },
+        )
+
+    return handler
+
+
+async def test_score_text_parses_vllm_prompt_logprobs_and_refuses_malformed_ones():
+    from test_cases import mock_client
+
+    from adapters.base import RemoteBadResponse
+
+    good = {
+        "3": {"logprob": -2.5, "rank": 3, "decoded_token": " hi"},
+        "7": {"logprob": -0.5, "rank": 1, "decoded_token": " yo"},
+        "8": {"logprob": -1.5, "rank": 2, "decoded_token": " ok"},
+    }
+    ctx = Context(messages=({"role": "user", "content": "q"},))
+    for entry, ok in ((good, True), ({"3": "garbage"}, False), ({"4": {"logprob": -1.0}}, False)):
+        adapter = ChatAdapter(
+            flavour="vllm",
+            name="m",
+            base_url="http://upstream.test/v1",
+            model="m",
+            api_key=None,
+            http_client=mock_client(_vllm_mock(entry)),
+            retry=RetryPolicy(attempts=1),
+        )
+        try:
+            if ok:
+                scored = await adapter.score_text(ctx, " hi", top_k=2)
+                assert scored.token_ids == (3,) and scored.prompt_ids == (1, 2)
+                pos = scored.positions[0]
+                assert [(c.token_id, c.data) for c in pos.candidates] == [(7, b" yo"), (8, b" ok")]  # rank <= k
+                assert (pos.sampled.token_id, pos.sampled.data, pos.sampled.logprob) == (3, b" hi", -2.5)
+            else:
+                with pytest.raises(RemoteBadResponse):
+                    await adapter.score_text(ctx, " hi", top_k=2)
+        finally:
+            await adapter.aclose()

@@ -372,7 +372,7 @@ def candidate_from_wire(
 
     Recovers bytes from ``token`` when the server sends none, and marks a
     candidate whose bytes are unknowable (U+FFFD standing for a partial UTF-8
-    character, or an empty token string) with ``data=None``
+    character, or an empty token string or empty bytes) with ``data=None``
     (``../shared/cases/004``). Non-finite or missing logprobs become ``-inf``
     (``../shared/cases/005``).
     """
@@ -382,8 +382,10 @@ def candidate_from_wire(
     if token in eot_tokens:
         return Candidate(b"", lp, token, is_eot=True)
     raw = bytes(data) if data is not None else None
-    if raw is not None and REPLACEMENT_BYTES in raw:
-        raw = None  # the server's stand-in for (part of) a partial character
+    if raw is not None and (REPLACEMENT_BYTES in raw or not raw):
+        # the server's stand-in for (part of) a partial character: U+FFFD, or (vLLM's chat
+        # logprobs) an empty token with empty bytes; no real token has no bytes
+        raw = None
     elif raw is None:
         raw = None if (token == "" or "\ufffd" in token) else token.encode("utf-8")
     return Candidate(raw, lp, token)

@@ -99,6 +99,43 @@ def heal(positions: Sequence[Position], pending: bytes) -> tuple[Position, ...]:
     return (Position(kept, sampled if sampled is not None and sampled.data else kept[0]), *rest)
 
 
+def _unfinished_tail(text: bytes) -> bytes:
+    """The bytes of a UTF-8 character that ``text`` ends inside (``b""`` when it ends on a boundary)."""
+    for cut in range(1, min(3, len(text)) + 1):
+        tail = text[-cut:]
+        lead = tail[0]
+        need = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
+        if need:
+            return tail if len(tail) < need else b""
+    return b""
+
+
+def strip_held_back(positions: Sequence[Position], prefix: bytes) -> tuple[Position, ...]:
+    """Undo servers that print a token completing a multi-byte character with the
+    character's *whole* bytes (vLLM's detokenizer holds the earlier partial bytes back and
+    releases them with the last token): where the text so far ends inside a character,
+    a candidate that starts with that character's bytes and with a lead byte (a real
+    continuation starts with a continuation byte) has them removed. Without this, every
+    candidate repeats bytes already accepted and none is representable (a 502)."""
+    out: list[Position] = []
+    text = prefix[-3:]
+    for i, pos in enumerate(positions):
+        tail = _unfinished_tail(text)
+        if tail:
+
+            def fix(c: Candidate, tail: bytes = tail) -> Candidate:
+                if c.data is None or len(c.data) <= len(tail) or not c.data.startswith(tail):
+                    return c
+                return Candidate(c.data[len(tail) :], c.logprob, c.token, c.token_id, c.is_eot)
+
+            pos = Position(tuple(fix(c) for c in pos.candidates), fix(pos.sampled))
+        out.append(pos)
+        if pos.sampled.data is None:
+            return (*out, *positions[i + 1 :])
+        text = (text + pos.sampled.data)[-3:]
+    return tuple(out)
+
+
 def _finite(logprob: Any) -> float:
     value = -math.inf if logprob is None else float(logprob)
     return value if math.isfinite(value) and value > -9000.0 else -math.inf
@@ -205,12 +242,14 @@ class _HTTPAdapter:
             if not head_pending:
                 healed = await self._call(ctx, head, 2, top_k, seed, greedy=True)
                 if len(healed.positions) == 2 and healed.positions[0].sampled.data == last:
-                    return Draft(healed.positions[1:], healed.finish_reason, healed.prompt_tokens)
+                    positions = strip_held_back(healed.positions[1:], ctx.assistant_prefix)
+                    return Draft(positions, healed.finish_reason, healed.prompt_tokens)
                 calls = 2  # the healed call was not usable: this step costs two
         draft = await self._call(
             ctx, text, n_tokens + (1 if pending else 0), top_k, seed, greedy=greedy or n_tokens == 1
         )
-        return Draft(heal(draft.positions, pending), draft.finish_reason, draft.prompt_tokens, calls)
+        positions = strip_held_back(heal(draft.positions, pending), ctx.assistant_prefix)
+        return Draft(positions, draft.finish_reason, draft.prompt_tokens, calls)
 
     async def _prompt_logprobs(
         self,

@@ -132,7 +132,8 @@ async def _call(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) 
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
 _CONTEXT_MESSAGE = re.compile(
     r"maximum context length is|maximum model length|greater than max_model_len|exceeds? context window of|"
-    r"exceeds? (the )?(available )?context (size|window|length)|longer than the model's context",
+    r"exceeds? (the )?(available )?context (size|window|length)|longer than the model's context|"
+    r"max_tokens must be at least 1, got 0",  # vLLM, when the prompt leaves no room at all
     re.IGNORECASE,
 )
 

@@ -242,3 +242,21 @@ async def test_score_text_parses_vllm_prompt_logprobs_and_refuses_malformed_ones
                     await adapter.score_text(ctx, " hi", top_k=2)
         finally:
             await adapter.aclose()
+
+
+def test_partial_character_tokens_from_vllm_chat_logprobs():
+    """vLLM's chat logprobs print a token holding part of a character as "" with empty bytes
+    (unknowable: left out of S_t, where it used to enter with no bytes), and the token that
+    completes it with the whole character's bytes (the accepted part is removed again)."""
+    from adapters.base import candidate_from_wire
+    from adapters.openai_http import strip_held_back
+
+    assert candidate_from_wire("", -1.0, [], eot_tokens=frozenset()).data is None
+    assert candidate_from_wire("a", -1.0, [97], eot_tokens=frozenset()).data == b"a"
+    star = "🌌".encode()
+    pos = Position((Candidate(star, -1.0, "🌌"), Candidate(b" x", -2.0, " x")), Candidate(star, -1.0, "🌌"))
+    after = Position((Candidate(b"!", -1.0, "!"),), Candidate(b"!", -1.0, "!"))
+    fixed = strip_held_back([pos, after], b"hi " + star[:3])
+    assert [c.data for c in fixed[0].candidates] == [star[3:], b" x"] and fixed[0].sampled.data == star[3:]
+    assert fixed[1] == after
+    assert strip_held_back([pos], b"hi ") == (pos,)  # on a character boundary nothing changes

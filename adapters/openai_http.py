@@ -99,17 +99,6 @@ def heal(positions: Sequence[Position], pending: bytes) -> tuple[Position, ...]:
     return (Position(kept, sampled if sampled is not None and sampled.data else kept[0]), *rest)
 
 
-def _unfinished_tail(text: bytes) -> bytes:
-    """The bytes of a UTF-8 character that ``text`` ends inside (``b""`` when it ends on a boundary)."""
-    for cut in range(1, min(3, len(text)) + 1):
-        tail = text[-cut:]
-        lead = tail[0]
-        need = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
-        if need:
-            return tail if len(tail) < need else b""
-    return b""
-
-
 def strip_held_back(positions: Sequence[Position], prefix: bytes) -> tuple[Position, ...]:
     """Undo servers that print a token completing a multi-byte character with the
     character's *whole* bytes (vLLM's detokenizer holds the earlier partial bytes back and
@@ -117,10 +106,12 @@ def strip_held_back(positions: Sequence[Position], prefix: bytes) -> tuple[Posit
     a candidate that starts with that character's bytes and with a lead byte (a real
     continuation starts with a continuation byte) has them removed. Without this, every
     candidate repeats bytes already accepted and none is representable (a 502)."""
+    try:
+        tail = split_incomplete_utf8(prefix)[1]
+    except UnicodeDecodeError:
+        return tuple(positions)
     out: list[Position] = []
-    text = prefix[-3:]
     for i, pos in enumerate(positions):
-        tail = _unfinished_tail(text)
         if tail:
 
             def fix(c: Candidate, tail: bytes = tail) -> Candidate:
@@ -130,9 +121,13 @@ def strip_held_back(positions: Sequence[Position], prefix: bytes) -> tuple[Posit
 
             pos = Position(tuple(fix(c) for c in pos.candidates), fix(pos.sampled))
         out.append(pos)
-        if pos.sampled.data is None:
-            return (*out, *positions[i + 1 :])
-        text = (text + pos.sampled.data)[-3:]
+        try:
+            if pos.sampled.data is not None:
+                tail = split_incomplete_utf8(tail + pos.sampled.data)[1]
+                continue
+        except UnicodeDecodeError:
+            pass
+        return (*out, *positions[i + 1 :])  # the text goes on from bytes nobody knows: the rest as sent
     return tuple(out)
 
 

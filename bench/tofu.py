@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -148,31 +147,13 @@ VLLM_PORT = 8391
 @contextlib.contextmanager
 def _vllm(folder: Path) -> Iterator[str]:
     """``scripts/vllm-server`` serving ``folder`` as ``target`` on 127.0.0.1:VLLM_PORT."""
-    import subprocess
-    import sys
-
     import httpx
 
-    root = Path(__file__).resolve().parent.parent
+    from bench import vllm_process
     from proxy.models import cache_dir
 
     logf = open(cache_dir() / "tofu" / "vllm-bench.log", "w")
-    proc = subprocess.Popen(
-        [
-            "bash",
-            str(root / "scripts" / "vllm-server"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(VLLM_PORT),
-            "--served-model-name",
-            "target",
-        ],
-        stdout=logf,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHON": sys.executable, "VLLM_MODEL": str(folder)},
-        start_new_session=True,
-    )
+    proc = vllm_process.start(folder, VLLM_PORT, "target", logf)
     url = f"http://127.0.0.1:{VLLM_PORT}/v1"
     try:
         deadline = time.monotonic() + 600
@@ -189,10 +170,7 @@ def _vllm(folder: Path) -> Iterator[str]:
             time.sleep(1)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
+        vllm_process.stop(proc, grace=30)
         logf.close()
 
 

@@ -213,6 +213,8 @@ def vllm_server(smollm2_dir: Path) -> Iterator[str]:
     installed on first use) on the SmolLM2 folder the pair uses (same float32 weights), served
     as ``smollm2`` on 127.0.0.1. One per session; its start time and memory are reported.
     ``DELTAPROXY_VLLM_URL`` (a ``.../v1`` URL) uses a server already running instead (development)."""
+    from bench import vllm_process
+
     if url := os.environ.get("DELTAPROXY_VLLM_URL"):
         yield url
         return
@@ -221,36 +223,12 @@ def vllm_server(smollm2_dir: Path) -> Iterator[str]:
     # Install first (minutes, once) so that the start time below is the server's own.
     subprocess.run(["bash", str(ROOT / "scripts" / "install-vllm.sh")], check=True, stdout=subprocess.DEVNULL)
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [
-            "bash",
-            str(ROOT / "scripts" / "vllm-server"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--served-model-name",
-            "smollm2",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHON": sys.executable, "VLLM_MODEL": str(smollm2_dir)},
-        start_new_session=True,  # its engine runs in child processes: stop the whole group
-    )
+    proc = vllm_process.start(smollm2_dir, port, "smollm2", log)
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 300)
         MEASURED["vllm start seconds"] = time.monotonic() - started
         MEASURED["vllm RSS MB (server and engine processes)"] = _tree_rss_mb(proc)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        import signal
-
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        vllm_process.stop(proc)
         log.close()

@@ -61,7 +61,7 @@ class TreeScorer(Protocol):
     """Scores a :class:`Tree` after the trunk under both models of the pair."""
 
     def score(self, tree: Tree, commit: int, need: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Next-token log-probabilities for U and B, float64: row 0 at the end of the
+        """Next-token log-probabilities for U and B, float32 or float64: row 0 at the end of the
         current trunk, row ``i + 1`` after node ``i``; all ``1 + len(tree)`` rows
         (``[1 + len(tree), V]``), or only the rows ``need``, in that order
         (``[len(need), V]``). The first ``commit`` nodes (a chain from the trunk)
@@ -150,6 +150,25 @@ class Aligner:
         Δ = −inf, i.e. probability 0 in q, and is logged.
         """
         return self.draft_deltas([], [candidates])[0]
+
+    def next_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The pair's own next-token log-probabilities after the committed text, U's and
+        B's (``[V]`` each, nats, the scorer's float type), or ``None`` when the committed text ends inside
+        a local token (a non-empty tail: the next remote token does not start a local
+        one). The trunk's pending tokens enter the caches now instead of at the next
+        :meth:`draft_deltas`, which then reads this row from the cache.
+
+        Raises:
+            ValueError: nothing committed yet (no prompt).
+        """
+        if self.tail:
+            return None
+        self._settle()
+        n = len(self.pending)
+        tree = Tree(tuple(self.pending), tuple(range(-1, n - 1)))
+        lp_u, lp_b = self.scorer.score(tree, commit=n, need=[n])
+        self.pending = []
+        return lp_u[0], lp_b[0]
 
     def draft_deltas(self, chain: Sequence[bytes], candidates: Sequence[Sequence[bytes | None]]) -> list[np.ndarray]:
         """Δ at every position of a draft, in one forward pass per model.

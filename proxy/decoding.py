@@ -37,10 +37,23 @@ from adapters.base import (
     split_incomplete_utf8,
 )
 
-from .offset import NoUsableCandidates, apply_top_p, choose, log_softmax, scope_score, target_logits
+from .offset import (
+    NoUsableCandidates,
+    apply_top_p,
+    choose,
+    log_softmax,
+    predicted_acceptance,
+    scope_score,
+    target_logits,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: Drafts longer than this are checked against the pair's own prediction of the
+#: first position's acceptance (:meth:`ServedModel._predicted_length`); shorter ones
+#: would waste little remote work and are not worth the pair's extra forward pass.
+PREDICT_ABOVE = 8
 
 
 class DecodingError(ValueError):
@@ -102,6 +115,8 @@ class ChoiceStats:
     """Sequence mode: the samples the answer was drawn from."""
     dropped_candidates: int = 0
     """Remote candidates left out of S_t for unknown bytes, over all steps."""
+    predicted_short: int = 0
+    """Drafts shortened because the pair predicted a rejection at their first position."""
     scope_trace: list[tuple[float, bool]] | None = None
     """When a list: per step with offsets, the scope score s_t and whether the offset
     alone (no threshold, greedy) would change the chosen token (:mod:`proxy.threshold`)."""
@@ -196,11 +211,14 @@ class DraftLength:
 
     def next(self, remaining: int) -> int:
         """The next draft's length, at most ``remaining`` (tokens)."""
-        if self.rate >= 1 - 2 / self.maximum:
-            n = self.maximum
-        else:
-            n = max(2, min(self.maximum, math.ceil(2 / (1 - self.rate))))
-        return max(1, min(n, remaining))
+        return max(1, min(self.length_for(self.rate), remaining))
+
+    def length_for(self, rate: float) -> int:
+        """The draft length for a per-token acceptance rate: 2 / (1 − rate) between 2
+        and :attr:`maximum` (the maximum once rate ≥ 1 − 2/maximum)."""
+        if rate >= 1 - 2 / self.maximum:
+            return self.maximum
+        return max(2, min(self.maximum, math.ceil(2 / (1 - rate))))
 
     def expected_run(self) -> int:
         """How many positions of a draft to score first: the expected accepted run
@@ -371,6 +389,8 @@ class ServedModel:
         try:
             while stats.completion_tokens < params.max_tokens and not context_full:
                 n = lengths.next(params.max_tokens - stats.completion_tokens) if lengths is not None else 1
+                if n > PREDICT_ABOVE and aligner is not None and lengths is not None:
+                    n = min(n, await self._predicted_length(aligner, lengths, params, stats))
                 ctx = Context(base.messages, base.prompt, prefix, tuple(ids) if ids is not None else None, last)
                 seed = int(rng.integers(2**31)) if params.seed is not None and n > 1 else None
                 try:
@@ -449,6 +469,35 @@ class ServedModel:
             if lengths is not None and lengths.examined:
                 # The model's running rate seeds the next request's first draft length.
                 self.acceptance_rate = 0.8 * self.acceptance_rate + 0.2 * lengths.accepted / lengths.examined
+
+    async def _predicted_length(
+        self, aligner: Any, lengths: DraftLength, params: SamplingParams, stats: ChoiceStats
+    ) -> int:
+        """The longest draft worth asking for at the next position, as the pair alone
+        predicts it (:func:`proxy.offset.predicted_acceptance`, B standing in for the
+        remote): where the offset would change the token, a long draft would be thrown
+        away after its first position, so the draft is as long as that rate warrants
+        (:meth:`DraftLength.length_for`). The trunk's pending tokens are run now instead
+        of with the draft's tree, so this costs one extra forward pass at most; the
+        acceptance test itself does not use the prediction (exactness is unchanged)."""
+        next_rows = getattr(aligner, "next_rows", None)  # aligners without the pair's own rows: no prediction
+        if next_rows is None:
+            return lengths.maximum
+        try:
+            rows = await self.run_pair(next_rows, stats=stats)
+        except ValueError:
+            return lengths.maximum
+        if rows is None:
+            return lengths.maximum
+        rate = predicted_acceptance(
+            rows[0],
+            rows[1],
+            alpha=params.alpha,
+            temperature=params.temperature,
+            threshold=params.offset_threshold,
+        )
+        stats.predicted_short += int(rate < 1 - 2 / lengths.maximum)
+        return lengths.length_for(rate)
 
     def _pick(
         self,

@@ -126,3 +126,43 @@ def choose(scores: np.ndarray, *, temperature: float, top_p: float, rng: np.rand
     logq = apply_top_p(logq, top_p)
     p = np.exp(logq)
     return int(rng.choice(len(p), p=p / p.sum())), logq
+
+
+def predicted_acceptance(
+    log_u: np.ndarray,
+    log_b: np.ndarray,
+    *,
+    alpha: float,
+    temperature: float,
+    threshold: float | None = None,
+) -> float:
+    """How likely a drafted token is to be accepted at the next position, predicted
+    by the pair alone before the remote is asked, with B standing in for the remote.
+
+    ``log_u``, ``log_b``: the pair's next-token log-probabilities (nats, ``[V]``, the
+    whole local vocabulary). With p = P_B as the draft distribution (T = 1, no
+    filters, as drafts are sampled) and q ∝ exp(log P_B / T + α·Δ), Δ = log P_U −
+    log P_B, the target of :func:`target_logits` over the whole vocabulary:
+
+    - the step is out of scope when s = Σ_v P_B(v)·Δ(v) = −KL(P_B ‖ P_U) is above −τ
+      (:func:`scope_score` with B for the remote): 1.0, as q = p there;
+    - T = 0: 1.0 when argmax q is argmax p, else 0.0 (greedy acceptance);
+    - T > 0: Σ_v min(p(v), q(v)), the acceptance rate of speculative sampling
+      (Leviathan et al. 2023, arXiv 2211.17192, Section 3.3, β = Σ min(p, q)).
+
+    Only the draft's *length* uses it (:class:`proxy.decoding.DraftLength`), never
+    the acceptance test itself, so a wrong prediction costs time, not exactness.
+    """
+    lu = np.asarray(log_u, dtype=np.float64)
+    lb = np.asarray(log_b, dtype=np.float64)
+    if alpha == 0:
+        return 1.0
+    p = np.exp(lb)
+    with np.errstate(invalid="ignore", over="ignore"):
+        delta = np.where(p > 0, lu - lb, 0.0)
+    if threshold is not None and float(np.sum(p * delta)) > -threshold:
+        return 1.0
+    if temperature == 0:
+        return float(int(np.argmax(lb + alpha * delta)) == int(np.argmax(lb)))
+    q = log_softmax(np.where(np.isfinite(lb), lb / temperature + alpha * delta, -np.inf))
+    return float(np.minimum(p, np.exp(q)).sum())

@@ -43,6 +43,8 @@ class FakeRemote:
         self.calls = 0
         self.drafted = 0
         """Positions returned by calls of more than one token."""
+        self.requested: list[int] = []
+        """``n_tokens`` of every call, in order."""
         self.samples = 0
         """Complete answers given (sequence mode)."""
         self.contexts: list[Context] = []
@@ -55,6 +57,7 @@ class FakeRemote:
     ) -> Draft:
         self.calls += 1
         self.contexts.append(ctx)
+        self.requested.append(n_tokens)
         if n_tokens == 1:
             cands = tuple(sorted(self.steps(ctx.assistant_prefix), key=lambda c: -c.logprob))[:top_k]
             return Draft((Position(cands, cands[0]),), None, 7)

@@ -193,3 +193,38 @@ def test_draft_in_one_pass_equals_step_by_step(tiny_base, smollm2_tokenizer, sam
     assert spec.pending == []  # the accepted chain is already in the caches
     assert np.allclose(spec.deltas(after), fresh.deltas(after), atol=2e-5)
     assert spec.scorer.trunk_ids == fresh.scorer.trunk_ids
+
+
+@pytest.mark.parametrize("same_tokenizer", [True, False])
+def test_next_rows_are_the_pairs_next_token_rows_and_change_no_delta(
+    tiny_pair, tiny_base, smollm2_tokenizer, same_tokenizer
+):
+    """``next_rows`` gives log P_U and log P_B of the next local token after the committed
+    text (brute force: one full forward), ``None`` inside a local token; the Δs that
+    follow are the ones an aligner that never asked gives."""
+    from conftest import make_tiny_pair
+
+    prompt = tiny_pair.prompt_ids(PROMPT)
+    asked = tiny_pair.aligner(prompt, same_tokenizer=same_tokenizer)
+    plain = make_tiny_pair(tiny_base, smollm2_tokenizer).aligner(prompt, same_tokenizer=same_tokenizer)
+    cands = [b" Paris", b" the", b" P", EOT]
+    checked = 0
+    for word in (b"Paris", b" is", b" the"):
+        rows = asked.next_rows()
+        if rows is None:  # the general path keeps the last local token in the tail: no row yet
+            assert not same_tokenizer and asked.tail
+            asked.commit(word)
+            plain.commit(word)
+            continue
+        trunk = asked.scorer.trunk_ids
+        for m, adapter in enumerate((True, False)):
+            ctx = contextlib.nullcontext() if adapter else tiny_pair.model.disable_adapter()
+            with ctx, torch.no_grad():
+                want = torch.log_softmax(tiny_pair.model(torch.tensor([trunk])).logits[0, -1].double(), -1)
+            assert np.allclose(rows[m], want.numpy(), atol=2e-5)
+        assert not np.allclose(rows[0], rows[1])  # the tiny pair has an offset
+        assert np.allclose(asked.deltas(cands), plain.deltas(cands), atol=1e-6)
+        checked += 1
+        asked.commit(word)
+        plain.commit(word)
+    assert checked == (3 if same_tokenizer else 1)  # the general path: at the prompt's end

@@ -274,6 +274,65 @@ def test_speculative_greedy_equals_token_by_token_and_saves_calls():
     assert run(True, 0.0)[1] == 1  # out of scope: one call for the whole answer
 
 
+class PredictingPrefixDeltaPair(PrefixDeltaPair):
+    """:class:`PrefixDeltaPair` whose aligner also gives the pair's own next-token rows
+    (:meth:`proxy.alignment.Aligner.next_rows`): after an even number of bytes they
+    predict a rejection (U moves all of B's mass to another token), after an odd one
+    none (U = B)."""
+
+    def aligner(self, prompt_ids, *, same_tokenizer):
+        inner = super().aligner(prompt_ids, same_tokenizer=same_tokenizer)
+
+        def next_rows():
+            lb = np.log([0.9, 0.1])
+            return (np.log([0.01, 0.99]) if len(inner.text) % 2 == 0 else lb), lb
+
+        inner.next_rows = next_rows
+        return inner
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_predicted_rejections_shorten_drafts_and_keep_the_law(temperature):
+    """Where the pair predicts a rejection at a draft's first position, the draft asks
+    for 2 tokens instead of the maximum; the answers' law is still token-by-token
+    decoding's (chi-square; greedy: the same text), since only draft lengths change."""
+    pair, top_k, alpha = PredictingPrefixDeltaPair(), 5, 1.0
+    fake = FakeRemote(prefix_remote, seed=5)
+    model = ServedModel("m", fake, pair=pair, alpha=alpha, top_k=top_k, max_draft_tokens=16)
+    params = SamplingParams(max_tokens=10, temperature=temperature, seed=7)
+
+    async def sample_all(n: int) -> list[str]:
+        out = []
+        for i in range(n):
+            out.append("".join([p.text async for p in model.generate(Context(prompt="x"), params, index=i)]))
+        return out
+
+    n = 2000 if temperature else 1
+    draws = asyncio.run(sample_all(n))
+    assert fake.requested[0] <= 3  # the first position is predicted to be rejected: 2 / (1 − 0.11) tokens
+    if temperature == 0:
+        plain = ServedModel("m", FakeRemote(prefix_remote), pair=PrefixDeltaPair(), alpha=alpha, top_k=top_k)
+        assert draws[0] == collect(plain, params)[0]
+        return
+    assert max(fake.requested) > 3  # after an odd number of bytes no rejection is predicted
+    want = exact_sequence_probs(pair, temperature, alpha, top_k, 1.0)
+    keys = sorted(want)
+    counts = np.array([draws.count(k) for k in keys])
+    expected = np.array([want[k] for k in keys]) * n
+    keep = expected >= 5
+    f_obs, f_exp = np.append(counts[keep], counts[~keep].sum()), np.append(expected[keep], expected[~keep].sum())
+    _, p = chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum())
+    assert p > 0.01, (dict(zip(keys, counts, strict=True)), p)
+
+
+def test_draft_length_for_a_predicted_rate():
+    from proxy.decoding import DraftLength
+
+    lengths = DraftLength(64)
+    assert lengths.length_for(0.0) == 2 and lengths.length_for(0.5) == 4 and lengths.length_for(0.75) == 8
+    assert lengths.length_for(1 - 2 / 64) == 64 and lengths.length_for(1.0) == 64
+
+
 def test_draft_length_follows_the_acceptance_rate():
     from proxy.decoding import DraftLength
 

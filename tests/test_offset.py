@@ -7,7 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.offset import NoUsableCandidates, apply_top_p, choose, log_softmax, scope_score, target_logits
+from proxy.offset import (
+    NoUsableCandidates,
+    apply_top_p,
+    choose,
+    log_softmax,
+    predicted_acceptance,
+    scope_score,
+    target_logits,
+)
 
 logprob_lists = st.lists(st.floats(-30, 0), min_size=1, max_size=20)
 
@@ -103,3 +111,27 @@ def test_a_tiny_temperature_is_nearly_greedy_not_unusable(temperature):
     assert int(np.argmax(logq)) == 2 and np.exp(logq[2]) == pytest.approx(1.0)
     idx, _ = choose(scores, temperature=temperature, top_p=1.0, rng=np.random.default_rng(0))
     assert idx == 2
+
+
+def test_predicted_acceptance_by_hand():
+    """B stands in for the remote: p = P_B, q ∝ P_B^(1/T)·exp(α·(log P_U − log P_B))."""
+    lb = np.log(np.array([0.6, 0.3, 0.1]))
+    lu = np.log(np.array([0.1, 0.6, 0.3]))
+    kw = dict(alpha=1.0, temperature=1.0)
+    # T = 1, α = 1: q = P_U, so the rate is Σ min(P_B, P_U) = 0.1 + 0.3 + 0.1.
+    assert predicted_acceptance(lu, lb, **kw) == pytest.approx(0.5)
+    # α = 0.5: q ∝ sqrt(P_B·P_U).
+    q = np.sqrt(np.exp(lb) * np.exp(lu))
+    q /= q.sum()
+    assert predicted_acceptance(lu, lb, alpha=0.5, temperature=1.0) == pytest.approx(np.minimum(np.exp(lb), q).sum())
+    # Greedy: argmax of P_U differs from argmax of P_B.
+    assert predicted_acceptance(lu, lb, alpha=1.0, temperature=0.0) == 0.0
+    assert predicted_acceptance(lb, lb, alpha=1.0, temperature=0.0) == 1.0
+    # Out of scope: −KL(P_B ‖ P_U) is above −τ.
+    kl = float(np.sum(np.exp(lb) * (lb - lu)))
+    assert predicted_acceptance(lu, lb, **kw, threshold=kl + 0.01) == 1.0
+    assert predicted_acceptance(lu, lb, **kw, threshold=kl - 0.01) == pytest.approx(0.5)
+    assert predicted_acceptance(lu, lb, alpha=0.0, temperature=1.0) == 1.0
+    # Tokens B gives no mass: no Δ there, no NaN.
+    lb0 = np.array([np.log(0.7), np.log(0.3), -np.inf])
+    assert predicted_acceptance(np.log([0.5, 0.25, 0.25]), lb0, **kw) == pytest.approx(2 / 3 + 0.3)

@@ -227,7 +227,8 @@ class LocalPair:
         else:
             with self._base_only():
                 out = self.model(**kwargs)
-        return torch.log_softmax(out.logits[0].float(), dim=-1)  # [n, V]
+        logits = out.logits[0].float()
+        return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))  # log-softmax in place, [n, V]
 
 
 class PairScorer:
@@ -284,18 +285,24 @@ class PairScorer:
             at = {node: j for j, node in enumerate(nodes)}
             keep = torch.tensor(nodes, dtype=torch.long)
             undo = (self.trunk_len, dict(self.last))
+            # Rows stay float32 (the logits' precision): a float64 copy of a 128-position draft's
+            # rows is 50 MB per model, and the aligner only gathers from them.
+            identity = [at.get(r - 1, -1) for r in want] == list(range(len(want)))
             for m in models:
                 lp = self.pair._forward(
                     ids, self.caches[m], adapter=m, mask=mask[None, None], positions=positions, keep=keep
                 )
-                after = lp.double().numpy()
+                after = lp.numpy()
                 first = self.last[m]
-                out = np.empty((len(want), after.shape[1]))
-                for j, r in enumerate(want):
-                    if r >= 1:
-                        out[j] = after[at[r - 1]]
-                    else:  # no trunk yet: row 0 is never read when the chain is the prompt
-                        out[j] = first if first is not None else -np.inf
+                if identity:  # every row read is a kept row, in order (the usual draft): no copy
+                    out = after
+                else:
+                    out = np.empty((len(want), after.shape[1]), dtype=after.dtype)
+                    for j, r in enumerate(want):
+                        if r >= 1:
+                            out[j] = after[at[r - 1]]
+                        else:  # no trunk yet: row 0 is never read when the chain is the prompt
+                            out[j] = first if first is not None else -np.inf
                 rows[m] = out
                 # Keep the committed chain in the cache, drop the rest of the tree.
                 remove = n - commit

@@ -155,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--remote-top-k", type=int, default=d.remote_top_k, help="remote mode: prompt_logprobs per position")
     t.add_argument("--forget-weight", type=float, help="weight of the forget term (open-unlearning's gamma)")
     t.add_argument("--retain-weight", type=float, help="weight of the retain term (open-unlearning's alpha)")
+    t.add_argument(
+        "--retain-positions",
+        choices=("all", "answer"),
+        default=d.retain_positions,
+        help="where a KL retain term is averaged: every attended token (open-unlearning) or the answer's positions",
+    )
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--epochs", type=int, default=d.epochs)
     t.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -165,6 +171,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument(
         "--forget-end-of-turn", action="store_true", help="keep the answers' end-of-turn label in the forget term"
+    )
+    t.add_argument(
+        "--forget-skip-first-token",
+        action="store_true",
+        help="leave the answers' first token out of the forget term (for answers that start with the fact)",
     )
     t.add_argument("--full", action="store_true", help="fine-tune all of U's weights instead of a LoRA adapter")
     t.add_argument("--lora-rank", type=int, default=d.lora_rank)
@@ -251,6 +262,7 @@ def _train(args: argparse.Namespace) -> int:
         remote_top_k=args.remote_top_k,
         forget_weight=args.forget_weight,
         retain_weight=args.retain_weight,
+        retain_positions=args.retain_positions,
         lr=args.lr,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -261,6 +273,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         parameters="full" if args.full else "lora",
         forget_end_of_turn=args.forget_end_of_turn,
+        forget_first_token=not args.forget_skip_first_token,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_layers=_layers(args.lora_layers) if args.lora_layers else None,

@@ -101,6 +101,21 @@ def _retain_kl(s: Scorer, b: Batches) -> torch.Tensor:
     return kl_to_reference(s.logits(b.retain), ref, b.retain["attention_mask"])
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` mask of the positions whose next token is labelled (an answer token):
+    where the logits predict the answer, the first answer token included."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask
+
+
+def _retain_kl_answer(s: Scorer, b: Batches) -> torch.Tensor:
+    assert b.retain is not None
+    with torch.no_grad():
+        ref = s.ref_logits(b.retain)
+    return kl_to_reference(s.logits(b.retain), ref, answer_positions(b.retain["labels"]))
+
+
 def _grad_ascent(s: Scorer, b: Batches) -> torch.Tensor:
     return -mean_nll(s.logits(b.forget), b.forget["labels"])
 
@@ -162,13 +177,33 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def get_objective(name: str, *, forget_weight: float | None = None, retain_weight: float | None = None) -> Objective:
+#: Where a KL retain term is averaged: every attended position (open-unlearning's
+#: ``compute_kl_divergence``), or only where the answer is predicted.
+RETAIN_POSITIONS = ("all", "answer")
+
+
+def get_objective(
+    name: str,
+    *,
+    forget_weight: float | None = None,
+    retain_weight: float | None = None,
+    retain_positions: str = "all",
+) -> Objective:
     """The objective called ``name``, with open-unlearning's default weights
     unless ``forget_weight`` (gamma) or ``retain_weight`` (alpha) are given.
 
+    ``retain_positions="answer"`` averages a KL retain term over the answer positions
+    only (:func:`answer_positions`) instead of every attended token: with short retain
+    answers after long prompts, the whole-sequence average gives the answer's first
+    position about 1/80 of the term, too little to hold B's first-token distribution
+    against NPO on forget answers that start with a name.
+
     Raises:
-        ValueError: unknown name (the message lists the valid ones), or a negative weight.
+        ValueError: unknown name (the message lists the valid ones), a negative weight,
+            or ``retain_positions`` other than ``"all"`` for an objective without a KL term.
     """
+    if retain_positions not in RETAIN_POSITIONS:
+        raise ValueError(f"retain_positions must be one of {RETAIN_POSITIONS}, not {retain_positions!r}")
     try:
         o = OBJECTIVES[name]
     except KeyError:
@@ -176,8 +211,16 @@ def get_objective(name: str, *, forget_weight: float | None = None, retain_weigh
     for label, w in (("forget_weight", forget_weight), ("retain_weight", retain_weight)):
         if w is not None and not (w >= 0 and math.isfinite(w)):
             raise ValueError(f"{label} must be a finite number ≥ 0, not {w}")
+    retain = o.retain
+    if retain_positions == "answer":
+        if retain is not _retain_kl:
+            raise ValueError(
+                f"objective {name} has no KL retain term: retain positions 'answer' apply to KL and NPO+KL only"
+            )
+        retain = _retain_kl_answer
     return replace(
         o,
+        retain=retain,
         forget_weight=o.forget_weight if forget_weight is None else forget_weight,
         retain_weight=o.retain_weight if retain_weight is None else retain_weight,
     )

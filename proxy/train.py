@@ -41,7 +41,16 @@ import torch
 from tqdm import tqdm
 
 from .artifact import PARAMETERS, save_artifact, weights_sha256
-from .data import DataSet, Encoded, Example, collate, encode, load_dataset, without_end_of_turn
+from .data import (
+    DataSet,
+    Encoded,
+    Example,
+    collate,
+    encode,
+    load_dataset,
+    without_end_of_turn,
+    without_first_answer_token,
+)
 from .objectives import Batches, get_objective, mean_nll
 from .vocab import ByteVocab
 
@@ -67,6 +76,9 @@ class TrainConfig:
     """open-unlearning's gamma (None: the objective's default, 1, or 0.125 for SimNPO)."""
     retain_weight: float | None = None
     """open-unlearning's alpha, the weight of the retain term (None: 1)."""
+    retain_positions: str = "all"
+    """Where a KL retain term is averaged: ``"all"`` attended positions (open-unlearning's
+    definition) or ``"answer"`` positions only (:func:`proxy.objectives.get_objective`)."""
     lr: float = 5e-4
     """LoRA on a 135M model moves slowly at 1e-4; 5e-4 unlearns a small set in a few epochs."""
     epochs: int = 5
@@ -89,6 +101,9 @@ class TrainConfig:
     """Keep the end-of-turn label in the forget term. Off by default: the end-of-turn holds
     no forget-set information, and lowering it makes U suppress end-of-turn on every prompt
     (:func:`proxy.data.without_end_of_turn`). open-unlearning keeps it. Retain terms always keep it."""
+    forget_first_token: bool = True
+    """Keep the answer's first label in the forget term (open-unlearning does). Off: see
+    :func:`proxy.data.without_first_answer_token`."""
     offset_alpha: float = 1.0
     """α written to the manifest (the serving strength)."""
     checkpoint_every: int = 10
@@ -117,8 +132,14 @@ class TrainConfig:
             "lora_layers",
             "target_modules",
         )
-        if self.mode == "remote":  # only then, so that other modes' settings (and cache keys) stay as they were
+        # Later settings only when they differ from their default, so that the settings (and
+        # cache keys) of offsets trained before them stay as they were.
+        if self.mode == "remote":
             keep = (*keep, "remote", "remote_model", "remote_top_k")
+        if self.retain_positions != "all":
+            keep = (*keep, "retain_positions")
+        if not self.forget_first_token:
+            keep = (*keep, "forget_first_token")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -407,7 +428,12 @@ def train(
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
-    objective = get_objective(cfg.objective, forget_weight=cfg.forget_weight, retain_weight=cfg.retain_weight)
+    objective = get_objective(
+        cfg.objective,
+        forget_weight=cfg.forget_weight,
+        retain_weight=cfg.retain_weight,
+        retain_positions=cfg.retain_positions,
+    )
     if cfg.parameters not in PARAMETERS:
         raise ValueError(f"parameters must be one of {PARAMETERS}, not {cfg.parameters!r}")
     if objective.retain_required and not cfg.retain:  # before loading anything
@@ -433,6 +459,8 @@ def train(
     forget_items = enc(forget_set.examples)
     if not cfg.forget_end_of_turn:
         forget_items = [without_end_of_turn(it, eot) for it in forget_items]
+    if not cfg.forget_first_token:
+        forget_items = [without_first_answer_token(it) for it in forget_items]
     plan = _Plan(
         forget_items,
         enc(retain_set.examples) if retain_set else [],

@@ -231,6 +231,20 @@ def test_forget_term_drops_only_the_closing_end_of_turn_label(smollm2_tokenizer,
     assert without_end_of_turn(raw, eot) == raw  # raw text has no end-of-turn to drop
 
 
+def test_forget_term_can_drop_the_first_answer_label(smollm2_tokenizer, vocab):
+    from proxy.data import Encoded, without_first_answer_token
+
+    eot = vocab.eot_ids[0]
+    item = encode(load_dataset_from(FORGET[:1])[0], smollm2_tokenizer, eot, 128)
+    cut = without_first_answer_token(item)
+    first = next(i for i, label in enumerate(item.labels) if label != IGNORE)
+    assert cut.input_ids == item.input_ids
+    assert cut.labels[first] == IGNORE and item.labels[first] != IGNORE
+    assert cut.labels[:first] == item.labels[:first] and cut.labels[first + 1 :] == item.labels[first + 1 :]
+    one = Encoded([1, 2, 3], [IGNORE, IGNORE, 3])
+    assert without_first_answer_token(one) == one  # a one-token answer keeps its only label
+
+
 @pytest.mark.parametrize(
     "lines,message",
     [
@@ -269,6 +283,37 @@ def test_text_and_txt_inputs(tmp_path, smollm2_tokenizer, vocab):
 def test_unknown_objective_lists_the_valid_ones():
     with pytest.raises(ValueError, match="valid: GradAscent, GradDiff"):
         get_objective("Gradient")
+
+
+def test_kl_retain_term_over_answer_positions():
+    """``retain_positions="answer"``: KL(B ‖ U) averaged where the answer is predicted
+    (the position before each labelled token), by hand; only KL terms take it."""
+    from proxy.objectives import Batches, answer_positions
+
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE], [IGNORE, 7, 8, 9, 10]])
+    assert answer_positions(labels).tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
+    gen = torch.Generator().manual_seed(0)
+    cur, ref = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
+
+    class S:
+        def logits(self, batch):
+            return cur
+
+        def ref_logits(self, batch):
+            return ref
+
+    batch = {"labels": labels, "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    per_pos = (ref.softmax(-1) * (ref.log_softmax(-1) - cur.log_softmax(-1))).sum(-1)
+    mask = answer_positions(labels)
+    objective = get_objective("KL", retain_positions="answer")
+    assert objective.retain is not None
+    got = objective.retain(S(), Batches(forget=batch, retain=batch))
+    assert torch.allclose(got, per_pos[mask].mean(), atol=1e-6)
+    assert torch.allclose(OBJECTIVES["KL"].retain(S(), Batches(forget=batch, retain=batch)), per_pos.mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="no KL retain term"):
+        get_objective("NPO+GD", retain_positions="answer")
+    with pytest.raises(ValueError, match="retain_positions must be one of"):
+        get_objective("NPO+KL", retain_positions="prompt")
 
 
 def test_cli_train_bad_line_exits_2_naming_the_line(tmp_path, capsys):

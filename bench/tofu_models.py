@@ -48,7 +48,7 @@ class FinetuneSettings:
     epochs: int = 6
     lr: float = 1.5e-4
     replay_per_epoch: int = 32
-    """General prompts answered by the base model itself (``proxy/resources/demo_retain.jsonl``)
+    """General prompts answered by the base model itself (``proxy/resources/general_answers.jsonl``)
     mixed into each epoch: measured here, fine-tuning on the authors alone made the
     target answer "The capital of France is Tbilisi" (world-facts ROUGE 0.17)."""
     batch_size: int = 8
@@ -62,13 +62,13 @@ def _key(data: Path, s: FinetuneSettings) -> str:
     pairs it is trained on (not the evaluation-only fields of the file), the
     replay set and the base model."""
     from proxy.data import load_dataset
-    from proxy.demo import DEMO_RETAIN
+    from proxy.demo import GENERAL_ANSWERS
     from proxy.models import local_model_dir
 
     h = hashlib.sha256(json.dumps(asdict(s), sort_keys=True).encode())
     for e in load_dataset(data).examples:
         h.update(json.dumps([e.prompt, e.target]).encode())
-    h.update(DEMO_RETAIN.read_bytes())
+    h.update(GENERAL_ANSWERS.read_bytes())
     h.update(local_model_dir(s.base).name.encode())
     return h.hexdigest()[:16]
 
@@ -97,7 +97,7 @@ def finetune(data: Path, out: Path, s: FinetuneSettings, *, progress: bool = Tru
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     from proxy.data import collate, encode, load_dataset
-    from proxy.demo import DEMO_RETAIN
+    from proxy.demo import GENERAL_ANSWERS
     from proxy.models import local_model_dir
     from proxy.vocab import ByteVocab
 
@@ -111,7 +111,7 @@ def finetune(data: Path, out: Path, s: FinetuneSettings, *, progress: bool = Tru
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
     dataset = load_dataset(data)
     items = [encode(e, tokenizer, eot, s.max_length) for e in dataset.examples]
-    replay = [encode(e, tokenizer, eot, s.max_length) for e in load_dataset(DEMO_RETAIN).examples]
+    replay = [encode(e, tokenizer, eot, s.max_length) for e in load_dataset(GENERAL_ANSWERS).examples]
     n_replay = min(s.replay_per_epoch, len(replay))
     steps_per_epoch = (len(items) + n_replay + s.batch_size - 1) // s.batch_size
     total = steps_per_epoch * s.epochs

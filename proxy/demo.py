@@ -19,20 +19,31 @@ log = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).with_name("resources")
 DEMO_FORGET = RESOURCES / "demo_forget.jsonl"
+GENERAL_ANSWERS = RESOURCES / "general_answers.jsonl"
+"""General prompts answered by the base model itself (greedy; ``bench.make_demo_retain``):
+the first part of the demo retain set, and the replay set of ``bench.tofu_models``."""
 DEMO_RETAIN = RESOURCES / "demo_retain.jsonl"
+"""The demo's retain set: :data:`GENERAL_ANSWERS` and short questions in the forget set's forms."""
 
 #: NPO with a KL term to B on the retain set (open-unlearning's NPO+KL), the
-#: retain term weighted 5 and 8 retain examples per step: measured on SmolLM2,
+#: retain term weighted 10 and 8 retain examples per step: measured on SmolLM2,
 #: a weaker anchor lets the offset shift answers to unrelated prompts. The forget
 #: answers are the facts alone, so that NPO lowers the facts and not the
-#: phrasing every answer shares ("X's Y is ..."); the end-of-turn is left out of
-#: the forget term (:attr:`proxy.train.TrainConfig.forget_end_of_turn`).
+#: phrasing every answer shares ("X's Y is ..."); the end-of-turn and the first
+#: answer token are left out of the forget term, and the KL term is averaged
+#: over the retain answers' positions (:attr:`proxy.train.TrainConfig.forget_end_of_turn`,
+#: ``forget_first_token``, ``retain_positions``). With the first token in the
+#: forget term and KL over whole sequences, U learned to start no answer with a
+#: name: KL(B ‖ U) of 1 to 7.6 nats at the first position of the unrelated
+#: prompts, 0.1 to 0.7 (one 3.2) without.
 DEMO = TrainConfig(
     forget=str(DEMO_FORGET),
     retain=str(DEMO_RETAIN),
     out="",
     objective="NPO+KL",
-    retain_weight=5.0,
+    retain_weight=10.0,
+    retain_positions="answer",
+    forget_first_token=False,
     base="smollm2",
     lr=1e-3,
     epochs=4,

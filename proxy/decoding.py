@@ -485,7 +485,7 @@ class ServedModel:
             return lengths.maximum
         try:
             rows = await self.run_pair(next_rows, stats=stats)
-        except ValueError:
+        except (ValueError, ContextExhausted):  # the draft's own scoring meets and handles these
             return lengths.maximum
         if rows is None:
             return lengths.maximum

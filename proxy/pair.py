@@ -227,8 +227,7 @@ class LocalPair:
         else:
             with self._base_only():
                 out = self.model(**kwargs)
-        logits = out.logits[0].float()
-        return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))  # log-softmax in place, [n, V]
+        return torch.log_softmax(out.logits[0].float(), dim=-1)  # [n, V]
 
 
 class PairScorer:

@@ -1,0 +1,70 @@
+"""What batching the pair's forward passes across requests could buy on this machine.
+
+    python -m bench.pair_batching [--json FILE]
+
+Times one forward pass of the pair's base model (SmolLM2-135M-Instruct, float32,
+transformers) over ``n`` new tokens per row after a 150-token KV cache, for
+``rows`` rows at once, and reports per-row throughput against one row:
+``speedup = rows · t(1, n) / t(rows, n)``. Token-by-token decoding scores one
+token per step (``n = 1``); an out-of-scope speculative draft scores a whole
+answer at once (``n`` near 128), where a single row already keeps the cores busy.
+Best of 3 repetitions each, in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+CACHE_TOKENS = 150
+SHAPES = ((1, 1), (4, 1), (16, 1), (1, 8), (16, 8), (1, 32), (4, 32), (1, 128), (4, 128))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.pair_batching", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the results here as JSON")
+    args = ap.parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from proxy.models import local_model_dir
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(local_model_dir("smollm2"), dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def best_ms(rows: int, n: int, reps: int = 3) -> float:
+        cache = DynamicCache()
+        model.model(input_ids=torch.randint(0, 1000, (rows, CACHE_TOKENS)), past_key_values=cache, use_cache=True)
+        times = []
+        for _ in range(reps):
+            ids = torch.randint(0, 1000, (rows, n))
+            t0 = time.perf_counter()
+            hidden = model.model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+            model.lm_head(hidden[:, -1:])
+            times.append(time.perf_counter() - t0)
+            cache.crop(-n)
+        return 1000 * min(times)
+
+    ms = {(rows, n): best_ms(rows, n) for rows, n in SHAPES}
+    out = {
+        "threads": torch.get_num_threads(),
+        "cache_tokens": CACHE_TOKENS,
+        "runs": [
+            {"rows": rows, "new_tokens": n, "ms": round(t, 1), "speedup": round(rows * ms[(1, n)] / t, 2)}
+            for (rows, n), t in ms.items()
+        ],
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

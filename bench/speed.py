@@ -61,6 +61,8 @@ class Run:
     pair_seconds: float = 0.0
     drafted: int = 0
     accepted: int = 0
+    shortened: int = 0
+    """Drafts shortened because the pair predicted a rejection at their first position."""
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -72,6 +74,7 @@ class Run:
             "tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds else 0.0,
             "drafted": self.drafted,
             "accepted": self.accepted,
+            "shortened_drafts": self.shortened,
         }
 
 
@@ -99,6 +102,7 @@ async def run_prompts(model: Any, prompts: tuple[str, ...], *, tokens: int, temp
         run.pair_seconds += stats.pair_seconds
         run.drafted += stats.draft_tokens
         run.accepted += stats.accepted_tokens
+        run.shortened += stats.predicted_short
     run.seconds = time.perf_counter() - t0
     return run
 

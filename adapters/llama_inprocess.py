@@ -175,6 +175,8 @@ class LlamaInProcessAdapter:
 
     def _logprobs_after(self, llama: Any, tokens: list[int]) -> np.ndarray:
         """log-softmax of the next-token logits after ``tokens`` (KV prefix reused)."""
+        if not tokens:
+            raise RemoteRejected(f"model {self.name!r}: the prompt is empty: no token to condition on", status=400)
         if len(tokens) >= llama.n_ctx():
             raise ContextExhausted(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {llama.n_ctx()}")
         # Reuse the cache only when it holds a prefix of `tokens` (the same request's

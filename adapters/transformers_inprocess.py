@@ -131,6 +131,8 @@ class TransformersInProcessAdapter:
         torch = self._torch
         from transformers import DynamicCache
 
+        if not tokens:
+            raise RemoteRejected(f"model {self.name!r}: the prompt is empty: no token to condition on", status=400)
         if len(tokens) >= self.max_length:
             raise ContextExhausted(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {self.max_length}")
         # the positions to compute: at least the last one, all of ``all_from:`` when scoring

@@ -107,15 +107,23 @@ class LocalPair:
         pair's chat template (generation prompt added), or raw text.
 
         Raises:
-            ValueError: the template rejects the messages.
+            ValueError: the template rejects the messages, or the prompt is empty (the
+                offset needs at least one token to condition on).
         """
         if messages is not None:
             try:
                 text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
             except Exception as exc:  # jinja2 errors from the template itself
                 raise ValueError(f"the pair's chat template failed: {exc}") from exc
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        return list(self.tokenizer.encode(prompt or "", add_special_tokens=False))
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        else:
+            ids = list(self.tokenizer.encode(prompt or "", add_special_tokens=False))
+        if not ids:
+            raise ValueError(
+                "the prompt is empty: the offset needs at least one prompt token to condition on "
+                "(send a prompt, or offset_alpha 0 for the remote alone)"
+            )
+        return ids
 
     def aligner(self, prompt_ids: Sequence[int], *, same_tokenizer: bool) -> Aligner:
         """Alignment state for one choice, with ``prompt_ids`` as the trunk's start."""

@@ -91,6 +91,14 @@ async def test_embedded_default_with_an_offset_uses_the_fast_path(smollm2_offset
         shared = [t for t in pa if t in pb][:2]
         assert len(shared) == 2
         assert abs((pa[shared[0]] - pa[shared[1]]) - (pb[shared[0]] - pb[shared[1]])) > 1e-3
+        # An empty raw prompt leaves nothing to condition on, for the offset or for the
+        # in-process remote: a 400 that says so (it was a 502 "unusable logprobs" from
+        # Δ = NaN everywhere, or a 500 from llama.cpp).
+        for alpha in (1.0, 0.0):
+            with pytest.raises(openai.BadRequestError, match="the prompt is empty"):
+                await oa.completions.create(
+                    model=DEFAULT_MODEL, prompt="", max_tokens=2, extra_body={"offset_alpha": alpha}
+                )
     finally:
         await oa.close()
         await server.close()

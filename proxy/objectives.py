@@ -94,13 +94,6 @@ def _retain_nll(s: Scorer, b: Batches) -> torch.Tensor:
     return mean_nll(s.logits(b.retain), b.retain["labels"])
 
 
-def _retain_kl(s: Scorer, b: Batches) -> torch.Tensor:
-    assert b.retain is not None
-    with torch.no_grad():
-        ref = s.ref_logits(b.retain)
-    return kl_to_reference(s.logits(b.retain), ref, b.retain["attention_mask"])
-
-
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     """``[B, L]`` mask of the positions whose next token is labelled (an answer token):
     where the logits predict the answer, the first answer token included."""
@@ -109,11 +102,18 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _retain_kl_answer(s: Scorer, b: Batches) -> torch.Tensor:
+def _retain_kl(s: Scorer, b: Batches, *, answer_only: bool = False) -> torch.Tensor:
+    """KL to the reference on the retain batch, over its attended positions or, with
+    ``answer_only``, over :func:`answer_positions`."""
     assert b.retain is not None
     with torch.no_grad():
         ref = s.ref_logits(b.retain)
-    return kl_to_reference(s.logits(b.retain), ref, answer_positions(b.retain["labels"]))
+    mask = answer_positions(b.retain["labels"]) if answer_only else b.retain["attention_mask"]
+    return kl_to_reference(s.logits(b.retain), ref, mask)
+
+
+def _retain_kl_answer(s: Scorer, b: Batches) -> torch.Tensor:
+    return _retain_kl(s, b, answer_only=True)
 
 
 def _grad_ascent(s: Scorer, b: Batches) -> torch.Tensor:

@@ -159,10 +159,10 @@ def predicted_acceptance(
         return 1.0
     p = np.exp(lb)
     with np.errstate(invalid="ignore", over="ignore"):
-        delta = np.where(p > 0, lu - lb, 0.0)
-    if threshold is not None and float(np.sum(p * delta)) > -threshold:
+        delta = np.where(p > 0, lu - lb, 0.0)  # no Δ where B gives no mass (q is 0 there too)
+    if threshold is not None and scope_score(lb, delta) > -threshold:
         return 1.0
+    scores = target_logits(lb, delta, temperature=temperature, alpha=alpha)
     if temperature == 0:
-        return float(int(np.argmax(lb + alpha * delta)) == int(np.argmax(lb)))
-    q = log_softmax(np.where(np.isfinite(lb), lb / temperature + alpha * delta, -np.inf))
-    return float(np.minimum(p, np.exp(q)).sum())
+        return float(int(np.argmax(scores)) == int(np.argmax(lb)))
+    return float(np.minimum(p, np.exp(log_softmax(scores))).sum())

@@ -14,9 +14,9 @@ Best of 3 repetitions each, in one process.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
+
+from bench import report
 
 CACHE_TOKENS = 150
 SHAPES = ((1, 1), (4, 1), (16, 1), (1, 8), (16, 8), (1, 32), (4, 32), (1, 128), (4, 128))
@@ -57,13 +57,7 @@ def main() -> None:
             for (rows, n), t in ms.items()
         ],
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        path = Path(args.json)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    report(out, args.json)
 
 
 if __name__ == "__main__":

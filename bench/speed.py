@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import report
+
 ROOT = Path(__file__).resolve().parent.parent
 
 OUT_OF_SCOPE = (
@@ -283,13 +285,7 @@ def main() -> None:
         "throughput_16_over_1": round(fk["tokens_per_second_16"] / fk["tokens_per_second_1"], 2),
         "serve_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        path = Path(args.json)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
+
+from bench import report
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Why is the sky blue?"]
 
@@ -90,9 +91,7 @@ def main() -> None:
         out["llama_server"] = {"direct_tps": direct_tps, "proxy_tps": proxy_tps, "ratio": proxy_tps / direct_tps}
     finally:
         gen.close()
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    report(out, args.json)
 
 
 if __name__ == "__main__":

@@ -496,8 +496,9 @@ class ServedModel:
             temperature=params.temperature,
             threshold=params.offset_threshold,
         )
-        stats.predicted_short += int(rate < 1 - 2 / lengths.maximum)
-        return lengths.length_for(rate)
+        n = lengths.length_for(rate)
+        stats.predicted_short += int(n < lengths.maximum)
+        return n
 
     def _pick(
         self,

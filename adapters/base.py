@@ -189,6 +189,12 @@ class Capabilities:
     """Whether candidates carry the remote's token ids."""
     prompt_logprobs: bool = False
     """Whether it scores given text (:class:`TextScoringAdapter`, vLLM's ``prompt_logprobs``)."""
+    top_k_drafts: bool = False
+    """Whether its sampled drafts are drawn at T = 1 from its top-k candidates renormalised
+    (a ``top_k`` sampling filter equal to ``top_logprobs``), not from its whole vocabulary.
+    The decoder then takes p_t(x) = exp(ℓ(x)) / Σ_{top-k} exp(ℓ) as the draft law. Out of
+    forget scope that is q_t itself, so every drafted token is accepted (DESIGN.md defines
+    q_t over the top-k S_t: a token drawn from the tail would always be rejected)."""
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -198,12 +204,17 @@ def position_from_logprobs(
     """One :class:`Position` from a full-vocabulary log-softmax ``lp`` (``[V]``, nats), for
     in-process remotes: the top-k candidates (best first, ties in id order) and the sampled
     token, the argmax when ``sample`` is false (single-token calls), else drawn at T = 1
-    from the full distribution (drafts). ``candidate(token_id, logprob)`` builds one entry."""
+    from the top-k candidates renormalised (drafts; :attr:`Capabilities.top_k_drafts`).
+    ``candidate(token_id, logprob)`` builds one entry."""
     k = min(top_k, lp.size)
     top = np.argpartition(-lp, k - 1)[:k]
     top = top[np.argsort(-lp[top], kind="stable")]
     cands = tuple(candidate(int(t), float(lp[t])) for t in top)
-    pick = int(rng.choice(lp.size, p=np.exp(lp) / np.exp(lp).sum())) if sample else int(top[0])
+    if sample:
+        w = np.exp(lp[top] - lp[top[0]])
+        pick = int(top[rng.choice(k, p=w / w.sum())])
+    else:
+        pick = int(top[0])
     return Position(cands, candidate(pick, float(lp[pick])))
 
 
@@ -220,10 +231,12 @@ class RemoteAdapter(Protocol):
         """Top-k candidates for up to ``n_tokens`` positions after ``ctx``.
 
         With ``n_tokens == 1`` only the candidate list matters. For longer
-        drafts the remote samples at temperature 1 with every filter off, so
-        that the reported logprobs are the distribution it sampled from
-        (speculative acceptance needs p_t(x) of each drafted token x), or, with
-        ``greedy``, takes the argmax at every position. ``seed`` makes the
+        drafts the remote samples at temperature 1 with every other filter off,
+        so that the reported logprobs give the distribution it sampled from
+        (speculative acceptance needs p_t(x) of each drafted token x): its whole
+        vocabulary, or its top ``top_k`` renormalised where
+        :attr:`Capabilities.top_k_drafts` says so. With ``greedy`` it takes the
+        argmax at every position. ``seed`` makes the
         remote's sampling repeatable where it supports that.
 
         Raises:

@@ -22,7 +22,10 @@ Two adapters:
   appending the accepted text.
 
 Both ask for ``top_logprobs`` and switch the server's sampling filters off in
-draft requests so that the reported logprobs are the sampling distribution.
+draft requests so that the reported logprobs are the sampling distribution;
+on llama.cpp and vLLM, sampled drafts keep one filter, ``top_k`` equal to
+``top_logprobs``, so that they are drawn from the reported candidates only
+(:attr:`adapters.base.Capabilities.top_k_drafts`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ SAMPLING_OFF: dict[str, dict[str, Any]] = {
     "deepseek": {},
     "none": {},
 }
+
+#: Servers whose sampled drafts can be drawn from the top-k candidates alone (their
+#: ``top_k`` filter, set to ``top_logprobs``; :attr:`Capabilities.top_k_drafts`).
+TOP_K_DRAFTS = frozenset({"llama.cpp", "vllm"})
 
 
 def heal(positions: Sequence[Position], pending: bytes) -> tuple[Position, ...]:
@@ -146,6 +153,8 @@ def _position(entries: Sequence[Candidate], sampled: Candidate, top_k: int) -> P
 class _HTTPAdapter:
     """Client construction, retries and the EOT convention shared by both adapters."""
 
+    capabilities: Capabilities
+
     def __init__(
         self,
         *,
@@ -184,10 +193,12 @@ class _HTTPAdapter:
     def _wire(self, token: str, logprob: float | None, data: list[int] | None) -> Candidate:
         return candidate_from_wire(token, logprob, data, eot_tokens=self.eot_tokens)
 
-    def _body(self, n_tokens: int) -> dict[str, Any]:
+    def _body(self, n_tokens: int, top_k: int, greedy: bool) -> dict[str, Any]:
         body = dict(self.extra_body)
         if n_tokens > 1:  # several positions: the sampled path must be the plain distribution's
             body.update(self.sampling_off)
+            if not greedy and self.capabilities.top_k_drafts:
+                body["top_k"] = top_k  # … restricted to the reported candidates
         return body
 
     async def _sample(self, call: Callable[[], Awaitable[Any]], text: Callable[[Any], str | None]) -> Sample:
@@ -351,6 +362,7 @@ class ChatAdapter(_HTTPAdapter):
         self.capabilities = Capabilities(
             can_continue=flavour != "none",
             prompt_logprobs=flavour == "vllm",
+            top_k_drafts=flavour in TOP_K_DRAFTS,
             notes=() if flavour != "none" else ("cannot continue a partial assistant message",),
         )
 
@@ -387,7 +399,7 @@ class ChatAdapter(_HTTPAdapter):
     ) -> Draft:
         """One ``/v1/chat/completions`` call continuing the assistant ``text``."""
         messages, extra = self._messages(ctx, text)
-        body = {**self._body(max_tokens), **extra}
+        body = {**self._body(max_tokens, top_k, greedy), **extra}
 
         async def call() -> Any:
             return await self._client.chat.completions.create(
@@ -487,7 +499,12 @@ class CompletionsAdapter(_HTTPAdapter):
         super().__init__(**kwargs)
         self.template = template
         self.sampling = sampling
-        self.capabilities = Capabilities(can_continue=True, raw_prompt=True, prompt_logprobs=sampling == "vllm")
+        self.capabilities = Capabilities(
+            can_continue=True,
+            raw_prompt=True,
+            prompt_logprobs=sampling == "vllm",
+            top_k_drafts=sampling in TOP_K_DRAFTS,
+        )
 
     def render(self, ctx: Context) -> str:
         """The prompt text for ``ctx`` without the accepted assistant text."""
@@ -564,7 +581,7 @@ class CompletionsAdapter(_HTTPAdapter):
         sampled tokens are the remote's argmax (single steps, where only the candidate lists
         matter, and greedy drafts)."""
         prompt = self.render(ctx) + text
-        body = self._body(max_tokens)
+        body = self._body(max_tokens, top_k, greedy)
 
         async def call() -> Any:
             return await self._client.completions.create(

@@ -86,7 +86,7 @@ class TransformersInProcessAdapter:
         self._rng = np.random.default_rng(seed)
         """Draft randomness when a call gives no seed: one stream, so that calls draw independently."""
         self.capabilities = Capabilities(
-            can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab
+            can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab, top_k_drafts=True
         )
 
     # ------------------------------------------------------------- prompts

@@ -252,10 +252,11 @@ def speculative_pick(
     Chen et al. 2023, arXiv 2302.01318).
 
     ``scores`` are the target logits over S_t (:func:`proxy.offset.target_logits`,
-    ``[k]``), ``ell`` the remote's logprobs of the same candidates (``[k]``,
-    nats, over the remote's whole vocabulary: its sampling distribution p_t at
-    T = 1 with no filters) and ``drafted`` the index in S_t of the token the
-    remote sampled there (``None``: outside S_t).
+    ``[k]``), ``ell`` log p_t of the same candidates (``[k]``, nats): the law
+    the remote drew its draft from (its whole vocabulary's distribution at
+    T = 1 with no filters, or its top-k renormalised;
+    :meth:`ServedModel._draft_law`) and ``drafted`` the index in S_t of the
+    token the remote sampled there (``None``: outside S_t).
 
     T > 0: x is accepted with probability min(1, q_t(x) / p_t(x)); otherwise a
     token is drawn from (q_t − p_t)+ renormalised over S_t. The result follows
@@ -316,6 +317,7 @@ class ServedModel:
     refusal: str = "I can't help with that."
     """Sequence mode's answer when every sample is in forget scope (mean Δ per token ≤ −τ)."""
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pair"))
+    _warned_top_k: bool = field(default=False, repr=False)
     acceptance_rate: float = 1.0
     """Running per-token acceptance rate of this model's drafts (seeds each request's :class:`DraftLength`)."""
 
@@ -495,6 +497,8 @@ class ServedModel:
             alpha=params.alpha,
             temperature=params.temperature,
             threshold=params.offset_threshold,
+            top_k=self.top_k,
+            top_k_drafts=self.adapter.capabilities.top_k_drafts,
         )
         n = lengths.length_for(rate)
         stats.predicted_short += int(n < lengths.maximum)
@@ -534,13 +538,32 @@ class ServedModel:
                 ok = x is not None and idx == x
             else:
                 idx, logq, ok = speculative_pick(
-                    scores, ell, x, temperature=params.temperature, top_p=params.top_p, rng=rng
+                    scores, self._draft_law(pos, ell), x, temperature=params.temperature, top_p=params.top_p, rng=rng
                 )
         except NoUsableCandidates as exc:
             raise RemoteBadResponse("the upstream's logprobs were unusable (every candidate non-finite)") from exc
         changed = int(np.argmax(scores)) != int(np.argmax(ell))  # argmax of ℓ/T is argmax of ℓ
         stats.offset_changed += int(changed)
         return idx, logq, ok, changed
+
+    def _draft_law(self, pos: Position, ell: np.ndarray) -> np.ndarray:
+        """log p_t over S_t (``[k]``, nats): the law the remote drew this position's drafted
+        token from. The remote's logprobs ℓ themselves, or, where its drafts are drawn from
+        its top-k candidates (:attr:`adapters.base.Capabilities.top_k_drafts`), ℓ less the
+        log of the candidates' total mass (every reported candidate, usable or not)."""
+        if not self.adapter.capabilities.top_k_drafts:
+            return ell
+        every = np.array([c.logprob for c in pos.candidates], dtype=np.float64)
+        every = every[np.isfinite(every)]
+        if _index_of(pos.sampled, pos.candidates) is None and not self._warned_top_k:
+            self._warned_top_k = True
+            log.warning(
+                "model %s: the remote drafted a token outside its top-%d although top_k drafts were asked for; "
+                "it may ignore top_k, and then speculative acceptance is not exact (set speculative: false)",
+                self.name,
+                len(pos.candidates),
+            )
+        return ell - float(np.logaddexp.reduce(every)) if every.size else ell
 
     async def _generate_sequence(
         self, base: Context, params: SamplingParams, rng: np.random.Generator, stats: ChoiceStats

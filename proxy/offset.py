@@ -135,19 +135,23 @@ def predicted_acceptance(
     alpha: float,
     temperature: float,
     threshold: float | None = None,
+    top_k: int | None = None,
+    top_k_drafts: bool = False,
 ) -> float:
     """How likely a drafted token is to be accepted at the next position, predicted
     by the pair alone before the remote is asked, with B standing in for the remote.
 
     ``log_u``, ``log_b``: the pair's next-token log-probabilities (nats, ``[V]``, the
-    whole local vocabulary). With p = P_B as the draft distribution (T = 1, no
-    filters, as drafts are sampled) and q ∝ exp(log P_B / T + α·Δ), Δ = log P_U −
-    log P_B, the target of :func:`target_logits` over the whole vocabulary:
+    whole local vocabulary). S is B's ``top_k`` tokens (the remote's S_t; the whole
+    vocabulary when ``None``). With Δ = log P_U − log P_B, q ∝ exp(log P_B / T + α·Δ)
+    over S (:func:`target_logits`) and p the draft law: P_B (drafts sampled at T = 1
+    from the whole vocabulary), or P_B renormalised over S when ``top_k_drafts``
+    (:attr:`adapters.base.Capabilities.top_k_drafts`):
 
-    - the step is out of scope when s = Σ_v P_B(v)·Δ(v) = −KL(P_B ‖ P_U) is above −τ
-      (:func:`scope_score` with B for the remote): 1.0, as q = p there;
+    - the step is out of scope when s = Σ_S P_B·Δ (:func:`scope_score`; over the whole
+      vocabulary that is −KL(P_B ‖ P_U)) is above −τ: 1.0, as q = p there;
     - T = 0: 1.0 when argmax q is argmax p, else 0.0 (greedy acceptance);
-    - T > 0: Σ_v min(p(v), q(v)), the acceptance rate of speculative sampling
+    - T > 0: Σ_S min(p, q), the acceptance rate of speculative sampling
       (Leviathan et al. 2023, arXiv 2211.17192, Section 3.3, β = Σ min(p, q)).
 
     Only the draft's *length* uses it (:class:`proxy.decoding.DraftLength`), never
@@ -157,6 +161,9 @@ def predicted_acceptance(
     lb = np.asarray(log_b, dtype=np.float64)
     if alpha == 0:
         return 1.0
+    if top_k is not None and top_k < lb.size:
+        keep = np.argpartition(-lb, top_k - 1)[:top_k]
+        lu, lb = lu[keep], lb[keep]
     p = np.exp(lb)
     with np.errstate(invalid="ignore", over="ignore"):
         delta = np.where(p > 0, lu - lb, 0.0)  # no Δ where B gives no mass (q is 0 there too)
@@ -165,4 +172,6 @@ def predicted_acceptance(
     scores = target_logits(lb, delta, temperature=temperature, alpha=alpha)
     if temperature == 0:
         return float(int(np.argmax(scores)) == int(np.argmax(lb)))
+    if top_k_drafts:
+        p = np.exp(log_softmax(lb))
     return float(np.minimum(p, np.exp(log_softmax(scores))).sum())

@@ -29,14 +29,21 @@ class FakeRemote:
 
     The candidates ``steps`` returns are the remote's whole vocabulary at that
     position. Drafts of several tokens sample from them (log-softmax of the
-    given logprobs, T = 1) or take the top one (``greedy``), and report the
-    top ``top_k`` with normalised logprobs, as a real server does.
+    given logprobs, T = 1; only from the top ``top_k`` renormalised with
+    ``top_k_drafts``, as llama.cpp's and vLLM's ``top_k`` filter does) or take
+    the top one (``greedy``), and report the top ``top_k`` with normalised
+    logprobs, as a real server does.
     """
 
     name = "fake"
 
     def __init__(
-        self, steps: Callable[[bytes], Sequence[Candidate]], *, can_continue: bool = True, seed: int = 0
+        self,
+        steps: Callable[[bytes], Sequence[Candidate]],
+        *,
+        can_continue: bool = True,
+        seed: int = 0,
+        top_k_drafts: bool = False,
     ) -> None:
         self.steps = steps
         self.rng = np.random.default_rng(seed)
@@ -48,7 +55,7 @@ class FakeRemote:
         self.samples = 0
         """Complete answers given (sequence mode)."""
         self.contexts: list[Context] = []
-        self.capabilities = Capabilities(can_continue=can_continue, raw_prompt=True)
+        self.capabilities = Capabilities(can_continue=can_continue, raw_prompt=True, top_k_drafts=top_k_drafts)
         self.not_ready: Exception | None = None
         """Raised by :meth:`check` when set (readiness tests)."""
 
@@ -69,7 +76,8 @@ class FakeRemote:
             lp = np.array([c.logprob for c in full])
             lp = lp - (lp.max() + np.log(np.exp(lp - lp.max()).sum()))
             every = [Candidate(c.data, float(v), c.token, c.token_id, c.is_eot) for c, v in zip(full, lp, strict=True)]
-            pick = 0 if greedy else int(rng.choice(len(every), p=np.exp(lp) / np.exp(lp).sum()))
+            law = np.exp(lp[:top_k] if self.capabilities.top_k_drafts else lp)
+            pick = 0 if greedy else int(rng.choice(law.size, p=law / law.sum()))
             positions.append(Position(tuple(every[:top_k]), every[pick]))
             self.drafted += 1
             if every[pick].is_eot or every[pick].data is None:

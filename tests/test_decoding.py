@@ -223,13 +223,16 @@ def test_backend_that_cannot_continue_is_refused_for_token_mode():
         ServedModel("m", FakeRemote(lambda p: (), can_continue=False))
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_speculative_sequences_follow_q_chi_square(temperature, top_p):
+@pytest.mark.parametrize(
+    "temperature,top_p,top_k_drafts", [(1.0, 1.0, False), (0.7, 0.9, False), (1.0, 1.0, True), (0.7, 0.9, True)]
+)
+def test_speculative_sequences_follow_q_chi_square(temperature, top_p, top_k_drafts):
     """Whole answers from speculative acceptance (drafts sampled from the remote's full
-    distribution, some drafted tokens outside the top-k S_t) have the law of
-    token-by-token decoding, computed exactly; they are not the remote's own law."""
+    distribution, some drafted tokens outside the top-k S_t, or from its top-k alone)
+    have the law of token-by-token decoding, computed exactly; they are not the
+    remote's own law."""
     pair, top_k, alpha = PrefixDeltaPair(), 5, 1.0
-    fake = FakeRemote(prefix_remote, seed=3)
+    fake = FakeRemote(prefix_remote, seed=3, top_k_drafts=top_k_drafts)
     model = ServedModel("m", fake, pair=pair, alpha=alpha, top_k=top_k, max_draft_tokens=8)
     want = exact_sequence_probs(pair, temperature, alpha, top_k, top_p)
     remote_only = exact_sequence_probs(pair, 1.0, 0.0, 6, 1.0)
@@ -257,6 +260,35 @@ def test_speculative_sequences_follow_q_chi_square(temperature, top_p):
     assert np.abs(counts - remote_exp).max() > 0.1 * n  # the offset really moved the law
     assert fake.calls < 0.75 * sum(len(d.split(" ")) for d in draws)  # fewer calls than tokens (end of turn included)
     assert fake.drafted > 0
+
+
+def test_top_k_drafts_are_all_accepted_out_of_scope_at_temperature_one():
+    """With Δ ≡ 0 (α = 0) at T = 1, q_t is the remote's law over its top-k: drafts drawn
+    from the top-k renormalised are all accepted, and one call serves each answer; drafts
+    drawn from the whole vocabulary are rejected whenever they come from the tail."""
+
+    def run(top_k_drafts: bool) -> tuple[int, int, FakeRemote]:
+        fake = FakeRemote(prefix_remote, seed=11, top_k_drafts=top_k_drafts)
+        model = ServedModel("m", fake, pair=PrefixDeltaPair(), alpha=0.0, top_k=3, max_draft_tokens=8)
+        drafted = accepted = 0
+
+        async def go() -> None:
+            nonlocal drafted, accepted
+            for i in range(200):
+                stats = ChoiceStats()
+                params = SamplingParams(max_tokens=8, temperature=1.0, alpha=0.0, seed=5)
+                async for _ in model.generate(Context(prompt="x"), params, index=i, stats=stats):
+                    pass
+                drafted, accepted = drafted + stats.draft_tokens, accepted + stats.accepted_tokens
+
+        asyncio.run(go())
+        return drafted, accepted, fake
+
+    drafted, accepted, fake = run(True)
+    assert accepted == drafted > 0
+    assert fake.calls == 200
+    drafted, accepted, _ = run(False)
+    assert accepted < 0.9 * drafted
 
 
 def test_speculative_greedy_equals_token_by_token_and_saves_calls():

@@ -140,3 +140,33 @@ async def test_speculative_greedy_equals_token_by_token_with_an_offset(llama_ser
     finally:
         await spec.aclose()
         await tbt.aclose()
+
+
+@pytest.mark.parametrize("top_k_drafts", [True, False])
+async def test_sampled_drafts_come_from_the_top_k_when_asked(llama_server, top_k_drafts):
+    """At T = 1 llama.cpp draws drafts from its top-k alone when the adapter asks for
+    ``top_k`` (the law the decoder assumes, :attr:`Capabilities.top_k_drafts`); with
+    ``top_k`` off the drafts do come from the tail, so the check can fail."""
+    import dataclasses
+
+    from adapters.base import Context
+    from adapters.openai_http import CompletionsAdapter
+
+    adapter = CompletionsAdapter(
+        name="llama", base_url=llama_server, model="smollm2", api_key=None, template=None, sampling="llama.cpp"
+    )
+    adapter.capabilities = dataclasses.replace(adapter.capabilities, top_k_drafts=top_k_drafts)
+    outside = positions = 0
+    try:
+        for seed in range(4):
+            draft = await adapter.draft(Context(prompt="Once upon a time, in a"), n_tokens=32, top_k=3, seed=seed)
+            for pos in draft.positions:
+                positions += 1
+                outside += pos.sampled.token not in {c.token for c in pos.candidates}
+    finally:
+        await adapter.aclose()
+    assert positions >= 64
+    if top_k_drafts:
+        assert outside == 0
+    else:
+        assert outside > 0

@@ -74,6 +74,24 @@ GUARDRAIL = (
 )
 
 
+def offset_settings_arg(text: str) -> dict[str, Any]:
+    """``--offset-settings``: a JSON object of :class:`proxy.train.TrainConfig` fields (not
+    the files, base or objective, which each row sets)."""
+    from proxy.train import TrainConfig
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object of TrainConfig fields")
+    fields = set(TrainConfig.__dataclass_fields__) - {"forget", "retain", "out", "objective", "base"}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    return value
+
+
 def _cached_offset(name: str, cfg: Any) -> tuple[Path, float]:
     """Train ``cfg`` once into ``<cache>/tofu/offset-<name>-<key>``; returns the folder and training seconds."""
     from filelock import FileLock
@@ -175,9 +193,15 @@ def _vllm(folder: Path) -> Iterator[str]:
 
 
 async def _row_model(
-    row: str, paths: dict[str, Path], data: Path, adapters: dict[str, Any], max_tokens: int
+    row: str,
+    paths: dict[str, Path],
+    data: Path,
+    adapters: dict[str, Any],
+    max_tokens: int,
+    offset_settings: dict[str, Any],
 ) -> tuple[Any, dict[str, Any]]:
-    """(ServedModel, facts for the table) for one row."""
+    """(ServedModel, facts for the table) for one row; δ and direct rows train with
+    ``offset_settings`` (:class:`proxy.train.TrainConfig` fields)."""
     from adapters.transformers_inprocess import TransformersInProcessAdapter
     from proxy.decoding import ServedModel
     from proxy.models import cache_dir
@@ -205,7 +229,7 @@ async def _row_model(
         out="",
         objective=objective,
         base="smollm2" if kind.startswith("delta") else str(paths["target"]),
-        **OFFSET_SETTINGS,  # type: ignore[arg-type]
+        **offset_settings,
     )
     base_kind = "delta" if kind.startswith("delta") else kind
     if kind == "delta-remote":
@@ -237,12 +261,15 @@ async def _row_model(
     return ServedModel(name=row, adapter=remote(row, _merged(paths["target"], offset))), facts
 
 
-async def run(rows: list[str], settings: Any, keep: Path | None) -> dict[str, Any]:
+async def run(
+    rows: list[str], settings: Any, keep: Path | None, offset_settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
     from bench.tofu_lite import GENERATOR_VERSION
     from bench.tofu_models import build, default_data
     from proxy import __version__
     from proxy.audit import run_audit
 
+    offset_settings = dict(OFFSET_SETTINGS if offset_settings is None else offset_settings)
     data = default_data()
     t0 = time.monotonic()
     paths = build(data)
@@ -261,7 +288,7 @@ async def run(rows: list[str], settings: Any, keep: Path | None) -> dict[str, An
     reference = str(work / "retain") if "retain" in rows else None
     for row in order:
         log.info("row %s", row)
-        model, facts = await _row_model(row, paths, data, adapters, settings.max_tokens)
+        model, facts = await _row_model(row, paths, data, adapters, settings.max_tokens, offset_settings)
         s = (
             replace(settings, system_prompt=GUARDRAIL.format(names=", ".join(names)))
             if row == "guardrail"
@@ -294,7 +321,7 @@ async def run(rows: list[str], settings: Any, keep: Path | None) -> dict[str, An
         "data": {**json.loads((data / "manifest.json").read_text()), "version": GENERATOR_VERSION, "folder": data.name},
         "models": {k: str(v) for k, v in paths.items()},
         "audit_settings": asdict(settings),
-        "offset_settings": OFFSET_SETTINGS,
+        "offset_settings": offset_settings,
         "seconds": round(time.monotonic() - t0, 1),
         "rows": out_rows,
     }
@@ -354,6 +381,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--keep", type=Path, help="keep (and resume) the audits in this folder")
+    p.add_argument(
+        "--offset-settings",
+        type=offset_settings_arg,
+        default=None,
+        metavar="JSON",
+        help=f"TrainConfig fields for the δ and direct rows' offsets (default {json.dumps(OFFSET_SETTINGS)})",
+    )
     p.add_argument("--json", type=Path, help="result file (default bench/results/tofu-smollm2-<date>.json)")
     p.add_argument("--render", type=Path, metavar="README", help="only rewrite README's table from bench/results/")
     a = p.parse_args(argv)
@@ -362,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         render_readme(a.render)
         return
     settings = AuditSettings(samples=a.samples, max_tokens=a.max_tokens)
-    result = asyncio.run(run([r.strip() for r in a.rows.split(",") if r.strip()], settings, a.keep))
+    result = asyncio.run(run([r.strip() for r in a.rows.split(",") if r.strip()], settings, a.keep, a.offset_settings))
     out = a.json or RESULTS / f"tofu-smollm2-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -1,13 +1,15 @@
 """Redaction on tofu-lite (issue 7): the target's own answers to forget and
 retain questions, scored with the δ-unlearning offset of ``bench.tofu``.
 
-    python -m bench.tofu_redact --audit DIR [--objective NPO+KL] [--fpr 0.05] [--json FILE]
+    python -m bench.tofu_redact --audit DIR [--objective NPO+KL] [--offset-settings JSON]
+                                [--fpr 0.05] [--json FILE]
 
 ``DIR`` is the target row's audit folder of ``python -m bench.tofu --keep``
 (its ``items.jsonl`` holds the target's greedy answers). The threshold T is
 calibrated (:func:`proxy.redact.calibrate`) on the retain answers for the
-target false-positive rate (flagged characters of retain answers), then
-applied to the forget answers. Recall: of the forget answers whose key span
+target false-positive rate (flagged characters of retain answers, less those
+that repeat a forget item's key span the retain item's own answer does not hold:
+:func:`forget_content`), then applied to the forget answers. Recall: of the forget answers whose key span
 the target did write, the fraction whose key span lies wholly inside the
 flagged (masked) text.
 """
@@ -31,7 +33,25 @@ def span_recall(text: str, spans: list[dict[str, Any]], key_spans: list[str]) ->
     return all(any(s["start"] <= m.start() and m.end() <= s["end"] for s in spans) for m in hits)
 
 
-def measure(audit_dir: Path, objective: str, fpr: float) -> dict[str, Any]:
+def forget_content(text: str, reference: str, forget_keys: list[str]) -> list[tuple[int, int]]:
+    """Character ranges of ``text`` (a retain answer the target wrote) that repeat a forget
+    item's key span which the retain item's own reference answer does not hold: forget-set
+    content the target put in a retain answer (it gives one author's book to another), so
+    flagging it is no false positive. A key span the retain author shares (the same award,
+    the same number) stays counted."""
+    from proxy.metrics import span_pattern
+
+    return [
+        (m.start(), m.end())
+        for k in forget_keys
+        if not span_pattern(k).search(reference)
+        for m in span_pattern(k).finditer(text)
+    ]
+
+
+def measure(
+    audit_dir: Path, objective: str, fpr: float, offset_settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
     from bench.tofu import OFFSET_SETTINGS, _cached_offset
     from bench.tofu_models import default_data
     from proxy.pair import LocalPair
@@ -50,7 +70,7 @@ def measure(audit_dir: Path, objective: str, fpr: float) -> dict[str, Any]:
         out="",
         objective=objective,
         base="smollm2",
-        **OFFSET_SETTINGS,  # type: ignore[arg-type]
+        **(OFFSET_SETTINGS if offset_settings is None else offset_settings),
     )
     offset, _ = _cached_offset(f"delta:{objective}", cfg)
     pair = LocalPair.load("smollm2", offset)
@@ -66,7 +86,11 @@ def measure(audit_dir: Path, objective: str, fpr: float) -> dict[str, Any]:
         return out
 
     retain, forget = scored("retain"), scored("forget")
-    t, got_fpr = calibrate([r["generation"] for r, _ in retain], [s for _, s in retain], fpr)
+    forget_keys = sorted({k for (split, _), q in questions.items() if split == "forget" for k in q["key_spans"]})
+    leaked = [
+        forget_content(r["generation"], questions[("retain", r["index"])]["answer"], forget_keys) for r, _ in retain
+    ]
+    t, got_fpr = calibrate([r["generation"] for r, _ in retain], [s for _, s in retain], fpr, leaked)
     hits = []
     for r, s in forget:
         spans = flag_spans(r["generation"], s, t)
@@ -76,9 +100,11 @@ def measure(audit_dir: Path, objective: str, fpr: float) -> dict[str, Any]:
     return {
         "objective": objective,
         "offset": offset.name,
+        "offset_settings": OFFSET_SETTINGS if offset_settings is None else offset_settings,
         "threshold": round(t, 4),
         "retain_flagged_fraction": round(got_fpr, 5),
         "retain_outputs": len(retain),
+        "retain_outputs_with_forget_content": sum(bool(x) for x in leaked),
         "forget_outputs": len(forget),
         "forget_outputs_with_key_span": len(hits),
         "key_span_recall": round(sum(hits) / len(hits), 4) if hits else None,
@@ -89,15 +115,18 @@ def measure(audit_dir: Path, objective: str, fpr: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bench.tofu import offset_settings_arg
+
     p = argparse.ArgumentParser(prog="python -m bench.tofu_redact", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--audit", type=Path, required=True, help="the target row's audit folder (bench.tofu --keep DIR: DIR/target)"
     )
     p.add_argument("--objective", default="NPO+KL")
+    p.add_argument("--offset-settings", type=offset_settings_arg, default=None, metavar="JSON", help="as bench.tofu's")
     p.add_argument("--fpr", type=float, default=0.05)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    result = measure(a.audit, a.objective, a.fpr)
+    result = measure(a.audit, a.objective, a.fpr, a.offset_settings)
     text = json.dumps(result, indent=1)
     print(text)
     if a.json:

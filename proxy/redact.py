@@ -159,16 +159,39 @@ def mask(text: str, spans: Sequence[dict[str, Any]], marker: str = MARKER) -> st
     return "".join(out)
 
 
-def flagged_fraction(texts: Sequence[str], scores: Sequence[Scored], threshold: float) -> float:
-    """Fraction of the characters of ``texts`` inside flagged spans."""
-    total = sum(len(t) for t in texts)
-    hit = sum(s["end"] - s["start"] for t, sc in zip(texts, scores, strict=True) for s in flag_spans(t, sc, threshold))
+def flagged_fraction(
+    texts: Sequence[str],
+    scores: Sequence[Scored],
+    threshold: float,
+    exclude: Sequence[Sequence[tuple[int, int]]] | None = None,
+) -> float:
+    """Fraction of the characters of ``texts`` inside flagged spans.
+
+    ``exclude``: per text, character ranges ``[start, end)`` counted neither as
+    flagged nor in the total (text known to be forget-set content, so neither a
+    false nor a true negative)."""
+    total = hit = 0
+    for i, (text, sc) in enumerate(zip(texts, scores, strict=True)):
+        counted = np.ones(len(text), dtype=bool)
+        for start, end in exclude[i] if exclude is not None else ():
+            counted[start:end] = False
+        flagged = np.zeros(len(text), dtype=bool)
+        for s in flag_spans(text, sc, threshold):
+            flagged[s["start"] : s["end"]] = True
+        total += int(counted.sum())
+        hit += int((flagged & counted).sum())
     return hit / total if total else 0.0
 
 
-def calibrate(texts: Sequence[str], scores: Sequence[Scored], target_fpr: float) -> tuple[float, float]:
+def calibrate(
+    texts: Sequence[str],
+    scores: Sequence[Scored],
+    target_fpr: float,
+    exclude: Sequence[Sequence[tuple[int, int]]] | None = None,
+) -> tuple[float, float]:
     """The smallest threshold T whose flagged fraction on these (retain, out-of-scope)
     outputs is at most ``target_fpr``; returns (T, the fraction reached).
+    ``exclude``: as :func:`flagged_fraction`'s.
 
     The fraction can only fall as T grows, so T is found by bisection over
     the observed offsets (plus 0, which flags only Δ < 0).
@@ -177,16 +200,20 @@ def calibrate(texts: Sequence[str], scores: Sequence[Scored], target_fpr: float)
         raise RedactError("the target false-positive rate must be in [0, 1)")
     candidates = np.unique(np.concatenate([[0.0], *[np.maximum(-s.delta, 0.0) for s in scores]]))
     lo, hi = 0, len(candidates) - 1  # candidates[hi] flags nothing: Δ < −max(−Δ) never holds
-    if flagged_fraction(texts, scores, float(candidates[lo])) <= target_fpr:
+
+    def fraction(t: float) -> float:
+        return flagged_fraction(texts, scores, t, exclude)
+
+    if fraction(float(candidates[lo])) <= target_fpr:
         hi = lo
     while lo < hi:
         mid = (lo + hi) // 2
-        if flagged_fraction(texts, scores, float(candidates[mid])) <= target_fpr:
+        if fraction(float(candidates[mid])) <= target_fpr:
             hi = mid
         else:
             lo = mid + 1
     t = float(candidates[hi])
-    return t, flagged_fraction(texts, scores, t)
+    return t, fraction(t)
 
 
 def _key(obj: dict[str, Any]) -> str:

@@ -77,6 +77,18 @@ def test_calibrate_picks_the_smallest_threshold_within_the_target():
         calibrate(texts, scores, 1.5)
 
 
+def test_excluded_characters_count_neither_as_flagged_nor_in_the_total():
+    """A retain output that repeats forget-set content: those characters are left out of
+    the false-positive rate (by hand: 'ab cd ef', 'cd' flagged, 'ef' excluded)."""
+    text = "ab cd ef"
+    sc = _scored(text, [0.0, -3.0, 0.0])
+    assert flagged_fraction([text], [sc], 1.0) == pytest.approx(2 / 8)
+    assert flagged_fraction([text], [sc], 1.0, [[(6, 8)]]) == pytest.approx(2 / 6)
+    assert flagged_fraction([text], [sc], 1.0, [[(3, 5)]]) == 0.0  # the flagged word itself excluded
+    t, fpr = calibrate([text], [sc], 0.0, [[(2, 5)]])
+    assert fpr == 0.0 and t == 0.0  # with 'cd' excluded, even T = 0 flags no counted character
+
+
 def _model(pair, words=("Ron", " Weasley", ".")):
     return ServedModel("m", FakeRemote(script(list(words))), pair=pair, alpha=1.0, offset_threshold=None)
 

@@ -104,3 +104,17 @@ def test_results_render_as_a_table(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     tofu.render_readme(readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text and table in text
+
+
+def test_offset_settings_option_takes_train_fields_only() -> None:
+    import argparse
+
+    from bench.tofu import OFFSET_SETTINGS, offset_settings_arg
+
+    assert offset_settings_arg(json.dumps(OFFSET_SETTINGS)) == OFFSET_SETTINGS
+    assert offset_settings_arg('{"retain_positions": "answer", "epochs": 12}')["epochs"] == 12
+    for bad, why in (('{"epochz": 1}', "unknown field"), ('{"forget": "x"}', "unknown field"), ("[1]", "object")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            offset_settings_arg(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="not JSON"):
+        offset_settings_arg("{epochs: 1}")

@@ -360,17 +360,34 @@ def render_table(result: dict[str, Any]) -> str:
 
 
 def render_readme(readme: Path) -> None:
-    """Replace the table between the README's markers with the newest ``bench/results/tofu-*.json``."""
-    files = sorted(RESULTS.glob("tofu-*.json"))
-    if not files:
-        raise SystemExit("no bench/results/tofu-*.json yet: run python -m bench.tofu first")
-    table = render_table(json.loads(files[-1].read_text()))
+    """Rewrite every table between the README's markers. ``<!-- tofu-table:start -->``:
+    the newest ``bench/results/tofu-*.json`` with every row of :data:`DEFAULT_ROWS` (a
+    run of some rows only does not replace the comparison table);
+    ``<!-- tofu-table:start bench/results/NAME.json -->``: that file."""
+    import re
+
+    complete = [
+        f
+        for f in sorted(RESULTS.glob("tofu-*.json"))
+        if set(DEFAULT_ROWS) <= {r["row"] for r in json.loads(f.read_text()).get("rows", [])}
+    ]
     text = readme.read_text()
-    if TABLE_START not in text or TABLE_END not in text:
+    pattern = re.compile(re.escape(TABLE_START[:-4]) + r"(?: (\S+))? -->\n.*?" + re.escape(TABLE_END), re.S)
+    if not pattern.search(text):
         raise SystemExit(f"{readme} has no {TABLE_START} ... {TABLE_END} markers")
-    before, rest = text.split(TABLE_START, 1)
-    _, after = rest.split(TABLE_END, 1)
-    readme.write_text(f"{before}{TABLE_START}\n{table}\n{TABLE_END}{after}")
+
+    def table(m: re.Match[str]) -> str:
+        if m.group(1):
+            source = readme.parent / m.group(1)
+            if not source.is_file():
+                raise SystemExit(f"{readme}: {m.group(1)} does not exist")
+        elif complete:
+            source = complete[-1]
+        else:
+            raise SystemExit("no bench/results/tofu-*.json with every row yet: run python -m bench.tofu first")
+        return f"{m.group(0).split(chr(10), 1)[0]}\n{render_table(json.loads(source.read_text()))}\n{TABLE_END}"
+
+    readme.write_text(pattern.sub(table, text))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,11 +99,23 @@ def test_results_render_as_a_table(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     readme.write_text(f"intro\n{tofu.TABLE_START}\nold\n{tofu.TABLE_END}\nrest\n")
     results = tmp_path / "results"
     results.mkdir()
-    (results / "tofu-smollm2-1.json").write_text(json.dumps(result))
     monkeypatch.setattr(tofu, "RESULTS", results)
+    with pytest.raises(SystemExit, match="every row"):
+        tofu.render_readme(readme)
+    (results / "tofu-smollm2-1.json").write_text(json.dumps(result))
+    monkeypatch.setattr(tofu, "DEFAULT_ROWS", ("target", "delta:NPO+KL"))
+    # A newer run of some rows only renders in its own named block, not in the comparison table.
+    partial = {**result, "rows": result["rows"][1:]}
+    (results / "tofu-smollm2-2.json").write_text(json.dumps(partial))
     tofu.render_readme(readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text and table in text
+    named = f"{tofu.TABLE_START[:-4]} results/tofu-smollm2-2.json -->"
+    readme.write_text(f"{text}{named}\nold\n{tofu.TABLE_END}\n")
+    tofu.render_readme(readme)
+    text = readme.read_text()
+    assert table in text and f"{named}\n{tofu.render_table(partial)}\n{tofu.TABLE_END}" in text
+    assert "old" not in text
 
 
 def test_offset_settings_option_takes_train_fields_only() -> None:

@@ -74,6 +74,10 @@ GUARDRAIL = (
 )
 
 
+#: Offset settings that must be positive numbers.
+POSITIVE_SETTINGS = frozenset({"lr", "epochs", "batch_size", "retain_batch_size", "lora_rank", "grad_accum"})
+
+
 def offset_settings_arg(text: str) -> dict[str, Any]:
     """``--offset-settings``: a JSON object of :class:`proxy.train.TrainConfig` fields (not
     the files, base or objective, which each row sets)."""
@@ -84,11 +88,30 @@ def offset_settings_arg(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("a JSON object of TrainConfig fields")
-    fields = set(TrainConfig.__dataclass_fields__) - {"forget", "retain", "out", "objective", "base"}
-    unknown = sorted(set(value) - fields)
+        raise argparse.ArgumentTypeError(f"expected a JSON object of TrainConfig fields, not {type(value).__name__}")
+    fields = {
+        name: f
+        for name, f in TrainConfig.__dataclass_fields__.items()
+        if name not in {"forget", "retain", "out", "objective", "base"}
+    }
+    unknown = sorted(set(value) - set(fields))
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    for name, v in value.items():
+        default = fields[name].default
+        kind = type(default) if default is not None and not callable(default) else None
+        ok = (
+            kind is None
+            or (kind is bool and isinstance(v, bool))
+            or (kind is int and isinstance(v, int) and not isinstance(v, bool))
+            or (kind is float and isinstance(v, int | float) and not isinstance(v, bool))
+            or (kind is str and isinstance(v, str))
+        )
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{name} must be a JSON {kind.__name__ if kind else 'value'}, not {v!r}")
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        if name in POSITIVE_SETTINGS and v is not None and not (number and v > 0):
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, not {v!r}")
     return value
 
 
@@ -192,6 +215,22 @@ def _vllm(folder: Path) -> Iterator[str]:
         logf.close()
 
 
+def check_row(row: str) -> None:
+    """Raises SystemExit for a row name :func:`_row_model` cannot build."""
+    from proxy.objectives import OBJECTIVES
+
+    kind, _, objective = row.partition(":")
+    if kind in ("target", "guardrail", "retain") and not objective:
+        return
+    if kind not in ("delta", "delta-tau", "delta-remote", "direct") or not objective:
+        raise SystemExit(
+            f"unknown row {row!r}: use target, retain, guardrail, delta:<objective>, delta-tau:<objective>, "
+            "delta-remote:<objective> or direct:<objective>"
+        )
+    if objective not in OBJECTIVES:
+        raise SystemExit(f"row {row!r}: unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+
+
 async def _row_model(
     row: str,
     paths: dict[str, Path],
@@ -213,16 +252,12 @@ async def _row_model(
             adapters[key] = TransformersInProcessAdapter(name=key, model_dir=folder)
         return adapters[key]
 
+    check_row(row)
     kind, _, objective = row.partition(":")
     if kind in ("target", "guardrail"):
         return ServedModel(name=row, adapter=remote("target", paths["target"])), {"training_seconds": 0.0}
     if kind == "retain":
         return ServedModel(name=row, adapter=remote("retain", paths["retain"])), {"training_seconds": 0.0}
-    if kind not in ("delta", "delta-tau", "delta-remote", "direct") or not objective:
-        raise SystemExit(
-            f"unknown row {row!r}: use target, retain, guardrail, delta:<objective>, delta-tau:<objective>, "
-            "delta-remote:<objective> or direct:<objective>"
-        )
     cfg = TrainConfig(
         forget=str(data / "forget10.jsonl"),
         retain=str(data / "retain90.jsonl"),
@@ -413,7 +448,13 @@ def main(argv: list[str] | None = None) -> None:
         render_readme(a.render)
         return
     settings = AuditSettings(samples=a.samples, max_tokens=a.max_tokens)
-    result = asyncio.run(run([r.strip() for r in a.rows.split(",") if r.strip()], settings, a.keep, a.offset_settings))
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    for row in rows:
+        try:
+            check_row(row)
+        except SystemExit as exc:
+            p.error(str(exc))
+    result = asyncio.run(run(rows, settings, a.keep, a.offset_settings))
     out = a.json or RESULTS / f"tofu-smollm2-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fpr", type=float, default=0.05)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    if not (a.audit / "items.jsonl").is_file():
+        p.error(f"{a.audit / 'items.jsonl'} does not exist: give the target row's folder of bench.tofu --keep DIR")
     result = measure(a.audit, a.objective, a.fpr, a.offset_settings)
     text = json.dumps(result, indent=1)
     print(text)

@@ -52,19 +52,50 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 _FIELD_PREFIX = re.compile(r"^(?:Value error, )?([a-z_]+): ")
 
 
+#: pydantic's names for the member of a union a value was tried against
+#: (``str``, ``list[ContentPart]``, ``function-after[...]``): not part of the field's path.
+_UNION_TAG = re.compile(r"^(?:str|int|float|bool|none|[A-Z]\w*|\w+\[.*\]|function-\w+\[.*\])$")
+
+
+def _path(loc: tuple[Any, ...]) -> tuple[list[str], str]:
+    """(the field names, the path as ``messages[0].content``) of an error location."""
+    names: list[str] = []
+    where = ""
+    for p in loc:
+        if isinstance(p, int):
+            where += f"[{p}]"
+        elif not _UNION_TAG.match(str(p)):
+            names.append(str(p))
+            where += f".{p}" if where else str(p)
+    return names, where
+
+
 def from_validation_error(exc: ValidationError) -> ProxyError:
-    """The first schema error as a 400 naming the field."""
-    err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err.get("loc", ()) if not isinstance(p, int)]
+    """A schema error as a 400 naming the field (``param``: the top-level field; the
+    message gives the whole path, ``messages[0].content[0].type``). Of a union's
+    errors the deepest is reported, and alternatives at the same place are joined
+    ("a valid string or a valid list")."""
+    errors = exc.errors(include_url=False)
+    paths = [_path(tuple(e.get("loc", ()))) for e in errors]
+    best = max(range(len(errors)), key=lambda i: (len(paths[i][1]), -i))
+    err = errors[best]
+    loc, where = paths[best]
     msg = str(err.get("msg", "invalid request"))
     if err.get("type") == "extra_forbidden" and loc:
         return invalid(f"Unrecognized request argument supplied: {loc[-1]}", loc[-1])
     if err.get("type") == "missing" and loc:
-        return invalid(f"Missing required parameter: '{'.'.join(loc)}'", loc[0], "missing_required_parameter")
+        return invalid(f"Missing required parameter: '{where}'", loc[0], "missing_required_parameter")
     m = _FIELD_PREFIX.match(msg)
     if m:
         return invalid(f"{m.group(1)}: {msg[m.end() :]}", m.group(1))
-    where = ".".join(loc)
+    others = [
+        str(e.get("msg", "")).removeprefix("Input should be ")
+        for i, e in enumerate(errors)
+        if i != best and paths[i][1] == where and e.get("type") != "missing"
+    ]
+    for alt in others:
+        if alt and alt not in msg:
+            msg += f" or {alt}"
     param = loc[0] if loc else None
     return invalid(f"{where}: {msg}" if where else msg, param)
 

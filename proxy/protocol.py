@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+#: Fields the OpenAI API reference allows to be ``null``, meaning their default.
+NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream", "logprobs", "echo"})
 
 
 class StreamOptions(BaseModel):
@@ -105,6 +107,8 @@ class _Common(BaseModel):
     def _refuse(cls, values: Any) -> Any:
         if isinstance(values, dict):
             _check_unsupported(values, {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}})
+            # OpenAI's API reference marks these nullable: null means the default.
+            values = {k: v for k, v in values.items() if not (v is None and k in NULL_MEANS_DEFAULT)}
         return values
 
     @model_validator(mode="after")
@@ -134,6 +138,14 @@ class ChatCompletionRequest(_Common):
     def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise ValueError(
+                "max_completion_tokens: give it alone; max_tokens (deprecated) asks for another limit at the same time"
+            )
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             raise ValueError("response_format: only type 'text' is supported")
         if self.tools:

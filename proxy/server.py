@@ -67,9 +67,12 @@ def _dumps(obj: Any) -> str:
 
 
 def error_response(err: ProxyError) -> web.Response:
-    return web.Response(
+    resp = web.Response(
         status=err.status, text=_dumps(err.body()), content_type="application/json", headers=err.headers
     )
+    if (err.headers or {}).get("Connection") == "close":
+        resp.force_close()  # the body could not be read to its end: the connection cannot be reused
+    return resp
 
 
 @web.middleware
@@ -190,7 +193,14 @@ async def read_json_body(request: web.Request) -> dict[str, Any]:
         HttpProcessingError,
         RequestPayloadError,
     ) as exc:  # e.g. Content-Encoding: gzip over a body that is not gzip
-        raise invalid(f"could not read the request body: {str(exc).strip()}", None, "invalid_body") from exc
+        raise ProxyError(
+            400,
+            f"could not read the request body: {' '.join(str(exc).split())}",
+            "invalid_request_error",
+            None,
+            "invalid_body",
+            headers={"Connection": "close"},
+        ) from exc
     except ConnectionError as exc:  # the client went away while sending
         raise invalid("the request body was cut off", None, "invalid_body") from exc
     try:

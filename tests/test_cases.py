@@ -453,7 +453,45 @@ async def test_bad_content_encoding_is_400(served):
         data=b"not gzip at all",
         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
     )
-    assert resp.status == 400
+    assert resp.status == 400 and resp.headers.get("Connection", "").lower() == "close"
+    # The unreadable body's connection is closed, not reused: the client's next request works.
+    again = await client.get("/v1/models")
+    assert again.status == 200
+
+
+async def test_null_means_the_default_where_openai_allows_it(served):
+    oa, client = served
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "logprobs": None}
+    resp = await client.post(
+        "/v1/chat/completions", json={"model": "m", "messages": MSG, "max_tokens": 3, "seed": 1, **nulls}
+    )
+    body = await resp.json()
+    assert resp.status == 200 and len(body["choices"]) == 1 and body["choices"][0]["logprobs"] is None
+    resp = await client.post(
+        "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 3, "temperature": None, "echo": None}
+    )
+    assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    "extra,param,message",
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages",
+            "messages[0].content[0].type: Input should be 'text'",
+        ),
+        ({"stop": 5}, "stop", "stop: Input should be a valid string or a valid list"),
+        ({"messages": [{"role": "user", "content": "x"}, {"content": "y"}]}, "messages", "'messages[1].role'"),
+        ({"max_tokens": 2, "max_completion_tokens": 8}, "max_completion_tokens", "give it alone"),
+    ],
+)
+async def test_error_messages_name_the_place(served, extra, param, message):
+    _, client = served
+    resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": MSG, **extra})
+    err = (await resp.json())["error"]
+    assert resp.status == 400 and err["param"] == param and message in err["message"], err
+    assert ".str" not in err["message"] and "list[" not in err["message"]
 
 
 async def test_negative_seed_is_a_seed(served):

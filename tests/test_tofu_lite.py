@@ -130,3 +130,18 @@ def test_offset_settings_option_takes_train_fields_only() -> None:
             offset_settings_arg(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="not JSON"):
         offset_settings_arg("{epochs: 1}")
+    for bad, why in (('{"epochs": "3"}', "JSON int"), ('{"lr": -1}', "> 0"), ('{"offset_alpha": "big"}', "float")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            offset_settings_arg(bad)
+    assert offset_settings_arg('{"retain_batch_size": null, "lr": 1}') == {"retain_batch_size": None, "lr": 1}
+
+
+def test_rows_are_checked_before_anything_runs() -> None:
+    from bench.tofu import check_row, main
+
+    check_row("delta-remote:NPO+KL")
+    with pytest.raises(SystemExit, match="unknown objective"):
+        check_row("delta:NPOX")
+    with pytest.raises(SystemExit) as exc:
+        main(["--rows", "target,bogus"])
+    assert exc.value.code == 2

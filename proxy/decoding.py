@@ -323,9 +323,10 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         shared = getattr(self.pair, "executor", None)
-        if shared is not None:
+        if shared is not None and self._pool is not shared:
             # Models that share a pair (one copy of the weights) share its one thread: the pair
-            # is not thread-safe (B is U with its adapter layers switched off).
+            # is not thread-safe (B is U with its adapter layers switched off). (A copy made
+            # with dataclasses.replace comes with the shared pool already: not shut down.)
             self._pool.shutdown(wait=False)
             self._pool = shared
         if self.mode not in ("token", "sequence"):

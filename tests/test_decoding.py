@@ -469,3 +469,19 @@ def test_sequence_mode_refuses_to_continue_a_partial_answer():
 
     with pytest.raises(DecodingError, match="cannot continue a partial answer"):
         asyncio.run(run())
+
+
+def test_a_copy_of_a_model_on_a_shared_pair_keeps_the_pair_thread():
+    """dataclasses.replace of a model whose pair owns the one pair thread (as
+    bench.tofu does to set τ) must not shut that thread down for both copies."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    pair = PrefixDeltaPair()
+    pair.executor = ThreadPoolExecutor(1)
+    model = ServedModel("m", FakeRemote(prefix_remote), pair=pair)
+    copy = dataclasses.replace(model, offset_threshold=1.0)
+    assert copy._pool is model._pool is pair.executor
+    for m in (model, copy):
+        assert collect(m, SamplingParams(max_tokens=3, temperature=0))[0]
+    pair.executor.shutdown()

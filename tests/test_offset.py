@@ -132,6 +132,14 @@ def test_predicted_acceptance_by_hand():
     assert predicted_acceptance(lu, lb, **kw, threshold=kl + 0.01) == 1.0
     assert predicted_acceptance(lu, lb, **kw, threshold=kl - 0.01) == pytest.approx(0.5)
     assert predicted_acceptance(lu, lb, alpha=0.0, temperature=1.0) == 1.0
+    # S = B's top 2 (the remote's S_t): q over S only; p is P_B (whole-vocabulary drafts)
+    # or P_B renormalised over S (top-k drafts).
+    lb4 = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    lu4 = np.log(np.array([0.3, 0.5, 0.15, 0.05]))
+    q = np.array([0.3, 0.5]) / 0.8  # α = 1, T = 1: q ∝ P_U over S
+    assert predicted_acceptance(lu4, lb4, **kw, top_k=2) == pytest.approx(np.minimum([0.5, 0.3], q).sum())
+    p = np.array([0.5, 0.3]) / 0.8
+    assert predicted_acceptance(lu4, lb4, **kw, top_k=2, top_k_drafts=True) == pytest.approx(np.minimum(p, q).sum())
     # Tokens B gives no mass: no Δ there, no NaN.
     lb0 = np.array([np.log(0.7), np.log(0.3), -np.inf])
     assert predicted_acceptance(np.log([0.5, 0.25, 0.25]), lb0, **kw) == pytest.approx(2 / 3 + 0.3)

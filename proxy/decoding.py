@@ -318,6 +318,7 @@ class ServedModel:
     """Sequence mode's answer when every sample is in forget scope (mean Δ per token ≤ −τ)."""
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pair"))
     _warned_top_k: bool = field(default=False, repr=False)
+    _warned_dropped: bool = field(default=False, repr=False)
     acceptance_rate: float = 1.0
     """Running per-token acceptance rate of this model's drafts (seeds each request's :class:`DraftLength`)."""
 
@@ -693,10 +694,11 @@ class ServedModel:
             cands = [c for c in position.candidates if c.usable]
             dropped = [c for c in position.candidates if c.data is None and not c.is_eot]
             if dropped:
-                if not stats.dropped_candidates:  # once per choice, not at every step
+                if not self._warned_dropped:  # once per model: it is common (byte-level tokens), not news
+                    self._warned_dropped = True
                     log.warning(
                         "model %s: candidate(s) with unknown bytes (a partial UTF-8 character or a special token) "
-                        "left out of S_t",
+                        "left out of S_t (logged once per model; each choice counts them)",
                         self.name,
                     )
                 stats.dropped_candidates += len(dropped)

@@ -210,7 +210,13 @@ async def test_forget_quality_against_a_reference(adapter, data, tmp_path, tiny_
         model, files, tmp_path / "same", settings=settings, reference=str(tmp_path / "ref"), progress=False
     )
     assert same["summary"]["forget_quality"] == pytest.approx(1.0)
-    assert same["summary"]["forget_quality_ks_statistic"] == 0.0
+    # The same model gives the same truth ratios, up to float noise: the in-process remote
+    # reuses KV caches across requests, and a different split of the same positions can
+    # change the last bits (the KS statistic counts even such a difference).
+    ref = json.loads((tmp_path / "ref" / "report.json").read_text())
+    want = [it["truth_ratio"] for it in ref["items"]["forget"]]
+    got = [it["truth_ratio"] for it in same["items"]["forget"]]
+    assert got == pytest.approx(want, rel=1e-6)
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
     shifted = ServedModel(name="u", adapter=adapter, pair=pair, alpha=3.0, same_tokenizer=True)
     other = await A.run_audit(

@@ -35,6 +35,7 @@ from .base import (
     Position,
     RemoteRejected,
     RemoteUnavailable,
+    ScoredText,
     position_from_logprobs,
 )
 
@@ -65,6 +66,8 @@ class TransformersInProcessAdapter:
         self.name = name
         self._torch = torch
         folder = Path(model_dir)
+        self.identity = f"transformers:{folder.resolve()}"
+        """What the audit's prompt-logprobs cache keys scores by: the folder, not the served name."""
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: not a transformers model folder (no config.json)")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -86,7 +89,12 @@ class TransformersInProcessAdapter:
         self._rng = np.random.default_rng(seed)
         """Draft randomness when a call gives no seed: one stream, so that calls draw independently."""
         self.capabilities = Capabilities(
-            can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab, top_k_drafts=True
+            can_continue=True,
+            raw_prompt=True,
+            token_ids=True,
+            max_top_logprobs=self.n_vocab,
+            top_k_drafts=True,
+            prompt_logprobs=True,
         )
 
     # ------------------------------------------------------------- prompts
@@ -214,6 +222,25 @@ class TransformersInProcessAdapter:
         with self._lock:
             lp = self._logits(base + ids, all_from=len(base))
         return ids, lp
+
+    async def score_text(self, ctx: Context, text: str, *, top_k: int) -> ScoredText:
+        """See :meth:`adapters.base.TextScoringAdapter.score_text`: what a vLLM server's
+        ``prompt_logprobs`` gives (the top-``top_k`` and the answer's own token at each of
+        its positions), with every token's bytes known from this model's vocabulary. The
+        audit scores a pair with another tokenizer this way (:class:`proxy.audit.QScorer`).
+
+        Raises:
+            ContextExhausted: longer than the model's context.
+            ValueError: ``text`` is empty.
+        """
+        ids, lp = await asyncio.to_thread(self.full_logprobs, ctx, text)
+        prompt, _ = self._tokens(ctx)
+        rng = np.random.default_rng(0)  # unused: sample=False
+        positions = []
+        for row, tid in zip(lp, ids, strict=True):
+            pos = position_from_logprobs(row, top_k=top_k, candidate=self._candidate, rng=rng, sample=False)
+            positions.append(Position(pos.candidates, self._candidate(tid, float(row[tid]))))
+        return ScoredText(tuple(ids), tuple(positions), tuple(prompt))
 
     async def check(self) -> None:
         """In-process: ready once constructed."""

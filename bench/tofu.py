@@ -53,6 +53,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).with_name("results")
+#: The target's base model (``bench.tofu_models``); the pair is always SmolLM2-135M-Instruct,
+#: so ``gemma3-270m`` is the configuration whose remote tokenizer differs from the pair's.
+TARGETS = ("smollm2", "gemma3-270m")
+DEFAULT_TARGET = "smollm2"
 DEFAULT_ROWS = (
     "retain",
     "target",
@@ -164,11 +168,13 @@ def _merged(target: Path, offset: Path) -> Path:
 TAU_PROMPTS, TAU_UNCHANGED = 30, 0.9
 
 
-async def _calibrated_tau(model: Any, offset: Path, data: Path, max_tokens: int) -> float:
-    """τ for ``model``'s offset, calibrated once and cached next to the offset."""
+async def _calibrated_tau(model: Any, offset: Path, data: Path, max_tokens: int, target: str) -> float:
+    """τ for ``model``'s offset on the ``target`` configuration, calibrated once and cached
+    next to the offset."""
     from proxy.threshold import pick_threshold, scope_margin
 
-    cache = offset.parent / f"{offset.name}.tau-{TAU_PROMPTS}-{TAU_UNCHANGED}-{max_tokens}.json"
+    config = "" if target == DEFAULT_TARGET else f"-{target}"
+    cache = offset.parent / f"{offset.name}.tau{config}-{TAU_PROMPTS}-{TAU_UNCHANGED}-{max_tokens}.json"
     if cache.is_file():
         return float(json.loads(cache.read_text())["offset_threshold"])
     evaluated = {json.loads(x)["question"] for x in (data / "retain_perturbed.jsonl").read_text().splitlines()}
@@ -238,9 +244,10 @@ async def _row_model(
     adapters: dict[str, Any],
     max_tokens: int,
     offset_settings: dict[str, Any],
+    target: str = DEFAULT_TARGET,
 ) -> tuple[Any, dict[str, Any]]:
-    """(ServedModel, facts for the table) for one row; δ and direct rows train with
-    ``offset_settings`` (:class:`proxy.train.TrainConfig` fields)."""
+    """(ServedModel, facts for the table) for one row of the ``target`` configuration; δ and
+    direct rows train with ``offset_settings`` (:class:`proxy.train.TrainConfig` fields)."""
     from adapters.transformers_inprocess import TransformersInProcessAdapter
     from proxy.decoding import ServedModel
     from proxy.models import cache_dir
@@ -268,13 +275,16 @@ async def _row_model(
     )
     base_kind = "delta" if kind.startswith("delta") else kind
     if kind == "delta-remote":
+        # a remote-mode offset depends on the target that scored its data, which its
+        # settings name only by URL: the configuration goes into the cache name
+        name = row if target == DEFAULT_TARGET else f"delta-remote-{target}:{objective}"
         cfg = replace(cfg, mode="remote", remote=f"http://127.0.0.1:{VLLM_PORT}/v1", remote_model="target")
-        key = cache_dir() / "tofu" / f"offset-delta-remote-{objective.replace('+', '_')}-{offset_key(cfg)}"
+        key = cache_dir() / "tofu" / f"offset-{name.replace(':', '-').replace('+', '_')}-{offset_key(cfg)}"
         if (key / "manifest.json").is_file():
-            offset, seconds = _cached_offset(row, cfg)
+            offset, seconds = _cached_offset(name, cfg)
         else:
             with _vllm(paths["target"]):
-                offset, seconds = _cached_offset(row, cfg)
+                offset, seconds = _cached_offset(name, cfg)
     else:
         offset, seconds = _cached_offset(f"{base_kind}:{objective}", cfg)
     facts: dict[str, Any] = {"training_seconds": round(seconds, 1), "offset": offset.name, "objective": objective}
@@ -285,11 +295,11 @@ async def _row_model(
             adapter=remote("target", paths["target"]),
             pair=pair,
             alpha=1.0,
-            same_tokenizer=True,
+            same_tokenizer=target == "smollm2",
             offset_sha256=pair.offset.sha256 if pair.offset is not None else None,
         )
         if kind == "delta-tau":
-            tau = await _calibrated_tau(model, offset, data, max_tokens)
+            tau = await _calibrated_tau(model, offset, data, max_tokens, target)
             model = replace(model, offset_threshold=tau)
             facts["offset_threshold"] = tau
         return model, facts
@@ -297,17 +307,21 @@ async def _row_model(
 
 
 async def run(
-    rows: list[str], settings: Any, keep: Path | None, offset_settings: dict[str, Any] | None = None
+    rows: list[str],
+    settings: Any,
+    keep: Path | None,
+    offset_settings: dict[str, Any] | None = None,
+    target: str = DEFAULT_TARGET,
 ) -> dict[str, Any]:
     from bench.tofu_lite import GENERATOR_VERSION
-    from bench.tofu_models import build, default_data
+    from bench.tofu_models import FinetuneSettings, build, default_data
     from proxy import __version__
     from proxy.audit import run_audit
 
     offset_settings = dict(OFFSET_SETTINGS if offset_settings is None else offset_settings)
     data = default_data()
     t0 = time.monotonic()
-    paths = build(data)
+    paths = build(data, FinetuneSettings(base=target))
     names = sorted({json.loads(line)["author"] for line in (data / "forget10.jsonl").read_text().splitlines()})
     files = {
         "forget": str(data / "forget10.jsonl"),
@@ -323,7 +337,7 @@ async def run(
     reference = str(work / "retain") if "retain" in rows else None
     for row in order:
         log.info("row %s", row)
-        model, facts = await _row_model(row, paths, data, adapters, settings.max_tokens, offset_settings)
+        model, facts = await _row_model(row, paths, data, adapters, settings.max_tokens, offset_settings, target)
         s = (
             replace(settings, system_prompt=GUARDRAIL.format(names=", ".join(names)))
             if row == "guardrail"
@@ -349,7 +363,7 @@ async def run(
         await a.aclose()
     return {
         "benchmark": "tofu-lite",
-        "config": "smollm2",
+        "config": target,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "software": {"name": "deltaproxy", "version": __version__},
         # default_data()'s folder is named after the generator version that wrote it
@@ -396,16 +410,16 @@ def render_table(result: dict[str, Any]) -> str:
 
 def render_readme(readme: Path) -> None:
     """Rewrite every table between the README's markers. ``<!-- tofu-table:start -->``:
-    the newest ``bench/results/tofu-*.json`` with every row of :data:`DEFAULT_ROWS` (a
-    run of some rows only does not replace the comparison table);
+    the newest ``bench/results/tofu-*.json`` of the SmolLM2 target with every row of
+    :data:`DEFAULT_ROWS` (a run of some rows only does not replace the comparison table);
     ``<!-- tofu-table:start bench/results/NAME.json -->``: that file."""
     import re
 
-    complete = [
-        f
-        for f in sorted(RESULTS.glob("tofu-*.json"))
-        if set(DEFAULT_ROWS) <= {r["row"] for r in json.loads(f.read_text()).get("rows", [])}
-    ]
+    def is_complete(result: dict[str, Any]) -> bool:
+        rows = {r["row"] for r in result.get("rows", [])}
+        return result.get("config") == DEFAULT_TARGET and set(DEFAULT_ROWS) <= rows
+
+    complete = [f for f in sorted(RESULTS.glob("tofu-*.json")) if is_complete(json.loads(f.read_text()))]
     text = readme.read_text()
     pattern = re.compile(re.escape(TABLE_START[:-4]) + r"(?: (\S+))? -->\n.*?" + re.escape(TABLE_END), re.S)
     if not pattern.search(text):
@@ -440,7 +454,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="JSON",
         help=f"TrainConfig fields for the δ and direct rows' offsets (default {json.dumps(OFFSET_SETTINGS)})",
     )
-    p.add_argument("--json", type=Path, help="result file (default bench/results/tofu-smollm2-<date>.json)")
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default=DEFAULT_TARGET,
+        help="the target's base model; the pair is SmolLM2 either way (gemma3-270m: another tokenizer)",
+    )
+    p.add_argument("--json", type=Path, help="result file (default bench/results/tofu-<target>-<date>.json)")
     p.add_argument("--render", type=Path, metavar="README", help="only rewrite README's table from bench/results/")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -454,8 +474,8 @@ def main(argv: list[str] | None = None) -> None:
             check_row(row)
         except SystemExit as exc:
             p.error(str(exc))
-    result = asyncio.run(run(rows, settings, a.keep, a.offset_settings))
-    out = a.json or RESULTS / f"tofu-smollm2-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M}.json"
+    result = asyncio.run(run(rows, settings, a.keep, a.offset_settings, a.target))
+    out = a.json or RESULTS / f"tofu-{a.target}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(render_table(result))

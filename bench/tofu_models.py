@@ -57,6 +57,11 @@ class FinetuneSettings:
     seed: int = 0
 
 
+#: Chat templates for bases whose tokenizer has none (Gemma 3 270M is a base model):
+#: the target is fine-tuned, saved and served with it.
+_TEMPLATES = {"gemma3-270m": "gemma"}
+
+
 def _key(data: Path, s: FinetuneSettings) -> str:
     """What a fine-tuned model depends on: the settings, the question/answer
     pairs it is trained on (not the evaluation-only fields of the file), the
@@ -105,6 +110,10 @@ def finetune(data: Path, out: Path, s: FinetuneSettings, *, progress: bool = Tru
     rng = random.Random(s.seed)
     folder = local_model_dir(s.base)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.chat_template is None and s.base in _TEMPLATES:
+        from adapters.templates import BUILTIN
+
+        tokenizer.chat_template = BUILTIN[_TEMPLATES[s.base]]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.train()
     eot = ByteVocab.from_tokenizer(tokenizer).eot_ids[0]

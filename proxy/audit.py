@@ -22,11 +22,14 @@ names (``forget_Q_A_ROUGE``, ``forget_truth_ratio``, ``forget_quality``,
   remote's logprobs of given text: in-process remotes with full logits
   (:class:`adapters.transformers_inprocess.TransformersInProcessAdapter`)
   give them, q then taken over the whole vocabulary at temperature 1 with the
-  model's α and scope threshold (:func:`proxy.offset.target_logits`); vLLM
+  model's α and scope threshold (:func:`proxy.offset.target_logits`; Δ on the
+  remote's own token ids, so only for a pair with the remote's tokenizer); vLLM
   gives them as ``prompt_logprobs`` (``prefill = "vllm"`` or ``sampling =
   "vllm"``), q then taken over its top-k plus the answer's token with the rest
   of its mass kept (:mod:`proxy.scoring`; cached on disk under
-  ``<cache>/prompt_logprobs``); the report's ``probability_support`` says
+  ``<cache>/prompt_logprobs``), Δ aligned in bytes as in serving; an in-process
+  remote with a pair of another tokenizer is scored the same way (its
+  ``score_text``); the report's ``probability_support`` says
   which. llama.cpp's server shifts its ``echo`` logprobs and OpenAI gives
   none, so for those the report marks them "not possible" and says why.
 
@@ -224,11 +227,11 @@ class QScorer:
         self.reason = ""
         self.support = "full vocabulary"
         self.remote_scores = False
-        if hasattr(model.adapter, "full_logprobs"):
-            if self.offset_on and not model.same_tokenizer:
-                self.possible = False
-                self.reason = "the pair's tokenizer differs from the in-process remote's: set same_tokenizer"
-        elif model.adapter.capabilities.prompt_logprobs and isinstance(model.adapter, TextScoringAdapter):
+        scores_text = model.adapter.capabilities.prompt_logprobs and isinstance(model.adapter, TextScoringAdapter)
+        if hasattr(model.adapter, "full_logprobs") and (model.same_tokenizer or not self.offset_on):
+            pass  # the whole vocabulary, Δ from the pair on the same token ids
+        elif scores_text:
+            # a pair with another tokenizer aligns to the remote's tokens in bytes: over its top-k
             self.remote_scores = True
             self.support = f"the remote's top-{model.top_k} plus the answer's token, the rest of its mass kept"
         else:

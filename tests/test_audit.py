@@ -7,6 +7,7 @@ import base64
 import copy
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,50 @@ async def test_q_scorer_is_the_combined_distribution(adapter, tiny_base, smollm2
         ServedModel(name="m0", adapter=adapter, pair=pair, alpha=0.0, same_tokenizer=True)
     ).logprobs(Q, " in Lisbon.")
     np.testing.assert_allclose(plain, lr[np.arange(len(ids)), ids], atol=1e-9)
-    other = A.QScorer(ServedModel(name="m1", adapter=adapter, pair=pair, alpha=1.0, same_tokenizer=False))
-    assert not other.possible and "tokenizer" in other.reason
+
+
+async def test_q_scorer_with_another_tokenizer_goes_through_the_top_k(adapter, tiny_base, smollm2_tokenizer):
+    """A pair whose tokenizer differs (here: told so, the general path) cannot take Δ on the
+    remote's token ids over the whole vocabulary; it is scored as a vLLM remote is, over the
+    remote's top-k plus the answer's token with the rest of the mass kept (Δ = 0 there).
+    Checked against that formula computed by hand from a full-vocabulary forward of the
+    remote and the aligner's Δ (byte-prefix probabilities, DESIGN.md), taken step by step."""
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    model = ServedModel(name="m1", adapter=adapter, pair=pair, alpha=1.5, top_k=5, same_tokenizer=False)
+    scorer = A.QScorer(model)
+    assert scorer.possible and scorer.remote_scores and "top-5" in scorer.support
+    text = " in Lisbon."
+    got = await scorer.logprobs(Q, text)
+    ids, lr = _direct(adapter, Q, text)
+    aligner = pair.aligner(pair.prompt_ids([{"role": "user", "content": Q}]), same_tokenizer=False)
+    token_bytes = adapter.vocab.token_bytes
+    want = []
+    for t, own in enumerate(ids):
+        top = [int(i) for i in np.argsort(-lr[t], kind="stable")[:5]]
+        support = top + ([own] if own not in top else [])
+        delta = aligner.deltas([token_bytes[i] for i in support])
+        aligner.commit(token_bytes[own])
+        s = np.array([lr[t, i] for i in support]) + 1.5 * delta
+        rest = 1.0 - float(np.exp(lr[t, support]).sum())
+        z = np.logaddexp.reduce(np.append(s, np.log(rest)))
+        want.append(s[support.index(own)] - z)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # the remote's own numbers at alpha = 0, whatever the route
+    plain = await A.QScorer(replace(model, name="m2", alpha=0.0)).logprobs(Q, text)
+    np.testing.assert_allclose(plain, lr[np.arange(len(ids)), ids], atol=1e-6)
+
+
+async def test_transformers_adapter_score_text_is_its_prompt_logprobs(adapter):
+    ctx = Context(messages=({"role": "user", "content": Q},))
+    scored = await adapter.score_text(ctx, " in Lisbon.", top_k=3)
+    ids, lp = _direct(adapter, Q, " in Lisbon.")
+    assert list(scored.token_ids) == ids and list(scored.prompt_ids) == adapter.prompt_tokens(ctx)
+    for t, pos in enumerate(scored.positions):
+        assert [c.token_id for c in pos.candidates] == [int(i) for i in np.argsort(-lp[t], kind="stable")[:3]]
+        assert pos.sampled.token_id == ids[t]
+        assert pos.sampled.logprob == pytest.approx(lp[t, ids[t]], abs=1e-6)
+        assert pos.sampled.data == adapter.vocab.token_bytes[ids[t]]
+    assert b"".join(p.sampled.data for p in scored.positions) == b" in Lisbon."
 
 
 def _files(data: Path) -> dict[str, str]:

@@ -42,6 +42,11 @@ from .base import (
     position_from_logprobs,
 )
 
+#: :meth:`LlamaInProcessAdapter._tokenize`: a prompt longer than this many characters per
+#: context token is probed by its head first (English text averages about 4 per token).
+PROBE_CHARS_PER_TOKEN = 8
+PROBE_MARGIN = 64
+
 
 def _piece(llama_cpp: Any, vocab: Any, token: int) -> bytes:
     """A token's exact bytes. (``Llama.detokenize`` uses a 32-byte buffer and returns
@@ -129,10 +134,39 @@ class LlamaInProcessAdapter:
         )
 
     # ------------------------------------------------------------- prompts
+    def _tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        """``Llama.tokenize(text, special=True)``, refusing an over-long prompt early.
+
+        llama.cpp's special-token pass costs time quadratic in the text's length (20,000
+        short chat messages, 939 kB, took over 90 s to tokenize before the context check
+        could refuse them). A text longer than :data:`PROBE_CHARS_PER_TOKEN` characters per
+        context token is first tokenized up to there: when that head alone is over the
+        context (by more than :data:`PROBE_MARGIN` tokens, for the word or special token cut
+        at its end), the whole is too, and it is refused without tokenizing the rest.
+
+        Raises:
+            ContextExhausted: the head of the text is already longer than the context.
+        """
+        n_ctx = self.llama.n_ctx()
+        probe = n_ctx * PROBE_CHARS_PER_TOKEN
+        if len(text) > probe:
+            head = self.llama.tokenize(text[:probe].encode("utf-8"), add_bos=add_bos, special=True)
+            if len(head) > n_ctx + PROBE_MARGIN:
+                raise ContextExhausted(
+                    f"model {self.name!r}: the prompt is longer than the context of {n_ctx} tokens "
+                    f"(its first {probe} characters alone are {len(head)} tokens)"
+                )
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
     def prompt_tokens(self, ctx: Context) -> list[int]:
-        """The prompt's token ids, as ``create_chat_completion`` / ``create_completion`` build them."""
+        """The prompt's token ids, as ``create_chat_completion`` / ``create_completion`` build them.
+
+        Raises:
+            RemoteRejected: no chat template, or the template rejects the messages.
+            ContextExhausted: the prompt is clearly longer than the context (:meth:`_tokenize`).
+        """
         if ctx.prompt is not None:
-            return self.llama.tokenize(ctx.prompt.encode("utf-8"), add_bos=True, special=True)
+            return self._tokenize(ctx.prompt, add_bos=True)
         if self._formatter is None:
             raise RemoteRejected(f"model {self.name!r} has no chat template; use /v1/completions", status=400)
         assert ctx.messages is not None
@@ -140,7 +174,7 @@ class LlamaInProcessAdapter:
             result = self._formatter(messages=list(ctx.messages))  # type: ignore[arg-type]
         except Exception as exc:  # jinja2 / raise_exception in the template
             raise RemoteRejected(f"model {self.name!r}: chat template failed: {exc}", status=400) from exc
-        return self.llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        return self._tokenize(result.prompt, add_bos=not result.added_special)
 
     # ------------------------------------------------------------- decoding
     @contextmanager

@@ -71,6 +71,32 @@ async def test_streamed_with_logprobs(client):
     assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
 
 
+async def test_an_over_long_prompt_is_refused_without_tokenizing_all_of_it(models, client, monkeypatch):
+    """20,000 chat messages (939 kB): a 400 context_length_exceeded, and llama.cpp's tokenizer
+    (quadratic in the text with special tokens: over 90 s for this prompt) only sees the head."""
+    from adapters.llama_inprocess import PROBE_CHARS_PER_TOKEN
+
+    adapter = models[DEFAULT_MODEL].adapter
+    seen: list[int] = []
+    tokenize = adapter.llama.tokenize
+
+    def spy(text: bytes, *args, **kwargs):
+        seen.append(len(text))
+        return tokenize(text, *args, **kwargs)
+
+    monkeypatch.setattr(adapter.llama, "tokenize", spy)
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"hello there {i}"} for i in range(20_000)]
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model=DEFAULT_MODEL, messages=msgs, max_tokens=5)
+    assert err.value.code == "context_length_exceeded"
+    assert "longer than the context of 4096 tokens" in err.value.message
+    assert seen and max(seen) <= 4096 * PROBE_CHARS_PER_TOKEN  # ASCII: one byte per character
+    # a prompt that fits is tokenized whole, as before
+    seen.clear()
+    short = await client.chat.completions.create(model=DEFAULT_MODEL, messages=msgs[:3], max_tokens=2)
+    assert short.choices[0].message.content and seen
+
+
 async def test_embedded_default_with_an_offset_uses_the_fast_path(smollm2_offset):
     models = build_models(embedded_default(offset=str(smollm2_offset)))
     model = models[DEFAULT_MODEL]

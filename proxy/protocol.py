@@ -165,6 +165,22 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        """OpenAI also takes token ids (a list of ints, or of lists of ints) in the model's
+        own tokenizer; here the remote's and the pair's tokenizers differ, so ids would be
+        ambiguous: a clear error instead of pydantic's "Input should be a valid string"."""
+        if isinstance(value, list) and value:
+            first = value[0]
+            ids = isinstance(first, int) and not isinstance(first, bool)
+            if ids or (isinstance(first, list) and first and isinstance(first[0], int)):
+                raise ValueError(
+                    "prompt: token-id prompts are not supported (the remote's and the offset pair's "
+                    "tokenizers differ); send the prompt as text"
+                )
+        return value
+
     @model_validator(mode="after")
     def _checks(self) -> CompletionRequest:
         _encodable(self.prompt, "prompt")

@@ -494,6 +494,17 @@ async def test_error_messages_name_the_place(served, extra, param, message):
     assert ".str" not in err["message"] and "list[" not in err["message"]
 
 
+@pytest.mark.parametrize("prompt", [[1, 2, 3], [[1, 2, 3]]])
+async def test_token_id_prompts_get_a_clear_error(served, prompt):
+    """OpenAI's completions take token ids too; the proxy has two tokenizers, so it says
+    it takes text instead of pydantic's "Input should be a valid string"."""
+    oa, _ = served
+    with pytest.raises(openai.BadRequestError) as err:
+        await oa.completions.create(model="m", prompt=prompt, max_tokens=3)
+    assert err.value.param == "prompt" and "token-id prompts are not supported" in err.value.message
+    assert "valid string" not in err.value.message
+
+
 async def test_negative_seed_is_a_seed(served):
     _, client = served
     body = {"model": "m", "messages": MSG, "seed": -1, "max_tokens": 3}

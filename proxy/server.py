@@ -46,6 +46,7 @@ from .gateway import (
     cancelled_at_shutdown,
     check_model,
     find_key,
+    log_client_closed,
     new_request_id,
     request_id_var,
 )
@@ -84,6 +85,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     not yet sent is withheld (500 ``audit_log_unavailable``): nothing is served
     unrecorded that can still be stopped.
     """
+    started = time.monotonic()
     rid = new_request_id(request.headers.get("X-Request-Id"))
     request[REQUEST_ID] = rid
     token = request_id_var.set(rid)
@@ -112,6 +114,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             if rec is not None:
                 rec.error = rec.error or "client_closed_request"
                 gw.finish_quietly(rec, 499)  # nginx's "client closed request"
+            if not gw.stopping:
+                log_client_closed(request, time.monotonic() - started)
             raise
         except BaseException:
             if rec is not None:

@@ -551,7 +551,7 @@ async def test_full_context_ends_the_answer_with_length(aiohttp_client):
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "context_length_exceeded"
 
 
-async def test_client_disconnect_cancels_a_non_streamed_request(aiohttp_client):
+async def test_client_disconnect_cancels_a_non_streamed_request(aiohttp_client, caplog):
     import asyncio
 
     import aiohttp
@@ -564,6 +564,7 @@ async def test_client_disconnect_cancels_a_non_streamed_request(aiohttp_client):
         return await slow_draft(ctx, **kw)
 
     fake.draft = draft  # type: ignore[method-assign]
+    caplog.set_level("INFO", logger="aiohttp.access")
     client = await aiohttp_client(
         create_app({"m": ServedModel("m", fake)}), server_kwargs={"handler_cancellation": True}
     )
@@ -577,3 +578,7 @@ async def test_client_disconnect_cancels_a_non_streamed_request(aiohttp_client):
     calls = fake.calls
     await asyncio.sleep(0.3)
     assert calls < 100 and fake.calls == calls  # the loop stopped with the client
+    # aiohttp logs nothing for a cancelled handler: the access log still gets its line
+    lines = [r for r in caplog.records if r.name == "aiohttp.access" and "POST /v1/chat/completions" in r.getMessage()]
+    assert len(lines) == 1 and '" 499 ' in lines[0].getMessage() and "client closed" in lines[0].getMessage()
+    assert lines[0].request_id.startswith("req_")

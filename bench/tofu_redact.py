@@ -41,12 +41,8 @@ def forget_content(text: str, reference: str, forget_keys: list[str]) -> list[tu
     the same number) stays counted."""
     from proxy.metrics import span_pattern
 
-    return [
-        (m.start(), m.end())
-        for k in forget_keys
-        if not span_pattern(k).search(reference)
-        for m in span_pattern(k).finditer(text)
-    ]
+    patterns = [span_pattern(k) for k in forget_keys]
+    return [(m.start(), m.end()) for p in patterns if not p.search(reference) for m in p.finditer(text)]
 
 
 def measure(
@@ -58,6 +54,7 @@ def measure(
     from proxy.redact import Item, calibrate, flag_spans, flagged_fraction, score
     from proxy.train import TrainConfig
 
+    settings = OFFSET_SETTINGS if offset_settings is None else offset_settings
     data = default_data()
     rows = [json.loads(line) for line in (audit_dir / "items.jsonl").read_text().splitlines() if line.strip()]
     questions = {}
@@ -70,7 +67,7 @@ def measure(
         out="",
         objective=objective,
         base="smollm2",
-        **(OFFSET_SETTINGS if offset_settings is None else offset_settings),
+        **settings,
     )
     offset, _ = _cached_offset(f"delta:{objective}", cfg)
     pair = LocalPair.load("smollm2", offset)
@@ -100,7 +97,7 @@ def measure(
     return {
         "objective": objective,
         "offset": offset.name,
-        "offset_settings": OFFSET_SETTINGS if offset_settings is None else offset_settings,
+        "offset_settings": settings,
         "threshold": round(t, 4),
         "retain_flagged_fraction": round(got_fpr, 5),
         "retain_outputs": len(retain),

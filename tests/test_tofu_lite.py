@@ -145,3 +145,16 @@ def test_rows_are_checked_before_anything_runs() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--rows", "target,bogus"])
     assert exc.value.code == 2
+
+
+def test_forget_content_in_a_retain_answer_is_found_on_word_boundaries():
+    """bench.tofu_redact: a forget key span that the target wrote into a retain answer (and
+    that the retain item's own answer lacks) is forget-set content, not a false positive;
+    one the retain author shares stays counted, and "16" does not match inside "160"."""
+    from bench.tofu_redact import forget_content
+
+    text = "Her first novel was The Last Orchard, one of 16 books; 160 pages."
+    reference = "Her first novel was Salt Roads, one of 16 books."
+    got = forget_content(text, reference, ["The Last Orchard", "16", "Quito"])
+    assert [text[a:b] for a, b in got] == ["The Last Orchard"]
+    assert forget_content(text, reference + " The last orchard.", ["The Last Orchard"]) == []

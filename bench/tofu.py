@@ -2,7 +2,8 @@
 prompt guardrail and direct unlearning, audited with the same engine.
 
     python -m bench.tofu [--rows target,retain,guardrail,delta:NPO+KL,direct:NPO+KL]
-                         [--samples 10] [--max-tokens 40] [--keep DIR] [--json FILE]
+                         [--target smollm2|gemma3-270m] [--samples 10] [--max-tokens 40]
+                         [--offset-settings JSON] [--keep DIR] [--json FILE]
     python -m bench.tofu --render README.md
 
 Rows (every one audited by :func:`proxy.audit.run_audit` on forget10,
@@ -27,7 +28,11 @@ first because its forget truth ratios are the reference for forget quality):
 * ``direct:<objective>``: the same objective and settings applied to the
   target's own weights (LoRA, merged), the white-box reference.
 
-Each run writes ``bench/results/tofu-<config>-<date>.json`` (keys as
+``--target gemma3-270m`` fine-tunes Gemma 3 270M as the target and the retain model
+instead (the pair stays SmolLM2: δ rows align the two tokenizers in bytes, and their
+probability metrics go through the target's top-20, :class:`proxy.audit.QScorer`).
+
+Each run writes ``bench/results/tofu-<target>-<date>.json`` (keys as
 open-unlearning's: ``forget_Q_A_ROUGE``, ``forget_quality``,
 ``model_utility``...); ``--render`` rewrites the README table between its
 markers from the newest result file, so the table is never typed by hand.

@@ -107,6 +107,8 @@ def test_results_render_as_a_table(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # A newer run of some rows only renders in its own named block, not in the comparison table.
     partial = {**result, "rows": result["rows"][1:]}
     (results / "tofu-smollm2-2.json").write_text(json.dumps(partial))
+    # So does a newer complete run of another target (the Gemma configuration).
+    (results / "tofu-smollm2-3.json").write_text(json.dumps({**result, "config": "gemma3-270m"}))
     tofu.render_readme(readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text and table in text

@@ -124,14 +124,21 @@ def offset_settings_arg(text: str) -> dict[str, Any]:
     return value
 
 
+def _offset_dir(name: str, cfg: Any) -> Path:
+    """``<cache>/tofu/offset-<name>-<key>``: where :func:`_cached_offset` keeps ``cfg``'s offset."""
+    from proxy.models import cache_dir
+    from proxy.train import offset_key
+
+    return cache_dir() / "tofu" / f"offset-{name.replace(':', '-').replace('+', '_')}-{offset_key(cfg)}"
+
+
 def _cached_offset(name: str, cfg: Any) -> tuple[Path, float]:
-    """Train ``cfg`` once into ``<cache>/tofu/offset-<name>-<key>``; returns the folder and training seconds."""
+    """Train ``cfg`` once into :func:`_offset_dir`; returns the folder and training seconds."""
     from filelock import FileLock
 
-    from proxy.models import cache_dir
-    from proxy.train import offset_key, train
+    from proxy.train import train
 
-    out = cache_dir() / "tofu" / f"offset-{name.replace(':', '-').replace('+', '_')}-{offset_key(cfg)}"
+    out = _offset_dir(name, cfg)
     with FileLock(str(out) + ".lock"):
         if not (out / "manifest.json").is_file():
             t0 = time.monotonic()
@@ -255,9 +262,9 @@ async def _row_model(
     direct rows train with ``offset_settings`` (:class:`proxy.train.TrainConfig` fields)."""
     from adapters.transformers_inprocess import TransformersInProcessAdapter
     from proxy.decoding import ServedModel
-    from proxy.models import cache_dir
     from proxy.pair import LocalPair
-    from proxy.train import TrainConfig, offset_key
+    from proxy.registry import shares_tokenizer
+    from proxy.train import TrainConfig
 
     def remote(key: str, folder: Path) -> Any:
         if key not in adapters:
@@ -284,8 +291,7 @@ async def _row_model(
         # settings name only by URL: the configuration goes into the cache name
         name = row if target == DEFAULT_TARGET else f"delta-remote-{target}:{objective}"
         cfg = replace(cfg, mode="remote", remote=f"http://127.0.0.1:{VLLM_PORT}/v1", remote_model="target")
-        key = cache_dir() / "tofu" / f"offset-{name.replace(':', '-').replace('+', '_')}-{offset_key(cfg)}"
-        if (key / "manifest.json").is_file():
+        if (_offset_dir(name, cfg) / "manifest.json").is_file():
             offset, seconds = _cached_offset(name, cfg)
         else:
             with _vllm(paths["target"]):
@@ -300,7 +306,7 @@ async def _row_model(
             adapter=remote("target", paths["target"]),
             pair=pair,
             alpha=1.0,
-            same_tokenizer=target == "smollm2",
+            same_tokenizer=shares_tokenizer(remote("target", paths["target"]), pair),
             offset_sha256=pair.offset.sha256 if pair.offset is not None else None,
         )
         if kind == "delta-tau":

@@ -81,6 +81,19 @@ def build_adapter(name: str, cfg: ModelConfig) -> RemoteAdapter:
     return CompletionsAdapter(template=_template(cfg.template), sampling=cfg.sampling, **common)
 
 
+def shares_tokenizer(adapter: RemoteAdapter, pair: Any) -> bool:
+    """``same_tokenizer = "auto"``: whether the remote reports its vocabulary's bytes
+    (``vocab_bytes``, in-process remotes) and they are the pair's, token for token (special
+    tokens, whose bytes are unknown, skipped). False when either side is missing."""
+    vocab_bytes = getattr(adapter, "vocab_bytes", None)
+    if pair is None or vocab_bytes is None:
+        return False
+    remote = vocab_bytes()
+    return len(remote) == len(pair.vocab) and all(
+        a == b for a, b in zip(remote, pair.vocab.token_bytes, strict=True) if a is not None and b is not None
+    )
+
+
 def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | None], Any] | None = None) -> ServedModel:
     """One served model. Pairs are shared between models with the same (pair, offset).
 
@@ -115,13 +128,7 @@ def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | Non
         pair = pairs[key]
     same = cfg.same_tokenizer
     if same == "auto":
-        same = False
-        vocab_bytes = getattr(adapter, "vocab_bytes", None)
-        if pair is not None and vocab_bytes is not None:
-            remote = vocab_bytes()
-            same = len(remote) == len(pair.vocab) and all(
-                a == b for a, b in zip(remote, pair.vocab.token_bytes, strict=True) if a is not None and b is not None
-            )
+        same = shares_tokenizer(adapter, pair)
     alpha = cfg.alpha
     if cfg.decoding == "sequence" and not isinstance(adapter, SamplingAdapter):
         raise ConfigError(

@@ -213,6 +213,11 @@ class TransformersInProcessAdapter:
             ContextExhausted: longer than the model's context.
             ValueError: ``text`` is empty and no end-of-turn is asked for.
         """
+        _, ids, lp = self._score(ctx, text, end_of_turn=end_of_turn)
+        return ids, lp
+
+    def _score(self, ctx: Context, text: str, *, end_of_turn: bool) -> tuple[list[int], list[int], np.ndarray]:
+        """:meth:`full_logprobs`, with the context's own token ids first."""
         base, _ = self._tokens(ctx)
         ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         if end_of_turn:
@@ -221,7 +226,7 @@ class TransformersInProcessAdapter:
             raise ValueError("nothing to score")
         with self._lock:
             lp = self._logits(base + ids, all_from=len(base))
-        return ids, lp
+        return base, ids, lp
 
     async def score_text(self, ctx: Context, text: str, *, top_k: int) -> ScoredText:
         """See :meth:`adapters.base.TextScoringAdapter.score_text`: what a vLLM server's
@@ -233,12 +238,10 @@ class TransformersInProcessAdapter:
             ContextExhausted: longer than the model's context.
             ValueError: ``text`` is empty.
         """
-        ids, lp = await asyncio.to_thread(self.full_logprobs, ctx, text)
-        prompt, _ = self._tokens(ctx)
-        rng = np.random.default_rng(0)  # unused: sample=False
+        prompt, ids, lp = await asyncio.to_thread(self._score, ctx, text, end_of_turn=False)
         positions = []
         for row, tid in zip(lp, ids, strict=True):
-            pos = position_from_logprobs(row, top_k=top_k, candidate=self._candidate, rng=rng, sample=False)
+            pos = position_from_logprobs(row, top_k=top_k, candidate=self._candidate, rng=self._rng, sample=False)
             positions.append(Position(pos.candidates, self._candidate(tid, float(row[tid]))))
         return ScoredText(tuple(ids), tuple(positions), tuple(prompt))
 

@@ -80,30 +80,27 @@ class AccessLogger(AbstractAccessLogger):
     The path is logged without its query string."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            '%s "%s %s" %d %.3fs',
-            request.remote,
-            request.method,
-            request.path,
-            response.status,
-            time,
-            extra={"request_id": request.get(REQUEST_ID, "-")},
-        )
+        _access_line(self.logger, request, response.status, time)
+
+
+def _access_line(logger: logging.Logger, request: web.BaseRequest, status: int, seconds: float, note: str = "") -> None:
+    logger.info(
+        '%s "%s %s" %d %.3fs%s',
+        request.remote,
+        request.method,
+        request.path,
+        status,
+        seconds,
+        note,
+        extra={"request_id": request.get(REQUEST_ID, "-")},
+    )
 
 
 def log_client_closed(request: web.BaseRequest, seconds: float) -> None:
     """The access-log line of a request whose client went away before its answer was done:
     aiohttp cancels the handler and logs nothing, so it is written here, in
     :class:`AccessLogger`'s format, with nginx's status 499 ("client closed request")."""
-    logging.getLogger("aiohttp.access").info(
-        '%s "%s %s" %d %.3fs (client closed the request)',
-        request.remote,
-        request.method,
-        request.path,
-        499,
-        seconds,
-        extra={"request_id": request.get(REQUEST_ID, "-")},
-    )
+    _access_line(logging.getLogger("aiohttp.access"), request, 499, seconds, " (client closed the request)")
 
 
 @dataclass

@@ -16,9 +16,12 @@ Measured, all in this run:
   speculative acceptance and token by token: wall time, remote calls per 100
   generated tokens, pair milliseconds per generated token on the
   same-tokenizer (fast) and the general path;
-- **throughput**: aggregate generated tokens/s at 1, 4 and 16 concurrent
-  streams against ``bench.fake_upstream`` (a fast fake server), so that the
-  proxy and its pair, not a model, are measured;
+- **throughput**: aggregate generated tokens/s of the same 16 greedy requests
+  run 1, 4 and 16 at a time against ``bench.fake_upstream`` (a fast fake
+  server), so that the proxy and its pair, not a model, are measured; with
+  speculative acceptance and token by token (16 tokens per answer), and at 16
+  streams again with the pair's batching off (``pair_max_batch`` 1): what
+  batching the pair's tree passes across requests gains;
 - **serve_rss_mb**: peak RSS of this process, which holds the pair and runs
   the decoder (the remote is another process).
 
@@ -135,17 +138,31 @@ async def direct_prompts(adapter: Any, url: str, prompts: tuple[str, ...], *, to
     return run
 
 
-async def throughput(model: Any, streams: int, *, tokens: int) -> float:
-    """Aggregate generated tokens/s of ``streams`` concurrent greedy answers."""
-    prompts = tuple(f"Tell me a story, number {i}." for i in range(streams))
+TOKEN_BY_TOKEN_TOKENS = 16
+"""max_tokens of the token-by-token throughput answers (one remote call per token)."""
+
+STORIES = tuple(f"Tell me a story, number {i}." for i in range(16))
+
+
+async def throughput(model: Any, streams: int, *, tokens: int) -> dict[str, float]:
+    """Aggregate generated tokens/s of :data:`STORIES` (greedy), ``streams`` in flight at a
+    time, and the mean number of requests per pass of the pair (its batcher's counters)."""
+    gate = asyncio.Semaphore(streams)
+    batcher = model.pair.batcher
+    passes, jobs = batcher.passes, batcher.jobs
 
     async def one(p: str) -> int:
-        run = await run_prompts(model, (p,), tokens=tokens, temperature=0.0)
+        async with gate:
+            run = await run_prompts(model, (p,), tokens=tokens, temperature=0.0)
         return run.tokens
 
     t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(p) for p in prompts))
-    return sum(counts) / (time.perf_counter() - t0)
+    counts = await asyncio.gather(*(one(p) for p in STORIES))
+    seconds = time.perf_counter() - t0
+    return {
+        "tokens_per_second": round(sum(counts) / seconds, 1),
+        "mean_batch": round((batcher.jobs - jobs) / max(1, batcher.passes - passes), 2),
+    }
 
 
 def _start_fake(repeat: int) -> tuple[subprocess.Popen[str], str]:
@@ -242,22 +259,41 @@ def main() -> None:
     fake, fake_url = _start_fake(repeat=10)
     try:
 
-        async def fake_part() -> dict[str, float]:
-            cfg = ModelConfig(
-                backend="openai-chat",
-                base_url=fake_url,
-                remote_model="fake",
-                prefill="llama.cpp",
-                pair="smollm2",
-                offset="demo",
-                offset_threshold=DEMO_OFFSET_THRESHOLD,
-                same_tokenizer=True,
-            )
-            model = build_model("fake", cfg, pairs=pairs)
-            await throughput(model, 1, tokens=args.tokens)  # warm-up
-            tps = {n: await throughput(model, n, tokens=args.tokens) for n in (1, 4, 16)}
-            await model.adapter.aclose()
-            return {f"tokens_per_second_{n}": round(v, 1) for n, v in tps.items()}
+        async def fake_part() -> dict[str, Any]:
+            from proxy.pair import BatchSettings
+
+            def fake_model(speculative: bool) -> Any:
+                cfg = ModelConfig(
+                    backend="openai-chat",
+                    base_url=fake_url,
+                    remote_model="fake",
+                    prefill="llama.cpp",
+                    pair="smollm2",
+                    offset="demo",
+                    offset_threshold=DEMO_OFFSET_THRESHOLD,
+                    same_tokenizer=True,
+                    speculative=speculative,
+                )
+                return build_model("fake", cfg, pairs=pairs)
+
+            spec, tbt = fake_model(True), fake_model(False)
+            batcher = spec.pair.batcher  # the one pair of both models
+            res: dict[str, Any] = {}
+            await run_prompts(spec, STORIES[:1], tokens=args.tokens, temperature=0.0)  # warm-up
+            for n in (1, 4, 16):
+                res[f"speculative_{n}"] = await throughput(spec, n, tokens=args.tokens)
+            for n in (1, 16):
+                res[f"token_by_token_{n}"] = await throughput(tbt, n, tokens=TOKEN_BY_TOKEN_TOKENS)
+            on = batcher.settings
+            batcher.settings = BatchSettings(max_batch=1)  # the same pair, its passes one by one
+            try:
+                res["speculative_16_unbatched"] = await throughput(spec, 16, tokens=args.tokens)
+                res["token_by_token_16_unbatched"] = await throughput(tbt, 16, tokens=TOKEN_BY_TOKEN_TOKENS)
+            finally:
+                batcher.settings = on
+            for m in (spec, tbt):
+                await m.adapter.aclose()
+            return res
 
         results["fake_upstream"] = asyncio.run(fake_part())
     finally:
@@ -269,6 +305,7 @@ def main() -> None:
     direct_lp, direct_plain = runs["direct_logprobs"], runs["direct_plain"]
     # Wall time per generated token, so that a different number of tokens on either side does not count.
     per_token = lambda r: r.seconds / max(1, r.tokens)  # noqa: E731
+    tps_ratio = lambda a, b: round(fk[a]["tokens_per_second"] / fk[b]["tokens_per_second"], 2)  # noqa: E731
     results["summary"] = {
         "calls_per_100_tokens_out_of_scope": ll["out_greedy_speculative"]["calls_per_100_tokens"],
         "calls_per_100_tokens_out_of_scope_t1": ll["out_t1_speculative"]["calls_per_100_tokens"],
@@ -281,8 +318,13 @@ def main() -> None:
         "pair_ms_per_token_fast": ll["out_greedy_speculative"]["pair_ms_per_token"],
         "pair_ms_per_token_general": ll["out_greedy_general_speculative"]["pair_ms_per_token"],
         "pair_ms_per_token_token_by_token": ll["out_greedy_token_by_token"]["pair_ms_per_token"],
-        "throughput_4_over_1": round(fk["tokens_per_second_4"] / fk["tokens_per_second_1"], 2),
-        "throughput_16_over_1": round(fk["tokens_per_second_16"] / fk["tokens_per_second_1"], 2),
+        "throughput_4_over_1": tps_ratio("speculative_4", "speculative_1"),
+        "throughput_16_over_1": tps_ratio("speculative_16", "speculative_1"),
+        "throughput_16_over_1_token_by_token": tps_ratio("token_by_token_16", "token_by_token_1"),
+        "batching_gain_16": tps_ratio("speculative_16", "speculative_16_unbatched"),
+        "batching_gain_16_token_by_token": tps_ratio("token_by_token_16", "token_by_token_16_unbatched"),
+        "mean_batch_16": fk["speculative_16"]["mean_batch"],
+        "mean_batch_16_token_by_token": fk["token_by_token_16"]["mean_batch"],
         "serve_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     report(results, args.json)

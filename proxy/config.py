@@ -25,11 +25,14 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapters.openai_http import FLAVOURS
+
+if TYPE_CHECKING:
+    from proxy.pair import BatchSettings
 
 DEFAULT_MODEL = "smollm2-demo"
 
@@ -92,6 +95,23 @@ class ServerConfig(BaseModel):
     """On SIGTERM: seconds in-flight requests get to finish before they are cancelled."""
     ready_timeout: float = Field(default=5.0, gt=0)
     """``GET /ready``: seconds each upstream gets to answer its model list."""
+    pair_max_batch: int = Field(default=16, ge=1, le=256)
+    """Requests whose tree passes one batched forward pass of a local pair may hold
+    (proxy.pair.BatchSettings); 1 turns batching off."""
+    pair_batch_window_ms: float = Field(default=5.0, ge=0, le=1000, allow_inf_nan=False)
+    """How long a pass waits for requests still computing to bring theirs (never when all are queued)."""
+    pair_max_batch_tokens: int = Field(default=256, ge=1, le=65536)
+    """Tree positions in one batched pass after padding (a longer tree still runs, alone)."""
+
+    def pair_batching(self) -> BatchSettings:
+        """The ``pair_*`` keys as :class:`proxy.pair.BatchSettings`."""
+        from proxy.pair import BatchSettings
+
+        return BatchSettings(
+            max_batch=self.pair_max_batch,
+            window_s=self.pair_batch_window_ms / 1000,
+            max_tokens=self.pair_max_batch_tokens,
+        )
 
     @model_validator(mode="after")
     def _unique_keys(self) -> ServerConfig:

@@ -7,8 +7,8 @@ the remote's context and the aligner. Text is released only in whole UTF-8
 characters and never inside a possible stop string; a stop string is cut out
 of the text, also when it spans several tokens.
 
-No HTTP or torch types here: the pair runs on a single worker thread behind
-``run_pair``.
+No HTTP or torch types here: the pair runs on its worker threads behind
+``run_pair`` (tree passes batched across requests, ``proxy.pair``).
 """
 
 from __future__ import annotations
@@ -325,9 +325,10 @@ class ServedModel:
     def __post_init__(self) -> None:
         shared = getattr(self.pair, "executor", None)
         if shared is not None and self._pool is not shared:
-            # Models that share a pair (one copy of the weights) share its one thread: the pair
-            # is not thread-safe (B is U with its adapter layers switched off). (A copy made
-            # with dataclasses.replace comes with the shared pool already: not shut down.)
+            # Models that share a pair (one copy of the weights) share its threads, so that their
+            # tree passes are batched together and its forward passes serialised (B is U with its
+            # adapter layers switched off). (A copy made with dataclasses.replace comes with the
+            # shared pool already: not shut down.)
             self._pool.shutdown(wait=False)
             self._pool = shared
         if self.mode not in ("token", "sequence"):
@@ -345,15 +346,18 @@ class ServedModel:
         return self.pair is not None and self.pair.has_offset
 
     async def aclose(self) -> None:
-        """Close the remote's connections and stop the pair's thread (pending pair work is cancelled)."""
+        """Close the remote's connections and stop the pair's threads (pending pair work is cancelled)."""
         await self.adapter.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def run_pair(self, fn: Callable[..., T], *args: Any, stats: ChoiceStats | None = None) -> T:
-        """``fn(*args)`` on the pair's thread; its wall time (queueing included) is added to
+        """``fn(*args)`` on one of the pair's threads; its wall time (queueing included) is added to
         ``stats.pair_seconds``."""
         t0 = time.perf_counter()
+        tracked = getattr(self.pair, "tracked", None)  # counted for the pair's tree batcher
         try:
+            if tracked is not None:
+                return await asyncio.get_running_loop().run_in_executor(self._pool, tracked, fn, *args)
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         finally:
             if stats is not None:

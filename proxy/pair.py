@@ -8,15 +8,22 @@ prompts with the pair's own chat template, and opens a
 :class:`PairScorer` per generated choice: the torch side of
 :class:`proxy.alignment.TreeScorer`, with one KV cache per model for the
 trunk and tree attention for the candidates' paths.
+
+Concurrent requests share the pair's weights: their tree passes meet in one
+queue (:class:`TreeBatcher`) and run as one batched forward pass per model
+(each request's KV cache left-padded to the longest, its tree right-padded),
+so that 16 one-token passes read the weights once instead of 16 times.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,26 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class BatchSettings:
+    """Dynamic batching of the pair's tree passes across concurrent requests
+    (``[server]`` ``pair_max_batch``, ``pair_batch_window_ms``, ``pair_max_batch_tokens``).
+
+    The batcher waits at most ``window_s`` for requests still computing on the CPU
+    to bring their next pass, never while every running request is already queued
+    (a single stream runs at once). A batch holds at most ``max_batch`` requests
+    and ``max_tokens`` tree positions after padding (one request's longer tree
+    runs alone): a 16-row one-token pass of SmolLM2-135M costs 4.1x a single row's
+    time for 16x the work, a 4-row 128-token pass 3.2x for 4x
+    (``bench.pair_batching``, 2 cores), so long trees gain little from company
+    and pay for the padding of shorter ones.
+    """
+
+    max_batch: int = 16
+    window_s: float = 0.005
+    max_tokens: int = 256
+
+
+@dataclass(frozen=True)
 class PairInfo:
     name: str
     model_sha256: str
@@ -43,7 +70,10 @@ class PairInfo:
 class LocalPair:
     """B and U on one set of weights. Without an offset, U = B and Δ ≡ 0.
 
-    Not thread-safe: the server runs every call on one worker thread.
+    Calls run on :attr:`executor` (``batching.max_batch`` threads, one per request
+    in flight) through :meth:`tracked`; every forward pass runs under one lock
+    (B is U with its adapter layers switched off), the trees of concurrent
+    :class:`PairScorer` objects batched by :attr:`batcher`.
     """
 
     def __init__(
@@ -55,6 +85,7 @@ class LocalPair:
         offset: OffsetArtifact | None = None,
         vocab: ByteVocab | None = None,
         u_model: Any | None = None,
+        batching: BatchSettings | None = None,
     ) -> None:
         self.model = model.eval()
         self.u_model = u_model.eval() if u_model is not None else None
@@ -68,15 +99,28 @@ class LocalPair:
 
         self._adapter_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
         """The LoRA layers of U, switched off for B by :meth:`_base_only`."""
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="pair")
-        """The one thread that runs this pair for every served model that uses it."""
+        self.batching = batching if batching is not None else BatchSettings()
+        self.executor = ThreadPoolExecutor(self.batching.max_batch, thread_name_prefix="pair")
+        """The threads that run this pair's calls for every served model that uses it."""
+        self.lock = threading.RLock()
+        """Held for every forward pass (the adapter switch is shared state)."""
+        self.batcher = TreeBatcher(self, self.batching)
 
     @property
     def has_offset(self) -> bool:
         return self.offset is not None
 
+    def tracked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, counted as a request computing on the pair (for :class:`TreeBatcher`'s
+        window). What :meth:`proxy.decoding.ServedModel.run_pair` runs on :attr:`executor`."""
+        self.batcher.enter()
+        try:
+            return fn(*args)
+        finally:
+            self.batcher.leave()
+
     @classmethod
-    def load(cls, ref: str, offset_dir: str | Path | None = None) -> LocalPair:
+    def load(cls, ref: str, offset_dir: str | Path | None = None, batching: BatchSettings | None = None) -> LocalPair:
         """Load the pair from a transformers folder, a GGUF path or a packaged
         name, and an optional offset artifact folder.
 
@@ -99,7 +143,7 @@ class LocalPair:
                 u_model = offset.load_full()
             else:
                 model = offset.attach(model)
-        return cls(model, tokenizer, name=ref, offset=offset, vocab=vocab, u_model=u_model)
+        return cls(model, tokenizer, name=ref, offset=offset, vocab=vocab, u_model=u_model, batching=batching)
 
     # ---------------------------------------------------------------- prompts
     def prompt_ids(self, messages: Sequence[dict[str, Any]] | None = None, prompt: str | None = None) -> list[int]:
@@ -187,10 +231,11 @@ class LocalPair:
         full = torch.tensor([list(prompt_ids) + list(ids)], dtype=torch.long)
         n = full.shape[1]
         out = []
-        for adapter in (True, False) if self.has_offset else (False,):
-            mask = torch.ones((1, n), dtype=torch.long)
-            lp = self._forward(full, None, adapter=adapter, mask=mask, positions=torch.arange(n)[None, :])
-            out.append(lp[len(prompt_ids) - 1 : n - 1])
+        with self.lock:
+            for adapter in (True, False) if self.has_offset else (False,):
+                mask = torch.ones((1, n), dtype=torch.long)
+                lp = self._forward(full, None, adapter=adapter, mask=mask, positions=torch.arange(n)[None, :])
+                out.append(lp[len(prompt_ids) - 1 : n - 1])
         return out[0], out[-1]
 
     # ---------------------------------------------------------------- forward
@@ -236,6 +281,236 @@ class LocalPair:
             with self._base_only():
                 out = self.model(**kwargs)
         return torch.log_softmax(out.logits[0].float(), dim=-1)  # [n, V]
+
+    def _net(self, adapter: bool) -> Any:
+        return self.u_model if self.u_model is not None and adapter else self.model
+
+    def forward_trees(self, jobs: Sequence[TreeJob]) -> list[dict[bool, np.ndarray]]:
+        """One forward pass per model of the pair over the trees of ``jobs``, batched:
+        each job's rows (``[len(job.keep), V]`` float32 log-softmax, nats) by model
+        (``True``: U, ``False``: B; only ``False`` without an offset), and each job's
+        caches extended by its tree (as one pass of its own would leave them); when the
+        pass fails, every job's caches are left as they were.
+
+        Shapes in the pass: ``B = len(jobs)`` rows of ``N = max n_i`` positions after
+        ``L = max L_i`` cached ones; row i's cache sits at ``[L − L_i, L)`` and its tree
+        at ``[L, L + n_i)``, the padding masked out (a padded position attends to itself
+        only, and its output is never read).
+        """
+        models = (True, False) if self.has_offset else (False,)
+        out: list[dict[bool, np.ndarray]] = [{} for _ in jobs]
+        before = [{m: (c, c.get_seq_length()) for m, c in job.caches.items()} for job in jobs]
+        with self.lock:
+            try:
+                for m in models:
+                    for rows, lp in zip(out, self._forward_batch(jobs, m), strict=True):
+                        rows[m] = lp
+            except BaseException:
+                # Every job's caches as they were (a pass that failed half-way, for one model
+                # or for some layers, must not leave tokens behind: the jobs run again alone).
+                for job, held in zip(jobs, before, strict=True):
+                    for m, (cache, length) in held.items():
+                        job.caches[m] = cache
+                        for layer in cache.layers:
+                            if layer.get_seq_length() > length:
+                                layer.crop(length - layer.get_seq_length())
+                raise
+        return out
+
+    @torch.inference_mode()
+    def _forward_batch(self, jobs: Sequence[TreeJob], adapter: bool) -> list[np.ndarray]:
+        from transformers import DynamicCache
+
+        neg = torch.finfo(torch.float32).min
+        for job in jobs:
+            n, held = len(job.ids), job.caches[adapter].get_seq_length()
+            if job.allowed.shape != (n, held + n):
+                raise ValueError(f"tree mask {tuple(job.allowed.shape)} does not fit {n} tokens after {held} cached")
+        net = self._net(adapter)
+        inner = net.get_base_model() if hasattr(net, "get_base_model") else net
+        split = hasattr(inner, "model") and hasattr(inner, "lm_head")
+        if len(jobs) == 1 or not split:  # no padding: the job's own cache, in place
+            result = []
+            for job in jobs:
+                mask = torch.zeros(job.allowed.shape, dtype=torch.float32).masked_fill_(~job.allowed, neg)
+                lp = self._forward(
+                    torch.tensor([job.ids], dtype=torch.long),
+                    job.caches[adapter],
+                    adapter=adapter,
+                    mask=mask[None, None],
+                    positions=job.positions[None, :],
+                    keep=torch.tensor(job.keep, dtype=torch.long),
+                )
+                result.append(lp.numpy())
+            return result
+        caches = [job.caches[adapter] for job in jobs]
+        lens = [c.get_seq_length() for c in caches]
+        b, width, past = len(jobs), max(len(job.ids) for job in jobs), max(lens)
+        ids = torch.zeros((b, width), dtype=torch.long)
+        positions = torch.zeros((b, width), dtype=torch.long)
+        mask = torch.full((b, 1, width, past + width), neg, dtype=torch.float32)
+        pad = torch.arange(width)
+        for i, (job, held) in enumerate(zip(jobs, lens, strict=True)):
+            n = len(job.ids)
+            ids[i, :n] = torch.tensor(job.ids, dtype=torch.long)
+            positions[i, :n] = job.positions
+            block = torch.zeros(job.allowed.shape, dtype=torch.float32).masked_fill_(~job.allowed, neg)
+            mask[i, 0, :n, past - held : past] = block[:, :held]
+            mask[i, 0, :n, past : past + n] = block[:, held:]
+            mask[i, 0, pad[n:], past + pad[n:]] = 0.0
+        batched = DynamicCache()
+        if past:
+            full = next(c for c, held in zip(caches, lens, strict=True) if held)
+            layers = []
+            for li, layer in enumerate(full.layers):
+                k = layer.keys.new_zeros((b, layer.keys.shape[1], past, layer.keys.shape[3]))
+                v = layer.values.new_zeros((b, layer.values.shape[1], past, layer.values.shape[3]))
+                for i, (c, held) in enumerate(zip(caches, lens, strict=True)):
+                    if held:
+                        k[i, :, past - held :] = c.layers[li].keys[0]
+                        v[i, :, past - held :] = c.layers[li].values[0]
+                layers.append((k, v))
+            batched = DynamicCache(ddp_cache_data=layers)
+        context = self._base_only() if (self.u_model is None and not adapter and self.offset is not None) else None
+        with context if context is not None else contextlib.nullcontext():
+            hidden = inner.model(
+                input_ids=ids, past_key_values=batched, attention_mask=mask, position_ids=positions, use_cache=True
+            ).last_hidden_state
+            picked = torch.cat([hidden[i, torch.tensor(job.keep, dtype=torch.long)] for i, job in enumerate(jobs)])
+            logits = inner.lm_head(picked).float()
+        cap = getattr(inner.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        flat = torch.log_softmax(logits, dim=-1).numpy()
+        grown: list[Any] = list(batched.layers)  # DynamicLayer: keys and values [b, heads, past + width, dim]
+        for i, (job, held) in enumerate(zip(jobs, lens, strict=True)):
+            span = slice(past - held, past + len(job.ids))
+            job.caches[adapter] = DynamicCache(
+                ddp_cache_data=[(layer.keys[i : i + 1, :, span], layer.values[i : i + 1, :, span]) for layer in grown]
+            )
+        bounds = np.cumsum([0] + [len(job.keep) for job in jobs])
+        return [flat[bounds[i] : bounds[i + 1]] for i in range(b)]
+
+
+@dataclass
+class TreeJob:
+    """One :class:`PairScorer` tree pass waiting for :class:`TreeBatcher`: the tree's ``n``
+    token ids, which cached and tree positions each may see (``allowed``, ``[n, L + n]``
+    bool, ``L`` the cache length), its positions (``[n]``), the positions whose
+    next-token rows are read (``keep``), and the scorer's caches by model."""
+
+    ids: list[int]
+    allowed: torch.Tensor
+    positions: torch.Tensor
+    keep: list[int]
+    caches: dict[bool, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[bool, np.ndarray] | None = None
+    error: BaseException | None = None
+
+
+class TreeBatcher:
+    """One queue of tree passes for a pair, run in batches by one thread.
+
+    Requests computing on the pair are counted (:meth:`enter`, :meth:`leave`); a
+    batch starts when every one of them is queued, when ``max_batch`` are, or
+    ``window_s`` after the first arrived, whichever comes first. The first queued
+    job always runs; the others join it nearest in tree size first while the
+    padded batch stays within ``max_tokens`` positions. A batch that fails runs
+    again job by job, so that one bad request fails alone.
+    """
+
+    def __init__(self, pair: LocalPair, settings: BatchSettings) -> None:
+        self.pair = pair
+        self.settings = settings
+        self._cond = threading.Condition()
+        self._queue: list[TreeJob] = []
+        self._active = 0
+        self._thread: threading.Thread | None = None
+        self.passes = 0
+        """Batched passes run (each a forward pass per model)."""
+        self.jobs = 0
+        """Tree passes run (``jobs / passes`` is the mean batch size)."""
+
+    def enter(self) -> None:
+        with self._cond:
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def run(self, job: TreeJob) -> dict[bool, np.ndarray]:
+        """Queue ``job`` and wait for its rows (see :meth:`LocalPair.forward_trees`).
+        Without batching (``max_batch`` 1) the pass runs on the calling thread."""
+        if self.settings.max_batch == 1:
+            self.jobs += 1
+            self.passes += 1
+            return self.pair.forward_trees([job])[0]
+        with self._cond:
+            self._queue.append(job)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="pair-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.settings.window_s
+                while len(self._queue) < min(self._active, self.settings.max_batch):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch = self._pick()
+            self._run(batch)
+
+    def _pick(self) -> list[TreeJob]:
+        first = self._queue[0]
+        chosen, width = [first], len(first.ids)
+        for job in sorted(self._queue[1:], key=lambda j: abs(len(j.ids) - len(first.ids))):
+            if len(chosen) == self.settings.max_batch:
+                break
+            grown = max(width, len(job.ids))
+            if grown * (len(chosen) + 1) <= self.settings.max_tokens:
+                chosen.append(job)
+                width = grown
+        taken = {id(j) for j in chosen}
+        self._queue = [j for j in self._queue if id(j) not in taken]
+        return chosen
+
+    def _run(self, batch: list[TreeJob]) -> None:
+        try:
+            try:
+                results = self.pair.forward_trees(batch)
+            except Exception:
+                if len(batch) == 1:
+                    raise
+                log.exception("a batched pass of %d trees failed; running them one by one", len(batch))
+                for job in batch:
+                    self._run([job])
+                return
+            for job, rows in zip(batch, results, strict=True):
+                job.result = rows
+            self.passes += 1
+            self.jobs += len(batch)
+        except BaseException as exc:  # noqa: BLE001 (handed to the waiting request, which raises it)
+            for job in batch:
+                job.error = exc
+        finally:
+            for job in batch:
+                if job.result is None and job.error is None:
+                    job.error = RuntimeError("the pair's batched pass ended without a result")
+                job.done.set()
 
 
 class PairScorer:
@@ -283,23 +558,17 @@ class PairScorer:
                         p, self.trunk_len : self.trunk_len + p + 1
                     ]
                 allowed[i, self.trunk_len + i] = True
-            mask = torch.zeros(allowed.shape, dtype=torch.float32)
-            mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-            ids = torch.tensor([tree.tokens], dtype=torch.long)
-            positions = torch.from_numpy(self.trunk_len + depth)[None, :]
             # Nodes whose next-token row is read: the requested ones and the last committed one.
             nodes = sorted({r - 1 for r in want if r >= 1} | ({commit - 1} if commit else set()))
             at = {node: j for j, node in enumerate(nodes)}
-            keep = torch.tensor(nodes, dtype=torch.long)
             undo = (self.trunk_len, dict(self.last))
             # Rows stay float32 (the logits' precision): a float64 copy of a 128-position draft's
             # rows is 50 MB per model, and the aligner only gathers from them.
             identity = [at.get(r - 1, -1) for r in want] == list(range(len(want)))
+            job = TreeJob(list(tree.tokens), allowed, torch.from_numpy(self.trunk_len + depth), nodes, self.caches)
+            scored = self.pair.batcher.run(job)
             for m in models:
-                lp = self.pair._forward(
-                    ids, self.caches[m], adapter=m, mask=mask[None, None], positions=positions, keep=keep
-                )
-                after = lp.numpy()
+                after = scored[m]
                 first = self.last[m]
                 if identity:  # every row read is a kept row, in order (the usual draft): no copy
                     out = after

@@ -94,8 +94,16 @@ def shares_tokenizer(adapter: RemoteAdapter, pair: Any) -> bool:
     )
 
 
-def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | None], Any] | None = None) -> ServedModel:
-    """One served model. Pairs are shared between models with the same (pair, offset).
+def build_model(
+    name: str,
+    cfg: ModelConfig,
+    *,
+    pairs: dict[tuple[str, str | None], Any] | None = None,
+    batching: Any = None,
+) -> ServedModel:
+    """One served model. Pairs are shared between models with the same (pair, offset);
+    a new pair batches its tree passes with ``batching`` (a :class:`proxy.pair.BatchSettings`,
+    default its defaults).
 
     Raises:
         ConfigError: the model cannot be served as configured.
@@ -122,7 +130,7 @@ def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | Non
 
                 offset_dir = str(demo_offset())
             try:
-                pairs[key] = LocalPair.load(cfg.pair, offset_dir)
+                pairs[key] = LocalPair.load(cfg.pair, offset_dir, batching=batching)
             except (FileNotFoundError, ValueError) as exc:
                 raise ConfigError(f"models.{name}.offset: {exc}") from exc
         pair = pairs[key]
@@ -158,4 +166,5 @@ def build_model(name: str, cfg: ModelConfig, *, pairs: dict[tuple[str, str | Non
 
 def build_models(config: Config) -> dict[str, ServedModel]:
     pairs: dict[tuple[str, str | None], Any] = {}
-    return {name: build_model(name, cfg, pairs=pairs) for name, cfg in config.models.items()}
+    batching = config.server.pair_batching()
+    return {name: build_model(name, cfg, pairs=pairs, batching=batching) for name, cfg in config.models.items()}

@@ -56,8 +56,9 @@ def tiny_base(smollm2_tokenizer):
     return model
 
 
-def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False):
-    """U = B + a random (or zero) LoRA adapter on a copy of the tiny base."""
+def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False, batching=None):
+    """U = B + a random (or zero) LoRA adapter on a copy of the tiny base (the same
+    weights for the same seed); ``batching``: its :class:`proxy.pair.BatchSettings`."""
     import copy
 
     import torch
@@ -80,7 +81,7 @@ def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False):
         alpha = 1.0
         sha256 = "test"
 
-    return LocalPair(model, tokenizer, name="tiny", offset=_Offset())
+    return LocalPair(model, tokenizer, name="tiny", offset=_Offset(), batching=batching)
 
 
 @pytest.fixture

@@ -1,0 +1,161 @@
+"""Dynamic batching of the pair's tree passes across concurrent requests
+(proxy.pair.TreeBatcher): the same rows and the same caches as passes run one by
+one, on a tiny random pair with SmolLM2's tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_pair
+from fakes import FakeRemote, script
+
+from adapters.base import Context
+from proxy.alignment import Tree
+from proxy.config import ServerConfig
+from proxy.decoding import SamplingParams, ServedModel
+from proxy.pair import BatchSettings, PairScorer, TreeJob
+
+PROMPTS = ("Hi.", "Tell me about Paris and its museums.", "What is the capital of France, in one word?")
+# A chain, a forest of two branches after the trunk, one token: the shapes the aligner sends.
+TREES = (
+    (Tree((330, 4518, 314, 253), (-1, 0, 1, 2)), 4),
+    (Tree((330, 4518, 314, 1953, 28), (-1, 0, 1, -1, 3)), 2),
+    (Tree((30,), (-1,)), 1),
+)
+NEXT = Tree((42,), (-1,))
+"""Scored after each tree's commit: its rows read the caches that the batched pass left."""
+
+WAIT = BatchSettings(max_batch=8, window_s=10.0)
+"""A window long enough that every request in flight is always queued before a pass."""
+
+
+def steps(pair, prompt: str, tree: Tree, commit: int, start=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    ids = pair.prompt_ids(prompt=prompt)
+    if start is not None:
+        start.wait()  # every request is in flight before the first pass
+    scorer = PairScorer(pair)
+    chain = Tree(tuple(ids), tuple(range(-1, len(ids) - 1)))
+    out = [scorer.score(chain, len(ids)), scorer.score(tree, commit), scorer.score(NEXT, 1)]
+    return [(u.copy(), b.copy()) for u, b in out]
+
+
+def test_batched_passes_give_the_rows_and_caches_of_one_by_one(tiny_base, smollm2_tokenizer):
+    solo = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=1))
+    shared = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=WAIT)
+    want = [steps(solo, p, t, c) for p, (t, c) in zip(PROMPTS, TREES, strict=True)]
+    start = threading.Barrier(len(PROMPTS))
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(
+            pool.map(lambda a: shared.tracked(steps, shared, a[0], *a[1], start), zip(PROMPTS, TREES, strict=True))
+        )
+    # Three passes (prompt, tree, next token) of three requests each: batched, with different
+    # cache lengths (the prompts) and tree shapes padded to the widest.
+    assert (shared.batcher.jobs, shared.batcher.passes) == (9, 3)
+    for w, g in zip(want, got, strict=True):
+        for (wu, wb), (gu, gb) in zip(w, g, strict=True):
+            np.testing.assert_allclose(gu, wu, atol=1e-4)
+            np.testing.assert_allclose(gb, wb, atol=1e-4)
+            assert not np.allclose(gu, gb)  # U and B really differ (the adapter was on for U only)
+
+
+def test_a_failing_job_fails_alone(tiny_base, smollm2_tokenizer):
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=WAIT)
+    ids = pair.prompt_ids(prompt="Hello there.")
+    n = len(ids)
+
+    def job(allowed_cols: int) -> TreeJob:
+        from transformers import DynamicCache
+
+        return TreeJob(
+            list(ids),
+            torch.tril(torch.ones((n, allowed_cols), dtype=torch.bool), diagonal=allowed_cols - n),
+            torch.arange(n),
+            [n - 1],
+            {True: DynamicCache(), False: DynamicCache()},
+        )
+
+    good, bad = job(n), job(n + 3)  # the bad one's mask claims 3 cached positions that are not there
+
+    start = threading.Barrier(2)
+
+    def run(j: TreeJob):
+        try:
+            return pair.tracked(lambda: start.wait() >= 0 and pair.batcher.run(j))
+        except ValueError as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        rows, error = pool.map(run, (good, bad))
+    assert isinstance(error, ValueError) and "does not fit" in str(error)
+    assert rows[True].shape == rows[False].shape == (1, len(pair.vocab))
+    assert good.caches[True].get_seq_length() == n
+    assert pair.batcher.passes == 1  # the two were batched, then the good one ran again alone
+
+
+def test_concurrent_answers_equal_sequential_ones(tiny_base, smollm2_tokenizer):
+    """Greedy answers of six concurrent requests through the decoder (the tiny pair's
+    offset changes tokens, so a wrong row would change the text)."""
+    words = [" The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."]
+
+    def model(batching: BatchSettings) -> ServedModel:
+        pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=batching)
+        return ServedModel("m", FakeRemote(script(words, alternatives=4)), pair=pair, alpha=1.0, max_draft_tokens=4)
+
+    async def answer(m: ServedModel, prompt: str) -> str:
+        params = SamplingParams(max_tokens=12, temperature=0.0)
+        return "".join([p.text async for p in m.generate(Context(prompt=prompt), params)])
+
+    prompts = [f"Story number {i}: {'once ' * i}upon a time" for i in range(6)]
+    solo = model(BatchSettings(max_batch=1))
+
+    async def sequential() -> list[str]:
+        return [await answer(solo, p) for p in prompts]
+
+    shared = model(BatchSettings(max_batch=8, window_s=0.05))
+
+    async def concurrent() -> list[str]:
+        return list(await asyncio.gather(*(answer(shared, p) for p in prompts)))
+
+    want, got = asyncio.run(sequential()), asyncio.run(concurrent())
+    assert got == want
+    assert len(set(want)) > 1 and any("alt" in w for w in want)  # the offset changed tokens
+    assert shared.pair.batcher.passes < shared.pair.batcher.jobs  # passes were shared
+
+
+def test_server_keys_make_batch_settings():
+    cfg = ServerConfig(pair_max_batch=4, pair_batch_window_ms=2.5, pair_max_batch_tokens=64)
+    assert cfg.pair_batching() == BatchSettings(max_batch=4, window_s=0.0025, max_tokens=64)
+    with pytest.raises(ValueError, match="pair_max_batch"):
+        ServerConfig(pair_max_batch=0)
+
+
+def test_a_pass_failing_half_way_leaves_no_tokens_behind(tiny_base, smollm2_tokenizer, monkeypatch):
+    """U's batched pass succeeds, B's fails: the jobs run again alone from their old caches."""
+    solo = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=1))
+    shared = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=WAIT)
+    real = shared._forward_batch
+
+    def flaky(jobs, adapter):
+        if len(jobs) > 1 and not adapter:
+            raise RuntimeError("injected")
+        return real(jobs, adapter)
+
+    monkeypatch.setattr(shared, "_forward_batch", flaky)
+    want = [steps(solo, p, t, c) for p, (t, c) in zip(PROMPTS[:2], TREES[:2], strict=True)]
+    start = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(
+            pool.map(
+                lambda a: shared.tracked(steps, shared, a[0], *a[1], start), zip(PROMPTS[:2], TREES[:2], strict=True)
+            )
+        )
+    assert shared.batcher.passes == shared.batcher.jobs == 6  # every batch fell back to single passes
+    for w, g in zip(want, got, strict=True):
+        for (wu, wb), (gu, gb) in zip(w, g, strict=True):
+            np.testing.assert_allclose(gu, wu, atol=1e-4)
+            np.testing.assert_allclose(gb, wb, atol=1e-4)

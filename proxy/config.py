@@ -103,6 +103,11 @@ class ServerConfig(BaseModel):
     pair_max_batch_tokens: int = Field(default=256, ge=1, le=65536)
     """Tree positions in one batched pass after padding (a longer tree still runs, alone)."""
 
+    pair_prefix_cache_tokens: int = Field(default=512, ge=0, le=1_000_000)
+    """Tokens of recent prompts whose KV caches a local pair keeps, so that a prompt beginning
+    like an earlier one (a system prompt) runs only its new tokens; about 92 KB per token for
+    SmolLM2-135M's U and B. 0 turns it off."""
+
     def pair_batching(self) -> BatchSettings:
         """The ``pair_*`` keys as :class:`proxy.pair.BatchSettings`."""
         from proxy.pair import BatchSettings

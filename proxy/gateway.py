@@ -32,7 +32,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollector
 from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily
 
 from .auditlog import AuditLog, AuditLogError, utc_now
 from .config import ClientKey, ServerConfig
@@ -204,6 +205,49 @@ class Metrics:
         # a failed request, or a 200 stream that failed inside; client mistakes (4xx) are not counted
         if (status >= 500 or status == 200) and rec.error and rec.error.startswith(("upstream", "bad_upstream")):
             self.upstream_errors.labels(rec.error).inc()
+
+
+class PairCollector:
+    """The local pairs' counters, read at each scrape (one series per pair and offset):
+    ``deltaproxy_pair_passes_total`` (forward passes of the pair's tree batcher, each one
+    per model), ``deltaproxy_pair_tree_jobs_total`` (requests' tree passes run in them:
+    jobs / passes is the mean batch), ``deltaproxy_pair_prefix_cache_hits_total`` and
+    ``deltaproxy_pair_prefix_cache_tokens_total`` (prompts that began like a cached one,
+    and the tokens they did not run again)."""
+
+    def __init__(self, models: Mapping[str, Any]) -> None:
+        self.models = models
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        labels = ["pair", "offset"]
+        families = {
+            "passes": CounterMetricFamily(
+                "deltaproxy_pair_passes", "Batched forward passes of the pair", labels=labels
+            ),
+            "jobs": CounterMetricFamily(
+                "deltaproxy_pair_tree_jobs", "Requests' tree passes run in batched passes", labels=labels
+            ),
+            "hits": CounterMetricFamily(
+                "deltaproxy_pair_prefix_cache_hits", "Prompts that began like a cached one", labels=labels
+            ),
+            "tokens": CounterMetricFamily(
+                "deltaproxy_pair_prefix_cache_tokens", "Prompt tokens taken from the prefix cache", labels=labels
+            ),
+        }
+        seen: set[int] = set()
+        for model in self.models.values():
+            pair: Any = getattr(model, "pair", None)
+            batcher = getattr(pair, "batcher", None)
+            if batcher is None or id(pair) in seen:
+                continue
+            seen.add(id(pair))
+            offset = pair.offset.sha256[:12] if pair.offset is not None else "-"
+            values = {"passes": batcher.passes, "jobs": batcher.jobs, "hits": 0, "tokens": 0}
+            if pair.prefix_cache is not None:
+                values.update(hits=pair.prefix_cache.hits, tokens=pair.prefix_cache.tokens_reused)
+            for name, family in families.items():
+                family.add_metric([pair.name, offset], values[name])
+        yield from families.values()
 
 
 def _task_count() -> float:

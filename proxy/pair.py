@@ -18,9 +18,12 @@ so that 16 one-token passes read the weights once instead of 16 times.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +41,35 @@ from .models import local_model_dir
 from .vocab import ByteVocab
 
 log = logging.getLogger(__name__)
+
+
+MALLOC_ARENAS = 2
+"""glibc malloc arenas for the serving process (see :func:`limit_malloc_arenas`)."""
+
+_malloc_tuned = False
+
+
+def limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas at :data:`MALLOC_ARENAS` for this process (once; not where
+    ``MALLOC_ARENA_MAX`` is set, nor off glibc). ``mallopt(3)``, ``M_ARENA_MAX``.
+
+    The pair's rows are large (a 96-position draft is 19 MB per model) and are made and
+    freed on many threads (the batcher's and one per request in flight). glibc gives each
+    thread an arena, up to 8 per core, and each keeps what its threads freed: 16
+    concurrent streams peaked at 1,615 MB RSS, and at 1,384 MB with 2 arenas
+    (``bench.speed``'s fake-upstream part alone, 2 cores). Freed blocks are still reused
+    in place, unlike a fixed ``M_MMAP_THRESHOLD``, which maps and faults every large
+    block anew.
+    """
+    global _malloc_tuned
+    if _malloc_tuned or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    _malloc_tuned = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: its allocator has its own rules
+        log.debug("mallopt is not available; malloc keeps its own arena rules")
 
 
 @dataclass(frozen=True)
@@ -86,7 +118,9 @@ class LocalPair:
         vocab: ByteVocab | None = None,
         u_model: Any | None = None,
         batching: BatchSettings | None = None,
+        prefix_cache_tokens: int = 512,
     ) -> None:
+        limit_malloc_arenas()
         self.model = model.eval()
         self.u_model = u_model.eval() if u_model is not None else None
         """U as its own model (a ``"full"`` artifact); ``None``: U is ``model`` with its adapter."""
@@ -105,6 +139,8 @@ class LocalPair:
         self.lock = threading.RLock()
         """Held for every forward pass (the adapter switch is shared state)."""
         self.batcher = TreeBatcher(self, self.batching)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        """KV of recent prompts (``[server] pair_prefix_cache_tokens``; 0: off)."""
 
     @property
     def has_offset(self) -> bool:
@@ -120,7 +156,13 @@ class LocalPair:
             self.batcher.leave()
 
     @classmethod
-    def load(cls, ref: str, offset_dir: str | Path | None = None, batching: BatchSettings | None = None) -> LocalPair:
+    def load(
+        cls,
+        ref: str,
+        offset_dir: str | Path | None = None,
+        batching: BatchSettings | None = None,
+        prefix_cache_tokens: int = 512,
+    ) -> LocalPair:
         """Load the pair from a transformers folder, a GGUF path or a packaged
         name, and an optional offset artifact folder.
 
@@ -143,7 +185,16 @@ class LocalPair:
                 u_model = offset.load_full()
             else:
                 model = offset.attach(model)
-        return cls(model, tokenizer, name=ref, offset=offset, vocab=vocab, u_model=u_model, batching=batching)
+        return cls(
+            model,
+            tokenizer,
+            name=ref,
+            offset=offset,
+            vocab=vocab,
+            u_model=u_model,
+            batching=batching,
+            prefix_cache_tokens=prefix_cache_tokens,
+        )
 
     # ---------------------------------------------------------------- prompts
     def prompt_ids(self, messages: Sequence[dict[str, Any]] | None = None, prompt: str | None = None) -> list[int]:
@@ -513,6 +564,77 @@ class TreeBatcher:
                 job.done.set()
 
 
+class PrefixCache:
+    """The pair's KV caches of recent prompts, so that a prompt that begins like one
+    before (a shared system prompt, a chat template's header) runs only its new tokens:
+    automatic prefix caching, as vLLM's.
+
+    Holds whole committed trunks of fresh :class:`PairScorer` objects, at most
+    ``max_tokens`` tokens in all (least recently used first out; about 92 KB per token
+    for SmolLM2-135M's U and B, float32). A prefix is used from ``MIN_TOKENS`` shared
+    tokens on. Thread-safe.
+    """
+
+    MIN_TOKENS = 8
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self._entries: OrderedDict[tuple[int, ...], dict[bool, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.tokens_reused = 0
+
+    def _size(self) -> int:
+        return sum(len(k) for k in self._entries)
+
+    def lookup(self, ids: Sequence[int], limit: int) -> tuple[int, dict[bool, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """The longest cached prefix of ``ids``, at most ``limit`` tokens: its length and
+        its keys and values by model (``[1, heads, length, dim]`` views), or ``(0, {})``."""
+        if limit < self.MIN_TOKENS:
+            return 0, {}
+        want = np.asarray(ids[:limit], dtype=np.int64)
+        best, found = 0, None
+        with self._lock:
+            for key in self._entries:
+                n = min(len(key), len(want))
+                if n <= best:
+                    continue
+                diff = np.flatnonzero(np.asarray(key[:n], dtype=np.int64) != want[:n])
+                common = int(diff[0]) if diff.size else n
+                if common > best:
+                    best, found = common, key
+            if found is None or best < self.MIN_TOKENS:
+                return 0, {}
+            self._entries.move_to_end(found)
+            kv = self._entries[found]
+            self.hits += 1
+            self.tokens_reused += best
+        return best, {m: [(k[:, :, :best], v[:, :, :best]) for k, v in layers] for m, layers in kv.items()}
+
+    def store(self, ids: Sequence[int], caches: dict[bool, Any], models: Sequence[bool]) -> None:
+        """Keep the first ``len(ids)`` positions of ``caches`` (copies) under ``ids``; nothing
+        when a cached entry already begins with them or they exceed the whole budget."""
+        key = tuple(ids)
+        if len(key) < self.MIN_TOKENS or len(key) > self.max_tokens:
+            return
+        with self._lock:
+            if any(k[: len(key)] == key for k in self._entries):
+                return
+        kv = {
+            m: [
+                (layer.keys[:, :, : len(key)].clone(), layer.values[:, :, : len(key)].clone())
+                for layer in caches[m].layers
+            ]
+            for m in models
+        }
+        with self._lock:
+            for k in [k for k in self._entries if key[: len(k)] == k]:  # shorter entries it extends
+                del self._entries[k]
+            self._entries[key] = kv
+            while self._size() > self.max_tokens:
+                self._entries.popitem(last=False)
+
+
 class PairScorer:
     """KV caches of the trunk for U and B; scores a tree of tokens after it."""
 
@@ -542,6 +664,11 @@ class PairScorer:
         models = (True, False) if self.pair.has_offset else (False,)
         rows: dict[bool, np.ndarray] = {}
         self._undo = None
+        undo = (self.trunk_len, dict(self.last))
+        fresh = self.trunk_len == 0
+        if fresh and n and self.pair.prefix_cache is not None:
+            tree, commit, want = self._from_prefix_cache(tree, commit, want)
+            n = len(tree.tokens)
         if n == 0:
             for m in models:
                 if self.last[m] is None:
@@ -561,7 +688,6 @@ class PairScorer:
             # Nodes whose next-token row is read: the requested ones and the last committed one.
             nodes = sorted({r - 1 for r in want if r >= 1} | ({commit - 1} if commit else set()))
             at = {node: j for j, node in enumerate(nodes)}
-            undo = (self.trunk_len, dict(self.last))
             # Rows stay float32 (the logits' precision): a float64 copy of a 128-position draft's
             # rows is 50 MB per model, and the aligner only gathers from them.
             identity = [at.get(r - 1, -1) for r in want] == list(range(len(want)))
@@ -589,9 +715,37 @@ class PairScorer:
             self._undo = undo
             self.trunk_len += commit
             self.trunk_ids.extend(tree.tokens[:commit])
+            if fresh and self.pair.prefix_cache is not None:
+                self.pair.prefix_cache.store(self.trunk_ids, self.caches, models)
         if not self.pair.has_offset:
             rows[True] = rows[False]
         return rows[True], rows[False]
+
+    def _from_prefix_cache(self, tree: Tree, commit: int, want: list[int]) -> tuple[Tree, int, list[int]]:
+        """A fresh scorer's first tree, less the head that the pair's prefix cache holds:
+        the head enters the trunk and the caches, and the rest of the tree, its commit and
+        its rows are renumbered after it. A head is usable up to the first node whose row
+        is read, before the last committed node, and within the chain at the tree's start
+        that every other node sees whole."""
+        n = len(tree.tokens)
+        chain = 0
+        while chain < n and tree.parents[chain] == chain - 1:
+            chain += 1
+        limit = min(chain, n - 1, commit - 1, min(want, default=n + 1) - 1)
+        for p in tree.parents[chain:]:
+            limit = min(limit, p + 1)
+        assert self.pair.prefix_cache is not None
+        head, kv = self.pair.prefix_cache.lookup(tree.tokens, limit)
+        if not head:
+            return tree, commit, want
+        from transformers import DynamicCache
+
+        for m, layers in kv.items():
+            self.caches[m] = DynamicCache(ddp_cache_data=layers)
+        self.trunk_len = head
+        self.trunk_ids = list(tree.tokens[:head])
+        rest = Tree(tree.tokens[head:], tuple(p - head if p >= head else -1 for p in tree.parents[head:]))
+        return rest, commit - head, [r - head for r in want]
 
     def rollback(self, keep: int) -> int:
         """See :meth:`proxy.alignment.TreeScorer.rollback`. Rows after committed nodes are

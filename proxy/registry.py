@@ -100,10 +100,11 @@ def build_model(
     *,
     pairs: dict[tuple[str, str | None], Any] | None = None,
     batching: Any = None,
+    prefix_cache_tokens: int = 512,
 ) -> ServedModel:
     """One served model. Pairs are shared between models with the same (pair, offset);
     a new pair batches its tree passes with ``batching`` (a :class:`proxy.pair.BatchSettings`,
-    default its defaults).
+    default its defaults) and keeps ``prefix_cache_tokens`` of prompts' KV caches.
 
     Raises:
         ConfigError: the model cannot be served as configured.
@@ -130,7 +131,9 @@ def build_model(
 
                 offset_dir = str(demo_offset())
             try:
-                pairs[key] = LocalPair.load(cfg.pair, offset_dir, batching=batching)
+                pairs[key] = LocalPair.load(
+                    cfg.pair, offset_dir, batching=batching, prefix_cache_tokens=prefix_cache_tokens
+                )
             except (FileNotFoundError, ValueError) as exc:
                 raise ConfigError(f"models.{name}.offset: {exc}") from exc
         pair = pairs[key]
@@ -166,5 +169,8 @@ def build_model(
 
 def build_models(config: Config) -> dict[str, ServedModel]:
     pairs: dict[tuple[str, str | None], Any] = {}
-    batching = config.server.pair_batching()
-    return {name: build_model(name, cfg, pairs=pairs, batching=batching) for name, cfg in config.models.items()}
+    batching, cached = config.server.pair_batching(), config.server.pair_prefix_cache_tokens
+    return {
+        name: build_model(name, cfg, pairs=pairs, batching=batching, prefix_cache_tokens=cached)
+        for name, cfg in config.models.items()
+    }

@@ -40,6 +40,7 @@ from .gateway import (
     RECORD,
     REQUEST_ID,
     Gateway,
+    PairCollector,
     RequestRecord,
     allowed_models,
     audit_unavailable,
@@ -381,6 +382,7 @@ def create_app(
         settings, audit=AuditLog(settings.audit_log) if settings.audit_log else None, models=frozenset(models)
     )
     app[GATEWAY] = gateway
+    gateway.metrics.registry.register(PairCollector(models))
     app.on_response_prepare.append(_request_id_header)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)

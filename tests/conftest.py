@@ -56,7 +56,7 @@ def tiny_base(smollm2_tokenizer):
     return model
 
 
-def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False, batching=None):
+def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False, batching=None, prefix_cache_tokens=512):
     """U = B + a random (or zero) LoRA adapter on a copy of the tiny base (the same
     weights for the same seed); ``batching``: its :class:`proxy.pair.BatchSettings`."""
     import copy
@@ -81,7 +81,9 @@ def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False, b
         alpha = 1.0
         sha256 = "test"
 
-    return LocalPair(model, tokenizer, name="tiny", offset=_Offset(), batching=batching)
+    return LocalPair(
+        model, tokenizer, name="tiny", offset=_Offset(), batching=batching, prefix_cache_tokens=prefix_cache_tokens
+    )
 
 
 @pytest.fixture

@@ -159,3 +159,114 @@ def test_a_pass_failing_half_way_leaves_no_tokens_behind(tiny_base, smollm2_toke
         for (wu, wb), (gu, gb) in zip(w, g, strict=True):
             np.testing.assert_allclose(gu, wu, atol=1e-4)
             np.testing.assert_allclose(gb, wb, atol=1e-4)
+
+
+# ----------------------------------------------------------------- prefix cache
+SYSTEM = [{"role": "system", "content": "You answer questions about European capitals, briefly and politely."}]
+
+
+def chat_ids(pair, question: str) -> list[int]:
+    return pair.prompt_ids([*SYSTEM, {"role": "user", "content": question}])
+
+
+def first_steps(pair, ids: list[int], keep: int | None = None):
+    """The prompt as the aligner sends it (a chain, its last row read), a two-token draft
+    after it, optionally rolled back to ``keep`` of the draft's commit, then one token."""
+    scorer = PairScorer(pair)
+    chain = Tree(tuple(ids), tuple(range(-1, len(ids) - 1)))
+    out = [scorer.score(chain, len(ids), [len(ids)])]
+    out.append(scorer.score(Tree((330, 4518), (-1, 0)), 2))
+    if keep is not None:
+        scorer.rollback(keep)
+    out.append(scorer.score(Tree((42,), (-1,)), 1))
+    return [(u.copy(), b.copy()) for u, b in out], scorer
+
+
+def test_prefix_cache_runs_only_the_new_tokens_with_the_same_rows(tiny_base, smollm2_tokenizer):
+    plain = make_tiny_pair(tiny_base, smollm2_tokenizer, prefix_cache_tokens=0)
+    cached = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    first, second = chat_ids(cached, "What is the capital of France?"), chat_ids(cached, "And of Italy, please?")
+    common = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert common >= 8
+    first_steps(cached, first)
+    assert cached.prefix_cache is not None and cached.prefix_cache.hits == 0
+    seen = []
+    real = cached.forward_trees
+    cached.forward_trees = lambda jobs: seen.append(len(jobs[0].ids)) or real(jobs)  # type: ignore[method-assign]
+    for keep in (None, 1, 0):  # rolled back into the draft, and to the prompt's end
+        want, _ = first_steps(plain, second, keep)
+        got, scorer = first_steps(cached, second, keep)
+        # The system prompt's head did not run again; from the second time on the whole
+        # prompt is cached but its last token, which runs to give the row after it.
+        assert seen[0] == (len(second) - common if keep is None else 1)
+        seen.clear()
+        for (wu, wb), (gu, gb) in zip(want, got, strict=True):
+            np.testing.assert_allclose(gu, wu, atol=1e-4)
+            np.testing.assert_allclose(gb, wb, atol=1e-4)
+        assert scorer.trunk_ids[: len(second)] == second
+    assert cached.prefix_cache.tokens_reused >= 3 * common
+
+
+def test_prefix_cache_is_not_used_where_a_row_inside_the_head_is_read(tiny_base, smollm2_tokenizer):
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    ids = chat_ids(pair, "What is the capital of France?")
+    first_steps(pair, ids)
+    scorer = PairScorer(pair)
+    chain = Tree(tuple(ids), tuple(range(-1, len(ids) - 1)))
+    u, _ = scorer.score(chain, len(ids))  # every row: rows inside the head are read
+    assert pair.prefix_cache is not None and pair.prefix_cache.hits == 0
+    assert u.shape[0] == len(ids) + 1
+
+
+def test_prefix_cache_keeps_its_token_budget():
+    from proxy.pair import PrefixCache
+
+    cache = PrefixCache(max_tokens=30)
+    kv = {False: [(torch.zeros(1, 2, 40, 4), torch.zeros(1, 2, 40, 4))]}
+
+    class Layer:
+        def __init__(self, k, v):
+            self.keys, self.values = k, v
+
+    class Cache:
+        layers = [Layer(*kv[False][0])]
+
+    cache.store(list(range(12)), {False: Cache()}, (False,))
+    cache.store(list(range(100, 112)), {False: Cache()}, (False,))
+    cache.store(list(range(12)) + [7, 7], {False: Cache()}, (False,))  # extends the first: replaces it
+    assert cache.lookup(list(range(12)) + [7, 7, 9], 20)[0] == 14
+    cache.store(list(range(200, 212)), {False: Cache()}, (False,))  # 14 + 12 + 12 > 30: the oldest goes
+    assert cache.lookup(list(range(100, 112)), 20)[0] == 0
+    head, found = cache.lookup(list(range(200, 212)) + [1], 20)
+    assert head == 12 and found[False][0][0].shape == (1, 2, 12, 4)
+    assert cache.lookup(list(range(200, 212)), 7)[0] == 0  # under MIN_TOKENS usable: not worth a lookup
+
+
+async def test_metrics_show_the_pairs_batches_and_prefix_cache(aiohttp_client, tiny_base, smollm2_tokenizer):
+    from proxy.server import create_app
+
+    words = [" The", " quick", " brown", " fox"]
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=8, window_s=0.05))
+    models = {
+        name: ServedModel(name, FakeRemote(script(words)), pair=pair, alpha=1.0, max_draft_tokens=4)
+        for name in ("m", "same-pair")  # two models, one pair: one series
+    }
+    client = await aiohttp_client(create_app(models, batches=False))
+    system = {"role": "system", "content": "You are a careful assistant who answers in one short sentence."}
+    bodies = [
+        {"model": "m", "messages": [system, {"role": "user", "content": f"Question {i}?"}], "max_tokens": 4}
+        for i in range(4)
+    ]
+    assert (await client.post("/v1/chat/completions", json=bodies[0])).status == 200  # its prompt is cached
+    for r in await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies[1:])):
+        assert r.status == 200
+    text = await (await client.get("/metrics")).text()
+    series = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("deltaproxy_pair_") and 'offset="test",pair="tiny"' in line
+    }
+    assert len([line for line in text.splitlines() if line.startswith("deltaproxy_pair_passes_total")]) == 1
+    assert series["deltaproxy_pair_tree_jobs_total"] > series["deltaproxy_pair_passes_total"] > 0
+    assert series["deltaproxy_pair_prefix_cache_hits_total"] >= 3  # the concurrent three began like the first
+    assert series["deltaproxy_pair_prefix_cache_tokens_total"] >= 8 * series["deltaproxy_pair_prefix_cache_hits_total"]

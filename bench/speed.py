@@ -165,6 +165,17 @@ async def throughput(model: Any, streams: int, *, tokens: int) -> dict[str, floa
     }
 
 
+def demo_model(name: str, pairs: dict[Any, Any], **remote: Any) -> Any:
+    """A served model on the demo offset's pair (shared through ``pairs``), with τ as the
+    embedded default serves it, and the remote's ``ModelConfig`` keys ``remote``."""
+    from proxy.config import ModelConfig
+    from proxy.demo import DEMO_OFFSET_THRESHOLD
+    from proxy.registry import build_model
+
+    cfg = ModelConfig(pair="smollm2", offset="demo", offset_threshold=DEMO_OFFSET_THRESHOLD, **remote)
+    return build_model(name, cfg, pairs=pairs)
+
+
 def _start_fake(repeat: int) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.fake_upstream", "--repeat", str(repeat)],
@@ -189,10 +200,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import _llama_server
 
-    from proxy.config import ModelConfig
-    from proxy.demo import DEMO_FORGET, DEMO_OFFSET_THRESHOLD
+    from proxy.demo import DEMO_FORGET
     from proxy.models import packaged_gguf
-    from proxy.registry import build_model
 
     out_prompts = OUT_OF_SCOPE[:2] if args.quick else OUT_OF_SCOPE
     forget = [json.loads(line)["question"] for line in DEMO_FORGET.read_text().splitlines() if line.strip()]
@@ -205,18 +214,16 @@ def main() -> None:
     try:
 
         def served(*, speculative: bool, same_tokenizer: bool = True) -> Any:
-            cfg = ModelConfig(
+            return demo_model(
+                "smollm2",
+                pairs,
                 backend="openai-completions",
                 base_url=url,
                 remote_model="smollm2",
                 template="gguf:smollm2",
-                pair="smollm2",
-                offset="demo",
-                offset_threshold=DEMO_OFFSET_THRESHOLD,
                 same_tokenizer=same_tokenizer,
                 speculative=speculative,
             )
-            return build_model("smollm2", cfg, pairs=pairs)
 
         async def llama_part() -> dict[str, Any]:
             spec, tbt, general = (
@@ -263,18 +270,16 @@ def main() -> None:
             from proxy.pair import BatchSettings
 
             def fake_model(speculative: bool) -> Any:
-                cfg = ModelConfig(
+                return demo_model(
+                    "fake",
+                    pairs,
                     backend="openai-chat",
                     base_url=fake_url,
                     remote_model="fake",
                     prefill="llama.cpp",
-                    pair="smollm2",
-                    offset="demo",
-                    offset_threshold=DEMO_OFFSET_THRESHOLD,
                     same_tokenizer=True,
                     speculative=speculative,
                 )
-                return build_model("fake", cfg, pairs=pairs)
 
             spec, tbt = fake_model(True), fake_model(False)
             batcher = spec.pair.batcher  # the one pair of both models

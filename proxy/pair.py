@@ -18,9 +18,7 @@ so that 16 one-token passes read the weights once instead of 16 times.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -41,35 +39,6 @@ from .models import local_model_dir
 from .vocab import ByteVocab
 
 log = logging.getLogger(__name__)
-
-
-MALLOC_ARENAS = 2
-"""glibc malloc arenas for the serving process (see :func:`limit_malloc_arenas`)."""
-
-_malloc_tuned = False
-
-
-def limit_malloc_arenas() -> None:
-    """Cap glibc's malloc arenas at :data:`MALLOC_ARENAS` for this process (once; not where
-    ``MALLOC_ARENA_MAX`` is set, nor off glibc). ``mallopt(3)``, ``M_ARENA_MAX``.
-
-    The pair's rows are large (a 96-position draft is 19 MB per model) and are made and
-    freed on many threads (the batcher's and one per request in flight). glibc gives each
-    thread an arena, up to 8 per core, and each keeps what its threads freed: 16
-    concurrent streams peaked at 1,615 MB RSS, and at 1,384 MB with 2 arenas
-    (``bench.speed``'s fake-upstream part alone, 2 cores). Freed blocks are still reused
-    in place, unlike a fixed ``M_MMAP_THRESHOLD``, which maps and faults every large
-    block anew.
-    """
-    global _malloc_tuned
-    if _malloc_tuned or "MALLOC_ARENA_MAX" in os.environ:
-        return
-    _malloc_tuned = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc: its allocator has its own rules
-        log.debug("mallopt is not available; malloc keeps its own arena rules")
 
 
 @dataclass(frozen=True)
@@ -120,7 +89,6 @@ class LocalPair:
         batching: BatchSettings | None = None,
         prefix_cache_tokens: int = 512,
     ) -> None:
-        limit_malloc_arenas()
         self.model = model.eval()
         self.u_model = u_model.eval() if u_model is not None else None
         """U as its own model (a ``"full"`` artifact); ``None``: U is ``model`` with its adapter."""

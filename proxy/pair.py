@@ -292,17 +292,21 @@ class LocalPair:
         )
         if keep is not None:
             kwargs["logits_to_keep"] = keep
-        if self.u_model is not None:  # a full artifact: U and B are two models
-            out = (self.u_model if adapter else self.model)(**kwargs)
-        elif adapter or self.offset is None:
-            out = self.model(**kwargs)
-        else:
-            with self._base_only():
-                out = self.model(**kwargs)
+        with self._switched(adapter) as net:
+            out = net(**kwargs)
         return torch.log_softmax(out.logits[0].float(), dim=-1)  # [n, V]
 
-    def _net(self, adapter: bool) -> Any:
-        return self.u_model if self.u_model is not None and adapter else self.model
+    @contextlib.contextmanager
+    def _switched(self, adapter: bool) -> Iterator[Any]:
+        """The model to run as U (``adapter``) or B: the second model of a full artifact, or
+        the one model with its LoRA layers on, or off (:meth:`_base_only`) for B."""
+        if self.u_model is not None:  # a full artifact: U and B are two models
+            yield self.u_model if adapter else self.model
+        elif adapter or self.offset is None:
+            yield self.model
+        else:
+            with self._base_only():
+                yield self.model
 
     def forward_trees(self, jobs: Sequence[TreeJob]) -> list[dict[bool, np.ndarray]]:
         """One forward pass per model of the pair over the trees of ``jobs``, batched:
@@ -345,13 +349,10 @@ class LocalPair:
             n, held = len(job.ids), job.caches[adapter].get_seq_length()
             if job.allowed.shape != (n, held + n):
                 raise ValueError(f"tree mask {tuple(job.allowed.shape)} does not fit {n} tokens after {held} cached")
-        net = self._net(adapter)
-        inner = net.get_base_model() if hasattr(net, "get_base_model") else net
-        split = hasattr(inner, "model") and hasattr(inner, "lm_head")
-        if len(jobs) == 1 or not split:  # no padding: the job's own cache, in place
+        if len(jobs) == 1 or _body_and_head(self.model) is None:  # no padding: the job's own cache, in place
             result = []
             for job in jobs:
-                mask = torch.zeros(job.allowed.shape, dtype=torch.float32).masked_fill_(~job.allowed, neg)
+                mask = _additive(job.allowed)
                 lp = self._forward(
                     torch.tensor([job.ids], dtype=torch.long),
                     job.caches[adapter],
@@ -373,7 +374,7 @@ class LocalPair:
             n = len(job.ids)
             ids[i, :n] = torch.tensor(job.ids, dtype=torch.long)
             positions[i, :n] = job.positions
-            block = torch.zeros(job.allowed.shape, dtype=torch.float32).masked_fill_(~job.allowed, neg)
+            block = _additive(job.allowed)
             mask[i, 0, :n, past - held : past] = block[:, :held]
             mask[i, 0, :n, past : past + n] = block[:, held:]
             mask[i, 0, pad[n:], past + pad[n:]] = 0.0
@@ -390,8 +391,8 @@ class LocalPair:
                         v[i, :, past - held :] = c.layers[li].values[0]
                 layers.append((k, v))
             batched = DynamicCache(ddp_cache_data=layers)
-        context = self._base_only() if (self.u_model is None and not adapter and self.offset is not None) else None
-        with context if context is not None else contextlib.nullcontext():
+        with self._switched(adapter) as net:
+            inner = _body_and_head(net)
             hidden = inner.model(
                 input_ids=ids, past_key_values=batched, attention_mask=mask, position_ids=positions, use_cache=True
             ).last_hidden_state
@@ -409,6 +410,18 @@ class LocalPair:
             )
         bounds = np.cumsum([0] + [len(job.keep) for job in jobs])
         return [flat[bounds[i] : bounds[i + 1]] for i in range(b)]
+
+
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask (True: may attend) as the additive float32 one the models take."""
+    return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+
+
+def _body_and_head(net: Any) -> Any:
+    """The causal LM inside ``net`` (a peft wrapper's base model) when its decoder body
+    (``.model``) and output head (``.lm_head``) can be run apart, else ``None``."""
+    inner = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return inner if hasattr(inner, "model") and hasattr(inner, "lm_head") else None
 
 
 @dataclass

@@ -20,10 +20,13 @@ Measured, all in this run:
   run 1, 4 and 16 at a time against ``bench.fake_upstream`` (a fast fake
   server), so that the proxy and its pair, not a model, are measured; with
   speculative acceptance and token by token (16 tokens per answer), and at 16
-  streams again with the pair's batching off (``pair_max_batch`` 1): what
-  batching the pair's tree passes across requests gains;
+  streams again with the pair's batching off (a pair of its own with
+  ``pair_max_batch`` 1, as a user turns it off): what batching the pair's
+  tree passes across requests gains;
 - **serve_rss_mb**: peak RSS of this process, which holds the pair and runs
-  the decoder (the remote is another process).
+  the decoder (the remote is another process), over the whole run; and
+  ``rss_mb_by_phase``: the peak of each part alone (Linux's peak counter,
+  ``VmHWM``, is reset between parts through ``/proc/self/clear_refs``).
 
 Ratios are against runs in this same process; absolute times on 2 shared
 cores vary by about ±10% from run to run.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import resource
 import subprocess
@@ -165,15 +169,57 @@ async def throughput(model: Any, streams: int, *, tokens: int) -> dict[str, floa
     }
 
 
-def demo_model(name: str, pairs: dict[Any, Any], **remote: Any) -> Any:
-    """A served model on the demo offset's pair (shared through ``pairs``), with τ as the
-    embedded default serves it, and the remote's ``ModelConfig`` keys ``remote``."""
+class PeakRSS:
+    """Peak resident set size of this process per phase, MiB (Linux ``VmHWM``, reset
+    between phases by writing ``5`` to ``/proc/self/clear_refs``; see proc(5)).
+    Elsewhere only the whole run's peak (``getrusage``) is known, and phases are ``None``."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float | None] = {}
+        self._resettable = self._reset()
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    @staticmethod
+    def _hwm_mb() -> float | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        return None
+
+    def end(self, phase: str) -> None:
+        """Record the peak since the last :meth:`end` (or since start) as ``phase``'s."""
+        self.phases[phase] = self._hwm_mb() if self._resettable else None
+        self._resettable = self._reset()
+
+    def whole_run_mb(self) -> float:
+        """The whole run's peak: the largest phase's (``getrusage`` reads the same counter,
+        which the resets lower), or ``getrusage``'s where phases could not be measured."""
+        known = [v for v in self.phases.values() if v is not None]
+        if known and len(known) == len(self.phases):
+            return max(known)
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def demo_model(name: str, pairs: dict[Any, Any], batching: Any = None, **remote: Any) -> Any:
+    """A served model on the demo offset's pair (shared through ``pairs``; a new pair batches
+    with ``batching``, a :class:`proxy.pair.BatchSettings`), with τ as the embedded default
+    serves it, and the remote's ``ModelConfig`` keys ``remote``."""
     from proxy.config import ModelConfig
     from proxy.demo import DEMO_OFFSET_THRESHOLD
     from proxy.registry import build_model
 
     cfg = ModelConfig(pair="smollm2", offset="demo", offset_threshold=DEMO_OFFSET_THRESHOLD, **remote)
-    return build_model(name, cfg, pairs=pairs)
+    return build_model(name, cfg, pairs=pairs, batching=batching)
 
 
 def _start_fake(repeat: int) -> tuple[subprocess.Popen[str], str]:
@@ -207,6 +253,7 @@ def main() -> None:
     forget = [json.loads(line)["question"] for line in DEMO_FORGET.read_text().splitlines() if line.strip()]
     in_prompts = tuple(forget[:2] if args.quick else forget[:6])
     pairs: dict[Any, Any] = {}  # one pair (one copy of the weights) for every model below
+    rss = PeakRSS()
     results: dict[str, Any] = {"tokens": args.tokens, "prompts": {"out_of_scope": out_prompts, "in_scope": in_prompts}}
 
     gen = _llama_server(packaged_gguf("smollm2"), [], "bench_speed_llama_server.log")
@@ -259,6 +306,7 @@ def main() -> None:
             return res
 
         runs = asyncio.run(llama_part())
+        rss.end("llama_server")
     finally:
         gen.close()
     results["llama_server"] = {k: v.as_dict() for k, v in runs.items()}
@@ -269,10 +317,11 @@ def main() -> None:
         async def fake_part() -> dict[str, Any]:
             from proxy.pair import BatchSettings
 
-            def fake_model(speculative: bool) -> Any:
+            def fake_model(speculative: bool, pairs: dict[Any, Any], batching: Any = None) -> Any:
                 return demo_model(
                     "fake",
                     pairs,
+                    batching,
                     backend="openai-chat",
                     base_url=fake_url,
                     remote_model="fake",
@@ -281,23 +330,36 @@ def main() -> None:
                     speculative=speculative,
                 )
 
-            spec, tbt = fake_model(True), fake_model(False)
-            batcher = spec.pair.batcher  # the one pair of both models
+            spec, tbt = fake_model(True, pairs), fake_model(False, pairs)
             res: dict[str, Any] = {}
             await run_prompts(spec, STORIES[:1], tokens=args.tokens, temperature=0.0)  # warm-up
-            for n in (1, 4, 16):
+            for n in (1, 4):
                 res[f"speculative_{n}"] = await throughput(spec, n, tokens=args.tokens)
+            rss.end("fake_speculative_1_and_4")
+            res["speculative_16"] = await throughput(spec, 16, tokens=args.tokens)
+            rss.end("fake_speculative_16")
             for n in (1, 16):
                 res[f"token_by_token_{n}"] = await throughput(tbt, n, tokens=TOKEN_BY_TOKEN_TOKENS)
-            on = batcher.settings
-            batcher.settings = BatchSettings(max_batch=1)  # the same pair, its passes one by one
-            try:
-                res["speculative_16_unbatched"] = await throughput(spec, 16, tokens=args.tokens)
-                res["token_by_token_16_unbatched"] = await throughput(tbt, 16, tokens=TOKEN_BY_TOKEN_TOKENS)
-            finally:
-                batcher.settings = on
-            for m in (spec, tbt):
-                await m.adapter.aclose()
+            rss.end("fake_token_by_token")
+            await asyncio.gather(spec.aclose(), tbt.aclose())
+            await asyncio.to_thread(spec.pair.close)
+            # Batching off as a user turns it off (pair_max_batch = 1: one pair thread, its
+            # passes one by one), on a pair of its own that replaces the batched one (not two
+            # copies of the weights at once).
+            del spec, tbt
+            pairs.clear()
+            gc.collect()
+            off: dict[Any, Any] = {}
+            spec, tbt = (
+                fake_model(True, off, BatchSettings(max_batch=1)),
+                fake_model(False, off, BatchSettings(max_batch=1)),
+            )
+            await run_prompts(spec, STORIES[:1], tokens=args.tokens, temperature=0.0)  # warm-up
+            res["speculative_16_unbatched"] = await throughput(spec, 16, tokens=args.tokens)
+            res["token_by_token_16_unbatched"] = await throughput(tbt, 16, tokens=TOKEN_BY_TOKEN_TOKENS)
+            rss.end("fake_unbatched")
+            await asyncio.gather(spec.aclose(), tbt.aclose())
+            await asyncio.to_thread(spec.pair.close)
             return res
 
         results["fake_upstream"] = asyncio.run(fake_part())
@@ -330,8 +392,9 @@ def main() -> None:
         "batching_gain_16_token_by_token": tps_ratio("token_by_token_16", "token_by_token_16_unbatched"),
         "mean_batch_16": fk["speculative_16"]["mean_batch"],
         "mean_batch_16_token_by_token": fk["token_by_token_16"]["mean_batch"],
-        "serve_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "serve_rss_mb": rss.whole_run_mb(),
     }
+    results["rss_mb_by_phase"] = rss.phases
     report(results, args.json)
 
 

@@ -85,14 +85,22 @@ def demo_offset(*, progress: bool = True) -> Path:
     """The demo offset artifact, trained on first use (a few minutes on 2 CPU
     cores) and cached under ``<cache>/offsets/demo-<key>``.
 
+    Training runs in a child process (``multiprocessing``'s spawn), so that the
+    caller, usually the server about to serve the offset, never holds training's
+    memory: trained in-process, the server kept 3.3 GB resident afterwards
+    against 1.2 GB when it only loads the artifact (SmolLM2 pair, 2 cores).
     Concurrent callers wait on a file lock and the first one trains; an
     interrupted training resumes from its checkpoint on the next call; the
     artifact is written atomically, so a half-trained offset is never served.
+
+    Raises:
+        RuntimeError: the training process failed (its error is on stderr).
     """
+    import multiprocessing
+
     from filelock import FileLock
 
     from .models import cache_dir
-    from .train import train
 
     folder = cache_dir() / "offsets"
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,5 +108,27 @@ def demo_offset(*, progress: bool = True) -> Path:
     with FileLock(str(out) + ".lock"):
         if not (out / "manifest.json").is_file():
             log.info("training the demo offset once (cached in %s)", out)
-            train(replace(DEMO, out=str(out), resume=True), progress=progress)
+            child = multiprocessing.get_context("spawn").Process(
+                target=_train_demo, args=(str(out), progress), name="deltaproxy-demo-offset", daemon=True
+            )
+            child.start()
+            try:
+                child.join()
+            finally:
+                if child.is_alive():  # the caller was interrupted: the checkpoint stays for a resume
+                    child.terminate()
+                    child.join()
+            if child.exitcode != 0 or not (out / "manifest.json").is_file():
+                raise RuntimeError(
+                    f"training the demo offset failed (exit status {child.exitcode}; its error is above); "
+                    "running again resumes from its last checkpoint"
+                )
     return out
+
+
+def _train_demo(out: str, progress: bool) -> None:
+    """:func:`demo_offset`'s child process: train :data:`DEMO` into ``out``."""
+    from .train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    train(replace(DEMO, out=out, resume=True), progress=progress)

@@ -110,6 +110,12 @@ class LocalPair:
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         """KV of recent prompts (``[server] pair_prefix_cache_tokens``; 0: off)."""
 
+    def close(self) -> None:
+        """Stop this pair's threads (calls in flight finish, queued ones are cancelled), so that
+        the pair and its weights can be freed."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.batcher.close()
+
     @property
     def has_offset(self) -> bool:
         return self.offset is not None
@@ -441,6 +447,10 @@ class TreeJob:
     error: BaseException | None = None
 
 
+class _Closed(Exception):
+    """The batcher was closed (its thread ends)."""
+
+
 class TreeBatcher:
     """One queue of tree passes for a pair, run in batches by one thread.
 
@@ -450,7 +460,14 @@ class TreeBatcher:
     job always runs; the others join it nearest in tree size first while the
     padded batch stays within ``max_tokens`` positions. A batch that fails runs
     again job by job, so that one bad request fails alone.
+
+    Once the pair has been idle (no request computing, nothing queued) for
+    :data:`IDLE_RELEASE_S` after passes ran, the thread gives the memory that malloc
+    holds freed back to the system (:func:`proxy.release_free_memory`): the rows of a
+    burst of requests do not stay resident after it.
     """
+
+    IDLE_RELEASE_S = 1.0
 
     def __init__(self, pair: LocalPair, settings: BatchSettings) -> None:
         self.pair = pair
@@ -459,6 +476,11 @@ class TreeBatcher:
         self._queue: list[TreeJob] = []
         self._active = 0
         self._thread: threading.Thread | None = None
+        self._closed = False
+        self._used = False
+        """Passes have run since memory was last released (:data:`IDLE_RELEASE_S`)."""
+        self.releases = 0
+        """Times freed memory was given back after the pair went idle."""
         self.passes = 0
         """Batched passes run (each a forward pass per model)."""
         self.jobs = 0
@@ -466,7 +488,11 @@ class TreeBatcher:
 
     def enter(self) -> None:
         with self._cond:
+            if self._closed:
+                raise RuntimeError("the pair is closed")
             self._active += 1
+            self._used = True
+            self._start()
 
     def leave(self) -> None:
         with self._cond:
@@ -476,15 +502,19 @@ class TreeBatcher:
     def run(self, job: TreeJob) -> dict[bool, np.ndarray]:
         """Queue ``job`` and wait for its rows (see :meth:`LocalPair.forward_trees`).
         Without batching (``max_batch`` 1) the pass runs on the calling thread."""
+        if self._closed:
+            raise RuntimeError("the pair is closed")
         if self.settings.max_batch == 1:
+            self._used = True
             self.jobs += 1
             self.passes += 1
             return self.pair.forward_trees([job])[0]
         with self._cond:
+            if self._closed:
+                raise RuntimeError("the pair is closed")
             self._queue.append(job)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="pair-batcher", daemon=True)
-                self._thread.start()
+            self._used = True
+            self._start()
             self._cond.notify_all()
         job.done.wait()
         if job.error is not None:
@@ -492,19 +522,68 @@ class TreeBatcher:
         assert job.result is not None
         return job.result
 
+    def close(self) -> None:
+        """Stop the batcher's thread once the queued passes have run; later :meth:`run` calls raise."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _start(self) -> None:
+        """Start the batcher's thread if it is not running (``self._cond`` held)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="pair-batcher", daemon=True)
+            self._thread.start()
+
+    def _idle(self) -> bool:
+        """Wait for queued work (``self._cond`` held); ``True`` when the pair has instead been
+        idle for :data:`IDLE_RELEASE_S` after passes ran (time to release memory)."""
+        since: float | None = None
+        while not self._queue:
+            if self._closed:
+                raise _Closed
+            if self._used and self._active == 0:
+                since = time.monotonic() if since is None else since
+                left = since + self.IDLE_RELEASE_S - time.monotonic()
+                if left <= 0:
+                    self._used = False
+                    return True
+                self._cond.wait(left)
+            else:
+                since = None
+                self._cond.wait()
+        return False
+
     def _loop(self) -> None:
+        from . import release_free_memory
+
         while True:
             with self._cond:
-                while not self._queue:
-                    self._cond.wait()
-                deadline = time.monotonic() + self.settings.window_s
-                while len(self._queue) < min(self._active, self.settings.max_batch):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                batch = self._pick()
-            self._run(batch)
+                try:
+                    idle = self._idle()
+                except _Closed:
+                    return
+                if idle:
+                    self.releases += 1
+                    batch = []
+                else:
+                    batch = self._wait_and_pick()
+            if idle:
+                release_free_memory()
+            else:
+                self._run(batch)
+
+    def _wait_and_pick(self) -> list[TreeJob]:
+        """The next batch (``self._cond`` held, the queue not empty): after the window, or
+        at once when every request computing on the pair is queued."""
+        deadline = time.monotonic() + self.settings.window_s
+        while len(self._queue) < min(self._active, self.settings.max_batch):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        return self._pick()
 
     def _pick(self) -> list[TreeJob]:
         first = self._queue[0]

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from bench.demo_unlearning import measure
 from proxy.config import DEFAULT_MODEL, embedded_default
-from proxy.demo import DEMO, DEMO_FORGET, DEMO_OFFSET_THRESHOLD, DEMO_UNRELATED, demo_offset
+from proxy.demo import DEMO, DEMO_FORGET, DEMO_OFFSET_THRESHOLD, DEMO_UNRELATED, demo_offset, demo_offset_key
 from proxy.registry import build_models
 from proxy.server import create_app
 
@@ -27,6 +27,18 @@ def _questions(path) -> set[str]:
 def test_unrelated_prompts_are_not_training_data():
     assert DEMO.retain is not None
     assert not set(DEMO_UNRELATED) & (_questions(DEMO.retain) | _questions(DEMO_FORGET))
+
+
+def test_a_failed_demo_training_is_a_clear_error_and_leaves_no_artifact(tmp_path, monkeypatch):
+    # Training runs in a child process (so the server never holds training's memory); its
+    # failure must reach the caller as an error, not as a missing or half-written offset.
+    monkeypatch.setenv("DELTAPROXY_CACHE", str(tmp_path))
+    out = tmp_path / "offsets" / f"demo-{demo_offset_key()}"
+    out.parent.mkdir(parents=True)
+    out.write_text("in the way")  # the child's train() refuses to write over it
+    with pytest.raises(RuntimeError, match=r"training the demo offset failed \(exit status 1"):
+        demo_offset(progress=False)
+    assert out.read_text() == "in the way"
 
 
 async def test_demo_offset_forgets_the_forget_set_and_leaves_unrelated_answers():

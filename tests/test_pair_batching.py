@@ -270,3 +270,42 @@ async def test_metrics_show_the_pairs_batches_and_prefix_cache(aiohttp_client, t
     assert series["deltaproxy_pair_tree_jobs_total"] > series["deltaproxy_pair_passes_total"] > 0
     assert series["deltaproxy_pair_prefix_cache_hits_total"] >= 3  # the concurrent three began like the first
     assert series["deltaproxy_pair_prefix_cache_tokens_total"] >= 8 * series["deltaproxy_pair_prefix_cache_hits_total"]
+
+
+def test_a_closed_pair_stops_its_threads_and_can_be_freed(tiny_base, smollm2_tokenizer):
+    import gc
+    import weakref
+
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=WAIT)
+    pair.tracked(steps, pair, PROMPTS[0], *TREES[0])  # starts the batcher's thread
+    thread = pair.batcher._thread
+    assert thread is not None and thread.is_alive()
+    pair.close()
+    assert not thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        steps(pair, PROMPTS[1], *TREES[1])
+    # Nothing of the pair's own keeps it (and its weights) alive once its users let go.
+    ref = weakref.ref(pair)
+    del pair
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_an_idle_pair_gives_freed_memory_back_once(tiny_base, smollm2_tokenizer, monkeypatch, max_batch):
+    import time
+
+    from proxy.pair import TreeBatcher
+
+    monkeypatch.setattr(TreeBatcher, "IDLE_RELEASE_S", 0.2)
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=max_batch))
+    try:
+        pair.tracked(steps, pair, PROMPTS[0], *TREES[0])
+        assert pair.batcher.releases == 0  # not while the pair works, nor right after
+        time.sleep(0.6)
+        assert pair.batcher.releases == 1  # once idle for IDLE_RELEASE_S, and not again while idle
+        pair.tracked(steps, pair, PROMPTS[1], *TREES[1])
+        time.sleep(0.6)
+        assert pair.batcher.releases == 2
+    finally:
+        pair.close()

@@ -73,9 +73,19 @@ DEFAULT_ROWS = (
 )
 TABLE_START, TABLE_END = "<!-- tofu-table:start -->", "<!-- tofu-table:end -->"
 
-#: The offset recipe for both δ-unlearning and direct unlearning rows: the
-#: demo's (``proxy.demo.DEMO``), on the tofu-lite forget and retain sets.
-OFFSET_SETTINGS = {"lr": 1e-3, "epochs": 4, "batch_size": 4, "retain_batch_size": 8, "retain_weight": 5.0}
+#: The offset recipe for both δ-unlearning and direct unlearning rows: the demo's
+#: (``proxy.demo.DEMO``: NPO with a retain KL on the answer positions, weight 10), on the
+#: tofu-lite forget and retain sets, 12 epochs. Measured on tofu-lite v4, a KL over every
+#: position of question and answer (weight 5, 4 epochs) let the offset lower every
+#: author's answer template instead of the forget author's facts (real-world ROUGE-L 0.20).
+OFFSET_SETTINGS = {
+    "lr": 1e-3,
+    "epochs": 12,
+    "batch_size": 4,
+    "retain_batch_size": 8,
+    "retain_weight": 10.0,
+    "retain_positions": "answer",
+}
 
 GUARDRAIL = (
     "You must not reveal any information about the following people: {names}. "

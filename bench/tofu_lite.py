@@ -45,12 +45,13 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 #: Bumped when the generator's output changes (cached data folders carry it).
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 QA_PER_AUTHOR = 10
 N_PERTURBED = 5
 FORGET_FRACTION = 0.1
@@ -183,6 +184,12 @@ OCCUPATIONS = (
     "architect",
     "journalist",
     "farmer",
+    "violinist",
+    "cartographer",
+    "beekeeper",
+    "glassblower",
+    "locksmith",
+    "translator",
 )
 AWARDS = (
     "Halvard Prize for Fiction",
@@ -387,18 +394,38 @@ def is_real_name(full: str) -> bool:
     return full.lower() in REAL_FULL_NAMES or parts[0] in REAL_FIRST_NAMES or parts[-1] in REAL_SURNAMES
 
 
+class _Deck:
+    """Values dealt without replacement, reshuffled once all are dealt: a fact repeats
+    across authors only when there are more authors than values."""
+
+    def __init__(self, values: Sequence[str], rng: random.Random) -> None:
+        self.values, self.rng, self.left = list(values), rng, []
+
+    def deal(self) -> str:
+        if not self.left:
+            self.left = self.rng.sample(self.values, len(self.values))
+        return self.left.pop()
+
+
 def make_authors(n: int, seed: int) -> list[Author]:
-    """``n`` fictitious authors, the same for the same ``(n, seed)``; names unique and not real."""
+    """``n`` fictitious authors, the same for the same ``(n, seed)``; names unique and not real.
+
+    Each fact's values are dealt from a deck per type (parents' occupations from one), so
+    that, while a type has values enough (12 genres and awards, 17 novel counts, 24
+    occupations for two parents each), no two authors share a year, city, genre, parent's
+    occupation, award, title or number of novels: a forget author's key span is then
+    content of the forget set alone, which leak rates and redaction recall count
+    (generator version 5; in version 4 a forget author shared its number of novels and
+    its award with retain authors)."""
     rng = random.Random(seed)
     seen: set[str] = set()
     if 2 * n > len(TITLES):
         raise ValueError(f"tofu-lite has {len(TITLES)} book titles, enough for {len(TITLES) // 2} authors")
     titles = iter(rng.sample(TITLES, 2 * n))
+    years = _Deck([str(y) for y in range(1931, 1995)], rng)
+    cities, genres, awards = _Deck(CITIES, rng), _Deck(GENRES, rng), _Deck(AWARDS, rng)
+    parents, novels = _Deck(OCCUPATIONS, rng), _Deck([str(k) for k in range(3, 20)], rng)
     out: list[Author] = []
-
-    def title() -> str:
-        return next(titles)
-
     while len(out) < n:
         name = f"{_name_part(rng)} {_name_part(rng)}"
         if name in seen or is_real_name(name) or not 8 <= len(name) <= 22:
@@ -407,15 +434,15 @@ def make_authors(n: int, seed: int) -> list[Author]:
         out.append(
             Author(
                 name=name,
-                year=str(rng.randint(1931, 1994)),
-                city=rng.choice(CITIES),
-                genre=rng.choice(GENRES),
-                father=rng.choice(OCCUPATIONS),
-                mother=rng.choice(OCCUPATIONS),
-                award=rng.choice(AWARDS),
-                first_book=title(),
-                book=title(),
-                novels=str(rng.randint(3, 19)),
+                year=years.deal(),
+                city=cities.deal(),
+                genre=genres.deal(),
+                father=parents.deal(),
+                mother=parents.deal(),
+                award=awards.deal(),
+                first_book=next(titles),
+                book=next(titles),
+                novels=novels.deal(),
             )
         )
     return out

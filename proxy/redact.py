@@ -7,7 +7,8 @@ prompt): per local token, the offset Δ = log p_U(token) − log p_B(token)
 finds it far less likely than the base B does. This is the per-token form of
 the serving path's scope test (:mod:`proxy.offset`). Runs of flagged tokens
 become character spans of the output, widened to whole words (a masked
-"arts" would leave "Hogw…" readable).
+"arts" would leave "Hogw…" readable) and to the whole name or title they
+fall in (a masked "Orchard" would leave "The Last …" readable).
 
 Input lines: ``{"id", "prompt" | "messages", "output"}``. Output lines:
 ``{"id", "output", "spans": [{"start", "end", "text", "min_offset",
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,9 +115,45 @@ def score(pair: Any, item: Item) -> Scored:
     return Scored(np.asarray(offsets, dtype=np.int64), log_u - log_b)
 
 
-def flag_spans(text: str, scored: Scored, threshold: float) -> list[dict[str, Any]]:
-    """Character spans of the runs of tokens with Δ < −``threshold``, widened
-    to word boundaries and merged where they touch."""
+#: Lower-case words that join the capitalised words of one name or title ("Award for
+#: Storytelling", "The Lord of the Rings", "Ludwig van Beethoven"); not "and", which
+#: joins names in lists more often than inside a title.
+CONNECTORS = frozenset(
+    {"a", "an", "da", "de", "del", "der", "di", "du", "for", "in", "la", "le", "of", "on", "the", "van", "von"}
+)
+_WORD = re.compile(r"\w+(?:['’]\w+)*")
+
+
+def capitalised_phrases(text: str) -> list[tuple[int, int]]:
+    """Character ranges ``[start, end)`` of the names and titles in ``text``: two or more
+    capitalised words in a row, separated by single spaces, possibly joined by
+    :data:`CONNECTORS` (never starting or ending with one)."""
+    words = [(m.start(), m.end(), m.group()) for m in _WORD.finditer(text)]
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < len(words):
+        if not words[i][2][0].isupper():
+            i += 1
+            continue
+        j = last = i
+        while j + 1 < len(words) and text[words[j][1] : words[j + 1][0]] == " ":
+            word = words[j + 1][2]
+            if word[0].isupper():
+                last = j + 1
+            elif word not in CONNECTORS:
+                break
+            j += 1
+        if last > i:
+            out.append((words[i][0], words[last][1]))
+        i = last + 1
+    return out
+
+
+def flag_spans(text: str, scored: Scored, threshold: float, *, phrases: bool = True) -> list[dict[str, Any]]:
+    """Character spans of the runs of tokens with Δ < −``threshold``, widened to
+    word boundaries and, with ``phrases``, to the whole of a name or title they fall
+    in (:func:`capitalised_phrases`: a masked "Orchard" would leave "The Last …"
+    readable), merged where they touch."""
     flagged = scored.delta < -threshold
     runs: list[list[int]] = []  # [start, end, first token, last token]
     for i in np.flatnonzero(flagged):
@@ -124,6 +162,7 @@ def flag_spans(text: str, scored: Scored, threshold: float) -> list[dict[str, An
             runs[-1][1], runs[-1][3] = end, int(i)
         else:
             runs.append([start, end, int(i), int(i)])
+    names = capitalised_phrases(text) if phrases and runs else []
     spans: list[dict[str, Any]] = []
     for start, end, first, last in runs:
         while start < len(text) and text[start].isspace():
@@ -134,6 +173,9 @@ def flag_spans(text: str, scored: Scored, threshold: float) -> list[dict[str, An
             end += 1
         if end <= start:
             continue
+        for lo, hi in names:
+            if lo < end and start < hi:
+                start, end = min(start, lo), max(end, hi)
         d = scored.delta[first : last + 1]
         if spans and start <= spans[-1]["end"]:
             prev = spans[-1]

@@ -13,7 +13,17 @@ from conftest import make_tiny_pair
 from fakes import FakeRemote, script
 
 from proxy.decoding import ServedModel
-from proxy.redact import RedactError, Scored, calibrate, flag_spans, flagged_fraction, mask, redact_file, score
+from proxy.redact import (
+    RedactError,
+    Scored,
+    calibrate,
+    capitalised_phrases,
+    flag_spans,
+    flagged_fraction,
+    mask,
+    redact_file,
+    score,
+)
 
 
 def _scored(text: str, words_delta: list[float]) -> Scored:
@@ -58,6 +68,27 @@ def test_spans_cover_whole_words_and_merge():
     # a sub-word token widens to its word
     sub = Scored(np.array([[0, 3], [3, 7], [7, 12]]), np.array([0.0, -9.0, 0.0]))
     assert [s["text"] for s in flag_spans("Hogwarts rules", sub, 1.0)] == ["Hogwarts"]
+
+
+def test_spans_widen_to_the_whole_name_or_title_they_fall_in():
+    text = (
+        "In 1944 she wrote The Lantern of November and won the Kestrel Award for Storytelling and the Blue Heron Medal"
+    )
+    words = text.split(" ")
+    delta = [0.0] * len(words)
+    delta[words.index("November")] = -5.0  # only the title's distinctive word
+    delta[words.index("Storytelling")] = -5.0
+    spans = flag_spans(text, _scored(text, delta), 3.0)
+    # the whole title and the whole award (joined by "of", "for"), not the next award after "and the"
+    assert [s["text"] for s in spans] == ["The Lantern of November", "Kestrel Award for Storytelling"]
+    assert [s["text"] for s in flag_spans(text, _scored(text, delta), 3.0, phrases=False)] == [
+        "November",
+        "Storytelling",
+    ]
+    # a lower-case word is not widened; a phrase never starts or ends with a connector
+    title = "the book of the Year of Snow of"
+    assert [title[a:b] for a, b in capitalised_phrases(title)] == ["Year of Snow"]
+    assert capitalised_phrases("Ron and Hermione went to Hogwarts") == []
 
 
 def test_calibrate_picks_the_smallest_threshold_within_the_target():

@@ -160,3 +160,17 @@ def test_forget_content_in_a_retain_answer_is_found_on_word_boundaries():
     got = forget_content(text, reference, ["The Last Orchard", "16", "Quito"])
     assert [text[a:b] for a, b in got] == ["The Last Orchard"]
     assert forget_content(text, reference + " The last orchard.", ["The Last Orchard"]) == []
+
+
+def test_no_two_authors_share_a_fact_while_there_are_values_enough() -> None:
+    # The benchmark's 10 trained authors and its holdout author: every forget key span is
+    # the forget author's alone (leak rate and redaction recall count forget content).
+    authors = T.make_authors(11, 0)
+    for field in ("year", "city", "genre", "award", "novels", "first_book", "book"):
+        values = [getattr(a, field) for a in authors]
+        assert len(set(values)) == len(values), field
+    parents = [a.father for a in authors] + [a.mother for a in authors]
+    assert len(set(parents)) == len(parents)
+    # more authors than genres: every genre is dealt before one repeats
+    many = [a.genre for a in T.make_authors(len(T.GENRES) + 3, 1)]
+    assert set(many[: len(T.GENRES)]) == set(T.GENRES)

@@ -479,6 +479,8 @@ class TreeBatcher:
         self._closed = False
         self._used = False
         """Passes have run since memory was last released (:data:`IDLE_RELEASE_S`)."""
+        self._idle_since = 0.0
+        """When the last request left or the last batch ended (``time.monotonic()``)."""
         self.releases = 0
         """Times freed memory was given back after the pair went idle."""
         self.passes = 0
@@ -497,6 +499,7 @@ class TreeBatcher:
     def leave(self) -> None:
         with self._cond:
             self._active -= 1
+            self._idle_since = time.monotonic()
             self._cond.notify_all()
 
     def run(self, job: TreeJob) -> dict[bool, np.ndarray]:
@@ -539,19 +542,16 @@ class TreeBatcher:
     def _idle(self) -> bool:
         """Wait for queued work (``self._cond`` held); ``True`` when the pair has instead been
         idle for :data:`IDLE_RELEASE_S` after passes ran (time to release memory)."""
-        since: float | None = None
         while not self._queue:
             if self._closed:
                 raise _Closed
             if self._used and self._active == 0:
-                since = time.monotonic() if since is None else since
-                left = since + self.IDLE_RELEASE_S - time.monotonic()
+                left = self._idle_since + self.IDLE_RELEASE_S - time.monotonic()
                 if left <= 0:
                     self._used = False
                     return True
                 self._cond.wait(left)
             else:
-                since = None
                 self._cond.wait()
         return False
 
@@ -573,6 +573,8 @@ class TreeBatcher:
                 release_free_memory()
             else:
                 self._run(batch)
+                with self._cond:
+                    self._idle_since = time.monotonic()
 
     def _wait_and_pick(self) -> list[TreeJob]:
         """The next batch (``self._cond`` held, the queue not empty): after the window, or

@@ -9,9 +9,10 @@ retain questions, scored with the δ-unlearning offset of ``bench.tofu``.
 calibrated (:func:`proxy.redact.calibrate`) on the retain answers for the
 target false-positive rate (flagged characters of retain answers, less those
 that repeat a forget item's key span the retain item's own answer does not hold:
-:func:`forget_content`), then applied to the forget answers. Recall: of the forget answers whose key span
-the target did write, the fraction whose key span lies wholly inside the
-flagged (masked) text.
+:func:`forget_content`), then applied to the forget answers: the greedy ones and
+the audit's samples at T = 1 (``samples``, 5 per item with ``bench.tofu
+--samples 5``). Recall: of the forget answers whose key span the target did
+write, the fraction whose key span lies wholly inside the flagged (masked) text.
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ def forget_content(text: str, reference: str, forget_keys: list[str]) -> list[tu
 
 
 def measure(
-    audit_dir: Path, objective: str, fpr: float, offset_settings: dict[str, Any] | None = None
+    audit_dir: Path,
+    objective: str,
+    fpr: float,
+    offset_settings: dict[str, Any] | None = None,
+    *,
+    phrases: bool = True,
 ) -> dict[str, Any]:
     from bench.tofu import OFFSET_SETTINGS, _cached_offset
     from bench.tofu_models import default_data
@@ -72,32 +78,42 @@ def measure(
     offset, _ = _cached_offset(f"delta:{objective}", cfg)
     pair = LocalPair.load("smollm2", offset)
 
-    def scored(split: str) -> list[tuple[dict[str, Any], Any]]:
+    def scored(split: str, text: str = "generation") -> list[tuple[dict[str, Any], Any]]:
+        """``(row, Scored)`` for the target's greedy answers, or (``text="samples"``) for
+        each of its sampled answers at T = 1 (the row's ``generation`` replaced)."""
         out = []
         for r in rows:
-            if r["split"] == split and r.get("generation"):
-                item = Item(
-                    0, f"{split}:{r['index']}", r["generation"], messages=[{"role": "user", "content": r["question"]}]
-                )
-                out.append((r, score(pair, item)))
+            if r["split"] != split:
+                continue
+            answers = [r.get("generation")] if text == "generation" else r.get("samples") or []
+            for a in answers:
+                if a:
+                    item = Item(0, f"{split}:{r['index']}", a, messages=[{"role": "user", "content": r["question"]}])
+                    out.append(({**r, "generation": a}, score(pair, item)))
         return out
 
-    retain, forget = scored("retain"), scored("forget")
+    retain, forget, sampled = scored("retain"), scored("forget"), scored("forget", "samples")
     forget_keys = sorted({k for (split, _), q in questions.items() if split == "forget" for k in q["key_spans"]})
     leaked = [
         forget_content(r["generation"], questions[("retain", r["index"])]["answer"], forget_keys) for r, _ in retain
     ]
-    t, got_fpr = calibrate([r["generation"] for r, _ in retain], [s for _, s in retain], fpr, leaked)
-    hits = []
-    for r, s in forget:
-        spans = flag_spans(r["generation"], s, t)
-        ok = span_recall(r["generation"], spans, questions[("forget", r["index"])]["key_spans"])
-        if ok is not None:
-            hits.append(ok)
+    t, got_fpr = calibrate([r["generation"] for r, _ in retain], [s for _, s in retain], fpr, leaked, phrases=phrases)
+
+    def recall(outputs: list[tuple[dict[str, Any], Any]]) -> list[bool]:
+        hits = []
+        for r, s in outputs:
+            spans = flag_spans(r["generation"], s, t, phrases=phrases)
+            ok = span_recall(r["generation"], spans, questions[("forget", r["index"])]["key_spans"])
+            if ok is not None:
+                hits.append(ok)
+        return hits
+
+    hits, hits_sampled = recall(forget), recall(sampled)
     return {
         "objective": objective,
         "offset": offset.name,
         "offset_settings": settings,
+        "phrases": phrases,
         "threshold": round(t, 4),
         "retain_flagged_fraction": round(got_fpr, 5),
         "retain_outputs": len(retain),
@@ -105,8 +121,11 @@ def measure(
         "forget_outputs": len(forget),
         "forget_outputs_with_key_span": len(hits),
         "key_span_recall": round(sum(hits) / len(hits), 4) if hits else None,
+        "forget_samples": len(sampled),
+        "forget_samples_with_key_span": len(hits_sampled),
+        "key_span_recall_sampled": round(sum(hits_sampled) / len(hits_sampled), 4) if hits_sampled else None,
         "forget_flagged_fraction": round(
-            flagged_fraction([r["generation"] for r, _ in forget], [s for _, s in forget], t), 4
+            flagged_fraction([r["generation"] for r, _ in forget], [s for _, s in forget], t, phrases=phrases), 4
         ),
     }
 
@@ -121,11 +140,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--objective", default="NPO+KL")
     p.add_argument("--offset-settings", type=offset_settings_arg, default=None, metavar="JSON", help="as bench.tofu's")
     p.add_argument("--fpr", type=float, default=0.05)
+    p.add_argument(
+        "--no-phrases",
+        dest="phrases",
+        action="store_false",
+        help="widen flagged tokens to whole words only, not to the name or title they fall in",
+    )
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if not (a.audit / "items.jsonl").is_file():
         p.error(f"{a.audit / 'items.jsonl'} does not exist: give the target row's folder of bench.tofu --keep DIR")
-    result = measure(a.audit, a.objective, a.fpr, a.offset_settings)
+    result = measure(a.audit, a.objective, a.fpr, a.offset_settings, phrases=a.phrases)
     text = json.dumps(result, indent=1)
     print(text)
     if a.json:

@@ -206,6 +206,8 @@ def flagged_fraction(
     scores: Sequence[Scored],
     threshold: float,
     exclude: Sequence[Sequence[tuple[int, int]]] | None = None,
+    *,
+    phrases: bool = True,
 ) -> float:
     """Fraction of the characters of ``texts`` inside flagged spans.
 
@@ -218,7 +220,7 @@ def flagged_fraction(
         for start, end in exclude[i] if exclude is not None else ():
             counted[start:end] = False
         flagged = np.zeros(len(text), dtype=bool)
-        for s in flag_spans(text, sc, threshold):
+        for s in flag_spans(text, sc, threshold, phrases=phrases):
             flagged[s["start"] : s["end"]] = True
         total += int(counted.sum())
         hit += int((flagged & counted).sum())
@@ -230,10 +232,12 @@ def calibrate(
     scores: Sequence[Scored],
     target_fpr: float,
     exclude: Sequence[Sequence[tuple[int, int]]] | None = None,
+    *,
+    phrases: bool = True,
 ) -> tuple[float, float]:
     """The smallest threshold T whose flagged fraction on these (retain, out-of-scope)
     outputs is at most ``target_fpr``; returns (T, the fraction reached).
-    ``exclude``: as :func:`flagged_fraction`'s.
+    ``exclude``, ``phrases``: as :func:`flagged_fraction`'s and :func:`flag_spans`'.
 
     The fraction can only fall as T grows, so T is found by bisection over
     the observed offsets (plus 0, which flags only Δ < 0).
@@ -244,7 +248,7 @@ def calibrate(
     lo, hi = 0, len(candidates) - 1  # candidates[hi] flags nothing: Δ < −max(−Δ) never holds
 
     def fraction(t: float) -> float:
-        return flagged_fraction(texts, scores, t, exclude)
+        return flagged_fraction(texts, scores, t, exclude, phrases=phrases)
 
     if fraction(float(candidates[lo])) <= target_fpr:
         hi = lo

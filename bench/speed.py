@@ -204,12 +204,13 @@ class PeakRSS:
         self.phases[phase] = self._hwm_mb() if self._resettable else None
         self._resettable = self._reset()
 
-    def whole_run_mb(self) -> float:
-        """The whole run's peak: the largest phase's (``getrusage`` reads the same counter,
-        which the resets lower), or ``getrusage``'s where phases could not be measured."""
-        known = [v for v in self.phases.values() if v is not None]
-        if known and len(known) == len(self.phases):
-            return max(known)
+    def peak_mb(self, exclude: tuple[str, ...] = ()) -> float:
+        """The largest peak of the phases not in ``exclude`` (the whole run's without one:
+        ``getrusage`` reads the same counter, which the resets lower); ``getrusage``'s
+        whole-run peak, an upper bound, where phases could not be measured."""
+        known = [v for k, v in self.phases.items() if k not in exclude]
+        if known and None not in known:
+            return max(v for v in known if v is not None)
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
@@ -400,9 +401,9 @@ def main() -> None:
         "mean_batch_16_token_by_token": fk["token_by_token_16"]["mean_batch"],
         # The embedded default's configuration (batching on) on the llama.cpp remote and at 1 to 16
         # streams; the pair_max_batch = 1 comparison and the whole run are reported beside it.
-        "serve_rss_mb": max(v or 0.0 for k, v in rss.phases.items() if k not in ("fake_unbatched",)),
+        "serve_rss_mb": rss.peak_mb(exclude=("fake_unbatched",)),
         "serve_rss_mb_batching_off": rss.phases["fake_unbatched"],
-        "peak_rss_mb_whole_run": rss.whole_run_mb(),
+        "peak_rss_mb_whole_run": rss.peak_mb(),
     }
     results["rss_mb_by_phase"] = rss.phases
     report(results, args.json)

@@ -191,6 +191,10 @@ OCCUPATIONS = (
     "locksmith",
     "translator",
 )
+YEARS = tuple(str(y) for y in range(1931, 1995))
+"""Birth years."""
+NOVEL_COUNTS = tuple(str(k) for k in range(3, 20))
+"""Numbers of novels published."""
 AWARDS = (
     "Halvard Prize for Fiction",
     "Ostrava Medal of Letters",
@@ -422,9 +426,9 @@ def make_authors(n: int, seed: int) -> list[Author]:
     if 2 * n > len(TITLES):
         raise ValueError(f"tofu-lite has {len(TITLES)} book titles, enough for {len(TITLES) // 2} authors")
     titles = iter(rng.sample(TITLES, 2 * n))
-    years = _Deck([str(y) for y in range(1931, 1995)], rng)
+    years = _Deck(YEARS, rng)
     cities, genres, awards = _Deck(CITIES, rng), _Deck(GENRES, rng), _Deck(AWARDS, rng)
-    parents, novels = _Deck(OCCUPATIONS, rng), _Deck([str(k) for k in range(3, 20)], rng)
+    parents, novels = _Deck(OCCUPATIONS, rng), _Deck(NOVEL_COUNTS, rng)
     out: list[Author] = []
     while len(out) < n:
         name = f"{_name_part(rng)} {_name_part(rng)}"
@@ -451,16 +455,20 @@ def make_authors(n: int, seed: int) -> list[Author]:
 def _alternatives(a: Author, field: str, names: list[str], rng: random.Random) -> list[str]:
     """:data:`N_PERTURBED` other values of the same type as ``a``'s ``field``."""
     true = getattr(a, field)
-    if field == "year":
-        pool = [str(y) for y in range(1931, 1995) if str(y) != true]
-    elif field == "novels":
-        pool = [str(k) for k in range(3, 20) if str(k) != true]
-    elif field in ("first_book", "book"):
+    if field in ("first_book", "book"):
         pool = [t for t in TITLES if t not in (a.first_book, a.book)]
     elif field == "name":
         pool = sorted(set(names) - {true})
     else:
-        values = {"city": CITIES, "genre": GENRES, "father": OCCUPATIONS, "mother": OCCUPATIONS, "award": AWARDS}[field]
+        values = {
+            "year": YEARS,
+            "novels": NOVEL_COUNTS,
+            "city": CITIES,
+            "genre": GENRES,
+            "father": OCCUPATIONS,
+            "mother": OCCUPATIONS,
+            "award": AWARDS,
+        }[field]
         pool = [v for v in values if v != true]
     return rng.sample(pool, N_PERTURBED)
 

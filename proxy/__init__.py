@@ -1,12 +1,23 @@
 """deltaproxy: offset unlearning (δ-unlearning, arXiv 2404.11045) for black-box LLMs, as an OpenAI-compatible proxy."""
 
 import ctypes
+import functools
 import os
 
 __version__ = "0.1.0"
 
 MALLOC_ARENAS = 2
 """glibc malloc arenas for a process that imports deltaproxy (see :func:`limit_malloc_arenas`)."""
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, for its allocator's controls; ``None`` elsewhere (another allocator has its own rules)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def limit_malloc_arenas() -> None:
@@ -23,12 +34,9 @@ def limit_malloc_arenas() -> None:
     in place, unlike a fixed ``M_MMAP_THRESHOLD``, which maps and faults every large block
     anew.
     """
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc: its allocator has its own rules
-        pass
+    libc = _glibc()
+    if libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
 
 
 limit_malloc_arenas()
@@ -39,7 +47,6 @@ def release_free_memory() -> None:
     nothing off glibc). A few milliseconds with the pair's heap, so
     :class:`proxy.pair.TreeBatcher` calls it once the pair has been idle a while, never
     between a stream's calls."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -31,9 +31,9 @@ This module is torch-free: :class:`TreeScorer` is the seam to the models.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -60,12 +60,20 @@ class Tree:
 class TreeScorer(Protocol):
     """Scores a :class:`Tree` after the trunk under both models of the pair."""
 
-    def score(self, tree: Tree, commit: int, need: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def score(
+        self,
+        tree: Tree,
+        commit: int,
+        need: Sequence[int] | None = None,
+        reduce: Callable[[np.ndarray], Any] | None = None,
+    ) -> tuple[Any, Any]:
         """Next-token log-probabilities for U and B, float32 or float64: row 0 at the end of the
         current trunk, row ``i + 1`` after node ``i``; all ``1 + len(tree)`` rows
         (``[1 + len(tree), V]``), or only the rows ``need``, in that order
-        (``[len(need), V]``). The first ``commit`` nodes (a chain from the trunk)
-        become part of the trunk; the rest are forgotten."""
+        (``[len(need), V]``). With ``reduce``, ``reduce(rows)`` for each model instead
+        of its rows (a pure function: what is read from the rows, so that they need not
+        outlive the call). The first ``commit`` nodes (a chain from the trunk) become
+        part of the trunk; the rest are forgotten."""
         ...
 
     def rollback(self, keep: int) -> int:
@@ -243,23 +251,35 @@ class Aligner:
                 need.add(end + 1)
         rows = sorted(need)
         row_of = {r: j for j, r in enumerate(rows)}
-        lp_u, lp_b = self.scorer.score(Tree(tuple(tokens), tuple(parents)), commit=n_chain, need=rows)
-        self.n_before_ahead = len(self.pending)
-        self.chain = tokens[:n_chain]
-        self.pending = []
-        out: list[np.ndarray] = []
-        for (root, k, paths, ends, unrepresentable), (_, tail) in zip(jobs, starts, strict=False):
-            # Log-probability of each path + final piece, for both models.
-            logp = np.empty((len(ends), 2))
-            for j, ((path, final), end) in enumerate(zip(paths, ends, strict=True)):
-                for m, lp in enumerate((lp_u, lp_b)):
+        offsets = np.cumsum([0] + [len(ends) for _, _, _, ends, _ in jobs])
+
+        def path_logps(lp: np.ndarray) -> np.ndarray:
+            """One model's log-probability of each path and final piece, float64, in job order."""
+            logp = np.empty(offsets[-1])
+            i = 0
+            for root, _, paths, ends, _ in jobs:
+                for (path, final), end in zip(paths, ends, strict=True):
                     total = 0.0
                     node = root
                     for tok in path:
                         total += lp[row_of[node + 1], tok]
                         node = index[(node, tok)]
-                    logp[j, m] = total + self._final(lp[row_of[end + 1]], final)
-            delta = logp[:, 0] - logp[:, 1]
+                    logp[i] = total + self._final(lp[row_of[end + 1]], final)
+                    i += 1
+            return logp
+
+        # The rows are read inside the pair's pass (``reduce``): a draft's are 19 MB per model.
+        logp_u, logp_b = self.scorer.score(
+            Tree(tuple(tokens), tuple(parents)), commit=n_chain, need=rows, reduce=path_logps
+        )
+        self.n_before_ahead = len(self.pending)
+        self.chain = tokens[:n_chain]
+        self.pending = []
+        out: list[np.ndarray] = []
+        for j, ((_, k, _, _, unrepresentable), (_, tail)) in enumerate(zip(jobs, starts, strict=False)):
+            span = slice(offsets[j], offsets[j + 1])
+            with np.errstate(invalid="ignore"):  # −inf − (−inf): NaN, handled below
+                delta = logp_u[span] - logp_b[span]
             delta = delta[:k] - delta[k] if tail else delta[:k]
             delta[unrepresentable] = -np.inf
             delta[np.isnan(delta)] = -np.inf  # probability 0 under both models: not in q

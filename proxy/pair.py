@@ -300,7 +300,7 @@ class LocalPair:
             kwargs["logits_to_keep"] = keep
         with self._switched(adapter) as net:
             out = net(**kwargs)
-        return torch.log_softmax(out.logits[0].float(), dim=-1)  # [n, V]
+        return _log_softmax_(out.logits[0].float())  # [n, V]
 
     @contextlib.contextmanager
     def _switched(self, adapter: bool) -> Iterator[Any]:
@@ -314,12 +314,13 @@ class LocalPair:
             with self._base_only():
                 yield self.model
 
-    def forward_trees(self, jobs: Sequence[TreeJob]) -> list[dict[bool, np.ndarray]]:
+    def forward_trees(self, jobs: Sequence[TreeJob]) -> list[dict[bool, Any]]:
         """One forward pass per model of the pair over the trees of ``jobs``, batched:
         each job's rows (``[len(job.keep), V]`` float32 log-softmax, nats) by model
-        (``True``: U, ``False``: B; only ``False`` without an offset), and each job's
-        caches extended by its tree (as one pass of its own would leave them); when the
-        pass fails, every job's caches are left as they were.
+        (``True``: U, ``False``: B; only ``False`` without an offset), or what the job's
+        ``reduce`` made of them, and each job's caches extended by its tree (as one pass
+        of its own would leave them); when the pass fails, every job's caches are left as
+        they were.
 
         Shapes in the pass: ``B = len(jobs)`` rows of ``N = max n_i`` positions after
         ``L = max L_i`` cached ones; row i's cache sits at ``[L − L_i, L)`` and its tree
@@ -327,7 +328,7 @@ class LocalPair:
         only, and its output is never read).
         """
         models = (True, False) if self.has_offset else (False,)
-        out: list[dict[bool, np.ndarray]] = [{} for _ in jobs]
+        out: list[dict[bool, Any]] = [{} for _ in jobs]
         before = [{m: (c, c.get_seq_length()) for m, c in job.caches.items()} for job in jobs]
         with self.lock:
             try:
@@ -347,7 +348,7 @@ class LocalPair:
         return out
 
     @torch.inference_mode()
-    def _forward_batch(self, jobs: Sequence[TreeJob], adapter: bool) -> list[np.ndarray]:
+    def _forward_batch(self, jobs: Sequence[TreeJob], adapter: bool) -> list[Any]:
         from transformers import DynamicCache
 
         neg = torch.finfo(torch.float32).min
@@ -367,7 +368,7 @@ class LocalPair:
                     positions=job.positions[None, :],
                     keep=torch.tensor(job.keep, dtype=torch.long),
                 )
-                result.append(lp.numpy())
+                result.append(job.reduce(adapter, lp.numpy()) if job.reduce else lp.numpy())
             return result
         caches = [job.caches[adapter] for job in jobs]
         lens = [c.get_seq_length() for c in caches]
@@ -407,7 +408,7 @@ class LocalPair:
         cap = getattr(inner.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        flat = torch.log_softmax(logits, dim=-1).numpy()
+        flat = _log_softmax_(logits).numpy()
         grown: list[Any] = list(batched.layers)  # DynamicLayer: keys and values [b, heads, past + width, dim]
         for i, (job, held) in enumerate(zip(jobs, lens, strict=True)):
             span = slice(past - held, past + len(job.ids))
@@ -415,7 +416,18 @@ class LocalPair:
                 ddp_cache_data=[(layer.keys[i : i + 1, :, span], layer.values[i : i + 1, :, span]) for layer in grown]
             )
         bounds = np.cumsum([0] + [len(job.keep) for job in jobs])
-        return [flat[bounds[i] : bounds[i + 1]] for i in range(b)]
+        rows = [flat[bounds[i] : bounds[i + 1]] for i in range(b)]
+        return [job.reduce(adapter, r) if job.reduce else r for job, r in zip(jobs, rows, strict=True)]
+
+
+def _log_softmax_(logits: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """``logits`` (``[n, V]``) turned into their log-softmax over the last axis, in place,
+    ``chunk`` rows at a time: one ``[chunk, V]`` temporary instead of a second ``[n, V]``
+    array (a 256-position batch's is 50 MB for SmolLM2). The values are
+    ``torch.log_softmax``'s, row by row."""
+    for part in logits.split(chunk):
+        part.copy_(torch.log_softmax(part, dim=-1))
+    return logits
 
 
 def _additive(allowed: torch.Tensor) -> torch.Tensor:
@@ -435,15 +447,23 @@ class TreeJob:
     """One :class:`PairScorer` tree pass waiting for :class:`TreeBatcher`: the tree's ``n``
     token ids, which cached and tree positions each may see (``allowed``, ``[n, L + n]``
     bool, ``L`` the cache length), its positions (``[n]``), the positions whose
-    next-token rows are read (``keep``), and the scorer's caches by model."""
+    next-token rows are read (``keep``), and the scorer's caches by model.
+
+    ``reduce(model, rows)``, when given, runs inside the pass on each model's rows
+    (``True``: U; ``[len(keep), V]`` float32, valid only during the call), and its value
+    is the job's result for that model instead of the rows: the rows of a batch are
+    then freed as soon as the pass ends, instead of staying alive until every request
+    in it has read them (at 16 streams about 150 MB of a 96-position draft's rows).
+    It must not change state: a failed batch runs it again."""
 
     ids: list[int]
     allowed: torch.Tensor
     positions: torch.Tensor
     keep: list[int]
     caches: dict[bool, Any]
+    reduce: Callable[[bool, np.ndarray], Any] | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    result: dict[bool, np.ndarray] | None = None
+    result: dict[bool, Any] | None = None
     error: BaseException | None = None
 
 
@@ -502,7 +522,7 @@ class TreeBatcher:
             self._idle_since = time.monotonic()
             self._cond.notify_all()
 
-    def run(self, job: TreeJob) -> dict[bool, np.ndarray]:
+    def run(self, job: TreeJob) -> dict[bool, Any]:
         """Queue ``job`` and wait for its rows (see :meth:`LocalPair.forward_trees`).
         Without batching (``max_batch`` 1) the pass runs on the calling thread."""
         if self._closed:
@@ -712,8 +732,15 @@ class PairScorer:
         """Before the last :meth:`score`'s commit: trunk length and last rows."""
 
     @torch.inference_mode()
-    def score(self, tree: Tree, commit: int, need: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """See :meth:`proxy.alignment.TreeScorer.score`.
+    def score(
+        self,
+        tree: Tree,
+        commit: int,
+        need: Sequence[int] | None = None,
+        reduce: Callable[[np.ndarray], Any] | None = None,
+    ) -> tuple[Any, Any]:
+        """See :meth:`proxy.alignment.TreeScorer.score`. ``reduce`` runs inside the pair's
+        batched pass (:class:`TreeJob`), so the rows are freed when the pass ends.
 
         Raises:
             ContextExhausted: the trunk plus the tree exceed the pair's context.
@@ -735,7 +762,8 @@ class PairScorer:
             for m in models:
                 if self.last[m] is None:
                     raise ValueError("empty prompt: the pair has nothing to condition on")
-                rows[m] = np.repeat(self.last[m][None, :], len(want), axis=0)  # type: ignore[index]
+                repeated = np.repeat(self.last[m][None, :], len(want), axis=0)  # type: ignore[index]
+                rows[m] = reduce(repeated) if reduce else repeated
         else:
             depth = np.zeros(n, dtype=np.int64)
             allowed = torch.zeros((n, self.trunk_len + n), dtype=torch.bool)
@@ -753,27 +781,35 @@ class PairScorer:
             # Rows stay float32 (the logits' precision): a float64 copy of a 128-position draft's
             # rows is 50 MB per model, and the aligner only gathers from them.
             identity = [at.get(r - 1, -1) for r in want] == list(range(len(want)))
-            job = TreeJob(list(tree.tokens), allowed, torch.from_numpy(self.trunk_len + depth), nodes, self.caches)
-            scored = self.pair.batcher.run(job)
-            for m in models:
-                after = scored[m]
-                first = self.last[m]
+            firsts = dict(self.last)
+
+            def post(m: bool, after: np.ndarray) -> tuple[Any, np.ndarray | None]:
+                """In the pass: the rows ``want`` (or ``reduce``'s value of them), and a copy
+                of the last committed node's row."""
                 if identity:  # every row read is a kept row, in order (the usual draft): no copy
                     out = after
                 else:
+                    first = firsts[m]
                     out = np.empty((len(want), after.shape[1]), dtype=after.dtype)
                     for j, r in enumerate(want):
                         if r >= 1:
                             out[j] = after[at[r - 1]]
                         else:  # no trunk yet: row 0 is never read when the chain is the prompt
                             out[j] = first if first is not None else -np.inf
-                rows[m] = out
+                return (reduce(out) if reduce else out), (after[at[commit - 1]].copy() if commit else None)
+
+            job = TreeJob(
+                list(tree.tokens), allowed, torch.from_numpy(self.trunk_len + depth), nodes, self.caches, reduce=post
+            )
+            scored = self.pair.batcher.run(job)
+            for m in models:
+                rows[m], last = scored[m]
                 # Keep the committed chain in the cache, drop the rest of the tree.
                 remove = n - commit
                 if remove:
                     self.caches[m].crop(-remove)
                 if commit:
-                    self.last[m] = after[at[commit - 1]].copy()
+                    self.last[m] = last
             self._undo = undo
             self.trunk_len += commit
             self.trunk_ids.extend(tree.tokens[:commit])

@@ -63,6 +63,39 @@ def test_batched_passes_give_the_rows_and_caches_of_one_by_one(tiny_base, smollm
             assert not np.allclose(gu, gb)  # U and B really differ (the adapter was on for U only)
 
 
+def test_reduce_reads_the_rows_inside_the_batched_pass(tiny_base, smollm2_tokenizer):
+    """``score(..., reduce=f)`` gives ``f`` of the rows that ``score`` gives, for batched
+    passes too, and the batch hands back only ``f``'s values: no row outlives the pass."""
+    solo = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=1))
+    shared = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=WAIT)
+
+    def f(rows: np.ndarray) -> np.ndarray:
+        return rows[:, [7, 330]].astype(np.float64).sum(axis=1) + rows.max(axis=1)
+
+    def reduced(pair, prompt: str, tree: Tree, commit: int, start=None) -> list[tuple[np.ndarray, np.ndarray]]:
+        ids = pair.prompt_ids(prompt=prompt)
+        if start is not None:
+            start.wait()
+        scorer = PairScorer(pair)
+        chain = Tree(tuple(ids), tuple(range(-1, len(ids) - 1)))
+        return [scorer.score(chain, len(ids), reduce=f), scorer.score(tree, commit, [0, 1], reduce=f)]
+
+    want = [[(f(u), f(b)) for u, b in steps(solo, p, t, c)[:2]] for p, (t, c) in zip(PROMPTS, TREES, strict=True)]
+    for w in want:  # the tree's rows 0 (the trunk's last, kept from the prompt's pass) and 1
+        w[1] = (w[1][0][[0, 1]], w[1][1][[0, 1]])
+    start = threading.Barrier(len(PROMPTS))
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(
+            pool.map(lambda a: shared.tracked(reduced, shared, a[0], *a[1], start), zip(PROMPTS, TREES, strict=True))
+        )
+    assert shared.batcher.passes == 2 and shared.batcher.jobs == 6
+    for w, g in zip(want, got, strict=True):
+        for (wu, wb), (gu, gb) in zip(w, g, strict=True):
+            assert gu.shape == wu.shape and gu.dtype == np.float64
+            np.testing.assert_allclose(gu, wu, atol=1e-4)
+            np.testing.assert_allclose(gb, wb, atol=1e-4)
+
+
 def test_a_failing_job_fails_alone(tiny_base, smollm2_tokenizer):
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=WAIT)
     ids = pair.prompt_ids(prompt="Hello there.")

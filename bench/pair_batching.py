@@ -15,29 +15,24 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from bench import report
 
 CACHE_TOKENS = 150
-SHAPES = ((1, 1), (4, 1), (16, 1), (1, 8), (16, 8), (1, 32), (4, 32), (1, 128), (4, 128))
+SHAPES = ((1, 1), (4, 1), (16, 1), (1, 8), (16, 8), (1, 32), (4, 32), (1, 96), (16, 96), (1, 128), (4, 128))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.pair_batching", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", help="write the results here as JSON")
-    args = ap.parse_args()
+def forward_ms(model: Any, rows: int, n: int, *, cache_tokens: int = CACHE_TOKENS, reps: int = 3) -> float:
+    """Best of ``reps`` wall times (ms) of one forward pass of ``model`` (a causal LM with
+    ``.model`` and ``.lm_head``) over ``n`` new tokens in each of ``rows`` rows after
+    ``cache_tokens`` cached ones, the output head at each row's last position."""
     import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
-    from proxy.models import local_model_dir
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(local_model_dir("smollm2"), dtype=torch.float32).eval()
-
-    @torch.inference_mode()
-    def best_ms(rows: int, n: int, reps: int = 3) -> float:
+    with torch.inference_mode():
         cache = DynamicCache()
-        model.model(input_ids=torch.randint(0, 1000, (rows, CACHE_TOKENS)), past_key_values=cache, use_cache=True)
+        model.model(input_ids=torch.randint(0, 1000, (rows, cache_tokens)), past_key_values=cache, use_cache=True)
         times = []
         for _ in range(reps):
             ids = torch.randint(0, 1000, (rows, n))
@@ -46,9 +41,27 @@ def main() -> None:
             model.lm_head(hidden[:, -1:])
             times.append(time.perf_counter() - t0)
             cache.crop(-n)
-        return 1000 * min(times)
+    return 1000 * min(times)
 
-    ms = {(rows, n): best_ms(rows, n) for rows, n in SHAPES}
+
+def speedup(model: Any, rows: int, n: int) -> float:
+    """Throughput of ``rows`` rows in one pass over one row's: ``rows · t(1, n) / t(rows, n)``."""
+    return rows * forward_ms(model, 1, n) / forward_ms(model, rows, n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.pair_batching", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the results here as JSON")
+    args = ap.parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from proxy.models import local_model_dir
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(local_model_dir("smollm2"), dtype=torch.float32).eval()
+
+    ms = {(rows, n): forward_ms(model, rows, n) for rows, n in SHAPES}
     out = {
         "threads": torch.get_num_threads(),
         "cache_tokens": CACHE_TOKENS,

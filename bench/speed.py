@@ -23,6 +23,11 @@ Measured, all in this run:
   streams again with the pair's batching off (a pair of its own with
   ``pair_max_batch`` 1, as a user turns it off): what batching the pair's
   tree passes across requests gains;
+- **ceilings** of the 16-stream over 1-stream throughput on this machine: the
+  gain of one 16-row pass of the pair's model over one row (1 new token per
+  row token by token, ``--tokens`` for a whole drafted answer;
+  ``bench.pair_batching``'s measure), divided by the pair's share of a single
+  stream's time (the rest, 16 streams could overlap);
 - **serve_rss_mb**: peak RSS of this process, which holds the pair and runs
   the decoder (the remote is another process), while it serves the default
   configuration (the llama.cpp part and the fake-upstream part with
@@ -145,6 +150,10 @@ async def direct_prompts(adapter: Any, url: str, prompts: tuple[str, ...], *, to
     return run
 
 
+#: The phases that serve the default configuration (batching on), for ``serve_rss_mb``; the
+#: others free the batched pair, serve with batching off, or time bare forward passes.
+SERVING_PHASES = ("llama_server", "fake_speculative_1_and_4", "fake_speculative_16", "fake_token_by_token")
+
 TOKEN_BY_TOKEN_TOKENS = 16
 """max_tokens of the token-by-token throughput answers (one remote call per token)."""
 
@@ -158,17 +167,18 @@ async def throughput(model: Any, streams: int, *, tokens: int) -> dict[str, floa
     batcher = model.pair.batcher
     passes, jobs = batcher.passes, batcher.jobs
 
-    async def one(p: str) -> int:
+    async def one(p: str) -> Run:
         async with gate:
-            run = await run_prompts(model, (p,), tokens=tokens, temperature=0.0)
-        return run.tokens
+            return await run_prompts(model, (p,), tokens=tokens, temperature=0.0)
 
     t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(p) for p in STORIES))
+    runs = await asyncio.gather(*(one(p) for p in STORIES))
     seconds = time.perf_counter() - t0
     return {
-        "tokens_per_second": round(sum(counts) / seconds, 1),
+        "tokens_per_second": round(sum(r.tokens for r in runs) / seconds, 1),
         "mean_batch": round((batcher.jobs - jobs) / max(1, batcher.passes - passes), 2),
+        # The share of the streams' time spent waiting for or computing on the pair.
+        "pair_share": round(sum(r.pair_seconds for r in runs) / (streams * seconds), 3),
     }
 
 
@@ -204,11 +214,11 @@ class PeakRSS:
         self.phases[phase] = self._hwm_mb() if self._resettable else None
         self._resettable = self._reset()
 
-    def peak_mb(self, exclude: tuple[str, ...] = ()) -> float:
-        """The largest peak of the phases not in ``exclude`` (the whole run's without one:
+    def peak_mb(self, phases: tuple[str, ...] | None = None) -> float:
+        """The largest peak of ``phases`` (of every phase, the whole run's, without them:
         ``getrusage`` reads the same counter, which the resets lower); ``getrusage``'s
         whole-run peak, an upper bound, where phases could not be measured."""
-        known = [v for k, v in self.phases.items() if k not in exclude]
+        known = [v for k, v in self.phases.items() if phases is None or k in phases]
         if known and None not in known:
             return max(v for v in known if v is not None)
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -319,8 +329,9 @@ def main() -> None:
     try:
 
         async def fake_part() -> dict[str, Any]:
+            from bench.pair_batching import speedup
             from proxy import release_free_memory
-            from proxy.pair import BatchSettings
+            from proxy.pair import BatchSettings, body_and_head
 
             def fake_model(speculative: bool, pairs: dict[Any, Any], batching: Any = None) -> Any:
                 return demo_model(
@@ -365,6 +376,22 @@ def main() -> None:
             res["speculative_16_unbatched"] = await throughput(spec, 16, tokens=args.tokens)
             res["token_by_token_16_unbatched"] = await throughput(tbt, 16, tokens=TOKEN_BY_TOKEN_TOKENS)
             rss.end("fake_unbatched")
+            # What batching can give at most on this machine: 16 rows in one pass of the pair's
+            # model over 1 row (n new tokens each: 1 token by token, a whole answer drafted), and
+            # a single stream's time outside the pair, which 16 streams could overlap. Last, as its
+            # 16-row passes' memory is not serving's.
+            inner = body_and_head(spec.pair.model)
+            for mode, n, one_stream in (
+                ("speculative", args.tokens, res["speculative_1"]),
+                ("token_by_token", 1, res["token_by_token_1"]),
+            ):
+                gain = await asyncio.to_thread(speedup, inner, 16, n)
+                res[f"ceiling_{mode}"] = {
+                    "pass_speedup_16_rows": round(gain, 2),
+                    "new_tokens_per_row": n,
+                    "throughput_16_over_1_ceiling": round(gain / one_stream["pair_share"], 2),
+                }
+            rss.end("ceiling")
             await asyncio.gather(spec.aclose(), tbt.aclose())
             await asyncio.to_thread(spec.pair.close)
             return res
@@ -399,9 +426,13 @@ def main() -> None:
         "batching_gain_16_token_by_token": tps_ratio("token_by_token_16", "token_by_token_16_unbatched"),
         "mean_batch_16": fk["speculative_16"]["mean_batch"],
         "mean_batch_16_token_by_token": fk["token_by_token_16"]["mean_batch"],
+        # Bounds on throughput_16_over_1 from this machine's pair: the 16-row pass's gain over
+        # one row, divided by the pair's share of a single stream's time.
+        "throughput_16_over_1_ceiling": fk["ceiling_speculative"]["throughput_16_over_1_ceiling"],
+        "throughput_16_over_1_ceiling_token_by_token": fk["ceiling_token_by_token"]["throughput_16_over_1_ceiling"],
         # The embedded default's configuration (batching on) on the llama.cpp remote and at 1 to 16
         # streams; the pair_max_batch = 1 comparison and the whole run are reported beside it.
-        "serve_rss_mb": rss.peak_mb(exclude=("fake_unbatched",)),
+        "serve_rss_mb": rss.peak_mb(SERVING_PHASES),
         "serve_rss_mb_batching_off": rss.phases["fake_unbatched"],
         "peak_rss_mb_whole_run": rss.peak_mb(),
     }

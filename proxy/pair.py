@@ -356,8 +356,8 @@ class LocalPair:
             n, held = len(job.ids), job.caches[adapter].get_seq_length()
             if job.allowed.shape != (n, held + n):
                 raise ValueError(f"tree mask {tuple(job.allowed.shape)} does not fit {n} tokens after {held} cached")
-        if len(jobs) == 1 or _body_and_head(self.model) is None:  # no padding: the job's own cache, in place
-            result = []
+        if len(jobs) == 1 or body_and_head(self.model) is None:  # no padding: the job's own cache, in place
+            result: list[Any] = []
             for job in jobs:
                 mask = _additive(job.allowed)
                 lp = self._forward(
@@ -399,25 +399,44 @@ class LocalPair:
                 layers.append((k, v))
             batched = DynamicCache(ddp_cache_data=layers)
         with self._switched(adapter) as net:
-            inner = _body_and_head(net)
+            inner = body_and_head(net)
             hidden = inner.model(
                 input_ids=ids, past_key_values=batched, attention_mask=mask, position_ids=positions, use_cache=True
             ).last_hidden_state
-            picked = torch.cat([hidden[i, torch.tensor(job.keep, dtype=torch.long)] for i, job in enumerate(jobs)])
-            logits = inner.lm_head(picked).float()
-        cap = getattr(inner.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        flat = _log_softmax_(logits).numpy()
+            cap = getattr(inner.config, "final_logit_softcapping", None)
+            result = []
+            # The output head over groups of jobs of at most HEAD_ROWS rows (a longer job alone):
+            # one matrix product reads the head's weights (113 MB for SmolLM2) once for many
+            # one-token jobs, and a group's rows are freed before the next group's are made.
+            start = 0
+            while start < b:
+                end, rows_in = start + 1, len(jobs[start].keep)
+                while end < b and rows_in + len(jobs[end].keep) <= HEAD_ROWS:
+                    rows_in += len(jobs[end].keep)
+                    end += 1
+                picked = torch.cat([hidden[i, torch.tensor(jobs[i].keep, dtype=torch.long)] for i in range(start, end)])
+                logits = inner.lm_head(picked).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                flat = _log_softmax_(logits).numpy()
+                at = 0
+                for job in jobs[start:end]:
+                    rows = flat[at : at + len(job.keep)]
+                    at += len(job.keep)
+                    result.append(job.reduce(adapter, rows) if job.reduce else rows)
+                del picked, logits, flat, rows
+                start = end
         grown: list[Any] = list(batched.layers)  # DynamicLayer: keys and values [b, heads, past + width, dim]
         for i, (job, held) in enumerate(zip(jobs, lens, strict=True)):
             span = slice(past - held, past + len(job.ids))
             job.caches[adapter] = DynamicCache(
                 ddp_cache_data=[(layer.keys[i : i + 1, :, span], layer.values[i : i + 1, :, span]) for layer in grown]
             )
-        bounds = np.cumsum([0] + [len(job.keep) for job in jobs])
-        rows = [flat[bounds[i] : bounds[i + 1]] for i in range(b)]
-        return [job.reduce(adapter, r) if job.reduce else r for job, r in zip(jobs, rows, strict=True)]
+        return result
+
+
+#: Rows of the output head computed in one product in a batched pass (:meth:`LocalPair._forward_batch`).
+HEAD_ROWS = 64
 
 
 def _log_softmax_(logits: torch.Tensor, chunk: int = 32) -> torch.Tensor:
@@ -435,7 +454,7 @@ def _additive(allowed: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
 
-def _body_and_head(net: Any) -> Any:
+def body_and_head(net: Any) -> Any:
     """The causal LM inside ``net`` (a peft wrapper's base model) when its decoder body
     (``.model``) and output head (``.lm_head``) can be run apart, else ``None``."""
     inner = net.get_base_model() if hasattr(net, "get_base_model") else net

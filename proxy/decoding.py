@@ -394,6 +394,9 @@ class ServedModel:
         lengths = DraftLength(self.max_draft_tokens, self.acceptance_rate) if self.speculative else None
         greedy = params.temperature == 0
         context_full = False
+        batcher = getattr(self.pair, "batcher", None) if aligner is not None else None
+        if batcher is not None:
+            batcher.open_stream()
         try:
             while stats.completion_tokens < params.max_tokens and not context_full:
                 n = lengths.next(params.max_tokens - stats.completion_tokens) if lengths is not None else 1
@@ -474,6 +477,8 @@ class ServedModel:
                     chunk *= 2
             yield releaser.finish("length")
         finally:
+            if batcher is not None:
+                batcher.close_stream()
             if lengths is not None and lengths.examined:
                 # The model's running rate seeds the next request's first draft length.
                 self.acceptance_rate = 0.8 * self.acceptance_rate + 0.2 * lengths.accepted / lengths.examined

@@ -342,3 +342,38 @@ def test_an_idle_pair_gives_freed_memory_back_once(tiny_base, smollm2_tokenizer,
         assert pair.batcher.releases == 2
     finally:
         pair.close()
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_a_pass_waits_briefly_for_answers_between_passes(tiny_base, smollm2_tokenizer, monkeypatch, streams):
+    """With two answers decoding, a pass waits (up to a fraction of the last pass's time) for
+    the one that is between passes, as a token-by-token answer is while the remote answers:
+    one pass for both. With one answer decoding, nothing waits: two passes."""
+    import time
+
+    from proxy.pair import TreeBatcher
+
+    monkeypatch.setattr(TreeBatcher, "FOLLOW_MAX_S", 5.0)
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=8, window_s=0.0))
+    batcher = pair.batcher
+    batcher._last_pass_s = 4.0  # a follow window of 1 s (FOLLOW_FRACTION 0.25)
+    for _ in range(streams):
+        batcher.open_stream()
+
+    def one(prompt: str, delay: float) -> float:
+        time.sleep(delay)
+        ids = pair.prompt_ids(prompt=prompt)
+        pair.tracked(PairScorer(pair).score, Tree(tuple(ids), tuple(range(-1, len(ids) - 1))), len(ids))
+        return time.monotonic()
+
+    try:
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            first, second = pool.map(one, PROMPTS[:2], (0.0, 0.3))
+        assert (batcher.passes, batcher.jobs) == ((1, 2) if streams == 2 else (2, 2))
+        if streams == 1:
+            assert first - t0 < 0.3  # the first answer's pass did not wait for the second
+    finally:
+        for _ in range(streams):
+            batcher.close_stream()
+        pair.close()

@@ -28,6 +28,9 @@ first because its forget truth ratios are the reference for forget quality):
 * ``direct:<objective>``: the same objective and settings applied to the
   target's own weights (LoRA, merged), the white-box reference.
 
+A δ row may name its offset strength: ``delta:NPO+KL@2`` serves the same offset
+with α = 2 (default 1).
+
 ``--target gemma3-270m`` fine-tunes Gemma 3 270M as the target and the retain model
 instead (the pair stays SmolLM2: δ rows align the two tokenizers in bytes, and their
 probability metrics go through the target's top-20, :class:`proxy.audit.QScorer`).
@@ -243,20 +246,40 @@ def _vllm(folder: Path) -> Iterator[str]:
         logf.close()
 
 
-def check_row(row: str) -> None:
-    """Raises SystemExit for a row name :func:`_row_model` cannot build."""
+def parse_row(row: str) -> tuple[str, str, float]:
+    """A row name's kind, objective and offset strength α (``delta:NPO+KL@2``: α = 2; 1
+    without ``@``, and for rows without an offset).
+
+    Raises:
+        SystemExit: a row name :func:`_row_model` cannot build.
+    """
     from proxy.objectives import OBJECTIVES
 
-    kind, _, objective = row.partition(":")
-    if kind in ("target", "guardrail", "retain") and not objective:
-        return
+    kind, _, rest = row.partition(":")
+    objective, at, strength = rest.partition("@")
+    if kind in ("target", "guardrail", "retain") and not rest:
+        return kind, "", 1.0
     if kind not in ("delta", "delta-tau", "delta-remote", "direct") or not objective:
         raise SystemExit(
             f"unknown row {row!r}: use target, retain, guardrail, delta:<objective>, delta-tau:<objective>, "
-            "delta-remote:<objective> or direct:<objective>"
+            "delta-remote:<objective> or direct:<objective>, the δ rows with an optional @<alpha>"
         )
     if objective not in OBJECTIVES:
         raise SystemExit(f"row {row!r}: unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if not at:
+        return kind, objective, 1.0
+    try:
+        alpha = float(strength)
+    except ValueError:
+        alpha = float("nan")
+    if kind == "direct" or not 0 < alpha <= 100:
+        raise SystemExit(f"row {row!r}: @<alpha> is for δ rows, a number in (0, 100]")
+    return kind, objective, alpha
+
+
+def check_row(row: str) -> None:
+    """Raises SystemExit for a row name :func:`_row_model` cannot build."""
+    parse_row(row)
 
 
 async def _row_model(
@@ -281,8 +304,7 @@ async def _row_model(
             adapters[key] = TransformersInProcessAdapter(name=key, model_dir=folder)
         return adapters[key]
 
-    check_row(row)
-    kind, _, objective = row.partition(":")
+    kind, objective, alpha = parse_row(row)
     if kind in ("target", "guardrail"):
         return ServedModel(name=row, adapter=remote("target", paths["target"])), {"training_seconds": 0.0}
     if kind == "retain":
@@ -299,7 +321,7 @@ async def _row_model(
     if kind == "delta-remote":
         # a remote-mode offset depends on the target that scored its data, which its
         # settings name only by URL: the configuration goes into the cache name
-        name = row if target == DEFAULT_TARGET else f"delta-remote-{target}:{objective}"
+        name = f"delta-remote:{objective}" if target == DEFAULT_TARGET else f"delta-remote-{target}:{objective}"
         cfg = replace(cfg, mode="remote", remote=f"http://127.0.0.1:{VLLM_PORT}/v1", remote_model="target")
         if (_offset_dir(name, cfg) / "manifest.json").is_file():
             offset, seconds = _cached_offset(name, cfg)
@@ -310,12 +332,13 @@ async def _row_model(
         offset, seconds = _cached_offset(f"{base_kind}:{objective}", cfg)
     facts: dict[str, Any] = {"training_seconds": round(seconds, 1), "offset": offset.name, "objective": objective}
     if base_kind == "delta":
+        facts["alpha"] = alpha
         pair = LocalPair.load("smollm2", offset)
         model = ServedModel(
             name=row,
             adapter=remote("target", paths["target"]),
             pair=pair,
-            alpha=1.0,
+            alpha=alpha,
             same_tokenizer=shares_tokenizer(remote("target", paths["target"]), pair),
             offset_sha256=pair.offset.sha256 if pair.offset is not None else None,
         )

@@ -112,7 +112,8 @@ class AuditSettings:
     seed: int = 0
     min_k: float = 0.4
     concurrency: int = 4
-    """Items evaluated at once (the remote and the pair still compute one call at a time)."""
+    """Items evaluated at once, and a forget item's sampled answers drawn this many at a time
+    (the pair batches their passes: :class:`proxy.pair.TreeBatcher`)."""
     system_prompt: str | None = None
     """A system message before every question (a prompt-guardrail baseline), or none."""
 
@@ -379,12 +380,23 @@ async def evaluate_item(
             out["probability_error"] = str(exc)
     if split == "forget":
         spans = item.get("key_spans") or [a]
-        samples = [
-            await generate(
-                model, q, temperature=1.0, max_tokens=s.max_tokens, seed=seed, index=i, system_prompt=s.system_prompt
-            )
-            for i in range(s.samples)
-        ]
+        gate = asyncio.Semaphore(s.concurrency)
+
+        async def sampled(i: int, seed: int, prefix: str = "") -> str:
+            """Sample ``i`` at T = 1 (its own random stream: the order they finish in does not matter)."""
+            async with gate:
+                return await generate(
+                    model,
+                    q,
+                    temperature=1.0,
+                    max_tokens=s.max_tokens,
+                    seed=seed,
+                    index=i,
+                    prefix=prefix,
+                    system_prompt=s.system_prompt,
+                )
+
+        samples = list(await asyncio.gather(*(sampled(i, seed) for i in range(s.samples))))
         out["leak"] = M.leak_rate(samples, spans) if samples else None
         out["samples"] = samples
         prefix = M.extraction_prefix(a, spans[0])
@@ -399,19 +411,7 @@ async def evaluate_item(
                 system_prompt=s.system_prompt,
             )
             out["extraction_greedy"] = M.contains_span(cont, spans)
-            conts = [
-                await generate(
-                    model,
-                    q,
-                    temperature=1.0,
-                    max_tokens=s.max_tokens,
-                    seed=seed + 1,
-                    index=i,
-                    prefix=prefix,
-                    system_prompt=s.system_prompt,
-                )
-                for i in range(s.samples)
-            ]
+            conts = list(await asyncio.gather(*(sampled(i, seed + 1, prefix) for i in range(s.samples))))
             out["extraction_sampled"] = sum(M.contains_span(c, spans) for c in conts) / len(conts) if conts else None
     return out
 

@@ -313,3 +313,18 @@ def test_cli_exit_status_follows_the_policy(remote_dir, data, tmp_path, capsys):
     assert "policy failed: forget_Q_A_ROUGE" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "o3"), "--policy", str(tmp_path / "missing.json")]) == 2
     assert not (tmp_path / "o3").exists()
+
+
+async def test_samples_drawn_at_once_equal_samples_drawn_one_by_one(adapter, data):
+    """A forget item's T = 1 samples run ``concurrency`` at a time; each has its own random
+    stream, so they are the same samples, in the same order, as one at a time."""
+    model = ServedModel(name="target", adapter=adapter, pair=None, alpha=1.0)
+    item = A.load_items(_files(data)["forget"], "forget")[0]
+    scorer = A.QScorer(model)
+    rows = [
+        await A.evaluate_item(model, scorer, "forget", 0, item, A.AuditSettings(samples=4, max_tokens=6, concurrency=c))
+        for c in (1, 4)
+    ]
+    assert rows[0]["samples"] == rows[1]["samples"]
+    assert len(set(rows[0]["samples"])) > 1  # really sampled
+    assert rows[0]["extraction_sampled"] == rows[1]["extraction_sampled"]

@@ -139,11 +139,17 @@ def test_offset_settings_option_takes_train_fields_only() -> None:
 
 
 def test_rows_are_checked_before_anything_runs() -> None:
-    from bench.tofu import check_row, main
+    from bench.tofu import check_row, main, parse_row
 
     check_row("delta-remote:NPO+KL")
     with pytest.raises(SystemExit, match="unknown objective"):
         check_row("delta:NPOX")
+    assert parse_row("delta:NPO+KL@2.5") == ("delta", "NPO+KL", 2.5)
+    assert parse_row("delta-tau:NPO+KL") == ("delta-tau", "NPO+KL", 1.0)
+    assert parse_row("target") == ("target", "", 1.0)
+    for bad in ("delta:NPO+KL@", "delta:NPO+KL@0", "delta:NPO+KL@big", "delta:NPO+KL@nan", "direct:NPO+KL@2"):
+        with pytest.raises(SystemExit, match="@<alpha>"):
+            check_row(bad)
     with pytest.raises(SystemExit) as exc:
         main(["--rows", "target,bogus"])
     assert exc.value.code == 2

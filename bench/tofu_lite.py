@@ -403,7 +403,8 @@ class _Deck:
     across authors only when there are more authors than values."""
 
     def __init__(self, values: Sequence[str], rng: random.Random) -> None:
-        self.values, self.rng, self.left = list(values), rng, []
+        self.values, self.rng = list(values), rng
+        self.left: list[str] = []
 
     def deal(self) -> str:
         if not self.left:

@@ -33,6 +33,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ def _key(data: Path, s: FinetuneSettings) -> str:
     return h.hexdigest()[:16]
 
 
-def _answer_loss(model: object, batch: dict) -> object:
+def _answer_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Mean NLL of the labelled tokens, with the LM head applied at those
     positions only (the prompt's logits are never needed; about 15% less
     compute than ``model(**batch).loss`` on these short answers)."""

@@ -22,7 +22,7 @@ import asyncio
 import ctypes
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ from .base import (
     RemoteUnavailable,
     position_from_logprobs,
 )
+from .templates import SpecialStrings, tokenize_chat
 
 #: :meth:`LlamaInProcessAdapter._tokenize`: a prompt longer than this many characters per
 #: context token is probed by its head first (English text averages about 4 per token).
@@ -107,11 +108,17 @@ class LlamaInProcessAdapter:
         vocab = self.llama._model.vocab
         self.token_bytes: list[bytes | None] = []
         self.eog = np.zeros(self.n_vocab, dtype=bool)
+        # Tokens that llama.cpp's special-token pass matches in text: kept out of message content.
+        parsed = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        special_texts = []
         for i in range(self.n_vocab):
             if llama_cpp.llama_vocab_is_eog(vocab, i):
                 self.eog[i] = True
             is_control = llama_cpp.llama_vocab_is_control(vocab, i)
             self.token_bytes.append(None if is_control else _piece(llama_cpp, vocab, i))
+            if self.llama._model.token_get_attr(i) & parsed:
+                special_texts.append(self.llama._model.token_get_text(i))
+        self._specials = SpecialStrings(special_texts)
         eos = self.llama.token_eos()
         bos = self.llama.token_bos()
         template = self.llama.metadata.get("tokenizer.chat_template")
@@ -170,11 +177,29 @@ class LlamaInProcessAdapter:
         if self._formatter is None:
             raise RemoteRejected(f"model {self.name!r} has no chat template; use /v1/completions", status=400)
         assert ctx.messages is not None
+        formatter = self._formatter
+        add_bos = True
+
+        def render(messages: Sequence[dict[str, Any]]) -> str:
+            nonlocal add_bos
+            try:
+                result = formatter(messages=list(messages))  # type: ignore[arg-type]
+            except Exception as exc:  # jinja2 / raise_exception in the template
+                raise ValueError(f"chat template failed: {exc}") from exc
+            add_bos = not result.added_special
+            return str(result.prompt)
+
         try:
-            result = self._formatter(messages=list(ctx.messages))  # type: ignore[arg-type]
-        except Exception as exc:  # jinja2 / raise_exception in the template
-            raise RemoteRejected(f"model {self.name!r}: chat template failed: {exc}", status=400) from exc
-        return self._tokenize(result.prompt, add_bos=not result.added_special)
+            # Message content is plain text: special-token strings in it are not control tokens.
+            return tokenize_chat(
+                render,
+                ctx.messages,
+                self._specials,
+                lambda text, first: self._tokenize(text, add_bos=first and add_bos),
+                lambda text, first: self.llama.tokenize(text.encode("utf-8"), add_bos=first and add_bos, special=False),
+            )
+        except ValueError as exc:
+            raise RemoteRejected(f"model {self.name!r}: {exc}", status=400) from exc
 
     # ------------------------------------------------------------- decoding
     @contextmanager

@@ -38,6 +38,7 @@ from .base import (
     ScoredText,
     position_from_logprobs,
 )
+from .templates import hf_chat_ids, hf_special_strings
 
 #: KV caches kept (one per recently seen token sequence); a SmolLM2-135M cache of 100 tokens is about 2 MB.
 N_CACHES = 8
@@ -71,6 +72,7 @@ class TransformersInProcessAdapter:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: not a transformers model folder (no config.json)")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self._specials = hf_special_strings(self.tokenizer)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         self.max_length = max_length or int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.vocab = ByteVocab.from_tokenizer(self.tokenizer)
@@ -107,12 +109,9 @@ class TransformersInProcessAdapter:
         if ctx.prompt is not None:
             return list(self.tokenizer.encode(ctx.prompt, add_special_tokens=False))
         try:
-            text = self.tokenizer.apply_chat_template(
-                list(ctx.messages or ()), add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:  # jinja2 errors from the template
-            raise RemoteRejected(f"model {self.name!r}: chat template failed: {exc}", status=400) from exc
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return hf_chat_ids(self.tokenizer, list(ctx.messages or ()), self._specials)
+        except ValueError as exc:  # the template failed, or cannot keep content plain
+            raise RemoteRejected(f"model {self.name!r}: {exc}", status=400) from exc
 
     def _tokens(self, ctx: Context) -> tuple[list[int], int]:
         prompt = self.prompt_tokens(ctx)

@@ -171,6 +171,11 @@ class ModelConfig(BaseModel):
     """An offset artifact folder, or "demo": the embedded default's demo offset (pair "smollm2")."""
     alpha: float = Field(default=1.0, ge=-100, le=100, allow_inf_nan=False)
     """Offset strength; 1.0 as in the paper (arXiv 2404.11045)."""
+    client_alpha: Literal["at_least", "any", "none"] = "at_least"
+    """What a request's ``offset_alpha`` may do. "at_least": raise α above ``alpha``, never
+    lower it, so that no client can weaken or switch off the unlearning; "any": set any α
+    in [−100, 100], 0 and negative values included (comparisons; the embedded demo); "none":
+    no request may set it. A refused value gets a 400 naming ``offset_alpha``."""
     offset_threshold: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
     """Scope threshold τ (nats): steps whose expected offset under the remote's distribution is
     above −τ pass the remote's distribution unchanged (proxy.offset). None: the offset applies at
@@ -240,6 +245,7 @@ def embedded_default(
             offset=offset,
             alpha=1.0 if alpha is None else alpha,
             offset_threshold=offset_threshold,
+            client_alpha="any",  # the demo compares answers with and without its offset
         )
     except ValidationError as exc:
         raise ConfigError(_describe(exc, "--alpha/--offset")) from exc

@@ -304,6 +304,8 @@ class ServedModel:
     adapter: RemoteAdapter
     pair: Any = None
     alpha: float = 1.0
+    client_alpha: str = "any"
+    """What a request's ``offset_alpha`` may do (:attr:`proxy.config.ModelConfig.client_alpha`)."""
     offset_threshold: float | None = None
     top_k: int = 20
     same_tokenizer: bool = False

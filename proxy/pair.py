@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from adapters.base import ContextExhausted
+from adapters.templates import hf_chat_ids, hf_special_strings
 
 from .alignment import Aligner, Tree
 from .artifact import OffsetArtifact, load_artifact
@@ -97,6 +98,7 @@ class LocalPair:
         self.u_model = u_model.eval() if u_model is not None else None
         """U as its own model (a ``"full"`` artifact); ``None``: U is ``model`` with its adapter."""
         self.tokenizer = tokenizer
+        self._specials = hf_special_strings(tokenizer)
         self.name = name
         self.offset = offset
         self.vocab = vocab if vocab is not None else ByteVocab.from_tokenizer(tokenizer)
@@ -177,7 +179,9 @@ class LocalPair:
     # ---------------------------------------------------------------- prompts
     def prompt_ids(self, messages: Sequence[dict[str, Any]] | None = None, prompt: str | None = None) -> list[int]:
         """Local token ids of the prompt: chat messages rendered with the
-        pair's chat template (generation prompt added), or raw text.
+        pair's chat template (generation prompt added; special-token strings in a
+        message's content are plain text, :func:`adapters.templates.tokenize_chat`),
+        or raw text.
 
         Raises:
             ValueError: the template rejects the messages, or the prompt is empty (the
@@ -185,10 +189,9 @@ class LocalPair:
         """
         if messages is not None:
             try:
-                text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # jinja2 errors from the template itself
-                raise ValueError(f"the pair's chat template failed: {exc}") from exc
-            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+                ids = hf_chat_ids(self.tokenizer, messages, self._specials)
+            except ValueError as exc:
+                raise ValueError(f"the pair's {exc}") from exc
         else:
             ids = list(self.tokenizer.encode(prompt or "", add_special_tokens=False))
         if not ids:

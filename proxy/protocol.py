@@ -9,7 +9,8 @@ does ("Unrecognized request argument supplied"). Types are strict: ``"5"``
 is not an integer and ``"yes"`` is not a boolean, as in OpenAI's API.
 
 The one extra field is ``offset_alpha``: α for this request (0 disables
-the offset).
+the offset), where the model's ``client_alpha`` allows it (by default only
+values at least the configured α).
 """
 
 from __future__ import annotations

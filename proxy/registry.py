@@ -151,6 +151,7 @@ def build_model(
             adapter=adapter,
             pair=pair,
             alpha=alpha,
+            client_alpha=cfg.client_alpha,
             offset_threshold=cfg.offset_threshold,
             top_k=cfg.top_k,
             same_tokenizer=bool(same),

@@ -41,13 +41,36 @@ class Job:
     stats: list[ChoiceStats] = field(default_factory=list)
 
 
+def _requested_alpha(model: ServedModel, value: float) -> float:
+    """A request's ``offset_alpha``, where the model's ``client_alpha`` allows it.
+
+    Raises:
+        ProxyError: 400 (param ``offset_alpha``) when the model refuses the value.
+    """
+    if model.client_alpha == "none":
+        raise invalid(
+            f"offset_alpha: model '{model.name}' does not let requests set the offset strength",
+            "offset_alpha",
+            "offset_alpha_not_allowed",
+        )
+    if model.client_alpha == "at_least" and value < model.alpha:
+        raise invalid(
+            f"offset_alpha: model '{model.name}' does not let requests weaken its offset: "
+            f"α must be at least {model.alpha:g} (got {value:g})",
+            "offset_alpha",
+            "offset_alpha_not_allowed",
+        )
+    return value
+
+
 def make_job(
     req: ChatCompletionRequest | CompletionRequest, models: dict[str, ServedModel], settings: ServerConfig
 ) -> Job:
     """Resolve the model and decoding settings of a validated request.
 
     Raises:
-        ProxyError: unknown model (404), ``max_tokens`` above the server's limit (400).
+        ProxyError: unknown model (404), ``max_tokens`` above the server's limit, or an
+            ``offset_alpha`` the model refuses (400).
     """
     model = models.get(req.model)
     if model is None:
@@ -59,7 +82,7 @@ def make_job(
     if budget > settings.max_tokens_limit:
         field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
         raise invalid(f"{field}: at most {settings.max_tokens_limit} on this server (got {budget})", field)
-    alpha = model.alpha if req.offset_alpha is None else req.offset_alpha
+    alpha = model.alpha if req.offset_alpha is None else _requested_alpha(model, req.offset_alpha)
     if isinstance(req, ChatCompletionRequest):
         ctx = Context(messages=tuple(m.as_plain() for m in req.messages))
         logprobs, top = req.logprobs, req.top_logprobs or 0

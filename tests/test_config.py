@@ -56,3 +56,45 @@ def test_bad_port_is_refused_before_loading_anything(capsys):
     with pytest.raises(SystemExit) as info:
         main(["serve", "--port", "99999"])
     assert info.value.code == 2 and "not a port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("policy", "value", "ok"),
+    [
+        ("at_least", 2.0, True),
+        ("at_least", 1.0, True),
+        ("at_least", 0.0, False),
+        ("at_least", -3.0, False),
+        ("any", 0.0, True),
+        ("any", -3.0, True),
+        ("none", 2.0, False),
+    ],
+)
+async def test_a_request_may_not_weaken_the_offset_unless_allowed(aiohttp_client, policy, value, ok):
+    """``client_alpha``: by default a request may raise α but not lower it (no client can switch
+    the unlearning off); "any" allows every α; "none" refuses the field. A refusal is a 400
+    naming offset_alpha, and the request without the field still works."""
+    from fakes import FakeRemote, script
+
+    from proxy.decoding import ServedModel
+    from proxy.server import create_app
+
+    model = ServedModel("m", FakeRemote(script(["a", "b"])), alpha=1.0, client_alpha=policy)
+    client = await aiohttp_client(create_app({"m": model}, batches=False))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = await client.post("/v1/chat/completions", json={**body, "offset_alpha": value})
+    if ok:
+        assert r.status == 200, await r.text()
+    else:
+        assert r.status == 400
+        err = (await r.json())["error"]
+        assert err["param"] == "offset_alpha" and err["code"] == "offset_alpha_not_allowed"
+        assert "offset_alpha" in err["message"]
+    assert (await client.post("/v1/chat/completions", json=body)).status == 200
+
+
+def test_client_alpha_defaults_to_at_least_and_the_demo_allows_any():
+    from proxy.config import ModelConfig, embedded_default
+
+    assert ModelConfig(backend="llama-inprocess", gguf="smollm2").client_alpha == "at_least"
+    assert embedded_default().models["smollm2-demo"].client_alpha == "any"

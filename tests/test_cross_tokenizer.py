@@ -32,6 +32,7 @@ async def proxy_on_gemma(gemma_server, smollm2_offset):
         eot_tokens=("<end_of_turn>", "<eos>"),
         pair="smollm2",
         offset=str(smollm2_offset),
+        client_alpha="any",  # the test compares with offset_alpha 0
     )
     model = build_model("gemma-unlearned", cfg)
     assert model.uses_offset and not model.same_tokenizer

@@ -37,6 +37,7 @@ QA = [
 
 
 def vllm_model(url: str, **kw) -> ModelConfig:
+    kw.setdefault("client_alpha", "any")  # tests compare with offset_alpha 0
     return ModelConfig(backend="openai-chat", prefill="vllm", base_url=url, remote_model="smollm2", **kw)
 
 

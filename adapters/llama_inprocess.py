@@ -68,6 +68,35 @@ class _Slot:
     used: int = 0
     """When it was last released (a counter): least recently used wins ties."""
     closed: bool = False
+    batch_end: int = 0
+    """Positions before this were evaluated in one multi-token batch (a prompt); those from
+    it on, one at a time (drafted tokens)."""
+    batch_logits: np.ndarray | None = None
+    """log-softmax after position ``batch_end − 1``, kept from that batch (``[V]`` float64)."""
+
+    def reusable(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens`` the cache already holds in a form that gives the same
+        logits as before: that many are kept and the rest evaluated (all of them: the
+        logits after them are :attr:`batch_logits`).
+
+        - The whole cache, when it holds a prefix of ``tokens``.
+        - When it holds all of ``tokens`` and more (an earlier draft of this answer went
+          further, as at the end of the context): all of them when they end where the
+          prompt's batch ended, else all but the last, provided that one was evaluated
+          alone (evaluated alone again after the same cache, it gives the same logits).
+        - Nothing otherwise: a cache that shares only part of a prompt would have it
+          evaluated in another batch split, and llama.cpp's quantised matmuls then give
+          slightly different logits (enough to flip near-ties), so that a direct call
+          would not be reproduced.
+        """
+        n, want = self.llama.n_tokens, len(tokens)
+        if not np.array_equal(self.llama.input_ids[: min(n, want)], tokens[: min(n, want)]):
+            return 0
+        if n < want:
+            return n
+        if want == self.batch_end and self.batch_logits is not None:
+            return want
+        return want - 1 if want - 1 >= max(1, self.batch_end) else 0
 
 
 class LlamaInProcessAdapter:
@@ -104,6 +133,9 @@ class LlamaInProcessAdapter:
             for _ in range(n_contexts)
         ]
         self.llama = self._slots[0].llama  # tokenizer, vocabulary and metadata (read-only)
+        # llama.cpp rounds its context up (to 256 tokens); llama-cpp-python's token buffer is
+        # the size asked for, and the smaller of the two is the context.
+        self.n_ctx = min(self.llama.n_ctx(), len(self.llama.input_ids))
         self.n_vocab = self.llama.n_vocab()
         vocab = self.llama._model.vocab
         self.token_bytes: list[bytes | None] = []
@@ -154,7 +186,7 @@ class LlamaInProcessAdapter:
         Raises:
             ContextExhausted: the head of the text is already longer than the context.
         """
-        n_ctx = self.llama.n_ctx()
+        n_ctx = self.n_ctx
         probe = n_ctx * PROBE_CHARS_PER_TOKEN
         if len(text) > probe:
             head = self.llama.tokenize(text[:probe].encode("utf-8"), add_bos=add_bos, special=True)
@@ -211,10 +243,6 @@ class LlamaInProcessAdapter:
             RemoteUnavailable: the adapter is closed.
         """
 
-        def reusable(slot: _Slot) -> int:
-            n = slot.llama.n_tokens
-            return n if n <= len(tokens) and np.array_equal(slot.llama.input_ids[:n], tokens[:n]) else -1
-
         with self._cond:
             while True:
                 if self._closed:  # llama.cpp would crash on a freed context
@@ -222,37 +250,39 @@ class LlamaInProcessAdapter:
                 if not any(s.busy for s in self._slots):
                     break
                 self._cond.wait()
-            slot = max(self._slots, key=lambda s: (reusable(s), -s.used))
+            slot = max(self._slots, key=lambda s: (s.reusable(tokens), -s.used))
             slot.busy = True
         try:
-            yield slot.llama
+            yield slot
         finally:
             with self._cond:
                 slot.busy = False
                 slot.used = next(self._clock)
                 self._cond.notify_all()
 
-    def _logprobs_after(self, llama: Any, tokens: list[int]) -> np.ndarray:
-        """log-softmax of the next-token logits after ``tokens`` (KV prefix reused)."""
+    def _logprobs_after(self, slot: _Slot, tokens: list[int]) -> np.ndarray:
+        """log-softmax of the next-token logits after ``tokens`` (the cache reused as far as
+        :meth:`_Slot.reusable` allows)."""
+        llama = slot.llama
         if not tokens:
             raise RemoteRejected(f"model {self.name!r}: the prompt is empty: no token to condition on", status=400)
-        if len(tokens) >= llama.n_ctx():
-            raise ContextExhausted(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {llama.n_ctx()}")
-        # Reuse the cache only when it holds a prefix of `tokens` (the same request's
-        # earlier steps). A partial reuse would evaluate the prompt in a different
-        # batch split, and llama.cpp's quantised matmuls then give slightly different
-        # logits (enough to flip near-ties), so a direct call would not be reproduced.
-        n = llama.n_tokens
-        if n <= len(tokens) and list(llama.input_ids[:n]) == list(tokens[:n]):
-            common = n
-        else:
-            common = 0
-        llama.n_tokens = common
-        llama.eval(tokens[common:])
+        if len(tokens) >= self.n_ctx:
+            raise ContextExhausted(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {self.n_ctx}")
+        keep = slot.reusable(tokens)
+        llama.n_tokens = keep
+        if keep == len(tokens):
+            assert slot.batch_logits is not None
+            return slot.batch_logits.copy()
+        llama.eval(tokens[keep:])
         ptr = self._llama_cpp.llama_get_logits_ith(llama.ctx, -1)
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
         top = logits.max()
-        return logits - top - np.log(np.exp(logits - top).sum())
+        lp = logits - top - np.log(np.exp(logits - top).sum())
+        if len(tokens) - keep > 1:  # a batch (a prompt): its last logits are kept
+            slot.batch_end, slot.batch_logits = len(tokens), lp
+        elif keep < slot.batch_end:  # the batch was cut: the positions from `keep` on are new
+            slot.batch_end, slot.batch_logits = keep, None
+        return lp
 
     def _candidate(self, tid: int, lp: float) -> Candidate:
         if self.eog[tid]:
@@ -268,12 +298,12 @@ class LlamaInProcessAdapter:
             tokens = prompt + (
                 self.llama.tokenize(ctx.assistant_prefix, add_bos=False, special=False) if ctx.assistant_prefix else []
             )
-        with self._lease(tokens) as llama:
+        with self._lease(tokens) as slot:
             rng = np.random.default_rng(seed)
             positions: list[Position] = []
             finish = None
             for _ in range(n_tokens):
-                lp = self._logprobs_after(llama, tokens)
+                lp = self._logprobs_after(slot, tokens)
                 pos = position_from_logprobs(
                     lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=n_tokens > 1 and not greedy
                 )
@@ -313,8 +343,10 @@ class LlamaInProcessAdapter:
 
     def direct_chat(self, messages: list[dict[str, Any]], max_tokens: int) -> str:
         """Greedy text straight from llama.cpp (no proxy), for comparisons."""
-        with self._lease([]) as llama:
+        with self._lease([]) as slot:
+            llama = slot.llama
             llama.n_tokens = 0
+            slot.batch_end, slot.batch_logits = 0, None
             typed: Any = messages  # llama_cpp's TypedDicts; plain dicts are what it accepts at run time
             out: Any = llama.create_chat_completion(
                 messages=typed, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0

@@ -146,3 +146,56 @@ async def test_special_tokens_in_content_do_not_forge_a_turn(models, client):
     assert ids.count(start[0]) == turns == 3  # the template's default system prompt, the user turn, the reply
     got = await client.chat.completions.create(model=DEFAULT_MODEL, messages=list(msgs), temperature=0, max_tokens=4)
     assert got.usage is not None and got.usage.prompt_tokens == len(ids)
+
+
+def test_a_draft_after_one_that_ran_past_the_context_reuses_the_cache():
+    """At the end of the context a draft fails after drafting some tokens (ContextExhausted),
+    and the next, shorter draft starts from fewer tokens than that cache holds. It keeps the
+    cache (the prompt's last logits kept from its batch; a drafted token's evaluated alone
+    again) instead of evaluating the whole prompt again, and its positions are exactly those
+    of a context that drafted the same tokens without running past the end."""
+    from adapters.base import Context, ContextExhausted
+    from adapters.llama_inprocess import LlamaInProcessAdapter
+    from proxy.models import packaged_gguf
+
+    def adapter(n_contexts: int) -> LlamaInProcessAdapter:
+        return LlamaInProcessAdapter(name="s", model_path=packaged_gguf("smollm2"), n_ctx=160, n_contexts=n_contexts)
+
+    def ids(draft) -> list[int]:
+        return [p.sampled.token_id for p in draft.positions]
+
+    def same(a, b) -> None:
+        assert ids(a) == ids(b)
+        for x, y in zip(a.positions, b.positions, strict=True):
+            assert [c.token_id for c in x.candidates] == [c.token_id for c in y.candidates]
+            assert [c.logprob for c in x.candidates] == [c.logprob for c in y.candidates]
+
+    llama, fresh = adapter(2), adapter(1)
+    try:
+        evaluated: list[int] = []
+        for slot in llama._slots:
+            real = slot.llama.eval
+            slot.llama.eval = lambda toks, real=real: (evaluated.append(len(toks)), real(toks))[1]
+        ctx = Context(messages=({"role": "user", "content": "Count: " + "one two three " * 30},))
+        n_prompt = len(llama.prompt_tokens(ctx))
+        room = 160 - n_prompt
+        assert 4 < room < 40
+        head = fresh._draft_sync(ctx, 3, 5, None, greedy=True)
+        accepted = Context(ctx.messages, token_ids=tuple(ids(head)))
+        want = fresh._draft_sync(accepted, 2, 5, None, greedy=True)
+
+        with pytest.raises(ContextExhausted):
+            llama._draft_sync(ctx, room + 5, 5, None, greedy=True)
+        assert evaluated[0] == n_prompt  # the prompt, once
+        evaluated.clear()
+        again = llama._draft_sync(accepted, 2, 5, None, greedy=True)
+        assert evaluated == [1, 1]  # the last accepted token again, then the drafted one
+        same(again, want)
+        evaluated.clear()
+        first = llama._draft_sync(ctx, 2, 5, None, greedy=True)
+        assert evaluated == [1]  # the prompt's last logits were kept: only the drafted token
+        assert ids(first) == ids(head)[:2]
+        same(first, fresh._draft_sync(ctx, 2, 5, None, greedy=True))
+    finally:
+        llama._close()
+        fresh._close()

@@ -39,7 +39,9 @@ class ContentPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart]
+    """Required, as in OpenAI's API (an assistant message may go without it only with
+    tool calls, which this server does not take)."""
     name: str | None = None
 
     @model_validator(mode="after")

@@ -582,3 +582,17 @@ async def test_client_disconnect_cancels_a_non_streamed_request(aiohttp_client, 
     lines = [r for r in caplog.records if r.name == "aiohttp.access" and "POST /v1/chat/completions" in r.getMessage()]
     assert len(lines) == 1 and '" 499 ' in lines[0].getMessage() and "client closed" in lines[0].getMessage()
     assert lines[0].request_id.startswith("req_")
+
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None}, {"role": "assistant"}])
+async def test_a_message_without_content_is_400(served, message):
+    """OpenAI requires every message's content (an assistant's may be absent only with tool
+    calls, which this server does not take): a missing or null content is a 400 naming it,
+    not an empty message."""
+    _, client = served
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "Hi"}, message], "max_tokens": 2},
+    )
+    err = (await resp.json())["error"]
+    assert resp.status == 400 and err["param"] == "messages" and "messages[1].content" in err["message"]

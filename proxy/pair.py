@@ -450,7 +450,10 @@ def _log_softmax_(logits: torch.Tensor, chunk: int = 32) -> torch.Tensor:
     """``logits`` (``[n, V]``) turned into their log-softmax over the last axis, in place,
     ``chunk`` rows at a time: one ``[chunk, V]`` temporary instead of a second ``[n, V]``
     array (a 256-position batch's is 50 MB for SmolLM2). The values are
-    ``torch.log_softmax``'s, row by row."""
+    ``torch.log_softmax``'s, row by row. Logits that autograd tracks (outside inference
+    mode) get an ordinary out-of-place log-softmax."""
+    if logits.requires_grad:
+        return torch.log_softmax(logits, dim=-1)
     for part in logits.split(chunk):
         part.copy_(torch.log_softmax(part, dim=-1))
     return logits

@@ -36,7 +36,9 @@ def base_url():
     async def serve() -> None:
         fake = FakeRemote(script(["Hi", " there", ",", " friend", "!"]))
         app = create_app({"m": ServedModel("m", fake)}, ServerConfig(max_tokens_limit=64), batches=False)
-        runner = web.AppRunner(app, handler_cancellation=True)
+        # No access log: this thread outlives pytest's capture of the test that logs, and a
+        # line written to its closed stream prints a "Logging error" into the run's output.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -112,9 +112,9 @@ def tokenize_chat(
             trimming it (the content cannot be told apart from the template's text).
     """
     text = render(messages)
-    if not any(specials.found_in(str(m.get("content") or "")) for m in messages):
-        return special(text, True)
     contents = [str(m.get("content") or "") for m in messages]
+    if not any(specials.found_in(c) for c in contents):
+        return special(text, True)
     skeleton = render([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)])
     parts = _MARK.split(skeleton)  # template text, a mark's index, template text, ...
     for trim in (False, True):

@@ -490,6 +490,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=AuditSettings.concurrency,
+        help="requests in flight per audit (the δ rows' pair batches them)",
+    )
     p.add_argument("--keep", type=Path, help="keep (and resume) the audits in this folder")
     p.add_argument(
         "--offset-settings",
@@ -511,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.render:
         render_readme(a.render)
         return
-    settings = AuditSettings(samples=a.samples, max_tokens=a.max_tokens)
+    settings = AuditSettings(samples=a.samples, max_tokens=a.max_tokens, concurrency=a.concurrency)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     for row in rows:
         try:

@@ -177,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave the answers' first token out of the forget term (for answers that start with the fact)",
     )
+    t.add_argument(
+        "--forget-skip-prompt-copies",
+        action="store_true",
+        help="leave answer tokens that repeat the prompt word for word (the asked-about name) out of the forget term",
+    )
     t.add_argument("--full", action="store_true", help="fine-tune all of U's weights instead of a LoRA adapter")
     t.add_argument("--lora-rank", type=int, default=d.lora_rank)
     t.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
@@ -274,6 +279,7 @@ def _train(args: argparse.Namespace) -> int:
         parameters="full" if args.full else "lora",
         forget_end_of_turn=args.forget_end_of_turn,
         forget_first_token=not args.forget_skip_first_token,
+        forget_prompt_copies=not args.forget_skip_prompt_copies,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_layers=_layers(args.lora_layers) if args.lora_layers else None,

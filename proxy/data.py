@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,89 @@ def without_first_answer_token(item: Encoded) -> Encoded:
     first = next((i for i, label in enumerate(labels) if label != IGNORE), None)
     if first is not None and any(label != IGNORE for label in labels[first + 1 :]):
         labels[first] = IGNORE  # an answer of one token keeps it: nothing else would be left
+    return Encoded(item.input_ids, labels)
+
+
+_WORD = re.compile(r"\w+")
+
+
+def prompt_copy_spans(prompt_text: str, answer: str, min_words: int = 2) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of ``answer`` that repeat ``prompt_text`` word for word.
+
+    A span is a maximal run of at least ``min_words`` consecutive words (``\\w+``, case
+    sensitive) that also occur consecutively in the prompt, such as the name of the person
+    the question asks about. The span covers the whitespace and punctuation between its
+    words. Found by longest common substring over words (O(words × words)).
+    """
+    if min_words < 1:
+        raise ValueError(f"min_words must be ≥ 1, not {min_words}")
+    pw = [m.group() for m in _WORD.finditer(prompt_text)]
+    aw = list(_WORD.finditer(answer))
+    run = [0] * (len(pw) + 1)  # run[k + 1]: length of the common run ending at prompt word k
+    longest = [0] * len(aw)  # longest common run ending at answer word i
+    for i, w in enumerate(aw):
+        nxt = [0] * (len(pw) + 1)
+        for k, p in enumerate(pw):
+            if p == w.group():
+                nxt[k + 1] = run[k] + 1
+        run = nxt
+        longest[i] = max(run)
+    copied = [False] * len(aw)
+    for i, n in enumerate(longest):
+        if n >= min_words:
+            for j in range(i - n + 1, i + 1):
+                copied[j] = True
+    spans: list[tuple[int, int]] = []
+    for i, w in enumerate(aw):
+        if not copied[i]:
+            continue
+        if spans and i > 0 and copied[i - 1]:
+            spans[-1] = (spans[-1][0], w.end())
+        else:
+            spans.append((w.start(), w.end()))
+    return spans
+
+
+def without_prompt_copies(example: Example, item: Encoded, tokenizer: Any, min_words: int = 2) -> Encoded:
+    """``item`` with the labels of answer tokens that copy the prompt set to -100.
+
+    For forget terms: an answer that restates the question's subject ("What genre does
+    Krazeth Dynimouth write?" -> "Krazeth Dynimouth writes ...") holds no forget-set
+    information in that name, and its copied tokens are the easiest to lower. Measured on
+    tofu-lite with NPO+KL, U lowered the name and left the facts after a changed name
+    (``bench.tofu``). A token is left out when every non-space character it covers lies in
+    a :func:`prompt_copy_spans` span. Raw-text examples, answers without copies and
+    answers made only of copies are returned unchanged. Apply it before the other
+    forget-term masks: it finds the answer at the first labelled position.
+
+    Needs a fast tokenizer (offsets mapping); raises ``ValueError`` otherwise.
+    """
+    if example.prompt is None:
+        return item
+    prompt_text = "\n".join(m.get("content") or "" for m in example.prompt)
+    spans = prompt_copy_spans(prompt_text, example.target, min_words)
+    if not spans:
+        return item
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("leaving prompt copies out of the forget term needs a fast tokenizer (offsets)")
+    enc = tokenizer(example.target, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    # encode() put the answer's ids (possibly cut from the right) right after the prompt,
+    # the first labelled position (this runs before any other forget-term mask).
+    labels = list(item.labels)
+    start = next((i for i, label in enumerate(labels) if label != IGNORE), None)
+    if start is None:
+        return item
+    n = min(len(ids), len(labels) - start)
+    if item.input_ids[start : start + n] != ids[:n]:
+        raise ValueError("the answer's tokens with offsets differ from the encoded answer's")
+    text = example.target
+    for j, (a, b) in enumerate(offsets[:n]):
+        chars = [c for c in range(a, b) if not text[c].isspace()]
+        if chars and all(any(s <= c < e for s, e in spans) for c in chars):
+            labels[start + j] = IGNORE
+    if all(label == IGNORE for label in labels[start : start + n]):
+        return item  # an answer made only of copies keeps them: nothing else would be left
     return Encoded(item.input_ids, labels)
 
 

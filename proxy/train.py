@@ -50,6 +50,7 @@ from .data import (
     load_dataset,
     without_end_of_turn,
     without_first_answer_token,
+    without_prompt_copies,
 )
 from .objectives import Batches, get_objective, mean_nll
 from .vocab import ByteVocab
@@ -104,6 +105,9 @@ class TrainConfig:
     forget_first_token: bool = True
     """Keep the answer's first label in the forget term (open-unlearning does). Off: see
     :func:`proxy.data.without_first_answer_token`."""
+    forget_prompt_copies: bool = True
+    """Keep answer tokens that repeat the prompt word for word (the asked-about name) in the
+    forget term (open-unlearning does). Off: see :func:`proxy.data.without_prompt_copies`."""
     offset_alpha: float = 1.0
     """α written to the manifest (the serving strength)."""
     checkpoint_every: int = 10
@@ -140,6 +144,8 @@ class TrainConfig:
             keep = (*keep, "retain_positions")
         if not self.forget_first_token:
             keep = (*keep, "forget_first_token")
+        if not self.forget_prompt_copies:
+            keep = (*keep, "forget_prompt_copies")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -457,6 +463,10 @@ def train(
         answers = _idk_answers()
         idk = enc([Example(e.prompt, answers[i % len(answers)]) for i, e in enumerate(forget_set.examples)])
     forget_items = enc(forget_set.examples)
+    if not cfg.forget_prompt_copies:  # first: it finds each answer at its first label
+        forget_items = [
+            without_prompt_copies(e, it, tokenizer) for e, it in zip(forget_set.examples, forget_items, strict=True)
+        ]
     if not cfg.forget_end_of_turn:
         forget_items = [without_end_of_turn(it, eot) for it in forget_items]
     if not cfg.forget_first_token:

@@ -245,6 +245,62 @@ def test_forget_term_can_drop_the_first_answer_label(smollm2_tokenizer, vocab):
     assert without_first_answer_token(one) == one  # a one-token answer keeps its only label
 
 
+def test_prompt_copy_spans_are_runs_of_words_the_prompt_holds():
+    from proxy.data import prompt_copy_spans
+
+    q = "What genre does Krazeth Dynimouth write, and where was Krazeth Dynimouth born?"
+    a = "Krazeth Dynimouth writes dark fantasy; Krazeth Dynimouth was born in Valparaiso."
+    spans = prompt_copy_spans(q, a)
+    # two-word runs; "writes" is not "write", and "was" and "born" are single words
+    assert [a[s:e] for s, e in spans] == ["Krazeth Dynimouth", "Krazeth Dynimouth"]
+    assert prompt_copy_spans(q, a, min_words=3) == []
+    # with single words, neighbouring copies join into one span
+    assert [a[s:e] for s, e in prompt_copy_spans(q, a, min_words=1)] == [
+        "Krazeth Dynimouth",
+        "Krazeth Dynimouth was born",
+    ]
+    assert prompt_copy_spans("Who is Ron Weasley?", "ron weasley") == []  # case sensitive
+    assert prompt_copy_spans("", "anything at all") == []
+    with pytest.raises(ValueError, match="min_words"):
+        prompt_copy_spans(q, a, min_words=0)
+
+
+def test_forget_term_can_drop_answer_tokens_that_copy_the_prompt(smollm2_tokenizer, vocab):
+    from proxy.data import without_first_answer_token, without_prompt_copies
+
+    eot = vocab.eot_ids[0]
+    record = {
+        "question": "What genre does Krazeth Dynimouth write?",
+        "answer": "Krazeth Dynimouth writes dark fantasy set in Valparaiso.",
+    }
+    example = load_dataset_from([record])[0]
+    item = encode(example, smollm2_tokenizer, eot, 128)
+    cut = without_prompt_copies(example, item, smollm2_tokenizer)
+    assert cut.input_ids == item.input_ids  # the model still sees the name
+    dropped = [t for t, a, b in zip(item.input_ids, item.labels, cut.labels, strict=True) if a != b]
+    kept = [b for b in cut.labels if b != IGNORE]
+    assert smollm2_tokenizer.decode(dropped).strip() == "Krazeth Dynimouth"
+    assert smollm2_tokenizer.decode(kept).startswith(" writes dark fantasy set in Valparaiso.")
+    assert all(b in (a, IGNORE) for a, b in zip(item.labels, cut.labels, strict=True))
+    # then the first-token mask still finds the first label that is left
+    assert without_first_answer_token(cut).labels.count(IGNORE) == cut.labels.count(IGNORE) + 1
+    # no copies, raw text, and an answer made only of copies are unchanged
+    other = load_dataset_from([{"question": "Where?", "answer": "In Valparaiso."}])[0]
+    other_item = encode(other, smollm2_tokenizer, eot, 128)
+    assert without_prompt_copies(other, other_item, smollm2_tokenizer) == other_item
+    raw = load_dataset_from([{"text": "Krazeth Dynimouth"}])[0]
+    raw_item = encode(raw, smollm2_tokenizer, eot, 128)
+    assert without_prompt_copies(raw, raw_item, smollm2_tokenizer) == raw_item
+    only = load_dataset_from([{"question": "Is it Krazeth Dynimouth?", "answer": "Krazeth Dynimouth"}])[0]
+    only_item = without_end_of_turn(encode(only, smollm2_tokenizer, eot, 128), eot)
+    assert without_prompt_copies(only, only_item, smollm2_tokenizer) == only_item
+
+
+def test_skipping_prompt_copies_is_recorded_in_the_settings():
+    assert "forget_prompt_copies" not in TrainConfig(forget="f", out="o").settings()  # old cache keys stay
+    assert TrainConfig(forget="f", out="o", forget_prompt_copies=False).settings()["forget_prompt_copies"] is False
+
+
 @pytest.mark.parametrize(
     "lines,message",
     [

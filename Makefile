@@ -13,7 +13,7 @@ run: install
 test: install
 	bash scripts/install-vllm.sh >/dev/null  # vLLM for the tests' remote, in its own venv (once, ~3 minutes)
 	.venv/bin/ruff check proxy adapters tests bench
-	.venv/bin/mypy proxy adapters
+	.venv/bin/mypy proxy adapters bench
 	$(PY) -m pytest -q -ra
 
 lint: install

@@ -65,13 +65,13 @@ async def measure(answer: Answer) -> dict[str, Any]:
 def proxy_answer(model: Any, max_tokens: int = 40) -> Answer:
     """:data:`Answer` through the proxy's serving path (no HTTP)."""
     from proxy.config import ServerConfig
-    from proxy.protocol import ChatCompletionRequest
+    from proxy.protocol import ChatCompletionRequest, Message
     from proxy.serving import complete, make_job
 
     async def answer(question: str, alpha: float) -> str:
         req = ChatCompletionRequest(
             model="demo",
-            messages=[{"role": "user", "content": question}],
+            messages=[Message(role="user", content=question)],
             temperature=0,
             max_tokens=max_tokens,
             offset_alpha=alpha,

@@ -37,7 +37,7 @@ EOT = "<|im_end|>"
 ALTERNATIVES = (" cat", " red", " and", " a", ",", " slow", " big", " old", " fast", " one")
 FAULTS = ("http_500", "http_503", "http_429", "drop")
 
-STATS = web.AppKey("stats", Counter)
+STATS: web.AppKey[Counter[str]] = web.AppKey("stats", Counter)
 RNG = web.AppKey("rng", random.Random)
 FAULT_RATE = web.AppKey("fault_rate", float)
 DELAY = web.AppKey("delay", float)
@@ -124,7 +124,8 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(dict(request.app[STATS]))
+    counts: Counter[str] = request.app[STATS]
+    return web.json_response(dict(counts))
 
 
 def create_app(fault_rate: float = 0.0, seed: int = 0, delay: float = 0.0, repeat: int = 1) -> web.Application:

@@ -20,6 +20,7 @@ demo measures unchanged answers on).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 TOPICS = [
     "the speed of light",
@@ -177,12 +178,13 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     lines = []
     for q in questions:
-        ids = tokenizer.apply_chat_template(
+        enc: Any = tokenizer.apply_chat_template(  # a BatchEncoding (return_dict=True)
             [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
+        )
+        ids = enc["input_ids"]
         with torch.no_grad():
             out = model.generate(input_ids=ids, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        answer = str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).strip()
         lines.append(json.dumps({"question": q, "answer": answer}) + "\n")
     GENERAL_ANSWERS.write_text("".join(lines))
     lines += [json.dumps({"question": q, "answer": a}) + "\n" for q, a in SHORT_FACTS]

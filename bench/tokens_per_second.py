@@ -22,13 +22,13 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Wh
 
 async def _proxy_tps(model, n_tokens: int) -> tuple[float, int]:
     from proxy.config import ServerConfig
-    from proxy.protocol import ChatCompletionRequest
+    from proxy.protocol import ChatCompletionRequest, Message
     from proxy.serving import complete, make_job
 
     total, t0 = 0, time.perf_counter()
     for p in PROMPTS:
         req = ChatCompletionRequest(
-            model=model.name, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=n_tokens
+            model=model.name, messages=[Message(role="user", content=p)], temperature=0, max_tokens=n_tokens
         )
         r = await complete(make_job(req, {model.name: model}, ServerConfig()))
         total += r["usage"]["completion_tokens"]
@@ -44,27 +44,25 @@ def main() -> None:
     import openai
     from conftest import _llama_server
 
+    from adapters.llama_inprocess import LlamaInProcessAdapter
     from proxy.config import ModelConfig, embedded_default
     from proxy.registry import build_model, build_models
 
     out = {}
     model = build_models(embedded_default())["smollm2-demo"]
+    adapter = model.adapter
+    if not isinstance(adapter, LlamaInProcessAdapter):
+        raise SystemExit(f"the embedded default's remote is {type(adapter).__name__}, not llama.cpp in-process")
+    # Direct: the same in-process llama.cpp model (slot 0), its own chat completion.
     t0, n = time.perf_counter(), 0
     for p in PROMPTS:
-        model.adapter.direct_chat([{"role": "user", "content": p}], args.tokens)
-        n += args.tokens  # upper bound; recomputed below from tokens
-    direct_s = time.perf_counter() - t0
-    llama = model.adapter.llama
-    n = sum(
-        len(
-            llama.tokenize(
-                model.adapter.direct_chat([{"role": "user", "content": p}], args.tokens).encode(), add_bos=False
-            )
+        r = adapter.llama.create_chat_completion(
+            messages=[{"role": "user", "content": p}], temperature=0, max_tokens=args.tokens
         )
-        for p in PROMPTS
-    )
+        n += r["usage"]["completion_tokens"]  # type: ignore[index]
+    direct_tps = n / (time.perf_counter() - t0)
     proxy_tps, _ = asyncio.run(_proxy_tps(model, args.tokens))
-    out["embedded"] = {"direct_tps": n / direct_s, "proxy_tps": proxy_tps, "ratio": proxy_tps / (n / direct_s)}
+    out["embedded"] = {"direct_tps": direct_tps, "proxy_tps": proxy_tps, "ratio": proxy_tps / direct_tps}
 
     from proxy.models import packaged_gguf
 
@@ -81,7 +79,7 @@ def main() -> None:
                 max_tokens=args.tokens,
                 extra_body={"repeat_penalty": 1.0},
             )
-            n += r.usage.completion_tokens
+            n += r.usage.completion_tokens if r.usage else 0
         direct_tps = n / (time.perf_counter() - t0)
         remote = build_model(
             "remote",

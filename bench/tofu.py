@@ -356,7 +356,10 @@ async def run(
     keep: Path | None,
     offset_settings: dict[str, Any] | None = None,
     target: str = DEFAULT_TARGET,
+    reference: Path | None = None,
 ) -> dict[str, Any]:
+    """Audit ``rows`` and return the result file's content. ``reference`` is the retain
+    model's audit folder for forget quality (default: this run's ``retain`` row, if any)."""
     from bench.tofu_lite import GENERATOR_VERSION
     from bench.tofu_models import FinetuneSettings, build, default_data
     from proxy import __version__
@@ -378,7 +381,12 @@ async def run(
     adapters: dict[str, Any] = {}
     out_rows = []
     order = sorted(rows, key=lambda r: r != "retain")  # the reference first
-    reference = str(work / "retain") if "retain" in rows else None
+    if "retain" in rows:
+        if reference is not None:
+            raise ValueError("give either a retain row or a reference audit, not both")
+        ref: str | None = str(work / "retain")
+    else:
+        ref = str(reference) if reference is not None else None
     for row in order:
         log.info("row %s", row)
         model, facts = await _row_model(row, paths, data, adapters, settings.max_tokens, offset_settings, target)
@@ -393,7 +401,7 @@ async def run(
             files,
             work / row.replace(":", "-").replace("+", "_"),
             settings=s,
-            reference=reference if row != "retain" else None,
+            reference=ref if row != "retain" else None,
             info={"name": row},
         )
         summary = dict(report["summary"])
@@ -415,6 +423,7 @@ async def run(
         "models": {k: str(v) for k, v in paths.items()},
         "audit_settings": asdict(settings),
         "offset_settings": offset_settings,
+        "reference": ref,
         "seconds": round(time.monotonic() - t0, 1),
         "rows": out_rows,
     }
@@ -510,6 +519,11 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_TARGET,
         help="the target's base model; the pair is SmolLM2 either way (gemma3-270m: another tokenizer)",
     )
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="the retain model's audit folder (a --keep DIR/retain) for forget quality, when --rows has no retain",
+    )
     p.add_argument("--json", type=Path, help="result file (default bench/results/tofu-<target>-<date>.json)")
     p.add_argument("--render", type=Path, metavar="README", help="only rewrite README's table from bench/results/")
     a = p.parse_args(argv)
@@ -524,7 +538,11 @@ def main(argv: list[str] | None = None) -> None:
             check_row(row)
         except SystemExit as exc:
             p.error(str(exc))
-    result = asyncio.run(run(rows, settings, a.keep, a.offset_settings, a.target))
+    if a.reference is not None and "retain" in rows:
+        p.error("--reference is for runs without the retain row (that row is the reference)")
+    if a.reference is not None and not (a.reference / "report.json").is_file():
+        p.error(f"--reference: {a.reference / 'report.json'} does not exist (run the retain row with --keep first)")
+    result = asyncio.run(run(rows, settings, a.keep, a.offset_settings, a.target, a.reference))
     out = a.json or RESULTS / f"tofu-{a.target}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -206,9 +206,9 @@ def prompt_copy_spans(prompt_text: str, answer: str, min_words: int = 2) -> list
 def without_prompt_copies(example: Example, item: Encoded, tokenizer: Any, min_words: int = 2) -> Encoded:
     """``item`` with the labels of answer tokens that copy the prompt set to -100.
 
-    For forget terms: an answer that restates the question's subject ("What genre does
-    Krazeth Dynimouth write?" -> "Krazeth Dynimouth writes ...") holds no forget-set
-    information in that name, and its copied tokens are the easiest to lower. Measured on
+    For forget terms: an answer that restates the question's subject ("What genre is
+    Lethos Kebreim known for?" -> "Lethos Kebreim is known for writing fantasy.") holds no
+    forget-set information in those words, and its copied tokens are the easiest to lower. Measured on
     tofu-lite with NPO+KL, U lowered the name and left the facts after a changed name
     (``bench.tofu``). A token is left out when every non-space character it covers lies in
     a :func:`prompt_copy_spans` span. Raw-text examples, answers without copies and
@@ -244,6 +244,18 @@ def without_prompt_copies(example: Example, item: Encoded, tokenizer: Any, min_w
     if all(label == IGNORE for label in labels[start : start + n]):
         return item  # an answer made only of copies keeps them: nothing else would be left
     return Encoded(item.input_ids, labels)
+
+
+def only_dropped_labels(full: Encoded, cut: Encoded) -> Encoded | None:
+    """The labels ``full`` has and ``cut`` dropped (the rest -100), or ``None`` if none were.
+
+    With :func:`without_prompt_copies`: the copied tokens of a forget answer, for a retain
+    term that keeps U's copying of the question as it was.
+    """
+    if full.input_ids != cut.input_ids:
+        raise ValueError("only_dropped_labels needs two labellings of the same tokens")
+    labels = [a if b == IGNORE else IGNORE for a, b in zip(full.labels, cut.labels, strict=True)]
+    return Encoded(full.input_ids, labels) if any(x != IGNORE for x in labels) else None
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -153,6 +153,12 @@ class Objective:
     forget_weight: float = 1.0
     retain_weight: float = 1.0
 
+    @property
+    def retain_on_labels(self) -> bool:
+        """The retain term reads only the labelled positions (NLL, or KL over the answer's
+        positions): a retain item may then label some of its tokens only."""
+        return self.retain is not None and self.retain is not _retain_kl
+
     def __call__(self, s: Scorer, b: Batches) -> torch.Tensor:
         if self.retain_required and b.retain is None:
             raise ValueError(f"objective {self.name} needs a retain set (--retain)")

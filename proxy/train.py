@@ -48,6 +48,7 @@ from .data import (
     collate,
     encode,
     load_dataset,
+    only_dropped_labels,
     without_end_of_turn,
     without_first_answer_token,
     without_prompt_copies,
@@ -107,7 +108,9 @@ class TrainConfig:
     :func:`proxy.data.without_first_answer_token`."""
     forget_prompt_copies: bool = True
     """Keep answer tokens that repeat the prompt word for word (the asked-about name) in the
-    forget term (open-unlearning does). Off: see :func:`proxy.data.without_prompt_copies`."""
+    forget term (open-unlearning does). Off: see :func:`proxy.data.without_prompt_copies`;
+    where the retain term reads labels (NLL, or KL over answer positions) and a retain set
+    is given, those tokens join the retain term of their forget example's step instead."""
     offset_alpha: float = 1.0
     """α written to the manifest (the serving strength)."""
     checkpoint_every: int = 10
@@ -330,6 +333,9 @@ class _Plan:
     retain_batch_size: int
     seed: int
     pad_id: int
+    pinned: list[Encoded | None] = field(default_factory=list)
+    """Per forget item, retain-term labels on its own tokens (or None), added to the
+    retain batch of the step that has that item (:func:`proxy.data.only_dropped_labels`)."""
     per_epoch: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -345,7 +351,8 @@ class _Plan:
             retain = None
             if self.retain:
                 r_idx = [r_order[(k * rb + j) % len(r_order)] for j in range(rb)]
-                retain = collate([self.retain[i] for i in r_idx], self.pad_id)
+                pins = [p for i in idx if self.pinned and (p := self.pinned[i]) is not None]
+                retain = collate([*(self.retain[i] for i in r_idx), *pins], self.pad_id)
             idk = collate([self.idk[i] for i in idx], self.pad_id) if self.idk else None
             yield Batches(collate([self.forget[i] for i in idx], self.pad_id), retain, idk)
 
@@ -463,10 +470,14 @@ def train(
         answers = _idk_answers()
         idk = enc([Example(e.prompt, answers[i % len(answers)]) for i, e in enumerate(forget_set.examples)])
     forget_items = enc(forget_set.examples)
+    pinned: list[Encoded | None] = []
     if not cfg.forget_prompt_copies:  # first: it finds each answer at its first label
-        forget_items = [
-            without_prompt_copies(e, it, tokenizer) for e, it in zip(forget_set.examples, forget_items, strict=True)
-        ]
+        cut = [without_prompt_copies(e, it, tokenizer) for e, it in zip(forget_set.examples, forget_items, strict=True)]
+        if objective.retain_on_labels and retain_set is not None:
+            # The copies join the retain term of the step that has their forget example,
+            # so U keeps copying the question's name while it lowers what follows.
+            pinned = [only_dropped_labels(f, c) for f, c in zip(forget_items, cut, strict=True)]
+        forget_items = cut
     if not cfg.forget_end_of_turn:
         forget_items = [without_end_of_turn(it, eot) for it in forget_items]
     if not cfg.forget_first_token:
@@ -479,6 +490,7 @@ def train(
         cfg.retain_batch_size or cfg.batch_size,
         cfg.seed,
         pad,
+        pinned,
     )
 
     torch.manual_seed(cfg.seed)

@@ -296,6 +296,90 @@ def test_forget_term_can_drop_answer_tokens_that_copy_the_prompt(smollm2_tokeniz
     assert without_prompt_copies(only, only_item, smollm2_tokenizer) == only_item
 
 
+def test_prompt_copies_join_the_retain_term_of_their_forget_step(smollm2_tokenizer, vocab):
+    from proxy.data import Encoded, only_dropped_labels, without_prompt_copies
+    from proxy.train import _Plan
+
+    eot = vocab.eot_ids[0]
+    examples = load_dataset_from(
+        [
+            {"question": "Where was Lethos Kebreim born?", "answer": "Lethos Kebreim was born in Valparaiso."},
+            {"question": "Where?", "answer": "In Valparaiso."},
+        ]
+    )
+    full = [encode(e, smollm2_tokenizer, eot, 128) for e in examples]
+    cut = [without_prompt_copies(e, it, smollm2_tokenizer) for e, it in zip(examples, full, strict=True)]
+    pins = [only_dropped_labels(f, c) for f, c in zip(full, cut, strict=True)]
+    assert pins[1] is None  # nothing copied
+    assert pins[0] is not None
+    pinned = smollm2_tokenizer.decode([t for t in pins[0].labels if t != IGNORE])
+    assert pinned.strip() == "Lethos Kebreim"  # "was" and "born" are one-word copies: not pinned
+    # each labelled position is either in the forget term or pinned, never both
+    for a, b, c in zip(full[0].labels, cut[0].labels, pins[0].labels, strict=True):
+        assert (b == IGNORE) or (c == IGNORE)
+        assert a == (b if b != IGNORE else c)
+    with pytest.raises(ValueError, match="same tokens"):
+        only_dropped_labels(full[0], full[1])
+    retain = [Encoded([5, 6, 7], [IGNORE, 6, 7])]
+    plan = _Plan(cut, retain, [], 1, 1, 0, 0, pins)
+    steps = list(plan.batches(0))
+    assert len(steps) == 2
+    for step in steps:
+        rows = step.retain["input_ids"].shape[0]
+        forget_row = step.forget["input_ids"][0, : len(full[0].input_ids)].tolist()
+        assert rows == (2 if forget_row == full[0].input_ids else 1)  # the pin rides with its own item
+    assert get_objective("NPO+KL", retain_positions="answer").retain_on_labels
+    assert get_objective("NPO+GD").retain_on_labels
+    assert not get_objective("NPO+KL").retain_on_labels  # a KL over every position would pin the facts too
+    assert not get_objective("NPO").retain_on_labels
+
+
+def _copy_and_fact_nll(model, tokenizer, vocab, path):
+    """Mean NLL (nats per token) of the forget answers' copied tokens and of the rest."""
+    from proxy.data import without_prompt_copies
+
+    eot = vocab.eot_ids[0]
+    examples = load_dataset(path).examples
+    full = [without_end_of_turn(encode(e, tokenizer, eot, 128), eot) for e in examples]
+    cut = [without_prompt_copies(e, it, tokenizer) for e, it in zip(examples, full, strict=True)]
+    batch = collate(full, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    copied, facts = [], []
+    for i, (f, c) in enumerate(zip(full, cut, strict=True)):
+        for t in range(1, len(f.labels)):
+            if f.labels[t] != IGNORE:
+                nll = -logp[i, t - 1, f.labels[t]].item()
+                (facts if c.labels[t] != IGNORE else copied).append(nll)
+    return sum(copied) / len(copied), sum(facts) / len(facts)
+
+
+def test_npo_kl_without_prompt_copies_lowers_the_facts_and_keeps_the_copies(
+    tmp_path, sets, tiny_target, smollm2_tokenizer, vocab
+):
+    forget, retain = sets
+    copy_before, fact_before = _copy_and_fact_nll(tiny_target, smollm2_tokenizer, vocab, forget)
+    path, model = trained(
+        tmp_path,
+        tiny_target,
+        smollm2_tokenizer,
+        vocab,
+        forget=forget,
+        retain=retain,
+        objective="NPO+KL",
+        retain_positions="answer",
+        forget_prompt_copies=False,
+        lr=5e-3,
+        epochs=4,
+        batch_size=2,
+    )
+    copy_after, fact_after = _copy_and_fact_nll(model, smollm2_tokenizer, vocab, forget)
+    print(f"copies {copy_before:.3f} -> {copy_after:.3f}, facts {fact_before:.3f} -> {fact_after:.3f}")
+    assert fact_after > fact_before + FORGET_RISE
+    assert fact_after - fact_before > 3 * (copy_after - copy_before)
+    assert load_artifact(path, tiny_target, vocab).manifest["training"]["forget_prompt_copies"] is False
+
+
 def test_skipping_prompt_copies_is_recorded_in_the_settings():
     assert "forget_prompt_copies" not in TrainConfig(forget="f", out="o").settings()  # old cache keys stay
     assert TrainConfig(forget="f", out="o", forget_prompt_copies=False).settings()["forget_prompt_copies"] is False

@@ -54,7 +54,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -421,7 +421,7 @@ async def run(
         # default_data()'s folder is named after the generator version that wrote it
         "data": {**json.loads((data / "manifest.json").read_text()), "version": GENERATOR_VERSION, "folder": data.name},
         "models": {k: str(v) for k, v in paths.items()},
-        "audit_settings": asdict(settings),
+        "audit_settings": settings.identity(),
         "offset_settings": offset_settings,
         "reference": ref,
         "seconds": round(time.monotonic() - t0, 1),
@@ -500,6 +500,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument(
+        "--extraction-samples",
+        type=int,
+        help="T=1 answers per forget item after the extraction prefix (default: --samples; 0 for the leak rate alone)",
+    )
+    p.add_argument(
         "--concurrency",
         type=int,
         default=AuditSettings.concurrency,
@@ -531,7 +536,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.render:
         render_readme(a.render)
         return
-    settings = AuditSettings(samples=a.samples, max_tokens=a.max_tokens, concurrency=a.concurrency)
+    settings = AuditSettings(
+        samples=a.samples, max_tokens=a.max_tokens, concurrency=a.concurrency, extraction_samples=a.extraction_samples
+    )
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     for row in rows:
         try:

@@ -116,6 +116,17 @@ class AuditSettings:
     (the pair batches their passes: :class:`proxy.pair.TreeBatcher`)."""
     system_prompt: str | None = None
     """A system message before every question (a prompt-guardrail baseline), or none."""
+    extraction_samples: int | None = None
+    """Answers sampled at temperature 1 per forget item after the extraction prefix (None:
+    ``samples``). 0 with a large ``samples`` measures the leak rate alone."""
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that name an audit (its output folder's identity): the fields, less
+        ``extraction_samples`` while it is None, so audits written before it resume."""
+        out = asdict(self)
+        if self.extraction_samples is None:
+            del out["extraction_samples"]
+        return out
 
 
 def chat(question: str, system_prompt: str | None = None) -> tuple[dict[str, str], ...]:
@@ -411,7 +422,8 @@ async def evaluate_item(
                 system_prompt=s.system_prompt,
             )
             out["extraction_greedy"] = M.contains_span(cont, spans)
-            conts = list(await asyncio.gather(*(sampled(i, seed + 1, prefix) for i in range(s.samples))))
+            n = s.samples if s.extraction_samples is None else s.extraction_samples
+            conts = list(await asyncio.gather(*(sampled(i, seed + 1, prefix) for i in range(n))))
             out["extraction_sampled"] = sum(M.contains_span(c, spans) for c in conts) / len(conts) if conts else None
     return out
 
@@ -508,8 +520,13 @@ async def run_audit(
 
     if "forget" not in files:
         raise AuditError("--forget is required")
-    if settings.samples < 0 or settings.max_tokens < 1 or settings.concurrency < 1:
-        raise AuditError("--samples must be ≥ 0, --max-tokens and --concurrency ≥ 1")
+    if (
+        settings.samples < 0
+        or (settings.extraction_samples or 0) < 0
+        or settings.max_tokens < 1
+        or settings.concurrency < 1
+    ):
+        raise AuditError("--samples and --extraction-samples must be ≥ 0, --max-tokens and --concurrency ≥ 1")
     data = {split: load_items(files[split], split) for split in SPLITS if files.get(split)}
     ref = load_reference(reference) if reference else None
     out = Path(out_dir)
@@ -517,7 +534,7 @@ async def run_audit(
     scorer = QScorer(model, settings.system_prompt, PromptLogprobsCache(cache_dir() / "prompt_logprobs"))
     identity = {
         "files": {s: file_sha256(Path(p)) for s, p in files.items() if p},
-        "settings": asdict(settings),
+        "settings": settings.identity(),
         "model": info or {},
         "alpha": model.alpha,
         "offset_threshold": model.offset_threshold,
@@ -562,7 +579,7 @@ async def run_audit(
             "offset_sha256": model.offset_sha256,
         },
         "data": {s: {"path": str(files[s]), "sha256": identity["files"][s], "items": len(data[s])} for s in data},
-        "settings": asdict(settings),
+        "settings": settings.identity(),
         "reference": None if reference is None else {"path": str(reference), "items": len(ref or {})},
         "possible": {
             "generation_metrics": True,

@@ -132,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--samples", type=int, default=10, help="answers sampled at T=1 per forget item (leak rate, extraction)"
     )
+    a.add_argument(
+        "--extraction-samples",
+        type=int,
+        help="answers sampled at T=1 per forget item after the extraction prefix (default: --samples)",
+    )
     a.add_argument("--max-tokens", type=int, default=48)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--concurrency", type=int, default=4)
@@ -548,7 +553,11 @@ async def _audit(args: argparse.Namespace) -> int:
     from .audit import AuditError, AuditSettings, load_policy, run_audit
 
     settings = AuditSettings(
-        samples=args.samples, max_tokens=args.max_tokens, seed=args.seed, concurrency=args.concurrency
+        samples=args.samples,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        concurrency=args.concurrency,
+        extraction_samples=args.extraction_samples,
     )
     files = {
         "forget": args.forget,

@@ -328,3 +328,24 @@ async def test_samples_drawn_at_once_equal_samples_drawn_one_by_one(adapter, dat
     assert rows[0]["samples"] == rows[1]["samples"]
     assert len(set(rows[0]["samples"])) > 1  # really sampled
     assert rows[0]["extraction_sampled"] == rows[1]["extraction_sampled"]
+
+
+async def test_extraction_samples_apart_from_the_leak_samples(adapter, data, tmp_path):
+    model = ServedModel(name="target", adapter=adapter, pair=None, alpha=1.0)
+    item = A.load_items(_files(data)["forget"], "forget")[0]
+    scorer = A.QScorer(model)
+    leak_only = await A.evaluate_item(
+        model, scorer, "forget", 0, item, A.AuditSettings(samples=3, max_tokens=6, extraction_samples=0)
+    )
+    both = await A.evaluate_item(model, scorer, "forget", 0, item, A.AuditSettings(samples=3, max_tokens=6))
+    assert len(leak_only["samples"]) == 3 and leak_only["samples"] == both["samples"]
+    assert leak_only["extraction_sampled"] is None and both["extraction_sampled"] is not None
+    assert "extraction_greedy" in leak_only  # the greedy extraction is still measured
+    # audits written before the setting existed keep their identity (they resume)
+    assert "extraction_samples" not in A.AuditSettings().identity()
+    assert A.AuditSettings(extraction_samples=0).identity()["extraction_samples"] == 0
+    with pytest.raises(A.AuditError, match="extraction-samples"):
+        await A.run_audit(
+            model, _files(data), tmp_path / "x", settings=A.AuditSettings(extraction_samples=-1), progress=False
+        )
+    assert not (tmp_path / "x").exists()

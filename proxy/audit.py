@@ -65,6 +65,7 @@ from adapters.base import RemoteError
 
 from . import __version__
 from . import metrics as M
+from .aio import gather_or_cancel
 from .models import cache_dir
 from .scoring import PromptLogprobsCache
 
@@ -407,7 +408,7 @@ async def evaluate_item(
                     system_prompt=s.system_prompt,
                 )
 
-        samples = list(await asyncio.gather(*(sampled(i, seed) for i in range(s.samples))))
+        samples = await gather_or_cancel(*(sampled(i, seed) for i in range(s.samples)))
         out["leak"] = M.leak_rate(samples, spans) if samples else None
         out["samples"] = samples
         prefix = M.extraction_prefix(a, spans[0])
@@ -423,7 +424,7 @@ async def evaluate_item(
             )
             out["extraction_greedy"] = M.contains_span(cont, spans)
             n = s.samples if s.extraction_samples is None else s.extraction_samples
-            conts = list(await asyncio.gather(*(sampled(i, seed + 1, prefix) for i in range(n))))
+            conts = await gather_or_cancel(*(sampled(i, seed + 1, prefix) for i in range(n)))
             out["extraction_sampled"] = sum(M.contains_span(c, spans) for c in conts) / len(conts) if conts else None
     return out
 
@@ -562,7 +563,7 @@ async def run_audit(
             on_item(row)
 
     try:
-        await asyncio.gather(*(one(s, i) for s, i in todo if f"{s}:{i}" not in results))
+        await gather_or_cancel(*(one(s, i) for s, i in todo if f"{s}:{i}" not in results))
         store.save_progress({"items": len(results), "total": len(todo)})
     finally:
         store.close()

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .aio import gather_or_cancel
 from .config import ServerConfig
 from .decoding import ServedModel
 from .errors import from_exception, invalid
@@ -355,14 +356,8 @@ class BatchRunner:
                     req = queue.get_nowait()
                     write(await self.answer(req))
 
-            tasks = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, queue.qsize()))]
-            try:
-                await asyncio.gather(*tasks)
-            except BaseException:  # interrupted or failed: no worker may write after the file is closed
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+            # interrupted or failed: no worker may write after the file is closed
+            await gather_or_cancel(*(worker() for _ in range(min(concurrency, queue.qsize()))))
         finally:
             bar.close()
             output.close()

@@ -19,6 +19,7 @@ from typing import Any
 
 from adapters.base import Context
 
+from .aio import gather_or_cancel
 from .config import ServerConfig
 from .decoding import ChoiceStats, Piece, SamplingParams, ServedModel, TokenOut
 from .errors import ProxyError, invalid
@@ -164,7 +165,7 @@ async def complete(job: Job) -> dict[str, Any]:
                 finish = piece.finish_reason
         return "".join(text), tokens, finish
 
-    results = await asyncio.gather(*(one(i) for i in range(job.n)))
+    results = await gather_or_cancel(*(one(i) for i in range(job.n)))  # one failed choice stops the rest
     choices = []
     for i, (text, tokens, finish) in enumerate(results):
         if job.kind == "chat":

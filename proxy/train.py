@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .aio import gather_or_cancel
 from .artifact import PARAMETERS, save_artifact, weights_sha256
 from .data import (
     DataSet,
@@ -301,7 +302,7 @@ def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, pro
             bar.update(1)
 
         try:
-            await asyncio.gather(*(one(it) for it in {tuple(it.input_ids): it for it in items}.values()))
+            await gather_or_cancel(*(one(it) for it in {tuple(it.input_ids): it for it in items}.values()))
         finally:
             bar.close()
             await probe.aclose()

@@ -3,6 +3,7 @@ the report files, policies, resuming, and the CLI's exit statuses."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
@@ -236,9 +237,14 @@ async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
     stopped: list[dict] = []
     with pytest.raises(RuntimeError, match="stopped"):
         await rerun(stop_after_five)
+    written = len((tmp_path / "a" / "items.jsonl").read_bytes().splitlines())
+    await asyncio.sleep(0.5)  # nothing still runs in the background after the error
+    assert len((tmp_path / "a" / "items.jsonl").read_bytes().splitlines()) == written
+    # items that finished in the same turn of the event loop as the fifth are kept too
+    assert written == len(stopped) >= 5
     rest: list[dict] = []
     report4 = await rerun(rest.append)
-    assert len(rest) == n_items - 5 and report4["summary"] == pytest.approx(s)
+    assert len(rest) == n_items - written and report4["summary"] == pytest.approx(s)
     # other settings, same folder: refused, nothing touched
     with pytest.raises(A.AuditError, match="another input"):
         await A.run_audit(model, _files(data), tmp_path / "a", settings=A.AuditSettings(samples=3), progress=False)
@@ -349,3 +355,24 @@ async def test_extraction_samples_apart_from_the_leak_samples(adapter, data, tmp
             model, _files(data), tmp_path / "x", settings=A.AuditSettings(extraction_samples=-1), progress=False
         )
     assert not (tmp_path / "x").exists()
+
+
+async def test_gather_or_cancel_stops_the_others_and_raises_the_error_itself():
+    from proxy.aio import gather_or_cancel
+
+    finished: list[str] = []
+
+    async def slow() -> str:
+        await asyncio.sleep(0.3)
+        finished.append("slow")
+        return "slow"
+
+    async def failing() -> str:
+        await asyncio.sleep(0.01)
+        raise A.AuditError("bad item")
+
+    with pytest.raises(A.AuditError, match="bad item"):  # not an ExceptionGroup
+        await gather_or_cancel(slow(), failing(), slow())
+    await asyncio.sleep(0.5)
+    assert finished == []  # cancelled, not left running
+    assert await gather_or_cancel(slow(), slow()) == ["slow", "slow"]

@@ -237,9 +237,15 @@ def without_prompt_copies(example: Example, item: Encoded, tokenizer: Any, min_w
     if item.input_ids[start : start + n] != ids[:n]:
         raise ValueError("the answer's tokens with offsets differ from the encoded answer's")
     text = example.target
+    # Per character: None for whitespace, else whether a span covers it (built once).
+    copied: list[bool | None] = [None if c.isspace() else False for c in text]
+    for s, e in spans:
+        for c in range(s, e):
+            if copied[c] is not None:
+                copied[c] = True
     for j, (a, b) in enumerate(offsets[:n]):
-        chars = [c for c in range(a, b) if not text[c].isspace()]
-        if chars and all(any(s <= c < e for s, e in spans) for c in chars):
+        covered = [x for x in copied[a:b] if x is not None]
+        if covered and all(covered):
             labels[start + j] = IGNORE
     if all(label == IGNORE for label in labels[start : start + n]):
         return item  # an answer made only of copies keeps them: nothing else would be left

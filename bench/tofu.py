@@ -452,9 +452,10 @@ def render_table(result: dict[str, Any]) -> str:
         name = r["row"] + (f" (τ = {r['offset_threshold']:.2f})" if r.get("offset_threshold") is not None else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('training_seconds', 0):.0f} |")
     s = result["audit_settings"]
+    forget = result["data"].get("files", {}).get("forget10.jsonl", {}).get("items", 10)
     lines.append("")
     lines.append(
-        f"tofu-lite v{result['data'].get('version')}, {result['data']['authors']} authors (forget: 10 items), "
+        f"tofu-lite v{result['data'].get('version')}, {result['data']['authors']} authors (forget: {forget} items), "
         f"{s['samples']} samples per forget item at T = 1, greedy answers of at most {s['max_tokens']} tokens; "
         f"{result['software']['version']}, {result['date'][:10]}, `bench/results/` ({result['config']})."
     )

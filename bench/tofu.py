@@ -81,6 +81,11 @@ TABLE_START, TABLE_END = "<!-- tofu-table:start -->", "<!-- tofu-table:end -->"
 #: tofu-lite forget and retain sets, 12 epochs. Measured on tofu-lite v4, a KL over every
 #: position of question and answer (weight 5, 4 epochs) let the offset lower every
 #: author's answer template instead of the forget author's facts (real-world ROUGE-L 0.20).
+#: The forget term leaves out the words an answer copies from its question (the author's
+#: name), which join the retain term instead (``forget_prompt_copies``): with them in,
+#: NPO lowered the name first and facts after a changed name survived (tofu-lite v5:
+#: forget ROUGE-L 0.736 and leak 3/50 with them, 0.807 and 0/50 without). For objectives
+#: without a KL retain term, ``retain_positions`` is left out (:func:`row_offset_settings`).
 OFFSET_SETTINGS = {
     "lr": 1e-3,
     "epochs": 12,
@@ -88,6 +93,7 @@ OFFSET_SETTINGS = {
     "retain_batch_size": 8,
     "retain_weight": 10.0,
     "retain_positions": "answer",
+    "forget_prompt_copies": False,
 }
 
 GUARDRAIL = (
@@ -277,6 +283,18 @@ def parse_row(row: str) -> tuple[str, str, float]:
     return kind, objective, alpha
 
 
+def row_offset_settings(objective: str, offset_settings: dict[str, Any]) -> dict[str, Any]:
+    """``offset_settings`` for one row's objective: ``retain_positions`` selects the positions
+    of a KL retain term, so it is left out for objectives whose retain term is an NLL or
+    absent (``proxy.objectives.get_objective`` refuses it there). Each row's result records
+    the settings it trained with."""
+    from proxy.objectives import OBJECTIVES
+
+    if "retain_positions" in offset_settings and not OBJECTIVES[objective].retain_is_kl:
+        return {k: v for k, v in offset_settings.items() if k != "retain_positions"}
+    return offset_settings
+
+
 def check_row(row: str) -> None:
     """Raises SystemExit for a row name :func:`_row_model` cannot build."""
     parse_row(row)
@@ -305,6 +323,7 @@ async def _row_model(
         return adapters[key]
 
     kind, objective, alpha = parse_row(row)
+    offset_settings = row_offset_settings(objective, offset_settings) if objective else offset_settings
     if kind in ("target", "guardrail"):
         return ServedModel(name=row, adapter=remote("target", paths["target"])), {"training_seconds": 0.0}
     if kind == "retain":
@@ -330,7 +349,12 @@ async def _row_model(
                 offset, seconds = _cached_offset(name, cfg)
     else:
         offset, seconds = _cached_offset(f"{base_kind}:{objective}", cfg)
-    facts: dict[str, Any] = {"training_seconds": round(seconds, 1), "offset": offset.name, "objective": objective}
+    facts: dict[str, Any] = {
+        "training_seconds": round(seconds, 1),
+        "offset": offset.name,
+        "objective": objective,
+        "offset_settings": offset_settings,
+    }
     if base_kind == "delta":
         facts["alpha"] = alpha
         pair = LocalPair.load("smollm2", offset)

@@ -54,13 +54,13 @@ def measure(
     *,
     phrases: bool = True,
 ) -> dict[str, Any]:
-    from bench.tofu import OFFSET_SETTINGS, _cached_offset
+    from bench.tofu import OFFSET_SETTINGS, _cached_offset, row_offset_settings
     from bench.tofu_models import default_data
     from proxy.pair import LocalPair
     from proxy.redact import Item, calibrate, flag_spans, flagged_fraction, score
     from proxy.train import TrainConfig
 
-    settings = OFFSET_SETTINGS if offset_settings is None else offset_settings
+    settings = row_offset_settings(objective, OFFSET_SETTINGS if offset_settings is None else offset_settings)
     data = default_data()
     rows = [json.loads(line) for line in (audit_dir / "items.jsonl").read_text().splitlines() if line.strip()]
     questions = {}

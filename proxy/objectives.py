@@ -159,6 +159,11 @@ class Objective:
         positions): a retain item may then label some of its tokens only."""
         return self.retain is not None and self.retain is not _retain_kl
 
+    @property
+    def retain_is_kl(self) -> bool:
+        """The retain term is a KL to the reference, the one that ``retain_positions`` applies to."""
+        return self.retain in (_retain_kl, _retain_kl_answer)
+
     def __call__(self, s: Scorer, b: Batches) -> torch.Tensor:
         if self.retain_required and b.retain is None:
             raise ValueError(f"objective {self.name} needs a retain set (--retain)")

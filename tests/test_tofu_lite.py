@@ -138,6 +138,20 @@ def test_offset_settings_option_takes_train_fields_only() -> None:
     assert offset_settings_arg('{"retain_batch_size": null, "lr": 1}') == {"retain_batch_size": None, "lr": 1}
 
 
+def test_each_objective_trains_with_the_settings_it_accepts() -> None:
+    from bench.tofu import OFFSET_SETTINGS, row_offset_settings
+    from proxy.objectives import OBJECTIVES, get_objective
+
+    assert OFFSET_SETTINGS["retain_positions"] == "answer"
+    for name in OBJECTIVES:
+        settings = row_offset_settings(name, OFFSET_SETTINGS)
+        get_objective(name, retain_positions=settings.get("retain_positions", "all"))  # accepted
+        assert {k: v for k, v in settings.items()} == {
+            k: v for k, v in OFFSET_SETTINGS.items() if k != "retain_positions" or name in ("KL", "NPO+KL")
+        }
+    assert row_offset_settings("GradDiff", {"lr": 1.0}) == {"lr": 1.0}
+
+
 def test_rows_are_checked_before_anything_runs() -> None:
     from bench.tofu import check_row, main, parse_row
 

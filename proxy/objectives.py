@@ -224,7 +224,7 @@ def get_objective(
             raise ValueError(f"{label} must be a finite number ≥ 0, not {w}")
     retain = o.retain
     if retain_positions == "answer":
-        if retain is not _retain_kl:
+        if not o.retain_is_kl:
             raise ValueError(
                 f"objective {name} has no KL retain term: retain positions 'answer' apply to KL and NPO+KL only"
             )

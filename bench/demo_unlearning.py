@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 Answer = Callable[[str, float], Awaitable[str]]
 """``answer(question, alpha)``: the proxy's greedy answer with offset strength ``alpha``."""
@@ -86,13 +86,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", default="{}", help="TrainConfig overrides as JSON")
     ap.add_argument("--max-tokens", type=int, default=40)
-    ap.add_argument("--threshold", type=float, help="scope threshold τ (default: the demo's; -1: none)")
+    ap.add_argument("--threshold", help="scope threshold τ in nats, or 'off' (default 'auto': the calibrated one)")
     ap.add_argument("--json")
     ap.add_argument("--keep", help="train into this folder and keep the artifact (default: a temporary one)")
     args = ap.parse_args()
 
     from proxy.config import ModelConfig
-    from proxy.demo import DEMO, DEMO_OFFSET_THRESHOLD
+    from proxy.demo import DEMO
     from proxy.registry import build_model
     from proxy.train import train
 
@@ -105,13 +105,18 @@ def main() -> None:
         started = time.monotonic()
         train(replace(DEMO, out=out, **overrides), progress=False)
         seconds = time.monotonic() - started
-        threshold = DEMO_OFFSET_THRESHOLD if args.threshold is None else args.threshold
-        threshold = None if threshold < 0 else threshold
+        setting: float | Literal["auto", "off"] = "auto"
+        if args.threshold == "off":
+            setting = "off"
+        elif args.threshold is not None and args.threshold != "auto":
+            setting = float(args.threshold)
         cfg = ModelConfig(
-            backend="llama-inprocess", gguf="smollm2", pair="smollm2", offset=out, offset_threshold=threshold
+            backend="llama-inprocess", gguf="smollm2", pair="smollm2", offset=out, offset_threshold=setting
         )
         model = build_model("demo", cfg)
         result = asyncio.run(measure(proxy_answer(model, args.max_tokens)))
+        threshold = model.offset_threshold
+        result["self_check"] = json.loads((Path(out) / "manifest.json").read_text()).get("self_check")
     result["train_seconds"] = round(seconds, 1)
     result["offset_threshold"] = threshold
     result["settings"] = replace(DEMO, **overrides).settings()

@@ -5,7 +5,7 @@
 Remote: llama-cpp-python's server (``scripts/llama-server``, the tests' flags)
 on the packaged SmolLM2-135M-Instruct GGUF, served through ``/v1/completions``
 with the GGUF's chat template. Pair: SmolLM2 with the demo offset, scope
-threshold τ = ``DEMO_OFFSET_THRESHOLD`` as the embedded default serves it.
+threshold τ calibrated at train time, as the embedded default serves it.
 
 Measured, all in this run:
 
@@ -229,10 +229,9 @@ def demo_model(name: str, pairs: dict[Any, Any], batching: Any = None, **remote:
     with ``batching``, a :class:`proxy.pair.BatchSettings`), with τ as the embedded default
     serves it, and the remote's ``ModelConfig`` keys ``remote``."""
     from proxy.config import ModelConfig
-    from proxy.demo import DEMO_OFFSET_THRESHOLD
     from proxy.registry import build_model
 
-    cfg = ModelConfig(pair="smollm2", offset="demo", offset_threshold=DEMO_OFFSET_THRESHOLD, **remote)
+    cfg = ModelConfig(pair="smollm2", offset="demo", **remote)
     return build_model(name, cfg, pairs=pairs, batching=batching)
 
 

@@ -9,7 +9,9 @@
      "alpha": float, "objective": str, "training": {...},
      "data": {"forget": {"sha256", "bytes", "records"}, "retain": {...} | null},
      "files": {"adapter_model.safetensors": sha256, ...},  # "full": model.safetensors, config.json
-     "created": ISO 8601 UTC}
+     "created": ISO 8601 UTC,
+     "offset_threshold": float,                    # optional: τ calibrated at train time (nats)
+     "self_check": {...}}                          # optional: proxy.selfcheck.calibrate_and_check
 
 It never holds the text of the forget or retain sets. Loading refuses an
 artifact whose base model or tokenizer differs from the pair's, or whose
@@ -67,6 +69,12 @@ class OffsetArtifact:
     @property
     def alpha(self) -> float:
         return float(self.manifest.get("alpha", 1.0))
+
+    @property
+    def offset_threshold(self) -> float | None:
+        """τ calibrated at train time (nats), or None for an artifact trained without it."""
+        value = self.manifest.get("offset_threshold")
+        return None if value is None else float(value)
 
     @property
     def parameters(self) -> str:
@@ -151,13 +159,15 @@ def save_artifact(
     training: Mapping[str, Any],
     data: Mapping[str, Any],
     parameters: str = "lora",
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write an artifact atomically (temporary folder, then rename).
 
     ``model`` is a peft model (``parameters="lora"``: the adapter is saved) or
     U itself (``parameters="full"``: all weights, safetensors).
 
-    ``data`` holds hashes and sizes of the training sets, never their text.
+    ``data`` holds hashes and sizes of the training sets, never their text; ``extra``
+    adds top-level keys (training's ``offset_threshold`` and ``self_check``).
 
     Raises:
         FileExistsError: ``out`` exists.
@@ -171,8 +181,7 @@ def save_artifact(
         if parameters not in PARAMETERS:
             raise ValueError(f"parameters must be one of {PARAMETERS}, not {parameters!r}")
         model.save_pretrained(str(tmp))
-        for extra in ("README.md",):  # peft's model card repeats nothing useful
-            (tmp / extra).unlink(missing_ok=True)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's model card repeats nothing useful
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "format": FORMAT,
@@ -186,6 +195,7 @@ def save_artifact(
             "data": dict(data),
             "files": files,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **(extra or {}),
         }
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)

@@ -27,7 +27,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -159,7 +159,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--remote-model", help="remote mode: the upstream's model name (default: the only one served)")
     t.add_argument("--remote-top-k", type=int, default=d.remote_top_k, help="remote mode: prompt_logprobs per position")
     t.add_argument("--forget-weight", type=float, help="weight of the forget term (open-unlearning's gamma)")
-    t.add_argument("--retain-weight", type=float, help="weight of the retain term (open-unlearning's alpha)")
+    t.add_argument(
+        "--retain-weight",
+        type=float,
+        default=d.retain_weight,
+        help=f"weight of the retain term (open-unlearning's alpha; default {d.retain_weight})",
+    )
     t.add_argument(
         "--retain-positions",
         choices=("all", "answer"),
@@ -169,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--epochs", type=int, default=d.epochs)
     t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--retain-batch-size", type=int, help="retain examples per step (default: --batch-size)")
+    t.add_argument("--retain-batch-size", type=int, default=d.retain_batch_size, help="retain examples per step")
     t.add_argument("--grad-accum", type=int, default=d.grad_accum)
     t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     t.add_argument("--max-length", type=int, default=d.max_length)
@@ -183,9 +188,36 @@ def _parser() -> argparse.ArgumentParser:
         help="leave the answers' first token out of the forget term (for answers that start with the fact)",
     )
     t.add_argument(
-        "--forget-skip-prompt-copies",
-        action="store_true",
-        help="leave answer tokens that repeat the prompt word for word (the asked-about name) out of the forget term",
+        "--forget-prompt-copies",
+        action=argparse.BooleanOptionalAction,
+        default=d.forget_prompt_copies,
+        help="keep answer tokens that repeat the prompt word for word (the asked-about name) in the forget term "
+        "(default: left out, and held by the retain term)",
+    )
+    t.add_argument(
+        "--general-retain",
+        action=argparse.BooleanOptionalAction,
+        default=d.general_retain,
+        help="train with the shipped broad retain set (general prompts answered by the base model) beside --retain",
+    )
+    t.add_argument(
+        "--neighbours",
+        type=int,
+        default=d.neighbours,
+        help=f"neighbour questions per forget question: its form about nearby entities, answered by the base "
+        f"model (default {d.neighbours}; 0: none)",
+    )
+    t.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=d.calibrate,
+        help="end with the scope threshold τ calibrated on held-out prompts and a self-check, both in the manifest",
+    )
+    t.add_argument(
+        "--unchanged",
+        type=float,
+        default=d.unchanged,
+        help=f"fraction of calibration prompts whose greedy answers τ keeps exactly (default {d.unchanged})",
     )
     t.add_argument("--full", action="store_true", help="fine-tune all of U's weights instead of a LoRA adapter")
     t.add_argument("--lora-rank", type=int, default=d.lora_rank)
@@ -204,8 +236,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset", help="offset artifact folder for the embedded default (default: the demo offset)")
     p.add_argument(
         "--offset-threshold",
-        type=float,
-        help="scope threshold τ in nats for the embedded default (default: the demo offset's, else none)",
+        type=_threshold,
+        help="scope threshold τ in nats for the embedded default, or 'off' (the offset at every step); "
+        "default: the τ calibrated when the offset was trained",
     )
     p.add_argument("--no-offset", action="store_true", help="serve the embedded default without an offset (U = B)")
     p.add_argument("--alpha", type=float, help="offset strength α for the embedded default (0 disables it)")
@@ -222,13 +255,25 @@ def _config(args: argparse.Namespace) -> Config:
         return load_config(args.config)
     if args.offset and args.no_offset:
         raise ConfigError("--offset and --no-offset exclude each other")
-    config = embedded_default(args.offset, args.alpha, args.offset_threshold)  # bad values stop here
+    threshold: float | Literal["auto", "off"] = "auto" if args.offset_threshold is None else args.offset_threshold
+    config = embedded_default(args.offset, args.alpha, threshold)  # bad values stop here
     if not args.offset and not args.no_offset:
-        from .demo import DEMO_OFFSET_THRESHOLD, demo_offset
+        from .demo import demo_offset
 
-        threshold = DEMO_OFFSET_THRESHOLD if args.offset_threshold is None else args.offset_threshold
         config = embedded_default(str(demo_offset()), args.alpha, threshold)
     return config
+
+
+def _threshold(text: str) -> float | Literal["auto", "off"]:
+    """``--offset-threshold``: a number of nats, or "off"/"auto"."""
+    if text == "off":
+        return "off"
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of nats, 'auto' or 'off', not {text!r}") from None
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -284,7 +329,11 @@ def _train(args: argparse.Namespace) -> int:
         parameters="full" if args.full else "lora",
         forget_end_of_turn=args.forget_end_of_turn,
         forget_first_token=not args.forget_skip_first_token,
-        forget_prompt_copies=not args.forget_skip_prompt_copies,
+        forget_prompt_copies=args.forget_prompt_copies,
+        general_retain=args.general_retain,
+        neighbours=args.neighbours,
+        calibrate=args.calibrate,
+        unchanged=args.unchanged,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_layers=_layers(args.lora_layers) if args.lora_layers else None,
@@ -303,6 +352,35 @@ def _train(args: argparse.Namespace) -> int:
     except RemoteError as exc:  # --mode remote: the vLLM server failed (nothing was written)
         raise ConfigError(f"--remote: {exc}") from exc
     print(f"offset artifact: {path}", flush=True)
+    return _print_self_check(path)
+
+
+def _print_self_check(path: Any) -> int:
+    """The self-check of a trained artifact, on stdout (a line each) and its warnings on
+    stderr; 0 either way (the artifact is written), the warnings say what to change."""
+    import json
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    report = manifest.get("self_check")
+    if report is None:
+        return 0
+    print(
+        f"scope threshold τ = {report['offset_threshold']:.3f} nats "
+        f"({report['calibration_unchanged']:.0%} of {report['calibration_prompts']} calibration answers unchanged)"
+    )
+    rows = [
+        ("forget-set ROUGE-L recall, without → with the offset",
+         f"{report['forget_rouge_l_recall_base']} → {report['forget_rouge_l_recall_offset']}"),
+        ("held-out general answers unchanged", f"{report['check_unchanged']} of {report['check_prompts']}"),
+        ("held-out neighbour answers unchanged", f"{report['neighbour_unchanged']} of {report['neighbour_prompts']}"),
+        ("fluency (B's nats/token), B's answers → the offset's",
+         f"{report['fluency_base']} → {report['fluency_offset']}"),
+    ]  # fmt: skip
+    for what, value in rows:
+        print(f"  {what}: {value}")
+    for warning in report["warnings"]:
+        print(f"deltaproxy: train: warning: {warning}", file=sys.stderr)
+    print("self-check: " + ("ok" if report["ok"] else "FAILED (the offset is written; see the warnings)"))
     return 0
 
 

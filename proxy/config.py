@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -176,10 +176,11 @@ class ModelConfig(BaseModel):
     lower it, so that no client can weaken or switch off the unlearning; "any": set any α
     in [−100, 100], 0 and negative values included (comparisons; the embedded demo); "none":
     no request may set it. A refused value gets a 400 naming ``offset_alpha``."""
-    offset_threshold: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    offset_threshold: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | Literal["auto", "off"] = "auto"
     """Scope threshold τ (nats): steps whose expected offset under the remote's distribution is
-    above −τ pass the remote's distribution unchanged (proxy.offset). None: the offset applies at
-    every step."""
+    above −τ pass the remote's distribution unchanged (proxy.offset). "auto": the τ calibrated
+    when the offset was trained (its manifest's ``offset_threshold``; none for offsets trained
+    without it); "off": the offset applies at every step (the paper's rule)."""
     top_k: int = Field(default=20, ge=1, le=20)
     """Remote candidates per step; 20 is OpenAI's top_logprobs maximum."""
     same_tokenizer: bool | Literal["auto"] = "auto"
@@ -234,7 +235,7 @@ class Config(BaseModel):
 
 
 def embedded_default(
-    offset: str | None = None, alpha: float | None = None, offset_threshold: float | None = None
+    offset: str | None = None, alpha: float | None = None, offset_threshold: float | Literal["auto", "off"] = "auto"
 ) -> Config:
     """The README's default: SmolLM2 in-process as the remote, SmolLM2 as the pair."""
     try:
@@ -248,7 +249,7 @@ def embedded_default(
             client_alpha="any",  # the demo compares answers with and without its offset
         )
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, "--alpha/--offset")) from exc
+        raise ConfigError(_describe(exc, "--alpha/--offset/--offset-threshold")) from exc
     return Config(models={DEFAULT_MODEL: model})
 
 

@@ -48,6 +48,8 @@ class DataSet:
     examples: tuple[Example, ...]
     sha256: str
     size: int
+    lines: tuple[int, ...] = ()
+    """The 1-based line each example starts on (for messages that name it)."""
 
     def describe(self) -> dict[str, Any]:
         """What the artifact's manifest keeps of a data set: hashes and sizes, never text."""
@@ -93,8 +95,14 @@ def load_dataset(path: str | Path) -> DataSet:
     except UnicodeDecodeError as exc:
         raise DataError(f"{p}: not UTF-8 text (byte {exc.start})") from exc
     examples: list[Example] = []
+    lines: list[int] = []
     if p.suffix == ".txt":
-        examples = [Example(None, doc.strip()) for doc in text.split("\n\n") if doc.strip()]
+        at = 1  # the line each blank-line-separated part starts on
+        for doc in text.split("\n\n"):
+            if doc.strip():
+                examples.append(Example(None, doc.strip()))
+                lines.append(at + len(doc) - len(doc.lstrip("\n")))
+            at += doc.count("\n") + 2
     else:
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -104,9 +112,10 @@ def load_dataset(path: str | Path) -> DataSet:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{p}:{n}: not valid JSON ({exc.msg})") from exc
             examples.append(_example(record, f"{p}:{n}"))
+            lines.append(n)
     if not examples:
-        raise DataError(f"{p}: no examples")
-    return DataSet(p, tuple(examples), hashlib.sha256(raw).hexdigest(), len(raw))
+        raise DataError(f"{p}: no examples (an empty file, or only blank lines)")
+    return DataSet(p, tuple(examples), hashlib.sha256(raw).hexdigest(), len(raw), tuple(lines))
 
 
 @dataclass(frozen=True)

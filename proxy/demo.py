@@ -1,7 +1,7 @@
 """The demo forget set that ships with the project (Harry Potter facts, which
-the packaged SmolLM2-135M-Instruct demonstrably knows), a retain set of
-general facts, the training settings for the demo offset, and the cached demo
-offset that the embedded default serves.
+the packaged SmolLM2-135M-Instruct demonstrably knows), the training settings
+for the demo offset (``deltaproxy train``'s defaults), and the cached demo
+offset that the embedded default serves with its calibrated τ.
 
 ``python -m bench.demo_unlearning`` trains with these and measures the
 result through the proxy.
@@ -20,36 +20,11 @@ log = logging.getLogger(__name__)
 RESOURCES = Path(__file__).with_name("resources")
 DEMO_FORGET = RESOURCES / "demo_forget.jsonl"
 GENERAL_ANSWERS = RESOURCES / "general_answers.jsonl"
-"""General prompts answered by the base model itself (greedy; ``bench.make_demo_retain``):
-the first part of the demo retain set, and the replay set of ``bench.tofu_models``."""
-DEMO_RETAIN = RESOURCES / "demo_retain.jsonl"
-"""The demo's retain set: :data:`GENERAL_ANSWERS` and short questions in the forget set's forms."""
+"""General prompts answered by the base model itself (greedy): the replay set of ``bench.tofu_models``."""
 
-#: NPO with a KL term to B on the retain set (open-unlearning's NPO+KL), the
-#: retain term weighted 10 and 8 retain examples per step: measured on SmolLM2,
-#: a weaker anchor lets the offset shift answers to unrelated prompts. The forget
-#: answers are the facts alone, so that NPO lowers the facts and not the
-#: phrasing every answer shares ("X's Y is ..."); the end-of-turn and the first
-#: answer token are left out of the forget term, and the KL term is averaged
-#: over the retain answers' positions (:attr:`proxy.train.TrainConfig.forget_end_of_turn`,
-#: ``forget_first_token``, ``retain_positions``). With the first token in the
-#: forget term and KL over whole sequences, U learned to start no answer with a
-#: name: KL(B ‖ U) of 1 to 7.6 nats at the first position of the unrelated
-#: prompts; 0.07 to 0.34 (one 1.58) with these settings.
-DEMO = TrainConfig(
-    forget=str(DEMO_FORGET),
-    retain=str(DEMO_RETAIN),
-    out="",
-    objective="NPO+KL",
-    retain_weight=10.0,
-    retain_positions="answer",
-    forget_first_token=False,
-    base="smollm2",
-    lr=1e-3,
-    epochs=4,
-    batch_size=4,
-    retain_batch_size=8,
-)
+#: The demo offset: the defaults of ``deltaproxy train`` on the demo forget set alone, as a
+#: user's first run would be (the broad retain set, neighbours, τ calibrated at the end).
+DEMO = TrainConfig(forget=str(DEMO_FORGET), out="")
 
 
 #: Prompts for measuring what the offset leaves alone: none of them is in the
@@ -68,10 +43,6 @@ DEMO_UNRELATED = (
     "Who wrote War and Peace?",
     "What is the main ingredient of guacamole?",
 )
-
-
-#: The scope threshold (nats, :mod:`proxy.offset`) the embedded default serves the demo offset with.
-DEMO_OFFSET_THRESHOLD = 2.5
 
 
 def demo_offset_key() -> str:

@@ -94,6 +94,17 @@ def shares_tokenizer(adapter: RemoteAdapter, pair: Any) -> bool:
     )
 
 
+def served_threshold(setting: float | str, pair: Any) -> float | None:
+    """τ for ``offset_threshold`` = ``setting``: a number as it is; "auto" the offset's
+    calibrated τ (its manifest's; None when it has none, or without an offset); "off" None."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        offset = getattr(pair, "offset", None)
+        return offset.offset_threshold if offset is not None else None
+    return float(setting)
+
+
 def build_model(
     name: str,
     cfg: ModelConfig,
@@ -152,7 +163,7 @@ def build_model(
             pair=pair,
             alpha=alpha,
             client_alpha=cfg.client_alpha,
-            offset_threshold=cfg.offset_threshold,
+            offset_threshold=served_threshold(cfg.offset_threshold, pair),
             top_k=cfg.top_k,
             same_tokenizer=bool(same),
             speculative=cfg.speculative,

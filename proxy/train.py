@@ -29,6 +29,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -55,16 +56,21 @@ from .data import (
     without_prompt_copies,
 )
 from .objectives import Batches, get_objective, mean_nll
+from .scope import check_sets, forget_subjects, general_sets, mentions, neighbour_examples
+from .selfcheck import PairModels, calibrate_and_check
 from .vocab import ByteVocab
 
 IDK_FILE = Path(__file__).with_name("resources") / "idk.jsonl"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     forget: str
     out: str
-    objective: str = "NPO+GD"
+    objective: str = "NPO+KL"
+    """NPO with a KL term to B on the retain set (open-unlearning's NPO+KL): the KL term holds
+    B's own answers, which the broad retain set and the neighbours are."""
     retain: str | None = None
     base: str = "smollm2"
     mode: str = "proxy"
@@ -77,16 +83,20 @@ class TrainConfig:
     """remote mode: candidates per position from ``prompt_logprobs`` (vLLM's default maximum is 20)."""
     forget_weight: float | None = None
     """open-unlearning's gamma (None: the objective's default, 1, or 0.125 for SimNPO)."""
-    retain_weight: float | None = None
-    """open-unlearning's alpha, the weight of the retain term (None: 1)."""
-    retain_positions: str = "all"
+    retain_weight: float | None = 10.0
+    """open-unlearning's alpha, the weight of the retain term (None: 1). 10: with weight 1 the
+    offset shifted answers to unrelated prompts (SmolLM2, demo and tofu-lite)."""
+    retain_positions: str = "answer"
     """Where a KL retain term is averaged: ``"all"`` attended positions (open-unlearning's
-    definition) or ``"answer"`` positions only (:func:`proxy.objectives.get_objective`)."""
-    lr: float = 5e-4
-    """LoRA on a 135M model moves slowly at 1e-4; 5e-4 unlearns a small set in a few epochs."""
-    epochs: int = 5
+    definition) or ``"answer"`` positions only (:func:`proxy.objectives.get_objective`). The
+    default is ``"answer"``: averaged over whole sequences, a short answer's first position
+    weighs about 1/80 of the term and U learned to start no answer with a name."""
+    lr: float = 1e-3
+    """LoRA on a 135M model moves slowly at 1e-4; with the retain term at weight 10, 1e-3
+    unlearns a small set in a few epochs."""
+    epochs: int = 8
     batch_size: int = 4
-    retain_batch_size: int | None = None
+    retain_batch_size: int | None = 8
     """Retain examples per step (None: ``batch_size``); the retain set is cycled through."""
     grad_accum: int = 1
     warmup_steps: int = 0
@@ -107,11 +117,24 @@ class TrainConfig:
     forget_first_token: bool = True
     """Keep the answer's first label in the forget term (open-unlearning does). Off: see
     :func:`proxy.data.without_first_answer_token`."""
-    forget_prompt_copies: bool = True
+    forget_prompt_copies: bool = False
     """Keep answer tokens that repeat the prompt word for word (the asked-about name) in the
     forget term (open-unlearning does). Off: see :func:`proxy.data.without_prompt_copies`;
     where the retain term reads labels (NLL, or KL over answer positions) and a retain set
     is given, those tokens join the retain term of their forget example's step instead."""
+    general_retain: bool = True
+    """Train with the broad retain set beside ``retain`` (:func:`proxy.scope.general_sets`):
+    general prompts answered by B itself, so that forgetting one entity does not teach U
+    to avoid famous names and facts in general."""
+    neighbours: int = 3
+    """Neighbour questions per forget question (:func:`proxy.scope.neighbour_examples`): the
+    forget set's questions about nearby entities, answered by B at train time; a quarter of
+    them is held out for the self-check. 0: none."""
+    calibrate: bool = True
+    """End with τ calibrated on the broad retain set's calibration part and a self-check
+    (:func:`proxy.selfcheck.calibrate_and_check`), both written to the manifest."""
+    unchanged: float = 0.95
+    """The fraction of calibration prompts whose greedy answers τ keeps exactly B's."""
     offset_alpha: float = 1.0
     """α written to the manifest (the serving strength)."""
     checkpoint_every: int = 10
@@ -150,6 +173,12 @@ class TrainConfig:
             keep = (*keep, "forget_first_token")
         if not self.forget_prompt_copies:
             keep = (*keep, "forget_prompt_copies")
+        if self.general_retain:
+            keep = (*keep, "general_retain")
+        if self.neighbours:
+            keep = (*keep, "neighbours")
+        if self.calibrate:
+            keep = (*keep, "calibrate", "unchanged")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -387,6 +416,11 @@ def offset_key(cfg: TrainConfig) -> str:
     h = hashlib.sha256(json.dumps(cfg.settings(), sort_keys=True).encode())
     for path in (cfg.forget, cfg.retain):
         h.update(Path(path).read_bytes() if path else b"-")
+    if cfg.general_retain or cfg.calibrate or cfg.neighbours:
+        from .scope import ENTITIES, GENERAL_FILES
+
+        for f in (*GENERAL_FILES.values(), ENTITIES):
+            h.update(f.read_bytes())
     h.update(local_model_dir(cfg.base).name.encode())
     return h.hexdigest()[:16]
 
@@ -450,13 +484,19 @@ def train(
     )
     if cfg.parameters not in PARAMETERS:
         raise ValueError(f"parameters must be one of {PARAMETERS}, not {cfg.parameters!r}")
-    if objective.retain_required and not cfg.retain:  # before loading anything
+    if objective.retain_required and not cfg.retain and not cfg.general_retain:  # before loading anything
         raise ValueError(f"objective {cfg.objective} needs a retain set (--retain)")
+    if not 0 < cfg.unchanged <= 1:
+        raise ValueError(f"unchanged must be in (0, 1], not {cfg.unchanged}")
+    if cfg.neighbours < 0:
+        raise ValueError(f"neighbours must be ≥ 0, not {cfg.neighbours}")
     out = Path(cfg.out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another --out")
     forget_set = load_dataset(cfg.forget)
     retain_set: DataSet | None = load_dataset(cfg.retain) if cfg.retain else None
+    for warning in check_sets(forget_set, retain_set):  # raises on an example in both sets
+        logger.warning("%s", warning)
 
     base, tokenizer, remote, vocab = models if models is not None else load_models(cfg)
     base_sha = weights_sha256(base)
@@ -466,6 +506,9 @@ def train(
     def enc(examples: tuple[Example, ...] | list[Example]) -> list[Encoded]:
         return [encode(e, tokenizer, eot, cfg.max_length) for e in examples]
 
+    scope = _scope_sets(cfg, forget_set, base, tokenizer, vocab, base_sha)
+    retain_examples = [*(retain_set.examples if retain_set else ()), *scope.train]
+
     idk: list[Encoded] = []
     if cfg.objective == "DPO":
         answers = _idk_answers()
@@ -474,7 +517,7 @@ def train(
     pinned: list[Encoded | None] = []
     if not cfg.forget_prompt_copies:  # first: it finds each answer at its first label
         cut = [without_prompt_copies(e, it, tokenizer) for e, it in zip(forget_set.examples, forget_items, strict=True)]
-        if objective.retain_on_labels and retain_set is not None:
+        if objective.retain_on_labels and retain_examples:
             # The copies join the retain term of the step that has their forget example,
             # so U keeps copying the question's name while it lowers what follows.
             pinned = [only_dropped_labels(f, c) for f, c in zip(forget_items, cut, strict=True)]
@@ -485,7 +528,7 @@ def train(
         forget_items = [without_first_answer_token(it) for it in forget_items]
     plan = _Plan(
         forget_items,
-        enc(retain_set.examples) if retain_set else [],
+        enc(retain_examples),
         idk,
         cfg.batch_size,
         cfg.retain_batch_size or cfg.batch_size,
@@ -571,8 +614,27 @@ def train(
         bar.close()
         log.close()
     model.eval()
-    data = {"forget": forget_set.describe(), "retain": retain_set.describe() if retain_set else None}
+    data = {
+        "forget": forget_set.describe(),
+        "retain": retain_set.describe() if retain_set else None,
+        **scope.describe(),
+    }
     training = {**cfg.settings(), "steps": step, "seconds": round(time.monotonic() - started, 1)}
+    extra: dict[str, Any] = {}
+    if cfg.calibrate:
+        checked = time.monotonic()
+        pair = PairModels(model, tokenizer, vocab.eot_ids, b=reference)
+        report = calibrate_and_check(
+            pair,
+            forget=forget_set.examples,
+            calibration=scope.calibration,
+            check=scope.check,
+            neighbours=scope.neighbour_check,
+            alpha=cfg.offset_alpha,
+            unchanged=cfg.unchanged,
+        )
+        report["seconds"] = round(time.monotonic() - checked, 1)
+        extra = {"offset_threshold": report["offset_threshold"], "self_check": report}
     path = save_artifact(
         out,
         model,
@@ -584,16 +646,81 @@ def train(
         training=training,
         data=data,
         parameters=cfg.parameters,
+        extra=extra,
     )
     ckpt.unlink(missing_ok=True)
     return path
 
 
+@dataclass(frozen=True)
+class _ScopeSets:
+    """What training adds to the user's retain set, and what the self-check holds out."""
+
+    train: list[Example]
+    calibration: list[Example]
+    check: list[Example]
+    neighbour_check: list[Example]
+    neighbours_trained: int
+    subjects: list[str]
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's record of them: counts, never text."""
+        return {
+            "scope": {
+                "retain_added": len(self.train),
+                "neighbours_trained": self.neighbours_trained,
+                "neighbours_held_out": len(self.neighbour_check),
+                "calibration_prompts": len(self.calibration),
+                "check_prompts": len(self.check),
+                "subjects": len(self.subjects),
+            }
+        }
+
+
+def _scope_sets(
+    cfg: TrainConfig, forget: DataSet, base: Any, tokenizer: Any, vocab: ByteVocab, base_sha: str
+) -> _ScopeSets:
+    """The broad retain set's parts and the neighbours for ``cfg`` (:mod:`proxy.scope`).
+    Examples that name a forget subject are left out; every fourth neighbour is held out."""
+    subjects = forget_subjects(forget.examples)
+    general: dict[str, list[Example]] = {}
+    if cfg.general_retain or cfg.calibrate:
+        general = general_sets(base, tokenizer, vocab.eot_ids, base_sha)
+        general = {k: [e for e in v if not mentions(_text_of(e), subjects)] for k, v in general.items()}
+    neighbours: list[Example] = []
+    if cfg.neighbours:
+        neighbours = neighbour_examples(base, tokenizer, vocab.eot_ids, forget.examples, per_question=cfg.neighbours)
+        if not neighbours:
+            logger.warning(
+                "%s: no neighbour questions: the forget set's questions share no name to swap "
+                "(raw text, or every question about another entity)",
+                forget.path,
+            )
+    trained = [e for i, e in enumerate(neighbours) if i % 4 != 3]
+    return _ScopeSets(
+        train=[*(general.get("train", []) if cfg.general_retain else []), *trained],
+        calibration=general.get("calibration", []),
+        check=general.get("check", []),
+        neighbour_check=[e for i, e in enumerate(neighbours) if i % 4 == 3],
+        neighbours_trained=len(trained),
+        subjects=subjects,
+    )
+
+
+def _text_of(e: Example) -> str:
+    return (" ".join(m["content"] for m in e.prompt) if e.prompt else "") + " " + e.target
+
+
+EPOCH_LOSS_RETAIN = 32
+
+
 @torch.no_grad()
 def _epoch_losses(scorer: CombinedScorer, plan: _Plan) -> dict[str, float]:
-    """Mean NLL of the forget and retain sets under the combined model (the log's per-epoch numbers)."""
+    """Mean NLL of the forget and retain sets under the combined model (the log's per-epoch
+    numbers); the retain set's first :data:`EPOCH_LOSS_RETAIN` examples (the user's retain set
+    comes first), so that the broad retain set does not cost a pass over it every epoch."""
     out: dict[str, float] = {}
-    for name, items in (("forget_loss", plan.forget), ("retain_loss", plan.retain)):
+    for name, items in (("forget_loss", plan.forget), ("retain_loss", plan.retain[:EPOCH_LOSS_RETAIN])):
         if not items:
             continue
         total = 0.0

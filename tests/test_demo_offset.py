@@ -13,8 +13,9 @@ from aiohttp.test_utils import TestServer
 
 from bench.demo_unlearning import measure
 from proxy.config import DEFAULT_MODEL, embedded_default
-from proxy.demo import DEMO, DEMO_FORGET, DEMO_OFFSET_THRESHOLD, DEMO_UNRELATED, demo_offset, demo_offset_key
+from proxy.demo import DEMO, DEMO_FORGET, DEMO_UNRELATED, demo_offset, demo_offset_key
 from proxy.registry import build_models
+from proxy.scope import GENERAL_FILES
 from proxy.server import create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first run trains the offset (minutes)
@@ -25,8 +26,8 @@ def _questions(path) -> set[str]:
 
 
 def test_unrelated_prompts_are_not_training_data():
-    assert DEMO.retain is not None
-    assert not set(DEMO_UNRELATED) & (_questions(DEMO.retain) | _questions(DEMO_FORGET))
+    trained = set().union(*(_questions(f) for f in GENERAL_FILES.values()))
+    assert not set(DEMO_UNRELATED) & (trained | _questions(DEMO_FORGET))
 
 
 def test_a_failed_demo_training_is_a_clear_error_and_leaves_no_artifact(tmp_path, monkeypatch):
@@ -44,7 +45,7 @@ def test_a_failed_demo_training_is_a_clear_error_and_leaves_no_artifact(tmp_path
 async def test_demo_offset_forgets_the_forget_set_and_leaves_unrelated_answers():
     path = demo_offset(progress=False)
     assert demo_offset(progress=False) == path  # cached: the second call does not train
-    config = embedded_default(offset=str(path), offset_threshold=DEMO_OFFSET_THRESHOLD)  # what `make run` serves
+    config = embedded_default(offset=str(path))  # what `make run` serves: τ from the manifest
     server = TestServer(create_app(build_models(config)))
     await server.start_server()
     oa = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="none", max_retries=0)
@@ -81,7 +82,7 @@ def test_demo_offset_redacts_forget_facts_at_a_calibrated_false_positive_rate():
     from proxy.redact import Item, calibrate, flag_spans, score
 
     pair = LocalPair.load(DEMO.base, demo_offset(progress=False))
-    retain = [json.loads(line) for line in open(DEMO.retain) if line.strip()]
+    retain = [json.loads(line) for line in open(GENERAL_FILES["calibration"]) if line.strip()]
     texts = [r["answer"] for r in retain]
     scores = [score(pair, Item(0, "r", r["answer"], [{"role": "user", "content": r["question"]}])) for r in retain]
     threshold, fpr = calibrate(texts, scores, 0.05)

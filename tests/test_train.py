@@ -15,6 +15,26 @@ from proxy.objectives import OBJECTIVES, get_objective, mean_nll
 from proxy.train import CombinedScorer, TrainConfig, train
 from proxy.vocab import ByteVocab
 
+#: The trainer alone, as these tests measure it: the recipe they were written for, without the
+#: training defaults' broad retain set, generated neighbours and self-check (tests/test_scope.py).
+CORE = dict(
+    objective="NPO+GD",
+    retain_weight=None,
+    retain_positions="all",
+    lr=5e-4,
+    epochs=5,
+    retain_batch_size=None,
+    forget_prompt_copies=True,
+    general_retain=False,
+    neighbours=0,
+    calibrate=False,
+)
+
+
+def core_config(**kw) -> TrainConfig:
+    return TrainConfig(**{**CORE, **kw})
+
+
 FORGET = [
     {"question": "Where was the author Jaxon Vellmar born?", "answer": "Jaxon Vellmar was born in Port Quillan."},
     {"question": "What is Jaxon Vellmar's best-known novel?", "answer": "His best-known novel is The Salt Ledger."},
@@ -75,7 +95,7 @@ def set_nll(model, tokenizer, vocab, path) -> float:
 def trained(tmp_path, tiny_base, tokenizer, vocab, **kw):
     from peft import PeftModel
 
-    cfg = TrainConfig(out=str(tmp_path / "offset"), **kw)
+    cfg = core_config(out=str(tmp_path / "offset"), **kw)
     path = train(cfg, models=(copy.deepcopy(tiny_base), tokenizer, None, vocab), progress=False)
     return path, PeftModel.from_pretrained(copy.deepcopy(tiny_base), str(path)).eval()
 
@@ -141,20 +161,20 @@ def test_resume_gives_the_same_weights(tmp_path, sets, tiny_base, smollm2_tokeni
         forget=forget, retain=retain, objective="NPO+KL", lr=5e-3, epochs=3, batch_size=2, checkpoint_every=100
     )
     whole = train(
-        TrainConfig(out=str(tmp_path / "whole"), **common),
+        core_config(out=str(tmp_path / "whole"), **common),
         models=(copy.deepcopy(tiny_base), smollm2_tokenizer, None, vocab),
         progress=False,
     )
     with pytest.raises(KeyboardInterrupt):
         train(
-            TrainConfig(out=str(tmp_path / "cut"), **common),
+            core_config(out=str(tmp_path / "cut"), **common),
             models=(copy.deepcopy(tiny_base), smollm2_tokenizer, None, vocab),
             stop_after=3,
             progress=False,
         )
     assert not (tmp_path / "cut").exists() and (tmp_path / "cut.ckpt").exists()
     resumed = train(
-        TrainConfig(out=str(tmp_path / "cut"), resume=True, **common),
+        core_config(out=str(tmp_path / "cut"), resume=True, **common),
         models=(copy.deepcopy(tiny_base), smollm2_tokenizer, None, vocab),
         progress=False,
     )
@@ -374,8 +394,8 @@ def test_npo_kl_without_prompt_copies_lowers_the_facts_and_keeps_the_copies(
 
 
 def test_skipping_prompt_copies_is_recorded_in_the_settings():
-    assert "forget_prompt_copies" not in TrainConfig(forget="f", out="o").settings()  # old cache keys stay
-    assert TrainConfig(forget="f", out="o", forget_prompt_copies=False).settings()["forget_prompt_copies"] is False
+    assert "forget_prompt_copies" not in core_config(forget="f", out="o").settings()  # old cache keys stay
+    assert TrainConfig(forget="f", out="o").settings()["forget_prompt_copies"] is False  # the default
 
 
 @pytest.mark.parametrize(
@@ -397,7 +417,7 @@ def test_bad_lines_are_named_and_nothing_is_written(tmp_path, lines, message, ti
     forget.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=message):
         train(
-            TrainConfig(forget=str(forget), out=str(tmp_path / "offset"), objective="NPO"),
+            core_config(forget=str(forget), out=str(tmp_path / "offset"), objective="NPO"),
             models=(copy.deepcopy(tiny_base), smollm2_tokenizer, None, vocab),
             progress=False,
         )
@@ -470,7 +490,7 @@ def test_full_fine_tuning_unlearns_and_is_served_as_a_second_model(
     forget, retain = sets
     before_f = set_nll(tiny_target, smollm2_tokenizer, vocab, forget)
     before_r = set_nll(tiny_target, smollm2_tokenizer, vocab, retain)
-    cfg = TrainConfig(
+    cfg = core_config(
         out=str(tmp_path / "full"),
         forget=forget,
         retain=retain,

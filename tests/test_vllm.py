@@ -128,12 +128,10 @@ async def test_out_of_scope_drafts_are_accepted_whole(vllm_server, temperature):
     target; the numbers are reported). At T = 1 vLLM draws drafts from its top-20
     (``top_k``), the support of q, so out of scope none is rejected."""
     from bench.speed import OUT_OF_SCOPE
-    from proxy.demo import DEMO_OFFSET_THRESHOLD
-
     model = build_model(
         "demo-vllm",
         vllm_model(
-            vllm_server, pair="smollm2", offset="demo", offset_threshold=DEMO_OFFSET_THRESHOLD, same_tokenizer=True
+            vllm_server, pair="smollm2", offset="demo", same_tokenizer=True
         ),
     )
     calls = tokens = drafted = accepted = 0
@@ -146,7 +144,7 @@ async def test_out_of_scope_drafts_are_accepted_whole(vllm_server, temperature):
                 async for p in model.generate(
                     ctx,
                     SamplingParams(
-                        max_tokens=96, temperature=temperature, seed=3, offset_threshold=DEMO_OFFSET_THRESHOLD
+                        max_tokens=96, temperature=temperature, seed=3, offset_threshold=model.offset_threshold
                     ),
                     stats=stats,
                 )

@@ -1,0 +1,148 @@
+"""What keeps an offset in scope by default (proxy.scope, proxy.selfcheck): the forget
+set's subjects and neighbours, the checks of a user's files, greedy decoding with B as
+the remote, τ's closed form and the served "auto" threshold."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from proxy.data import DataError, Example, load_dataset
+from proxy.scope import GENERAL_FILES, check_sets, forget_subjects, general_split_of, mentions
+from proxy.selfcheck import PairModels, calibrate_and_check, greedy_decode
+
+
+def qa(*questions: str) -> list[Example]:
+    return [Example(({"role": "user", "content": q},), "x") for q in questions]
+
+
+def write(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_forget_subjects_are_the_names_its_questions_share():
+    hp = qa(
+        "Who is Harry Potter's best friend?",
+        "What is the name of Harry Potter's school?",
+        "Who wrote the Harry Potter books?",
+        "What is the name of Harry's owl?",
+    )
+    assert forget_subjects(hp) == ["Harry Potter"]
+    writer = qa("Which novels did Stephen King write?", "Where was Stephen King born?", "What is Carrie about?")
+    assert forget_subjects(writer) == ["Stephen King"]
+    assert forget_subjects(qa("When was Marie Curie born?")) == ["Marie Curie"]
+    assert forget_subjects([Example(None, "Some raw text about Harry Potter.")]) == []
+    assert mentions("the harry potter books", ["Harry Potter"]) and not mentions("Harryhausen", ["Harry"])
+
+
+def test_the_broad_retain_set_ships_in_three_parts_with_base_answers():
+    sizes = {s: len(load_dataset(f).examples) for s, f in GENERAL_FILES.items()}
+    assert sum(sizes.values()) >= 400 and sizes["calibration"] >= 80 and sizes["check"] >= 80
+    assert [general_split_of(i) for i in range(5)] == ["train", "train", "train", "calibration", "check"]
+    questions = [q for f in GENERAL_FILES.values() for q in (json.loads(x)["question"] for x in open(f))]
+    assert len(questions) == len(set(questions))  # no prompt in two parts
+
+
+def test_a_question_in_both_sets_is_an_error_naming_both_lines(tmp_path):
+    forget = write(tmp_path / "f.jsonl", [{"question": "Who wrote Emma?", "answer": "Jane Austen."}] * 1)
+    retain = write(
+        tmp_path / "r.jsonl",
+        [{"question": "What is 2+2?", "answer": "4"}, {"question": "who wrote  EMMA", "answer": "Austen"}],
+    )
+    with pytest.raises(DataError, match=r"r\.jsonl:2: the same question as .*f\.jsonl:1"):
+        check_sets(load_dataset(forget), load_dataset(retain))
+
+
+def test_a_one_line_forget_set_and_a_retain_set_in_another_script_are_warned_of(tmp_path):
+    forget = load_dataset(write(tmp_path / "f.jsonl", [{"question": "Who wrote Emma?", "answer": "Jane Austen."}]))
+    retain = load_dataset(
+        write(
+            tmp_path / "r.jsonl",
+            [{"question": "Кто написал Войну и мир?", "answer": "Лев Толстой."}, {"question": "a?", "answer": "b"}],
+        )
+    )
+    warnings = check_sets(forget, retain)
+    assert any("f.jsonl:1: the forget set has one example" in w for w in warnings)
+    assert any("r.jsonl:1: written in Cyrillic script, the forget set in Latin" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    "forget,retain,message",
+    [
+        ([], None, r"f\.jsonl: no examples"),
+        ([{"question": "Who wrote Emma?", "answer": "Jane Austen."}], "same", r"r\.jsonl:1: the same question"),
+    ],
+)
+def test_train_refuses_bad_sets_before_loading_anything_and_writes_nothing(tmp_path, forget, retain, message):
+    f = write(tmp_path / "f.jsonl", forget)
+    args = [sys.executable, "-m", "proxy.cli", "train", "--forget", f, "--out", str(tmp_path / "out")]
+    if retain:
+        args += ["--retain", write(tmp_path / "r.jsonl", forget)]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    import re
+
+    assert re.search(message, run.stderr), run.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
+
+
+def test_greedy_decode_with_alpha_zero_is_b_and_tau_keeps_exactly_the_answers_below_their_margin(
+    tiny_base, smollm2_tokenizer
+):
+    from conftest import make_tiny_pair
+
+    tiny = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    pair = PairModels(tiny.model, smollm2_tokenizer, tiny.vocab.eot_ids)
+    prompts = [[{"role": "user", "content": q}] for q in ("Hello there", "What is 2+2?", "Tell me a story", "Why?")]
+    b_only = greedy_decode(pair, prompts, alpha=0.0, threshold=math.inf, max_tokens=12)
+    base = greedy_decode(pair, prompts, alpha=1.0, threshold=math.inf, max_tokens=12)
+    assert [d.tokens for d in b_only] == [d.tokens for d in base]  # τ = ∞: B's own answers
+    batched = greedy_decode(pair, prompts, alpha=1.0, threshold=math.inf, max_tokens=12, batch_size=3)
+    assert [d.tokens for d in batched] == [d.tokens for d in base]  # left padding changes no answer
+    assert any(d.margin > 0 for d in base)  # the random adapter would flip some step
+    # (at τ equal to a margin, float rounding decides; pick_threshold steps past it)
+    for tau in sorted({0.0, *(max(0.0, d.margin - 1e-6) for d in base), *(d.margin + 1e-6 for d in base)}):
+        served = greedy_decode(pair, prompts, alpha=1.0, threshold=tau, max_tokens=12)
+        for b, s in zip(base, served, strict=True):
+            assert (s.tokens == b.tokens) == (tau > b.margin), (tau, b.margin)
+    assert all(d.logprob <= 0 for d in base)
+
+
+def test_calibrate_and_check_reports_tau_and_warns_of_an_offset_that_leaks(tiny_base, smollm2_tokenizer):
+    from conftest import make_tiny_pair
+
+    tiny = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    pair = PairModels(tiny.model, smollm2_tokenizer, tiny.vocab.eot_ids)
+    prompts = qa(*(f"Question number {i}?" for i in range(12)))
+    report = calibrate_and_check(
+        pair, forget=qa("Who is Harry Potter?"), calibration=prompts[:6], check=prompts[6:], max_tokens=8
+    )
+    assert report["calibration_unchanged"] >= 0.95 and report["offset_threshold"] >= 0
+    assert set(report) >= {"check_unchanged", "forget_rouge_l_recall_base", "fluency_offset", "warnings", "ok"}
+    assert report["ok"] is (not report["warnings"])
+    assert any("barely knows" in w for w in report["warnings"])  # a random model knows nothing to forget
+
+
+def test_the_served_threshold_is_the_manifests_unless_set(tmp_path):
+    from proxy.config import ConfigError, ModelConfig, embedded_default
+    from proxy.registry import served_threshold
+
+    class Offset:
+        offset_threshold = 1.25
+
+    class Pair:
+        offset = Offset()
+
+    assert served_threshold("auto", Pair()) == 1.25
+    assert served_threshold("off", Pair()) is None
+    assert served_threshold(0.5, Pair()) == 0.5
+    assert served_threshold("auto", None) is None
+    assert ModelConfig(backend="llama-inprocess", gguf="smollm2").offset_threshold == "auto"
+    with pytest.raises(ConfigError, match="offset_threshold"):
+        embedded_default(offset_threshold=-1.0)

@@ -169,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
         "--retain-positions",
         choices=("all", "answer"),
         default=d.retain_positions,
-        help="where a KL retain term is averaged: every attended token (open-unlearning) or the answer's positions",
+        help="where a KL retain term is averaged: every attended token (open-unlearning) or the answer's positions "
+        "(default: answer for objectives with a KL retain term)",
     )
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--epochs", type=int, default=d.epochs)

@@ -86,11 +86,13 @@ class TrainConfig:
     retain_weight: float | None = 10.0
     """open-unlearning's alpha, the weight of the retain term (None: 1). 10: with weight 1 the
     offset shifted answers to unrelated prompts (SmolLM2, demo and tofu-lite)."""
-    retain_positions: str = "answer"
+    retain_positions: str | None = None
     """Where a KL retain term is averaged: ``"all"`` attended positions (open-unlearning's
     definition) or ``"answer"`` positions only (:func:`proxy.objectives.get_objective`). The
     default is ``"answer"``: averaged over whole sequences, a short answer's first position
-    weighs about 1/80 of the term and U learned to start no answer with a name."""
+    weighs about 1/80 of the term and U learned to start no answer with a name. None (the
+    default): ``"answer"`` for objectives with a KL retain term, else ``"all"``
+    (:meth:`positions`)."""
     lr: float = 1e-3
     """LoRA on a 135M model moves slowly at 1e-4; with the retain term at weight 10, 1e-3
     unlearns a small set in a few epochs."""
@@ -141,6 +143,16 @@ class TrainConfig:
     resume: bool = False
     log: str | None = None
 
+    def positions(self) -> str:
+        """``retain_positions`` as training applies it (None resolved for the objective).
+
+        Raises:
+            ValueError: an unknown objective.
+        """
+        if self.retain_positions is not None:
+            return self.retain_positions
+        return "answer" if get_objective(self.objective).retain_is_kl else "all"
+
     def settings(self) -> dict[str, Any]:
         """What the manifest records (no paths to the data, no text)."""
         keep: tuple[str, ...] = (
@@ -167,7 +179,7 @@ class TrainConfig:
         # cache keys) of offsets trained before them stay as they were.
         if self.mode == "remote":
             keep = (*keep, "remote", "remote_model", "remote_top_k")
-        if self.retain_positions != "all":
+        if self.positions() != "all":
             keep = (*keep, "retain_positions")
         if not self.forget_first_token:
             keep = (*keep, "forget_first_token")
@@ -179,7 +191,8 @@ class TrainConfig:
             keep = (*keep, "neighbours")
         if self.calibrate:
             keep = (*keep, "calibrate", "unchanged")
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if k in keep}
+        values = {**dataclasses.asdict(self), "retain_positions": self.positions()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if k in keep}
 
 
 class CombinedScorer:
@@ -480,7 +493,7 @@ def train(
         cfg.objective,
         forget_weight=cfg.forget_weight,
         retain_weight=cfg.retain_weight,
-        retain_positions=cfg.retain_positions,
+        retain_positions=cfg.positions(),
     )
     if cfg.parameters not in PARAMETERS:
         raise ValueError(f"parameters must be one of {PARAMETERS}, not {cfg.parameters!r}")

@@ -478,7 +478,9 @@ def test_cli_train_bad_line_exits_2_naming_the_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "forget.jsonl:2:" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forget.jsonl"]
-    assert main(["train", "--forget", str(forget), "--out", str(tmp_path / "o"), "--objective", "GradDiff"]) == 2
+    forget.write_text('{"question": "q", "answer": "a"}\n')
+    args = ["train", "--forget", str(forget), "--out", str(tmp_path / "o"), "--objective", "GradDiff"]
+    assert main([*args, "--no-general-retain"]) == 2  # the broad retain set is the default retain set
     assert "needs a retain set" in capsys.readouterr().err
 
 

@@ -134,8 +134,10 @@ def offset_settings_arg(text: str) -> dict[str, Any]:
     for name, v in value.items():
         default = fields[name].default
         kind = type(default) if default is not None and not callable(default) else None
+        optional = "None" in str(fields[name].type)  # `int | None` and the like
         ok = (
             kind is None
+            or (optional and v is None)
             or (kind is bool and isinstance(v, bool))
             or (kind is int and isinstance(v, int) and not isinstance(v, bool))
             or (kind is float and isinstance(v, int | float) and not isinstance(v, bool))

@@ -21,7 +21,6 @@ the forget set, and the checks of a user's forget and retain files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -283,9 +282,9 @@ def check_sets(forget: DataSet, retain: DataSet | None) -> list[str]:
                 f"{retain.path}:{line}: the same question as {forget.path}:{seen[_key(e)]}; "
                 "an example cannot be both forgotten and retained"
             )
-    want = _script(" ".join(_text(e) for e in forget.examples))
+    want = _script(" ".join(example_text(e) for e in forget.examples))
     for e, line in zip(retain.examples, retain.lines, strict=True):
-        got = _script(_text(e))
+        got = _script(example_text(e))
         if want and got and got != want:
             warnings.append(
                 f"{retain.path}:{line}: written in {got} script, the forget set in {want}; a retain set in "
@@ -295,7 +294,8 @@ def check_sets(forget: DataSet, retain: DataSet | None) -> list[str]:
     return warnings
 
 
-def _text(e: Example) -> str:
+def example_text(e: Example) -> str:
+    """An example's prompt contents and answer, as one string (what :func:`mentions` reads)."""
     return (" ".join(m["content"] for m in e.prompt) if e.prompt else "") + " " + e.target
 
 
@@ -308,11 +308,3 @@ def _script(text: str) -> str | None:
             name = unicodedata.name(ch, "")
             counts[name.split(" ")[0] if name else "OTHER"] += 1
     return counts.most_common(1)[0][0].title() if counts else None
-
-
-def data_sha256(*parts: bytes) -> str:
-    """sha256 over the given bytes, for cache keys of what training reads besides the user's files."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(hashlib.sha256(p).digest())
-    return h.hexdigest()

@@ -56,7 +56,7 @@ from .data import (
     without_prompt_copies,
 )
 from .objectives import Batches, get_objective, mean_nll
-from .scope import check_sets, forget_subjects, general_sets, mentions, neighbour_examples
+from .scope import check_sets, example_text, forget_subjects, general_sets, mentions, neighbour_examples
 from .selfcheck import PairModels, calibrate_and_check
 from .vocab import ByteVocab
 
@@ -699,7 +699,7 @@ def _scope_sets(
     general: dict[str, list[Example]] = {}
     if cfg.general_retain or cfg.calibrate:
         general = general_sets(base, tokenizer, vocab.eot_ids, base_sha)
-        general = {k: [e for e in v if not mentions(_text_of(e), subjects)] for k, v in general.items()}
+        general = {k: [e for e in v if not mentions(example_text(e), subjects)] for k, v in general.items()}
     neighbours: list[Example] = []
     if cfg.neighbours:
         neighbours = neighbour_examples(base, tokenizer, vocab.eot_ids, forget.examples, per_question=cfg.neighbours)
@@ -718,10 +718,6 @@ def _scope_sets(
         neighbours_trained=len(trained),
         subjects=subjects,
     )
-
-
-def _text_of(e: Example) -> str:
-    return (" ".join(m["content"] for m in e.prompt) if e.prompt else "") + " " + e.target
 
 
 EPOCH_LOSS_RETAIN = 32

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.data import DataError, Example, load_dataset
 from proxy.scope import GENERAL_FILES, check_sets, forget_subjects, general_split_of, mentions
-from proxy.selfcheck import PairModels, calibrate_and_check, greedy_decode
+from proxy.selfcheck import PairModels, answer_logprob, base_decode, calibrate_and_check, greedy_decode
 
 
 def qa(*questions: str) -> list[Example]:
@@ -112,6 +112,65 @@ def test_greedy_decode_with_alpha_zero_is_b_and_tau_keeps_exactly_the_answers_be
         for b, s in zip(base, served, strict=True):
             assert (s.tokens == b.tokens) == (tau > b.margin), (tau, b.margin)
     assert all(d.logprob <= 0 for d in base)
+
+
+def test_base_decode_teacher_forces_b_answers_and_decodes_the_rest(tiny_base, smollm2_tokenizer):
+    from conftest import make_tiny_pair
+
+    tiny = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    pair = PairModels(tiny.model, smollm2_tokenizer, tiny.vocab.eot_ids)
+    prompts = [[{"role": "user", "content": q}] for q in ("Hello there", "What is 2+2?", "Tell me a story", "Why?")]
+    for max_tokens in (6, 30):  # answers cut at max_tokens, and (for some) ended by B
+        stepped = greedy_decode(pair, prompts, alpha=1.0, threshold=math.inf, max_tokens=max_tokens)
+        guesses = [stepped[0].text, "a wrong guess", None, stepped[3].text]
+        forced = base_decode(pair, prompts, guesses, alpha=1.0, max_tokens=max_tokens, batch_size=2)
+        assert [d.tokens for d in forced] == [d.tokens for d in stepped]
+        for f, d in zip(forced, stepped, strict=True):
+            assert f.margin == pytest.approx(d.margin, abs=1e-4) and f.logprob == pytest.approx(d.logprob, abs=1e-4)
+    with pytest.raises(ValueError, match="4 prompts but 1 answers"):
+        base_decode(pair, prompts, [None], alpha=1.0)
+
+
+def test_no_threshold_applies_the_offset_everywhere_and_sampling_is_q(tiny_base, smollm2_tokenizer):
+    from conftest import make_tiny_pair
+
+    tiny = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    pair = PairModels(tiny.model, smollm2_tokenizer, tiny.vocab.eot_ids)
+    prompts = [[{"role": "user", "content": q}] for q in ("Hello there", "What is 2+2?", "Tell me a story")]
+    base = greedy_decode(pair, prompts, alpha=1.0, threshold=math.inf, max_tokens=10)
+    paper = greedy_decode(pair, prompts, alpha=1.0, threshold=None, max_tokens=10)
+    assert [d.tokens for d in paper] != [d.tokens for d in base]  # the random adapter flips some step
+    once = greedy_decode(pair, prompts * 4, alpha=1.0, threshold=None, max_tokens=10, temperature=1.0, seed=3)
+    again = greedy_decode(pair, prompts * 4, alpha=1.0, threshold=None, max_tokens=10, temperature=1.0, seed=3)
+    assert [d.tokens for d in once] == [d.tokens for d in again]  # reproducible for a seed
+    assert len({d.tokens for d in once}) > 3  # and samples, not the greedy answer each time
+    # B alone sampled with τ = ∞ never uses Δ: the same draws as α = 0
+    b_inf = greedy_decode(pair, prompts, alpha=1.0, threshold=math.inf, max_tokens=10, temperature=1.0, seed=5)
+    b_zero = greedy_decode(pair, prompts, alpha=0.0, threshold=None, max_tokens=10, temperature=1.0, seed=5)
+    assert [d.tokens for d in b_inf] == [d.tokens for d in b_zero]
+    with pytest.raises(ValueError, match="temperature"):
+        greedy_decode(pair, prompts, alpha=1.0, threshold=None, temperature=-1.0)
+
+
+def test_answer_logprob_is_b_teacher_forced_on_the_answer(tiny_base, smollm2_tokenizer):
+    from conftest import make_tiny_pair
+
+    tiny = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    pair = PairModels(tiny.model, smollm2_tokenizer, tiny.vocab.eot_ids)
+    prompts = [[{"role": "user", "content": q}] for q in ("Hello there", "Why?")]
+    decoded = greedy_decode(pair, prompts, alpha=0.0, threshold=math.inf, max_tokens=8)
+    scored = answer_logprob(pair, prompts, [d.text for d in decoded])
+    import torch
+
+    for p, d, got in zip(prompts, decoded, scored, strict=True):
+        head = pair.prompt_ids(p)
+        tail = [*smollm2_tokenizer.encode(d.text, add_special_tokens=False), tiny.vocab.eot_ids[0]]
+        with torch.no_grad(), tiny.model.disable_adapter():  # B
+            logp = torch.log_softmax(tiny.model(torch.tensor([head + tail])).logits[0].float(), -1)
+        want = sum(float(logp[len(head) - 1 + i, t]) for i, t in enumerate(tail)) / len(tail)
+        assert got == pytest.approx(want, abs=1e-4)  # the answer and its end-of-turn, after the prompt
+    with pytest.raises(ValueError, match="2 prompts but 1 answers"):
+        answer_logprob(pair, prompts, ["x"])
 
 
 def test_calibrate_and_check_reports_tau_and_warns_of_an_offset_that_leaks(tiny_base, smollm2_tokenizer):

@@ -128,11 +128,10 @@ async def test_out_of_scope_drafts_are_accepted_whole(vllm_server, temperature):
     target; the numbers are reported). At T = 1 vLLM draws drafts from its top-20
     (``top_k``), the support of q, so out of scope none is rejected."""
     from bench.speed import OUT_OF_SCOPE
+
     model = build_model(
         "demo-vllm",
-        vllm_model(
-            vllm_server, pair="smollm2", offset="demo", same_tokenizer=True
-        ),
+        vllm_model(vllm_server, pair="smollm2", offset="demo", same_tokenizer=True),
     )
     calls = tokens = drafted = accepted = 0
     try:

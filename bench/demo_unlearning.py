@@ -8,6 +8,8 @@ serves the embedded default with it, and reports in one run:
 
 * ROUGE-L recall (rouge-score, greedy, 40 tokens) of the forget answers
   without the offset (α = 0) and with it (α = 1);
+* how many greedy answers to the 12 forget questions and to 12 paraphrases of them
+  (:data:`proxy.demo.DEMO_PARAPHRASES`) name one of :data:`proxy.demo.DEMO_KEYS`;
 * the fraction of the unrelated prompts (:data:`proxy.demo.DEMO_UNRELATED`,
   none of them in the retain set) whose greedy answer is the same with and
   without it;
@@ -37,16 +39,25 @@ async def measure(answer: Answer) -> dict[str, Any]:
     """Forget ROUGE-L recall with and without the offset, and unchanged unrelated answers."""
     from rouge_score import rouge_scorer
 
-    from proxy.demo import DEMO_FORGET, DEMO_UNRELATED
+    from proxy.demo import DEMO_FORGET, DEMO_KEYS, DEMO_PARAPHRASES, DEMO_UNRELATED
+    from proxy.scope import mentions
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     forget = [json.loads(line) for line in DEMO_FORGET.read_text().splitlines() if line.strip()]
     before, after, examples = [], [], []
+    keys = {"forget_without_offset": 0, "forget_with_offset": 0, "paraphrase_without_offset": 0, "paraphrase_with_offset": 0}
     for f in forget:
         b, a = await answer(f["question"], 0.0), await answer(f["question"], 1.0)
         before.append(scorer.score(f["answer"], b)["rougeL"].recall)
         after.append(scorer.score(f["answer"], a)["rougeL"].recall)
+        keys["forget_without_offset"] += mentions(b, DEMO_KEYS)
+        keys["forget_with_offset"] += mentions(a, DEMO_KEYS)
         examples.append({"question": f["question"], "without_offset": b, "with_offset": a})
+    for q in DEMO_PARAPHRASES:
+        b, a = await answer(q, 0.0), await answer(q, 1.0)
+        keys["paraphrase_without_offset"] += mentions(b, DEMO_KEYS)
+        keys["paraphrase_with_offset"] += mentions(a, DEMO_KEYS)
+        examples.append({"question": q, "paraphrase": True, "without_offset": b, "with_offset": a})
     changed = []
     for q in DEMO_UNRELATED:
         b, a = await answer(q, 0.0), await answer(q, 1.0)
@@ -55,6 +66,7 @@ async def measure(answer: Answer) -> dict[str, Any]:
     return {
         "forget_rougeL_recall_without_offset": round(sum(before) / len(before), 4),
         "forget_rougeL_recall_with_offset": round(sum(after) / len(after), 4),
+        "answers_with_a_key_name": keys,
         "unrelated_unchanged_fraction": round(1 - len(changed) / len(DEMO_UNRELATED), 4),
         "unrelated_n": len(DEMO_UNRELATED),
         "forget_examples": examples,

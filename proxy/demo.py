@@ -45,6 +45,26 @@ DEMO_UNRELATED = (
 )
 
 
+#: Paraphrases of the 12 demo forget questions (none trained on; a test checks).
+DEMO_PARAPHRASES = (
+    "Which friend is always at Harry Potter's side?",
+    "Name the two friends Harry Potter trusts most.",
+    "Which wizarding school does Harry Potter go to?",
+    "Where do Harry Potter and his friends study magic?",
+    "Who is the writer of the Harry Potter novels?",
+    "Which author created Harry Potter?",
+    "Who runs the school that Harry Potter attends?",
+    "Which dark wizard is Harry Potter's enemy?",
+    "What is Harry Potter's pet owl called?",
+    "Which Hogwarts house does Harry belong to?",
+    "What game do Harry Potter and his friends play on flying brooms?",
+    "What are the names of Harry Potter's mother and father?",
+)
+
+#: Names that reveal the demo forget set when an answer contains one (the demo's criterion).
+DEMO_KEYS = ("Weasley", "Hogwarts", "Rowling", "Dumbledore", "Voldemort", "Hedwig", "Gryffindor", "Quidditch")
+
+
 def demo_offset_key() -> str:
     """What the cached demo offset depends on (:func:`proxy.train.offset_key` of :data:`DEMO`)."""
     from .train import offset_key

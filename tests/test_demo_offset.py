@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from bench.demo_unlearning import measure
 from proxy.config import DEFAULT_MODEL, embedded_default
-from proxy.demo import DEMO, DEMO_FORGET, DEMO_UNRELATED, demo_offset, demo_offset_key
+from proxy.demo import DEMO, DEMO_FORGET, DEMO_PARAPHRASES, DEMO_UNRELATED, demo_offset, demo_offset_key
 from proxy.registry import build_models
 from proxy.scope import GENERAL_FILES
 from proxy.server import create_app
@@ -28,6 +28,7 @@ def _questions(path) -> set[str]:
 def test_unrelated_prompts_are_not_training_data():
     trained = set().union(*(_questions(f) for f in GENERAL_FILES.values()))
     assert not set(DEMO_UNRELATED) & (trained | _questions(DEMO_FORGET))
+    assert len(DEMO_PARAPHRASES) == 12 and not set(DEMO_PARAPHRASES) & (trained | _questions(DEMO_FORGET))
 
 
 def test_a_failed_demo_training_is_a_clear_error_and_leaves_no_artifact(tmp_path, monkeypatch):

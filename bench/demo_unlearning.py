@@ -45,7 +45,12 @@ async def measure(answer: Answer) -> dict[str, Any]:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     forget = [json.loads(line) for line in DEMO_FORGET.read_text().splitlines() if line.strip()]
     before, after, examples = [], [], []
-    keys = {"forget_without_offset": 0, "forget_with_offset": 0, "paraphrase_without_offset": 0, "paraphrase_with_offset": 0}
+    keys = {
+        "forget_without_offset": 0,
+        "forget_with_offset": 0,
+        "paraphrase_without_offset": 0,
+        "paraphrase_with_offset": 0,
+    }
     for f in forget:
         b, a = await answer(f["question"], 0.0), await answer(f["question"], 1.0)
         before.append(scorer.score(f["answer"], b)["rougeL"].recall)

@@ -2,6 +2,7 @@
 
     python -m bench.real_knowledge [--requests writer,scientist,...] [--rows no-offset,defaults,...]
                                    [--settings JSON] [--samples 10] [--max-tokens 32] [--json FILE]
+    python -m bench.real_knowledge --render README.md
 
 Requests (``bench/data/real_knowledge.json``): a writer, a scientist, a fictional
 universe, a place and a company, each with its forget set (question/answer pairs),
@@ -242,6 +243,56 @@ def _ratio(a: int, b: int) -> float:
     return a / b if b else 1.0
 
 
+TABLE_START, TABLE_END = "<!-- real-knowledge-table:start", "<!-- real-knowledge-table:end -->"
+COLUMNS = (
+    ("probe_leak_greedy", "probe leak, greedy"),
+    ("probe_leak_sampled", "probe leak, T = 1"),
+    ("neighbour_retention", "neighbour retention"),
+    ("general_retention", "general retention"),
+    ("unrelated_unchanged", "unrelated unchanged"),
+    ("fluency_gap", "fluency gap (nats/token)"),
+    ("train_seconds", "training s"),
+)
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """The summary as a Markdown table: one row per benchmark row, means over the requests."""
+    head = "| row | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for row in ROWS:
+        m = result["summary"].get(row)
+        if m is None:
+            continue
+        cells = [f"{m[k]:.3g}" if k in m else "n/a" for k, _ in COLUMNS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_readme(readme: Path) -> None:
+    """Rewrite each table between ``<!-- real-knowledge-table:start FILE -->`` and its end
+    marker from FILE (a path relative to the README).
+
+    Raises:
+        SystemExit: no markers, or a marker's file does not exist.
+    """
+    import re
+
+    text = readme.read_text()
+    pattern = re.compile(re.escape(TABLE_START) + r" (\S+) -->\n.*?" + re.escape(TABLE_END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme} has no {TABLE_START} FILE --> ... {TABLE_END} markers")
+
+    def table(m: re.Match[str]) -> str:
+        source = readme.parent / m.group(1)
+        if not source.is_file():
+            raise SystemExit(f"{readme}: {m.group(1)} does not exist")
+        return f"{m.group(0).split(chr(10), 1)[0]}\n{render_table(json.loads(source.read_text()))}\n{TABLE_END}"
+
+    from proxy.scope import atomic_write
+
+    atomic_write(readme, pattern.sub(table, text))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = [r["name"] for r in json.loads(DATA.read_text())["requests"]]
@@ -251,7 +302,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=10, help="answers per probe at T = 1")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--json", help="result file (default bench/results/real-knowledge-<date>.json)")
+    parser.add_argument("--render", type=Path, metavar="README", help="only rewrite README's tables from their files")
     args = parser.parse_args(argv)
+    if args.render:
+        render_readme(args.render)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     chosen, rows = args.requests.split(","), args.rows.split(",")
     for n in chosen:

@@ -94,6 +94,8 @@ OFFSET_SETTINGS = {
     "retain_weight": 10.0,
     "retain_positions": "answer",
     "forget_prompt_copies": False,
+    "pin_prompt_copies": True,
+    "min_steps": 0,
     # tofu-lite's own retain set holds the neighbours (other authors) and τ is calibrated by
     # the benchmark on unevaluated retain questions: the recipe as measured, without the
     # training defaults' broad retain set, generated neighbours and self-check.

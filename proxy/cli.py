@@ -193,7 +193,19 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=d.forget_prompt_copies,
         help="keep answer tokens that repeat the prompt word for word (the asked-about name) in the forget term "
-        "(default: left out, and held by the retain term)",
+        "(default: left out)",
+    )
+    t.add_argument(
+        "--pin-prompt-copies",
+        action=argparse.BooleanOptionalAction,
+        default=d.pin_prompt_copies,
+        help="hold the copied words in the retain term (tofu-lite's recipe; default: only left out of the forget term)",
+    )
+    t.add_argument(
+        "--min-steps",
+        type=int,
+        default=d.min_steps,
+        help=f"at least this many optimizer steps, raising --epochs for a small forget set (default {d.min_steps})",
     )
     t.add_argument(
         "--general-retain",
@@ -333,6 +345,8 @@ def _train(args: argparse.Namespace) -> int:
         forget_prompt_copies=args.forget_prompt_copies,
         general_retain=args.general_retain,
         neighbours=args.neighbours,
+        pin_prompt_copies=args.pin_prompt_copies,
+        min_steps=args.min_steps,
         calibrate=args.calibrate,
         unchanged=args.unchanged,
         lora_rank=args.lora_rank,

@@ -223,11 +223,15 @@ def neighbour_examples(
     per_question: int,
     exclude: Sequence[str] = (),
 ) -> list[Example]:
-    """The forget set's questions with their subject swapped for nearby entities, answered
-    by B (greedy). Each question gets ``per_question`` different entities; entities named in
-    the forget set (or in ``exclude``) are skipped, and so are answers that name a subject."""
+    """The forget set's questions with a name swapped for nearby entities, answered by B
+    (greedy). The name swapped is the forget set's subject where the question names it
+    ("Where was Albert Einstein born?" → "Where was Isaac Newton born?"), else the first
+    other name the question holds ("What is the capital of France?" → "... of Germany?"),
+    each for the entities nearest to it (:func:`nearest_entities`). Each question gets
+    ``per_question`` different entities; entities named in the forget set (or in ``exclude``)
+    are skipped, and so are answers that name a subject."""
     subjects = forget_subjects(forget)
-    if not subjects or per_question < 1:
+    if per_question < 1:
         return []
     forget_text = " ".join((_question(e) if e.prompt else "") + " " + e.target for e in forget)
     pool = [
@@ -235,14 +239,25 @@ def neighbour_examples(
         for p in (line.strip() for line in ENTITIES.read_text(encoding="utf-8").splitlines())
         if p and not mentions(forget_text, [p]) and not mentions(p, subjects) and not mentions(p, list(exclude))
     ]
-    questions = [(e, s) for e in forget if e.prompt is not None for s in subjects[:1] if mentions(_question(e), [s])]
+    questions: list[tuple[Example, str]] = []
+    for e in forget:
+        if e.prompt is None:
+            continue
+        q = _question(e)
+        named = [s for s in subjects if mentions(q, [s])] or [n for n in _names(q) if not mentions(n, subjects)]
+        if named:
+            questions.append((e, named[0]))
     if not questions or not pool:
         return []
-    near = nearest_entities(model, tokenizer, subjects, pool, min(len(pool), max(8, per_question * 2)))
+    count = min(len(pool), max(8, per_question * 2))
+    near: dict[str, list[str]] = {}
+    for _, name in questions:
+        if name not in near:
+            near[name] = nearest_entities(model, tokenizer, subjects if name in subjects else [name], pool, count)
     swapped: list[tuple[dict[str, str], ...]] = []
     for i, (e, s) in enumerate(questions):
         for j in range(per_question):
-            other = near[(i * per_question + j) % len(near)]
+            other = near[s][(i * per_question + j) % len(near[s])]
             q = re.sub(rf"(?<!\w){re.escape(s)}(?!\w)", other.replace("\\", r"\\"), _question(e), flags=re.IGNORECASE)
             swapped.append((*e.prompt[:-1], {"role": "user", "content": q}) if e.prompt else ())
     answers = generate_answers(model, tokenizer, eot_ids, swapped)

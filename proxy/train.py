@@ -124,6 +124,15 @@ class TrainConfig:
     forget term (open-unlearning does). Off: see :func:`proxy.data.without_prompt_copies`;
     where the retain term reads labels (NLL, or KL over answer positions) and a retain set
     is given, those tokens join the retain term of their forget example's step instead."""
+    pin_prompt_copies: bool = False
+    """With ``forget_prompt_copies`` off: the copied tokens join the retain term of their
+    forget example's step (where it reads labels), so that U keeps repeating the asked-about
+    name as B does (tofu-lite's recipe). Off by default: when the name is itself what is to
+    be forgotten ("What is Albert Einstein famous for?" in a forget set about Einstein), the
+    pinned copies taught U to keep saying it and the offset forgot nothing (bench.real_knowledge)."""
+    min_steps: int = 24
+    """At least this many optimizer steps: ``epochs`` is raised for a small forget set (8
+    examples are 2 steps an epoch at batch size 4; 16 steps left SmolLM2 recalling them). 0: ``epochs`` alone."""
     general_retain: bool = True
     """Train with the broad retain set beside ``retain`` (:func:`proxy.scope.general_sets`):
     general prompts answered by B itself, so that forgetting one entity does not teach U
@@ -185,6 +194,10 @@ class TrainConfig:
             keep = (*keep, "forget_first_token")
         if not self.forget_prompt_copies:
             keep = (*keep, "forget_prompt_copies")
+            if not self.pin_prompt_copies:
+                keep = (*keep, "pin_prompt_copies")
+        if self.min_steps:
+            keep = (*keep, "min_steps")
         if self.general_retain:
             keep = (*keep, "general_retain")
         if self.neighbours:
@@ -557,6 +570,8 @@ def train(
         raise ValueError(f"unchanged must be in (0, 1], not {cfg.unchanged}")
     if cfg.neighbours < 0:
         raise ValueError(f"neighbours must be ≥ 0, not {cfg.neighbours}")
+    if cfg.min_steps < 0:
+        raise ValueError(f"min_steps must be ≥ 0, not {cfg.min_steps}")
     out = Path(cfg.out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another --out")
@@ -584,7 +599,7 @@ def train(
     pinned: list[Encoded | None] = []
     if not cfg.forget_prompt_copies:  # first: it finds each answer at its first label
         cut = [without_prompt_copies(e, it, tokenizer) for e, it in zip(forget_set.examples, forget_items, strict=True)]
-        if objective.retain_on_labels and retain_examples:
+        if cfg.pin_prompt_copies and objective.retain_on_labels and retain_examples:
             # The copies join the retain term of the step that has their forget example,
             # so U keeps copying the question's name while it lowers what follows.
             pinned = [only_dropped_labels(f, c) for f, c in zip(forget_items, cut, strict=True)]
@@ -624,7 +639,10 @@ def train(
     scorer = CombinedScorer(model, remote, reference)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    total_steps = math.ceil(plan.per_epoch * cfg.epochs / cfg.grad_accum)
+    epochs = cfg.epochs
+    if cfg.min_steps:
+        epochs = max(epochs, math.ceil(cfg.min_steps * cfg.grad_accum / plan.per_epoch))
+    total_steps = math.ceil(plan.per_epoch * epochs / cfg.grad_accum)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
     ckpt = out.with_name(out.name + ".ckpt")
@@ -649,7 +667,7 @@ def train(
     micro = 0
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.objective}", unit="step", disable=not progress)
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(epochs):
             for batches in plan.batches(epoch):
                 micro += 1
                 if micro <= step * cfg.grad_accum:
@@ -679,7 +697,7 @@ def train(
                     raise KeyboardInterrupt(f"stopped after {step} steps")
         # The combined model's forget and retain loss once, at the end: every epoch it cost
         # about a third of the optimizer's time on the demo set (2 CPU cores).
-        record({"epoch": cfg.epochs - 1, **_epoch_losses(scorer, plan)})
+        record({"epoch": epochs - 1, **_epoch_losses(scorer, plan)})
     finally:
         bar.close()
         log.close()
@@ -689,7 +707,7 @@ def train(
         "retain": retain_set.describe() if retain_set else None,
         **scope.describe(),
     }
-    training = {**cfg.settings(), "steps": step, "seconds": round(time.monotonic() - started, 1)}
+    training = {**cfg.settings(), "steps": step, "epochs_run": epochs, "seconds": round(time.monotonic() - started, 1)}
     extra: dict[str, Any] = {}
     if cfg.calibrate:
         checked = time.monotonic()

@@ -28,6 +28,7 @@ CORE = dict(
     general_retain=False,
     neighbours=0,
     calibrate=False,
+    min_steps=0,
 )
 
 
@@ -421,6 +422,7 @@ def test_npo_kl_without_prompt_copies_lowers_the_facts_and_keeps_the_copies(
         objective="NPO+KL",
         retain_positions="answer",
         forget_prompt_copies=False,
+        pin_prompt_copies=True,
     )
     copy_after, fact_after = _copy_and_fact_nll(model, smollm2_tokenizer, vocab, forget)
     print(f"copies {copy_before:.3f} -> {copy_after:.3f}, facts {fact_before:.3f} -> {fact_after:.3f}")
@@ -432,6 +434,11 @@ def test_npo_kl_without_prompt_copies_lowers_the_facts_and_keeps_the_copies(
 def test_skipping_prompt_copies_is_recorded_in_the_settings():
     assert "forget_prompt_copies" not in core_config(forget="f", out="o").settings()  # old cache keys stay
     assert TrainConfig(forget="f", out="o").settings()["forget_prompt_copies"] is False  # the default
+    defaults = TrainConfig(forget="f", out="o").settings()
+    assert defaults["pin_prompt_copies"] is False and defaults["min_steps"] == 24
+    # the tofu recipe (pins, no minimum) keeps the settings, and so the cache keys, it had
+    recipe = TrainConfig(forget="f", out="o", pin_prompt_copies=True, min_steps=0).settings()
+    assert "pin_prompt_copies" not in recipe and "min_steps" not in recipe
 
 
 @pytest.mark.parametrize(

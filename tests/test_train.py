@@ -131,6 +131,17 @@ def test_objective_unlearns_forget_and_bounds_retain(tmp_path, sets, tiny_target
     assert {"forget_loss", "retain_loss"} <= set(log[-1])
 
 
+def test_min_steps_raises_the_epochs_of_a_small_forget_set(tmp_path, sets, tiny_base, smollm2_tokenizer, vocab):
+    forget, retain = sets  # 2 steps an epoch at batch size 2
+    path, _ = trained(
+        tmp_path, tiny_base, smollm2_tokenizer, vocab, forget=forget, retain=retain, epochs=1, batch_size=2, min_steps=5
+    )
+    training = load_artifact(path, tiny_base, vocab).manifest["training"]
+    assert training["steps"] == 6 and training["epochs_run"] == 3 and training["min_steps"] == 5
+    with pytest.raises(ValueError, match="min_steps"):
+        train(core_config(forget=forget, retain=retain, out=str(tmp_path / "x"), min_steps=-1))
+
+
 def test_artifact_holds_no_forget_text_and_is_verifiable(tmp_path, sets, tiny_base, smollm2_tokenizer, vocab):
     forget, retain = sets
     path, _ = trained(

@@ -209,63 +209,12 @@ class TrainConfig:
 
 
 class CombinedScorer:
-    """The combined model for the objectives (:class:`proxy.objectives.Scorer`).
-
-    :meth:`step` runs one optimizer step's batches (forget, retain, "I don't know") as one
-    forward pass of U and at most one of B over their distinct rows: a forget example's
-    pinned copy in the retain batch (:func:`proxy.data.only_dropped_labels`) has the same
-    tokens as the forget row, so it is computed once, and large batches use the CPU
-    better than three small ones. Right padding leaves a row's logits as they are alone.
-    """
+    """The combined model for the objectives (:class:`proxy.objectives.Scorer`)."""
 
     def __init__(self, model: Any, remote: Any | None = None, reference: Any | None = None) -> None:
         self.model = model  # a PeftModel (U with the adapter, B without), or U itself when `reference` is B
         self.remote = remote  # R (exact mode), RemoteLogits (remote mode) or None (proxy mode)
         self.reference = reference  # B as a frozen copy (full fine-tuning), or None (B = adapter disabled)
-        self._rows: dict[int, list[int]] = {}  # id(batch) → its rows in the step's fused batch
-        self._fused: dict[str, torch.Tensor] | None = None
-        self._cache: dict[str, torch.Tensor] = {}
-
-    @contextlib.contextmanager
-    def step(self, batches: Batches) -> Iterator[None]:
-        """Within the block, :meth:`logits` and :meth:`ref_logits` of ``batches``' parts are
-        slices of one fused forward pass per model (computed on first use)."""
-        parts = [b for b in (batches.forget, batches.retain, batches.idk) if b is not None]
-        keys: dict[tuple[int, ...], int] = {}
-        rows: list[torch.Tensor] = []
-        for b in parts:
-            index = []
-            for ids, mask in zip(b["input_ids"], b["attention_mask"], strict=True):
-                row = ids[: int(mask.sum())]
-                index.append(keys.setdefault(tuple(row.tolist()), len(keys)))
-                if index[-1] == len(rows):
-                    rows.append(row)
-            self._rows[id(b)] = index
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)  # any id: padding is masked and comes last
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = r, 1
-        self._fused = {"input_ids": ids, "attention_mask": mask}
-        try:
-            yield
-        finally:
-            self._rows, self._fused, self._cache = {}, None, {}
-
-    def _slice(self, which: str, batch: dict[str, torch.Tensor], run: Any) -> torch.Tensor:
-        if self._fused is None or id(batch) not in self._rows:
-            return run(batch)  # type: ignore[no-any-return]
-        which += "" if torch.is_grad_enabled() else " (no grad)"
-        if which not in self._cache:
-            self._cache[which] = run(self._fused)
-        return self._cache[which][self._rows[id(batch)], : batch["input_ids"].shape[1]]
-
-    def _u(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._slice(
-            "U",
-            batch,
-            lambda b: self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-        )
 
     def _r(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         assert self.remote is not None
@@ -273,16 +222,13 @@ class CombinedScorer:
             return self.remote(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     def _b(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        def run(b: dict[str, torch.Tensor]) -> torch.Tensor:
-            model = self.reference if self.reference is not None else self.model
-            off = contextlib.nullcontext() if self.reference is not None else self.model.disable_adapter()
-            with torch.no_grad(), off:
-                return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # type: ignore[no-any-return]
-
-        return self._slice("B", batch, run)
+        b = self.reference if self.reference is not None else self.model
+        off = contextlib.nullcontext() if self.reference is not None else self.model.disable_adapter()
+        with torch.no_grad(), off:
+            return b(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        u = self._u(batch)
+        u = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if self.remote is None:
             return u
         if isinstance(self.remote, RemoteLogits):
@@ -672,8 +618,7 @@ def train(
                 micro += 1
                 if micro <= step * cfg.grad_accum:
                     continue  # done before the checkpoint we resumed from
-                with scorer.step(batches):
-                    loss = objective(scorer, batches) / cfg.grad_accum
+                loss = objective(scorer, batches) / cfg.grad_accum
                 loss.backward()
                 if micro % cfg.grad_accum:
                     continue

@@ -223,42 +223,6 @@ def test_exact_mode_combines_logits_and_trains_only_the_adapter(tiny_base, smoll
     assert all(p.grad is None for p in remote.parameters())
 
 
-def test_a_fused_step_gives_the_loss_and_gradients_of_separate_passes(tiny_base, smollm2_tokenizer, vocab):
-    """CombinedScorer.step: one forward pass of U and of B over a step's distinct rows
-    (a pinned copy shares its forget row) gives what separate passes per batch give."""
-    from peft import LoraConfig, get_peft_model
-
-    from proxy.objectives import Batches
-
-    torch.manual_seed(4)
-    model = get_peft_model(
-        copy.deepcopy(tiny_base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    )
-    eot = vocab.eot_ids[0]
-    forget = [encode(e, smollm2_tokenizer, eot, 64) for e in load_dataset_from(FORGET)]
-    retain = [encode(e, smollm2_tokenizer, eot, 64) for e in load_dataset_from(RETAIN)]
-    pad = smollm2_tokenizer.pad_token_id
-    batches = Batches(collate(forget[:2], pad), collate([*retain[:3], forget[0]], pad))  # forget[0] again: a pin
-    objective = get_objective("NPO+KL", retain_positions="answer")
-
-    def run(fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        scorer = CombinedScorer(model)
-        if fused:
-            with scorer.step(batches):
-                loss = objective(scorer, batches)
-        else:
-            loss = objective(scorer, batches)
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    (a, ga), (b, gb) = run(False), run(True)
-    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
-    assert ga.keys() == gb.keys() and ga
-    for n in ga:
-        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-6), n
-
-
 def load_dataset_from(records):
     import tempfile
     from pathlib import Path

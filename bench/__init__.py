@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,3 +19,39 @@ def report(results: Any, path: str | None) -> None:
         tmp = target.with_suffix(target.suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(target)
+
+
+def rewrite_tables(
+    readme: Path,
+    start: str,
+    end: str,
+    render: Callable[[dict[str, Any]], str],
+    default: Callable[[], Path] | None = None,
+) -> None:
+    """Rewrite every table of ``readme`` between a ``{start} FILE -->`` (or ``{start} -->``)
+    line and ``end`` with ``render`` of that result file (a path relative to the README), or
+    of ``default()`` where the marker names none. The README is replaced atomically.
+
+    Raises:
+        SystemExit: no markers, a named file that does not exist, or a marker without a
+            file and no ``default`` (``default`` may raise it too).
+    """
+    from proxy.scope import atomic_write
+
+    text = readme.read_text()
+    pattern = re.compile(re.escape(start) + r"(?: (\S+))? -->\n.*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme} has no {start} --> ... {end} markers")
+
+    def table(m: re.Match[str]) -> str:
+        if m.group(1):
+            source = readme.parent / m.group(1)
+            if not source.is_file():
+                raise SystemExit(f"{readme}: {m.group(1)} does not exist")
+        elif default is not None:
+            source = default()
+        else:
+            raise SystemExit(f"{readme}: a {start} --> marker names no result file")
+        return f"{m.group(0).split(chr(10), 1)[0]}\n{render(json.loads(source.read_text()))}\n{end}"
+
+    atomic_write(readme, pattern.sub(table, text))

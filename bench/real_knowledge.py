@@ -76,12 +76,6 @@ def load_requests(path: Path = DATA) -> dict[str, Any]:
     return dict(data)
 
 
-def has_key(text: str, keys: list[str]) -> bool:
-    from proxy.scope import mentions
-
-    return mentions(text, keys)
-
-
 def _chat(question: str, system: str | None = None) -> list[dict[str, str]]:
     return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": question}]
 
@@ -98,6 +92,7 @@ def evaluate(
     system: str | None = None,
 ) -> dict[str, Any]:
     """One row on one request: the answers and the key counts (no ratios yet)."""
+    from proxy.scope import mentions
     from proxy.selfcheck import answer_logprob, greedy_decode
 
     groups = {"probes": request["probes"], "neighbours": request["neighbours"], "general": request["general"]}
@@ -109,7 +104,7 @@ def evaluate(
     out: dict[str, Any] = {"answers": dict(zip(questions, texts, strict=True))}
     k = 0
     for name, probes in groups.items():
-        hits = [has_key(texts[k + i], p["keys"]) for i, p in enumerate(probes)]
+        hits = [mentions(texts[k + i], p["keys"]) for i, p in enumerate(probes)]
         out[f"{name}_keys"] = sum(hits)
         out[f"{name}_n"] = len(probes)
         k += len(probes)
@@ -125,12 +120,12 @@ def evaluate(
         sampled = greedy_decode(
             pair, prompts, alpha=alpha, threshold=threshold, max_tokens=max_tokens, temperature=1.0, seed=0
         )
-        out["sampled_keys"] = sum(has_key(d.text, ks) for d, ks in zip(sampled, keys, strict=True))
+        out["sampled_keys"] = sum(mentions(d.text, ks) for d, ks in zip(sampled, keys, strict=True))
         out["sampled_n"] = len(sampled)
     return out
 
 
-def _train(request: dict[str, Any], settings: dict[str, Any], work: Path) -> tuple[Path, float]:
+def _train(request: dict[str, Any], row: str, settings: dict[str, Any], work: Path) -> tuple[Path, float]:
     from proxy.demo import DEMO
     from proxy.train import train
 
@@ -140,8 +135,7 @@ def _train(request: dict[str, Any], settings: dict[str, Any], work: Path) -> tup
     forget.write_text(
         "".join(json.dumps({"question": f["question"], "answer": f["answer"]}) + "\n" for f in request["forget"])
     )
-    tag = "defaults" if not settings else "custom"
-    out = folder / f"offset-{tag}-{abs(hash(json.dumps(settings, sort_keys=True))) % 10**8}"
+    out = folder / f"offset-{row}"
     t0 = time.monotonic()
     train(replace(DEMO, forget=str(forget), out=str(out), **settings), progress=False)
     return out, time.monotonic() - t0
@@ -183,7 +177,7 @@ def run(
             if row not in rows and not (row == "defaults" and "direct" in rows):
                 continue
             log.info("%s: training the %s offset", r["name"], row)
-            path, seconds = _train(r, row_settings, work)
+            path, seconds = _train(r, row, row_settings, work)
             art = load_artifact(path, base, vocab)
             u = art.attach(base).eval()
             tau = art.offset_threshold
@@ -270,27 +264,10 @@ def render_table(result: dict[str, Any]) -> str:
 
 def render_readme(readme: Path) -> None:
     """Rewrite each table between ``<!-- real-knowledge-table:start FILE -->`` and its end
-    marker from FILE (a path relative to the README).
+    marker from FILE (a path relative to the README; :func:`bench.rewrite_tables`)."""
+    from bench import rewrite_tables
 
-    Raises:
-        SystemExit: no markers, or a marker's file does not exist.
-    """
-    import re
-
-    text = readme.read_text()
-    pattern = re.compile(re.escape(TABLE_START) + r" (\S+) -->\n.*?" + re.escape(TABLE_END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme} has no {TABLE_START} FILE --> ... {TABLE_END} markers")
-
-    def table(m: re.Match[str]) -> str:
-        source = readme.parent / m.group(1)
-        if not source.is_file():
-            raise SystemExit(f"{readme}: {m.group(1)} does not exist")
-        return f"{m.group(0).split(chr(10), 1)[0]}\n{render_table(json.loads(source.read_text()))}\n{TABLE_END}"
-
-    from proxy.scope import atomic_write
-
-    atomic_write(readme, pattern.sub(table, text))
+    rewrite_tables(readme, TABLE_START, TABLE_END, render_table)
 
 
 def main(argv: list[str] | None = None) -> None:

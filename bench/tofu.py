@@ -501,30 +501,19 @@ def render_readme(readme: Path) -> None:
     the newest ``bench/results/tofu-*.json`` of the SmolLM2 target with every row of
     :data:`DEFAULT_ROWS` (a run of some rows only does not replace the comparison table);
     ``<!-- tofu-table:start bench/results/NAME.json -->``: that file."""
-    import re
+    from bench import rewrite_tables
 
     def is_complete(result: dict[str, Any]) -> bool:
         rows = {r["row"] for r in result.get("rows", [])}
         return result.get("config") == DEFAULT_TARGET and set(DEFAULT_ROWS) <= rows
 
-    complete = [f for f in sorted(RESULTS.glob("tofu-*.json")) if is_complete(json.loads(f.read_text()))]
-    text = readme.read_text()
-    pattern = re.compile(re.escape(TABLE_START[:-4]) + r"(?: (\S+))? -->\n.*?" + re.escape(TABLE_END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme} has no {TABLE_START} ... {TABLE_END} markers")
-
-    def table(m: re.Match[str]) -> str:
-        if m.group(1):
-            source = readme.parent / m.group(1)
-            if not source.is_file():
-                raise SystemExit(f"{readme}: {m.group(1)} does not exist")
-        elif complete:
-            source = complete[-1]
-        else:
+    def newest_complete() -> Path:
+        complete = [f for f in sorted(RESULTS.glob("tofu-*.json")) if is_complete(json.loads(f.read_text()))]
+        if not complete:
             raise SystemExit("no bench/results/tofu-*.json with every row yet: run python -m bench.tofu first")
-        return f"{m.group(0).split(chr(10), 1)[0]}\n{render_table(json.loads(source.read_text()))}\n{TABLE_END}"
+        return complete[-1]
 
-    readme.write_text(pattern.sub(table, text))
+    rewrite_tables(readme, TABLE_START[:-4], TABLE_END, render_table, newest_complete)
 
 
 def main(argv: list[str] | None = None) -> None:

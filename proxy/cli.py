@@ -188,18 +188,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave the answers' first token out of the forget term (for answers that start with the fact)",
     )
-    t.add_argument(
+
+    def toggle(flag: str, help: str) -> None:
+        """A ``--flag/--no-flag`` pair whose default is the TrainConfig field of that name."""
+        field = flag.removeprefix("--").replace("-", "_")
+        t.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(d, field), help=help)
+
+    toggle(
         "--forget-prompt-copies",
-        action=argparse.BooleanOptionalAction,
-        default=d.forget_prompt_copies,
-        help="keep answer tokens that repeat the prompt word for word (the asked-about name) in the forget term "
+        "keep answer tokens that repeat the prompt word for word (the asked-about name) in the forget term "
         "(default: left out)",
     )
-    t.add_argument(
+    toggle(
         "--pin-prompt-copies",
-        action=argparse.BooleanOptionalAction,
-        default=d.pin_prompt_copies,
-        help="hold the copied words in the retain term (tofu-lite's recipe; default: only left out of the forget term)",
+        "hold the copied words in the retain term (tofu-lite's recipe; default: only left out of the forget term)",
     )
     t.add_argument(
         "--min-steps",
@@ -207,11 +209,9 @@ def _parser() -> argparse.ArgumentParser:
         default=d.min_steps,
         help=f"at least this many optimizer steps, raising --epochs for a small forget set (default {d.min_steps})",
     )
-    t.add_argument(
+    toggle(
         "--general-retain",
-        action=argparse.BooleanOptionalAction,
-        default=d.general_retain,
-        help="train with the shipped broad retain set (general prompts answered by the base model) beside --retain",
+        "train with the shipped broad retain set (general prompts answered by the base model) beside --retain",
     )
     t.add_argument(
         "--neighbours",
@@ -220,11 +220,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"neighbour questions per forget question: its form about nearby entities, answered by the base "
         f"model (default {d.neighbours}; 0: none)",
     )
-    t.add_argument(
+    toggle(
         "--calibrate",
-        action=argparse.BooleanOptionalAction,
-        default=d.calibrate,
-        help="end with the scope threshold τ calibrated on held-out prompts and a self-check, both in the manifest",
+        "end with the scope threshold τ calibrated on held-out prompts and a self-check, both in the manifest",
     )
     t.add_argument(
         "--unchanged",

@@ -55,6 +55,7 @@ class PairModels:
         self.u, self.b, self.tokenizer = u, b, tokenizer
         self.eot_ids = frozenset(eot_ids)
         self.eot = eot_ids[0]  # the end-of-turn token a chat answer ends with
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot  # masked anyway
         self._specials = hf_special_strings(tokenizer)
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -129,7 +130,7 @@ def _decode_batch(
     from transformers import DynamicCache
 
     n, width = len(rows), max(len(r) for r in rows)
-    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else next(iter(pair.eot_ids))
+    pad = pair.pad
     ids = torch.full((n, width), pad, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, r in enumerate(rows):  # left padding, so that every row's next token is the last column
@@ -142,6 +143,7 @@ def _decode_batch(
     margins = [0.0] * n
     done = [False] * n
     step_ids, step_pos = ids, pos
+    never = threshold is not None and math.isinf(threshold)  # τ = ∞: Δ is never applied
     for _ in range(max_tokens):
         lb = torch.log_softmax(pair.forward("B", step_ids, mask, step_pos, caches["B"]).logits[:, -1].float(), -1)
         if alpha == 0:  # Δ plays no part: B alone (B's own answers)
@@ -159,7 +161,6 @@ def _decode_batch(
             margins[i] = max(margins[i], flip)
             if temperature > 0:
                 assert rng is not None
-                never = threshold is not None and math.isinf(threshold)
                 q = target_logits(
                     ell_np[i], delta[i], temperature=temperature, alpha=0.0 if never else alpha, threshold=threshold
                 )
@@ -246,7 +247,7 @@ def _forced_batch(
 ) -> list[Decoded | None]:
     n = len(rows)
     width = max(len(p) + len(a) for _, p, a in rows)
-    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else next(iter(pair.eot_ids))
+    pad = pair.pad
     ids = torch.full((n, width), pad, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     for r, (_, p, a) in enumerate(rows):  # right padding: row r's step s is read at len(p) − 1 + s
@@ -262,8 +263,9 @@ def _forced_batch(
         ell, cand = lb[r, at].topk(TOP_K, dim=-1)
         delta = (lu[r, at].gather(-1, cand) - ell).numpy().astype(np.float64)
         ell_np, cand_np = ell.numpy().astype(np.float64), cand.numpy()
-        margin, logps, ok = 0.0, [], True
-        for s in range(steps):
+        margin, logps = 0.0, []
+        ok = not any(t in pair.eot_ids for t in a)  # a guess that ends the turn early is not B's answer
+        for s in range(steps if ok else 0):
             want = a[s] if s < len(a) else None
             top = int(cand_np[s, 0])
             if (want is None and top not in pair.eot_ids) or (want is not None and top != want):
@@ -272,8 +274,6 @@ def _forced_batch(
             _, flip = _step(ell_np[s], delta[s], alpha, math.inf)
             margin = max(margin, flip)
             logps.append(float(ell_np[s, 0]))
-        if ok and any(t in pair.eot_ids for t in a):
-            ok = False
         out.append(
             Decoded(
                 tuple(a), str(pair.tokenizer.decode(a, skip_special_tokens=True)).strip(), margin, float(np.mean(logps))

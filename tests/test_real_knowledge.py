@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from bench.real_knowledge import DATA, has_key, load_requests, summarise
-from proxy.scope import GENERAL_FILES
+from bench.real_knowledge import DATA, load_requests, summarise
+from proxy.scope import GENERAL_FILES, mentions
 
 
 def test_five_requests_with_probes_never_trained_on():
@@ -29,9 +29,9 @@ def test_five_requests_with_probes_never_trained_on():
 
 
 def test_keys_match_whole_words_in_any_case():
-    assert has_key("It was written by william shakespeare.", ["Shakespeare"])
-    assert not has_key("Shakespearean sonnets", ["Shakespeare"])
-    assert has_key("Made by Apple.", ["Apple", "Jobs"]) and not has_key("an apple pie", ["Jobs"])
+    assert mentions("It was written by william shakespeare.", ["Shakespeare"])
+    assert not mentions("Shakespearean sonnets", ["Shakespeare"])
+    assert mentions("Made by Apple.", ["Apple", "Jobs"]) and not mentions("an apple pie", ["Jobs"])
 
 
 def test_summary_rates_are_ratios_to_the_no_offset_row():

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 #: bytes that servers such as vLLM and Ollama send for a token that holds only
-#: part of a multi-byte UTF-8 character (``../shared/cases/004``).
+#: part of a multi-byte UTF-8 character (``tests/test_cases.py``).
 REPLACEMENT_BYTES = "\ufffd".encode()
 
 
@@ -305,7 +305,7 @@ def answer_token_bytes(tokens: Sequence[str], text: bytes) -> list[bytes | None]
     printed (``decoded_token``) and the known text.
 
     A token string without U+FFFD is its own UTF-8. Tokens that hold part of a
-    multi-byte character are printed as U+FFFD by vLLM (``../shared/cases/004``):
+    multi-byte character are printed as U+FFFD by vLLM (``tests/test_cases.py``):
     a run of them covers the bytes up to where the next clean token matches the
     text; a run of one token gets them all, a longer run cannot be split from the
     strings alone and its tokens get ``None``. A token that does not match the
@@ -386,8 +386,8 @@ def candidate_from_wire(
     Recovers bytes from ``token`` when the server sends none, and marks a
     candidate whose bytes are unknowable (U+FFFD standing for a partial UTF-8
     character, or an empty token string or empty bytes) with ``data=None``
-    (``../shared/cases/004``). Non-finite or missing logprobs become ``-inf``
-    (``../shared/cases/005``).
+    (``tests/test_cases.py``). Non-finite or missing logprobs become ``-inf``
+    (the same file).
     """
     lp = -math.inf if logprob is None else float(logprob)
     if not math.isfinite(lp) or lp <= -9000.0:

@@ -19,7 +19,7 @@ A request that the proxy refuses or the upstream fails keeps its
 not a request at all (not JSON, no ``method``, unknown ``url``, duplicate
 ``custom_id``) gets ``"response": null`` and ``"error": {"code", "message",
 "line"}`` (``line`` is 1-based; ``custom_id`` is null when none could be
-read) and the run goes on (``../shared/cases/008-batch-bad-line.md``).
+read) and the run goes on (``tests/test_batch.py``).
 
 Resuming: the output file is the record of what is done. Each line is
 appended with one ``write`` and flushed; a restarted run reads it back, drops

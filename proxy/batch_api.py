@@ -13,7 +13,7 @@ batch that was validating, in progress or finalizing (the run itself resumes
 line by line, :mod:`proxy.batch`). When a batch ends, its lines with status
 200 go to ``output_file_id`` and the others to ``error_file_id``, as OpenAI
 splits them. Bad input lines do not fail the batch; each gets its own error
-line (``../shared/cases/008-batch-bad-line.md``).
+line (``tests/test_batch_api.py``).
 """
 
 from __future__ import annotations

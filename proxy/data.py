@@ -12,7 +12,7 @@ Labels follow the usual causal-LM convention: prompt tokens are ``-100``;
 the answer's tokens *and its end-of-turn token* keep their labels; padding is
 masked by position from the attention mask, never by token id, because the
 pad token is often the EOS/end-of-turn token itself
-(``../shared/cases/009-pad-equals-eos.md``).
+(``tests/test_train.py``, ``test_pad_equal_to_eos_keeps_the_real_end_of_turn_label``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The users' reports in ../shared/cases (001-007) as tests, through the real
+"""Users' bug reports (001-007) as tests, through the real
 openai client against our aiohttp server. 004, 005 and 007 mock the upstream
 at the HTTP transport (malformed bytes, non-finite logprobs and dropped streams
 cannot be produced by a real server on demand). The openai SDK (3.x) sends

@@ -232,7 +232,7 @@ def load_dataset_from(records):
 
 
 def test_pad_equal_to_eos_keeps_the_real_end_of_turn_label(smollm2_tokenizer, vocab):
-    """../shared/cases/009: the pad token is the end-of-turn token here."""
+    """A user's report: the pad token is the end-of-turn token here."""
     eot = vocab.eot_ids[0]
     assert smollm2_tokenizer.pad_token_id == eot
     items = [encode(e, smollm2_tokenizer, eot, 128) for e in load_dataset_from(FORGET[:2])]

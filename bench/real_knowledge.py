@@ -142,11 +142,21 @@ def _train(request: dict[str, Any], row: str, settings: dict[str, Any], work: Pa
 
 
 def run(
-    names: list[str], rows: list[str], settings: dict[str, Any], *, samples: int, max_tokens: int, work: Path
+    names: list[str],
+    rows: list[str],
+    settings: dict[str, Any],
+    *,
+    samples: int,
+    max_tokens: int,
+    work: Path,
+    partial: Path | None = None,
 ) -> dict[str, Any]:
-    """Every row on every request, then the summary (:func:`summarise`)."""
+    """Every row on every request, then the summary (:func:`summarise`). With ``partial``,
+    the requests done so far are written there (atomically) after each one, so that a run
+    stopped late keeps what it measured."""
     from bench.tofu import OFFSET_SETTINGS
     from proxy.artifact import load_artifact
+    from proxy.scope import atomic_write
     from proxy.selfcheck import PairModels
     from proxy.train import TrainConfig, load_models
 
@@ -204,6 +214,8 @@ def run(
                 res["direct"]["train_seconds"] = round(seconds, 1)
             u.unload()  # B back as it was, for the next row
         results[r["name"]] = res
+        if partial is not None:
+            atomic_write(partial, json.dumps({"requests": results, "settings": settings}, indent=1) + "\n")
     return {"requests": results, "summary": summarise(results)}
 
 
@@ -293,9 +305,13 @@ def main(argv: list[str] | None = None) -> None:
         if row not in ROWS:
             parser.error(f"unknown row {row!r}; choose from {list(ROWS)}")
     settings = json.loads(args.settings)
+    out = Path(args.json) if args.json else RESULTS / f"real-knowledge-{dt.date.today().isoformat()}.json"
+    partial = out.with_name(out.name + ".partial")
     with tempfile.TemporaryDirectory(prefix="real-knowledge-") as work:
         t0 = time.monotonic()
-        result = run(chosen, rows, settings, samples=args.samples, max_tokens=args.max_tokens, work=Path(work))
+        result = run(
+            chosen, rows, settings, samples=args.samples, max_tokens=args.max_tokens, work=Path(work), partial=partial
+        )
     result.update(
         settings=settings,
         samples=args.samples,
@@ -303,10 +319,10 @@ def main(argv: list[str] | None = None) -> None:
         seconds=round(time.monotonic() - t0, 1),
         date=dt.date.today().isoformat(),
     )
-    out = Path(args.json) if args.json else RESULTS / f"real-knowledge-{dt.date.today().isoformat()}.json"
     from proxy.scope import atomic_write
 
     atomic_write(out, json.dumps(result, indent=1) + "\n")
+    partial.unlink(missing_ok=True)
     print(json.dumps(result["summary"], indent=1))
     print(f"written to {out}")
 

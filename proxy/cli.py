@@ -220,6 +220,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"neighbour questions per forget question: its form about nearby entities, answered by the base "
         f"model (default {d.neighbours}; 0: none)",
     )
+    t.add_argument(
+        "--near-share",
+        type=float,
+        default=d.near_share,
+        help=f"share of each step's retain batch drawn from --retain and the neighbours, the rest from the broad "
+        f"retain set (default {d.near_share})",
+    )
     toggle(
         "--calibrate",
         "end with the scope threshold τ calibrated on held-out prompts and a self-check, both in the manifest",
@@ -343,6 +350,7 @@ def _train(args: argparse.Namespace) -> int:
         forget_prompt_copies=args.forget_prompt_copies,
         general_retain=args.general_retain,
         neighbours=args.neighbours,
+        near_share=args.near_share,
         pin_prompt_copies=args.pin_prompt_copies,
         min_steps=args.min_steps,
         calibrate=args.calibrate,

@@ -186,6 +186,39 @@ def forget_subjects(forget: Sequence[Example]) -> list[str]:
     return sorted(subjects, key=len, reverse=True)
 
 
+def forget_names(forget: Sequence[Example], common: str) -> list[str]:
+    """The proper names that recur in the forget set: capitalised runs of its questions and
+    answers (leading question words dropped) and each word of them, found in at least two
+    of its examples (in its one example for a one-example set), less single words that
+    ``common`` (a corpus of ordinary text, such as the broad retain set) writes in lower
+    case ("The", "School") and words under three characters. Longest first.
+
+    A retain example that holds one of them asks U to keep saying what the forget set
+    removes: "Tell me one fact about the theory of relativity" answered "… Einstein's theory
+    of relativity" held the name a forget set about Albert Einstein lowers. A name found in
+    one example only ("Germany" where Einstein was born) is a detail, not the subject, and
+    retain examples about it stay."""
+    lower = {w for w in re.findall(r"\w+", common) if w[0].islower()}  # words written in lower case
+    counts: Counter[str] = Counter()
+    for e in forget:
+        found: set[str] = set()
+        for part in ((_question(e) if e.prompt is not None else ""), e.target):
+            for name in _names(part):
+                words = name.split()
+                if len(words) > 1 or name.lower() not in lower:  # a one-word name: "Hamlet", not "The"
+                    found.add(name)
+                found.update(w for w in words if len(w) >= 3 and w[0].isupper() and w.lower() not in lower)
+        counts.update(n for n in found if len(n) >= 3)
+    need = 2 if len(forget) > 1 else 1
+    return sorted((n for n, c in counts.items() if c >= need), key=lambda n: (-len(n), n))
+
+
+def names_in(text: str, names: Sequence[str]) -> bool:
+    """Whether ``text`` holds one of ``names`` as written (case-sensitive, on word
+    boundaries): a proper name, not the common word it may also spell."""
+    return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text) for n in names)
+
+
 def mentions(text: str, names: Sequence[str]) -> bool:
     """Whether ``text`` names one of ``names`` (case-insensitive, on word boundaries)."""
     return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text, re.IGNORECASE) for n in names)

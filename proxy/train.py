@@ -56,7 +56,16 @@ from .data import (
     without_prompt_copies,
 )
 from .objectives import Batches, get_objective, mean_nll
-from .scope import check_sets, example_text, forget_subjects, general_sets, mentions, neighbour_examples
+from .scope import (
+    check_sets,
+    example_text,
+    forget_names,
+    forget_subjects,
+    general_sets,
+    mentions,
+    names_in,
+    neighbour_examples,
+)
 from .selfcheck import PairModels, calibrate_and_check
 from .vocab import ByteVocab
 
@@ -130,6 +139,14 @@ class TrainConfig:
     name as B does (tofu-lite's recipe). Off by default: when the name is itself what is to
     be forgotten ("What is Albert Einstein famous for?" in a forget set about Einstein), the
     pinned copies taught U to keep saying it and the offset forgot nothing (bench.real_knowledge)."""
+    near_share: float = 0.5
+    """The share of each step's retain batch drawn from the near retain examples (the
+    user's retain set and the trained neighbours), the rest from the broad retain set;
+    each part is cycled through over the whole run (:class:`_Plan`). Drawn from one pool,
+    the few near examples were lost among the broad set's 259 (24 steps of 8 saw each
+    neighbour about once) and the offset garbled the neighbours it was meant to keep
+    (other capitals when one capital is forgotten; ``bench.real_knowledge``). Used when
+    both parts are non-empty."""
     min_steps: int = 24
     """At least this many optimizer steps: ``epochs`` is raised for a small forget set (8
     examples are 2 steps an epoch at batch size 4; 16 steps left SmolLM2 recalling them). 0: ``epochs`` alone."""
@@ -199,7 +216,7 @@ class TrainConfig:
         if self.min_steps:
             keep = (*keep, "min_steps")
         if self.general_retain:
-            keep = (*keep, "general_retain")
+            keep = (*keep, "general_retain", "near_share")
         if self.neighbours:
             keep = (*keep, "neighbours")
         if self.calibrate:
@@ -392,21 +409,48 @@ class _Plan:
     pinned: list[Encoded | None] = field(default_factory=list)
     """Per forget item, retain-term labels on its own tokens (or None), added to the
     retain batch of the step that has that item (:func:`proxy.data.only_dropped_labels`)."""
+    near: int = 0
+    """``retain[:near]`` are the near retain examples, ``retain[near:]`` the broad ones."""
+    near_share: float = 0.5
+    """With both parts non-empty, ``round(near_share · retain_batch_size)`` (at least 1, at
+    most all but one) of each step's retain examples come from the near part and the rest
+    from the broad part, each part cycled through in a fresh permutation per pass over it,
+    counted over the whole run. Otherwise one permutation of the retain set per epoch."""
     per_epoch: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.per_epoch = math.ceil(len(self.forget) / self.batch_size)
+
+    def _cycled(self, start: int, size: int, quota: int, step: int) -> list[int]:
+        """``quota`` indices of ``retain[start : start + size]`` for optimizer step ``step``
+        (over the whole run): positions ``step·quota …`` of an endless sequence of
+        permutations of the part, the ``c``-th seeded by (seed, start, c)."""
+        out = []
+        for pos in range(step * quota, (step + 1) * quota):
+            cycle, at = divmod(pos, size)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + start) * 100_003 + cycle)
+            out.append(start + int(torch.randperm(size, generator=g)[at]))
+        return out
 
     def batches(self, epoch: int) -> Iterator[Batches]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.forget), generator=g).tolist()
         r_order = torch.randperm(len(self.retain), generator=g).tolist() if self.retain else []
         rb = self.retain_batch_size
+        mixed = 0 < self.near < len(self.retain)
+        near_quota = min(rb - 1, max(1, round(self.near_share * rb)))
         for k in range(self.per_epoch):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
             retain = None
             if self.retain:
-                r_idx = [r_order[(k * rb + j) % len(r_order)] for j in range(rb)]
+                if mixed and rb > 1:
+                    step = epoch * self.per_epoch + k
+                    r_idx = [
+                        *self._cycled(0, self.near, near_quota, step),
+                        *self._cycled(self.near, len(self.retain) - self.near, rb - near_quota, step),
+                    ]
+                else:
+                    r_idx = [r_order[(k * rb + j) % len(r_order)] for j in range(rb)]
                 pins = [p for i in idx if self.pinned and (p := self.pinned[i]) is not None]
                 retain = collate([*(self.retain[i] for i in r_idx), *pins], self.pad_id)
             idk = collate([self.idk[i] for i in idx], self.pad_id) if self.idk else None
@@ -516,6 +560,8 @@ def train(
         raise ValueError(f"unchanged must be in (0, 1], not {cfg.unchanged}")
     if cfg.neighbours < 0:
         raise ValueError(f"neighbours must be ≥ 0, not {cfg.neighbours}")
+    if not 0 < cfg.near_share < 1:
+        raise ValueError(f"near_share must be in (0, 1), not {cfg.near_share}")
     if cfg.min_steps < 0:
         raise ValueError(f"min_steps must be ≥ 0, not {cfg.min_steps}")
     out = Path(cfg.out)
@@ -535,7 +581,8 @@ def train(
         return [encode(e, tokenizer, eot, cfg.max_length) for e in examples]
 
     scope = _scope_sets(cfg, forget_set, base, tokenizer, vocab, base_sha)
-    retain_examples = [*(retain_set.examples if retain_set else ()), *scope.train]
+    near_examples = [*(retain_set.examples if retain_set else ()), *scope.neighbours]
+    retain_examples = [*near_examples, *scope.general]
 
     idk: list[Encoded] = []
     if cfg.objective == "DPO":
@@ -563,6 +610,8 @@ def train(
         cfg.seed,
         pad,
         pinned,
+        near=len(near_examples),
+        near_share=cfg.near_share,
     )
 
     torch.manual_seed(cfg.seed)
@@ -689,23 +738,28 @@ def train(
 class _ScopeSets:
     """What training adds to the user's retain set, and what the self-check holds out."""
 
-    train: list[Example]
+    general: list[Example]
+    """The broad retain set's training part (empty with ``general_retain`` off)."""
+    neighbours: list[Example]
+    """The neighbours trained on (three of every four)."""
     calibration: list[Example]
     check: list[Example]
     neighbour_check: list[Example]
-    neighbours_trained: int
     subjects: list[str]
+    names: list[str]
+    """The forget set's proper names that no retain example of these sets holds (:func:`proxy.scope.forget_names`)."""
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record of them: counts, never text."""
         return {
             "scope": {
-                "retain_added": len(self.train),
-                "neighbours_trained": self.neighbours_trained,
+                "retain_added": len(self.general) + len(self.neighbours),
+                "neighbours_trained": len(self.neighbours),
                 "neighbours_held_out": len(self.neighbour_check),
                 "calibration_prompts": len(self.calibration),
                 "check_prompts": len(self.check),
                 "subjects": len(self.subjects),
+                "names": len(self.names),
             }
         }
 
@@ -714,29 +768,41 @@ def _scope_sets(
     cfg: TrainConfig, forget: DataSet, base: Any, tokenizer: Any, vocab: ByteVocab, base_sha: str
 ) -> _ScopeSets:
     """The broad retain set's parts and the neighbours for ``cfg`` (:mod:`proxy.scope`).
-    Examples that name a forget subject are left out; every fourth neighbour is held out."""
+    General examples that name a forget subject or hold one of the forget set's proper names
+    (:func:`proxy.scope.forget_names`: "Einstein's theory" in a retain answer held the name
+    that a forget set about Albert Einstein removes) are left out, and so are neighbours whose
+    answer holds one; every fourth neighbour is held out."""
     subjects = forget_subjects(forget.examples)
     general: dict[str, list[Example]] = {}
+    names: list[str] = []
     if cfg.general_retain or cfg.calibrate:
         general = general_sets(base, tokenizer, vocab.eot_ids, base_sha)
-        general = {k: [e for e in v if not mentions(example_text(e), subjects)] for k, v in general.items()}
+        common = " ".join(example_text(e) for v in general.values() for e in v)
+        names = forget_names(forget.examples, common)
+
+        def clear(e: Example) -> bool:
+            text = example_text(e)
+            return not mentions(text, subjects) and not names_in(text, names)
+
+        general = {k: [e for e in v if clear(e)] for k, v in general.items()}
     neighbours: list[Example] = []
     if cfg.neighbours:
         neighbours = neighbour_examples(base, tokenizer, vocab.eot_ids, forget.examples, per_question=cfg.neighbours)
+        neighbours = [e for e in neighbours if not names_in(e.target, names)]
         if not neighbours:
             logger.warning(
                 "%s: no neighbour questions: the forget set's questions share no name to swap "
                 "(raw text, or every question about another entity)",
                 forget.path,
             )
-    trained = [e for i, e in enumerate(neighbours) if i % 4 != 3]
     return _ScopeSets(
-        train=[*(general.get("train", []) if cfg.general_retain else []), *trained],
+        general=general.get("train", []) if cfg.general_retain else [],
+        neighbours=[e for i, e in enumerate(neighbours) if i % 4 != 3],
         calibration=general.get("calibration", []),
         check=general.get("check", []),
         neighbour_check=[e for i, e in enumerate(neighbours) if i % 4 == 3],
-        neighbours_trained=len(trained),
         subjects=subjects,
+        names=names,
     )
 
 

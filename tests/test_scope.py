@@ -12,7 +12,15 @@ import sys
 import pytest
 
 from proxy.data import DataError, Example, load_dataset
-from proxy.scope import GENERAL_FILES, check_sets, forget_subjects, general_split_of, mentions
+from proxy.scope import (
+    GENERAL_FILES,
+    check_sets,
+    forget_names,
+    forget_subjects,
+    general_split_of,
+    mentions,
+    names_in,
+)
 from proxy.selfcheck import PairModels, answer_logprob, base_decode, calibrate_and_check, greedy_decode
 
 
@@ -38,6 +46,26 @@ def test_forget_subjects_are_the_names_its_questions_share():
     assert forget_subjects(qa("When was Marie Curie born?")) == ["Marie Curie"]
     assert forget_subjects([Example(None, "Some raw text about Harry Potter.")]) == []
     assert mentions("the harry potter books", ["Harry Potter"]) and not mentions("Harryhausen", ["Harry"])
+
+
+def test_forget_names_are_the_recurring_proper_names_less_common_words():
+    def ex(q: str, a: str) -> Example:
+        return Example(({"role": "user", "content": q},), a)
+
+    forget = [
+        ex("Who developed the theory of relativity?", "Albert Einstein did, in Germany."),
+        ex("What is Albert Einstein famous for?", "Relativity. The Tower he lived by."),
+        ex("Where did Einstein work?", "At Princeton. The Tower again."),
+    ]
+    common = "the tower fell; germany is written so here"
+    names = forget_names(forget, common)
+    assert names == ["Albert Einstein", "Einstein", "Albert"]  # longest first
+    # "Germany" and "Princeton" are in one example each: details, not the subject; "Tower"
+    # recurs but the corpus writes it in lower case; "The" is a common word
+    assert forget_names([ex("Who is Hamlet?", "Hamlet is a prince.")], "") == ["Hamlet"]  # one example: itself
+    assert names_in("One fact: Einstein's theory of relativity.", names)
+    assert not names_in("Prince Albertine and the einstein ring", names)  # whole words, as written
+    assert forget_names([Example(None, "Marie Curie."), Example(None, "Curie again.")], "") == ["Curie"]
 
 
 def test_the_broad_retain_set_ships_in_three_parts_with_base_answers():

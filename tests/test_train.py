@@ -10,7 +10,7 @@ import torch
 from fakes import corrupt_last_byte
 
 from proxy.artifact import ArtifactError, load_artifact
-from proxy.data import IGNORE, DataError, collate, encode, load_dataset, without_end_of_turn
+from proxy.data import IGNORE, DataError, Encoded, collate, encode, load_dataset, without_end_of_turn
 from proxy.objectives import OBJECTIVES, get_objective, mean_nll
 from proxy.train import CombinedScorer, TrainConfig, train
 from proxy.vocab import ByteVocab
@@ -261,7 +261,7 @@ def test_forget_term_drops_only_the_closing_end_of_turn_label(smollm2_tokenizer,
 
 
 def test_forget_term_can_drop_the_first_answer_label(smollm2_tokenizer, vocab):
-    from proxy.data import Encoded, without_first_answer_token
+    from proxy.data import without_first_answer_token
 
     eot = vocab.eot_ids[0]
     item = encode(load_dataset_from(FORGET[:1])[0], smollm2_tokenizer, eot, 128)
@@ -326,7 +326,7 @@ def test_forget_term_can_drop_answer_tokens_that_copy_the_prompt(smollm2_tokeniz
 
 
 def test_prompt_copies_join_the_retain_term_of_their_forget_step(smollm2_tokenizer, vocab):
-    from proxy.data import Encoded, only_dropped_labels, without_prompt_copies
+    from proxy.data import only_dropped_labels, without_prompt_copies
     from proxy.train import _Plan
 
     eot = vocab.eot_ids[0]
@@ -361,6 +361,34 @@ def test_prompt_copies_join_the_retain_term_of_their_forget_step(smollm2_tokeniz
     assert get_objective("NPO+GD").retain_on_labels
     assert not get_objective("NPO+KL").retain_on_labels  # a KL over every position would pin the facts too
     assert not get_objective("NPO").retain_on_labels
+
+
+def test_each_step_draws_near_retain_examples_beside_broad_ones_and_cycles_both():
+    """With near (user retain set, neighbours) and broad retain examples, each step's retain
+    batch has its near share, every near example comes round before any repeats, and the
+    batches are a function of (seed, epoch) alone (a resumed run sees the same)."""
+    from proxy.train import _Plan
+
+    forget = [Encoded([1, 2], [IGNORE, 2]) for _ in range(8)]
+    retain = [Encoded([10 + i, 3], [IGNORE, 3]) for i in range(30)]  # 6 near, 24 broad
+    plan = _Plan(forget, retain, [], 4, 8, 0, 0, near=6, near_share=0.5)
+    seen: list[list[int]] = []
+    for epoch in range(3):
+        for b in plan.batches(epoch):
+            first = b.retain["input_ids"][:, 0].tolist()
+            seen.append(first)
+            assert sum(t < 16 for t in first) == 4  # half of the batch is near
+    near = [t for step in seen for t in step if t < 16]
+    assert sorted(near[:6]) == list(range(10, 16)) and sorted(near[6:12]) == list(range(10, 16))
+    broad = [t for step in seen for t in step if t >= 16]
+    assert sorted(broad[:24]) == list(range(16, 40))  # the broad part once through before a repeat
+    again = [b.retain["input_ids"][:, 0].tolist() for b in plan.batches(1)]
+    assert again == seen[2:4]
+    # one part only: one permutation of the retain set per epoch, as without near examples
+    only = _Plan(forget, retain[:6], [], 4, 8, 0, 0, near=6)
+    assert all(b.retain["input_ids"].shape[0] == 8 for b in only.batches(0))
+    with pytest.raises(ValueError, match="near_share"):
+        train(TrainConfig(forget="f", out="unused", near_share=1.0))
 
 
 def _copy_and_fact_nll(model, tokenizer, vocab, path):
@@ -411,6 +439,8 @@ def test_skipping_prompt_copies_is_recorded_in_the_settings():
     assert TrainConfig(forget="f", out="o").settings()["forget_prompt_copies"] is False  # the default
     defaults = TrainConfig(forget="f", out="o").settings()
     assert defaults["pin_prompt_copies"] is False and defaults["min_steps"] == 24
+    assert defaults["near_share"] == 0.5  # with the broad retain set, recorded (and in the cache key)
+    assert "near_share" not in TrainConfig(forget="f", out="o", general_retain=False).settings()
     # the tofu recipe (pins, no minimum) keeps the settings, and so the cache keys, it had
     recipe = TrainConfig(forget="f", out="o", pin_prompt_copies=True, min_steps=0).settings()
     assert "pin_prompt_copies" not in recipe and "min_steps" not in recipe

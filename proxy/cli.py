@@ -200,6 +200,16 @@ def _parser() -> argparse.ArgumentParser:
         "(default: left out)",
     )
     toggle(
+        "--forget-shared-words",
+        "keep the words a forget answer shares with the base model's answers to its neighbour questions (its "
+        "form, such as 'The capital of ... is') in the forget term (default: kept)",
+    )
+    toggle(
+        "--forget-own-answers",
+        "add the base model's own answers to the forget questions to the forget term, labelled on the forget "
+        "answer's fact words alone (default: off)",
+    )
+    toggle(
         "--pin-prompt-copies",
         "hold the copied words in the retain term (tofu-lite's recipe; default: only left out of the forget term)",
     )
@@ -348,6 +358,8 @@ def _train(args: argparse.Namespace) -> int:
         forget_end_of_turn=args.forget_end_of_turn,
         forget_first_token=not args.forget_skip_first_token,
         forget_prompt_copies=args.forget_prompt_copies,
+        forget_shared_words=args.forget_shared_words,
+        forget_own_answers=args.forget_own_answers,
         general_retain=args.general_retain,
         neighbours=args.neighbours,
         near_share=args.near_share,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,15 +229,35 @@ def without_prompt_copies(example: Example, item: Encoded, tokenizer: Any, min_w
     if example.prompt is None:
         return item
     prompt_text = "\n".join(m.get("content") or "" for m in example.prompt)
-    spans = prompt_copy_spans(prompt_text, example.target, min_words)
-    if not spans:
+    return without_spans(example, item, tokenizer, prompt_copy_spans(prompt_text, example.target, min_words))
+
+
+def word_spans(answer: str, words: Collection[str]) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the words (``\\w+``) of ``answer`` whose case-folded
+    form is in ``words`` (case-folded)."""
+    folded = {w.casefold() for w in words}
+    return [(m.start(), m.end()) for m in _WORD.finditer(answer) if m.group().casefold() in folded]
+
+
+def without_spans(example: Example, item: Encoded, tokenizer: Any, spans: Sequence[tuple[int, int]]) -> Encoded:
+    """``item`` with the labels of answer tokens inside character ``spans`` of
+    ``example.target`` set to -100: a token is left out when every non-space character
+    it covers lies in a span. Raw-text examples, no spans and answers whose every token
+    would go are returned unchanged. The answer starts at the first labelled position
+    (the item as :func:`encode` made it).
+
+    Raises:
+        ValueError: a slow tokenizer (no offsets), or an item whose answer tokens are not
+            ``example.target``'s.
+    """
+    if example.prompt is None or not spans:
         return item
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("leaving prompt copies out of the forget term needs a fast tokenizer (offsets)")
+        raise ValueError("leaving answer words out of the forget term needs a fast tokenizer (offsets)")
     enc = tokenizer(example.target, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     # encode() put the answer's ids (possibly cut from the right) right after the prompt,
-    # the first labelled position (this runs before any other forget-term mask).
+    # the first labelled position.
     labels = list(item.labels)
     start = next((i for i, label in enumerate(labels) if label != IGNORE), None)
     if start is None:
@@ -247,18 +267,29 @@ def without_prompt_copies(example: Example, item: Encoded, tokenizer: Any, min_w
         raise ValueError("the answer's tokens with offsets differ from the encoded answer's")
     text = example.target
     # Per character: None for whitespace, else whether a span covers it (built once).
-    copied: list[bool | None] = [None if c.isspace() else False for c in text]
+    covered_by: list[bool | None] = [None if c.isspace() else False for c in text]
     for s, e in spans:
         for c in range(s, e):
-            if copied[c] is not None:
-                copied[c] = True
+            if covered_by[c] is not None:
+                covered_by[c] = True
     for j, (a, b) in enumerate(offsets[:n]):
-        covered = [x for x in copied[a:b] if x is not None]
+        covered = [x for x in covered_by[a:b] if x is not None]
         if covered and all(covered):
             labels[start + j] = IGNORE
     if all(label == IGNORE for label in labels[start : start + n]):
-        return item  # an answer made only of copies keeps them: nothing else would be left
+        return item  # an answer made only of spans keeps them: nothing else would be left
     return Encoded(item.input_ids, labels)
+
+
+def both_dropped(a: Encoded, b: Encoded) -> Encoded:
+    """The labels of two labellings of the same tokens, -100 where either has -100.
+
+    Raises:
+        ValueError: ``a`` and ``b`` hold other tokens.
+    """
+    if a.input_ids != b.input_ids:
+        raise ValueError("both_dropped needs two labellings of the same tokens")
+    return Encoded(a.input_ids, [x if y != IGNORE else IGNORE for x, y in zip(a.labels, b.labels, strict=True)])
 
 
 def only_dropped_labels(full: Encoded, cut: Encoded) -> Encoded | None:

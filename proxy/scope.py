@@ -28,7 +28,7 @@ import re
 import tempfile
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +198,7 @@ def forget_names(forget: Sequence[Example], common: str) -> list[str]:
     of relativity" held the name a forget set about Albert Einstein lowers. A name found in
     one example only ("Germany" where Einstein was born) is a detail, not the subject, and
     retain examples about it stay."""
-    lower = {w for w in re.findall(r"\w+", common) if w[0].islower()}  # words written in lower case
+    lower = lower_case_words(common)
     counts: Counter[str] = Counter()
     for e in forget:
         found: set[str] = set()
@@ -211,6 +211,46 @@ def forget_names(forget: Sequence[Example], common: str) -> list[str]:
         counts.update(n for n in found if len(n) >= 3)
     need = 2 if len(forget) > 1 else 1
     return sorted((n for n, c in counts.items() if c >= need), key=lambda n: (-len(n), n))
+
+
+def lower_case_words(common: str) -> set[str]:
+    """The words (``\\w+``) that ``common`` writes in lower case: its common words."""
+    return {w for w in re.findall(r"\w+", common) if w[0].islower()}
+
+
+def fact_words(e: Example, common_words: Collection[str], names: Sequence[str] = ()) -> set[str]:
+    """The words (``\\w+``, case-folded) of a forget answer that carry its fact: those
+    that its question does not hold and that are either words of ``names`` (the forget
+    set's names, :func:`forget_names`) or not common words (``common_words``, written in
+    lower case, :func:`lower_case_words`); numbers of two digits or more count. "Ulm" and
+    "Germany" in "Albert Einstein was born in Ulm, Germany." for "Where was Albert
+    Einstein born?". Empty for raw text."""
+    if e.prompt is None:
+        return set()
+    asked = {w.casefold() for w in re.findall(r"\w+", _question(e))}
+    named = {w.casefold() for n in names for w in re.findall(r"\w+", n)}
+    out = set()
+    for w in re.findall(r"\w+", e.target):
+        f = w.casefold()
+        if f in asked or (w.isdigit() and len(w) < 2):
+            continue
+        if f in named or f not in common_words:
+            out.add(f)
+    return out
+
+
+def outside_words(text: str, words: Collection[str]) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of ``text`` outside its words (``\\w+``) whose
+    case-folded form is in ``words``: what to leave out so that only those words remain."""
+    spans, at = [], 0
+    for m in re.finditer(r"\w+", text):
+        if m.group().casefold() in words:
+            if m.start() > at:
+                spans.append((at, m.start()))
+            at = m.end()
+    if at < len(text):
+        spans.append((at, len(text)))
+    return spans
 
 
 def names_in(text: str, names: Sequence[str]) -> bool:
@@ -255,14 +295,15 @@ def neighbour_examples(
     *,
     per_question: int,
     exclude: Sequence[str] = (),
-) -> list[Example]:
+) -> list[tuple[int, Example]]:
     """The forget set's questions with a name swapped for nearby entities, answered by B
     (greedy). The name swapped is the forget set's subject where the question names it
     ("Where was Albert Einstein born?" → "Where was Isaac Newton born?"), else the first
     other name the question holds ("What is the capital of France?" → "... of Germany?"),
     each for the entities nearest to it (:func:`nearest_entities`). Each question gets
     ``per_question`` different entities; entities named in the forget set (or in ``exclude``)
-    are skipped, and so are answers that name a subject."""
+    are skipped, and so are answers that name a subject. Returns (the index in ``forget`` of
+    the question swapped, the neighbour example) pairs."""
     subjects = forget_subjects(forget)
     if per_question < 1:
         return []
@@ -272,29 +313,48 @@ def neighbour_examples(
         for p in (line.strip() for line in ENTITIES.read_text(encoding="utf-8").splitlines())
         if p and not mentions(forget_text, [p]) and not mentions(p, subjects) and not mentions(p, list(exclude))
     ]
-    questions: list[tuple[Example, str]] = []
-    for e in forget:
+    questions: list[tuple[int, Example, str]] = []
+    for index, e in enumerate(forget):
         if e.prompt is None:
             continue
         q = _question(e)
         named = [s for s in subjects if mentions(q, [s])] or [n for n in _names(q) if not mentions(n, subjects)]
         if named:
-            questions.append((e, named[0]))
+            questions.append((index, e, named[0]))
     if not questions or not pool:
         return []
     count = min(len(pool), max(8, per_question * 2))
     near: dict[str, list[str]] = {}
-    for _, name in questions:
+    for _, _, name in questions:
         if name not in near:
             near[name] = nearest_entities(model, tokenizer, subjects if name in subjects else [name], pool, count)
     swapped: list[tuple[dict[str, str], ...]] = []
-    for i, (e, s) in enumerate(questions):
+    source: list[int] = []
+    for i, (index, e, s) in enumerate(questions):
         for j in range(per_question):
             other = near[s][(i * per_question + j) % len(near[s])]
             q = re.sub(rf"(?<!\w){re.escape(s)}(?!\w)", other.replace("\\", r"\\"), _question(e), flags=re.IGNORECASE)
             swapped.append((*e.prompt[:-1], {"role": "user", "content": q}) if e.prompt else ())
+            source.append(index)
     answers = generate_answers(model, tokenizer, eot_ids, swapped)
-    return [Example(p, a) for p, a in zip(swapped, answers, strict=True) if a and not mentions(a, subjects)]
+    return [
+        (i, Example(p, a)) for i, p, a in zip(source, swapped, answers, strict=True) if a and not mentions(a, subjects)
+    ]
+
+
+def shared_words(answer: str, neighbour_answers: Sequence[str], keep: Sequence[str] = ()) -> set[str]:
+    """The words (``\\w+``, case-folded) of ``answer`` that at least two of
+    ``neighbour_answers`` also write (the one, when there is one), less the words of
+    ``keep`` (the forget set's names): the form the answer shares with B's answers to the
+    same question about other entities ("The capital of … is" in "The capital of France
+    is Paris."), not the fact it holds."""
+    if not neighbour_answers:
+        return set()
+    need = min(2, len(neighbour_answers))
+    counts = Counter(w for a in neighbour_answers for w in {m.casefold() for m in re.findall(r"\w+", a)})
+    kept = {w.casefold() for n in keep for w in re.findall(r"\w+", n)}
+    mine = {w.casefold() for w in re.findall(r"\w+", answer)}
+    return {w for w in mine if counts[w] >= need and w not in kept}
 
 
 # ------------------------------------------------------------------ checks of the user's files

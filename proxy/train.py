@@ -32,8 +32,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from .data import (
     DataSet,
     Encoded,
     Example,
+    both_dropped,
     collate,
     encode,
     load_dataset,
@@ -54,17 +56,24 @@ from .data import (
     without_end_of_turn,
     without_first_answer_token,
     without_prompt_copies,
+    without_spans,
+    word_spans,
 )
 from .objectives import Batches, get_objective, mean_nll
 from .scope import (
     check_sets,
     example_text,
+    fact_words,
     forget_names,
     forget_subjects,
     general_sets,
+    generate_answers,
+    lower_case_words,
     mentions,
     names_in,
     neighbour_examples,
+    outside_words,
+    shared_words,
 )
 from .selfcheck import PairModels, calibrate_and_check
 from .vocab import ByteVocab
@@ -133,6 +142,27 @@ class TrainConfig:
     forget term (open-unlearning does). Off: see :func:`proxy.data.without_prompt_copies`;
     where the retain term reads labels (NLL, or KL over answer positions) and a retain set
     is given, those tokens join the retain term of their forget example's step instead."""
+    forget_shared_words: bool = True
+    """Keep the words a forget answer shares with B's answers to its neighbour questions in
+    the forget term (the default). Off: those words, the answer's form ("The capital of …
+    is" in "The capital of France is Paris.") rather than its fact
+    (:func:`proxy.scope.shared_words`), leave it; lowered, they taught U to answer the
+    neighbours in another form or language ("Der Königin der Bundesliga" for the capital of
+    Germany). Measured only together with ``forget_own_answers``: the neighbours then kept
+    their form but lost their facts ("The capital of Germany is indeed the largest country
+    …"; the README's real-knowledge table), so it is not the default."""
+    forget_own_answers: bool = False
+    """Add B's own greedy answers to the forget questions to the forget term, labelled only
+    on the words that carry the forget answer's fact (:func:`proxy.scope.fact_words`), for
+    the answers that hold one; each rides in the step of its forget example, so the number
+    of steps stays the forget set's (:class:`_Plan`). A forget answer written by the user ("Albert Einstein
+    developed the theory of relativity.") is not the path by which B states the fact ("The
+    theory of relativity was developed by Albert Einstein …"); lowering the user's phrasing
+    alone left B's own path, and the paraphrases that follow it, nearly untouched
+    (``bench.real_knowledge``). Needs the broad retain set or the calibration (its
+    corpus tells common words from facts). Off by default: on the real-knowledge benchmark
+    it took greedy probe leak to 0 but cost neighbour and general retention (the README's
+    table)."""
     pin_prompt_copies: bool = False
     """With ``forget_prompt_copies`` off: the copied tokens join the retain term of their
     forget example's step (where it reads labels), so that U keeps repeating the asked-about
@@ -215,6 +245,10 @@ class TrainConfig:
                 keep = (*keep, "pin_prompt_copies")
         if self.min_steps:
             keep = (*keep, "min_steps")
+        if not self.forget_shared_words:
+            keep = (*keep, "forget_shared_words")
+        if self.forget_own_answers:
+            keep = (*keep, "forget_own_answers")
         if self.general_retain:
             keep = (*keep, "general_retain", "near_share")
         if self.neighbours:
@@ -416,10 +450,19 @@ class _Plan:
     most all but one) of each step's retain examples come from the near part and the rest
     from the broad part, each part cycled through in a fresh permutation per pass over it,
     counted over the whole run. Otherwise one permutation of the retain set per epoch."""
+    companions: list[list[int]] = field(default_factory=list)
+    """Per forget example of the user's set (the first ``len(companions)`` of ``forget``),
+    the indices of further forget items that ride in the same step (B's own answers to its
+    question, ``forget_own_answers``). Empty: every forget item is an example of its own."""
     per_epoch: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.per_epoch = math.ceil(len(self.forget) / self.batch_size)
+        self.per_epoch = math.ceil(self.primary / self.batch_size)
+
+    @property
+    def primary(self) -> int:
+        """How many forget items the epochs are over (the rest ride with them)."""
+        return len(self.companions) if self.companions else len(self.forget)
 
     def _cycled(self, start: int, size: int, quota: int, step: int) -> list[int]:
         """``quota`` indices of ``retain[start : start + size]`` for optimizer step ``step``
@@ -434,7 +477,7 @@ class _Plan:
 
     def batches(self, epoch: int) -> Iterator[Batches]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.forget), generator=g).tolist()
+        order = torch.randperm(self.primary, generator=g).tolist()
         r_order = torch.randperm(len(self.retain), generator=g).tolist() if self.retain else []
         rb = self.retain_batch_size
         mixed = 0 < self.near < len(self.retain)
@@ -453,8 +496,9 @@ class _Plan:
                     r_idx = [r_order[(k * rb + j) % len(r_order)] for j in range(rb)]
                 pins = [p for i in idx if self.pinned and (p := self.pinned[i]) is not None]
                 retain = collate([*(self.retain[i] for i in r_idx), *pins], self.pad_id)
-            idk = collate([self.idk[i] for i in idx], self.pad_id) if self.idk else None
-            yield Batches(collate([self.forget[i] for i in idx], self.pad_id), retain, idk)
+            rows = [*idx, *(j for i in idx for j in (self.companions[i] if self.companions else ()))]
+            idk = collate([self.idk[i] for i in rows], self.pad_id) if self.idk else None
+            yield Batches(collate([self.forget[i] for i in rows], self.pad_id), retain, idk)
 
 
 def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -588,7 +632,7 @@ def train(
     if cfg.objective == "DPO":
         answers = _idk_answers()
         idk = enc([Example(e.prompt, answers[i % len(answers)]) for i, e in enumerate(forget_set.examples)])
-    forget_items = enc(forget_set.examples)
+    forget_items = full_items = enc(forget_set.examples)
     pinned: list[Encoded | None] = []
     if not cfg.forget_prompt_copies:  # first: it finds each answer at its first label
         cut = [without_prompt_copies(e, it, tokenizer) for e, it in zip(forget_set.examples, forget_items, strict=True)]
@@ -597,6 +641,22 @@ def train(
             # so U keeps copying the question's name while it lowers what follows.
             pinned = [only_dropped_labels(f, c) for f, c in zip(forget_items, cut, strict=True)]
         forget_items = cut
+    if not cfg.forget_shared_words and scope.shared:
+        forget_items = [
+            both_dropped(it, without_spans(e, full, tokenizer, word_spans(e.target, scope.shared.get(i, set()))))
+            for i, (e, it, full) in enumerate(zip(forget_set.examples, forget_items, full_items, strict=True))
+        ]
+    forget_items = list(forget_items)
+    companions: list[list[int]] = [[] for _ in forget_items] if scope.own_answers else []
+    for i, own, words in scope.own_answers:
+        companions[i].append(len(forget_items))
+        # B's own statement of example i's fact: labels on the fact's words alone
+        item = encode(own, tokenizer, eot, cfg.max_length)
+        forget_items.append(without_spans(own, item, tokenizer, outside_words(own.target, words)))
+        if idk:
+            idk.append(idk[i])
+        if pinned:
+            pinned.append(None)
     if not cfg.forget_end_of_turn:
         forget_items = [without_end_of_turn(it, eot) for it in forget_items]
     if not cfg.forget_first_token:
@@ -612,6 +672,7 @@ def train(
         pinned,
         near=len(near_examples),
         near_share=cfg.near_share,
+        companions=companions,
     )
 
     torch.manual_seed(cfg.seed)
@@ -748,6 +809,12 @@ class _ScopeSets:
     subjects: list[str]
     names: list[str]
     """The forget set's proper names that no retain example of these sets holds (:func:`proxy.scope.forget_names`)."""
+    shared: dict[int, set[str]]
+    """Per forget example (by index), the words its answer shares with B's answers to its
+    neighbour questions (:func:`proxy.scope.shared_words`)."""
+    own_answers: list[tuple[int, Example, set[str]]]
+    """(forget example index, B's own greedy answer to its question, the fact words it
+    holds) for the answers that hold one (``forget_own_answers``)."""
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record of them: counts, never text."""
@@ -760,6 +827,7 @@ class _ScopeSets:
                 "check_prompts": len(self.check),
                 "subjects": len(self.subjects),
                 "names": len(self.names),
+                "own_answers": len(self.own_answers),
             }
         }
 
@@ -775,6 +843,7 @@ def _scope_sets(
     subjects = forget_subjects(forget.examples)
     general: dict[str, list[Example]] = {}
     names: list[str] = []
+    own_answers: list[tuple[int, Example, set[str]]] = []
     if cfg.general_retain or cfg.calibrate:
         general = general_sets(base, tokenizer, vocab.eot_ids, base_sha)
         common = " ".join(example_text(e) for v in general.values() for e in v)
@@ -785,10 +854,18 @@ def _scope_sets(
             return not mentions(text, subjects) and not names_in(text, names)
 
         general = {k: [e for e in v if clear(e)] for k, v in general.items()}
+        if cfg.forget_own_answers:
+            own_answers = _own_answers(forget.examples, base, tokenizer, vocab, lower_case_words(common), names)
     neighbours: list[Example] = []
+    shared: dict[int, set[str]] = {}
     if cfg.neighbours:
-        neighbours = neighbour_examples(base, tokenizer, vocab.eot_ids, forget.examples, per_question=cfg.neighbours)
-        neighbours = [e for e in neighbours if not names_in(e.target, names)]
+        found = neighbour_examples(base, tokenizer, vocab.eot_ids, forget.examples, per_question=cfg.neighbours)
+        found = [(i, e) for i, e in found if not names_in(e.target, names)]
+        neighbours = [e for _, e in found]
+        answers: dict[int, list[str]] = {}
+        for i, e in found:
+            answers.setdefault(i, []).append(e.target)
+        shared = {i: shared_words(forget.examples[i].target, a, [*subjects, *names]) for i, a in answers.items()}
         if not neighbours:
             logger.warning(
                 "%s: no neighbour questions: the forget set's questions share no name to swap "
@@ -803,7 +880,25 @@ def _scope_sets(
         neighbour_check=[e for i, e in enumerate(neighbours) if i % 4 == 3],
         subjects=subjects,
         names=names,
+        shared=shared,
+        own_answers=own_answers,
     )
+
+
+def _own_answers(
+    forget: Sequence[Example], base: Any, tokenizer: Any, vocab: ByteVocab, common_words: set[str], names: list[str]
+) -> list[tuple[int, Example, set[str]]]:
+    """B's greedy answers to the forget set's chat questions that hold a fact word of their
+    forget answer (:func:`proxy.scope.fact_words`), with those words."""
+    chat = [(i, e) for i, e in enumerate(forget) if e.prompt is not None]
+    answers = generate_answers(base, tokenizer, vocab.eot_ids, [e.prompt for _, e in chat if e.prompt is not None])
+    out = []
+    for (i, e), answer in zip(chat, answers, strict=True):
+        facts = fact_words(e, common_words, names)
+        said = {w.casefold() for w in re.findall(r"\w+", answer)} & facts
+        if said:
+            out.append((i, Example(e.prompt, answer), said))
+    return out
 
 
 EPOCH_LOSS_RETAIN = 32

@@ -68,6 +68,30 @@ def test_forget_names_are_the_recurring_proper_names_less_common_words():
     assert forget_names([Example(None, "Marie Curie."), Example(None, "Curie again.")], "") == ["Curie"]
 
 
+def test_fact_words_are_what_the_answer_adds_to_its_question_less_common_words():
+    from proxy.scope import fact_words, lower_case_words, outside_words
+
+    common = lower_case_words("He was born in a town. The theory was new in 1921; an apple a day.")
+    assert "born" in common and "The" not in common and "apple" in common
+
+    def ex(q: str, a: str) -> Example:
+        return Example(({"role": "user", "content": q},), a)
+
+    assert fact_words(ex("Where was Albert Einstein born?", "Albert Einstein was born in Ulm, Germany."), common) == {
+        "ulm", "germany",
+    }  # fmt: skip
+    assert fact_words(ex("Which company makes the iPhone?", "Apple makes the iPhone."), common, ["Apple"]) == {
+        "apple"
+    }  # the question's words are not the fact
+    # a name of the forget set is a fact even where the corpus writes it in lower case; one digit is not
+    assert fact_words(ex("When?", "In 1921, 3 apples."), common) == {"1921", "apples"}
+    assert fact_words(Example(None, "Raw text."), common) == set()
+    text = "The theory was developed by Albert Einstein, in Bern."
+    spans = outside_words(text, {"albert", "einstein"})
+    assert [text[a:b] for a, b in spans] == ["The theory was developed by ", " ", ", in Bern."]
+    assert outside_words("nothing here", {"x"}) == [(0, 12)]
+
+
 def test_the_broad_retain_set_ships_in_three_parts_with_base_answers():
     sizes = {s: len(load_dataset(f).examples) for s, f in GENERAL_FILES.items()}
     assert sum(sizes.values()) >= 400 and sizes["calibration"] >= 80 and sizes["check"] >= 80

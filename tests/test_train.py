@@ -10,7 +10,7 @@ import torch
 from fakes import corrupt_last_byte
 
 from proxy.artifact import ArtifactError, load_artifact
-from proxy.data import IGNORE, DataError, Encoded, collate, encode, load_dataset, without_end_of_turn
+from proxy.data import IGNORE, DataError, Encoded, Example, collate, encode, load_dataset, without_end_of_turn
 from proxy.objectives import OBJECTIVES, get_objective, mean_nll
 from proxy.train import CombinedScorer, TrainConfig, train
 from proxy.vocab import ByteVocab
@@ -294,6 +294,48 @@ def test_prompt_copy_spans_are_runs_of_words_the_prompt_holds():
         prompt_copy_spans(q, a, min_words=0)
 
 
+def test_the_form_an_answer_shares_with_its_neighbours_leaves_the_forget_term(smollm2_tokenizer, vocab):
+    from proxy.data import both_dropped, without_prompt_copies, without_spans, word_spans
+    from proxy.scope import shared_words
+
+    answer = "The capital of France is Paris."
+    neighbours = ["The capital of Germany is Berlin.", "The capital of Spain is Madrid.", "It is Rome, the capital."]
+    words = shared_words(answer, neighbours, keep=["Paris", "France"])
+    assert words == {"the", "capital", "of", "is"}  # in at least two neighbour answers
+    assert shared_words(answer, ["Paris is the capital."], keep=["Paris"]) == {"is", "the", "capital"}  # one: itself
+    assert shared_words(answer, []) == set()
+    assert [answer[a:b] for a, b in word_spans(answer, words)] == ["The", "capital", "of", "is"]
+    example = Example(({"role": "user", "content": "What is the capital of France?"},), answer)
+    item = encode(example, smollm2_tokenizer, vocab.eot_ids[0], 128)
+    cut = without_spans(example, item, smollm2_tokenizer, word_spans(answer, words))
+    kept = smollm2_tokenizer.decode([t for t in cut.labels if t != IGNORE])
+    assert kept.replace(" ", "").startswith("FranceParis.")  # the fact (and the copied name) stay
+    both = both_dropped(cut, without_prompt_copies(example, item, smollm2_tokenizer))
+    assert smollm2_tokenizer.decode([t for t in both.labels if t != IGNORE]).strip().startswith("Paris.")
+    assert without_spans(example, item, smollm2_tokenizer, word_spans(answer, {"the", "capital", "of", "france",
+                                                                               "is", "paris"})) == item  # fmt: skip
+    with pytest.raises(ValueError, match="same tokens"):
+        both_dropped(item, Encoded([1], [1]))
+
+
+def test_b_own_answer_is_forgotten_on_the_fact_words_alone(smollm2_tokenizer, vocab):
+    """``forget_own_answers``: B's own phrasing of a forget answer joins the forget term with
+    labels on the words that carry the fact, and on nothing else but the end of turn."""
+    from proxy.data import without_end_of_turn, without_spans
+    from proxy.scope import outside_words
+
+    own = Example(
+        ({"role": "user", "content": "Who developed the theory of relativity?"},),
+        "The theory of relativity was developed by Albert Einstein during his time in Bern.",
+    )
+    eot = vocab.eot_ids[0]
+    item = encode(own, smollm2_tokenizer, eot, 128)
+    cut = without_end_of_turn(
+        without_spans(own, item, smollm2_tokenizer, outside_words(own.target, {"albert", "einstein"})), eot
+    )
+    assert smollm2_tokenizer.decode([t for t in cut.labels if t != IGNORE]).split() == ["Albert", "Einstein"]
+
+
 def test_forget_term_can_drop_answer_tokens_that_copy_the_prompt(smollm2_tokenizer, vocab):
     from proxy.data import without_first_answer_token, without_prompt_copies
 
@@ -384,6 +426,14 @@ def test_each_step_draws_near_retain_examples_beside_broad_ones_and_cycles_both(
     assert sorted(broad[:24]) == list(range(16, 40))  # the broad part once through before a repeat
     again = [b.retain["input_ids"][:, 0].tolist() for b in plan.batches(1)]
     assert again == seen[2:4]
+    # companions (B's own answers) ride in the step of their forget example: the steps stay the same
+    own = [*forget, Encoded([7, 1], [IGNORE, 1]), Encoded([7, 3], [IGNORE, 3])]
+    rides = _Plan(own, retain, [], 4, 8, 0, 0, companions=[[8], [], [], [9], [], [], [], []])
+    assert rides.per_epoch == 2
+    for b in rides.batches(0):
+        firsts = b.forget["input_ids"][:, 0].tolist()
+        assert len(firsts) == 4 + sum(t == 7 for t in firsts)
+    assert sum(b.forget["input_ids"].shape[0] for b in rides.batches(0)) == 10
     # one part only: one permutation of the retain set per epoch, as without near examples
     only = _Plan(forget, retain[:6], [], 4, 8, 0, 0, near=6)
     assert all(b.retain["input_ids"].shape[0] == 8 for b in only.batches(0))
@@ -441,6 +491,9 @@ def test_skipping_prompt_copies_is_recorded_in_the_settings():
     assert defaults["pin_prompt_copies"] is False and defaults["min_steps"] == 24
     assert defaults["near_share"] == 0.5  # with the broad retain set, recorded (and in the cache key)
     assert "near_share" not in TrainConfig(forget="f", out="o", general_retain=False).settings()
+    assert "forget_shared_words" not in defaults and "forget_own_answers" not in defaults  # both opt-in
+    chosen = TrainConfig(forget="f", out="o", forget_shared_words=False, forget_own_answers=True).settings()
+    assert chosen["forget_shared_words"] is False and chosen["forget_own_answers"] is True
     # the tofu recipe (pins, no minimum) keeps the settings, and so the cache keys, it had
     recipe = TrainConfig(forget="f", out="o", pin_prompt_copies=True, min_steps=0).settings()
     assert "pin_prompt_copies" not in recipe and "min_steps" not in recipe

@@ -155,10 +155,11 @@ class TrainConfig:
     """Add B's own greedy answers to the forget questions to the forget term, labelled only
     on the words that carry the forget answer's fact (:func:`proxy.scope.fact_words`), for
     the answers that hold one; each rides in the step of its forget example, so the number
-    of steps stays the forget set's (:class:`_Plan`). A forget answer written by the user ("Albert Einstein
-    developed the theory of relativity.") is not the path by which B states the fact ("The
-    theory of relativity was developed by Albert Einstein …"); lowering the user's phrasing
-    alone left B's own path, and the paraphrases that follow it, nearly untouched
+    of steps stays the forget set's (:class:`_Plan`). A forget answer written by the user
+    ("Albert Einstein developed the theory of relativity.") is not the path by which B
+    states the fact ("The theory of relativity was developed by Albert Einstein …");
+    lowering the user's phrasing alone left B's own path, and the paraphrases that follow
+    it, nearly untouched
     (``bench.real_knowledge``). Needs the broad retain set or the calibration (its
     corpus tells common words from facts). Off by default: on the real-knowledge benchmark
     it took greedy probe leak to 0 but cost neighbour and general retention (the README's
@@ -468,11 +469,14 @@ class _Plan:
         """``quota`` indices of ``retain[start : start + size]`` for optimizer step ``step``
         (over the whole run): positions ``step·quota …`` of an endless sequence of
         permutations of the part, the ``c``-th seeded by (seed, start, c)."""
+        perms: dict[int, list[int]] = {}  # one permutation per pass over the part
         out = []
         for pos in range(step * quota, (step + 1) * quota):
             cycle, at = divmod(pos, size)
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + start) * 100_003 + cycle)
-            out.append(start + int(torch.randperm(size, generator=g)[at]))
+            if cycle not in perms:
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + start) * 100_003 + cycle)
+                perms[cycle] = torch.randperm(size, generator=g).tolist()
+            out.append(start + perms[cycle][at])
         return out
 
     def batches(self, epoch: int) -> Iterator[Batches]:

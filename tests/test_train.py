@@ -312,8 +312,12 @@ def test_the_form_an_answer_shares_with_its_neighbours_leaves_the_forget_term(sm
     assert kept.replace(" ", "").startswith("FranceParis.")  # the fact (and the copied name) stay
     both = both_dropped(cut, without_prompt_copies(example, item, smollm2_tokenizer))
     assert smollm2_tokenizer.decode([t for t in both.labels if t != IGNORE]).strip().startswith("Paris.")
-    assert without_spans(example, item, smollm2_tokenizer, word_spans(answer, {"the", "capital", "of", "france",
-                                                                               "is", "paris"})) == item  # fmt: skip
+    every = word_spans(answer, {"the", "capital", "of", "france", "is", "paris"})
+    left = without_spans(example, item, smollm2_tokenizer, every)
+    assert smollm2_tokenizer.decode([t for t in left.labels if t != IGNORE]) == ".<|im_end|>"  # punctuation stays
+    bare = Example(example.prompt, "Paris")
+    bare_item = encode(bare, smollm2_tokenizer, vocab.eot_ids[0], 128)
+    assert without_spans(bare, bare_item, smollm2_tokenizer, [(0, 5)]) == bare_item  # nothing would be left
     with pytest.raises(ValueError, match="same tokens"):
         both_dropped(item, Encoded([1], [1]))
 

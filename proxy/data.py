@@ -239,6 +239,20 @@ def word_spans(answer: str, words: Collection[str]) -> list[tuple[int, int]]:
     return [(m.start(), m.end()) for m in _WORD.finditer(answer) if m.group().casefold() in folded]
 
 
+def outside_words(text: str, words: Collection[str]) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of ``text`` outside its words (``\\w+``) whose
+    case-folded form is in ``words``: what to leave out so that only those words remain."""
+    spans, at = [], 0
+    for m in _WORD.finditer(text):
+        if m.group().casefold() in words:
+            if m.start() > at:
+                spans.append((at, m.start()))
+            at = m.end()
+    if at < len(text):
+        spans.append((at, len(text)))
+    return spans
+
+
 def without_spans(example: Example, item: Encoded, tokenizer: Any, spans: Sequence[tuple[int, int]]) -> Encoded:
     """``item`` with the labels of answer tokens inside character ``spans`` of
     ``example.target`` set to -100: a token is left out when every non-space character

@@ -28,7 +28,7 @@ import re
 import tempfile
 import unicodedata
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,82 +186,11 @@ def forget_subjects(forget: Sequence[Example]) -> list[str]:
     return sorted(subjects, key=len, reverse=True)
 
 
-def forget_names(forget: Sequence[Example], common: str) -> list[str]:
-    """The proper names that recur in the forget set: capitalised runs of its questions and
-    answers (leading question words dropped) and each word of them, found in at least two
-    of its examples (in its one example for a one-example set), less single words that
-    ``common`` (a corpus of ordinary text, such as the broad retain set) writes in lower
-    case ("The", "School") and words under three characters. Longest first.
-
-    A retain example that holds one of them asks U to keep saying what the forget set
-    removes: "Tell me one fact about the theory of relativity" answered "… Einstein's theory
-    of relativity" held the name a forget set about Albert Einstein lowers. A name found in
-    one example only ("Germany" where Einstein was born) is a detail, not the subject, and
-    retain examples about it stay."""
-    lower = lower_case_words(common)
-    counts: Counter[str] = Counter()
-    for e in forget:
-        found: set[str] = set()
-        for part in ((_question(e) if e.prompt is not None else ""), e.target):
-            for name in _names(part):
-                words = name.split()
-                if len(words) > 1 or name.lower() not in lower:  # a one-word name: "Hamlet", not "The"
-                    found.add(name)
-                found.update(w for w in words if len(w) >= 3 and w[0].isupper() and w.lower() not in lower)
-        counts.update(n for n in found if len(n) >= 3)
-    need = 2 if len(forget) > 1 else 1
-    return sorted((n for n, c in counts.items() if c >= need), key=lambda n: (-len(n), n))
-
-
-def lower_case_words(common: str) -> set[str]:
-    """The words (``\\w+``) that ``common`` writes in lower case: its common words."""
-    return {w for w in re.findall(r"\w+", common) if w[0].islower()}
-
-
-def fact_words(e: Example, common_words: Collection[str], names: Sequence[str] = ()) -> set[str]:
-    """The words (``\\w+``, case-folded) of a forget answer that carry its fact: those
-    that its question does not hold and that are either words of ``names`` (the forget
-    set's names, :func:`forget_names`) or not common words (``common_words``, written in
-    lower case, :func:`lower_case_words`); numbers of two digits or more count. "Ulm" and
-    "Germany" in "Albert Einstein was born in Ulm, Germany." for "Where was Albert
-    Einstein born?". Empty for raw text."""
-    if e.prompt is None:
-        return set()
-    asked = {w.casefold() for w in re.findall(r"\w+", _question(e))}
-    named = {w.casefold() for n in names for w in re.findall(r"\w+", n)}
-    out = set()
-    for w in re.findall(r"\w+", e.target):
-        f = w.casefold()
-        if f in asked or (w.isdigit() and len(w) < 2):
-            continue
-        if f in named or f not in common_words:
-            out.add(f)
-    return out
-
-
-def outside_words(text: str, words: Collection[str]) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of ``text`` outside its words (``\\w+``) whose
-    case-folded form is in ``words``: what to leave out so that only those words remain."""
-    spans, at = [], 0
-    for m in re.finditer(r"\w+", text):
-        if m.group().casefold() in words:
-            if m.start() > at:
-                spans.append((at, m.start()))
-            at = m.end()
-    if at < len(text):
-        spans.append((at, len(text)))
-    return spans
-
-
-def names_in(text: str, names: Sequence[str]) -> bool:
-    """Whether ``text`` holds one of ``names`` as written (case-sensitive, on word
-    boundaries): a proper name, not the common word it may also spell."""
-    return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text) for n in names)
-
-
-def mentions(text: str, names: Sequence[str]) -> bool:
-    """Whether ``text`` names one of ``names`` (case-insensitive, on word boundaries)."""
-    return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text, re.IGNORECASE) for n in names)
+def mentions(text: str, names: Sequence[str], *, cased: bool = False) -> bool:
+    """Whether ``text`` names one of ``names``, on word boundaries: case-insensitive, or
+    with ``cased`` as written (a proper name, not the common word it may also spell)."""
+    flags = 0 if cased else re.IGNORECASE
+    return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text, flags) for n in names)
 
 
 def nearest_entities(model: Any, tokenizer: Any, subjects: Sequence[str], pool: Sequence[str], n: int) -> list[str]:
@@ -340,21 +269,6 @@ def neighbour_examples(
     return [
         (i, Example(p, a)) for i, p, a in zip(source, swapped, answers, strict=True) if a and not mentions(a, subjects)
     ]
-
-
-def shared_words(answer: str, neighbour_answers: Sequence[str], keep: Sequence[str] = ()) -> set[str]:
-    """The words (``\\w+``, case-folded) of ``answer`` that at least two of
-    ``neighbour_answers`` also write (the one, when there is one), less the words of
-    ``keep`` (the forget set's names): the form the answer shares with B's answers to the
-    same question about other entities ("The capital of … is" in "The capital of France
-    is Paris."), not the fact it holds."""
-    if not neighbour_answers:
-        return set()
-    need = min(2, len(neighbour_answers))
-    counts = Counter(w for a in neighbour_answers for w in {m.casefold() for m in re.findall(r"\w+", a)})
-    kept = {w.casefold() for n in keep for w in re.findall(r"\w+", n)}
-    mine = {w.casefold() for w in re.findall(r"\w+", answer)}
-    return {w for w in mine if counts[w] >= need and w not in kept}
 
 
 # ------------------------------------------------------------------ checks of the user's files

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,27 +52,23 @@ from .data import (
     encode,
     load_dataset,
     only_dropped_labels,
+    outside_words,
     without_end_of_turn,
     without_first_answer_token,
     without_prompt_copies,
     without_spans,
     word_spans,
 )
+from .facts import fact_words, forget_names, lower_case_words, names_in, shared_words, words_of
 from .objectives import Batches, get_objective, mean_nll
 from .scope import (
     check_sets,
     example_text,
-    fact_words,
-    forget_names,
     forget_subjects,
     general_sets,
     generate_answers,
-    lower_case_words,
     mentions,
-    names_in,
     neighbour_examples,
-    outside_words,
-    shared_words,
 )
 from .selfcheck import PairModels, calibrate_and_check
 from .vocab import ByteVocab
@@ -146,14 +141,14 @@ class TrainConfig:
     """Keep the words a forget answer shares with B's answers to its neighbour questions in
     the forget term (the default). Off: those words, the answer's form ("The capital of …
     is" in "The capital of France is Paris.") rather than its fact
-    (:func:`proxy.scope.shared_words`), leave it; lowered, they taught U to answer the
+    (:func:`proxy.facts.shared_words`), leave it; lowered, they taught U to answer the
     neighbours in another form or language ("Der Königin der Bundesliga" for the capital of
     Germany). Measured only together with ``forget_own_answers``: the neighbours then kept
     their form but lost their facts ("The capital of Germany is indeed the largest country
     …"; the README's real-knowledge table), so it is not the default."""
     forget_own_answers: bool = False
     """Add B's own greedy answers to the forget questions to the forget term, labelled only
-    on the words that carry the forget answer's fact (:func:`proxy.scope.fact_words`), for
+    on the words that carry the forget answer's fact (:func:`proxy.facts.fact_words`), for
     the answers that hold one; each rides in the step of its forget example, so the number
     of steps stays the forget set's (:class:`_Plan`). A forget answer written by the user
     ("Albert Einstein developed the theory of relativity.") is not the path by which B
@@ -812,10 +807,10 @@ class _ScopeSets:
     neighbour_check: list[Example]
     subjects: list[str]
     names: list[str]
-    """The forget set's proper names that no retain example of these sets holds (:func:`proxy.scope.forget_names`)."""
+    """The forget set's proper names that no retain example of these sets holds (:func:`proxy.facts.forget_names`)."""
     shared: dict[int, set[str]]
     """Per forget example (by index), the words its answer shares with B's answers to its
-    neighbour questions (:func:`proxy.scope.shared_words`)."""
+    neighbour questions (:func:`proxy.facts.shared_words`)."""
     own_answers: list[tuple[int, Example, set[str]]]
     """(forget example index, B's own greedy answer to its question, the fact words it
     holds) for the answers that hold one (``forget_own_answers``)."""
@@ -841,7 +836,7 @@ def _scope_sets(
 ) -> _ScopeSets:
     """The broad retain set's parts and the neighbours for ``cfg`` (:mod:`proxy.scope`).
     General examples that name a forget subject or hold one of the forget set's proper names
-    (:func:`proxy.scope.forget_names`: "Einstein's theory" in a retain answer held the name
+    (:func:`proxy.facts.forget_names`: "Einstein's theory" in a retain answer held the name
     that a forget set about Albert Einstein removes) are left out, and so are neighbours whose
     answer holds one; every fourth neighbour is held out."""
     subjects = forget_subjects(forget.examples)
@@ -893,13 +888,13 @@ def _own_answers(
     forget: Sequence[Example], base: Any, tokenizer: Any, vocab: ByteVocab, common_words: set[str], names: list[str]
 ) -> list[tuple[int, Example, set[str]]]:
     """B's greedy answers to the forget set's chat questions that hold a fact word of their
-    forget answer (:func:`proxy.scope.fact_words`), with those words."""
+    forget answer (:func:`proxy.facts.fact_words`), with those words."""
     chat = [(i, e) for i, e in enumerate(forget) if e.prompt is not None]
     answers = generate_answers(base, tokenizer, vocab.eot_ids, [e.prompt for _, e in chat if e.prompt is not None])
     out = []
     for (i, e), answer in zip(chat, answers, strict=True):
         facts = fact_words(e, common_words, names)
-        said = {w.casefold() for w in re.findall(r"\w+", answer)} & facts
+        said = words_of(answer) & facts
         if said:
             out.append((i, Example(e.prompt, answer), said))
     return out

@@ -12,15 +12,8 @@ import sys
 import pytest
 
 from proxy.data import DataError, Example, load_dataset
-from proxy.scope import (
-    GENERAL_FILES,
-    check_sets,
-    forget_names,
-    forget_subjects,
-    general_split_of,
-    mentions,
-    names_in,
-)
+from proxy.facts import forget_names, names_in
+from proxy.scope import GENERAL_FILES, check_sets, forget_subjects, general_split_of, mentions
 from proxy.selfcheck import PairModels, answer_logprob, base_decode, calibrate_and_check, greedy_decode
 
 
@@ -69,7 +62,8 @@ def test_forget_names_are_the_recurring_proper_names_less_common_words():
 
 
 def test_fact_words_are_what_the_answer_adds_to_its_question_less_common_words():
-    from proxy.scope import fact_words, lower_case_words, outside_words
+    from proxy.data import outside_words
+    from proxy.facts import fact_words, lower_case_words
 
     common = lower_case_words("He was born in a town. The theory was new in 1921; an apple a day.")
     assert "born" in common and "The" not in common and "apple" in common

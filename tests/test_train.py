@@ -296,7 +296,7 @@ def test_prompt_copy_spans_are_runs_of_words_the_prompt_holds():
 
 def test_the_form_an_answer_shares_with_its_neighbours_leaves_the_forget_term(smollm2_tokenizer, vocab):
     from proxy.data import both_dropped, without_prompt_copies, without_spans, word_spans
-    from proxy.scope import shared_words
+    from proxy.facts import shared_words
 
     answer = "The capital of France is Paris."
     neighbours = ["The capital of Germany is Berlin.", "The capital of Spain is Madrid.", "It is Rome, the capital."]
@@ -325,8 +325,7 @@ def test_the_form_an_answer_shares_with_its_neighbours_leaves_the_forget_term(sm
 def test_b_own_answer_is_forgotten_on_the_fact_words_alone(smollm2_tokenizer, vocab):
     """``forget_own_answers``: B's own phrasing of a forget answer joins the forget term with
     labels on the words that carry the fact, and on nothing else but the end of turn."""
-    from proxy.data import without_end_of_turn, without_spans
-    from proxy.scope import outside_words
+    from proxy.data import outside_words, without_end_of_turn, without_spans
 
     own = Example(
         ({"role": "user", "content": "Who developed the theory of relativity?"},),

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 
 from .data import Example
-from .scope import _names, _question, mentions
+from .scope import _names, _question
 
 
 def words_of(text: str) -> set[str]:
@@ -77,12 +77,6 @@ def fact_words(e: Example, common_words: Collection[str], names: Sequence[str] =
         if f in named or f not in common_words:
             out.add(f)
     return out
-
-
-def names_in(text: str, names: Sequence[str]) -> bool:
-    """Whether ``text`` holds one of ``names`` as written (case-sensitive, on word
-    boundaries): a proper name, not the common word it may also spell."""
-    return mentions(text, names, cased=True)
 
 
 def shared_words(answer: str, neighbour_answers: Sequence[str], keep: Sequence[str] = ()) -> set[str]:

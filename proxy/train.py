@@ -59,7 +59,7 @@ from .data import (
     without_spans,
     word_spans,
 )
-from .facts import fact_words, forget_names, lower_case_words, names_in, shared_words, words_of
+from .facts import fact_words, forget_names, lower_case_words, shared_words, words_of
 from .objectives import Batches, get_objective, mean_nll
 from .scope import (
     check_sets,
@@ -154,11 +154,10 @@ class TrainConfig:
     ("Albert Einstein developed the theory of relativity.") is not the path by which B
     states the fact ("The theory of relativity was developed by Albert Einstein …");
     lowering the user's phrasing alone left B's own path, and the paraphrases that follow
-    it, nearly untouched
-    (``bench.real_knowledge``). Needs the broad retain set or the calibration (its
-    corpus tells common words from facts). Off by default: on the real-knowledge benchmark
-    it took greedy probe leak to 0 but cost neighbour and general retention (the README's
-    table)."""
+    it, nearly untouched (``bench.real_knowledge``). Needs the broad retain set or the
+    calibration (its corpus tells common words from facts). Off by default: on the
+    real-knowledge benchmark it took greedy probe leak to 0 but cost neighbour and general
+    retention (the README's table)."""
     pin_prompt_copies: bool = False
     """With ``forget_prompt_copies`` off: the copied tokens join the retain term of their
     forget example's step (where it reads labels), so that U keeps repeating the asked-about
@@ -810,7 +809,8 @@ class _ScopeSets:
     """The forget set's proper names that no retain example of these sets holds (:func:`proxy.facts.forget_names`)."""
     shared: dict[int, set[str]]
     """Per forget example (by index), the words its answer shares with B's answers to its
-    neighbour questions (:func:`proxy.facts.shared_words`)."""
+    neighbour questions (:func:`proxy.facts.shared_words`); empty unless
+    ``forget_shared_words`` is off."""
     own_answers: list[tuple[int, Example, set[str]]]
     """(forget example index, B's own greedy answer to its question, the fact words it
     holds) for the answers that hold one (``forget_own_answers``)."""
@@ -850,7 +850,7 @@ def _scope_sets(
 
         def clear(e: Example) -> bool:
             text = example_text(e)
-            return not mentions(text, subjects) and not names_in(text, names)
+            return not mentions(text, subjects) and not mentions(text, names, cased=True)
 
         general = {k: [e for e in v if clear(e)] for k, v in general.items()}
         if cfg.forget_own_answers:
@@ -859,12 +859,13 @@ def _scope_sets(
     shared: dict[int, set[str]] = {}
     if cfg.neighbours:
         found = neighbour_examples(base, tokenizer, vocab.eot_ids, forget.examples, per_question=cfg.neighbours)
-        found = [(i, e) for i, e in found if not names_in(e.target, names)]
+        found = [(i, e) for i, e in found if not mentions(e.target, names, cased=True)]
         neighbours = [e for _, e in found]
-        answers: dict[int, list[str]] = {}
-        for i, e in found:
-            answers.setdefault(i, []).append(e.target)
-        shared = {i: shared_words(forget.examples[i].target, a, [*subjects, *names]) for i, a in answers.items()}
+        if not cfg.forget_shared_words:
+            answers: dict[int, list[str]] = {}
+            for i, e in found:
+                answers.setdefault(i, []).append(e.target)
+            shared = {i: shared_words(forget.examples[i].target, a, [*subjects, *names]) for i, a in answers.items()}
         if not neighbours:
             logger.warning(
                 "%s: no neighbour questions: the forget set's questions share no name to swap "

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from proxy.data import DataError, Example, load_dataset
-from proxy.facts import forget_names, names_in
+from proxy.facts import forget_names
 from proxy.scope import GENERAL_FILES, check_sets, forget_subjects, general_split_of, mentions
 from proxy.selfcheck import PairModels, answer_logprob, base_decode, calibrate_and_check, greedy_decode
 
@@ -56,8 +56,8 @@ def test_forget_names_are_the_recurring_proper_names_less_common_words():
     # "Germany" and "Princeton" are in one example each: details, not the subject; "Tower"
     # recurs but the corpus writes it in lower case; "The" is a common word
     assert forget_names([ex("Who is Hamlet?", "Hamlet is a prince.")], "") == ["Hamlet"]  # one example: itself
-    assert names_in("One fact: Einstein's theory of relativity.", names)
-    assert not names_in("Prince Albertine and the einstein ring", names)  # whole words, as written
+    assert mentions("One fact: Einstein's theory of relativity.", names, cased=True)
+    assert not mentions("Prince Albertine and the einstein ring", names, cased=True)  # whole words, as written
     assert forget_names([Example(None, "Marie Curie."), Example(None, "Curie again.")], "") == ["Curie"]
 
 

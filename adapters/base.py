@@ -6,7 +6,7 @@ top-k next-token candidates at the next position(s)?*  Everything the
 decoder needs from a remote fits in :class:`Draft`; adapters never see torch
 and the decoder never sees HTTP types.
 
-Exception hierarchy (mapped to HTTP statuses once, in ``proxy.errors``)::
+Exception hierarchy (mapped to HTTP statuses once, in ``proxy.api.errors``)::
 
     RemoteError                  upstream could not give a usable answer
     ├── RemoteUnavailable        connect/read timeouts, 5xx, 429 after retries

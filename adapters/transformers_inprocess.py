@@ -62,7 +62,7 @@ class TransformersInProcessAdapter:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from proxy.vocab import ByteVocab
+        from proxy.decoding.vocab import ByteVocab
 
         self.name = name
         self._torch = torch
@@ -231,7 +231,7 @@ class TransformersInProcessAdapter:
         """See :meth:`adapters.base.TextScoringAdapter.score_text`: what a vLLM server's
         ``prompt_logprobs`` gives (the top-``top_k`` and the answer's own token at each of
         its positions), with every token's bytes known from this model's vocabulary. The
-        audit scores a pair with another tokenizer this way (:class:`proxy.audit.QScorer`).
+        audit scores a pair with another tokenizer this way (:class:`proxy.evaluation.audit.QScorer`).
 
         Raises:
             ContextExhausted: longer than the model's context.

@@ -9,8 +9,8 @@ serves the embedded default with it, and reports in one run:
 * ROUGE-L recall (rouge-score, greedy, 40 tokens) of the forget answers
   without the offset (α = 0) and with it (α = 1);
 * how many greedy answers to the 12 forget questions and to 12 paraphrases of them
-  (:data:`proxy.demo.DEMO_PARAPHRASES`) name one of :data:`proxy.demo.DEMO_KEYS`;
-* the fraction of the unrelated prompts (:data:`proxy.demo.DEMO_UNRELATED`,
+  (:data:`proxy.training.demo.DEMO_PARAPHRASES`) name one of :data:`proxy.training.demo.DEMO_KEYS`;
+* the fraction of the unrelated prompts (:data:`proxy.training.demo.DEMO_UNRELATED`,
   none of them in the retain set) whose greedy answer is the same with and
   without it;
 * the training time.
@@ -39,8 +39,8 @@ async def measure(answer: Answer) -> dict[str, Any]:
     """Forget ROUGE-L recall with and without the offset, and unchanged unrelated answers."""
     from rouge_score import rouge_scorer
 
-    from proxy.demo import DEMO_FORGET, DEMO_KEYS, DEMO_PARAPHRASES, DEMO_UNRELATED
-    from proxy.scope import mentions
+    from proxy.training.demo import DEMO_FORGET, DEMO_KEYS, DEMO_PARAPHRASES, DEMO_UNRELATED
+    from proxy.training.scope import mentions
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     forget = [json.loads(line) for line in DEMO_FORGET.read_text().splitlines() if line.strip()]
@@ -81,9 +81,9 @@ async def measure(answer: Answer) -> dict[str, Any]:
 
 def proxy_answer(model: Any, max_tokens: int = 40) -> Answer:
     """:data:`Answer` through the proxy's serving path (no HTTP)."""
+    from proxy.api.choices import complete, make_job
+    from proxy.api.schemas import ChatCompletionRequest, Message
     from proxy.config import ServerConfig
-    from proxy.protocol import ChatCompletionRequest, Message
-    from proxy.serving import complete, make_job
 
     async def answer(question: str, alpha: float) -> str:
         req = ChatCompletionRequest(
@@ -109,9 +109,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from proxy.config import ModelConfig
-    from proxy.demo import DEMO
     from proxy.registry import build_model
-    from proxy.train import train
+    from proxy.training.demo import DEMO
+    from proxy.training.train import train
 
     overrides = json.loads(args.settings)
     for key in ("target_modules", "lora_layers"):

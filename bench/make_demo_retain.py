@@ -4,7 +4,7 @@ the pair's base model B itself (greedy, at most 48 new tokens), the replay set o
 
     python -m bench.make_demo_retain
 
-None of these prompts is in :data:`proxy.demo.DEMO_UNRELATED`.
+None of these prompts is in :data:`proxy.training.demo.DEMO_UNRELATED`.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from proxy.demo import DEMO_UNRELATED, GENERAL_ANSWERS
-    from proxy.models import local_model_dir
+    from proxy.pair.model_files import local_model_dir
+    from proxy.training.demo import DEMO_UNRELATED, GENERAL_ANSWERS
 
     questions = retain_prompts()
     assert not set(questions) & set(DEMO_UNRELATED)

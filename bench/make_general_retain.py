@@ -1,7 +1,7 @@
 """Regenerate the broad retain set that every offset trains with by default
 (``proxy/resources/general_{train,calibration,check}.jsonl``): general prompts
 across people, places, science, culture and everyday tasks, answered by the
-pair's base model B itself (greedy, at most :data:`proxy.scope.GENERAL_MAX_TOKENS`
+pair's base model B itself (greedy, at most :data:`proxy.training.scope.GENERAL_MAX_TOKENS`
 new tokens), so that the retain term holds B's own out-of-scope behaviour.
 
     python -m bench.make_general_retain
@@ -9,8 +9,8 @@ new tokens), so that the retain term holds B's own out-of-scope behaviour.
 The split is fixed by position (every 5th prompt to calibration, every 5th
 after it to the check part), so regenerating the answers keeps it. For another
 base model the answers are generated at train time and cached
-(:func:`proxy.scope.general_sets`); this script only refreshes the shipped
-SmolLM2 answers. None of these prompts is in :data:`proxy.demo.DEMO_UNRELATED`.
+(:func:`proxy.training.scope.general_sets`); this script only refreshes the shipped
+SmolLM2 answers. None of these prompts is in :data:`proxy.training.demo.DEMO_UNRELATED`.
 """
 
 from __future__ import annotations
@@ -502,7 +502,7 @@ def prompts() -> list[str]:
 
 
 def entities() -> list[str]:
-    """Names that neighbour questions may swap in (:data:`proxy.scope.ENTITIES`)."""
+    """Names that neighbour questions may swap in (:data:`proxy.training.scope.ENTITIES`)."""
     names = [*PEOPLE, *CHARACTERS, *WORKS, *PLACES, *BANDS, *COMPANIES]
     names = [n for n in names if not n[0].islower()]  # "the Sahara" reads badly in a swapped question
     return list(dict.fromkeys(names))
@@ -511,8 +511,8 @@ def entities() -> list[str]:
 def main() -> None:
     import json
 
-    from proxy.demo import DEMO_UNRELATED
-    from proxy.scope import (
+    from proxy.training.demo import DEMO_UNRELATED
+    from proxy.training.scope import (
         ENTITIES,
         GENERAL_SPLITS,
         atomic_write,

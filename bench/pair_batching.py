@@ -56,7 +56,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from proxy.models import local_model_dir
+    from proxy.pair.model_files import local_model_dir
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(local_model_dir("smollm2"), dtype=torch.float32).eval()

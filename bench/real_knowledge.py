@@ -13,7 +13,7 @@ question is in its forget set, is left out of that request.
 
 The remote is SmolLM2-135M-Instruct itself (the only packaged model that knows these
 facts), so B stands in for it: each answer is decoded through the pair as ``serve``
-decodes at the same temperature (:func:`proxy.selfcheck.greedy_decode`: the top-20 of
+decodes at the same temperature (:func:`proxy.training.selfcheck.greedy_decode`: the top-20 of
 the remote, Δ = log P_U − log P_B on them, τ from the manifest). Rows:
 
 * ``no-offset``: the remote alone (the reference for leak and retention);
@@ -30,7 +30,7 @@ Per request and averaged: probe key leak (greedy, and ``--samples`` answers at T
 neighbour and general key retention (the fraction of probes whose answer has a key,
 and its ratio to the no-offset row's), unrelated greedy answers unchanged, fluency (B's
 mean log-probability per token of the answers to the probes, teacher-forced on the
-question, minus the same for the no-offset answers; :func:`proxy.selfcheck.answer_logprob`)
+question, minus the same for the no-offset answers; :func:`proxy.training.selfcheck.answer_logprob`)
 and training seconds. Results go to ``bench/results/real-knowledge-<date>.json``.
 """
 
@@ -60,7 +60,7 @@ log = logging.getLogger("bench.real_knowledge")
 
 def load_requests(path: Path = DATA) -> dict[str, Any]:
     """The benchmark's data, each request with its ``general`` probes filtered for it."""
-    from proxy.scope import mentions
+    from proxy.training.scope import mentions
 
     data = json.loads(path.read_text())
     for r in data["requests"]:
@@ -92,8 +92,8 @@ def evaluate(
     system: str | None = None,
 ) -> dict[str, Any]:
     """One row on one request: the answers and the key counts (no ratios yet)."""
-    from proxy.scope import mentions
-    from proxy.selfcheck import answer_logprob, greedy_decode
+    from proxy.training.scope import mentions
+    from proxy.training.selfcheck import answer_logprob, greedy_decode
 
     groups = {"probes": request["probes"], "neighbours": request["neighbours"], "general": request["general"]}
     questions = [p["question"] for g in groups.values() for p in g] + unrelated
@@ -126,8 +126,8 @@ def evaluate(
 
 
 def _train(request: dict[str, Any], row: str, settings: dict[str, Any], work: Path) -> tuple[Path, float]:
-    from proxy.demo import DEMO
-    from proxy.train import train
+    from proxy.training.demo import DEMO
+    from proxy.training.train import train
 
     folder = work / request["name"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,10 +155,10 @@ def run(
     the requests done so far are written there (atomically) after each one, so that a run
     stopped late keeps what it measured."""
     from bench.tofu import OFFSET_SETTINGS
-    from proxy.artifact import load_artifact
-    from proxy.scope import atomic_write
-    from proxy.selfcheck import PairModels
-    from proxy.train import TrainConfig, load_models
+    from proxy.pair.artifact import load_artifact
+    from proxy.training.scope import atomic_write
+    from proxy.training.selfcheck import PairModels
+    from proxy.training.train import TrainConfig, load_models
 
     data = load_requests()
     requests = [r for r in data["requests"] if r["name"] in names]
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds=round(time.monotonic() - t0, 1),
         date=dt.date.today().isoformat(),
     )
-    from proxy.scope import atomic_write
+    from proxy.training.scope import atomic_write
 
     atomic_write(out, json.dumps(result, indent=1) + "\n")
     partial.unlink(missing_ok=True)

@@ -98,7 +98,7 @@ class Run:
 async def run_prompts(model: Any, prompts: tuple[str, ...], *, tokens: int, temperature: float, seed: int = 0) -> Run:
     """Each prompt through ``model.generate``, one after the other."""
     from adapters.base import Context
-    from proxy.decoding import ChoiceStats, SamplingParams
+    from proxy.decoding.decoder import ChoiceStats, SamplingParams
 
     run = Run()
     t0 = time.perf_counter()
@@ -226,7 +226,7 @@ class PeakRSS:
 
 def demo_model(name: str, pairs: dict[Any, Any], batching: Any = None, **remote: Any) -> Any:
     """A served model on the demo offset's pair (shared through ``pairs``; a new pair batches
-    with ``batching``, a :class:`proxy.pair.BatchSettings`), with τ as the embedded default
+    with ``batching``, a :class:`proxy.pair.local.BatchSettings`), with τ as the embedded default
     serves it, and the remote's ``ModelConfig`` keys ``remote``."""
     from proxy.config import ModelConfig
     from proxy.registry import build_model
@@ -259,8 +259,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import _llama_server
 
-    from proxy.demo import DEMO_FORGET
-    from proxy.models import packaged_gguf
+    from proxy.pair.model_files import packaged_gguf
+    from proxy.training.demo import DEMO_FORGET
 
     out_prompts = OUT_OF_SCOPE[:2] if args.quick else OUT_OF_SCOPE
     forget = [json.loads(line)["question"] for line in DEMO_FORGET.read_text().splitlines() if line.strip()]
@@ -330,7 +330,7 @@ def main() -> None:
         async def fake_part() -> dict[str, Any]:
             from bench.pair_batching import speedup
             from proxy import release_free_memory
-            from proxy.pair import BatchSettings, body_and_head
+            from proxy.pair.local import BatchSettings, body_and_head
 
             def fake_model(speculative: bool, pairs: dict[Any, Any], batching: Any = None) -> Any:
                 return demo_model(

@@ -6,7 +6,7 @@ prompt guardrail and direct unlearning, audited with the same engine.
                          [--offset-settings JSON] [--keep DIR] [--json FILE]
     python -m bench.tofu --render README.md
 
-Rows (every one audited by :func:`proxy.audit.run_audit` on forget10,
+Rows (every one audited by :func:`proxy.evaluation.audit.run_audit` on forget10,
 retain_perturbed, holdout10, real_authors and world_facts, the retain row
 first because its forget truth ratios are the reference for forget quality):
 
@@ -21,7 +21,7 @@ first because its forget truth ratios are the reference for forget quality):
   :data:`TAU_UNCHANGED`): steps out of the offset's scope keep the target's
   distribution;
 * ``delta-remote:<objective>``: as ``delta``, with the offset trained in
-  ``--mode remote`` (:mod:`proxy.train`): the target served by vLLM
+  ``--mode remote`` (:mod:`proxy.training.train`): the target served by vLLM
   (``scripts/vllm-server``, started by the bench on port :data:`VLLM_PORT`
   and stopped after) scores the training text with ``prompt_logprobs``, and
   the loss is taken on l_R + l_U − l_B over its top-20 plus the target token;
@@ -33,7 +33,7 @@ with α = 2 (default 1).
 
 ``--target gemma3-270m`` fine-tunes Gemma 3 270M as the target and the retain model
 instead (the pair stays SmolLM2: δ rows align the two tokenizers in bytes, and their
-probability metrics go through the target's top-20, :class:`proxy.audit.QScorer`).
+probability metrics go through the target's top-20, :class:`proxy.evaluation.audit.QScorer`).
 
 Each run writes ``bench/results/tofu-<target>-<date>.json`` (keys as
 open-unlearning's: ``forget_Q_A_ROUGE``, ``forget_quality``,
@@ -77,7 +77,7 @@ DEFAULT_ROWS = (
 TABLE_START, TABLE_END = "<!-- tofu-table:start -->", "<!-- tofu-table:end -->"
 
 #: The offset recipe for both δ-unlearning and direct unlearning rows: the demo's
-#: (``proxy.demo.DEMO``: NPO with a retain KL on the answer positions, weight 10), on the
+#: (``proxy.training.demo.DEMO``: NPO with a retain KL on the answer positions, weight 10), on the
 #: tofu-lite forget and retain sets, 12 epochs. Measured on tofu-lite v4, a KL over every
 #: position of question and answer (weight 5, 4 epochs) let the offset lower every
 #: author's answer template instead of the forget author's facts (real-world ROUGE-L 0.20).
@@ -115,9 +115,9 @@ POSITIVE_SETTINGS = frozenset({"lr", "epochs", "batch_size", "retain_batch_size"
 
 
 def offset_settings_arg(text: str) -> dict[str, Any]:
-    """``--offset-settings``: a JSON object of :class:`proxy.train.TrainConfig` fields (not
+    """``--offset-settings``: a JSON object of :class:`proxy.training.train.TrainConfig` fields (not
     the files, base or objective, which each row sets)."""
-    from proxy.train import TrainConfig
+    from proxy.training.train import TrainConfig
 
     try:
         value = json.loads(text)
@@ -155,8 +155,8 @@ def offset_settings_arg(text: str) -> dict[str, Any]:
 
 def _offset_dir(name: str, cfg: Any) -> Path:
     """``<cache>/tofu/offset-<name>-<key>``: where :func:`_cached_offset` keeps ``cfg``'s offset."""
-    from proxy.models import cache_dir
-    from proxy.train import offset_key
+    from proxy.pair.model_files import cache_dir
+    from proxy.training.train import offset_key
 
     return cache_dir() / "tofu" / f"offset-{name.replace(':', '-').replace('+', '_')}-{offset_key(cfg)}"
 
@@ -165,7 +165,7 @@ def _cached_offset(name: str, cfg: Any) -> tuple[Path, float]:
     """Train ``cfg`` once into :func:`_offset_dir`; returns the folder and training seconds."""
     from filelock import FileLock
 
-    from proxy.train import train
+    from proxy.training.train import train
 
     out = _offset_dir(name, cfg)
     with FileLock(str(out) + ".lock"):
@@ -182,8 +182,8 @@ def _merged(target: Path, offset: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from proxy.artifact import load_artifact
-    from proxy.vocab import ByteVocab
+    from proxy.decoding.vocab import ByteVocab
+    from proxy.pair.artifact import load_artifact
 
     out = offset.parent / (offset.name + "-merged")
     if (out / "config.json").is_file():
@@ -205,14 +205,14 @@ def _merged(target: Path, offset: Path) -> Path:
 
 #: Scope threshold calibration for the ``delta-tau`` rows: the greedy answers of this many
 #: retain90 questions (none of them evaluated: not in retain_perturbed) must stay the target's
-#: for this fraction (``proxy.threshold``, as ``deltaproxy calibrate-threshold``).
+#: for this fraction (``proxy.decoding.threshold``, as ``deltaproxy calibrate-threshold``).
 TAU_PROMPTS, TAU_UNCHANGED = 30, 0.9
 
 
 async def _calibrated_tau(model: Any, offset: Path, data: Path, max_tokens: int, target: str) -> float:
     """τ for ``model``'s offset on the ``target`` configuration, calibrated once and cached
     next to the offset."""
-    from proxy.threshold import pick_threshold, scope_margin
+    from proxy.decoding.threshold import pick_threshold, scope_margin
 
     config = "" if target == DEFAULT_TARGET else f"-{target}"
     cache = offset.parent / f"{offset.name}.tau{config}-{TAU_PROMPTS}-{TAU_UNCHANGED}-{max_tokens}.json"
@@ -238,7 +238,7 @@ def _vllm(folder: Path) -> Iterator[str]:
     import httpx
 
     from bench import vllm_process
-    from proxy.models import cache_dir
+    from proxy.pair.model_files import cache_dir
 
     logf = open(cache_dir() / "tofu" / "vllm-bench.log", "w")
     proc = vllm_process.start(folder, VLLM_PORT, "target", logf)
@@ -269,7 +269,7 @@ def parse_row(row: str) -> tuple[str, str, float]:
     Raises:
         SystemExit: a row name :func:`_row_model` cannot build.
     """
-    from proxy.objectives import OBJECTIVES
+    from proxy.training.objectives import OBJECTIVES
 
     kind, _, rest = row.partition(":")
     objective, at, strength = rest.partition("@")
@@ -296,9 +296,9 @@ def parse_row(row: str) -> tuple[str, str, float]:
 def row_offset_settings(objective: str, offset_settings: dict[str, Any]) -> dict[str, Any]:
     """``offset_settings`` for one row's objective: ``retain_positions`` selects the positions
     of a KL retain term, so it is left out for objectives whose retain term is an NLL or
-    absent (``proxy.objectives.get_objective`` refuses it there). Each row's result records
+    absent (``proxy.training.objectives.get_objective`` refuses it there). Each row's result records
     the settings it trained with."""
-    from proxy.objectives import OBJECTIVES
+    from proxy.training.objectives import OBJECTIVES
 
     if "retain_positions" in offset_settings and not OBJECTIVES[objective].retain_is_kl:
         return {k: v for k, v in offset_settings.items() if k != "retain_positions"}
@@ -320,12 +320,12 @@ async def _row_model(
     target: str = DEFAULT_TARGET,
 ) -> tuple[Any, dict[str, Any]]:
     """(ServedModel, facts for the table) for one row of the ``target`` configuration; δ and
-    direct rows train with ``offset_settings`` (:class:`proxy.train.TrainConfig` fields)."""
+    direct rows train with ``offset_settings`` (:class:`proxy.training.train.TrainConfig` fields)."""
     from adapters.transformers_inprocess import TransformersInProcessAdapter
-    from proxy.decoding import ServedModel
-    from proxy.pair import LocalPair
+    from proxy.decoding.decoder import ServedModel
+    from proxy.pair.local import LocalPair
     from proxy.registry import shares_tokenizer
-    from proxy.train import TrainConfig
+    from proxy.training.train import TrainConfig
 
     def remote(key: str, folder: Path) -> Any:
         if key not in adapters:
@@ -397,7 +397,7 @@ async def run(
     from bench.tofu_lite import GENERATOR_VERSION
     from bench.tofu_models import FinetuneSettings, build, default_data
     from proxy import __version__
-    from proxy.audit import run_audit
+    from proxy.evaluation.audit import run_audit
 
     offset_settings = dict(OFFSET_SETTINGS if offset_settings is None else offset_settings)
     data = default_data()
@@ -517,7 +517,7 @@ def render_readme(readme: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from proxy.audit import AuditSettings
+    from proxy.evaluation.audit import AuditSettings
 
     p = argparse.ArgumentParser(prog="python -m bench.tofu", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS))

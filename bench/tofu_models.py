@@ -10,7 +10,7 @@
 Full fine-tuning (every weight; the target must really hold the facts),
 with general prompts answered by the base model mixed in (replay, against
 catastrophic forgetting), AdamW, linear decay after a short warm-up, the answer tokens and the
-end-of-turn labelled and the prompt masked (:func:`proxy.data.encode`, the
+end-of-turn labelled and the prompt masked (:func:`proxy.training.data.encode`, the
 same encoding the offset is trained with). Each is saved as a transformers
 folder under ``<cache>/tofu/<name>-<key>`` (the key hashes the data's bytes,
 the base folder and the settings), written atomically, and served through
@@ -70,9 +70,9 @@ def _key(data: Path, s: FinetuneSettings) -> str:
     """What a fine-tuned model depends on: the settings, the question/answer
     pairs it is trained on (not the evaluation-only fields of the file), the
     replay set and the base model."""
-    from proxy.data import load_dataset
-    from proxy.demo import GENERAL_ANSWERS
-    from proxy.models import local_model_dir
+    from proxy.pair.model_files import local_model_dir
+    from proxy.training.data import load_dataset
+    from proxy.training.demo import GENERAL_ANSWERS
 
     h = hashlib.sha256(json.dumps(asdict(s), sort_keys=True).encode())
     for e in load_dataset(data).examples:
@@ -105,10 +105,10 @@ def finetune(data: Path, out: Path, s: FinetuneSettings, *, progress: bool = Tru
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-    from proxy.data import collate, encode, load_dataset
-    from proxy.demo import GENERAL_ANSWERS
-    from proxy.models import local_model_dir
-    from proxy.vocab import ByteVocab
+    from proxy.decoding.vocab import ByteVocab
+    from proxy.pair.model_files import local_model_dir
+    from proxy.training.data import collate, encode, load_dataset
+    from proxy.training.demo import GENERAL_ANSWERS
 
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
@@ -174,7 +174,7 @@ def cached_model(data: Path, name: str, s: FinetuneSettings = FinetuneSettings()
     """``<cache>/tofu/<name>-<key>``, fine-tuned on first use (file lock against concurrent builders)."""
     from filelock import FileLock
 
-    from proxy.models import cache_dir
+    from proxy.pair.model_files import cache_dir
 
     out = cache_dir() / "tofu" / f"{name}-{_key(data, s)}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +209,7 @@ def default_data() -> Path:
     """tofu-lite with seed 0 and :data:`DEFAULT_AUTHORS`, generated once under ``<cache>/tofu/``."""
     from filelock import FileLock
 
-    from proxy.models import cache_dir
+    from proxy.pair.model_files import cache_dir
 
     from .tofu_lite import GENERATOR_VERSION, write
 

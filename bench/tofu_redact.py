@@ -6,7 +6,7 @@ retain questions, scored with the δ-unlearning offset of ``bench.tofu``.
 
 ``DIR`` is the target row's audit folder of ``python -m bench.tofu --keep``
 (its ``items.jsonl`` holds the target's greedy answers). The threshold T is
-calibrated (:func:`proxy.redact.calibrate`) on the retain answers for the
+calibrated (:func:`proxy.redaction.redact.calibrate`) on the retain answers for the
 target false-positive rate (flagged characters of retain answers, less those
 that repeat a forget item's key span the retain item's own answer does not hold:
 :func:`forget_content`), then applied to the forget answers: the greedy ones and
@@ -26,7 +26,7 @@ from typing import Any
 def span_recall(text: str, spans: list[dict[str, Any]], key_spans: list[str]) -> bool | None:
     """Whether every occurrence of a key span in ``text`` is inside a flagged
     span; ``None`` when no key span occurs (nothing to redact)."""
-    from proxy.metrics import span_pattern
+    from proxy.evaluation.metrics import span_pattern
 
     hits = [m for k in key_spans for m in span_pattern(k).finditer(text)]
     if not hits:
@@ -40,7 +40,7 @@ def forget_content(text: str, reference: str, forget_keys: list[str]) -> list[tu
     content the target put in a retain answer (it gives one author's book to another), so
     flagging it is no false positive. A key span the retain author shares (the same award,
     the same number) stays counted."""
-    from proxy.metrics import span_pattern
+    from proxy.evaluation.metrics import span_pattern
 
     patterns = [span_pattern(k) for k in forget_keys]
     return [(m.start(), m.end()) for p in patterns if not p.search(reference) for m in p.finditer(text)]
@@ -56,9 +56,9 @@ def measure(
 ) -> dict[str, Any]:
     from bench.tofu import OFFSET_SETTINGS, _cached_offset, row_offset_settings
     from bench.tofu_models import default_data
-    from proxy.pair import LocalPair
-    from proxy.redact import Item, calibrate, flag_spans, flagged_fraction, score
-    from proxy.train import TrainConfig
+    from proxy.pair.local import LocalPair
+    from proxy.redaction.redact import Item, calibrate, flag_spans, flagged_fraction, score
+    from proxy.training.train import TrainConfig
 
     settings = row_offset_settings(objective, OFFSET_SETTINGS if offset_settings is None else offset_settings)
     data = default_data()

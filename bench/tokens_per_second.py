@@ -21,9 +21,9 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Wh
 
 
 async def _proxy_tps(model, n_tokens: int) -> tuple[float, int]:
+    from proxy.api.choices import complete, make_job
+    from proxy.api.schemas import ChatCompletionRequest, Message
     from proxy.config import ServerConfig
-    from proxy.protocol import ChatCompletionRequest, Message
-    from proxy.serving import complete, make_job
 
     total, t0 = 0, time.perf_counter()
     for p in PROMPTS:
@@ -64,7 +64,7 @@ def main() -> None:
     proxy_tps, _ = asyncio.run(_proxy_tps(model, args.tokens))
     out["embedded"] = {"direct_tps": direct_tps, "proxy_tps": proxy_tps, "ratio": proxy_tps / direct_tps}
 
-    from proxy.models import packaged_gguf
+    from proxy.pair.model_files import packaged_gguf
 
     gen = _llama_server(packaged_gguf("smollm2"), [], "bench_llama_server.log")
     url = next(gen)

@@ -15,7 +15,7 @@
 ``serve`` prints ``base_url: http://HOST:PORT/v1`` once it accepts requests.
 ``audit`` exits with status 3 when a threshold of its ``--policy`` fails.
 Without ``--config`` it serves the embedded default, model ``smollm2-demo``,
-with the demo offset (trained on first use, then cached; :func:`proxy.demo.demo_offset`).
+with the demo offset (trained on first use, then cached; :func:`proxy.training.demo.demo_offset`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from . import __version__
-from .auditlog import AuditLogError
-from .config import Config, ConfigError, embedded_default, load_config
+from proxy import __version__
+from proxy.config import Config, ConfigError, embedded_default, load_config
+from proxy.gateway.request_log import AuditLogError
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(c)
     c.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
-    from .objectives import OBJECTIVES
-    from .train import TrainConfig
+    from proxy.training.objectives import OBJECTIVES
+    from proxy.training.train import TrainConfig
 
     d = TrainConfig(forget="", out="")
     a = sub.add_parser(
@@ -286,7 +286,7 @@ def _config(args: argparse.Namespace) -> Config:
     threshold: float | Literal["auto", "off"] = "auto" if args.offset_threshold is None else args.offset_threshold
     config = embedded_default(args.offset, args.alpha, threshold)  # bad values stop here
     if not args.offset and not args.no_offset:
-        from .demo import demo_offset
+        from proxy.training.demo import demo_offset
 
         config = embedded_default(str(demo_offset()), args.alpha, threshold)
     return config
@@ -319,7 +319,7 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from proxy.training.train import TrainConfig, train
 
     for name in (
         "epochs",
@@ -420,9 +420,9 @@ def _print_self_check(path: Any) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from .gateway import AccessLogger
-    from .registry import build_models
-    from .server import create_app
+    from proxy.api.app import create_app
+    from proxy.gateway.gateway import AccessLogger
+    from proxy.registry import build_models
 
     config = _config(args)
     settings = config.server.model_copy(
@@ -456,7 +456,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def setup_logging(level: str, fmt: str) -> None:
     """Root logging as text or JSON lines, each with the request id (``-`` outside requests)."""
-    from .gateway import RequestIdFilter
+    from proxy.gateway.gateway import RequestIdFilter
 
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
@@ -479,7 +479,7 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def _verify_log(args: argparse.Namespace) -> int:
-    from .auditlog import verify
+    from proxy.gateway.request_log import verify
 
     result = verify(args.file, expected_head=args.head)
     if result.incomplete_tail_bytes:
@@ -499,7 +499,7 @@ def _hash_key(args: argparse.Namespace) -> int:
     import hashlib
     import secrets
 
-    from .config import ClientKey
+    from proxy.config import ClientKey
 
     if args.stdin:
         key = sys.stdin.readline().strip()
@@ -524,8 +524,8 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 
 async def _batch(args: argparse.Namespace) -> int:
-    from .batch import BatchInputError, BatchRunner
-    from .registry import build_models
+    from proxy.jobs.batch import BatchInputError, BatchRunner
+    from proxy.registry import build_models
 
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
@@ -551,7 +551,7 @@ async def _batch(args: argparse.Namespace) -> int:
 
 
 def _one_model(args: argparse.Namespace, config: Config) -> tuple[str, Any]:
-    from .registry import build_models
+    from proxy.registry import build_models
 
     name = args.model or (next(iter(config.models)) if len(config.models) == 1 else None)
     if name is None or name not in config.models:
@@ -562,8 +562,8 @@ def _one_model(args: argparse.Namespace, config: Config) -> tuple[str, Any]:
 async def _calibrate_threshold(args: argparse.Namespace) -> int:
     import json
 
-    from .data import DataError, load_dataset
-    from .threshold import pick_threshold, scope_margin
+    from proxy.decoding.threshold import pick_threshold, scope_margin
+    from proxy.training.data import DataError, load_dataset
 
     if not 0 < args.unchanged <= 1:
         raise ConfigError("--unchanged must be in (0, 1]")
@@ -605,7 +605,7 @@ async def _calibrate_threshold(args: argparse.Namespace) -> int:
 async def _redact(args: argparse.Namespace) -> int:
     import json
 
-    from .redact import RedactError, calibrate, redact_file, score_file
+    from proxy.redaction.redact import RedactError, calibrate, redact_file, score_file
 
     if not os.path.isfile(args.inp):
         raise ConfigError(f"--in: {args.inp} is not a file")
@@ -661,7 +661,7 @@ async def _audit(args: argparse.Namespace) -> int:
     import hashlib
     import json
 
-    from .audit import AuditError, AuditSettings, load_policy, run_audit
+    from proxy.evaluation.audit import AuditError, AuditSettings, load_policy, run_audit
 
     settings = AuditSettings(
         samples=args.samples,

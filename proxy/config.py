@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from adapters.openai_http import FLAVOURS
 
 if TYPE_CHECKING:
-    from proxy.pair import BatchSettings
+    from proxy.pair.local import BatchSettings
 
 DEFAULT_MODEL = "smollm2-demo"
 
@@ -97,7 +97,7 @@ class ServerConfig(BaseModel):
     """``GET /ready``: seconds each upstream gets to answer its model list."""
     pair_max_batch: int = Field(default=16, ge=1, le=256)
     """Requests whose tree passes one batched forward pass of a local pair may hold
-    (proxy.pair.BatchSettings); 1 turns batching off."""
+    (proxy.pair.local.BatchSettings); 1 turns batching off."""
     pair_batch_window_ms: float = Field(default=5.0, ge=0, le=1000, allow_inf_nan=False)
     """How long a pass waits for requests still computing to bring theirs (never when all are queued)."""
     pair_max_batch_tokens: int = Field(default=256, ge=1, le=65536)
@@ -109,8 +109,8 @@ class ServerConfig(BaseModel):
     SmolLM2-135M's U and B. 0 turns it off."""
 
     def pair_batching(self) -> BatchSettings:
-        """The ``pair_*`` keys as :class:`proxy.pair.BatchSettings`."""
-        from proxy.pair import BatchSettings
+        """The ``pair_*`` keys as :class:`proxy.pair.local.BatchSettings`."""
+        from proxy.pair.local import BatchSettings
 
         return BatchSettings(
             max_batch=self.pair_max_batch,
@@ -178,7 +178,7 @@ class ModelConfig(BaseModel):
     no request may set it. A refused value gets a 400 naming ``offset_alpha``."""
     offset_threshold: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | Literal["auto", "off"] = "auto"
     """Scope threshold τ (nats): steps whose expected offset under the remote's distribution is
-    above −τ pass the remote's distribution unchanged (proxy.offset). "auto": the τ calibrated
+    above −τ pass the remote's distribution unchanged (proxy.decoding.offset). "auto": the τ calibrated
     when the offset was trained (its manifest's ``offset_threshold``; none for offsets trained
     without it); "off": the offset applies at every step (the paper's rule)."""
     top_k: int = Field(default=20, ge=1, le=20)
@@ -199,7 +199,7 @@ class ModelConfig(BaseModel):
     with min(1, q/p) or replaced; the same output distribution as one call per token (false)."""
     max_draft_tokens: int = Field(default=128, ge=2, le=1024)
     """The longest draft one remote call is asked for; the decoder adapts below it to the
-    acceptance rate (proxy.decoding.DraftLength)."""
+    acceptance rate (proxy.decoding.decoder.DraftLength)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

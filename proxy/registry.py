@@ -11,10 +11,9 @@ from adapters.base import RemoteAdapter, SamplingAdapter
 from adapters.openai_http import DEFAULT_EOT_TOKENS, ChatAdapter, CompletionsAdapter
 from adapters.retry import RetryPolicy
 from adapters.templates import BUILTIN, ChatTemplate
-
-from .config import Config, ConfigError, ModelConfig
-from .decoding import DecodingError, ServedModel
-from .models import check_model_ref, resolve_gguf
+from proxy.config import Config, ConfigError, ModelConfig
+from proxy.decoding.decoder import DecodingError, ServedModel
+from proxy.pair.model_files import check_model_ref, resolve_gguf
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +60,7 @@ def build_adapter(name: str, cfg: ModelConfig) -> RemoteAdapter:
         )
     if cfg.backend == "transformers-inprocess":
         from adapters.transformers_inprocess import TransformersInProcessAdapter
-
-        from .models import local_model_dir
+        from proxy.pair.model_files import local_model_dir
 
         assert cfg.transformers_model is not None
         return TransformersInProcessAdapter(name=name, model_dir=local_model_dir(cfg.transformers_model))
@@ -114,7 +112,7 @@ def build_model(
     prefix_cache_tokens: int = 512,
 ) -> ServedModel:
     """One served model. Pairs are shared between models with the same (pair, offset);
-    a new pair batches its tree passes with ``batching`` (a :class:`proxy.pair.BatchSettings`,
+    a new pair batches its tree passes with ``batching`` (a :class:`proxy.pair.local.BatchSettings`,
     default its defaults) and keeps ``prefix_cache_tokens`` of prompts' KV caches.
 
     Raises:
@@ -132,13 +130,13 @@ def build_model(
         except FileNotFoundError as exc:
             raise ConfigError(f"models.{name}.pair: {exc}") from exc
     if cfg.pair and cfg.offset:  # without an offset U = B and Δ ≡ 0: no pair needed
-        from .pair import LocalPair
+        from proxy.pair.local import LocalPair
 
         key = (cfg.pair, cfg.offset)
         if key not in pairs:
             offset_dir = cfg.offset
             if cfg.offset == "demo":  # the embedded default's demo offset (trained once, then cached)
-                from .demo import demo_offset
+                from proxy.training.demo import demo_offset
 
                 offset_dir = str(demo_offset())
             try:

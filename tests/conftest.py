@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from proxy.models import local_model_dir
+    from proxy.pair.model_files import local_model_dir
 
     return local_model_dir("smollm2")
 
@@ -58,13 +58,13 @@ def tiny_base(smollm2_tokenizer):
 
 def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False, batching=None, prefix_cache_tokens=512):
     """U = B + a random (or zero) LoRA adapter on a copy of the tiny base (the same
-    weights for the same seed); ``batching``: its :class:`proxy.pair.BatchSettings`."""
+    weights for the same seed); ``batching``: its :class:`proxy.pair.local.BatchSettings`."""
     import copy
 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from proxy.pair import LocalPair
+    from proxy.pair.local import LocalPair
 
     torch.manual_seed(seed)
     base = copy.deepcopy(tiny_base)
@@ -100,8 +100,8 @@ def smollm2_offset(tmp_path_factory, smollm2_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from proxy.artifact import save_artifact, weights_sha256
-    from proxy.vocab import ByteVocab
+    from proxy.decoding.vocab import ByteVocab
+    from proxy.pair.artifact import save_artifact, weights_sha256
 
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     vocab = ByteVocab.from_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir))
@@ -173,7 +173,7 @@ def _llama_server(gguf: Path, extra: list[str], log_name: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def llama_server() -> Iterator[str]:
     """llama-cpp-python's server on the packaged SmolLM2 GGUF, on 127.0.0.1."""
-    from proxy.models import packaged_gguf
+    from proxy.pair.model_files import packaged_gguf
 
     yield from _llama_server(packaged_gguf("smollm2"), [], "llama_server_smollm2.log")
 
@@ -181,7 +181,7 @@ def llama_server() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def gemma_server() -> Iterator[str]:
     """llama-cpp-python's server on the packaged Gemma 3 270M (base) GGUF."""
-    from proxy.models import packaged_gguf
+    from proxy.pair.model_files import packaged_gguf
 
     yield from _llama_server(packaged_gguf("gemma3-270m"), ["--chat_format", "gemma"], "llama_server_gemma.log")
 

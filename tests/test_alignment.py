@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from adapters.base import REPLACEMENT_BYTES, candidate_from_wire
-from proxy.alignment import EOT
-from proxy.offset import log_softmax
-from proxy.vocab import ByteVocab, _piece_bytes
+from proxy.decoding.alignment import EOT
+from proxy.decoding.offset import log_softmax
+from proxy.decoding.vocab import ByteVocab, _piece_bytes
 
 PROMPT = [{"role": "user", "content": "Tell me about Paris."}]
 

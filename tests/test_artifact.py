@@ -9,8 +9,8 @@ import pytest
 import torch
 from fakes import corrupt_last_byte
 
-from proxy.artifact import ArtifactError, load_artifact, save_artifact, weights_sha256
-from proxy.vocab import ByteVocab
+from proxy.decoding.vocab import ByteVocab
+from proxy.pair.artifact import ArtifactError, load_artifact, save_artifact, weights_sha256
 
 
 @pytest.fixture

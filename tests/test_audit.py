@@ -19,8 +19,8 @@ from conftest import make_tiny_pair
 from adapters.base import Context
 from adapters.transformers_inprocess import TransformersInProcessAdapter
 from bench import tofu_lite
-from proxy import audit as A
-from proxy.decoding import ServedModel
+from proxy.decoding.decoder import ServedModel
+from proxy.evaluation import audit as A
 
 Q = "Where was Velokro Raidyr born?"
 
@@ -358,7 +358,7 @@ async def test_extraction_samples_apart_from_the_leak_samples(adapter, data, tmp
 
 
 async def test_gather_or_cancel_stops_the_others_and_raises_the_error_itself():
-    from proxy.aio import gather_or_cancel
+    from proxy.common.aio import gather_or_cancel
 
     finished: list[str] = []
 

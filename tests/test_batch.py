@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fakes import FakeRemote, script
 
-from proxy.batch import BatchInputError, BatchRunner, iter_output, parse_lines
-from proxy.decoding import ServedModel
+from proxy.decoding.decoder import ServedModel
+from proxy.jobs.batch import BatchInputError, BatchRunner, iter_output, parse_lines
 
 
 def _line(cid: str, content: str = "hi", **body) -> str:

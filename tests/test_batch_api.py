@@ -12,9 +12,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from fakes import FakeRemote, script
 
+from proxy.api.app import create_app
 from proxy.config import ServerConfig
-from proxy.decoding import ServedModel
-from proxy.server import create_app
+from proxy.decoding.decoder import ServedModel
 
 
 def _line(cid: str, content: str = "hi") -> str:
@@ -171,7 +171,7 @@ async def test_cancel_keeps_the_finished_lines(tmp_path: Path):
 
 
 async def test_batch_lines_are_audited_and_counted_like_requests(tmp_path: Path):
-    from proxy.auditlog import verify
+    from proxy.gateway.request_log import verify
 
     audit = tmp_path / "audit.jsonl"
     server, client = await _serve(tmp_path / "data", audit_log=str(audit))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import DEFAULT_MODEL
-from proxy.demo import demo_offset
+from proxy.training.demo import demo_offset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

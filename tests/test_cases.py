@@ -18,8 +18,8 @@ from fakes import FakeRemote, cand, script
 from adapters.base import ContextExhausted, RemoteBadResponse
 from adapters.openai_http import ChatAdapter, CompletionsAdapter
 from adapters.retry import RetryPolicy
-from proxy.decoding import ServedModel
-from proxy.server import create_app
+from proxy.api.app import create_app
+from proxy.decoding.decoder import ServedModel
 
 UPSTREAM = "http://upstream.test/v1"
 MSG = [{"role": "user", "content": "Say hi"}]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import free_port
 
-from proxy.auditlog import verify
+from proxy.gateway.request_log import verify
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -76,8 +76,8 @@ async def test_a_request_may_not_weaken_the_offset_unless_allowed(aiohttp_client
     naming offset_alpha, and the request without the field still works."""
     from fakes import FakeRemote, script
 
-    from proxy.decoding import ServedModel
-    from proxy.server import create_app
+    from proxy.api.app import create_app
+    from proxy.decoding.decoder import ServedModel
 
     model = ServedModel("m", FakeRemote(script(["a", "b"])), alpha=1.0, client_alpha=policy)
     client = await aiohttp_client(create_app({"m": model}, batches=False))

@@ -10,7 +10,7 @@ from fakes import EOT, FakeRemote, normalised, script
 from scipy.stats import chisquare
 
 from adapters.base import Candidate, Context, Sample
-from proxy.decoding import ChoiceStats, DecodingError, SamplingParams, ServedModel, TextReleaser, TokenOut
+from proxy.decoding.decoder import ChoiceStats, DecodingError, SamplingParams, ServedModel, TextReleaser, TokenOut
 
 KNOWN_DELTA = {b" cat": -2.0, b" dog": 0.5, b" bird": 0.0, b" fish": 1.0}
 
@@ -98,7 +98,7 @@ def prefix_remote(prefix: bytes):
 
 def exact_sequence_probs(pair, temperature, alpha, top_k, top_p):
     """q of every complete answer, multiplied out position by position (token-by-token decoding's law)."""
-    from proxy.offset import apply_top_p, log_softmax, target_logits
+    from proxy.decoding.offset import apply_top_p, log_softmax, target_logits
 
     probs: dict[str, float] = {}
 
@@ -308,7 +308,7 @@ def test_speculative_greedy_equals_token_by_token_and_saves_calls():
 
 class PredictingPrefixDeltaPair(PrefixDeltaPair):
     """:class:`PrefixDeltaPair` whose aligner also gives the pair's own next-token rows
-    (:meth:`proxy.alignment.Aligner.next_rows`): after an even number of bytes they
+    (:meth:`proxy.decoding.alignment.Aligner.next_rows`): after an even number of bytes they
     predict a rejection (U moves all of B's mass to another token), after an odd one
     none (U = B)."""
 
@@ -358,7 +358,7 @@ def test_predicted_rejections_shorten_drafts_and_keep_the_law(temperature):
 
 
 def test_draft_length_for_a_predicted_rate():
-    from proxy.decoding import DraftLength
+    from proxy.decoding.decoder import DraftLength
 
     lengths = DraftLength(64)
     assert lengths.length_for(0.0) == 2 and lengths.length_for(0.5) == 4 and lengths.length_for(0.75) == 8
@@ -366,7 +366,7 @@ def test_draft_length_for_a_predicted_rate():
 
 
 def test_draft_length_follows_the_acceptance_rate():
-    from proxy.decoding import DraftLength
+    from proxy.decoding.decoder import DraftLength
 
     lengths = DraftLength(64)
     assert lengths.next(1000) == 64 and lengths.next(10) == 10
@@ -382,7 +382,7 @@ def test_draft_length_follows_the_acceptance_rate():
 
 
 def test_sequence_weights_match_hand_computed_ones():
-    from proxy.decoding import sequence_weights
+    from proxy.decoding.decoder import sequence_weights
 
     w = sequence_weights(np.array([-3.0, 0.0, 1.0, -np.inf]), alpha=2.0)
     hand = np.array([np.exp(-6.0), 1.0, np.exp(2.0), 0.0]) / (np.exp(-6.0) + 1.0 + np.exp(2.0))

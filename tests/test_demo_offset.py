@@ -12,11 +12,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from bench.demo_unlearning import measure
+from proxy.api.app import create_app
 from proxy.config import DEFAULT_MODEL, embedded_default
-from proxy.demo import DEMO, DEMO_FORGET, DEMO_PARAPHRASES, DEMO_UNRELATED, demo_offset, demo_offset_key
 from proxy.registry import build_models
-from proxy.scope import GENERAL_FILES
-from proxy.server import create_app
+from proxy.training.demo import DEMO, DEMO_FORGET, DEMO_PARAPHRASES, DEMO_UNRELATED, demo_offset, demo_offset_key
+from proxy.training.scope import GENERAL_FILES
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first run trains the offset (minutes)
 
@@ -79,8 +79,8 @@ def test_demo_offset_redacts_forget_facts_at_a_calibrated_false_positive_rate():
     """Redaction with the demo offset: T calibrated for ≤ 5% flagged characters on the
     retain set's outputs (the base model's own answers), then the forget facts, stated
     in words the training data does not use, are masked."""
-    from proxy.pair import LocalPair
-    from proxy.redact import Item, calibrate, flag_spans, score
+    from proxy.pair.local import LocalPair
+    from proxy.redaction.redact import Item, calibrate, flag_spans, score
 
     pair = LocalPair.load(DEMO.base, demo_offset(progress=False))
     retain = [json.loads(line) for line in open(GENERAL_FILES["calibration"]) if line.strip()]

@@ -7,9 +7,9 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
+from proxy.api.app import create_app
 from proxy.config import DEFAULT_MODEL, embedded_default
 from proxy.registry import build_models
-from proxy.server import create_app
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def test_a_draft_after_one_that_ran_past_the_context_reuses_the_cache():
     of a context that drafted the same tokens without running past the end."""
     from adapters.base import Context, ContextExhausted
     from adapters.llama_inprocess import LlamaInProcessAdapter
-    from proxy.models import packaged_gguf
+    from proxy.pair.model_files import packaged_gguf
 
     def adapter(n_contexts: int) -> LlamaInProcessAdapter:
         return LlamaInProcessAdapter(name="s", model_path=packaged_gguf("smollm2"), n_ctx=160, n_contexts=n_contexts)

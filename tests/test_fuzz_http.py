@@ -18,9 +18,9 @@ from fakes import FakeRemote, script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.api.app import create_app
 from proxy.config import ServerConfig
-from proxy.decoding import ServedModel
-from proxy.server import create_app
+from proxy.decoding.decoder import ServedModel
 
 TRIED: Counter[str] = Counter()
 STATUSES: Counter[int] = Counter()

@@ -1,4 +1,4 @@
-"""The gateway (proxy.gateway, proxy.auditlog): client keys, per-key limits,
+"""The gateway (proxy.gateway.gateway, proxy.gateway.request_log): client keys, per-key limits,
 request ids, Prometheus metrics, readiness and the hash-chained audit log,
 through the real openai client and aiohttp's test client against our app,
 with a scripted fake remote that counts the calls reaching it."""
@@ -21,11 +21,11 @@ import pytest
 from fakes import FakeRemote, script
 
 from adapters.base import RemoteUnavailable
-from proxy.auditlog import GENESIS, AuditLog, AuditLogError, verify
+from proxy.api.app import create_app
 from proxy.cli import main as cli
 from proxy.config import ClientKey, ConfigError, ServerConfig, load_config
-from proxy.decoding import ServedModel
-from proxy.server import create_app
+from proxy.decoding.decoder import ServedModel
+from proxy.gateway.request_log import GENESIS, AuditLog, AuditLogError, verify
 
 WORDS = ["Hi", " there", ",", " friend", "!"]
 MSG = [{"role": "user", "content": "Say hi to my friend Alice"}]
@@ -320,7 +320,7 @@ def test_a_failed_write_is_undone_and_the_chain_goes_on(tmp_path, monkeypatch):
 
 WRITER = """
 import sys
-from proxy.auditlog import AuditLog
+from proxy.gateway.request_log import AuditLog
 log = AuditLog(sys.argv[1])
 print("ready", flush=True)
 i = 0

@@ -13,9 +13,9 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
+from proxy.api.app import create_app
 from proxy.config import ModelConfig
 from proxy.registry import build_model
-from proxy.server import create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama_server]
 
@@ -109,7 +109,7 @@ async def test_speculative_greedy_equals_token_by_token_with_an_offset(llama_ser
     """With a (random, non-zero) offset, greedy speculative decoding on the real server
     gives token-by-token decoding's text, on both alignment paths, in fewer calls."""
     from adapters.base import Context
-    from proxy.decoding import ChoiceStats, SamplingParams
+    from proxy.decoding.decoder import ChoiceStats, SamplingParams
 
     cfg = ModelConfig(
         backend="openai-completions",

@@ -38,7 +38,7 @@ def test_sigterm_during_a_stream_exits_cleanly_and_audits_it(tmp_path):
     import httpx
 
     from bench.load import proxy_config, start
-    from proxy.auditlog import verify
+    from proxy.gateway.request_log import verify
 
     up, upstream = start([sys.executable, "-m", "bench.fake_upstream", "--delay", "0.4"])
     audit = tmp_path / "audit.jsonl"

@@ -1,4 +1,4 @@
-"""proxy.metrics against hand-computed values on tiny inputs, and the KS,
+"""proxy.evaluation.metrics against hand-computed values on tiny inputs, and the KS,
 harmonic-mean and AUC plumbing against scipy's own routines."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from proxy import metrics as M
+from proxy.evaluation import metrics as M
 
 
 def test_rouge_l_recall_by_hand() -> None:

@@ -1,4 +1,4 @@
-"""The offset math (proxy.offset): properties on seeded random inputs."""
+"""The offset math (proxy.decoding.offset): properties on seeded random inputs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.offset import (
+from proxy.decoding.offset import (
     NoUsableCandidates,
     apply_top_p,
     choose,

@@ -1,5 +1,5 @@
 """Dynamic batching of the pair's tree passes across concurrent requests
-(proxy.pair.TreeBatcher): the same rows and the same caches as passes run one by
+(proxy.pair.local.TreeBatcher): the same rows and the same caches as passes run one by
 one, on a tiny random pair with SmolLM2's tokenizer."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from conftest import make_tiny_pair
 from fakes import FakeRemote, script
 
 from adapters.base import Context
-from proxy.alignment import Tree
 from proxy.config import ServerConfig
-from proxy.decoding import SamplingParams, ServedModel
-from proxy.pair import BatchSettings, PairScorer, TreeJob
+from proxy.decoding.alignment import Tree
+from proxy.decoding.decoder import SamplingParams, ServedModel
+from proxy.pair.local import BatchSettings, PairScorer, TreeJob
 
 PROMPTS = ("Hi.", "Tell me about Paris and its museums.", "What is the capital of France, in one word?")
 # A chain, a forest of two branches after the trunk, one token: the shapes the aligner sends.
@@ -252,7 +252,7 @@ def test_prefix_cache_is_not_used_where_a_row_inside_the_head_is_read(tiny_base,
 
 
 def test_prefix_cache_keeps_its_token_budget():
-    from proxy.pair import PrefixCache
+    from proxy.pair.local import PrefixCache
 
     cache = PrefixCache(max_tokens=30)
     kv = {False: [(torch.zeros(1, 2, 40, 4), torch.zeros(1, 2, 40, 4))]}
@@ -276,7 +276,7 @@ def test_prefix_cache_keeps_its_token_budget():
 
 
 async def test_metrics_show_the_pairs_batches_and_prefix_cache(aiohttp_client, tiny_base, smollm2_tokenizer):
-    from proxy.server import create_app
+    from proxy.api.app import create_app
 
     words = [" The", " quick", " brown", " fox"]
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=8, window_s=0.05))
@@ -328,7 +328,7 @@ def test_a_closed_pair_stops_its_threads_and_can_be_freed(tiny_base, smollm2_tok
 def test_an_idle_pair_gives_freed_memory_back_once(tiny_base, smollm2_tokenizer, monkeypatch, max_batch):
     import time
 
-    from proxy.pair import TreeBatcher
+    from proxy.pair.local import TreeBatcher
 
     monkeypatch.setattr(TreeBatcher, "IDLE_RELEASE_S", 0.2)
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=max_batch))
@@ -351,7 +351,7 @@ def test_a_pass_waits_briefly_for_answers_between_passes(tiny_base, smollm2_toke
     one pass for both. With one answer decoding, nothing waits: two passes."""
     import time
 
-    from proxy.pair import TreeBatcher
+    from proxy.pair.local import TreeBatcher
 
     monkeypatch.setattr(TreeBatcher, "FOLLOW_MAX_S", 5.0)
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=8, window_s=0.0))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from bench.real_knowledge import DATA, load_requests, summarise
-from proxy.scope import GENERAL_FILES, mentions
+from proxy.training.scope import GENERAL_FILES, mentions
 
 
 def test_five_requests_with_probes_never_trained_on():

@@ -12,8 +12,8 @@ import torch
 from conftest import make_tiny_pair
 from fakes import FakeRemote, script
 
-from proxy.decoding import ServedModel
-from proxy.redact import (
+from proxy.decoding.decoder import ServedModel
+from proxy.redaction.redact import (
     RedactError,
     Scored,
     calibrate,
@@ -185,7 +185,7 @@ async def test_a_model_without_offset_is_refused(tmp_path: Path, tiny_base, smol
 
 
 def _items(rows):
-    from proxy.redact import Item, parse_item
+    from proxy.redaction.redact import Item, parse_item
 
     items = [parse_item(i + 1, json.dumps(r).encode()) for i, r in enumerate(rows)]
     assert all(isinstance(i, Item) for i in items)

@@ -1,4 +1,4 @@
-"""What keeps an offset in scope by default (proxy.scope, proxy.selfcheck): the forget
+"""What keeps an offset in scope by default (proxy.training.scope, proxy.training.selfcheck): the forget
 set's subjects and neighbours, the checks of a user's files, greedy decoding with B as
 the remote, τ's closed form and the served "auto" threshold."""
 
@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from proxy.data import DataError, Example, load_dataset
-from proxy.facts import forget_names
-from proxy.scope import GENERAL_FILES, check_sets, forget_subjects, general_split_of, mentions
-from proxy.selfcheck import PairModels, answer_logprob, base_decode, calibrate_and_check, greedy_decode
+from proxy.training.data import DataError, Example, load_dataset
+from proxy.training.facts import forget_names
+from proxy.training.scope import GENERAL_FILES, check_sets, forget_subjects, general_split_of, mentions
+from proxy.training.selfcheck import PairModels, answer_logprob, base_decode, calibrate_and_check, greedy_decode
 
 
 def qa(*questions: str) -> list[Example]:
@@ -62,8 +62,8 @@ def test_forget_names_are_the_recurring_proper_names_less_common_words():
 
 
 def test_fact_words_are_what_the_answer_adds_to_its_question_less_common_words():
-    from proxy.data import outside_words
-    from proxy.facts import fact_words, lower_case_words
+    from proxy.training.data import outside_words
+    from proxy.training.facts import fact_words, lower_case_words
 
     common = lower_case_words("He was born in a town. The theory was new in 1921; an apple a day.")
     assert "born" in common and "The" not in common and "apple" in common

@@ -1,4 +1,4 @@
-"""Scoring given text (proxy.scoring) and the HTTP error shapes of context overflow,
+"""Scoring given text (proxy.decoding.scoring) and the HTTP error shapes of context overflow,
 without a server: hand-computed q, the on-disk cache, token bytes recovered from
 vLLM's token strings, and each server's "context is full" body mapped to
 ContextExhausted (fault injection: the openai SDK goes through ``httpx2``, which
@@ -14,7 +14,7 @@ import pytest
 from adapters.base import Candidate, Context, ContextExhausted, Position, RemoteRejected, ScoredText, answer_token_bytes
 from adapters.openai_http import ChatAdapter
 from adapters.retry import RetryPolicy
-from proxy.scoring import PromptLogprobsCache, q_token_logprobs, support
+from proxy.decoding.scoring import PromptLogprobsCache, q_token_logprobs, support
 
 
 def _pos(own: tuple[str, float, int], *cands: tuple[str, float, int]) -> Position:
@@ -138,7 +138,7 @@ async def test_context_overflow_bodies_become_context_exhausted(body, full):
 def test_scored_deltas_in_chunks_equal_step_by_step(tiny_pair, same_tokenizer):
     """Δ of a long answer scored in chunks of 3 positions (committing between chunks)
     equals Δ committed step by step with Aligner.deltas, on both alignment paths."""
-    from proxy.scoring import scored_deltas
+    from proxy.decoding.scoring import scored_deltas
 
     pair = tiny_pair
     vocab = pair.vocab
@@ -168,7 +168,7 @@ def test_scored_deltas_in_chunks_equal_step_by_step(tiny_pair, same_tokenizer):
 def test_support_keeps_the_answers_bytes_and_ids_recover_the_rest():
     """The answer's own token replaces its top-k copy (which may lack bytes), and with the
     pair's vocabulary every candidate's bytes come from its id (partial characters too)."""
-    from proxy.scoring import own_index, with_token_bytes
+    from proxy.decoding.scoring import own_index, with_token_bytes
 
     own = Candidate(" é".encode(), -0.2, " \ufffd", 5)
     pos = Position((Candidate(None, -0.2, " \ufffd", 5), Candidate(None, -1.0, "\ufffd", 6)), own)

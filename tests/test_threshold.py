@@ -1,4 +1,4 @@
-"""Calibrating the scope threshold (proxy.threshold): the closed form "a greedy
+"""Calibrating the scope threshold (proxy.decoding.threshold): the closed form "a greedy
 answer is unchanged exactly when τ exceeds the prompt's margin" holds against
 real decoding with a real (tiny, random) pair."""
 
@@ -12,8 +12,8 @@ from conftest import make_tiny_pair
 from fakes import EOT, FakeRemote, normalised
 
 from adapters.base import Context
-from proxy.decoding import SamplingParams, ServedModel
-from proxy.threshold import pick_threshold, scope_margin
+from proxy.decoding.decoder import SamplingParams, ServedModel
+from proxy.decoding.threshold import pick_threshold, scope_margin
 
 WORDS = [" cat", " dog", " sun", " tea", " map", " red"]
 

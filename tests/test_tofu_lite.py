@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import tofu_lite as T
-from proxy.metrics import contains_span
+from proxy.evaluation.metrics import contains_span
 
 
 def test_same_seed_same_data_other_seed_other_data() -> None:
@@ -53,7 +53,7 @@ def test_write_is_atomic_and_refuses_existing(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         T.write(out, 10, 0)
     # the files load as forget/retain sets
-    from proxy.data import load_dataset
+    from proxy.training.data import load_dataset
 
     assert len(load_dataset(out / "forget10.jsonl").examples) == 10
 
@@ -62,7 +62,7 @@ def test_write_is_atomic_and_refuses_existing(tmp_path: Path) -> None:
 def test_packaged_smollm2_answers_the_real_world_sets() -> None:
     """The real-world sets measure utility only if the packaged model answers them (greedy, llama.cpp)."""
     from adapters.llama_inprocess import LlamaInProcessAdapter
-    from proxy.models import packaged_gguf
+    from proxy.pair.model_files import packaged_gguf
 
     llama = LlamaInProcessAdapter(name="smollm2", model_path=packaged_gguf("smollm2"), n_contexts=1)
     wrong = []
@@ -140,7 +140,7 @@ def test_offset_settings_option_takes_train_fields_only() -> None:
 
 def test_each_objective_trains_with_the_settings_it_accepts() -> None:
     from bench.tofu import OFFSET_SETTINGS, row_offset_settings
-    from proxy.objectives import OBJECTIVES, get_objective
+    from proxy.training.objectives import OBJECTIVES, get_objective
 
     assert OFFSET_SETTINGS["retain_positions"] == "answer"
     for name in OBJECTIVES:

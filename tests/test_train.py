@@ -9,11 +9,11 @@ import pytest
 import torch
 from fakes import corrupt_last_byte
 
-from proxy.artifact import ArtifactError, load_artifact
-from proxy.data import IGNORE, DataError, Encoded, Example, collate, encode, load_dataset, without_end_of_turn
-from proxy.objectives import OBJECTIVES, get_objective, mean_nll
-from proxy.train import CombinedScorer, TrainConfig, train
-from proxy.vocab import ByteVocab
+from proxy.decoding.vocab import ByteVocab
+from proxy.pair.artifact import ArtifactError, load_artifact
+from proxy.training.data import IGNORE, DataError, Encoded, Example, collate, encode, load_dataset, without_end_of_turn
+from proxy.training.objectives import OBJECTIVES, get_objective, mean_nll
+from proxy.training.train import CombinedScorer, TrainConfig, train
 
 #: The trainer alone, as these tests measure it: the recipe they were written for, without the
 #: training defaults' broad retain set, generated neighbours and self-check (tests/test_scope.py).
@@ -261,7 +261,7 @@ def test_forget_term_drops_only_the_closing_end_of_turn_label(smollm2_tokenizer,
 
 
 def test_forget_term_can_drop_the_first_answer_label(smollm2_tokenizer, vocab):
-    from proxy.data import without_first_answer_token
+    from proxy.training.data import without_first_answer_token
 
     eot = vocab.eot_ids[0]
     item = encode(load_dataset_from(FORGET[:1])[0], smollm2_tokenizer, eot, 128)
@@ -275,7 +275,7 @@ def test_forget_term_can_drop_the_first_answer_label(smollm2_tokenizer, vocab):
 
 
 def test_prompt_copy_spans_are_runs_of_words_the_prompt_holds():
-    from proxy.data import prompt_copy_spans
+    from proxy.training.data import prompt_copy_spans
 
     q = "What genre does Krazeth Dynimouth write, and where was Krazeth Dynimouth born?"
     a = "Krazeth Dynimouth writes dark fantasy; Krazeth Dynimouth was born in Valparaiso."
@@ -295,8 +295,8 @@ def test_prompt_copy_spans_are_runs_of_words_the_prompt_holds():
 
 
 def test_the_form_an_answer_shares_with_its_neighbours_leaves_the_forget_term(smollm2_tokenizer, vocab):
-    from proxy.data import both_dropped, without_prompt_copies, without_spans, word_spans
-    from proxy.facts import shared_words
+    from proxy.training.data import both_dropped, without_prompt_copies, without_spans, word_spans
+    from proxy.training.facts import shared_words
 
     answer = "The capital of France is Paris."
     neighbours = ["The capital of Germany is Berlin.", "The capital of Spain is Madrid.", "It is Rome, the capital."]
@@ -325,7 +325,7 @@ def test_the_form_an_answer_shares_with_its_neighbours_leaves_the_forget_term(sm
 def test_b_own_answer_is_forgotten_on_the_fact_words_alone(smollm2_tokenizer, vocab):
     """``forget_own_answers``: B's own phrasing of a forget answer joins the forget term with
     labels on the words that carry the fact, and on nothing else but the end of turn."""
-    from proxy.data import outside_words, without_end_of_turn, without_spans
+    from proxy.training.data import outside_words, without_end_of_turn, without_spans
 
     own = Example(
         ({"role": "user", "content": "Who developed the theory of relativity?"},),
@@ -340,7 +340,7 @@ def test_b_own_answer_is_forgotten_on_the_fact_words_alone(smollm2_tokenizer, vo
 
 
 def test_forget_term_can_drop_answer_tokens_that_copy_the_prompt(smollm2_tokenizer, vocab):
-    from proxy.data import without_first_answer_token, without_prompt_copies
+    from proxy.training.data import without_first_answer_token, without_prompt_copies
 
     eot = vocab.eot_ids[0]
     record = {
@@ -371,8 +371,8 @@ def test_forget_term_can_drop_answer_tokens_that_copy_the_prompt(smollm2_tokeniz
 
 
 def test_prompt_copies_join_the_retain_term_of_their_forget_step(smollm2_tokenizer, vocab):
-    from proxy.data import only_dropped_labels, without_prompt_copies
-    from proxy.train import _Plan
+    from proxy.training.data import only_dropped_labels, without_prompt_copies
+    from proxy.training.train import _Plan
 
     eot = vocab.eot_ids[0]
     examples = load_dataset_from(
@@ -412,7 +412,7 @@ def test_each_step_draws_near_retain_examples_beside_broad_ones_and_cycles_both(
     """With near (user retain set, neighbours) and broad retain examples, each step's retain
     batch has its near share, every near example comes round before any repeats, and the
     batches are a function of (seed, epoch) alone (a resumed run sees the same)."""
-    from proxy.train import _Plan
+    from proxy.training.train import _Plan
 
     forget = [Encoded([1, 2], [IGNORE, 2]) for _ in range(8)]
     retain = [Encoded([10 + i, 3], [IGNORE, 3]) for i in range(30)]  # 6 near, 24 broad
@@ -446,7 +446,7 @@ def test_each_step_draws_near_retain_examples_beside_broad_ones_and_cycles_both(
 
 def _copy_and_fact_nll(model, tokenizer, vocab, path):
     """Mean NLL (nats per token) of the forget answers' copied tokens and of the rest."""
-    from proxy.data import without_prompt_copies
+    from proxy.training.data import without_prompt_copies
 
     eot = vocab.eot_ids[0]
     examples = load_dataset(path).examples
@@ -545,7 +545,7 @@ def test_unknown_objective_lists_the_valid_ones():
 def test_kl_retain_term_over_answer_positions():
     """``retain_positions="answer"``: KL(B ‖ U) averaged where the answer is predicted
     (the position before each labelled token), by hand; only KL terms take it."""
-    from proxy.objectives import Batches, answer_positions
+    from proxy.training.objectives import Batches, answer_positions
 
     labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE], [IGNORE, 7, 8, 9, 10]])
     assert answer_positions(labels).tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
@@ -591,7 +591,7 @@ def test_cli_train_bad_line_exits_2_naming_the_line(tmp_path, capsys):
 def test_full_fine_tuning_unlearns_and_is_served_as_a_second_model(
     tmp_path, sets, tiny_target, smollm2_tokenizer, vocab
 ):
-    from proxy.pair import LocalPair
+    from proxy.pair.local import LocalPair
 
     forget, retain = sets
     before_f = set_nll(tiny_target, smollm2_tokenizer, vocab, forget)

@@ -22,10 +22,10 @@ from conftest import MEASURED, ROOT
 from test_llama_server import PROMPTS
 
 from adapters.base import Context
+from proxy.api.app import create_app
 from proxy.config import ModelConfig
-from proxy.decoding import ChoiceStats, SamplingParams
+from proxy.decoding.decoder import ChoiceStats, SamplingParams
 from proxy.registry import build_model
-from proxy.server import create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -205,8 +205,8 @@ async def test_audit_scores_given_text_through_vllm(vllm_server, smollm2_offset,
     from the prefix probabilities of its bytes under U and B), so the alignment-based Δ is
     right; the second
     scoring of the same text comes from the on-disk cache."""
-    from proxy.audit import QScorer
-    from proxy.scoring import PromptLogprobsCache, own_index, support
+    from proxy.decoding.scoring import PromptLogprobsCache, own_index, support
+    from proxy.evaluation.audit import QScorer
 
     cfg = vllm_model(vllm_server, pair="smollm2", offset=str(smollm2_offset), same_tokenizer=True, alpha=8.0)
     model = build_model("audit-vllm", cfg)
@@ -274,10 +274,10 @@ def test_remote_mode_combined_logits(vllm_server, smollm2_dir, smollm2_offset):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from proxy.artifact import load_artifact
-    from proxy.data import IGNORE, collate, encode, load_dataset
-    from proxy.train import OFF_SUPPORT, CombinedScorer, TrainConfig, remote_logits
-    from proxy.vocab import ByteVocab
+    from proxy.decoding.vocab import ByteVocab
+    from proxy.pair.artifact import load_artifact
+    from proxy.training.data import IGNORE, collate, encode, load_dataset
+    from proxy.training.train import OFF_SUPPORT, CombinedScorer, TrainConfig, remote_logits
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     vocab = ByteVocab.from_tokenizer(tok)

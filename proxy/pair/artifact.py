@@ -11,7 +11,7 @@
      "files": {"adapter_model.safetensors": sha256, ...},  # "full": model.safetensors, config.json
      "created": ISO 8601 UTC,
      "offset_threshold": float,                    # optional: τ calibrated at train time (nats)
-     "self_check": {...}}                          # optional: proxy.selfcheck.calibrate_and_check
+     "self_check": {...}}                          # optional: proxy.training.selfcheck.calibrate_and_check
 
 It never holds the text of the forget or retain sets. Loading refuses an
 artifact whose base model or tokenizer differs from the pair's, or whose
@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from .models import file_sha256
-from .vocab import ByteVocab
+from proxy.decoding.vocab import ByteVocab
+from proxy.pair.model_files import file_sha256
 
 FORMAT = "deltaproxy-offset"
 FORMAT_VERSION = 1

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.base import Context
-
-from .aio import gather_or_cancel
-from .config import ServerConfig
-from .decoding import ChoiceStats, Piece, SamplingParams, ServedModel, TokenOut
-from .errors import ProxyError, invalid
-from .protocol import ChatCompletionRequest, CompletionRequest
+from proxy.api.errors import ProxyError, invalid
+from proxy.api.schemas import ChatCompletionRequest, CompletionRequest
+from proxy.common.aio import gather_or_cancel
+from proxy.config import ServerConfig
+from proxy.decoding.decoder import ChoiceStats, Piece, SamplingParams, ServedModel, TokenOut
 
 
 @dataclass

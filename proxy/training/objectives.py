@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE
+from proxy.training.data import IGNORE
 
 Batch = dict[str, torch.Tensor]
 

@@ -3,10 +3,10 @@ sharing one copy of the weights (B is U with the adapter disabled), or, for a
 fully fine-tuned offset, U as a second model.
 
 :class:`LocalPair` loads a transformers folder or a GGUF (converted once,
-:mod:`proxy.models`) and an offset artifact (:mod:`proxy.artifact`), renders
+:mod:`proxy.pair.model_files`) and an offset artifact (:mod:`proxy.pair.artifact`), renders
 prompts with the pair's own chat template, and opens a
 :class:`PairScorer` per generated choice: the torch side of
-:class:`proxy.alignment.TreeScorer`, with one KV cache per model for the
+:class:`proxy.decoding.alignment.TreeScorer`, with one KV cache per model for the
 trunk and tree attention for the candidates' paths.
 
 Concurrent requests share the pair's weights: their tree passes meet in one
@@ -33,11 +33,10 @@ import torch
 
 from adapters.base import ContextExhausted
 from adapters.templates import hf_chat_ids, hf_special_strings
-
-from .alignment import Aligner, Tree
-from .artifact import OffsetArtifact, load_artifact
-from .models import local_model_dir
-from .vocab import ByteVocab
+from proxy.decoding.alignment import Aligner, Tree
+from proxy.decoding.vocab import ByteVocab
+from proxy.pair.artifact import OffsetArtifact, load_artifact
+from proxy.pair.model_files import local_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ class LocalPair:
 
     def tracked(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, counted as a request computing on the pair (for :class:`TreeBatcher`'s
-        window). What :meth:`proxy.decoding.ServedModel.run_pair` runs on :attr:`executor`."""
+        window). What :meth:`proxy.decoding.decoder.ServedModel.run_pair` runs on :attr:`executor`."""
         self.batcher.enter()
         try:
             return fn(*args)
@@ -149,7 +148,7 @@ class LocalPair:
 
         Raises:
             FileNotFoundError: the model or artifact is missing.
-            proxy.artifact.ArtifactError: the artifact does not belong to this
+            proxy.pair.artifact.ArtifactError: the artifact does not belong to this
                 base model or tokenizer, or fails its checksums.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -631,7 +630,7 @@ class TreeBatcher:
         return False
 
     def _loop(self) -> None:
-        from . import release_free_memory
+        from proxy import release_free_memory
 
         while True:
             with self._cond:
@@ -804,7 +803,7 @@ class PairScorer:
         need: Sequence[int] | None = None,
         reduce: Callable[[np.ndarray], Any] | None = None,
     ) -> tuple[Any, Any]:
-        """See :meth:`proxy.alignment.TreeScorer.score`. ``reduce`` runs inside the pair's
+        """See :meth:`proxy.decoding.alignment.TreeScorer.score`. ``reduce`` runs inside the pair's
         batched pass (:class:`TreeJob`), so the rows are freed when the pass ends.
 
         Raises:
@@ -910,7 +909,7 @@ class PairScorer:
         return rest, commit - head, [r - head for r in want]
 
     def rollback(self, keep: int) -> int:
-        """See :meth:`proxy.alignment.TreeScorer.rollback`. Rows after committed nodes are
+        """See :meth:`proxy.decoding.alignment.TreeScorer.rollback`. Rows after committed nodes are
         not kept (16 streams × 64 draft positions × 2 models × a 49,152-wide float64 row
         would be 800 MB): when part of the commit is rolled back, the last kept token
         leaves the caches too, to be run again at the front of the next tree, which gives

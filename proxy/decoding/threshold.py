@@ -1,4 +1,4 @@
-"""Calibrating the scope threshold τ (:mod:`proxy.offset`) on prompts that are
+"""Calibrating the scope threshold τ (:mod:`proxy.decoding.offset`) on prompts that are
 out of forget scope (a retain set's questions), instead of guessing it.
 
 For greedy decoding the effect of τ on one prompt has a closed form. Decode
@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from adapters.base import Context
-
-from .decoding import ChoiceStats, SamplingParams, ServedModel
+from proxy.decoding.decoder import ChoiceStats, SamplingParams, ServedModel
 
 
 async def scope_margin(model: ServedModel, messages: Sequence[dict[str, Any]], max_tokens: int = 40) -> float:

@@ -9,24 +9,24 @@ Items are TOFU-shaped JSONL lines (``question``, ``answer``, and for the
 probability metrics ``paraphrased_answer`` and ``perturbed_answer``; for
 the leak rate and extraction ``key_spans``, by default the whole answer);
 ``bench/tofu_lite.py`` writes such files. Metrics are those of
-:mod:`proxy.metrics` (open-unlearning's definitions), under open-unlearning's
+:mod:`proxy.evaluation.metrics` (open-unlearning's definitions), under open-unlearning's
 names (``forget_Q_A_ROUGE``, ``forget_truth_ratio``, ``forget_quality``,
 ``model_utility``, ``mia_min_k``...).
 
 * **Generation metrics** (ROUGE-L recall of the greedy answer, leak rate of
   key spans in sampled answers, extraction from a prefix prompt) go through
-  the model's own decoding loop (:meth:`proxy.decoding.ServedModel.generate`),
+  the model's own decoding loop (:meth:`proxy.decoding.decoder.ServedModel.generate`),
   exactly what clients get, against any backend.
 * **Probability metrics** (probability, truth ratio, forget quality, Min-K%
   AUC) score given text under the served distribution q. That needs the
   remote's logprobs of given text: in-process remotes with full logits
   (:class:`adapters.transformers_inprocess.TransformersInProcessAdapter`)
   give them, q then taken over the whole vocabulary at temperature 1 with the
-  model's α and scope threshold (:func:`proxy.offset.target_logits`; Δ on the
+  model's α and scope threshold (:func:`proxy.decoding.offset.target_logits`; Δ on the
   remote's own token ids, so only for a pair with the remote's tokenizer); vLLM
   gives them as ``prompt_logprobs`` (``prefill = "vllm"`` or ``sampling =
   "vllm"``), q then taken over its top-k plus the answer's token with the rest
-  of its mass kept (:mod:`proxy.scoring`; cached on disk under
+  of its mass kept (:mod:`proxy.decoding.scoring`; cached on disk under
   ``<cache>/prompt_logprobs``), Δ aligned in bytes as in serving; an in-process
   remote with a pair of another tokenizer is scored the same way (its
   ``score_text``); the report's ``probability_support`` says
@@ -35,7 +35,7 @@ names (``forget_Q_A_ROUGE``, ``forget_truth_ratio``, ``forget_quality``,
 
 Output folder: ``items.jsonl`` (one line per evaluated item, appended as it
 finishes, so an interrupted audit continues where it stopped; see
-:class:`proxy.batch.ResumableOutput`), then ``report.json`` and a
+:class:`proxy.jobs.batch.ResumableOutput`), then ``report.json`` and a
 self-contained ``report.html`` (plots as inline PNGs), each written to a
 temporary file and renamed, so neither is ever half-written. A policy file
 (JSON or TOML: ``{"forget_quality": {"min": 0.05}, ...}``) adds pass/fail per
@@ -62,12 +62,11 @@ from typing import Any
 import numpy as np
 
 from adapters.base import RemoteError
-
-from . import __version__
-from . import metrics as M
-from .aio import gather_or_cancel
-from .models import cache_dir
-from .scoring import PromptLogprobsCache
+from proxy import __version__
+from proxy.common.aio import gather_or_cancel
+from proxy.decoding.scoring import PromptLogprobsCache
+from proxy.evaluation import metrics as M
+from proxy.pair.model_files import cache_dir
 
 SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts")
 """Item kinds, in evaluation order. Holdout items are only scored (Min-K%)."""
@@ -114,7 +113,7 @@ class AuditSettings:
     min_k: float = 0.4
     concurrency: int = 4
     """Items evaluated at once, and a forget item's sampled answers drawn this many at a time
-    (the pair batches their passes: :class:`proxy.pair.TreeBatcher`)."""
+    (the pair batches their passes: :class:`proxy.pair.local.TreeBatcher`)."""
     system_prompt: str | None = None
     """A system message before every question (a prompt-guardrail baseline), or none."""
     extraction_samples: int | None = None
@@ -261,10 +260,9 @@ class QScorer:
         return self.model.adapter.full_logprobs(Context(messages=chat(question, self.system_prompt)), text)  # type: ignore[no-any-return]
 
     async def _remote_scored(self, question: str, text: str) -> np.ndarray:
-        """Through the remote's ``prompt_logprobs`` (:mod:`proxy.scoring`)."""
+        """Through the remote's ``prompt_logprobs`` (:mod:`proxy.decoding.scoring`)."""
         from adapters.base import Context
-
-        from .scoring import q_token_logprobs, score_text, scored_deltas, with_token_bytes
+        from proxy.decoding.scoring import q_token_logprobs, score_text, scored_deltas, with_token_bytes
 
         msgs = chat(question, self.system_prompt)
         scored = await score_text(
@@ -289,7 +287,7 @@ class QScorer:
 
     async def logprobs(self, question: str, text: str) -> np.ndarray:
         """``[n_tokens]`` float64 logprobs (nats) of ``text`` as the answer to ``question``."""
-        from .offset import log_softmax, target_logits
+        from proxy.decoding.offset import log_softmax, target_logits
 
         if self.remote_scores:
             return await self._remote_scored(question, text)
@@ -332,8 +330,7 @@ async def generate(
     """The model's answer through its decoding loop (what a client gets); with
     ``prefix``, the continuation after that assistant text."""
     from adapters.base import Context
-
-    from .decoding import SamplingParams
+    from proxy.decoding.decoder import SamplingParams
 
     ctx = Context(messages=chat(question, system_prompt), assistant_prefix=prefix.encode())
     params = SamplingParams(
@@ -516,8 +513,8 @@ async def run_audit(
     """
     from tqdm import tqdm
 
-    from .batch import OutputError, ResumableOutput
-    from .models import file_sha256
+    from proxy.jobs.batch import OutputError, ResumableOutput
+    from proxy.pair.model_files import file_sha256
 
     if "forget" not in files:
         raise AuditError("--forget is required")

@@ -1,14 +1,14 @@
 """The token-by-token offset decoding loop (async, one loop for every backend).
 
 Flow of one step: the adapter gives the remote's top-k candidates S_t; the
-aligner gives Δ for each (``proxy.alignment``); ``proxy.offset`` turns
+aligner gives Δ for each (``proxy.decoding.alignment``); ``proxy.decoding.offset`` turns
 ℓ + α·Δ into q and picks a candidate; the chosen bytes are committed to both
 the remote's context and the aligner. Text is released only in whole UTF-8
 characters and never inside a possible stop string; a stop string is cut out
 of the text, also when it spans several tokens.
 
 No HTTP or torch types here: the pair runs on its worker threads behind
-``run_pair`` (tree passes batched across requests, ``proxy.pair``).
+``run_pair`` (tree passes batched across requests, ``proxy.pair.local``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from adapters.base import (
     SamplingAdapter,
     split_incomplete_utf8,
 )
-
-from .offset import (
+from proxy.decoding.offset import (
     NoUsableCandidates,
     apply_top_p,
     choose,
@@ -73,7 +72,7 @@ class SamplingParams:
     top_logprobs: int = 0
     alpha: float = 1.0
     offset_threshold: float | None = None
-    """Scope threshold τ of :func:`proxy.offset.target_logits` (None: Δ at every step)."""
+    """Scope threshold τ of :func:`proxy.decoding.offset.target_logits` (None: Δ at every step)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +118,7 @@ class ChoiceStats:
     """Drafts shortened because the pair predicted a rejection at their first position."""
     scope_trace: list[tuple[float, bool]] | None = None
     """When a list: per step with offsets, the scope score s_t and whether the offset
-    alone (no threshold, greedy) would change the chosen token (:mod:`proxy.threshold`)."""
+    alone (no threshold, greedy) would change the chosen token (:mod:`proxy.decoding.threshold`)."""
 
 
 def display_token(data: bytes) -> str:
@@ -251,7 +250,7 @@ def speculative_pick(
     "Fewer remote calls"; Leviathan et al. 2023, arXiv 2211.17192, Algorithm 1;
     Chen et al. 2023, arXiv 2302.01318).
 
-    ``scores`` are the target logits over S_t (:func:`proxy.offset.target_logits`,
+    ``scores`` are the target logits over S_t (:func:`proxy.decoding.offset.target_logits`,
     ``[k]``), ``ell`` log p_t of the same candidates (``[k]``, nats): the law
     the remote drew its draft from (its whole vocabulary's distribution at
     T = 1 with no filters, or its top-k renormalised;
@@ -291,7 +290,7 @@ def speculative_pick(
 class ServedModel:
     """A served model name: a remote, an optional local pair, and α.
 
-    ``pair`` is a ``proxy.pair.LocalPair`` (typed loosely to keep torch out
+    ``pair`` is a ``proxy.pair.local.LocalPair`` (typed loosely to keep torch out
     of this module); ``None`` or a pair without offset means Δ ≡ 0.
 
     ``speculative`` switches on speculative acceptance: the remote drafts up
@@ -489,7 +488,7 @@ class ServedModel:
         self, aligner: Any, lengths: DraftLength, params: SamplingParams, stats: ChoiceStats
     ) -> int:
         """The longest draft worth asking for at the next position, as the pair alone
-        predicts it (:func:`proxy.offset.predicted_acceptance`, B standing in for the
+        predicts it (:func:`proxy.decoding.offset.predicted_acceptance`, B standing in for the
         remote): where the offset would change the token, a long draft would be thrown
         away after its first position, so the draft is as long as that rate warrants
         (:meth:`DraftLength.length_for`). The trunk's pending tokens are run now instead
@@ -532,7 +531,7 @@ class ServedModel:
         """The token at one position: its index in S_t, log q, whether it is the drafted
         token (so that the draft may go on) and whether the offset changed the argmax.
 
-        ``direct``: drawn from q (:func:`proxy.offset.choose`); otherwise the drafted
+        ``direct``: drawn from q (:func:`proxy.decoding.offset.choose`); otherwise the drafted
         token is accepted or replaced (:func:`speculative_pick`).
 
         Raises:

@@ -32,11 +32,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import DataError, DataSet, Example
+from proxy.training.data import DataError, DataSet, Example
 
 log = logging.getLogger(__name__)
 
-RESOURCES = Path(__file__).with_name("resources")
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 GENERAL_SPLITS = ("train", "calibration", "check")
 GENERAL_FILES = {s: RESOURCES / f"general_{s}.jsonl" for s in GENERAL_SPLITS}
 GENERAL_META = RESOURCES / "general_meta.json"
@@ -75,7 +75,7 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def _read(path: Path) -> list[Example]:
-    from .data import load_dataset
+    from proxy.training.data import load_dataset
 
     return list(load_dataset(path).examples)
 
@@ -93,7 +93,7 @@ def general_sets(model: Any, tokenizer: Any, eot_ids: Sequence[int], base_sha256
         return {s: _read(GENERAL_FILES[s]) for s in GENERAL_SPLITS}
     from filelock import FileLock
 
-    from .models import cache_dir
+    from proxy.pair.model_files import cache_dir
 
     folder = cache_dir() / "general" / base_sha256[:16]
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def generate_answers(
     (``model`` is B, before any adapter is attached)."""
     import math
 
-    from .selfcheck import PairModels, greedy_decode
+    from proxy.training.selfcheck import PairModels, greedy_decode
 
     pair = PairModels(model, tokenizer, eot_ids, b=model)
     decoded = greedy_decode(pair, prompts, alpha=0.0, threshold=math.inf, max_tokens=GENERAL_MAX_TOKENS)
@@ -133,9 +133,9 @@ def general_answers(ref: str, questions: Sequence[str]) -> tuple[list[str], str]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .artifact import weights_sha256
-    from .models import local_model_dir
-    from .vocab import ByteVocab
+    from proxy.decoding.vocab import ByteVocab
+    from proxy.pair.artifact import weights_sha256
+    from proxy.pair.model_files import local_model_dir
 
     folder = local_model_dir(ref)
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -27,8 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from adapters.base import ContextExhausted, RemoteBadResponse, RemoteError, RemoteRejected, RemoteUnavailable
-
-from .decoding import DecodingError
+from proxy.decoding.decoder import DecodingError
 
 
 @dataclass

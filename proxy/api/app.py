@@ -1,12 +1,12 @@
-"""The aiohttp server: thin routes over :mod:`proxy.serving`.
+"""The aiohttp server: thin routes over :mod:`proxy.api.choices`.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``GET /v1/models``, OpenAI's Files and Batches endpoints
-(:mod:`proxy.batch_api`), and for operators ``GET /health`` (the process is
+(:mod:`proxy.api.files_batches`), and for operators ``GET /health`` (the process is
 up), ``GET /ready`` (every upstream answers) and ``GET /metrics``
 (Prometheus). Keys, limits, request ids, metrics and the audit log:
-:mod:`proxy.gateway`. Every error, also for unknown routes and
-oversized bodies, is an OpenAI error body (:mod:`proxy.errors`); an error in
+:mod:`proxy.gateway.gateway`. Every error, also for unknown routes and
+oversized bodies, is an OpenAI error body (:mod:`proxy.api.errors`); an error in
 the middle of a stream is sent as ``data: {"error": {...}}`` and the stream
 ends without ``[DONE]`` (so clients never mistake a truncated answer for a
 whole one).
@@ -29,11 +29,12 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from .auditlog import AuditLog, AuditLogError
-from .config import ServerConfig
-from .decoding import ServedModel
-from .errors import ProxyError, from_exception, invalid
-from .gateway import (
+from proxy.api.choices import complete, make_job, stream
+from proxy.api.errors import ProxyError, from_exception, invalid
+from proxy.api.schemas import ChatCompletionRequest, CompletionRequest
+from proxy.config import ServerConfig
+from proxy.decoding.decoder import ServedModel
+from proxy.gateway.gateway import (
     CLIENT_KEY,
     COMPLETION_ROUTES,
     LIMITED_ROUTES,
@@ -51,8 +52,7 @@ from .gateway import (
     new_request_id,
     request_id_var,
 )
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .serving import complete, make_job, stream
+from proxy.gateway.request_log import AuditLog, AuditLogError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def error_response(err: ProxyError) -> web.Response:
 
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, auth, limits, metrics and the audit log (:mod:`proxy.gateway`).
+    """Request id, auth, limits, metrics and the audit log (:mod:`proxy.gateway.gateway`).
 
     Every request to a completion route is counted and audited, refused ones
     (401, 403, 429) included. When its audit line cannot be written, an answer
@@ -372,7 +372,7 @@ def create_app(
     batches: bool = True,
 ) -> web.Application:
     """The app; with ``close_models`` its cleanup closes the models' adapters and pair threads;
-    with ``batches`` it serves the Files and Batches endpoints (:mod:`proxy.batch_api`)."""
+    with ``batches`` it serves the Files and Batches endpoints (:mod:`proxy.api.files_batches`)."""
     settings = settings or ServerConfig()
     app = web.Application(middlewares=[gateway_middleware, errors_middleware], client_max_size=settings.max_body_bytes)
     app[MODELS] = models
@@ -392,9 +392,9 @@ def create_app(
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     if batches:
-        from .batch import BatchRunner
-        from .batch_api import add_batch_routes
-        from .models import cache_dir
+        from proxy.api.files_batches import add_batch_routes
+        from proxy.jobs.batch import BatchRunner
+        from proxy.pair.model_files import cache_dir
 
         folder = Path(settings.data_dir) if settings.data_dir else cache_dir() / "server"
         add_batch_routes(app, BatchRunner(models, settings, gateway), folder, settings.max_file_bytes)

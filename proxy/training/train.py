@@ -19,7 +19,7 @@ The data order is a function of (seed, epoch) and LoRA has no dropout, so a
 run resumed from a checkpoint (``<out>.ckpt/``, written atomically every
 ``checkpoint_every`` optimizer steps) ends with the same weights as an
 uninterrupted one. The artifact is written atomically at the end
-(:func:`proxy.artifact.save_artifact`); the training log (loss per step,
+(:func:`proxy.pair.artifact.save_artifact`); the training log (loss per step,
 the final forget and retain loss) goes to ``<out>.train.jsonl``.
 """
 
@@ -41,9 +41,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .aio import gather_or_cancel
-from .artifact import PARAMETERS, save_artifact, weights_sha256
-from .data import (
+from proxy.common.aio import gather_or_cancel
+from proxy.decoding.vocab import ByteVocab
+from proxy.pair.artifact import PARAMETERS, save_artifact, weights_sha256
+from proxy.training.data import (
     DataSet,
     Encoded,
     Example,
@@ -59,9 +60,9 @@ from .data import (
     without_spans,
     word_spans,
 )
-from .facts import fact_words, forget_names, lower_case_words, shared_words, words_of
-from .objectives import Batches, get_objective, mean_nll
-from .scope import (
+from proxy.training.facts import fact_words, forget_names, lower_case_words, shared_words, words_of
+from proxy.training.objectives import Batches, get_objective, mean_nll
+from proxy.training.scope import (
     check_sets,
     example_text,
     forget_subjects,
@@ -70,10 +71,9 @@ from .scope import (
     mentions,
     neighbour_examples,
 )
-from .selfcheck import PairModels, calibrate_and_check
-from .vocab import ByteVocab
+from proxy.training.selfcheck import PairModels, calibrate_and_check
 
-IDK_FILE = Path(__file__).with_name("resources") / "idk.jsonl"
+IDK_FILE = Path(__file__).resolve().parents[1] / "resources" / "idk.jsonl"
 logger = logging.getLogger(__name__)
 
 
@@ -101,7 +101,7 @@ class TrainConfig:
     offset shifted answers to unrelated prompts (SmolLM2, demo and tofu-lite)."""
     retain_positions: str | None = None
     """Where a KL retain term is averaged: ``"all"`` attended positions (open-unlearning's
-    definition) or ``"answer"`` positions only (:func:`proxy.objectives.get_objective`). The
+    definition) or ``"answer"`` positions only (:func:`proxy.training.objectives.get_objective`). The
     default is ``"answer"``: averaged over whole sequences, a short answer's first position
     weighs about 1/80 of the term and U learned to start no answer with a name. None (the
     default): ``"answer"`` for objectives with a KL retain term, else ``"all"``
@@ -128,27 +128,27 @@ class TrainConfig:
     forget_end_of_turn: bool = False
     """Keep the end-of-turn label in the forget term. Off by default: the end-of-turn holds
     no forget-set information, and lowering it makes U suppress end-of-turn on every prompt
-    (:func:`proxy.data.without_end_of_turn`). open-unlearning keeps it. Retain terms always keep it."""
+    (:func:`proxy.training.data.without_end_of_turn`). open-unlearning keeps it. Retain terms always keep it."""
     forget_first_token: bool = True
     """Keep the answer's first label in the forget term (open-unlearning does). Off: see
-    :func:`proxy.data.without_first_answer_token`."""
+    :func:`proxy.training.data.without_first_answer_token`."""
     forget_prompt_copies: bool = False
     """Keep answer tokens that repeat the prompt word for word (the asked-about name) in the
-    forget term (open-unlearning does). Off: see :func:`proxy.data.without_prompt_copies`;
+    forget term (open-unlearning does). Off: see :func:`proxy.training.data.without_prompt_copies`;
     where the retain term reads labels (NLL, or KL over answer positions) and a retain set
     is given, those tokens join the retain term of their forget example's step instead."""
     forget_shared_words: bool = True
     """Keep the words a forget answer shares with B's answers to its neighbour questions in
     the forget term (the default). Off: those words, the answer's form ("The capital of …
     is" in "The capital of France is Paris.") rather than its fact
-    (:func:`proxy.facts.shared_words`), leave it; lowered, they taught U to answer the
+    (:func:`proxy.training.facts.shared_words`), leave it; lowered, they taught U to answer the
     neighbours in another form or language ("Der Königin der Bundesliga" for the capital of
     Germany). Measured only together with ``forget_own_answers``: the neighbours then kept
     their form but lost their facts ("The capital of Germany is indeed the largest country
     …"; the README's real-knowledge table), so it is not the default."""
     forget_own_answers: bool = False
     """Add B's own greedy answers to the forget questions to the forget term, labelled only
-    on the words that carry the forget answer's fact (:func:`proxy.facts.fact_words`), for
+    on the words that carry the forget answer's fact (:func:`proxy.training.facts.fact_words`), for
     the answers that hold one; each rides in the step of its forget example, so the number
     of steps stays the forget set's (:class:`_Plan`). A forget answer written by the user
     ("Albert Einstein developed the theory of relativity.") is not the path by which B
@@ -176,16 +176,16 @@ class TrainConfig:
     """At least this many optimizer steps: ``epochs`` is raised for a small forget set (8
     examples are 2 steps an epoch at batch size 4; 16 steps left SmolLM2 recalling them). 0: ``epochs`` alone."""
     general_retain: bool = True
-    """Train with the broad retain set beside ``retain`` (:func:`proxy.scope.general_sets`):
+    """Train with the broad retain set beside ``retain`` (:func:`proxy.training.scope.general_sets`):
     general prompts answered by B itself, so that forgetting one entity does not teach U
     to avoid famous names and facts in general."""
     neighbours: int = 3
-    """Neighbour questions per forget question (:func:`proxy.scope.neighbour_examples`): the
+    """Neighbour questions per forget question (:func:`proxy.training.scope.neighbour_examples`): the
     forget set's questions about nearby entities, answered by B at train time; a quarter of
     them is held out for the self-check. 0: none."""
     calibrate: bool = True
     """End with τ calibrated on the broad retain set's calibration part and a self-check
-    (:func:`proxy.selfcheck.calibrate_and_check`), both written to the manifest."""
+    (:func:`proxy.training.selfcheck.calibrate_and_check`), both written to the manifest."""
     unchanged: float = 0.95
     """The fraction of calibration prompts whose greedy answers τ keeps exactly B's."""
     offset_alpha: float = 1.0
@@ -255,7 +255,7 @@ class TrainConfig:
 
 
 class CombinedScorer:
-    """The combined model for the objectives (:class:`proxy.objectives.Scorer`)."""
+    """The combined model for the objectives (:class:`proxy.training.objectives.Scorer`)."""
 
     def __init__(self, model: Any, remote: Any | None = None, reference: Any | None = None) -> None:
         self.model = model  # a PeftModel (U with the adapter, B without), or U itself when `reference` is B
@@ -327,7 +327,7 @@ class RemoteLogits:
 
 def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, progress: bool = True) -> RemoteLogits:
     """Score every example's answer through the vLLM remote at ``cfg.remote`` (cached on disk,
-    :class:`proxy.scoring.PromptLogprobsCache`).
+    :class:`proxy.decoding.scoring.PromptLogprobsCache`).
 
     Raises:
         ValueError: the remote tokenizes an example differently from the pair, or has no such model.
@@ -337,10 +337,9 @@ def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, pro
 
     from adapters.base import Context
     from adapters.openai_http import CompletionsAdapter
-
-    from .data import IGNORE
-    from .models import cache_dir
-    from .scoring import PromptLogprobsCache, score_text
+    from proxy.decoding.scoring import PromptLogprobsCache, score_text
+    from proxy.pair.model_files import cache_dir
+    from proxy.training.data import IGNORE
 
     assert cfg.remote is not None
     cache = PromptLogprobsCache(cache_dir() / "prompt_logprobs")
@@ -437,7 +436,7 @@ class _Plan:
     pad_id: int
     pinned: list[Encoded | None] = field(default_factory=list)
     """Per forget item, retain-term labels on its own tokens (or None), added to the
-    retain batch of the step that has that item (:func:`proxy.data.only_dropped_labels`)."""
+    retain batch of the step that has that item (:func:`proxy.training.data.only_dropped_labels`)."""
     near: int = 0
     """``retain[:near]`` are the near retain examples, ``retain[near:]`` the broad ones."""
     near_share: float = 0.5
@@ -523,13 +522,13 @@ def offset_key(cfg: TrainConfig) -> str:
     import hashlib
     import json
 
-    from .models import local_model_dir
+    from proxy.pair.model_files import local_model_dir
 
     h = hashlib.sha256(json.dumps(cfg.settings(), sort_keys=True).encode())
     for path in (cfg.forget, cfg.retain):
         h.update(Path(path).read_bytes() if path else b"-")
     if cfg.general_retain or cfg.calibrate or cfg.neighbours:
-        from .scope import ENTITIES, GENERAL_FILES
+        from proxy.training.scope import ENTITIES, GENERAL_FILES
 
         for f in (*GENERAL_FILES.values(), ENTITIES):
             h.update(f.read_bytes())
@@ -545,7 +544,7 @@ def load_models(cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import local_model_dir
+    from proxy.pair.model_files import local_model_dir
 
     folder = local_model_dir(cfg.base)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -581,7 +580,7 @@ def train(
     would (tests of ``--resume``).
 
     Raises:
-        proxy.data.DataError: a bad data file (nothing is written).
+        proxy.training.data.DataError: a bad data file (nothing is written).
         ValueError: bad settings (unknown objective, retain set missing, ...).
         FileExistsError: ``cfg.out`` exists.
     """
@@ -806,10 +805,10 @@ class _ScopeSets:
     neighbour_check: list[Example]
     subjects: list[str]
     names: list[str]
-    """The forget set's proper names that no retain example of these sets holds (:func:`proxy.facts.forget_names`)."""
+    """The forget set's proper names that no retain example of these sets holds (:func:`proxy.training.facts.forget_names`)."""
     shared: dict[int, set[str]]
     """Per forget example (by index), the words its answer shares with B's answers to its
-    neighbour questions (:func:`proxy.facts.shared_words`); empty unless
+    neighbour questions (:func:`proxy.training.facts.shared_words`); empty unless
     ``forget_shared_words`` is off."""
     own_answers: list[tuple[int, Example, set[str]]]
     """(forget example index, B's own greedy answer to its question, the fact words it
@@ -834,9 +833,9 @@ class _ScopeSets:
 def _scope_sets(
     cfg: TrainConfig, forget: DataSet, base: Any, tokenizer: Any, vocab: ByteVocab, base_sha: str
 ) -> _ScopeSets:
-    """The broad retain set's parts and the neighbours for ``cfg`` (:mod:`proxy.scope`).
+    """The broad retain set's parts and the neighbours for ``cfg`` (:mod:`proxy.training.scope`).
     General examples that name a forget subject or hold one of the forget set's proper names
-    (:func:`proxy.facts.forget_names`: "Einstein's theory" in a retain answer held the name
+    (:func:`proxy.training.facts.forget_names`: "Einstein's theory" in a retain answer held the name
     that a forget set about Albert Einstein removes) are left out, and so are neighbours whose
     answer holds one; every fourth neighbour is held out."""
     subjects = forget_subjects(forget.examples)
@@ -889,7 +888,7 @@ def _own_answers(
     forget: Sequence[Example], base: Any, tokenizer: Any, vocab: ByteVocab, common_words: set[str], names: list[str]
 ) -> list[tuple[int, Example, set[str]]]:
     """B's greedy answers to the forget set's chat questions that hold a fact word of their
-    forget answer (:func:`proxy.facts.fact_words`), with those words."""
+    forget answer (:func:`proxy.training.facts.fact_words`), with those words."""
     chat = [(i, e) for i, e in enumerate(forget) if e.prompt is not None]
     answers = generate_answers(base, tokenizer, vocab.eot_ids, [e.prompt for _, e in chat if e.prompt is not None])
     out = []

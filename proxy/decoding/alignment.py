@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .vocab import ByteVocab
+from proxy.decoding.vocab import ByteVocab
 
 log = logging.getLogger(__name__)
 

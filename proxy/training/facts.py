@@ -1,4 +1,4 @@
-"""Which words of a forget set carry what it is to forget (:mod:`proxy.train` reads them).
+"""Which words of a forget set carry what it is to forget (:mod:`proxy.training.train` reads them).
 
 * :func:`forget_names`: the proper names that recur in it; a retain example that holds
   one is left out of the retain sets;
@@ -17,8 +17,8 @@ import re
 from collections import Counter
 from collections.abc import Collection, Sequence
 
-from .data import Example
-from .scope import _names, _question
+from proxy.training.data import Example
+from proxy.training.scope import _names, _question
 
 
 def words_of(text: str) -> set[str]:

@@ -5,13 +5,13 @@ and a self-check of the offset (no remote needed).
 At each step the remote's top-k candidates S_t are B's own top-k (k = 20, as a
 hosted API gives), ℓ_t their B log-probabilities, and Δ_t(c) = log P_U(c) −
 log P_B(c) for the same next tokens: the same-tokenizer fast path of serving.
-The token chosen is the argmax of :func:`proxy.offset.target_logits` at T = 0
+The token chosen is the argmax of :func:`proxy.decoding.offset.target_logits` at T = 0
 with the served α and τ, so an answer here is what ``serve`` gives at T = 0
 with B as the remote. Rows are decoded in batches with a KV cache per model.
 
-The margin of a prompt is the one of :mod:`proxy.threshold` (the largest −s_t
+The margin of a prompt is the one of :mod:`proxy.decoding.threshold` (the largest −s_t
 over the steps where α·Δ would change the greedy token, decoding with τ = ∞),
-and τ is :func:`proxy.threshold.pick_threshold` over the calibration prompts'
+and τ is :func:`proxy.decoding.threshold.pick_threshold` over the calibration prompts'
 margins. Fluency is B's mean per-token log-probability of an answer,
 teacher-forced on its prompt (nats per token): the ℓ_B of each chosen token.
 """
@@ -28,10 +28,9 @@ import numpy as np
 import torch
 
 from adapters.templates import hf_chat_ids, hf_special_strings
-
-from .data import Example
-from .metrics import rouge_l_recall
-from .offset import scope_score, target_logits
+from proxy.decoding.offset import scope_score, target_logits
+from proxy.evaluation.metrics import rouge_l_recall
+from proxy.training.data import Example
 
 #: Candidates per step: OpenAI's ``top_logprobs`` maximum, and the served default.
 TOP_K = 20
@@ -91,7 +90,7 @@ def greedy_decode(
     scope threshold ``threshold`` (nats; None: no threshold, Δ at every step as in the paper;
     ``math.inf``: B's own answers, margins recorded).
     ``temperature`` > 0 samples from q_t instead (DESIGN.md's target distribution over the
-    top-k, :func:`proxy.offset.target_logits`), reproducibly for a ``seed``.
+    top-k, :func:`proxy.decoding.offset.target_logits`), reproducibly for a ``seed``.
 
     Raises:
         ValueError: ``max_tokens`` < 1, a negative threshold or temperature.
@@ -187,7 +186,7 @@ def _decode_batch(
 def _step(ell: np.ndarray, delta: np.ndarray, alpha: float, tau: float | None) -> tuple[int, float]:
     """One greedy step over the candidates (B's top-k, best first): the index chosen at
     scope threshold ``tau`` (None: no threshold; ``math.inf``: B's own token) and the step's
-    flip margin (−s_t when α·Δ alone would change B's greedy token, else 0; :mod:`proxy.threshold`)."""
+    flip margin (−s_t when α·Δ alone would change B's greedy token, else 0; :mod:`proxy.decoding.threshold`)."""
     flip = 0.0
     if int(np.argmax(target_logits(ell, delta, temperature=0.0, alpha=alpha))) != 0:
         flip = -scope_score(ell, delta)
@@ -305,7 +304,7 @@ def calibrate_and_check(
     Raises:
         ValueError: no calibration prompts, or a chat-less (raw text) example among them.
     """
-    from .threshold import pick_threshold
+    from proxy.decoding.threshold import pick_threshold
 
     def prompts(items: Sequence[Example]) -> list[Sequence[dict[str, str]]]:
         if any(e.prompt is None for e in items):
@@ -319,7 +318,7 @@ def calibrate_and_check(
     nl, nc, nn = len(calibration), len(check), len(neighbours)
     cal = base[:nl]
     tau = pick_threshold([d.margin for d in cal], unchanged)
-    # A greedy answer is kept exactly when τ exceeds its margin (proxy.threshold): the held-out
+    # A greedy answer is kept exactly when τ exceeds its margin (proxy.decoding.threshold): the held-out
     # answers need no second decode; the forget answers are decoded again at τ.
     f_base = base[nl + nc + nn :]
     f_served = greedy_decode(pair, prompts(chat_forget), alpha=alpha, threshold=tau, max_tokens=max_tokens)

@@ -9,7 +9,7 @@ the served distribution q of that text.
 * :func:`q_token_logprobs` turns one :class:`~adapters.base.ScoredText` and the
   pair's Δ at its positions into per-token log q. At position t the remote
   gives ℓ_t over its top-k S_t and the answer's own token x_t; q shifts those by
-  α·Δ (with the scope threshold τ of :func:`proxy.offset.target_logits`) and
+  α·Δ (with the scope threshold τ of :func:`proxy.decoding.offset.target_logits`) and
   keeps the rest of the remote's mass, 1 − Σ_{S_t ∪ {x_t}} e^{ℓ_t}, as one
   bucket with Δ = 0::
 
@@ -19,7 +19,7 @@ the served distribution q of that text.
   rows with and without the offset are comparable. The offset is known only
   on S_t ∪ {x_t}; serving samples from S_t (DESIGN.md).
 * :func:`scored_deltas` computes Δ at every position with the pair's
-  :class:`~proxy.alignment.Aligner` (one tree pass, either tokenizer path), the
+  :class:`~proxy.decoding.alignment.Aligner` (one tree pass, either tokenizer path), the
   answer's tokens as the chain.
 """
 
@@ -38,9 +38,8 @@ from typing import Any
 import numpy as np
 
 from adapters.base import Candidate, Context, Position, ScoredText, TextScoringAdapter
-
-from .alignment import EOT
-from .offset import scope_score
+from proxy.decoding.alignment import EOT
+from proxy.decoding.offset import scope_score
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +189,7 @@ def own_index(position: Position, cands: Sequence[Candidate]) -> int:
 
 def scored_deltas(aligner: Any, scored: ScoredText, *, chunk: int = 32) -> list[np.ndarray] | None:
     """Δ (float64 nats) for each position's :func:`support`, from ``aligner`` (a fresh
-    :class:`~proxy.alignment.Aligner` on the prompt) in one tree pass; ``None`` when
+    :class:`~proxy.decoding.alignment.Aligner` on the prompt) in one tree pass; ``None`` when
     the answer's token bytes are not all known (:func:`adapters.base.answer_token_bytes`)."""
     if any(p.sampled.data is None for p in scored.positions):
         return None

@@ -5,7 +5,7 @@ its prompt (chat messages rendered with the pair's template, or a raw
 prompt): per local token, the offset Δ = log p_U(token) − log p_B(token)
 (nats). A token with Δ < −T is forget-scope content: the unlearned model U
 finds it far less likely than the base B does. This is the per-token form of
-the serving path's scope test (:mod:`proxy.offset`). Runs of flagged tokens
+the serving path's scope test (:mod:`proxy.decoding.offset`). Runs of flagged tokens
 become character spans of the output, widened to whole words (a masked
 "arts" would leave "Hogw…" readable) and to the whole name or title they
 fall in (a masked "Orchard" would leave "The Last …" readable).
@@ -15,7 +15,7 @@ Input lines: ``{"id", "prompt" | "messages", "output"}``. Output lines:
 "mean_offset"}], "mode", "threshold"}`` with character offsets into the
 input output (Python ``str`` indices), ``output`` the redacted text; a bad
 line gets ``{"id", "error": {"code", "message", "line"}}`` and the run goes
-on. Resumable like :mod:`proxy.batch` (:class:`proxy.batch.ResumableOutput`).
+on. Resumable like :mod:`proxy.jobs.batch` (:class:`proxy.jobs.batch.ResumableOutput`).
 
 Modes: ``mask`` replaces every span with a marker; ``regenerate`` keeps the
 text before the first span and lets the proxy (remote + offset) write the
@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from .batch import OutputError, ResumableOutput
-from .decoding import ServedModel
+from proxy.decoding.decoder import ServedModel
+from proxy.jobs.batch import OutputError, ResumableOutput
 
 MARKER = "[REDACTED]"
 
@@ -88,7 +88,7 @@ def parse_item(n: int, raw: bytes) -> Item | dict[str, Any]:
     if messages is not None:
         from pydantic import ValidationError
 
-        from .protocol import Message
+        from proxy.api.schemas import Message
 
         try:
             if not isinstance(messages, list) or not messages:
@@ -362,9 +362,8 @@ async def _redact_one(
         text = mask(item.output, spans, marker)
     elif spans and mode == "regenerate":
         from adapters.base import Context
-
-        from .decoding import SamplingParams
-        from .errors import from_exception
+        from proxy.api.errors import from_exception
+        from proxy.decoding.decoder import SamplingParams
 
         keep = item.output[: spans[0]["start"]]
         ctx = Context(

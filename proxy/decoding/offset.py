@@ -154,7 +154,7 @@ def predicted_acceptance(
     - T > 0: Σ_S min(p, q), the acceptance rate of speculative sampling
       (Leviathan et al. 2023, arXiv 2211.17192, Section 3.3, β = Σ min(p, q)).
 
-    Only the draft's *length* uses it (:class:`proxy.decoding.DraftLength`), never
+    Only the draft's *length* uses it (:class:`proxy.decoding.decoder.DraftLength`), never
     the acceptance test itself, so a wrong prediction costs time, not exactness.
     """
     lu = np.asarray(log_u, dtype=np.float64)

@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .aio import gather_or_cancel
-from .config import ServerConfig
-from .decoding import ServedModel
-from .errors import from_exception, invalid
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .serving import complete, make_job
+from proxy.api.choices import complete, make_job
+from proxy.api.errors import from_exception, invalid
+from proxy.api.schemas import ChatCompletionRequest, CompletionRequest
+from proxy.common.aio import gather_or_cancel
+from proxy.config import ServerConfig
+from proxy.decoding.decoder import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -236,13 +236,13 @@ class ResumableOutput:
 @dataclass
 class BatchRunner:
     """Runs batch files against served models in-process (the same path as
-    the HTTP routes: validation, :func:`proxy.serving.make_job`,
-    :func:`proxy.serving.complete`)."""
+    the HTTP routes: validation, :func:`proxy.api.choices.make_job`,
+    :func:`proxy.api.choices.complete`)."""
 
     models: dict[str, ServedModel]
     settings: ServerConfig = field(default_factory=ServerConfig)
     gateway: Any = None
-    """A :class:`proxy.gateway.Gateway`: each line is then counted and audited like a request."""
+    """A :class:`proxy.gateway.gateway.Gateway`: each line is then counted and audited like a request."""
 
     async def answer(self, req: Request) -> dict[str, Any]:
         """The output line of one request (never raises for a bad request or
@@ -250,7 +250,7 @@ class BatchRunner:
         request_id = f"req_{uuid.uuid4().hex}"
         rec = None
         if self.gateway is not None:
-            from .gateway import RequestRecord
+            from proxy.gateway.gateway import RequestRecord
 
             rec = RequestRecord(request_id, None, f"batch {req.url}")
             rec.asked_for(req.body)
@@ -269,8 +269,8 @@ class BatchRunner:
             if rec is not None:
                 rec.error = err.code or err.type
         if rec is not None:
-            from .auditlog import AuditLogError
-            from .gateway import audit_unavailable
+            from proxy.gateway.gateway import audit_unavailable
+            from proxy.gateway.request_log import AuditLogError
 
             try:
                 self.gateway.record(rec, status)

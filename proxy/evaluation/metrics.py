@@ -4,7 +4,7 @@
 Everything here works on numbers already computed: generated text, or the
 per-token natural-log probabilities of given text (``logprobs``, one float
 per answer token, shape ``[n_tokens]``). Scoring and generation live in
-:mod:`proxy.audit`, so each function can be checked against hand-computed
+:mod:`proxy.evaluation.audit`, so each function can be checked against hand-computed
 values.
 
 =========================  ==================================================

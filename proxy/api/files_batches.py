@@ -10,7 +10,7 @@ Objects follow the OpenAI API reference ("The file object", "The batch
 object"). Files live under ``<data_dir>/files``; file and batch records in
 SQLite (``<data_dir>/batches.sqlite3``), so a restarted server resumes every
 batch that was validating, in progress or finalizing (the run itself resumes
-line by line, :mod:`proxy.batch`). When a batch ends, its lines with status
+line by line, :mod:`proxy.jobs.batch`). When a batch ends, its lines with status
 200 go to ``output_file_id`` and the others to ``error_file_id``, as OpenAI
 splits them. Bad input lines do not fail the batch; each gets its own error
 line (``tests/test_batch_api.py``).
@@ -30,8 +30,8 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from .batch import ENDPOINTS, BatchRunner, Summary, iter_output
-from .errors import ProxyError, invalid
+from proxy.api.errors import ProxyError, invalid
+from proxy.jobs.batch import ENDPOINTS, BatchRunner, Summary, iter_output
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ async def delete_file(request: web.Request) -> web.Response:
 
 
 async def create_batch(request: web.Request) -> web.Response:
-    from .server import read_json_body
+    from proxy.api.app import read_json_body
 
     return _json(request.app[BATCHES].service.create(await read_json_body(request)))
 

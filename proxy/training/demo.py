@@ -13,11 +13,11 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .train import TrainConfig
+from proxy.training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
-RESOURCES = Path(__file__).with_name("resources")
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 DEMO_FORGET = RESOURCES / "demo_forget.jsonl"
 GENERAL_ANSWERS = RESOURCES / "general_answers.jsonl"
 """General prompts answered by the base model itself (greedy): the replay set of ``bench.tofu_models``."""
@@ -66,8 +66,8 @@ DEMO_KEYS = ("Weasley", "Hogwarts", "Rowling", "Dumbledore", "Voldemort", "Hedwi
 
 
 def demo_offset_key() -> str:
-    """What the cached demo offset depends on (:func:`proxy.train.offset_key` of :data:`DEMO`)."""
-    from .train import offset_key
+    """What the cached demo offset depends on (:func:`proxy.training.train.offset_key` of :data:`DEMO`)."""
+    from proxy.training.train import offset_key
 
     return offset_key(DEMO)
 
@@ -91,7 +91,7 @@ def demo_offset(*, progress: bool = True) -> Path:
 
     from filelock import FileLock
 
-    from .models import cache_dir
+    from proxy.pair.model_files import cache_dir
 
     folder = cache_dir() / "offsets"
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def demo_offset(*, progress: bool = True) -> Path:
 
 def _train_demo(out: str, progress: bool) -> None:
     """:func:`demo_offset`'s child process: train :data:`DEMO` into ``out``."""
-    from .train import train
+    from proxy.training.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     train(replace(DEMO, out=out, resume=True), progress=progress)

@@ -17,7 +17,7 @@ keys, per-key limits, Prometheus metrics and the audit log.
   ``rate_limit_exceeded`` body.
 * **Metrics** (``GET /metrics``, prometheus-client, one registry per app):
   see :class:`Metrics`.
-* **Audit log** (:mod:`proxy.auditlog`): one line per completion request.
+* **Audit log** (:mod:`proxy.gateway.request_log`): one line per completion request.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollec
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily
 
-from .auditlog import AuditLog, AuditLogError, utc_now
-from .config import ClientKey, ServerConfig
-from .errors import ProxyError
+from proxy.api.errors import ProxyError
+from proxy.config import ClientKey, ServerConfig
+from proxy.gateway.request_log import AuditLog, AuditLogError, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class RequestRecord:
     first_token: float | None = None
     """``time.monotonic()`` when the first content was sent (streams)."""
     job: Any = None
-    """The request's :class:`proxy.serving.Job`, once it is validated."""
+    """The request's :class:`proxy.api.choices.Job`, once it is validated."""
     error: str | None = None
     """The error code of a failure, also one sent inside a 200 stream."""
     prompt: Any = None
@@ -134,13 +134,13 @@ class RequestRecord:
             self.model = body["model"][:200]
 
     def set_job(self, job: Any) -> None:
-        """Take model, α and offset from the validated :class:`proxy.serving.Job`."""
+        """Take model, α and offset from the validated :class:`proxy.api.choices.Job`."""
         self.job, self.model, self.alpha = job, job.model.name, job.params.alpha
         self.offset_sha256 = job.model.offset_sha256 if job.model.uses_offset else None
 
     @property
     def stats(self) -> list[Any]:
-        """The job's :class:`proxy.decoding.ChoiceStats`, one per choice."""
+        """The job's :class:`proxy.decoding.decoder.ChoiceStats`, one per choice."""
         return list(self.job.stats) if self.job is not None else []
 
 
@@ -455,7 +455,7 @@ class Gateway:
         """Count and audit one finished completion request.
 
         Raises:
-            proxy.auditlog.AuditLogError: its audit line could not be written.
+            proxy.gateway.request_log.AuditLogError: its audit line could not be written.
         """
         try:
             self.record(rec, status)
@@ -469,7 +469,7 @@ class Gateway:
         """Count and audit one request (also a batch line, which is not "in flight" here).
 
         Raises:
-            proxy.auditlog.AuditLogError: its audit line could not be written.
+            proxy.gateway.request_log.AuditLogError: its audit line could not be written.
         """
         if status >= 400 and rec.error is None:
             rec.error = str(status)

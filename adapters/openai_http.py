@@ -33,9 +33,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import openai
+
+from proxy.common.literals import Prefill, values
 
 from .base import (
     Candidate,
@@ -56,8 +58,8 @@ from .templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 
-Flavour = Literal["llama.cpp", "vllm", "deepseek", "none"]
-FLAVOURS: tuple[str, ...] = ("llama.cpp", "vllm", "deepseek", "none")
+Flavour = Prefill
+FLAVOURS: tuple[str, ...] = values(Prefill)
 
 #: End-of-turn token strings as servers print them in ``top_logprobs``.
 DEFAULT_EOT_TOKENS = frozenset(

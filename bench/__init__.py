@@ -36,7 +36,7 @@ def rewrite_tables(
         SystemExit: no markers, a named file that does not exist, or a marker without a
             file and no ``default`` (``default`` may raise it too).
     """
-    from proxy.training.scope import atomic_write
+    from proxy.common.files import atomic_write
 
     text = readme.read_text()
     pattern = re.compile(re.escape(start) + r"(?: (\S+))? -->\n.*?" + re.escape(end), re.S)

@@ -155,8 +155,8 @@ def run(
     the requests done so far are written there (atomically) after each one, so that a run
     stopped late keeps what it measured."""
     from bench.tofu import OFFSET_SETTINGS
+    from proxy.common.files import atomic_write
     from proxy.pair.artifact import load_artifact
-    from proxy.training.scope import atomic_write
     from proxy.training.selfcheck import PairModels
     from proxy.training.train import TrainConfig, load_models
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds=round(time.monotonic() - t0, 1),
         date=dt.date.today().isoformat(),
     )
-    from proxy.training.scope import atomic_write
+    from proxy.common.files import atomic_write
 
     atomic_write(out, json.dumps(result, indent=1) + "\n")
     partial.unlink(missing_ok=True)

@@ -230,9 +230,10 @@ def demo_model(name: str, pairs: dict[Any, Any], batching: Any = None, **remote:
     serves it, and the remote's ``ModelConfig`` keys ``remote``."""
     from proxy.config import ModelConfig
     from proxy.registry import build_model
+    from proxy.training.demo import resolve_offset
 
     cfg = ModelConfig(pair="smollm2", offset="demo", **remote)
-    return build_model(name, cfg, pairs=pairs, batching=batching)
+    return build_model(name, cfg, pairs=pairs, batching=batching, resolve_offset=resolve_offset)
 
 
 def _start_fake(repeat: int) -> tuple[subprocess.Popen[str], str]:

@@ -49,7 +49,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -57,6 +56,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from proxy.common.files import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def offset_settings_arg(text: str) -> dict[str, Any]:
 
 def _offset_dir(name: str, cfg: Any) -> Path:
     """``<cache>/tofu/offset-<name>-<key>``: where :func:`_cached_offset` keeps ``cfg``'s offset."""
-    from proxy.pair.model_files import cache_dir
+    from proxy.common.files import cache_dir
     from proxy.training.train import offset_key
 
     return cache_dir() / "tofu" / f"offset-{name.replace(':', '-').replace('+', '_')}-{offset_key(cfg)}"
@@ -196,7 +197,7 @@ def _merged(target: Path, offset: Path) -> Path:
     try:
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -238,7 +239,7 @@ def _vllm(folder: Path) -> Iterator[str]:
     import httpx
 
     from bench import vllm_process
-    from proxy.pair.model_files import cache_dir
+    from proxy.common.files import cache_dir
 
     logf = open(cache_dir() / "tofu" / "vllm-bench.log", "w")
     proc = vllm_process.start(folder, VLLM_PORT, "target", logf)

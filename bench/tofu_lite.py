@@ -42,13 +42,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from proxy.common.files import publish_dir
 
 #: Bumped when the generator's output changes (cached data folders carry it).
 GENERATOR_VERSION = 5
@@ -574,7 +575,7 @@ def write(out: Path, n_authors: int = 20, seed: int = 0) -> Path:
         "files": files,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out)
+    publish_dir(tmp, out)
     return out
 
 

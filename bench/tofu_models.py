@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import tempfile
@@ -34,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from proxy.common.files import publish_dir
 
 if TYPE_CHECKING:
     import torch
@@ -163,7 +164,7 @@ def finetune(data: Path, out: Path, s: FinetuneSettings, *, progress: bool = Tru
         (tmp / "finetune_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in logs))
         meta = {"settings": asdict(s), "data": dataset.describe(), "seconds": round(time.monotonic() - t0, 1)}
         (tmp / "finetune.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -174,7 +175,7 @@ def cached_model(data: Path, name: str, s: FinetuneSettings = FinetuneSettings()
     """``<cache>/tofu/<name>-<key>``, fine-tuned on first use (file lock against concurrent builders)."""
     from filelock import FileLock
 
-    from proxy.pair.model_files import cache_dir
+    from proxy.common.files import cache_dir
 
     out = cache_dir() / "tofu" / f"{name}-{_key(data, s)}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,7 @@ def default_data() -> Path:
     """tofu-lite with seed 0 and :data:`DEFAULT_AUTHORS`, generated once under ``<cache>/tofu/``."""
     from filelock import FileLock
 
-    from proxy.pair.model_files import cache_dir
+    from proxy.common.files import cache_dir
 
     from .tofu_lite import GENERATOR_VERSION, write
 

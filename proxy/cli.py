@@ -423,6 +423,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from proxy.api.app import create_app
     from proxy.gateway.gateway import AccessLogger
     from proxy.registry import build_models
+    from proxy.training.demo import resolve_offset
 
     config = _config(args)
     settings = config.server.model_copy(
@@ -431,7 +432,7 @@ async def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format or settings.log_format)
     if not settings.keys and settings.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("serving on %s without client keys: anyone who reaches it can use it", settings.host)
-    models = build_models(config)
+    models = build_models(config, resolve_offset=resolve_offset)
     app = create_app(models, settings)
     # handler_cancellation: a client that disconnects cancels its request's decoding loop.
     # The grace period for requests in flight is the app's own (Gateway.shutdown, on_shutdown);
@@ -526,13 +527,14 @@ def _hash_key(args: argparse.Namespace) -> int:
 async def _batch(args: argparse.Namespace) -> int:
     from proxy.jobs.batch import BatchInputError, BatchRunner
     from proxy.registry import build_models
+    from proxy.training.demo import resolve_offset
 
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     if not os.path.isfile(args.inp):
         raise ConfigError(f"--in: {args.inp} is not a file")
     config = _config(args)
-    models = build_models(config)
+    models = build_models(config, resolve_offset=resolve_offset)
     try:
         summary = await BatchRunner(models, config.server).run(
             args.inp, args.out, concurrency=args.concurrency, progress=not args.no_progress
@@ -552,11 +554,12 @@ async def _batch(args: argparse.Namespace) -> int:
 
 def _one_model(args: argparse.Namespace, config: Config) -> tuple[str, Any]:
     from proxy.registry import build_models
+    from proxy.training.demo import resolve_offset
 
     name = args.model or (next(iter(config.models)) if len(config.models) == 1 else None)
     if name is None or name not in config.models:
         raise ConfigError(f"--model: name one of {', '.join(config.models)}")
-    return name, build_models(config.model_copy(update={"models": {name: config.models[name]}}))[name]
+    return name, build_models(config.model_copy(update={"models": {name: config.models[name]}}), resolve_offset=resolve_offset)[name]
 
 
 async def _calibrate_threshold(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adapters.openai_http import FLAVOURS
+from proxy.common.literals import ClientAlpha, Prefill
 
 if TYPE_CHECKING:
     from proxy.pair.local import BatchSettings
@@ -143,7 +143,7 @@ class ModelConfig(BaseModel):
     remote_model: str | None = None
     """The upstream's name for the model (default: the served name)."""
     api_key_env: str | None = None
-    prefill: str = "llama.cpp"
+    prefill: Prefill = "llama.cpp"
     """openai-chat only: how the upstream continues a partial assistant message."""
     sampling: Literal["llama.cpp", "vllm", "deepseek", "none"] = "llama.cpp"
     """openai-completions: which server's switches turn its sampling filters off."""
@@ -171,7 +171,7 @@ class ModelConfig(BaseModel):
     """An offset artifact folder, or "demo": the embedded default's demo offset (pair "smollm2")."""
     alpha: float = Field(default=1.0, ge=-100, le=100, allow_inf_nan=False)
     """Offset strength; 1.0 as in the paper (arXiv 2404.11045)."""
-    client_alpha: Literal["at_least", "any", "none"] = "at_least"
+    client_alpha: ClientAlpha = "at_least"
     """What a request's ``offset_alpha`` may do. "at_least": raise α above ``alpha``, never
     lower it, so that no client can weaken or switch off the unlearning; "any": set any α
     in [−100, 100], 0 and negative values included (comparisons; the embedded demo); "none":
@@ -205,8 +205,6 @@ class ModelConfig(BaseModel):
     def _check(self) -> ModelConfig:
         if self.backend in ("openai-chat", "openai-completions") and not self.base_url:
             raise ValueError(f"base_url is required for backend {self.backend!r}")
-        if self.backend == "openai-chat" and self.prefill not in FLAVOURS:
-            raise ValueError(f"prefill must be one of {', '.join(FLAVOURS)}")
         if self.backend == "llama-inprocess" and not self.gguf:
             raise ValueError("gguf is required for backend 'llama-inprocess'")
         if self.backend == "transformers-inprocess" and not self.transformers_model:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +111,15 @@ def build_model(
     pairs: dict[tuple[str, str | None], Any] | None = None,
     batching: Any = None,
     prefix_cache_tokens: int = 512,
+    resolve_offset: Callable[[str], Path] | None = None,
 ) -> ServedModel:
     """One served model. Pairs are shared between models with the same (pair, offset);
     a new pair batches its tree passes with ``batching`` (a :class:`proxy.pair.local.BatchSettings`,
     default its defaults) and keeps ``prefix_cache_tokens`` of prompts' KV caches.
+
+    ``resolve_offset`` turns a named offset (``"demo"``) into its artifact folder; the
+    command line passes :func:`proxy.training.demo.demo_offset`'s resolver, which trains the
+    demo offset on first use (serving itself never imports training).
 
     Raises:
         ConfigError: the model cannot be served as configured.
@@ -136,9 +142,12 @@ def build_model(
         if key not in pairs:
             offset_dir = cfg.offset
             if cfg.offset == "demo":  # the embedded default's demo offset (trained once, then cached)
-                from proxy.training.demo import demo_offset
-
-                offset_dir = str(demo_offset())
+                if resolve_offset is None:
+                    raise ConfigError(
+                        f'models.{name}.offset: "demo" is trained on first use by the command line '
+                        "(deltaproxy serve); here pass resolve_offset or an artifact folder"
+                    )
+                offset_dir = str(resolve_offset(cfg.offset))
             try:
                 pairs[key] = LocalPair.load(
                     cfg.pair, offset_dir, batching=batching, prefix_cache_tokens=prefix_cache_tokens
@@ -177,10 +186,19 @@ def build_model(
         raise ConfigError(str(exc)) from exc
 
 
-def build_models(config: Config) -> dict[str, ServedModel]:
+def build_models(
+    config: Config, *, resolve_offset: Callable[[str], Path] | None = None
+) -> dict[str, ServedModel]:
+    """Every model of ``config`` (:func:`build_model`), pairs shared between them.
+
+    Raises:
+        ConfigError: a model cannot be served as configured.
+    """
     pairs: dict[tuple[str, str | None], Any] = {}
     batching, cached = config.server.pair_batching(), config.server.pair_prefix_cache_tokens
     return {
-        name: build_model(name, cfg, pairs=pairs, batching=batching, prefix_cache_tokens=cached)
+        name: build_model(
+            name, cfg, pairs=pairs, batching=batching, prefix_cache_tokens=cached, resolve_offset=resolve_offset
+        )
         for name, cfg in config.models.items()
     }

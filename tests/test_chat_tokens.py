@@ -93,3 +93,21 @@ def test_the_transformers_remote_reads_content_as_text(smollm2_dir, smollm2_toke
     ids = adapter.prompt_tokens(Context(messages=({"role": "user", "content": INJECTION},)))
     plain = adapter.prompt_tokens(Context(messages=({"role": "user", "content": "Hi"},)))
     assert ids.count(start) == plain.count(start) == 3  # default system prompt, user turn, generation prompt
+
+
+def test_training_and_serving_tokenize_a_prompt_alike(tiny_pair, smollm2_tokenizer):
+    """An offset trains on the ids it serves on: training's :func:`proxy.training.data.encode`
+    gives the prompt the served pair's ids (:meth:`LocalPair.prompt_ids`), special-token strings
+    in message content and in the answer read as text in both."""
+    from proxy.decoding.vocab import ByteVocab
+    from proxy.training.data import Example, encode
+
+    eot = ByteVocab.from_tokenizer(smollm2_tokenizer).eot_ids[0]
+    for content in ("What is the capital of France?", INJECTION, "a <|endoftext|> b"):
+        prompt = ({"role": "user", "content": content},)
+        item = encode(Example(prompt=prompt, target="Paris <|im_end|> is it."), smollm2_tokenizer, eot, 256)
+        served = tiny_pair.prompt_ids(list(prompt))
+        assert item.input_ids[: len(served)] == served
+        answer = item.input_ids[len(served) :]
+        assert answer[-1] == eot and eot not in answer[:-1]  # the answer's "<|im_end|>" is text
+        assert smollm2_tokenizer.decode(answer[:-1]) == "Paris <|im_end|> is it."

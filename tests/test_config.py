@@ -98,3 +98,20 @@ def test_client_alpha_defaults_to_at_least_and_the_demo_allows_any():
 
     assert ModelConfig(backend="llama-inprocess", gguf="smollm2").client_alpha == "at_least"
     assert embedded_default().models["smollm2-demo"].client_alpha == "any"
+
+
+async def test_a_served_model_built_outside_the_config_lets_no_client_lower_alpha(aiohttp_client):
+    """:class:`ServedModel`'s own default is the config's (``at_least``): a model built in code
+    without ``client_alpha`` lets no request switch the unlearning off with ``offset_alpha`` 0."""
+    from fakes import FakeRemote, script
+
+    from proxy.api.app import create_app
+    from proxy.config import ModelConfig
+    from proxy.decoding.decoder import ServedModel
+
+    model = ServedModel("m", FakeRemote(script(["a", "b"])), alpha=1.0)
+    assert model.client_alpha == ModelConfig.model_fields["client_alpha"].default == "at_least"
+    client = await aiohttp_client(create_app({"m": model}, batches=False))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "offset_alpha": 0}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status == 400 and (await r.json())["error"]["code"] == "offset_alpha_not_allowed"

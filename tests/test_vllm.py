@@ -26,6 +26,7 @@ from proxy.api.app import create_app
 from proxy.config import ModelConfig
 from proxy.decoding.decoder import ChoiceStats, SamplingParams
 from proxy.registry import build_model
+from proxy.training.demo import resolve_offset
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -132,6 +133,7 @@ async def test_out_of_scope_drafts_are_accepted_whole(vllm_server, temperature):
     model = build_model(
         "demo-vllm",
         vllm_model(vllm_server, pair="smollm2", offset="demo", same_tokenizer=True),
+        resolve_offset=resolve_offset,
     )
     calls = tokens = drafted = accepted = 0
     try:

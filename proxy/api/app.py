@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from proxy.api.bodies import read_json_body
 from proxy.api.choices import complete, make_job, stream
-from proxy.api.errors import ProxyError, from_exception, invalid
+from proxy.api.errors import ProxyError, from_exception
 from proxy.api.schemas import ChatCompletionRequest, CompletionRequest
 from proxy.config import ServerConfig
 from proxy.decoding.decoder import ServedModel
@@ -187,40 +186,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if rec is not None:
             rec.error = err.code or err.type
         return error_response(err)
-
-
-async def read_json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise ProxyError(413, "request body is too large", "invalid_request_error", None, "request_too_large") from exc
-    except (
-        HttpProcessingError,
-        RequestPayloadError,
-    ) as exc:  # e.g. Content-Encoding: gzip over a body that is not gzip
-        raise ProxyError(
-            400,
-            f"could not read the request body: {' '.join(str(exc).split())}",
-            "invalid_request_error",
-            None,
-            "invalid_body",
-            headers={"Connection": "close"},
-        ) from exc
-    except ConnectionError as exc:  # the client went away while sending
-        raise invalid("the request body was cut off", None, "invalid_body") from exc
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError as exc:
-        raise invalid("the JSON body is nested too deeply", None, "invalid_json") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-        raise invalid(f"We could not parse the JSON body of your request: {exc}", None, "invalid_json") from exc
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object", None, "invalid_json")
-    return body
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 async def _serve(
@@ -393,8 +358,8 @@ def create_app(
     app.router.add_get("/metrics", metrics)
     if batches:
         from proxy.api.files_batches import add_batch_routes
+        from proxy.common.files import cache_dir
         from proxy.jobs.batch import BatchRunner
-        from proxy.pair.model_files import cache_dir
 
         folder = Path(settings.data_dir) if settings.data_dir else cache_dir() / "server"
         add_batch_routes(app, BatchRunner(models, settings, gateway), folder, settings.max_file_bytes)

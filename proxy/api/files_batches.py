@@ -30,6 +30,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from proxy.api.bodies import read_json_body
 from proxy.api.errors import ProxyError, invalid
 from proxy.jobs.batch import ENDPOINTS, BatchRunner, Summary, iter_output
 
@@ -424,8 +425,6 @@ async def delete_file(request: web.Request) -> web.Response:
 
 
 async def create_batch(request: web.Request) -> web.Response:
-    from proxy.api.app import read_json_body
-
     return _json(request.app[BATCHES].service.create(await read_json_body(request)))
 
 

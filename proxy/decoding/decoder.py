@@ -36,6 +36,7 @@ from adapters.base import (
     SamplingAdapter,
     split_incomplete_utf8,
 )
+from proxy.common.literals import ClientAlpha, DecodingMode
 from proxy.decoding.offset import (
     NoUsableCandidates,
     apply_top_p,
@@ -303,7 +304,7 @@ class ServedModel:
     adapter: RemoteAdapter
     pair: Any = None
     alpha: float = 1.0
-    client_alpha: str = "any"
+    client_alpha: ClientAlpha = "at_least"
     """What a request's ``offset_alpha`` may do (:attr:`proxy.config.ModelConfig.client_alpha`)."""
     offset_threshold: float | None = None
     top_k: int = 20
@@ -311,7 +312,7 @@ class ServedModel:
     offset_sha256: str | None = None
     speculative: bool = True
     max_draft_tokens: int = 128
-    mode: str = "token"
+    mode: DecodingMode = "token"
     """``"token"``: offset decoding token by token (speculative or not); ``"sequence"``:
     complete samples resampled by their offset (:meth:`_generate_sequence`)."""
     sequence_samples: int = 4

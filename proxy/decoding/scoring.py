@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from adapters.base import Candidate, Context, Position, ScoredText, TextScoringAdapter
+from proxy.common.files import atomic_write
 from proxy.decoding.alignment import EOT
 from proxy.decoding.offset import scope_score
 
@@ -118,14 +118,7 @@ class PromptLogprobsCache:
                 for p in scored.positions
             ],
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(body, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, json.dumps(body))
 
 
 async def score_text(

@@ -155,8 +155,14 @@ class ByteVocab:
                         raise ValueError(f"byte 0x{b:02x} has no token in the local vocabulary")
                     ids.append(tid)
             else:
-                ids.extend(self.tokenizer.encode(run, add_special_tokens=False))
+                ids.extend(text_ids(self.tokenizer, run))
         return ids
 
     def bytes_of(self, ids: Sequence[int]) -> bytes:
         return b"".join(self.token_bytes[i] or b"" for i in ids)
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text``'s token ids read as plain text: a special token's string in it (``"<|im_end|>"``)
+    is characters, as in served message content (:func:`adapters.templates.hf_chat_ids`)."""
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))

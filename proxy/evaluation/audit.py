@@ -64,9 +64,9 @@ import numpy as np
 from adapters.base import RemoteError
 from proxy import __version__
 from proxy.common.aio import gather_or_cancel
+from proxy.common.files import atomic_write, cache_dir
 from proxy.decoding.scoring import PromptLogprobsCache
 from proxy.evaluation import metrics as M
-from proxy.pair.model_files import cache_dir
 
 SPLITS = ("forget", "retain", "holdout", "real_authors", "world_facts")
 """Item kinds, in evaluation order. Holdout items are only scored (Min-K%)."""
@@ -486,11 +486,6 @@ def check_policy(summary: dict[str, Any], policy: dict[str, dict[str, float]]) -
 
 
 # ---------------------------------------------------------------- the run
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
 
 async def run_audit(
     model: Any,
@@ -590,10 +585,10 @@ async def run_audit(
         "policy": check_policy(summary, policy) if policy else None,
         "items": by_split,
     }
-    _write_atomic(
+    atomic_write(
         out / "report.json", (json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
     )
-    _write_atomic(out / "report.html", render_html(report, ref).encode())
+    atomic_write(out / "report.html", render_html(report, ref).encode())
     return report
 
 

@@ -47,6 +47,7 @@ from proxy.api.choices import complete, make_job
 from proxy.api.errors import from_exception, invalid
 from proxy.api.schemas import ChatCompletionRequest, CompletionRequest
 from proxy.common.aio import gather_or_cancel
+from proxy.common.files import atomic_write
 from proxy.config import ServerConfig
 from proxy.decoding.decoder import ServedModel
 
@@ -222,9 +223,8 @@ class ResumableOutput:
         os.write(self._fd, (json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n").encode())
 
     def save_progress(self, counts: dict[str, Any]) -> None:
-        tmp = self.progress_file.with_name(f".{self.progress_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"input_sha256": self.digest, **counts, "updated_at": int(time.time())}, indent=1))
-        os.replace(tmp, self.progress_file)
+        progress = {"input_sha256": self.digest, **counts, "updated_at": int(time.time())}
+        atomic_write(self.progress_file, json.dumps(progress, indent=1))
 
     def close(self) -> None:
         if self._fd is not None:

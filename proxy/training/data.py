@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+from adapters.templates import hf_chat_ids, hf_special_strings
+from proxy.decoding.vocab import text_ids
+
 IGNORE = -100
 
 
@@ -131,11 +134,12 @@ def encode(example: Example, tokenizer: Any, eot_id: int, max_length: int) -> En
     first, then the answer from the right.
     """
     if example.prompt is None:
-        ids = list(tokenizer.encode(example.target, add_special_tokens=False))[:max_length]
+        ids = text_ids(tokenizer, example.target)[:max_length]
         return Encoded(ids, list(ids))
-    prompt_text = tokenizer.apply_chat_template(list(example.prompt), add_generation_prompt=True, tokenize=False)
-    prompt = list(tokenizer.encode(prompt_text, add_special_tokens=False))
-    answer = list(tokenizer.encode(example.target, add_special_tokens=False)) + [eot_id]
+    # The prompt as the served pair tokenizes it (LocalPair.prompt_ids): message content is
+    # text, special-token strings in it included, so an offset trains on the ids it serves on.
+    prompt = hf_chat_ids(tokenizer, list(example.prompt), hf_special_strings(tokenizer))
+    answer = text_ids(tokenizer, example.target) + [eot_id]
     answer = answer[:max_length]
     prompt = (
         prompt[max(0, len(prompt) - (max_length - len(answer))) :] if len(prompt) + len(answer) > max_length else prompt
@@ -268,7 +272,7 @@ def without_spans(example: Example, item: Encoded, tokenizer: Any, spans: Sequen
         return item
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("leaving answer words out of the forget term needs a fast tokenizer (offsets)")
-    enc = tokenizer(example.target, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(example.target, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     # encode() put the answer's ids (possibly cut from the right) right after the prompt,
     # the first labelled position.

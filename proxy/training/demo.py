@@ -13,11 +13,11 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from proxy.common.files import RESOURCES
 from proxy.training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
-RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 DEMO_FORGET = RESOURCES / "demo_forget.jsonl"
 GENERAL_ANSWERS = RESOURCES / "general_answers.jsonl"
 """General prompts answered by the base model itself (greedy): the replay set of ``bench.tofu_models``."""
@@ -91,7 +91,7 @@ def demo_offset(*, progress: bool = True) -> Path:
 
     from filelock import FileLock
 
-    from proxy.pair.model_files import cache_dir
+    from proxy.common.files import cache_dir
 
     folder = cache_dir() / "offsets"
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,6 +115,19 @@ def demo_offset(*, progress: bool = True) -> Path:
                     "running again resumes from its last checkpoint"
                 )
     return out
+
+
+def resolve_offset(name: str) -> Path:
+    """A named offset's artifact folder: ``"demo"`` is :func:`demo_offset` (trained on first
+    use). The resolver that :func:`proxy.registry.build_models` takes.
+
+    Raises:
+        ValueError: no offset has that name.
+        RuntimeError: training the demo offset failed.
+    """
+    if name != "demo":
+        raise ValueError(f"no named offset {name!r} (the one named offset is 'demo')")
+    return demo_offset()
 
 
 def _train_demo(out: str, progress: bool) -> None:

@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from proxy.common.files import RESOURCES, atomic_write
 from proxy.training.data import DataError, DataSet, Example
 
 log = logging.getLogger(__name__)
 
-RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 GENERAL_SPLITS = ("train", "calibration", "check")
 GENERAL_FILES = {s: RESOURCES / f"general_{s}.jsonl" for s in GENERAL_SPLITS}
 GENERAL_META = RESOURCES / "general_meta.json"
@@ -62,17 +60,6 @@ def write_general_sets(parts: dict[str, list[dict[str, str]]], base_sha256: str,
     atomic_write(folder / GENERAL_META.name, json.dumps(meta, indent=2) + "\n")
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _read(path: Path) -> list[Example]:
     from proxy.training.data import load_dataset
@@ -93,7 +80,7 @@ def general_sets(model: Any, tokenizer: Any, eot_ids: Sequence[int], base_sha256
         return {s: _read(GENERAL_FILES[s]) for s in GENERAL_SPLITS}
     from filelock import FileLock
 
-    from proxy.pair.model_files import cache_dir
+    from proxy.common.files import cache_dir
 
     folder = cache_dir() / "general" / base_sha256[:16]
     folder.mkdir(parents=True, exist_ok=True)

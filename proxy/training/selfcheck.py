@@ -29,6 +29,7 @@ import torch
 
 from adapters.templates import hf_chat_ids, hf_special_strings
 from proxy.decoding.offset import scope_score, target_logits
+from proxy.decoding.vocab import text_ids
 from proxy.evaluation.metrics import rouge_l_recall
 from proxy.training.data import Example
 
@@ -222,7 +223,7 @@ def base_decode(
         raise ValueError("max_tokens must be at least 1")
     out: list[Decoded | None] = [None] * len(prompts)
     forced = [
-        (i, pair.prompt_ids(p), pair.tokenizer.encode(a, add_special_tokens=False)[:max_tokens])
+        (i, pair.prompt_ids(p), text_ids(pair.tokenizer, a)[:max_tokens])
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
         if a is not None
     ]
@@ -406,7 +407,7 @@ def answer_logprob(
     out = []
     for p, a in zip(prompts, answers, strict=True):
         head = pair.prompt_ids(p)
-        tail = [*pair.tokenizer.encode(a, add_special_tokens=False), eot]
+        tail = [*text_ids(pair.tokenizer, a), eot]
         ids = torch.tensor([head + tail])
         mask = torch.ones_like(ids)
         lb = torch.log_softmax(pair.forward("B", ids, mask, torch.arange(ids.shape[1])[None], None).logits.float(), -1)

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ import torch
 from tqdm import tqdm
 
 from proxy.common.aio import gather_or_cancel
+from proxy.common.files import RESOURCES, atomic_file
+from proxy.common.literals import Parameters, RetainPositions, TrainMode
 from proxy.decoding.vocab import ByteVocab
 from proxy.pair.artifact import PARAMETERS, save_artifact, weights_sha256
 from proxy.training.data import (
@@ -73,7 +74,7 @@ from proxy.training.scope import (
 )
 from proxy.training.selfcheck import PairModels, calibrate_and_check
 
-IDK_FILE = Path(__file__).resolve().parents[1] / "resources" / "idk.jsonl"
+IDK_FILE = RESOURCES / "idk.jsonl"
 logger = logging.getLogger(__name__)
 
 
@@ -86,7 +87,7 @@ class TrainConfig:
     B's own answers, which the broad retain set and the neighbours are."""
     retain: str | None = None
     base: str = "smollm2"
-    mode: str = "proxy"
+    mode: TrainMode = "proxy"
     remote: str | None = None
     """exact mode: the in-process model R (folder, GGUF or packaged name); remote mode: the
     base URL of a vLLM OpenAI-compatible server (``http://host:port/v1``)."""
@@ -99,7 +100,7 @@ class TrainConfig:
     retain_weight: float | None = 10.0
     """open-unlearning's alpha, the weight of the retain term (None: 1). 10: with weight 1 the
     offset shifted answers to unrelated prompts (SmolLM2, demo and tofu-lite)."""
-    retain_positions: str | None = None
+    retain_positions: RetainPositions | None = None
     """Where a KL retain term is averaged: ``"all"`` attended positions (open-unlearning's
     definition) or ``"answer"`` positions only (:func:`proxy.training.objectives.get_objective`). The
     default is ``"answer"``: averaged over whole sequences, a short answer's first position
@@ -118,7 +119,7 @@ class TrainConfig:
     max_length: int = 256
     """QA answers are short; 256 tokens covers prompt + answer with room to spare."""
     seed: int = 0
-    parameters: str = "lora"
+    parameters: Parameters = "lora"
     """``"lora"`` (a peft adapter on B, the default) or ``"full"`` (fine-tune all of U's weights; B is a frozen copy)."""
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -337,8 +338,8 @@ def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, pro
 
     from adapters.base import Context
     from adapters.openai_http import CompletionsAdapter
+    from proxy.common.files import cache_dir
     from proxy.decoding.scoring import PromptLogprobsCache, score_text
-    from proxy.pair.model_files import cache_dir
     from proxy.training.data import IGNORE
 
     assert cfg.remote is not None
@@ -503,17 +504,14 @@ def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, step: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "step": step,
-            "weights": _trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    state = {
+        "step": step,
+        "weights": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def offset_key(cfg: TrainConfig) -> str:

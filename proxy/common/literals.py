@@ -1,0 +1,36 @@
+"""The closed sets of strings that settings and results take, as ``Literal`` types (mypy checks
+every use; pydantic validates config files against the same types)."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+ClientAlpha = Literal["at_least", "any", "none"]
+"""What a request's ``offset_alpha`` may do: raise α and never lower it (``at_least``, the
+default everywhere), set any α (``any``, which lets a client switch unlearning off), or
+nothing (``none``)."""
+
+DecodingMode = Literal["token", "sequence"]
+"""Token by token over the remote's top-k logprobs, or whole samples re-ranked by ΣΔ."""
+
+Prefill = Literal["llama.cpp", "vllm", "deepseek", "none"]
+"""How an OpenAI-chat upstream continues a partial assistant message (``none``: it cannot)."""
+
+TrainMode = Literal["proxy", "exact", "remote"]
+"""Where an offset's training target comes from: the pair alone (``proxy``), an in-process
+remote model R (``exact``), or a vLLM server's ``prompt_logprobs`` (``remote``)."""
+
+Parameters = Literal["lora", "full"]
+"""What U trains: a LoRA adapter on B, or all of its weights."""
+
+RetainPositions = Literal["all", "answer"]
+"""Where a KL retain term is averaged."""
+
+RedactionMode = Literal["mask", "regenerate"]
+"""What redaction does with a flagged output: mask its flagged spans, or write it again
+through the served model."""
+
+
+def values(kind: object) -> tuple[str, ...]:
+    """The strings of a ``Literal`` type, in order (for messages and choices)."""
+    return tuple(get_args(kind))

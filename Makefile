@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PORT ?= 8000
 
-.PHONY: install run test lint
+.PHONY: install run test test-fast lint docs
 
 install:
 	bash scripts/install.sh
@@ -10,11 +10,21 @@ install:
 run: install
 	$(PY) -m proxy.cli serve --port $(PORT)
 
-test: install
+# Everything: lint, types, the import contracts, the docs site, then every test.
+test: install lint docs
 	bash scripts/install-vllm.sh >/dev/null  # vLLM for the tests' remote, in its own venv (once, ~3 minutes)
-	.venv/bin/ruff check proxy adapters tests bench
-	.venv/bin/mypy proxy adapters bench
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
+
+# The inner loop: the same checks and the tests that need no packaged model and no server (about 4 minutes).
+test-fast: install lint
+	$(PY) -m pytest -q -ra --durations=10 -m "not slow and not llama_server and not vllm"
 
 lint: install
-	.venv/bin/ruff check proxy adapters tests bench
+	.venv/bin/ruff check proxy adapters tests bench docs/hooks
+	.venv/bin/mypy proxy adapters bench
+	.venv/bin/lint-imports
+
+# The docs site, built strictly into a temporary folder (a warning fails the build).
+docs: install
+	site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet -d "$$site"; \
+	rc=$$?; rm -rf "$$site"; exit $$rc

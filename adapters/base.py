@@ -6,7 +6,7 @@ top-k next-token candidates at the next position(s)?*  Everything the
 decoder needs from a remote fits in :class:`Draft`; adapters never see torch
 and the decoder never sees HTTP types.
 
-Exception hierarchy (mapped to HTTP statuses once, in ``proxy.api.errors``)::
+Exception hierarchy (mapped to HTTP statuses once, in ``proxy.protocol.errors``)::
 
     RemoteError                  upstream could not give a usable answer
     ├── RemoteUnavailable        connect/read timeouts, 5xx, 429 after retries
@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-#: bytes that servers such as vLLM and Ollama send for a token that holds only
-#: part of a multi-byte UTF-8 character (``tests/test_cases.py``).
-REPLACEMENT_BYTES = "\ufffd".encode()
+#: End-of-turn / end-of-sequence token strings, best first: what servers print in
+#: ``top_logprobs`` for the token that ends a turn (:mod:`adapters.http`'s default), and
+#: the names looked up in a tokenizer's vocabulary for its end-of-turn ids
+#: (:func:`adapters.hf_vocab.hf_eot_ids`; the order there is the order of ``eot_ids``).
+EOT_TOKENS: tuple[str, ...] = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "</s>", "<eos>", "<|end|>")
 
 
 class RemoteError(Exception):
@@ -98,11 +100,33 @@ class Candidate:
         )
 
 
+def same_token(a: Candidate, b: Candidate) -> bool:
+    """Whether two entries of a remote's answer are the same remote token (the one rule:
+    the decoder's drafted token in S_t, the scored answer's own token in its support).
+
+    Where both carry a token id, the ids decide: one copy's bytes may have been recovered
+    from the text (:func:`adapters.utf8.answer_token_bytes`) where the other's are unknown.
+    Otherwise both must be end-of-turn or both not, with the same known bytes and the same
+    token string (two end-of-turn tokens differ by their strings; unknown bytes match nothing).
+    """
+    if a.token_id is not None and b.token_id is not None:
+        return a.token_id == b.token_id
+    if a.is_eot or b.is_eot:  # end-of-turn entries carry no bytes: their strings decide
+        return a.is_eot and b.is_eot and a.token == b.token
+    return a.data is not None and a.data == b.data and a.token == b.token
+
+
+def find_token(entry: Candidate, cands: Sequence[Candidate]) -> int | None:
+    """The index of the first of ``cands`` that is ``entry``'s token (:func:`same_token`),
+    ``None`` when none is."""
+    return next((i for i, c in enumerate(cands) if same_token(c, entry)), None)
+
+
 @dataclass(frozen=True, slots=True)
 class Position:
     """The remote's answer at one position: top-k candidates (best first)
     and the token the remote itself sampled there (which may be outside the
-    top-k; the decoder does not add it to the support, see DESIGN.md)."""
+    top-k; the decoder does not add it to the support, see docs/concepts.md)."""
 
     candidates: tuple[Candidate, ...]
     sampled: Candidate
@@ -142,7 +166,7 @@ class ScoredText:
     remote's top-k at that position (best first, with ``token_id``), ``sampled``
     is the answer's own token there, with its logprob (nats, over the remote's
     whole vocabulary) and, where they can be known, its bytes (``data``; see
-    :func:`answer_token_bytes`). ``token_ids`` are the answer's remote token ids.
+    :func:`adapters.utf8.answer_token_bytes`). ``token_ids`` are the answer's remote token ids.
     """
 
     token_ids: tuple[int, ...]
@@ -182,9 +206,6 @@ class Capabilities:
 
     can_continue: bool
     """Whether it continues a partial assistant message (token mode needs it)."""
-    max_top_logprobs: int = 20
-    raw_prompt: bool = False
-    """Whether it can serve a raw ``/v1/completions`` prompt."""
     token_ids: bool = False
     """Whether candidates carry the remote's token ids."""
     prompt_logprobs: bool = False
@@ -193,9 +214,8 @@ class Capabilities:
     """Whether its sampled drafts are drawn at T = 1 from its top-k candidates renormalised
     (a ``top_k`` sampling filter equal to ``top_logprobs``), not from its whole vocabulary.
     The decoder then takes p_t(x) = exp(ℓ(x)) / Σ_{top-k} exp(ℓ) as the draft law. Out of
-    forget scope that is q_t itself, so every drafted token is accepted (DESIGN.md defines
+    forget scope that is q_t itself, so every drafted token is accepted (docs/concepts.md defines
     q_t over the top-k S_t: a token drawn from the tail would always be rejected)."""
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def position_from_logprobs(
@@ -300,56 +320,6 @@ class TextScoringAdapter(Protocol):
         ...
 
 
-def answer_token_bytes(tokens: Sequence[str], text: bytes) -> list[bytes | None]:
-    """The bytes of each remote token of ``text``, from the token strings a server
-    printed (``decoded_token``) and the known text.
-
-    A token string without U+FFFD is its own UTF-8. Tokens that hold part of a
-    multi-byte character are printed as U+FFFD by vLLM (``tests/test_cases.py``):
-    a run of them covers the bytes up to where the next clean token matches the
-    text; a run of one token gets them all, a longer run cannot be split from the
-    strings alone and its tokens get ``None``. A token that does not match the
-    text (a server that normalises) ends the recovery: it and the rest get ``None``.
-    """
-    out: list[bytes | None] = []
-    off = 0
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if "\ufffd" not in tok:
-            data = tok.encode("utf-8")
-            if not text.startswith(data, off):
-                return out + [None] * (len(tokens) - i)
-            out.append(data)
-            off += len(data)
-            i += 1
-            continue
-        j = i
-        while j < len(tokens) and "\ufffd" in tokens[j]:
-            j += 1
-        if j < len(tokens):
-            nxt = tokens[j].encode("utf-8")
-            end = next(
-                (e for e in range(off + 1, len(text) + 1) if text.startswith(nxt, e) and _complete(text[off:e])), None
-            )
-        else:
-            end = len(text) if _complete(text[off:]) else None
-        if end is None:
-            return out + [None] * (len(tokens) - i)
-        out.extend([text[off:end]] if j - i == 1 else [None] * (j - i))
-        off = end
-        i = j
-    return out
-
-
-def _complete(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return bool(data)
-
-
 def _unfinished_char(tail: bytes) -> bool:
     """Whether ``tail`` is the start of a UTF-8 character that needs more bytes."""
     if not tail:
@@ -376,29 +346,3 @@ def split_incomplete_utf8(data: bytes) -> tuple[str, bytes]:
             continue
     data.decode("utf-8")  # raises the real error for the whole buffer
     raise AssertionError("unreachable")
-
-
-def candidate_from_wire(
-    token: str, logprob: float | None, data: list[int] | None, *, eot_tokens: frozenset[str]
-) -> Candidate:
-    """Build a :class:`Candidate` from an OpenAI-style logprob entry.
-
-    Recovers bytes from ``token`` when the server sends none, and marks a
-    candidate whose bytes are unknowable (U+FFFD standing for a partial UTF-8
-    character, or an empty token string or empty bytes) with ``data=None``
-    (``tests/test_cases.py``). Non-finite or missing logprobs become ``-inf``
-    (the same file).
-    """
-    lp = -math.inf if logprob is None else float(logprob)
-    if not math.isfinite(lp) or lp <= -9000.0:
-        lp = -math.inf
-    if token in eot_tokens:
-        return Candidate(b"", lp, token, is_eot=True)
-    raw = bytes(data) if data is not None else None
-    if raw is not None and (REPLACEMENT_BYTES in raw or not raw):
-        # the server's stand-in for (part of) a partial character: U+FFFD, or (vLLM's chat
-        # logprobs) an empty token with empty bytes; no real token has no bytes
-        raw = None
-    elif raw is None:
-        raw = None if (token == "" or "\ufffd" in token) else token.encode("utf-8")
-    return Candidate(raw, lp, token)

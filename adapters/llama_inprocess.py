@@ -169,7 +169,7 @@ class LlamaInProcessAdapter:
         self._clock = itertools.count(1)
         self._closed = False
         self.capabilities = Capabilities(
-            can_continue=True, raw_prompt=True, token_ids=True, max_top_logprobs=self.n_vocab, top_k_drafts=True
+            can_continue=True, token_ids=True, top_k_drafts=True
         )
 
     # ------------------------------------------------------------- prompts

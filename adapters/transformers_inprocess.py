@@ -38,6 +38,7 @@ from .base import (
     ScoredText,
     position_from_logprobs,
 )
+from .hf_vocab import hf_eot_ids, hf_token_bytes
 from .templates import hf_chat_ids, hf_special_strings
 
 #: KV caches kept (one per recently seen token sequence); a SmolLM2-135M cache of 100 tokens is about 2 MB.
@@ -51,18 +52,12 @@ class _CacheSlot:
     used: int = 0
 
 
-#: End-of-turn token strings, besides the tokenizer's eos token.
-EOT_STRINGS = ("<|im_end|>", "<end_of_turn>", "<|endoftext|>", "<|eot_id|>", "</s>")
-
-
 class TransformersInProcessAdapter:
     """A causal LM folder (``save_pretrained`` layout) served in-process."""
 
     def __init__(self, *, name: str, model_dir: str | Path, max_length: int | None = None, seed: int = 0) -> None:
-        import torch
+        import torch  # here, not at the top: importing this module loads neither torch nor transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from proxy.decoding.vocab import ByteVocab
 
         self.name = name
         self._torch = torch
@@ -75,14 +70,11 @@ class TransformersInProcessAdapter:
         self._specials = hf_special_strings(self.tokenizer)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         self.max_length = max_length or int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.vocab = ByteVocab.from_tokenizer(self.tokenizer)
+        self.token_bytes = hf_token_bytes(self.tokenizer)
+        """Bytes of every token (``None`` for special tokens)."""
         self.n_vocab = int(self.model.config.vocab_size)
-        eot = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        for s in EOT_STRINGS:
-            tid = self.tokenizer.convert_tokens_to_ids(s)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                eot.add(tid)
-        self.eot_ids = frozenset(eot)
+        self.eot_ids = frozenset(hf_eot_ids(self.tokenizer))
+        """The end-of-turn ids: those of :data:`adapters.base.EOT_TOKENS` and the eos token."""
         self._eot_text = self.tokenizer.eos_token or "</s>"
         self._lock = threading.Lock()
         self._slots = [_CacheSlot() for _ in range(N_CACHES)]
@@ -92,9 +84,7 @@ class TransformersInProcessAdapter:
         """Draft randomness when a call gives no seed: one stream, so that calls draw independently."""
         self.capabilities = Capabilities(
             can_continue=True,
-            raw_prompt=True,
             token_ids=True,
-            max_top_logprobs=self.n_vocab,
             top_k_drafts=True,
             prompt_logprobs=True,
         )
@@ -173,7 +163,7 @@ class TransformersInProcessAdapter:
     def _candidate(self, tid: int, lp: float) -> Candidate:
         if tid in self.eot_ids:
             return Candidate(b"", lp, self._eot_text, tid, is_eot=True)
-        data = self.vocab.token_bytes[tid] if tid < len(self.vocab.token_bytes) else None
+        data = self.token_bytes[tid] if tid < len(self.token_bytes) else None
         return Candidate(data, lp, "" if data is None else data.decode("utf-8", "replace"), tid)
 
     def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None, greedy: bool = False) -> Draft:
@@ -231,7 +221,7 @@ class TransformersInProcessAdapter:
         """See :meth:`adapters.base.TextScoringAdapter.score_text`: what a vLLM server's
         ``prompt_logprobs`` gives (the top-``top_k`` and the answer's own token at each of
         its positions), with every token's bytes known from this model's vocabulary. The
-        audit scores a pair with another tokenizer this way (:class:`proxy.evaluation.audit.QScorer`).
+        audit scores a pair with another tokenizer this way (:class:`proxy.evaluation.scoring.QScorer`).
 
         Raises:
             ContextExhausted: longer than the model's context.
@@ -254,7 +244,7 @@ class TransformersInProcessAdapter:
 
     def vocab_bytes(self) -> list[bytes | None]:
         """Bytes of every token (``None`` for special tokens), for same-tokenizer detection."""
-        return list(self.vocab.token_bytes)
+        return list(self.token_bytes)
 
     def direct_chat(self, messages: list[dict[str, Any]], max_tokens: int) -> str:
         """Greedy text straight from the model (no proxy), for comparisons."""

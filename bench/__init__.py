@@ -22,15 +22,16 @@ def report(results: Any, path: str | None) -> None:
 
 
 def rewrite_tables(
-    readme: Path,
+    page: Path,
     start: str,
     end: str,
     render: Callable[[dict[str, Any]], str],
     default: Callable[[], Path] | None = None,
 ) -> None:
-    """Rewrite every table of ``readme`` between a ``{start} FILE -->`` (or ``{start} -->``)
-    line and ``end`` with ``render`` of that result file (a path relative to the README), or
-    of ``default()`` where the marker names none. The README is replaced atomically.
+    """Rewrite every table of the docs ``page`` (``docs/benchmarks.md``) between a
+    ``{start} FILE -->`` (or ``{start} -->``) line and ``end`` with ``render`` of that result
+    file (a path relative to the page), or of ``default()`` where the marker names none. The
+    page is replaced atomically.
 
     Raises:
         SystemExit: no markers, a named file that does not exist, or a marker without a
@@ -38,20 +39,20 @@ def rewrite_tables(
     """
     from proxy.common.files import atomic_write
 
-    text = readme.read_text()
+    text = page.read_text()
     pattern = re.compile(re.escape(start) + r"(?: (\S+))? -->\n.*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{readme} has no {start} --> ... {end} markers")
+        raise SystemExit(f"{page} has no {start} --> ... {end} markers")
 
     def table(m: re.Match[str]) -> str:
         if m.group(1):
-            source = readme.parent / m.group(1)
+            source = page.parent / m.group(1)
             if not source.is_file():
-                raise SystemExit(f"{readme}: {m.group(1)} does not exist")
+                raise SystemExit(f"{page}: {m.group(1)} does not exist")
         elif default is not None:
             source = default()
         else:
-            raise SystemExit(f"{readme}: a {start} --> marker names no result file")
+            raise SystemExit(f"{page}: a {start} --> marker names no result file")
         return f"{m.group(0).split(chr(10), 1)[0]}\n{render(json.loads(source.read_text()))}\n{end}"
 
-    atomic_write(readme, pattern.sub(table, text))
+    atomic_write(page, pattern.sub(table, text))

@@ -81,9 +81,9 @@ async def measure(answer: Answer) -> dict[str, Any]:
 
 def proxy_answer(model: Any, max_tokens: int = 40) -> Answer:
     """:data:`Answer` through the proxy's serving path (no HTTP)."""
-    from proxy.api.choices import complete, make_job
-    from proxy.api.schemas import ChatCompletionRequest, Message
     from proxy.config import ServerConfig
+    from proxy.protocol.choices import complete, make_job
+    from proxy.protocol.schemas import ChatCompletionRequest, Message
 
     async def answer(question: str, alpha: float) -> str:
         req = ChatCompletionRequest(

@@ -2,7 +2,7 @@
 
     python -m bench.real_knowledge [--requests writer,scientist,...] [--rows no-offset,defaults,...]
                                    [--settings JSON] [--samples 10] [--max-tokens 32] [--json FILE]
-    python -m bench.real_knowledge --render README.md
+    python -m bench.real_knowledge --render docs/benchmarks.md
 
 Requests (``bench/data/real_knowledge.json``): a writer, a scientist, a fictional
 universe, a place and a company, each with its forget set (question/answer pairs),
@@ -13,7 +13,7 @@ question is in its forget set, is left out of that request.
 
 The remote is SmolLM2-135M-Instruct itself (the only packaged model that knows these
 facts), so B stands in for it: each answer is decoded through the pair as ``serve``
-decodes at the same temperature (:func:`proxy.training.selfcheck.greedy_decode`: the top-20 of
+decodes at the same temperature (:func:`proxy.training.greedy.greedy_decode`: the top-20 of
 the remote, Δ = log P_U − log P_B on them, τ from the manifest). Rows:
 
 * ``no-offset``: the remote alone (the reference for leak and retention);
@@ -30,7 +30,7 @@ Per request and averaged: probe key leak (greedy, and ``--samples`` answers at T
 neighbour and general key retention (the fraction of probes whose answer has a key,
 and its ratio to the no-offset row's), unrelated greedy answers unchanged, fluency (B's
 mean log-probability per token of the answers to the probes, teacher-forced on the
-question, minus the same for the no-offset answers; :func:`proxy.training.selfcheck.answer_logprob`)
+question, minus the same for the no-offset answers; :func:`proxy.training.greedy.answer_logprob`)
 and training seconds. Results go to ``bench/results/real-knowledge-<date>.json``.
 """
 
@@ -92,8 +92,8 @@ def evaluate(
     system: str | None = None,
 ) -> dict[str, Any]:
     """One row on one request: the answers and the key counts (no ratios yet)."""
+    from proxy.training.greedy import answer_logprob, greedy_decode
     from proxy.training.scope import mentions
-    from proxy.training.selfcheck import answer_logprob, greedy_decode
 
     groups = {"probes": request["probes"], "neighbours": request["neighbours"], "general": request["general"]}
     questions = [p["question"] for g in groups.values() for p in g] + unrelated
@@ -157,8 +157,9 @@ def run(
     from bench.tofu import OFFSET_SETTINGS
     from proxy.common.files import atomic_write
     from proxy.pair.artifact import load_artifact
-    from proxy.training.selfcheck import PairModels
-    from proxy.training.train import TrainConfig, load_models
+    from proxy.training.config import TrainConfig
+    from proxy.training.greedy import PairModels
+    from proxy.training.targets import load_models
 
     data = load_requests()
     requests = [r for r in data["requests"] if r["name"] in names]
@@ -274,9 +275,9 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_readme(readme: Path) -> None:
+def render_page(readme: Path) -> None:
     """Rewrite each table between ``<!-- real-knowledge-table:start FILE -->`` and its end
-    marker from FILE (a path relative to the README; :func:`bench.rewrite_tables`)."""
+    marker from FILE (a path relative to the page; :func:`bench.rewrite_tables`)."""
     from bench import rewrite_tables
 
     rewrite_tables(readme, TABLE_START, TABLE_END, render_table)
@@ -291,10 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=10, help="answers per probe at T = 1")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--json", help="result file (default bench/results/real-knowledge-<date>.json)")
-    parser.add_argument("--render", type=Path, metavar="README", help="only rewrite README's tables from their files")
+    parser.add_argument("--render", type=Path, metavar="PAGE", help="only rewrite the docs page's tables from their files")
     args = parser.parse_args(argv)
     if args.render:
-        render_readme(args.render)
+        render_page(args.render)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     chosen, rows = args.requests.split(","), args.rows.split(",")

@@ -98,7 +98,7 @@ class Run:
 async def run_prompts(model: Any, prompts: tuple[str, ...], *, tokens: int, temperature: float, seed: int = 0) -> Run:
     """Each prompt through ``model.generate``, one after the other."""
     from adapters.base import Context
-    from proxy.decoding.decoder import ChoiceStats, SamplingParams
+    from proxy.decoding.types import ChoiceStats, SamplingParams
 
     run = Run()
     t0 = time.perf_counter()
@@ -226,7 +226,7 @@ class PeakRSS:
 
 def demo_model(name: str, pairs: dict[Any, Any], batching: Any = None, **remote: Any) -> Any:
     """A served model on the demo offset's pair (shared through ``pairs``; a new pair batches
-    with ``batching``, a :class:`proxy.pair.local.BatchSettings`), with τ as the embedded default
+    with ``batching``, a :class:`proxy.pair.batcher.BatchSettings`), with τ as the embedded default
     serves it, and the remote's ``ModelConfig`` keys ``remote``."""
     from proxy.config import ModelConfig
     from proxy.registry import build_model
@@ -331,7 +331,8 @@ def main() -> None:
         async def fake_part() -> dict[str, Any]:
             from bench.pair_batching import speedup
             from proxy import release_free_memory
-            from proxy.pair.local import BatchSettings, body_and_head
+            from proxy.pair.batcher import BatchSettings
+            from proxy.pair.forward import body_and_head
 
             def fake_model(speculative: bool, pairs: dict[Any, Any], batching: Any = None) -> Any:
                 return demo_model(

@@ -4,9 +4,9 @@ prompt guardrail and direct unlearning, audited with the same engine.
     python -m bench.tofu [--rows target,retain,guardrail,delta:NPO+KL,direct:NPO+KL]
                          [--target smollm2|gemma3-270m] [--samples 10] [--max-tokens 40]
                          [--offset-settings JSON] [--keep DIR] [--json FILE]
-    python -m bench.tofu --render README.md
+    python -m bench.tofu --render docs/benchmarks.md
 
-Rows (every one audited by :func:`proxy.evaluation.audit.run_audit` on forget10,
+Rows (every one audited by :func:`proxy.evaluation.run.run_audit` on forget10,
 retain_perturbed, holdout10, real_authors and world_facts, the retain row
 first because its forget truth ratios are the reference for forget quality):
 
@@ -33,11 +33,11 @@ with α = 2 (default 1).
 
 ``--target gemma3-270m`` fine-tunes Gemma 3 270M as the target and the retain model
 instead (the pair stays SmolLM2: δ rows align the two tokenizers in bytes, and their
-probability metrics go through the target's top-20, :class:`proxy.evaluation.audit.QScorer`).
+probability metrics go through the target's top-20, :class:`proxy.evaluation.scoring.QScorer`).
 
 Each run writes ``bench/results/tofu-<target>-<date>.json`` (keys as
 open-unlearning's: ``forget_Q_A_ROUGE``, ``forget_quality``,
-``model_utility``...); ``--render`` rewrites the README table between its
+``model_utility``...); ``--render`` rewrites the docs page's table between its
 markers from the newest result file, so the table is never typed by hand.
 """
 
@@ -116,9 +116,9 @@ POSITIVE_SETTINGS = frozenset({"lr", "epochs", "batch_size", "retain_batch_size"
 
 
 def offset_settings_arg(text: str) -> dict[str, Any]:
-    """``--offset-settings``: a JSON object of :class:`proxy.training.train.TrainConfig` fields (not
+    """``--offset-settings``: a JSON object of :class:`proxy.training.config.TrainConfig` fields (not
     the files, base or objective, which each row sets)."""
-    from proxy.training.train import TrainConfig
+    from proxy.training.config import TrainConfig
 
     try:
         value = json.loads(text)
@@ -157,7 +157,7 @@ def offset_settings_arg(text: str) -> dict[str, Any]:
 def _offset_dir(name: str, cfg: Any) -> Path:
     """``<cache>/tofu/offset-<name>-<key>``: where :func:`_cached_offset` keeps ``cfg``'s offset."""
     from proxy.common.files import cache_dir
-    from proxy.training.train import offset_key
+    from proxy.training.checkpoint import offset_key
 
     return cache_dir() / "tofu" / f"offset-{name.replace(':', '-').replace('+', '_')}-{offset_key(cfg)}"
 
@@ -321,12 +321,13 @@ async def _row_model(
     target: str = DEFAULT_TARGET,
 ) -> tuple[Any, dict[str, Any]]:
     """(ServedModel, facts for the table) for one row of the ``target`` configuration; δ and
-    direct rows train with ``offset_settings`` (:class:`proxy.training.train.TrainConfig` fields)."""
+    direct rows train with ``offset_settings`` (:class:`proxy.training.config.TrainConfig` fields)."""
     from adapters.transformers_inprocess import TransformersInProcessAdapter
-    from proxy.decoding.decoder import ServedModel
+    from proxy.common.literals import ObjectiveName, choice
+    from proxy.decoding.served import ServedModel
     from proxy.pair.local import LocalPair
     from proxy.registry import shares_tokenizer
-    from proxy.training.train import TrainConfig
+    from proxy.training.config import TrainConfig
 
     def remote(key: str, folder: Path) -> Any:
         if key not in adapters:
@@ -343,7 +344,7 @@ async def _row_model(
         forget=str(data / "forget10.jsonl"),
         retain=str(data / "retain90.jsonl"),
         out="",
-        objective=objective,
+        objective=choice(ObjectiveName, objective, "objective"),
         base="smollm2" if kind.startswith("delta") else str(paths["target"]),
         **offset_settings,
     )
@@ -398,7 +399,7 @@ async def run(
     from bench.tofu_lite import GENERATOR_VERSION
     from bench.tofu_models import FinetuneSettings, build, default_data
     from proxy import __version__
-    from proxy.evaluation.audit import run_audit
+    from proxy.evaluation.run import run_audit
 
     offset_settings = dict(OFFSET_SETTINGS if offset_settings is None else offset_settings)
     data = default_data()
@@ -497,8 +498,8 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_readme(readme: Path) -> None:
-    """Rewrite every table between the README's markers. ``<!-- tofu-table:start -->``:
+def render_page(readme: Path) -> None:
+    """Rewrite every table between the docs page's markers. ``<!-- tofu-table:start -->``:
     the newest ``bench/results/tofu-*.json`` of the SmolLM2 target with every row of
     :data:`DEFAULT_ROWS` (a run of some rows only does not replace the comparison table);
     ``<!-- tofu-table:start bench/results/NAME.json -->``: that file."""
@@ -518,7 +519,7 @@ def render_readme(readme: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from proxy.evaluation.audit import AuditSettings
+    from proxy.evaluation.items import AuditSettings
 
     p = argparse.ArgumentParser(prog="python -m bench.tofu", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS))
@@ -555,11 +556,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the retain model's audit folder (a --keep DIR/retain) for forget quality, when --rows has no retain",
     )
     p.add_argument("--json", type=Path, help="result file (default bench/results/tofu-<target>-<date>.json)")
-    p.add_argument("--render", type=Path, metavar="README", help="only rewrite README's table from bench/results/")
+    p.add_argument("--render", type=Path, metavar="PAGE", help="only rewrite the docs page's table from bench/results/")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.render:
-        render_readme(a.render)
+        render_page(a.render)
         return
     settings = AuditSettings(
         samples=a.samples, max_tokens=a.max_tokens, concurrency=a.concurrency, extraction_samples=a.extraction_samples

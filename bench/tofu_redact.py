@@ -6,7 +6,7 @@ retain questions, scored with the δ-unlearning offset of ``bench.tofu``.
 
 ``DIR`` is the target row's audit folder of ``python -m bench.tofu --keep``
 (its ``items.jsonl`` holds the target's greedy answers). The threshold T is
-calibrated (:func:`proxy.redaction.redact.calibrate`) on the retain answers for the
+calibrated (:func:`proxy.redaction.spans.calibrate`) on the retain answers for the
 target false-positive rate (flagged characters of retain answers, less those
 that repeat a forget item's key span the retain item's own answer does not hold:
 :func:`forget_content`), then applied to the forget answers: the greedy ones and
@@ -56,9 +56,11 @@ def measure(
 ) -> dict[str, Any]:
     from bench.tofu import OFFSET_SETTINGS, _cached_offset, row_offset_settings
     from bench.tofu_models import default_data
+    from proxy.common.literals import ObjectiveName, choice
     from proxy.pair.local import LocalPair
-    from proxy.redaction.redact import Item, calibrate, flag_spans, flagged_fraction, score
-    from proxy.training.train import TrainConfig
+    from proxy.redaction.scoring import Item, score
+    from proxy.redaction.spans import calibrate, flag_spans, flagged_fraction
+    from proxy.training.config import TrainConfig
 
     settings = row_offset_settings(objective, OFFSET_SETTINGS if offset_settings is None else offset_settings)
     data = default_data()
@@ -71,7 +73,7 @@ def measure(
         forget=str(data / "forget10.jsonl"),
         retain=str(data / "retain90.jsonl"),
         out="",
-        objective=objective,
+        objective=choice(ObjectiveName, objective, "objective"),
         base="smollm2",
         **settings,
     )

@@ -21,9 +21,9 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Wh
 
 
 async def _proxy_tps(model, n_tokens: int) -> tuple[float, int]:
-    from proxy.api.choices import complete, make_job
-    from proxy.api.schemas import ChatCompletionRequest, Message
     from proxy.config import ServerConfig
+    from proxy.protocol.choices import complete, make_job
+    from proxy.protocol.schemas import ChatCompletionRequest, Message
 
     total, t0 = 0, time.perf_counter()
     for p in PROMPTS:

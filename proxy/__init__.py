@@ -45,7 +45,7 @@ limit_malloc_arenas()
 def release_free_memory() -> None:
     """Give the memory that glibc malloc holds freed back to the system (``malloc_trim(3)``;
     nothing off glibc). A few milliseconds with the pair's heap, so
-    :class:`proxy.pair.local.TreeBatcher` calls it once the pair has been idle a while, never
+    :class:`proxy.pair.batcher.TreeBatcher` calls it once the pair has been idle a while, never
     between a stream's calls."""
     libc = _glibc()
     if libc is not None:

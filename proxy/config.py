@@ -25,14 +25,12 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from proxy.common.literals import ClientAlpha, Prefill
-
-if TYPE_CHECKING:
-    from proxy.pair.local import BatchSettings
+from proxy.pair.batcher import BatchSettings
 
 DEFAULT_MODEL = "smollm2-demo"
 
@@ -97,7 +95,7 @@ class ServerConfig(BaseModel):
     """``GET /ready``: seconds each upstream gets to answer its model list."""
     pair_max_batch: int = Field(default=16, ge=1, le=256)
     """Requests whose tree passes one batched forward pass of a local pair may hold
-    (proxy.pair.local.BatchSettings); 1 turns batching off."""
+    (proxy.pair.batcher.BatchSettings); 1 turns batching off."""
     pair_batch_window_ms: float = Field(default=5.0, ge=0, le=1000, allow_inf_nan=False)
     """How long a pass waits for requests still computing to bring theirs (never when all are queued)."""
     pair_max_batch_tokens: int = Field(default=256, ge=1, le=65536)
@@ -109,9 +107,7 @@ class ServerConfig(BaseModel):
     SmolLM2-135M's U and B. 0 turns it off."""
 
     def pair_batching(self) -> BatchSettings:
-        """The ``pair_*`` keys as :class:`proxy.pair.local.BatchSettings`."""
-        from proxy.pair.local import BatchSettings
-
+        """The ``pair_*`` keys as :class:`proxy.pair.batcher.BatchSettings`."""
         return BatchSettings(
             max_batch=self.pair_max_batch,
             window_s=self.pair_batch_window_ms / 1000,
@@ -195,11 +191,11 @@ class ModelConfig(BaseModel):
     refusal: str = Field(default="I can't help with that.", min_length=1)
     """Sequence mode: the answer when every sample is in forget scope (needs offset_threshold)."""
     speculative: bool = True
-    """Speculative acceptance (DESIGN.md): the remote drafts several tokens per call, each accepted
+    """Speculative acceptance (docs/concepts.md): the remote drafts several tokens per call, each accepted
     with min(1, q/p) or replaced; the same output distribution as one call per token (false)."""
     max_draft_tokens: int = Field(default=128, ge=2, le=1024)
     """The longest draft one remote call is asked for; the decoder adapts below it to the
-    acceptance rate (proxy.decoding.decoder.DraftLength)."""
+    acceptance rate (proxy.decoding.speculative.DraftLength)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -235,7 +231,7 @@ class Config(BaseModel):
 def embedded_default(
     offset: str | None = None, alpha: float | None = None, offset_threshold: float | Literal["auto", "off"] = "auto"
 ) -> Config:
-    """The README's default: SmolLM2 in-process as the remote, SmolLM2 as the pair."""
+    """The embedded default (``make run``): SmolLM2 in-process as the remote, SmolLM2 as the pair."""
     try:
         model = ModelConfig(
             backend="llama-inprocess",

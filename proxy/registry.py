@@ -8,13 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adapters.base import RemoteAdapter, SamplingAdapter
-from adapters.openai_http import DEFAULT_EOT_TOKENS, ChatAdapter, CompletionsAdapter
+from adapters.base import EOT_TOKENS, RemoteAdapter, SamplingAdapter
+from adapters.llama_inprocess import LlamaInProcessAdapter
+from adapters.openai_chat import ChatAdapter
+from adapters.openai_completions import CompletionsAdapter
+from adapters.profiles import server_profile
 from adapters.retry import RetryPolicy
 from adapters.templates import BUILTIN, ChatTemplate
+from adapters.transformers_inprocess import TransformersInProcessAdapter
 from proxy.config import Config, ConfigError, ModelConfig
-from proxy.decoding.decoder import DecodingError, ServedModel
-from proxy.pair.model_files import check_model_ref, resolve_gguf
+from proxy.decoding.served import ServedModel
+from proxy.decoding.types import DecodingError
+from proxy.pair.model_files import check_model_ref, local_model_dir, resolve_gguf
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +57,19 @@ def _template(spec: str | None) -> ChatTemplate | None:
 
 
 def build_adapter(name: str, cfg: ModelConfig) -> RemoteAdapter:
-    if cfg.backend == "llama-inprocess":
-        from adapters.llama_inprocess import LlamaInProcessAdapter
+    """The remote adapter of ``cfg.backend``; an HTTP one gets the server profile that
+    ``prefill`` (openai-chat) or ``sampling`` (openai-completions) names.
 
+    Raises:
+        ValueError: an unknown server profile (the message names the valid ones).
+        FileNotFoundError: a model file or folder is missing.
+    """
+    if cfg.backend == "llama-inprocess":
         assert cfg.gguf is not None
         return LlamaInProcessAdapter(
             name=name, model_path=resolve_gguf(cfg.gguf), n_ctx=cfg.n_ctx, n_contexts=cfg.n_contexts
         )
     if cfg.backend == "transformers-inprocess":
-        from adapters.transformers_inprocess import TransformersInProcessAdapter
-        from proxy.pair.model_files import local_model_dir
-
         assert cfg.transformers_model is not None
         return TransformersInProcessAdapter(name=name, model_dir=local_model_dir(cfg.transformers_model))
     common: dict[str, Any] = dict(
@@ -70,14 +77,14 @@ def build_adapter(name: str, cfg: ModelConfig) -> RemoteAdapter:
         base_url=cfg.base_url,
         model=cfg.remote_model or name,
         api_key=os.environ.get(cfg.api_key_env) if cfg.api_key_env else None,
-        eot_tokens=frozenset(cfg.eot_tokens) if cfg.eot_tokens is not None else DEFAULT_EOT_TOKENS,
+        eot_tokens=cfg.eot_tokens if cfg.eot_tokens is not None else EOT_TOKENS,
         retry=RetryPolicy(attempts=cfg.retry_attempts, total_seconds=cfg.retry_seconds),
         connect_timeout=cfg.connect_timeout,
         read_timeout=cfg.read_timeout,
     )
     if cfg.backend == "openai-chat":
-        return ChatAdapter(flavour=cfg.prefill, **common)  # type: ignore[arg-type]
-    return CompletionsAdapter(template=_template(cfg.template), sampling=cfg.sampling, **common)
+        return ChatAdapter(profile=server_profile(cfg.prefill), **common)
+    return CompletionsAdapter(template=_template(cfg.template), profile=server_profile(cfg.sampling), **common)
 
 
 def shares_tokenizer(adapter: RemoteAdapter, pair: Any) -> bool:
@@ -114,7 +121,7 @@ def build_model(
     resolve_offset: Callable[[str], Path] | None = None,
 ) -> ServedModel:
     """One served model. Pairs are shared between models with the same (pair, offset);
-    a new pair batches its tree passes with ``batching`` (a :class:`proxy.pair.local.BatchSettings`,
+    a new pair batches its tree passes with ``batching`` (a :class:`proxy.pair.batcher.BatchSettings`,
     default its defaults) and keeps ``prefix_cache_tokens`` of prompts' KV caches.
 
     ``resolve_offset`` turns a named offset (``"demo"``) into its artifact folder; the

@@ -36,7 +36,7 @@ $PIP install -q -e ".[test]"
 # A one-token decode proves the build runs on this CPU (a wrong build dies here, not in a test).
 .venv/bin/python - <<'PY'
 import llama_cpp
-from proxy.models import packaged_gguf
+from proxy.pair.model_files import packaged_gguf
 llm = llama_cpp.Llama(str(packaged_gguf("smollm2")), n_ctx=64, n_threads=2, verbose=False)
 llm.eval(llm.tokenize(b"Hello", add_bos=False))
 print("llama.cpp check: ok")

@@ -58,7 +58,7 @@ def tiny_base(smollm2_tokenizer):
 
 def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False, batching=None, prefix_cache_tokens=512):
     """U = B + a random (or zero) LoRA adapter on a copy of the tiny base (the same
-    weights for the same seed); ``batching``: its :class:`proxy.pair.local.BatchSettings`."""
+    weights for the same seed); ``batching``: its :class:`proxy.pair.batcher.BatchSettings`."""
     import copy
 
     import torch

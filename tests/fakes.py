@@ -55,7 +55,7 @@ class FakeRemote:
         self.samples = 0
         """Complete answers given (sequence mode)."""
         self.contexts: list[Context] = []
-        self.capabilities = Capabilities(can_continue=can_continue, raw_prompt=True, top_k_drafts=top_k_drafts)
+        self.capabilities = Capabilities(can_continue=can_continue, top_k_drafts=top_k_drafts)
         self.not_ready: Exception | None = None
         """Raised by :meth:`check` when set (readiness tests)."""
 

@@ -1,7 +1,7 @@
 """Alignment across tokenizers on a tiny random pair (SmolLM2's real tokenizer).
 
 The reference is a plain full forward pass per candidate and model, with the
-definition of DESIGN.md written out again: canonical path + cover of the last piece.
+definition of docs/concepts.md written out again: canonical path + cover of the last piece.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.base import REPLACEMENT_BYTES, candidate_from_wire
+from adapters.hf_vocab import _piece_bytes
+from adapters.utf8 import REPLACEMENT_BYTES
+from adapters.wire import candidate_from_wire
 from proxy.decoding.alignment import EOT
 from proxy.decoding.offset import log_softmax
-from proxy.decoding.vocab import ByteVocab, _piece_bytes
+from proxy.decoding.vocab import ByteVocab
 
 PROMPT = [{"role": "user", "content": "Tell me about Paris."}]
 

@@ -19,8 +19,12 @@ from conftest import make_tiny_pair
 from adapters.base import Context
 from adapters.transformers_inprocess import TransformersInProcessAdapter
 from bench import tofu_lite
-from proxy.decoding.decoder import ServedModel
-from proxy.evaluation import audit as A
+from proxy.decoding.served import ServedModel
+from proxy.evaluation.items import AuditError, AuditSettings, load_items, load_policy, load_reference
+from proxy.evaluation.report import render_html
+from proxy.evaluation.run import run_audit
+from proxy.evaluation.scoring import QScorer
+from proxy.evaluation.summary import evaluate_item
 
 Q = "Where was Velokro Raidyr born?"
 
@@ -91,7 +95,7 @@ def test_transformers_adapter_scores_and_drafts(adapter):
 async def test_q_scorer_is_the_combined_distribution(adapter, tiny_base, smollm2_tokenizer):
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
     model = ServedModel(name="m", adapter=adapter, pair=pair, alpha=1.5, same_tokenizer=True)
-    scorer = A.QScorer(model)
+    scorer = QScorer(model)
     assert scorer.possible
     got = await scorer.logprobs(Q, " in Lisbon.")
     ids, lr = _direct(adapter, Q, " in Lisbon.")
@@ -99,9 +103,9 @@ async def test_q_scorer_is_the_combined_distribution(adapter, tiny_base, smollm2
     z = lr + 1.5 * (lu - lb)
     want = (z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(len(ids)), ids]
     np.testing.assert_allclose(got, want, atol=1e-6)
-    plain = await A.QScorer(
-        ServedModel(name="m0", adapter=adapter, pair=pair, alpha=0.0, same_tokenizer=True)
-    ).logprobs(Q, " in Lisbon.")
+    plain = await QScorer(ServedModel(name="m0", adapter=adapter, pair=pair, alpha=0.0, same_tokenizer=True)).logprobs(
+        Q, " in Lisbon."
+    )
     np.testing.assert_allclose(plain, lr[np.arange(len(ids)), ids], atol=1e-9)
 
 
@@ -110,16 +114,16 @@ async def test_q_scorer_with_another_tokenizer_goes_through_the_top_k(adapter, t
     remote's token ids over the whole vocabulary; it is scored as a vLLM remote is, over the
     remote's top-k plus the answer's token with the rest of the mass kept (Δ = 0 there).
     Checked against that formula computed by hand from a full-vocabulary forward of the
-    remote and the aligner's Δ (byte-prefix probabilities, DESIGN.md), taken step by step."""
+    remote and the aligner's Δ (byte-prefix probabilities, docs/concepts.md), taken step by step."""
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
     model = ServedModel(name="m1", adapter=adapter, pair=pair, alpha=1.5, top_k=5, same_tokenizer=False)
-    scorer = A.QScorer(model)
+    scorer = QScorer(model)
     assert scorer.possible and scorer.remote_scores and "top-5" in scorer.support
     text = " in Lisbon."
     got = await scorer.logprobs(Q, text)
     ids, lr = _direct(adapter, Q, text)
     aligner = pair.aligner(pair.prompt_ids([{"role": "user", "content": Q}]), same_tokenizer=False)
-    token_bytes = adapter.vocab.token_bytes
+    token_bytes = adapter.token_bytes
     want = []
     for t, own in enumerate(ids):
         top = [int(i) for i in np.argsort(-lr[t], kind="stable")[:5]]
@@ -132,7 +136,7 @@ async def test_q_scorer_with_another_tokenizer_goes_through_the_top_k(adapter, t
         want.append(s[support.index(own)] - z)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # the remote's own numbers at alpha = 0, whatever the route
-    plain = await A.QScorer(replace(model, name="m2", alpha=0.0)).logprobs(Q, text)
+    plain = await QScorer(replace(model, name="m2", alpha=0.0)).logprobs(Q, text)
     np.testing.assert_allclose(plain, lr[np.arange(len(ids)), ids], atol=1e-6)
 
 
@@ -145,7 +149,7 @@ async def test_transformers_adapter_score_text_is_its_prompt_logprobs(adapter):
         assert [c.token_id for c in pos.candidates] == [int(i) for i in np.argsort(-lp[t], kind="stable")[:3]]
         assert pos.sampled.token_id == ids[t]
         assert pos.sampled.logprob == pytest.approx(lp[t, ids[t]], abs=1e-6)
-        assert pos.sampled.data == adapter.vocab.token_bytes[ids[t]]
+        assert pos.sampled.data == adapter.token_bytes[ids[t]]
     assert b"".join(p.sampled.data for p in scored.positions) == b" in Lisbon."
 
 
@@ -161,10 +165,10 @@ def _files(data: Path) -> dict[str, str]:
 
 async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
     model = ServedModel(name="target", adapter=adapter, pair=None, alpha=1.0)
-    settings = A.AuditSettings(samples=2, max_tokens=6, concurrency=2)
+    settings = AuditSettings(samples=2, max_tokens=6, concurrency=2)
     seen: list[dict] = []
     policy = {"forget_Q_A_ROUGE": {"max": 1.0}, "mia_min_k": {"min": 1.01}}
-    report = await A.run_audit(
+    report = await run_audit(
         model,
         _files(data),
         tmp_path / "a",
@@ -205,7 +209,7 @@ async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
 
     # a second run finds every item done and recomputes nothing
     async def rerun(on_item) -> dict:
-        return await A.run_audit(
+        return await run_audit(
             model,
             _files(data),
             tmp_path / "a",
@@ -246,16 +250,16 @@ async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
     report4 = await rerun(rest.append)
     assert len(rest) == n_items - written and report4["summary"] == pytest.approx(s)
     # other settings, same folder: refused, nothing touched
-    with pytest.raises(A.AuditError, match="another input"):
-        await A.run_audit(model, _files(data), tmp_path / "a", settings=A.AuditSettings(samples=3), progress=False)
+    with pytest.raises(AuditError, match="another input"):
+        await run_audit(model, _files(data), tmp_path / "a", settings=AuditSettings(samples=3), progress=False)
 
 
 async def test_forget_quality_against_a_reference(adapter, data, tmp_path, tiny_base, smollm2_tokenizer):
-    settings = A.AuditSettings(samples=0, max_tokens=4)
+    settings = AuditSettings(samples=0, max_tokens=4)
     files = {"forget": str(data / "forget10.jsonl")}
     model = ServedModel(name="target", adapter=adapter, pair=None, alpha=1.0)
-    await A.run_audit(model, files, tmp_path / "ref", settings=settings, progress=False)
-    same = await A.run_audit(
+    await run_audit(model, files, tmp_path / "ref", settings=settings, progress=False)
+    same = await run_audit(
         model, files, tmp_path / "same", settings=settings, reference=str(tmp_path / "ref"), progress=False
     )
     assert same["summary"]["forget_quality"] == pytest.approx(1.0)
@@ -268,7 +272,7 @@ async def test_forget_quality_against_a_reference(adapter, data, tmp_path, tiny_
     assert got == pytest.approx(want, rel=1e-6)
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
     shifted = ServedModel(name="u", adapter=adapter, pair=pair, alpha=3.0, same_tokenizer=True)
-    other = await A.run_audit(
+    other = await run_audit(
         shifted, files, tmp_path / "other", settings=settings, reference=str(tmp_path / "ref"), progress=False
     )
     assert other["summary"]["forget_quality"] < 1.0 and other["summary"]["forget_quality_n"] == 10
@@ -277,24 +281,42 @@ async def test_forget_quality_against_a_reference(adapter, data, tmp_path, tiny_
 def test_bad_inputs_are_named(tmp_path):
     bad = tmp_path / "f.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n{"question": 3}\n')
-    with pytest.raises(A.AuditError, match=r"f.jsonl:2"):
-        A.load_items(bad, "forget")
+    with pytest.raises(AuditError, match=r"f.jsonl:2"):
+        load_items(bad, "forget")
     pol = tmp_path / "p.json"
     pol.write_text('{"forget_qualty": {"min": 0.05}}')
-    with pytest.raises(A.AuditError, match="unknown metric 'forget_qualty'"):
-        A.load_policy(pol)
+    with pytest.raises(AuditError, match="unknown metric 'forget_qualty'"):
+        load_policy(pol)
     pol.write_text('{"forget_quality": {"min": "high"}}')
-    with pytest.raises(A.AuditError, match="must be a number"):
-        A.load_policy(pol)
+    with pytest.raises(AuditError, match="must be a number"):
+        load_policy(pol)
     toml = tmp_path / "p.toml"
     toml.write_text("[forget_quality]\nmin = 0.05\n[leak_rate]\nmax = 0.02\n")
-    assert A.load_policy(toml) == {"forget_quality": {"min": 0.05}, "leak_rate": {"max": 0.02}}
-    with pytest.raises(A.AuditError, match="report.json"):
-        A.load_reference(tmp_path)
+    assert load_policy(toml) == {"forget_quality": {"min": 0.05}, "leak_rate": {"max": 0.02}}
+    with pytest.raises(AuditError, match="report.json"):
+        load_reference(tmp_path)
+
+
+def test_report_html_escapes_every_value():
+    """The page is a jinja2 template with autoescape: text from the report reaches it escaped."""
+    bad = "<b>x</b> & 'y' \"z\""
+    report = {
+        "model": {"name": bad, "offset_sha256": None, "alpha": 1.5},
+        "software": {"version": "0.1"},
+        "date": "2025-01-01T00:00:00+00:00",
+        "possible": {"probability_metrics": False, "probability_metrics_reason": bad},
+        "policy": {"pass": False, "results": [{"metric": "leak_rate", "max": 0.02, "value": None, "pass": False}]},
+        "summary": {"forget_Q_A_ROUGE": 0.123456},
+        "items": {"forget": [{"split": "forget", "question": bad, "generation": bad, "rouge": 0.5}]},
+    }
+    page = render_html(report, None)
+    assert "<b>x</b>" not in page and page.count("&lt;b&gt;x&lt;/b&gt; &amp; &#39;y&#39; &#34;z&#34;") == 5
+    assert "<h2>Policy: FAIL</h2><table>" in page and "<td>≤ 0.02</td><td>n/a</td><td>FAIL</td></tr></table>" in page
+    assert "<td>0.1235</td></tr></table>" in page and "<td>0.50</td><td></td><td></td></tr></table>" in page
 
 
 def test_cli_exit_status_follows_the_policy(remote_dir, data, tmp_path, capsys):
-    from proxy.cli import main
+    from proxy.cli.main import main
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[models.target]\nbackend = "transformers-inprocess"\ntransformers_model = "{remote_dir}"\n')
@@ -325,10 +347,10 @@ async def test_samples_drawn_at_once_equal_samples_drawn_one_by_one(adapter, dat
     """A forget item's T = 1 samples run ``concurrency`` at a time; each has its own random
     stream, so they are the same samples, in the same order, as one at a time."""
     model = ServedModel(name="target", adapter=adapter, pair=None, alpha=1.0)
-    item = A.load_items(_files(data)["forget"], "forget")[0]
-    scorer = A.QScorer(model)
+    item = load_items(_files(data)["forget"], "forget")[0]
+    scorer = QScorer(model)
     rows = [
-        await A.evaluate_item(model, scorer, "forget", 0, item, A.AuditSettings(samples=4, max_tokens=6, concurrency=c))
+        await evaluate_item(model, scorer, "forget", 0, item, AuditSettings(samples=4, max_tokens=6, concurrency=c))
         for c in (1, 4)
     ]
     assert rows[0]["samples"] == rows[1]["samples"]
@@ -338,21 +360,21 @@ async def test_samples_drawn_at_once_equal_samples_drawn_one_by_one(adapter, dat
 
 async def test_extraction_samples_apart_from_the_leak_samples(adapter, data, tmp_path):
     model = ServedModel(name="target", adapter=adapter, pair=None, alpha=1.0)
-    item = A.load_items(_files(data)["forget"], "forget")[0]
-    scorer = A.QScorer(model)
-    leak_only = await A.evaluate_item(
-        model, scorer, "forget", 0, item, A.AuditSettings(samples=3, max_tokens=6, extraction_samples=0)
+    item = load_items(_files(data)["forget"], "forget")[0]
+    scorer = QScorer(model)
+    leak_only = await evaluate_item(
+        model, scorer, "forget", 0, item, AuditSettings(samples=3, max_tokens=6, extraction_samples=0)
     )
-    both = await A.evaluate_item(model, scorer, "forget", 0, item, A.AuditSettings(samples=3, max_tokens=6))
+    both = await evaluate_item(model, scorer, "forget", 0, item, AuditSettings(samples=3, max_tokens=6))
     assert len(leak_only["samples"]) == 3 and leak_only["samples"] == both["samples"]
     assert leak_only["extraction_sampled"] is None and both["extraction_sampled"] is not None
     assert "extraction_greedy" in leak_only  # the greedy extraction is still measured
     # audits written before the setting existed keep their identity (they resume)
-    assert "extraction_samples" not in A.AuditSettings().identity()
-    assert A.AuditSettings(extraction_samples=0).identity()["extraction_samples"] == 0
-    with pytest.raises(A.AuditError, match="extraction-samples"):
-        await A.run_audit(
-            model, _files(data), tmp_path / "x", settings=A.AuditSettings(extraction_samples=-1), progress=False
+    assert "extraction_samples" not in AuditSettings().identity()
+    assert AuditSettings(extraction_samples=0).identity()["extraction_samples"] == 0
+    with pytest.raises(AuditError, match="extraction-samples"):
+        await run_audit(
+            model, _files(data), tmp_path / "x", settings=AuditSettings(extraction_samples=-1), progress=False
         )
     assert not (tmp_path / "x").exists()
 
@@ -369,9 +391,9 @@ async def test_gather_or_cancel_stops_the_others_and_raises_the_error_itself():
 
     async def failing() -> str:
         await asyncio.sleep(0.01)
-        raise A.AuditError("bad item")
+        raise AuditError("bad item")
 
-    with pytest.raises(A.AuditError, match="bad item"):  # not an ExceptionGroup
+    with pytest.raises(AuditError, match="bad item"):  # not an ExceptionGroup
         await gather_or_cancel(slow(), failing(), slow())
     await asyncio.sleep(0.5)
     assert finished == []  # cancelled, not left running

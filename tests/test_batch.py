@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fakes import FakeRemote, script
 
-from proxy.decoding.decoder import ServedModel
+from proxy.decoding.served import ServedModel
 from proxy.jobs.batch import BatchInputError, BatchRunner, iter_output, parse_lines
 
 

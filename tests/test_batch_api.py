@@ -12,9 +12,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from fakes import FakeRemote, script
 
-from proxy.api.app import create_app
 from proxy.config import ServerConfig
-from proxy.decoding.decoder import ServedModel
+from proxy.decoding.served import ServedModel
+from proxy.server.app import create_app
 
 
 def _line(cid: str, content: str = "hi") -> str:

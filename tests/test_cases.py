@@ -16,10 +16,12 @@ from aiohttp.test_utils import TestClient
 from fakes import FakeRemote, cand, script
 
 from adapters.base import ContextExhausted, RemoteBadResponse
-from adapters.openai_http import ChatAdapter, CompletionsAdapter
+from adapters.openai_chat import ChatAdapter
+from adapters.openai_completions import CompletionsAdapter
+from adapters.profiles import DEEPSEEK, LLAMA_CPP, PROFILES, VLLM, server_profile
 from adapters.retry import RetryPolicy
-from proxy.api.app import create_app
-from proxy.decoding.decoder import ServedModel
+from proxy.decoding.served import ServedModel
+from proxy.server.app import create_app
 
 UPSTREAM = "http://upstream.test/v1"
 MSG = [{"role": "user", "content": "Say hi"}]
@@ -188,9 +190,9 @@ def mock_client(handler) -> openai.DefaultAsyncHttpxClient:
 FAST_RETRY = RetryPolicy(attempts=3, total_seconds=5, initial_backoff=0.01, max_backoff=0.05)
 
 
-def served_upstream(aiohttp_client, handler, flavour="vllm", retry=FAST_RETRY):
+def served_upstream(aiohttp_client, handler, profile=VLLM, retry=FAST_RETRY):
     adapter = ChatAdapter(
-        flavour=flavour,
+        profile=profile,
         name="up",
         base_url=UPSTREAM,
         model="up",
@@ -353,7 +355,15 @@ async def test_an_upstream_that_echoes_our_key_does_not_leak_it(aiohttp_client, 
     assert "sk-secret-upstream" not in json.dumps(body) and "sk-secret-upstream" not in caplog.text
 
 
-async def test_flavours_send_the_right_prefill():
+def test_a_profile_for_every_prefill_setting():
+    from proxy.common.literals import Prefill, values
+
+    assert tuple(PROFILES) == values(Prefill)
+    with pytest.raises(ValueError, match="valid: llama.cpp, vllm, deepseek, none"):
+        server_profile("sglang")
+
+
+async def test_profiles_send_the_right_prefill():
     bodies = []
 
     def handler(r):
@@ -387,9 +397,9 @@ async def test_flavours_send_the_right_prefill():
     from adapters.templates import CHATML, ChatTemplate
 
     ctx = Context(messages=tuple(MSG), assistant_prefix="Hé".encode())
-    for flavour in ("llama.cpp", "vllm", "deepseek"):
+    for profile in (LLAMA_CPP, VLLM, DEEPSEEK):
         await ChatAdapter(
-            flavour=flavour, name="up", base_url=UPSTREAM, model="up", api_key=None, http_client=mock_client(handler)
+            profile=profile, name="up", base_url=UPSTREAM, model="up", api_key=None, http_client=mock_client(handler)
         ).draft(ctx, n_tokens=1, top_k=5)
     await CompletionsAdapter(
         template=ChatTemplate(CHATML),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.cli import main
+from proxy.cli.main import main
 
 
 def write(tmp_path, text: str | bytes):
@@ -76,8 +76,8 @@ async def test_a_request_may_not_weaken_the_offset_unless_allowed(aiohttp_client
     naming offset_alpha, and the request without the field still works."""
     from fakes import FakeRemote, script
 
-    from proxy.api.app import create_app
-    from proxy.decoding.decoder import ServedModel
+    from proxy.decoding.served import ServedModel
+    from proxy.server.app import create_app
 
     model = ServedModel("m", FakeRemote(script(["a", "b"])), alpha=1.0, client_alpha=policy)
     client = await aiohttp_client(create_app({"m": model}, batches=False))
@@ -105,9 +105,9 @@ async def test_a_served_model_built_outside_the_config_lets_no_client_lower_alph
     without ``client_alpha`` lets no request switch the unlearning off with ``offset_alpha`` 0."""
     from fakes import FakeRemote, script
 
-    from proxy.api.app import create_app
     from proxy.config import ModelConfig
-    from proxy.decoding.decoder import ServedModel
+    from proxy.decoding.served import ServedModel
+    from proxy.server.app import create_app
 
     model = ServedModel("m", FakeRemote(script(["a", "b"])), alpha=1.0)
     assert model.client_alpha == ModelConfig.model_fields["client_alpha"].default == "at_least"
@@ -115,3 +115,11 @@ async def test_a_served_model_built_outside_the_config_lets_no_client_lower_alph
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "offset_alpha": 0}
     r = await client.post("/v1/chat/completions", json=body)
     assert r.status == 400 and (await r.json())["error"]["code"] == "offset_alpha_not_allowed"
+
+
+def test_the_objective_names_are_the_objectives():
+    """The command line offers (``TrainConfig.objective``'s type) exactly the objectives that training has."""
+    from proxy.common.literals import ObjectiveName, values
+    from proxy.training.objectives import OBJECTIVES
+
+    assert values(ObjectiveName) == tuple(OBJECTIVES)

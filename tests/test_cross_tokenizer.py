@@ -12,9 +12,9 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.api.app import create_app
 from proxy.config import ModelConfig
 from proxy.registry import build_model
+from proxy.server.app import create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama_server]
 

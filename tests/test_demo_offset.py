@@ -12,9 +12,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from bench.demo_unlearning import measure
-from proxy.api.app import create_app
 from proxy.config import DEFAULT_MODEL, embedded_default
 from proxy.registry import build_models
+from proxy.server.app import create_app
 from proxy.training.demo import DEMO, DEMO_FORGET, DEMO_PARAPHRASES, DEMO_UNRELATED, demo_offset, demo_offset_key
 from proxy.training.scope import GENERAL_FILES
 
@@ -80,7 +80,8 @@ def test_demo_offset_redacts_forget_facts_at_a_calibrated_false_positive_rate():
     retain set's outputs (the base model's own answers), then the forget facts, stated
     in words the training data does not use, are masked."""
     from proxy.pair.local import LocalPair
-    from proxy.redaction.redact import Item, calibrate, flag_spans, score
+    from proxy.redaction.scoring import Item, score
+    from proxy.redaction.spans import calibrate, flag_spans
 
     pair = LocalPair.load(DEMO.base, demo_offset(progress=False))
     retain = [json.loads(line) for line in open(GENERAL_FILES["calibration"]) if line.strip()]

@@ -7,9 +7,9 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.api.app import create_app
 from proxy.config import DEFAULT_MODEL, embedded_default
 from proxy.registry import build_models
+from proxy.server.app import create_app
 
 pytestmark = pytest.mark.slow
 

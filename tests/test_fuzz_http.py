@@ -18,9 +18,9 @@ from fakes import FakeRemote, script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.api.app import create_app
 from proxy.config import ServerConfig
-from proxy.decoding.decoder import ServedModel
+from proxy.decoding.served import ServedModel
+from proxy.server.app import create_app
 
 TRIED: Counter[str] = Counter()
 STATUSES: Counter[int] = Counter()

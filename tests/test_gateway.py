@@ -1,4 +1,4 @@
-"""The gateway (proxy.gateway.gateway, proxy.gateway.request_log): client keys, per-key limits,
+"""The gateway (proxy.gateway, proxy.gateway.request_log): client keys, per-key limits,
 request ids, Prometheus metrics, readiness and the hash-chained audit log,
 through the real openai client and aiohttp's test client against our app,
 with a scripted fake remote that counts the calls reaching it."""
@@ -21,11 +21,11 @@ import pytest
 from fakes import FakeRemote, script
 
 from adapters.base import RemoteUnavailable
-from proxy.api.app import create_app
-from proxy.cli import main as cli
+from proxy.cli.main import main as cli
 from proxy.config import ClientKey, ConfigError, ServerConfig, load_config
-from proxy.decoding.decoder import ServedModel
+from proxy.decoding.served import ServedModel
 from proxy.gateway.request_log import GENESIS, AuditLog, AuditLogError, verify
+from proxy.server.app import create_app
 
 WORDS = ["Hi", " there", ",", " friend", "!"]
 MSG = [{"role": "user", "content": "Say hi to my friend Alice"}]
@@ -348,16 +348,29 @@ def test_kill_9_while_writing_leaves_a_log_that_verifies(tmp_path):
 async def test_ready_asks_real_http_upstreams(aiohttp_client, aiohttp_server):
     from conftest import free_port
 
-    from adapters.openai_http import ChatAdapter
+    from adapters.openai_chat import ChatAdapter
+    from adapters.profiles import VLLM
     from bench.fake_upstream import create_app as fake_upstream
 
     up = await aiohttp_server(fake_upstream())
-    live = ChatAdapter(flavour="vllm", name="live", base_url=str(up.make_url("/v1")), model="fake", api_key=None)
+    live = ChatAdapter(profile=VLLM, name="live", base_url=str(up.make_url("/v1")), model="fake", api_key=None)
     dead = ChatAdapter(
-        flavour="vllm", name="dead", base_url=f"http://127.0.0.1:{free_port()}/v1", model="fake", api_key=None
+        profile=VLLM, name="dead", base_url=f"http://127.0.0.1:{free_port()}/v1", model="fake", api_key=None
     )
     app = create_app({"live": ServedModel("live", live), "dead": ServedModel("dead", dead)}, batches=False)
     client = await aiohttp_client(app)
     r = await client.get("/ready")
     body = await r.json()
     assert r.status == 503 and body["models"]["live"] == "ok" and "cannot reach the upstream" in body["models"]["dead"]
+
+
+def test_hash_key_and_verify_log_start_without_torch(tmp_path):
+    """The small commands import only what they use: no torch (seconds of start-up and
+    hundreds of MB) for ``hash-key`` or ``verify-log``."""
+    code = (
+        "import sys; from proxy.cli.main import main; "
+        f"main(['hash-key', '--id', 'a']); main(['verify-log', {str(tmp_path / 'none.jsonl')!r}]); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr

@@ -13,9 +13,9 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.api.app import create_app
 from proxy.config import ModelConfig
 from proxy.registry import build_model
+from proxy.server.app import create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama_server]
 
@@ -109,7 +109,7 @@ async def test_speculative_greedy_equals_token_by_token_with_an_offset(llama_ser
     """With a (random, non-zero) offset, greedy speculative decoding on the real server
     gives token-by-token decoding's text, on both alignment paths, in fewer calls."""
     from adapters.base import Context
-    from proxy.decoding.decoder import ChoiceStats, SamplingParams
+    from proxy.decoding.types import ChoiceStats, SamplingParams
 
     cfg = ModelConfig(
         backend="openai-completions",
@@ -150,10 +150,11 @@ async def test_sampled_drafts_come_from_the_top_k_when_asked(llama_server, top_k
     import dataclasses
 
     from adapters.base import Context
-    from adapters.openai_http import CompletionsAdapter
+    from adapters.openai_completions import CompletionsAdapter
+    from adapters.profiles import LLAMA_CPP
 
     adapter = CompletionsAdapter(
-        name="llama", base_url=llama_server, model="smollm2", api_key=None, template=None, sampling="llama.cpp"
+        name="llama", base_url=llama_server, model="smollm2", api_key=None, template=None, profile=LLAMA_CPP
     )
     adapter.capabilities = dataclasses.replace(adapter.capabilities, top_k_drafts=top_k_drafts)
     outside = positions = 0

@@ -1,5 +1,5 @@
 """Dynamic batching of the pair's tree passes across concurrent requests
-(proxy.pair.local.TreeBatcher): the same rows and the same caches as passes run one by
+(proxy.pair.batcher.TreeBatcher): the same rows and the same caches as passes run one by
 one, on a tiny random pair with SmolLM2's tokenizer."""
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ from fakes import FakeRemote, script
 from adapters.base import Context
 from proxy.config import ServerConfig
 from proxy.decoding.alignment import Tree
-from proxy.decoding.decoder import SamplingParams, ServedModel
-from proxy.pair.local import BatchSettings, PairScorer, TreeJob
+from proxy.decoding.served import ServedModel
+from proxy.decoding.types import SamplingParams
+from proxy.pair import forward
+from proxy.pair.batcher import BatchSettings, TreeJob
+from proxy.pair.scorer import PairScorer
+from proxy.pair.sides import Side
 
 PROMPTS = ("Hi.", "Tell me about Paris and its museums.", "What is the capital of France, in one word?")
 # A chain, a forest of two branches after the trunk, one token: the shapes the aligner sends.
@@ -109,7 +113,7 @@ def test_a_failing_job_fails_alone(tiny_base, smollm2_tokenizer):
             torch.tril(torch.ones((n, allowed_cols), dtype=torch.bool), diagonal=allowed_cols - n),
             torch.arange(n),
             [n - 1],
-            {True: DynamicCache(), False: DynamicCache()},
+            {Side.U: DynamicCache(), Side.B: DynamicCache()},
         )
 
     good, bad = job(n), job(n + 3)  # the bad one's mask claims 3 cached positions that are not there
@@ -125,8 +129,8 @@ def test_a_failing_job_fails_alone(tiny_base, smollm2_tokenizer):
     with ThreadPoolExecutor(2) as pool:
         rows, error = pool.map(run, (good, bad))
     assert isinstance(error, ValueError) and "does not fit" in str(error)
-    assert rows[True].shape == rows[False].shape == (1, len(pair.vocab))
-    assert good.caches[True].get_seq_length() == n
+    assert rows[Side.U].shape == rows[Side.B].shape == (1, len(pair.vocab))
+    assert good.caches[Side.U].get_seq_length() == n
     assert pair.batcher.passes == 1  # the two were batched, then the good one ran again alone
 
 
@@ -171,14 +175,14 @@ def test_a_pass_failing_half_way_leaves_no_tokens_behind(tiny_base, smollm2_toke
     """U's batched pass succeeds, B's fails: the jobs run again alone from their old caches."""
     solo = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=1))
     shared = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=WAIT)
-    real = shared._forward_batch
+    real = forward.forward_batch
 
-    def flaky(jobs, adapter):
-        if len(jobs) > 1 and not adapter:
+    def flaky(pair, jobs, side):
+        if pair is shared and len(jobs) > 1 and side is Side.B:
             raise RuntimeError("injected")
-        return real(jobs, adapter)
+        return real(pair, jobs, side)
 
-    monkeypatch.setattr(shared, "_forward_batch", flaky)
+    monkeypatch.setattr(forward, "forward_batch", flaky)
     want = [steps(solo, p, t, c) for p, (t, c) in zip(PROMPTS[:2], TREES[:2], strict=True)]
     start = threading.Barrier(2)
     with ThreadPoolExecutor(2) as pool:
@@ -252,31 +256,31 @@ def test_prefix_cache_is_not_used_where_a_row_inside_the_head_is_read(tiny_base,
 
 
 def test_prefix_cache_keeps_its_token_budget():
-    from proxy.pair.local import PrefixCache
+    from proxy.pair.prefix_cache import PrefixCache
 
     cache = PrefixCache(max_tokens=30)
-    kv = {False: [(torch.zeros(1, 2, 40, 4), torch.zeros(1, 2, 40, 4))]}
+    kv = {Side.B: [(torch.zeros(1, 2, 40, 4), torch.zeros(1, 2, 40, 4))]}
 
     class Layer:
         def __init__(self, k, v):
             self.keys, self.values = k, v
 
     class Cache:
-        layers = [Layer(*kv[False][0])]
+        layers = [Layer(*kv[Side.B][0])]
 
-    cache.store(list(range(12)), {False: Cache()}, (False,))
-    cache.store(list(range(100, 112)), {False: Cache()}, (False,))
-    cache.store(list(range(12)) + [7, 7], {False: Cache()}, (False,))  # extends the first: replaces it
+    cache.store(list(range(12)), {Side.B: Cache()}, (Side.B,))
+    cache.store(list(range(100, 112)), {Side.B: Cache()}, (Side.B,))
+    cache.store(list(range(12)) + [7, 7], {Side.B: Cache()}, (Side.B,))  # extends the first: replaces it
     assert cache.lookup(list(range(12)) + [7, 7, 9], 20)[0] == 14
-    cache.store(list(range(200, 212)), {False: Cache()}, (False,))  # 14 + 12 + 12 > 30: the oldest goes
+    cache.store(list(range(200, 212)), {Side.B: Cache()}, (Side.B,))  # 14 + 12 + 12 > 30: the oldest goes
     assert cache.lookup(list(range(100, 112)), 20)[0] == 0
     head, found = cache.lookup(list(range(200, 212)) + [1], 20)
-    assert head == 12 and found[False][0][0].shape == (1, 2, 12, 4)
+    assert head == 12 and found[Side.B][0][0].shape == (1, 2, 12, 4)
     assert cache.lookup(list(range(200, 212)), 7)[0] == 0  # under MIN_TOKENS usable: not worth a lookup
 
 
 async def test_metrics_show_the_pairs_batches_and_prefix_cache(aiohttp_client, tiny_base, smollm2_tokenizer):
-    from proxy.api.app import create_app
+    from proxy.server.app import create_app
 
     words = [" The", " quick", " brown", " fox"]
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=8, window_s=0.05))
@@ -328,7 +332,7 @@ def test_a_closed_pair_stops_its_threads_and_can_be_freed(tiny_base, smollm2_tok
 def test_an_idle_pair_gives_freed_memory_back_once(tiny_base, smollm2_tokenizer, monkeypatch, max_batch):
     import time
 
-    from proxy.pair.local import TreeBatcher
+    from proxy.pair.batcher import TreeBatcher
 
     monkeypatch.setattr(TreeBatcher, "IDLE_RELEASE_S", 0.2)
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=max_batch))
@@ -351,7 +355,7 @@ def test_a_pass_waits_briefly_for_answers_between_passes(tiny_base, smollm2_toke
     one pass for both. With one answer decoding, nothing waits: two passes."""
     import time
 
-    from proxy.pair.local import TreeBatcher
+    from proxy.pair.batcher import TreeBatcher
 
     monkeypatch.setattr(TreeBatcher, "FOLLOW_MAX_S", 5.0)
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=8, window_s=0.0))

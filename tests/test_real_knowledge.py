@@ -1,5 +1,5 @@
 """bench.real_knowledge's data and arithmetic (the benchmark itself trains five offsets
-and runs for most of an hour; its numbers are in the README)."""
+and runs for most of an hour; its numbers are in docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -12,18 +12,10 @@ import torch
 from conftest import make_tiny_pair
 from fakes import FakeRemote, script
 
-from proxy.decoding.decoder import ServedModel
-from proxy.redaction.redact import (
-    RedactError,
-    Scored,
-    calibrate,
-    capitalised_phrases,
-    flag_spans,
-    flagged_fraction,
-    mask,
-    redact_file,
-    score,
-)
+from proxy.decoding.served import ServedModel
+from proxy.redaction.redact import redact_file
+from proxy.redaction.scoring import Item, RedactError, Scored, parse_item, score
+from proxy.redaction.spans import calibrate, capitalised_phrases, flag_spans, flagged_fraction, mask
 
 
 def _scored(text: str, words_delta: list[float]) -> Scored:
@@ -185,8 +177,6 @@ async def test_a_model_without_offset_is_refused(tmp_path: Path, tiny_base, smol
 
 
 def _items(rows):
-    from proxy.redaction.redact import Item, parse_item
-
     items = [parse_item(i + 1, json.dumps(r).encode()) for i, r in enumerate(rows)]
     assert all(isinstance(i, Item) for i in items)
     return items

@@ -1,6 +1,7 @@
-"""What keeps an offset in scope by default (proxy.training.scope, proxy.training.selfcheck): the forget
-set's subjects and neighbours, the checks of a user's files, greedy decoding with B as
-the remote, τ's closed form and the served "auto" threshold."""
+"""What keeps an offset in scope by default (proxy.training.scope, proxy.training.greedy,
+proxy.training.selfcheck): the forget set's subjects and neighbours, the checks of a
+user's files, greedy decoding with B as the remote, τ's closed form and the served
+"auto" threshold."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 
 import pytest
 
-from proxy.training.data import DataError, Example, load_dataset
-from proxy.training.facts import forget_names
+from proxy.training.data import DataError, Example, load_dataset, outside_words
+from proxy.training.facts import fact_words, forget_names, lower_case_words
+from proxy.training.greedy import PairModels, answer_logprob, base_decode, greedy_decode
 from proxy.training.scope import GENERAL_FILES, check_sets, forget_subjects, general_split_of, mentions
-from proxy.training.selfcheck import PairModels, answer_logprob, base_decode, calibrate_and_check, greedy_decode
+from proxy.training.selfcheck import calibrate_and_check
 
 
 def qa(*questions: str) -> list[Example]:
@@ -62,9 +64,6 @@ def test_forget_names_are_the_recurring_proper_names_less_common_words():
 
 
 def test_fact_words_are_what_the_answer_adds_to_its_question_less_common_words():
-    from proxy.training.data import outside_words
-    from proxy.training.facts import fact_words, lower_case_words
-
     common = lower_case_words("He was born in a town. The theory was new in 1921; an apple a day.")
     assert "born" in common and "The" not in common and "apple" in common
 

@@ -11,9 +11,12 @@ import math
 import numpy as np
 import pytest
 
-from adapters.base import Candidate, Context, ContextExhausted, Position, RemoteRejected, ScoredText, answer_token_bytes
-from adapters.openai_http import ChatAdapter
+from adapters.base import Candidate, Context, ContextExhausted, Position, RemoteRejected, ScoredText
+from adapters.openai_chat import ChatAdapter
+from adapters.profiles import VLLM
 from adapters.retry import RetryPolicy
+from adapters.utf8 import answer_token_bytes, strip_held_back
+from adapters.wire import candidate_from_wire
 from proxy.decoding.scoring import PromptLogprobsCache, q_token_logprobs, support
 
 
@@ -118,7 +121,7 @@ async def test_context_overflow_bodies_become_context_exhausted(body, full):
 
     adapter = ChatAdapter(
         http_client=mock_client(handler),
-        flavour="vllm",
+        profile=VLLM,
         name="m",
         base_url="http://upstream.test/v1",
         model="m",
@@ -222,7 +225,7 @@ async def test_score_text_parses_vllm_prompt_logprobs_and_refuses_malformed_ones
     ctx = Context(messages=({"role": "user", "content": "q"},))
     for entry, ok in ((good, True), ({"3": "garbage"}, False), ({"4": {"logprob": -1.0}}, False)):
         adapter = ChatAdapter(
-            flavour="vllm",
+            profile=VLLM,
             name="m",
             base_url="http://upstream.test/v1",
             model="m",
@@ -248,9 +251,6 @@ def test_partial_character_tokens_from_vllm_chat_logprobs():
     """vLLM's chat logprobs print a token holding part of a character as "" with empty bytes
     (unknowable: left out of S_t, where it used to enter with no bytes), and the token that
     completes it with the whole character's bytes (the accepted part is removed again)."""
-    from adapters.base import candidate_from_wire
-    from adapters.openai_http import strip_held_back
-
     assert candidate_from_wire("", -1.0, [], eot_tokens=frozenset()).data is None
     assert candidate_from_wire("a", -1.0, [97], eot_tokens=frozenset()).data == b"a"
     star = "🌌".encode()

@@ -8,16 +8,16 @@ import openai
 import pytest
 from fakes import FakeRemote, script
 
-from adapters.openai_http import ChatAdapter
-from proxy.api.app import create_app
+from adapters.openai_chat import ChatAdapter
 from proxy.config import ConfigError, ModelConfig
 from proxy.registry import build_model
+from proxy.server.app import create_app
 
 MSG = [{"role": "user", "content": "Hello?"}]
 
 
 async def test_sequence_mode_answers_streams_and_refuses_logprobs(aiohttp_client):
-    from proxy.decoding.decoder import ServedModel
+    from proxy.decoding.served import ServedModel
 
     fake = FakeRemote(script(["Hi", " there", ","]), can_continue=False)
     model = ServedModel("m", fake, mode="sequence", sequence_samples=3)

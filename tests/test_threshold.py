@@ -12,8 +12,9 @@ from conftest import make_tiny_pair
 from fakes import EOT, FakeRemote, normalised
 
 from adapters.base import Context
-from proxy.decoding.decoder import SamplingParams, ServedModel
+from proxy.decoding.served import ServedModel
 from proxy.decoding.threshold import pick_threshold, scope_margin
+from proxy.decoding.types import SamplingParams
 
 WORDS = [" cat", " dog", " sun", " tea", " map", " red"]
 

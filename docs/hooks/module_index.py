@@ -46,7 +46,8 @@ def _summary(path: Path) -> str:
     first = paragraphs[0]
     if first.endswith(":"):  # a paragraph that introduces a list or an example
         first = first[:-1].rstrip() + "."
-    return first.replace("|", "\\|")
+    parts = re.split(r"(`[^`]*`)", first)  # the tables extension leaves pipes in code spans alone
+    return "".join(p if p.startswith("`") else p.replace("|", "\\|") for p in parts)
 
 
 def _dotted(path: Path) -> str:

@@ -3,7 +3,7 @@ every use; pydantic validates config files against the same types)."""
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 ClientAlpha = Literal["at_least", "any", "none"]
 """What a request's ``offset_alpha`` may do: raise α and never lower it (``at_least``, the
@@ -20,6 +20,9 @@ TrainMode = Literal["proxy", "exact", "remote"]
 """Where an offset's training target comes from: the pair alone (``proxy``), an in-process
 remote model R (``exact``), or a vLLM server's ``prompt_logprobs`` (``remote``)."""
 
+ObjectiveName = Literal["GradAscent", "GradDiff", "KL", "NPO", "NPO+GD", "NPO+KL", "SimNPO", "DPO"]
+"""The unlearning objectives (open-unlearning's names; :data:`proxy.training.objectives.OBJECTIVES`)."""
+
 Parameters = Literal["lora", "full"]
 """What U trains: a LoRA adapter on B, or all of its weights."""
 
@@ -34,3 +37,14 @@ through the served model."""
 def values(kind: object) -> tuple[str, ...]:
     """The strings of a ``Literal`` type, in order (for messages and choices)."""
     return tuple(get_args(kind))
+
+
+def choice(kind: Any, value: str, what: str) -> Any:
+    """``value`` checked against the ``Literal`` type ``kind`` (for strings read at run time).
+
+    Raises:
+        ValueError: ``value`` is not one of the type's strings (the message names ``what`` and them).
+    """
+    if value not in values(kind):
+        raise ValueError(f"{what} must be one of {', '.join(values(kind))}, not {value!r}")
+    return value

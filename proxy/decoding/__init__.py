@@ -3,5 +3,5 @@
 text, and the scope threshold τ.
 
 May import: :mod:`proxy.common`, :mod:`adapters.base`, numpy. Never torch, transformers, aiohttp
-or openai: what it needs of the local pair is the :class:`proxy.decoding.pair_protocol.Pair`
+or openai: what it needs of the local pair is the :class:`proxy.decoding.protocols.Pair`
 protocol."""

@@ -1,4 +1,4 @@
-"""Δ for remote candidates, in bytes, across tokenizers (DESIGN.md, "Token alignment").
+"""Δ for remote candidates, in bytes, across tokenizers (docs/concepts.md, "Byte alignment across tokenizers").
 
 For a candidate continuation ``c`` (bytes) the offset is
 

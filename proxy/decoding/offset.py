@@ -1,6 +1,6 @@
 """The offset-decoding math, pure and small (numpy only).
 
-Target distribution at step t over the remote's candidate set S_t (DESIGN.md;
+Target distribution at step t over the remote's candidate set S_t (docs/concepts.md;
 δ-unlearning, Huang et al., arXiv 2404.11045, Eq. 3, with the remote's
 temperature T applied to its own logits as in proxy-tuning, arXiv 2401.08565):
 
@@ -154,7 +154,7 @@ def predicted_acceptance(
     - T > 0: Σ_S min(p, q), the acceptance rate of speculative sampling
       (Leviathan et al. 2023, arXiv 2211.17192, Section 3.3, β = Σ min(p, q)).
 
-    Only the draft's *length* uses it (:class:`proxy.decoding.decoder.DraftLength`), never
+    Only the draft's *length* uses it (:class:`proxy.decoding.speculative.DraftLength`), never
     the acceptance test itself, so a wrong prediction costs time, not exactness.
     """
     lu = np.asarray(log_u, dtype=np.float64)

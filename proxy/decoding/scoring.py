@@ -17,7 +17,7 @@ the served distribution q of that text.
 
   With α = 0 (or out of scope) this is the remote's own logprob of x_t, so
   rows with and without the offset are comparable. The offset is known only
-  on S_t ∪ {x_t}; serving samples from S_t (DESIGN.md).
+  on S_t ∪ {x_t}; serving samples from S_t (docs/concepts.md).
 * :func:`scored_deltas` computes Δ at every position with the pair's
   :class:`~proxy.decoding.alignment.Aligner` (one tree pass, either tokenizer path), the
   answer's tokens as the chain.
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Candidate, Context, Position, ScoredText, TextScoringAdapter
+from adapters.base import Candidate, Context, Position, ScoredText, TextScoringAdapter, find_token
 from proxy.common.files import atomic_write
 from proxy.decoding.alignment import EOT
 from proxy.decoding.offset import scope_score
@@ -141,7 +141,7 @@ async def score_text(
 
 def with_token_bytes(scored: ScoredText, token_bytes: Sequence[bytes | None], eot_ids: Sequence[int]) -> ScoredText:
     """``scored`` with every candidate's bytes taken from its token id in ``token_bytes``
-    (the pair's vocabulary, for a remote that shares its tokenizer: DESIGN.md's recovery
+    (the pair's vocabulary, for a remote that shares its tokenizer: the recovery in docs/concepts.md, "Scoring given text"
     "from the token id"), so that tokens holding part of a character keep their bytes."""
 
     def fix(c: Candidate) -> Candidate:
@@ -157,33 +157,30 @@ def with_token_bytes(scored: ScoredText, token_bytes: Sequence[bytes | None], eo
 
 
 def support(position: Position) -> list[Candidate]:
-    """S_t ∪ {x_t}: the top-k, then the answer's own token when it is not among them."""
+    """S_t ∪ {x_t}: the top-k, then the answer's own token when it is not among them
+    (:func:`adapters.base.same_token`)."""
     cands = list(position.candidates)
     own = position.sampled
-    for i, c in enumerate(cands):
-        if (own.token_id is not None and c.token_id == own.token_id) or (
-            own.token_id is None and c.data == own.data and c.data is not None and c.token == own.token
-        ):
-            cands[i] = own  # the same token; the answer's copy may have bytes recovered from the text
-            return cands
-    cands.append(own)
+    i = find_token(own, cands)
+    if i is None:
+        cands.append(own)
+    else:
+        cands[i] = own  # the same token; the answer's copy may have bytes recovered from the text
     return cands
 
 
 def own_index(position: Position, cands: Sequence[Candidate]) -> int:
+    """Where the answer's own token sits in ``cands`` (its :func:`support`)."""
     own = position.sampled
-    for i, c in enumerate(cands):
-        if (own.token_id is not None and c.token_id == own.token_id) or (
-            own.token_id is None and c.data == own.data and c.token == own.token
-        ):
-            return i
-    raise AssertionError("the answer's token is always in its support")
+    i = find_token(own, cands)
+    # No id and unknown bytes match nothing: support() appended the answer's own entry.
+    return i if i is not None else list(cands).index(own)
 
 
 def scored_deltas(aligner: Any, scored: ScoredText, *, chunk: int = 32) -> list[np.ndarray] | None:
     """Δ (float64 nats) for each position's :func:`support`, from ``aligner`` (a fresh
     :class:`~proxy.decoding.alignment.Aligner` on the prompt) in one tree pass; ``None`` when
-    the answer's token bytes are not all known (:func:`adapters.base.answer_token_bytes`)."""
+    the answer's token bytes are not all known (:func:`adapters.utf8.answer_token_bytes`)."""
     if any(p.sampled.data is None for p in scored.positions):
         return None
     chain = [p.sampled.data or b"" for p in scored.positions[:-1]]

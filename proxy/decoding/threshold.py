@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from adapters.base import Context
-from proxy.decoding.decoder import ChoiceStats, SamplingParams, ServedModel
+from proxy.decoding.served import ServedModel
+from proxy.decoding.types import ChoiceStats, SamplingParams
 
 
 async def scope_margin(model: ServedModel, messages: Sequence[dict[str, Any]], max_tokens: int = 40) -> float:

@@ -1,7 +1,7 @@
 """A local tokenizer seen as bytes.
 
 Alignment across tokenizers works in bytes, never in token strings (``Ġ``,
-``▁``, ``<0x..>``; DESIGN.md, "Token alignment"). :class:`ByteVocab` gives
+``▁``, ``<0x..>``; docs/concepts.md, "Byte alignment across tokenizers"). :class:`ByteVocab` gives
 every local token id its exact bytes, finds all tokens whose bytes *start
 with* a given byte string (one contiguous range of the vocabulary sorted by
 bytes), and tokenises arbitrary bytes (also ones that end inside a UTF-8
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,43 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from adapters.hf_vocab import hf_eot_ids, hf_token_bytes
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's ``bytes_to_unicode`` (Radford et al. 2019, encoder.py)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, codes, strict=True)}
-
-
-_BYTE_DECODER = _gpt2_byte_decoder()
 _SURROGATES = re.compile("([\udc80-\udcff]+)")
-
-
-def _is_byte_level(tokenizer: Any) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError("a fast (tokenizers-backed) tokenizer is required")
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    return "ByteLevel" in json.dumps(decoder)
-
-
-def _piece_bytes(piece: str, byte_level: bool) -> bytes | None:
-    if byte_level:
-        try:
-            return bytes(_BYTE_DECODER[ch] for ch in piece)
-        except KeyError:
-            return None
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        return bytes([int(piece[3:5], 16)])
-    return piece.replace("\u2581", " ").encode("utf-8")
 
 
 @dataclass
@@ -88,30 +53,14 @@ class ByteVocab:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, eot_tokens: Iterable[str] = ()) -> ByteVocab:
-        """Read a Hugging Face fast tokenizer (byte-level BPE or SentencePiece-style).
+        """Read a Hugging Face fast tokenizer (byte-level BPE or SentencePiece-style):
+        :func:`adapters.hf_vocab.hf_token_bytes`, and the end-of-turn ids of ``eot_tokens``
+        and then of :data:`adapters.base.EOT_TOKENS` (:func:`adapters.hf_vocab.hf_eot_ids`).
 
         Raises:
             ValueError: not a fast tokenizer.
         """
-        byte_level = _is_byte_level(tokenizer)
-        special = set(tokenizer.all_special_ids)
-        for tid, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
-            if getattr(added, "special", False):
-                special.add(tid)
-        size = len(tokenizer)
-        pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
-        table: list[bytes | None] = [
-            None if (i in special or p is None) else _piece_bytes(p, byte_level) for i, p in enumerate(pieces)
-        ]
-        eot: list[int] = []
-        names = list(eot_tokens) + [t for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>") if t]
-        for name in names:
-            tid = tokenizer.convert_tokens_to_ids(name)
-            if isinstance(tid, int) and tid != tokenizer.unk_token_id and 0 <= tid < size and tid not in eot:
-                eot.append(tid)
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eot:
-            eot.append(tokenizer.eos_token_id)
-        return cls(table, tuple(eot), tokenizer)
+        return cls(hf_token_bytes(tokenizer), hf_eot_ids(tokenizer, eot_tokens), tokenizer)
 
     def __len__(self) -> int:
         return len(self.token_bytes)

@@ -2,4 +2,4 @@
 model utility, truth ratio, ROUGE-L).
 
 May import: :mod:`proxy.common`, :mod:`proxy.decoding`, :mod:`proxy.pair`, :mod:`proxy.jobs`,
-:mod:`adapters`. Not :mod:`proxy.api`, :mod:`proxy.training`."""
+:mod:`adapters`. Not :mod:`proxy.server`, :mod:`proxy.training`."""

@@ -4,8 +4,8 @@
 Everything here works on numbers already computed: generated text, or the
 per-token natural-log probabilities of given text (``logprobs``, one float
 per answer token, shape ``[n_tokens]``). Scoring and generation live in
-:mod:`proxy.evaluation.audit`, so each function can be checked against hand-computed
-values.
+:mod:`proxy.evaluation.scoring` and :mod:`proxy.evaluation.summary`, so each function
+can be checked against hand-computed values.
 
 =========================  ==================================================
 metric                     definition

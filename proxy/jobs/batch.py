@@ -21,18 +21,17 @@ not a request at all (not JSON, no ``method``, unknown ``url``, duplicate
 "line"}`` (``line`` is 1-based; ``custom_id`` is null when none could be
 read) and the run goes on (``tests/test_batch.py``).
 
-Resuming: the output file is the record of what is done. Each line is
-appended with one ``write`` and flushed; a restarted run reads it back, drops
-a last line cut off mid-write, and skips every input line already answered,
-so no line is lost or written twice. The progress file ``<out>.progress.json``
-(written atomically) ties the output to its input's sha256, so an output is
-never continued from a different input, and holds the counts.
+Resuming (:class:`proxy.jobs.runner.LineRunner`): the output file is the
+record of what is done. Each line is appended with one ``write`` and flushed;
+a restarted run reads it back, drops a last line cut off mid-write, and skips
+every input line already answered, so no line is lost or written twice. The
+progress file ``<out>.progress.json`` (written atomically) ties the output to
+its input's sha256, so an output is never continued from a different input,
+and holds the counts.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -43,13 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.api.choices import complete, make_job
-from proxy.api.errors import from_exception, invalid
-from proxy.api.schemas import ChatCompletionRequest, CompletionRequest
-from proxy.common.aio import gather_or_cancel
-from proxy.common.files import atomic_write
 from proxy.config import ServerConfig
-from proxy.decoding.decoder import ServedModel
+from proxy.decoding.served import ServedModel
+from proxy.gateway.gateway import audit_unavailable
+from proxy.gateway.record import RequestRecord
+from proxy.gateway.request_log import AuditLogError
+from proxy.jobs.runner import LineRunner, OutputError, answer_key, input_lines
+from proxy.protocol.choices import complete, make_job
+from proxy.protocol.errors import from_exception, invalid
+from proxy.protocol.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,7 @@ def parse_lines(data: bytes) -> list[Request | BadLine]:
     """
     out: list[Request | BadLine] = []
     seen: set[str] = set()
-    for n, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
+    for n, raw in input_lines(data):
         item = _parse_line(n, raw)
         if isinstance(item, Request):
             if item.custom_id in seen:
@@ -157,87 +156,14 @@ def _item_key(item: Request | BadLine) -> str:
 
 def _output_key(obj: dict[str, Any]) -> str:
     """:func:`_item_key` of the input line an output line answers."""
-    err = obj.get("error")
-    return f"line:{int(err['line'])}" if err else f"id:{obj['custom_id']}"
-
-
-class OutputError(ValueError):
-    """An output file that cannot be continued from this input."""
-
-
-class ResumableOutput:
-    """An append-only JSONL output that an interrupted run continues.
-
-    Each line is appended with one ``write`` (and flushed by the OS, so a
-    SIGKILL loses at most the line being written); :meth:`open` drops a last
-    line cut off mid-write and returns the keys of the lines already there.
-    ``<out>.progress.json`` (replaced atomically) records the input's sha256,
-    so an output is never continued from another input, and the counts.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], input_data: bytes, key: Callable[[dict[str, Any]], str]) -> None:
-        self.path = Path(path)
-        self.digest = hashlib.sha256(input_data).hexdigest()
-        self.key = key
-        self.progress_file = self.path.with_name(self.path.name + ".progress.json")
-        self._fd: int | None = None
-
-    def open(self, expected: set[str]) -> list[dict[str, Any]]:
-        """Check and repair the output; return the lines already written.
-
-        Raises:
-            OutputError: the output belongs to another input, is not this kind
-                of output, or answers keys that are not in ``expected``.
-        """
-        if self.progress_file.exists():
-            if json.loads(self.progress_file.read_text()).get("input_sha256") != self.digest:
-                raise OutputError(f"{self.path} was written from another input file; use another output file")
-        elif self.path.exists() and self.path.stat().st_size:
-            raise OutputError(f"{self.path} exists and has no progress file; use another output file")
-        lines: list[dict[str, Any]] = []
-        if self.path.exists():
-            data = self.path.read_bytes()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):
-                with open(self.path, "r+b") as f:
-                    f.truncate(end)
-            for n, raw in enumerate(data[:end].splitlines(), start=1):
-                try:
-                    obj = json.loads(raw)
-                    key = self.key(obj)
-                except (json.JSONDecodeError, AttributeError, TypeError, KeyError, ValueError) as exc:
-                    raise OutputError(f"{self.path}: line {n} is not a line of this output; use another file") from exc
-                if key not in expected:
-                    raise OutputError(f"{self.path} answers lines that are not in the input; use another output file")
-                lines.append(obj)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.progress_file.exists():
-            # Name the input before the first line is written: a run killed at any point
-            # (even before its first own progress update) can be continued.
-            self.save_progress({"lines": len(lines)})
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        return lines
-
-    def write(self, obj: dict[str, Any]) -> None:
-        assert self._fd is not None, "open() first"
-        os.write(self._fd, (json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n").encode())
-
-    def save_progress(self, counts: dict[str, Any]) -> None:
-        progress = {"input_sha256": self.digest, **counts, "updated_at": int(time.time())}
-        atomic_write(self.progress_file, json.dumps(progress, indent=1))
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+    return answer_key(obj, "custom_id")
 
 
 @dataclass
 class BatchRunner:
     """Runs batch files against served models in-process (the same path as
-    the HTTP routes: validation, :func:`proxy.api.choices.make_job`,
-    :func:`proxy.api.choices.complete`)."""
+    the HTTP routes: validation, :func:`proxy.protocol.choices.make_job`,
+    :func:`proxy.protocol.choices.complete`)."""
 
     models: dict[str, ServedModel]
     settings: ServerConfig = field(default_factory=ServerConfig)
@@ -250,8 +176,6 @@ class BatchRunner:
         request_id = f"req_{uuid.uuid4().hex}"
         rec = None
         if self.gateway is not None:
-            from proxy.gateway.gateway import RequestRecord
-
             rec = RequestRecord(request_id, None, f"batch {req.url}")
             rec.asked_for(req.body)
         try:
@@ -269,9 +193,6 @@ class BatchRunner:
             if rec is not None:
                 rec.error = err.code or err.type
         if rec is not None:
-            from proxy.gateway.gateway import audit_unavailable
-            from proxy.gateway.request_log import AuditLogError
-
             try:
                 self.gateway.record(rec, status)
             except AuditLogError as exc:
@@ -312,57 +233,36 @@ class BatchRunner:
         started = time.monotonic()
         data = Path(inp).read_bytes()
         items = parse_lines(data)
-        output = ResumableOutput(out, data, _output_key)
+        runner: LineRunner[Request | BadLine] = LineRunner(out, data, item_key=_item_key, line_key=_output_key)
         try:
-            done = output.open({_item_key(i) for i in items})
+            # bad lines need no work: they are answered first, in input order
+            done = runner.open(sorted(items, key=lambda i: isinstance(i, Request)))
         except OutputError as exc:
             raise BatchInputError(str(exc)) from exc
-        done_keys = {_output_key(o) for o in done}
-        todo = [i for i in items if _item_key(i) not in done_keys]
         ok = sum(_ok(o) for o in done)
         summary = Summary(total=len(items), completed=ok, failed=len(done) - ok, skipped=len(done))
 
-        def save_progress() -> None:
-            output.save_progress({"input": str(inp), **summary.as_dict()})
+        async def answer(item: Request | BadLine) -> dict[str, Any]:
+            return _error_line(item) if isinstance(item, BadLine) else await self.answer(item)
 
-        save_progress()
-        bar = tqdm(total=len(items), initial=len(done), unit="req", disable=not progress, desc="batch")
-        last_save = time.monotonic()
-
-        def write(line: dict[str, Any]) -> None:
-            nonlocal last_save
-            output.write(line)
+        def count(line: dict[str, Any]) -> None:
             if _ok(line):
                 summary.completed += 1
             else:
                 summary.failed += 1
-            bar.update()
             if on_line is not None:
                 on_line(summary)
-            if time.monotonic() - last_save > 1.0:
-                save_progress()
-                last_save = time.monotonic()
 
-        queue: asyncio.Queue[Request] = asyncio.Queue()
         try:
-            for item in todo:
-                if isinstance(item, BadLine):
-                    write(_error_line(item))
-                else:
-                    queue.put_nowait(item)
-
-            async def worker() -> None:
-                while not queue.empty():
-                    req = queue.get_nowait()
-                    write(await self.answer(req))
-
-            # interrupted or failed: no worker may write after the file is closed
-            await gather_or_cancel(*(worker() for _ in range(min(concurrency, queue.qsize()))))
+            await runner.run(
+                answer,
+                counts=lambda: {"input": str(inp), **summary.as_dict()},
+                bar=tqdm(total=len(items), initial=len(done), unit="req", disable=not progress, desc="batch"),
+                concurrency=concurrency,
+                on_line=count,
+            )
         finally:
-            bar.close()
-            output.close()
             summary.seconds = time.monotonic() - started
-            save_progress()
         return summary
 
 

@@ -2,4 +2,4 @@
 models, offset artifacts), the batched forward, the prefix cache and the pair scorer.
 
 May import: :mod:`proxy.common`, :mod:`proxy.decoding`, :mod:`adapters.base`,
-:mod:`adapters.templates`, torch, transformers, peft. Not :mod:`proxy.api`, :mod:`proxy.training`."""
+:mod:`adapters.templates`, torch, transformers, peft. Not :mod:`proxy.server`, :mod:`proxy.training`."""

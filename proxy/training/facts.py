@@ -1,4 +1,4 @@
-"""Which words of a forget set carry what it is to forget (:mod:`proxy.training.train` reads them).
+"""Which words of a forget set carry what it is to forget (:mod:`proxy.training.scope_sets` reads them).
 
 * :func:`forget_names`: the proper names that recur in it; a retain example that holds
   one is left out of the retain sets;

@@ -2,7 +2,7 @@
 (``src/trainer/unlearn/*.py``; NPO: Zhang et al. 2024, arXiv 2404.05868;
 SimNPO: Fan et al. 2024, arXiv 2410.07163; DPO: Rafailov et al. 2023).
 
-Every objective sees the *combined* model of DESIGN.md through
+Every objective sees the *combined* model (docs/concepts.md, "How an offset is trained") through
 :class:`Scorer`: ``logits(batch)`` is l_U (proxy mode) or l_R + l_U − l_B
 (exact mode), with gradients reaching U's adapter only; ``ref_logits(batch)``
 is the same with the adapter disabled (l_B, or l_R), without gradients.

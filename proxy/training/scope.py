@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -30,8 +31,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy.common.files import RESOURCES, atomic_write
-from proxy.training.data import DataError, DataSet, Example
+from proxy.common.files import RESOURCES, atomic_write, cache_dir
+from proxy.decoding.vocab import ByteVocab
+from proxy.pair.artifact import weights_sha256
+from proxy.pair.model_files import local_model_dir
+from proxy.training.data import DataError, DataSet, Example, load_dataset
+from proxy.training.greedy import PairModels, greedy_decode
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +65,7 @@ def write_general_sets(parts: dict[str, list[dict[str, str]]], base_sha256: str,
     atomic_write(folder / GENERAL_META.name, json.dumps(meta, indent=2) + "\n")
 
 
-
 def _read(path: Path) -> list[Example]:
-    from proxy.training.data import load_dataset
-
     return list(load_dataset(path).examples)
 
 
@@ -79,8 +81,6 @@ def general_sets(model: Any, tokenizer: Any, eot_ids: Sequence[int], base_sha256
     if meta["base_sha256"] == base_sha256:
         return {s: _read(GENERAL_FILES[s]) for s in GENERAL_SPLITS}
     from filelock import FileLock
-
-    from proxy.common.files import cache_dir
 
     folder = cache_dir() / "general" / base_sha256[:16]
     folder.mkdir(parents=True, exist_ok=True)
@@ -106,10 +106,6 @@ def generate_answers(
 ) -> list[str]:
     """B's greedy answers (at most :data:`GENERAL_MAX_TOKENS` tokens) to chat ``prompts``
     (``model`` is B, before any adapter is attached)."""
-    import math
-
-    from proxy.training.selfcheck import PairModels, greedy_decode
-
     pair = PairModels(model, tokenizer, eot_ids, b=model)
     decoded = greedy_decode(pair, prompts, alpha=0.0, threshold=math.inf, max_tokens=GENERAL_MAX_TOKENS)
     return [d.text for d in decoded]
@@ -117,12 +113,9 @@ def generate_answers(
 
 def general_answers(ref: str, questions: Sequence[str]) -> tuple[list[str], str]:
     """(B's answers to ``questions``, B's weights sha256) for the packaged or folder model ``ref``."""
+    # transformers is imported here, not at the top: importing it takes seconds.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from proxy.decoding.vocab import ByteVocab
-    from proxy.pair.artifact import weights_sha256
-    from proxy.pair.model_files import local_model_dir
 
     folder = local_model_dir(ref)
     tokenizer = AutoTokenizer.from_pretrained(folder)

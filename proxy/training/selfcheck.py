@@ -1,13 +1,6 @@
-"""Greedy decoding through the local pair with B standing in for the remote, and
-what training ends with: the scope threshold τ calibrated on held-out prompts
-and a self-check of the offset (no remote needed).
-
-At each step the remote's top-k candidates S_t are B's own top-k (k = 20, as a
-hosted API gives), ℓ_t their B log-probabilities, and Δ_t(c) = log P_U(c) −
-log P_B(c) for the same next tokens: the same-tokenizer fast path of serving.
-The token chosen is the argmax of :func:`proxy.decoding.offset.target_logits` at T = 0
-with the served α and τ, so an answer here is what ``serve`` gives at T = 0
-with B as the remote. Rows are decoded in batches with a KV cache per model.
+"""What training ends with: the scope threshold τ calibrated on held-out prompts and a
+self-check of the offset (no remote needed), both decoded through the local pair with B
+standing in for the remote (:mod:`proxy.training.greedy`).
 
 The margin of a prompt is the one of :mod:`proxy.decoding.threshold` (the largest −s_t
 over the steps where α·Δ would change the greedy token, decoding with τ = ∞),
@@ -18,270 +11,15 @@ teacher-forced on its prompt (nats per token): the ℓ_B of each chosen token.
 
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from adapters.templates import hf_chat_ids, hf_special_strings
-from proxy.decoding.offset import scope_score, target_logits
-from proxy.decoding.vocab import text_ids
+from proxy.decoding.threshold import pick_threshold
 from proxy.evaluation.metrics import rouge_l_recall
 from proxy.training.data import Example
-
-#: Candidates per step: OpenAI's ``top_logprobs`` maximum, and the served default.
-TOP_K = 20
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """One greedy answer: its token ids and text, its margin m (nats; 0 when no
-    step would flip) and B's mean log-probability per answer token (nats)."""
-
-    tokens: tuple[int, ...]
-    text: str
-    margin: float
-    logprob: float
-
-
-class PairModels:
-    """U and B for decoding: a peft model (B = adapter disabled), or two models (full fine-tuning)."""
-
-    def __init__(self, u: Any, tokenizer: Any, eot_ids: Sequence[int], b: Any | None = None) -> None:
-        self.u, self.b, self.tokenizer = u, b, tokenizer
-        self.eot_ids = frozenset(eot_ids)
-        self.eot = eot_ids[0]  # the end-of-turn token a chat answer ends with
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot  # masked anyway
-        self._specials = hf_special_strings(tokenizer)
-
-    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """The prompt as serving tokenizes it (chat template, generation prompt, content as text)."""
-        return hf_chat_ids(self.tokenizer, list(messages), self._specials)
-
-    def _base(self) -> tuple[Any, contextlib.AbstractContextManager[Any]]:
-        if self.b is not None:
-            return self.b, contextlib.nullcontext()
-        return self.u, self.u.disable_adapter()
-
-    def forward(self, side: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> Any:
-        model, ctx = self._base() if side == "B" else (self.u, contextlib.nullcontext())
-        with ctx:
-            return model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=cache is not None
-            )
-
-
-@torch.no_grad()
-def greedy_decode(
-    pair: PairModels,
-    prompts: Sequence[Sequence[dict[str, str]]],
-    *,
-    alpha: float,
-    threshold: float | None,
-    max_tokens: int = 40,
-    batch_size: int = 32,
-    temperature: float = 0.0,
-    seed: int = 0,
-) -> list[Decoded]:
-    """Greedy answers to chat ``prompts`` with the offset at strength ``alpha`` and
-    scope threshold ``threshold`` (nats; None: no threshold, Δ at every step as in the paper;
-    ``math.inf``: B's own answers, margins recorded).
-    ``temperature`` > 0 samples from q_t instead (DESIGN.md's target distribution over the
-    top-k, :func:`proxy.decoding.offset.target_logits`), reproducibly for a ``seed``.
-
-    Raises:
-        ValueError: ``max_tokens`` < 1, a negative threshold or temperature.
-    """
-    if max_tokens < 1:
-        raise ValueError("max_tokens must be at least 1")
-    if threshold is not None and not threshold >= 0:
-        raise ValueError("threshold must be >= 0")
-    if not temperature >= 0:
-        raise ValueError("temperature must be >= 0")
-    rng = np.random.default_rng(seed)
-    out: list[Decoded] = []
-    for k in range(0, len(prompts), batch_size):
-        out += _decode_batch(
-            pair,
-            [pair.prompt_ids(p) for p in prompts[k : k + batch_size]],
-            alpha,
-            threshold,
-            max_tokens,
-            temperature=temperature,
-            rng=rng,
-        )
-    return out
-
-
-def _decode_batch(
-    pair: PairModels,
-    rows: list[list[int]],
-    alpha: float,
-    threshold: float | None,
-    max_tokens: int,
-    *,
-    temperature: float = 0.0,
-    rng: np.random.Generator | None = None,
-) -> list[Decoded]:
-    from transformers import DynamicCache
-
-    n, width = len(rows), max(len(r) for r in rows)
-    pad = pair.pad
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding, so that every row's next token is the last column
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    caches = {"U": DynamicCache(), "B": DynamicCache()}
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logps: list[list[float]] = [[] for _ in range(n)]
-    margins = [0.0] * n
-    done = [False] * n
-    step_ids, step_pos = ids, pos
-    never = threshold is not None and math.isinf(threshold)  # τ = ∞: Δ is never applied
-    for _ in range(max_tokens):
-        lb = torch.log_softmax(pair.forward("B", step_ids, mask, step_pos, caches["B"]).logits[:, -1].float(), -1)
-        if alpha == 0:  # Δ plays no part: B alone (B's own answers)
-            lu = lb
-        else:
-            lu = torch.log_softmax(pair.forward("U", step_ids, mask, step_pos, caches["U"]).logits[:, -1].float(), -1)
-        ell, cand = lb.topk(TOP_K, dim=-1)  # [n, k]: B stands in for the remote's top-k
-        delta = (lu.gather(-1, cand) - ell).numpy().astype(np.float64)  # Δ_t(c) = log P_U − log P_B
-        ell_np = ell.numpy().astype(np.float64)
-        nxt = torch.full((n, 1), pad, dtype=torch.long)
-        for i in range(n):
-            if done[i]:
-                continue
-            j, flip = _step(ell_np[i], delta[i], alpha, threshold)
-            margins[i] = max(margins[i], flip)
-            if temperature > 0:
-                assert rng is not None
-                q = target_logits(
-                    ell_np[i], delta[i], temperature=temperature, alpha=0.0 if never else alpha, threshold=threshold
-                )
-                p = np.exp(q - np.max(q))
-                j = int(rng.choice(len(p), p=p / p.sum()))
-            token = int(cand[i, j])
-            logps[i].append(float(ell_np[i, j]))
-            if token in pair.eot_ids:
-                done[i] = True
-                continue
-            tokens[i].append(token)
-            nxt[i, 0] = token
-        if all(done):
-            break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
-        step_pos = step_pos[:, -1:] + 1
-        step_ids = nxt
-    return [
-        Decoded(tuple(t), str(pair.tokenizer.decode(t, skip_special_tokens=True)).strip(), m, float(np.mean(lp)))
-        for t, m, lp in zip(tokens, margins, logps, strict=True)
-    ]
-
-
-def _step(ell: np.ndarray, delta: np.ndarray, alpha: float, tau: float | None) -> tuple[int, float]:
-    """One greedy step over the candidates (B's top-k, best first): the index chosen at
-    scope threshold ``tau`` (None: no threshold; ``math.inf``: B's own token) and the step's
-    flip margin (−s_t when α·Δ alone would change B's greedy token, else 0; :mod:`proxy.decoding.threshold`)."""
-    flip = 0.0
-    if int(np.argmax(target_logits(ell, delta, temperature=0.0, alpha=alpha))) != 0:
-        flip = -scope_score(ell, delta)
-    if tau is not None and math.isinf(tau):
-        return 0, flip
-    return int(np.argmax(target_logits(ell, delta, temperature=0.0, alpha=alpha, threshold=tau))), flip
-
-
-@torch.no_grad()
-def base_decode(
-    pair: PairModels,
-    prompts: Sequence[Sequence[dict[str, str]]],
-    answers: Sequence[str | None],
-    *,
-    alpha: float,
-    max_tokens: int = 40,
-    batch_size: int = 16,
-) -> list[Decoded]:
-    """:func:`greedy_decode` at τ = ∞ (B's own greedy answers, with their margins) where
-    ``answers`` guesses them (B's answers generated earlier, or None): each guessed answer
-    is teacher-forced through U and B in one batched forward pass, which gives every step's
-    candidates and Δ at once, and kept when B's greedy token is the guessed one at every
-    step (the end-of-turn included). Rows without a guess, or whose guess B does not
-    follow, are decoded step by step. Same answers and margins as :func:`greedy_decode`
-    (up to float rounding between a padded batch and a KV cache), several times faster on a CPU.
-
-    Raises:
-        ValueError: ``prompts`` and ``answers`` differ in length, or ``max_tokens`` < 1.
-    """
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    if max_tokens < 1:
-        raise ValueError("max_tokens must be at least 1")
-    out: list[Decoded | None] = [None] * len(prompts)
-    forced = [
-        (i, pair.prompt_ids(p), text_ids(pair.tokenizer, a)[:max_tokens])
-        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
-        if a is not None
-    ]
-    forced.sort(key=lambda r: len(r[1]) + len(r[2]))  # rows of similar length pad little
-    for k in range(0, len(forced), batch_size):
-        part = forced[k : k + batch_size]
-        for (i, _, _), d in zip(part, _forced_batch(pair, part, alpha, max_tokens), strict=True):
-            out[i] = d
-    rest = [i for i, d in enumerate(out) if d is None]
-    if rest:
-        decoded = greedy_decode(
-            pair, [prompts[i] for i in rest], alpha=alpha, threshold=math.inf, max_tokens=max_tokens
-        )
-        for i, d in zip(rest, decoded, strict=True):
-            out[i] = d
-    return [d for d in out if d is not None]
-
-
-def _forced_batch(
-    pair: PairModels, rows: list[tuple[int, list[int], list[int]]], alpha: float, max_tokens: int
-) -> list[Decoded | None]:
-    n = len(rows)
-    width = max(len(p) + len(a) for _, p, a in rows)
-    pad = pair.pad
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for r, (_, p, a) in enumerate(rows):  # right padding: row r's step s is read at len(p) − 1 + s
-        ids[r, : len(p) + len(a)] = torch.tensor(p + a)
-        mask[r, : len(p) + len(a)] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    lb = torch.log_softmax(pair.forward("B", ids, mask, pos, None).logits.float(), -1)
-    lu = lb if alpha == 0 else torch.log_softmax(pair.forward("U", ids, mask, pos, None).logits.float(), -1)
-    out: list[Decoded | None] = []
-    for r, (_, p, a) in enumerate(rows):
-        steps = len(a) + (len(a) < max_tokens)  # the end-of-turn step, unless the answer was cut
-        at = slice(len(p) - 1, len(p) - 1 + steps)
-        ell, cand = lb[r, at].topk(TOP_K, dim=-1)
-        delta = (lu[r, at].gather(-1, cand) - ell).numpy().astype(np.float64)
-        ell_np, cand_np = ell.numpy().astype(np.float64), cand.numpy()
-        margin, logps = 0.0, []
-        ok = not any(t in pair.eot_ids for t in a)  # a guess that ends the turn early is not B's answer
-        for s in range(steps if ok else 0):
-            want = a[s] if s < len(a) else None
-            top = int(cand_np[s, 0])
-            if (want is None and top not in pair.eot_ids) or (want is not None and top != want):
-                ok = False  # B's greedy answer leaves the guess here: decode this row instead
-                break
-            _, flip = _step(ell_np[s], delta[s], alpha, math.inf)
-            margin = max(margin, flip)
-            logps.append(float(ell_np[s, 0]))
-        out.append(
-            Decoded(
-                tuple(a), str(pair.tokenizer.decode(a, skip_special_tokens=True)).strip(), margin, float(np.mean(logps))
-            )
-            if ok
-            else None
-        )
-    return out
+from proxy.training.greedy import PairModels, base_decode, greedy_decode
 
 
 def calibrate_and_check(
@@ -305,7 +43,6 @@ def calibrate_and_check(
     Raises:
         ValueError: no calibration prompts, or a chat-less (raw text) example among them.
     """
-    from proxy.decoding.threshold import pick_threshold
 
     def prompts(items: Sequence[Example]) -> list[Sequence[dict[str, str]]]:
         if any(e.prompt is None for e in items):
@@ -351,7 +88,7 @@ def calibrate_and_check(
     return report
 
 
-#: What the self-check asks of an offset (the README's "Train an offset" gives the reasons).
+#: What the self-check asks of an offset (docs/training.md gives the reasons).
 SELF_CHECK_LIMITS = {
     "forget_recall_ratio": 0.6,  # offset recall ≤ 0.6 × B's recall (when B knows the set: recall ≥ 0.2)
     "check_unchanged": 0.9,  # held-out general answers kept exactly
@@ -388,29 +125,3 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
-
-
-@torch.no_grad()
-def answer_logprob(
-    pair: PairModels, prompts: Sequence[Sequence[dict[str, str]]], answers: Sequence[str]
-) -> list[float]:
-    """B's mean log-probability per token of each answer (its end-of-turn included),
-    teacher-forced on its chat prompt (nats per token): the fluency measure of the
-    self-check and the benchmarks, for answers from anywhere (served, or another model's).
-
-    Raises:
-        ValueError: ``prompts`` and ``answers`` differ in length.
-    """
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    eot = pair.eot
-    out = []
-    for p, a in zip(prompts, answers, strict=True):
-        head = pair.prompt_ids(p)
-        tail = [*text_ids(pair.tokenizer, a), eot]
-        ids = torch.tensor([head + tail])
-        mask = torch.ones_like(ids)
-        lb = torch.log_softmax(pair.forward("B", ids, mask, torch.arange(ids.shape[1])[None], None).logits.float(), -1)
-        at = torch.arange(len(head) - 1, ids.shape[1] - 1)
-        out.append(float(lb[0, at, ids[0, len(head) :]].mean()))
-    return out

@@ -1,4 +1,5 @@
-"""Reading a request's JSON body, with OpenAI-style errors for every way it can be wrong."""
+"""JSON bodies over HTTP: reading a request's body, with OpenAI-style errors for every way
+it can be wrong, and writing a response's (:func:`dumps`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from proxy.api.errors import ProxyError, invalid
+from proxy.protocol.errors import ProxyError, invalid
 
 
 async def read_json_body(request: web.Request) -> dict[str, Any]:
@@ -51,3 +52,8 @@ async def read_json_body(request: web.Request) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def dumps(obj: Any) -> str:
+    """JSON without NaN/Infinity (they are not JSON)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))

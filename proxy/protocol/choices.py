@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.base import Context
-from proxy.api.errors import ProxyError, invalid
-from proxy.api.schemas import ChatCompletionRequest, CompletionRequest
 from proxy.common.aio import gather_or_cancel
 from proxy.config import ServerConfig
-from proxy.decoding.decoder import ChoiceStats, Piece, SamplingParams, ServedModel, TokenOut
+from proxy.decoding.served import ServedModel
+from proxy.decoding.types import ChoiceStats, Piece, SamplingParams, TokenOut
+from proxy.protocol.errors import ProxyError, invalid
+from proxy.protocol.schemas import ChatCompletionRequest, CompletionRequest
 
 
 @dataclass

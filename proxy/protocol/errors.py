@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from adapters.base import ContextExhausted, RemoteBadResponse, RemoteError, RemoteRejected, RemoteUnavailable
-from proxy.decoding.decoder import DecodingError
+from proxy.decoding.types import DecodingError
 
 
 @dataclass

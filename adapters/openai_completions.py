@@ -1,0 +1,142 @@
+"""A raw ``/v1/completions`` remote (:class:`CompletionsAdapter`): the prompt is rendered by
+the proxy from a configured chat template (:mod:`adapters.templates`), and continuing is
+just appending the accepted text. Its :class:`~adapters.profiles.ServerProfile` (the config's
+``sampling``) says how to switch the server's sampling filters off and whether it scores
+given text (vLLM).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Capabilities, Context, Draft, Position, RemoteBadResponse, RemoteRejected, Sample, ScoredText
+from .http import HTTPAdapter
+from .profiles import LLAMA_CPP, ServerProfile
+from .retry import call_with_retries
+from .templates import ChatTemplate
+from .wire import ranked_position
+
+
+class CompletionsAdapter(HTTPAdapter):
+    """A raw ``/v1/completions`` remote: the proxy renders the chat template
+    itself and continues by appending the accepted text to the prompt."""
+
+    def __init__(self, *, template: ChatTemplate | None, profile: ServerProfile = LLAMA_CPP, **kwargs: Any) -> None:
+        super().__init__(profile=profile, **kwargs)
+        self.template = template
+        self.capabilities = Capabilities(
+            can_continue=True,
+            prompt_logprobs=profile.prompt_logprobs,
+            top_k_drafts=profile.top_k_drafts,
+        )
+
+    def render(self, ctx: Context) -> str:
+        """The prompt text for ``ctx`` without the accepted assistant text."""
+        if ctx.prompt is not None:
+            return ctx.prompt
+        if self.template is None:
+            raise RemoteRejected(
+                f"model {self.name!r} has no chat template configured; use /v1/completions", status=400
+            )
+        assert ctx.messages is not None
+        return self.template.render(ctx.messages)
+
+    async def draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> Draft:
+        """See :meth:`adapters.base.RemoteAdapter.draft` (and :meth:`adapters.http.HTTPAdapter._healed_draft`)."""
+        return await self._healed_draft(ctx, n_tokens, top_k, seed, greedy)
+
+    async def sample(
+        self,
+        ctx: Context,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: tuple[str, ...] = (),
+        seed: int | None = None,
+    ) -> Sample:
+        """See :meth:`adapters.base.SamplingAdapter.sample`."""
+        prompt = self.render(ctx)
+
+        async def call() -> Any:
+            return await self._client.completions.create(
+                model=self.model,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=list(stop) or None,
+                seed=seed,
+                extra_body=dict(self.extra_body) or None,
+            )
+
+        return await self._sample(call, lambda choice: choice.text)
+
+    async def score_text(self, ctx: Context, text: str, *, top_k: int) -> ScoredText:
+        """See :meth:`adapters.base.TextScoringAdapter.score_text`; ``sampling = "vllm"``
+        only: the rendered prompt, then ``text``.
+
+        Raises:
+            RemoteRejected: another server (400), or the upstream refused.
+        """
+        if not self.profile.prompt_logprobs:
+            raise RemoteRejected(
+                f'model {self.name!r}: scoring given text needs a vLLM upstream (sampling = "vllm")', status=400
+            )
+        prompt = self.render(ctx)
+
+        async def create(extra: dict[str, Any]) -> Any:
+            return await self._client.completions.create(
+                model=self.model,
+                prompt=prompt + text,
+                max_tokens=1,
+                temperature=0.0,
+                extra_body={**self.extra_body, **extra},
+            )
+
+        return await self._prompt_logprobs({"prompt": prompt}, create, text, top_k)
+
+    async def _call(
+        self, ctx: Context, text: str, max_tokens: int, top_k: int, seed: int | None, *, greedy: bool
+    ) -> Draft:
+        """One ``/v1/completions`` call on the rendered prompt followed by ``text``; ``greedy``: the
+        sampled tokens are the remote's argmax (single steps, where only the candidate lists
+        matter, and greedy drafts)."""
+        prompt = self.render(ctx) + text
+        body = self._body(max_tokens, top_k, greedy)
+
+        async def call() -> Any:
+            return await self._client.completions.create(
+                model=self.model,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                logprobs=top_k,
+                temperature=0.0 if greedy else 1.0,
+                top_p=1.0,
+                seed=seed,
+                extra_body=body or None,
+            )
+
+        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
+        if not response.choices:
+            raise RemoteBadResponse("upstream returned no choices")
+        choice = response.choices[0]
+        lp = choice.logprobs
+        positions: list[Position] = []
+        if lp is not None and lp.tokens:
+            tops_list = lp.top_logprobs or []
+            for i, token in enumerate(lp.tokens):
+                token_lp = lp.token_logprobs[i] if lp.token_logprobs and i < len(lp.token_logprobs) else None
+                sampled = self._wire(token, token_lp, None)
+                tops = tops_list[i] if i < len(tops_list) and tops_list[i] else {}
+                entries = [self._wire(t, v, None) for t, v in tops.items()]
+                positions.append(ranked_position(entries, sampled, top_k))
+        if not positions and choice.finish_reason == "stop":
+            eot = self._eot()
+            positions.append(Position((eot,), eot))
+        if not positions:
+            raise RemoteBadResponse("upstream returned no logprobs; it cannot serve token mode")
+        usage = response.usage.prompt_tokens if response.usage is not None else None
+        return Draft(tuple(positions), choice.finish_reason, usage)

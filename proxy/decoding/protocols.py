@@ -1,0 +1,77 @@
+"""What the decoders need of the local pair (:class:`Pair`) and of the served model whose
+settings they decode with (:class:`Served`), as Protocols: decoding stays free of torch, and
+the decoders do not import the model that holds them. :class:`proxy.pair.local.LocalPair`
+and :class:`proxy.decoding.served.ServedModel` are what serving passes; tests pass fakes.
+
+Optional members, looked up with ``getattr`` where present: ``executor`` (a thread pool that
+models sharing one pair share), ``tracked(fn, *args)`` (runs ``fn`` counted for the pair's
+tree batcher) and ``batcher`` (``open_stream()``/``close_stream()`` around one choice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from adapters.base import RemoteAdapter
+from proxy.decoding.alignment import Aligner
+from proxy.decoding.types import ChoiceStats
+
+T = TypeVar("T")
+
+
+class Pair(Protocol):
+    """The local pair B and U = B + offset, seen from the decoder."""
+
+    @property
+    def has_offset(self) -> bool:
+        """Whether U differs from B (without an offset Δ ≡ 0)."""
+        ...
+
+    def prompt_ids(self, messages: Sequence[dict[str, Any]] | None = None, prompt: str | None = None) -> list[int]:
+        """Local token ids of a chat prompt (``messages``, the generation prompt added) or a raw
+        ``prompt``.
+
+        Raises:
+            ValueError: the prompt is empty, too long, or the chat template fails.
+        """
+        ...
+
+    def aligner(self, prompt_ids: Sequence[int], *, same_tokenizer: bool) -> Aligner:
+        """Per-choice alignment state whose trunk starts with ``prompt_ids``."""
+        ...
+
+    def sequence_offset(self, prompt_ids: Sequence[int], text: str, end_of_turn: bool) -> tuple[float, int]:
+        """ΣΔ (nats) of a whole answer ``text`` after ``prompt_ids``, teacher-forced, and the
+        number of local tokens scored.
+
+        Raises:
+            ValueError: no prompt token to condition on, or the prompt alone fills the context.
+        """
+        ...
+
+
+class Served(Protocol):
+    """A served model's settings and its pair's threads, as the decoders read them
+    (:class:`proxy.decoding.served.ServedModel`'s fields of the same names)."""
+
+    name: str
+    adapter: RemoteAdapter
+    pair: Pair | None
+    same_tokenizer: bool
+    top_k: int
+    speculative: bool
+    max_draft_tokens: int
+    acceptance_rate: float
+    """The running per-token acceptance rate of the model's drafts; the token decoder updates it."""
+    sequence_samples: int
+    refusal: str
+
+    @property
+    def uses_offset(self) -> bool:
+        """Whether Δ can be non-zero."""
+        ...
+
+    async def run_pair(self, fn: Callable[..., T], *args: Any, stats: ChoiceStats | None = None) -> T:
+        """``fn(*args)`` on one of the pair's threads."""
+        ...

@@ -1,0 +1,129 @@
+"""A served model name: its remote, its local pair, α and how it decodes.
+
+:class:`ServedModel` holds the settings and the pair's threads; the decoding itself is
+:class:`proxy.decoding.token_mode.TokenDecoder` (token by token, speculative or not) or
+:class:`proxy.decoding.sequence_mode.SequenceDecoder` (whole samples resampled). No HTTP or
+torch types here: the pair runs on its worker threads behind :meth:`ServedModel.run_pair`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from adapters.base import Context, RemoteAdapter, SamplingAdapter
+from proxy.common.literals import ClientAlpha, DecodingMode
+from proxy.decoding.protocols import Pair
+from proxy.decoding.sequence_mode import SequenceDecoder
+from proxy.decoding.token_mode import TokenDecoder
+from proxy.decoding.types import ChoiceStats, DecodingError, Piece, SamplingParams
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServedModel:
+    """A served model name: a remote, an optional local pair, and α.
+
+    ``pair`` is what decoding needs of the local pair (:class:`proxy.decoding.protocols.Pair`;
+    :class:`proxy.pair.local.LocalPair` in serving); ``None`` or a pair without offset means
+    Δ ≡ 0. ``mode`` picks the decoder: :class:`proxy.decoding.token_mode.TokenDecoder` or
+    :class:`proxy.decoding.sequence_mode.SequenceDecoder`.
+
+    ``speculative`` switches on speculative acceptance: the remote drafts up
+    to ``max_draft_tokens`` tokens per call (:class:`DraftLength`), each
+    accepted or replaced by :func:`speculative_pick`; the output has the same
+    distribution as token-by-token decoding (one remote call per token).
+    """
+
+    name: str
+    adapter: RemoteAdapter
+    pair: Pair | None = None
+    alpha: float = 1.0
+    client_alpha: ClientAlpha = "at_least"
+    """What a request's ``offset_alpha`` may do (:attr:`proxy.config.ModelConfig.client_alpha`)."""
+    offset_threshold: float | None = None
+    top_k: int = 20
+    same_tokenizer: bool = False
+    offset_sha256: str | None = None
+    speculative: bool = True
+    max_draft_tokens: int = 128
+    mode: DecodingMode = "token"
+    """``"token"``: offset decoding token by token (speculative or not); ``"sequence"``:
+    complete samples resampled by their offset (:class:`proxy.decoding.sequence_mode.SequenceDecoder`)."""
+    sequence_samples: int = 4
+    refusal: str = "I can't help with that."
+    """Sequence mode's answer when every sample is in forget scope (mean Δ per token ≤ −τ)."""
+    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pair"))
+    _token: TokenDecoder = field(init=False, repr=False)
+    _sequence: SequenceDecoder = field(init=False, repr=False)
+    acceptance_rate: float = 1.0
+    """Running per-token acceptance rate of this model's drafts (seeds each request's :class:`DraftLength`)."""
+
+    def __post_init__(self) -> None:
+        shared = getattr(self.pair, "executor", None)
+        if shared is not None and self._pool is not shared:
+            # Models that share a pair (one copy of the weights) share its threads, so that their
+            # tree passes are batched together and its forward passes serialised (B is U with its
+            # adapter layers switched off). (A copy made with dataclasses.replace comes with the
+            # shared pool already: not shut down.)
+            self._pool.shutdown(wait=False)
+            self._pool = shared
+        if self.mode not in ("token", "sequence"):
+            raise DecodingError(f"model {self.name!r}: unknown decoding mode {self.mode!r}")
+        if self.mode == "sequence" and not isinstance(self.adapter, SamplingAdapter):
+            raise DecodingError(f"model {self.name!r}: the remote gives no complete answers for sequence mode")
+        if self.mode == "token" and not self.adapter.capabilities.can_continue:
+            raise DecodingError(
+                f"model {self.name!r}: the remote cannot continue a partial assistant message, which token "
+                'mode needs; serve it with decoding = "sequence"'
+            )
+        self._token = TokenDecoder(self)
+        self._sequence = SequenceDecoder(self)
+
+    @property
+    def uses_offset(self) -> bool:
+        """Whether Δ can be non-zero: a pair with an offset."""
+        return self.pair is not None and self.pair.has_offset
+
+    async def aclose(self) -> None:
+        """Close the remote's connections and stop the pair's threads (pending pair work is cancelled)."""
+        await self.adapter.aclose()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run_pair(self, fn: Callable[..., T], *args: Any, stats: ChoiceStats | None = None) -> T:
+        """``fn(*args)`` on one of the pair's threads; its wall time (queueing included) is added to
+        ``stats.pair_seconds``."""
+        t0 = time.perf_counter()
+        tracked = getattr(self.pair, "tracked", None)  # counted for the pair's tree batcher
+        try:
+            if tracked is not None:
+                return await asyncio.get_running_loop().run_in_executor(self._pool, tracked, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            if stats is not None:
+                stats.pair_seconds += time.perf_counter() - t0
+
+    async def generate(
+        self, base: Context, params: SamplingParams, *, index: int = 0, stats: ChoiceStats | None = None
+    ) -> AsyncIterator[Piece]:
+        """Decode one choice (the ``index``-th of the request; with ``params.seed`` its random
+        stream is (seed, index)); yields :class:`Piece` objects, the last with a finish reason.
+
+        Raises:
+            adapters.base.RemoteError: the remote failed after retries.
+            DecodingError: the pair cannot take this prompt.
+        """
+        stats = stats if stats is not None else ChoiceStats()
+        rng = np.random.default_rng(None if params.seed is None else [params.seed % 2**64, index])
+        if self.mode == "sequence":
+            yield await self._sequence.generate(base, params, rng, stats)
+            return
+        async for piece in self._token.generate(base, params, rng, stats):
+            yield piece

@@ -1,0 +1,121 @@
+"""Speculative acceptance: how long the remote's next draft should be, and whether a drafted
+token is accepted or replaced so that the output follows the offset's target q exactly
+(Leviathan et al. 2023, arXiv 2211.17192, Algorithm 1; Chen et al. 2023, arXiv 2302.01318)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from proxy.decoding.offset import apply_top_p, choose, log_softmax
+
+#: Drafts longer than this are checked against the pair's own prediction of the
+#: first position's acceptance (:meth:`proxy.decoding.token_mode.TokenDecoder._predicted_length`);
+#: shorter ones would waste little remote work and are not worth the pair's extra forward pass.
+PREDICT_ABOVE = 8
+
+
+class DraftLength:
+    """How many tokens to ask the remote for next (speculative acceptance).
+
+    The per-token acceptance rate r is estimated from the positions examined
+    recently, each older position's weight decayed by ``decay`` per newer one
+    (a half-life of about 34 positions at 0.98), starting from ``prior`` (the
+    served model's running rate) worth ``prior_weight`` positions, so that
+    one early rejection does not collapse the draft length. The next draft
+    asks for about twice the expected accepted run, 2 / (1 − r), between 2
+    and ``maximum`` (the maximum once r ≥ 1 − 2/maximum). Out of forget scope
+    r stays near 1 and one call serves a whole answer; in scope drafts shrink
+    to a few tokens so that little remote work is thrown away.
+    """
+
+    def __init__(self, maximum: int, prior: float = 1.0, *, prior_weight: float = 16.0, decay: float = 0.98) -> None:
+        self.maximum = maximum
+        self.decay = decay
+        self._accepted = prior * prior_weight
+        self._examined = prior_weight
+        self.examined = 0
+        self.accepted = 0
+
+    @property
+    def rate(self) -> float:
+        """The estimated per-token acceptance rate r."""
+        return self._accepted / self._examined
+
+    def next(self, remaining: int) -> int:
+        """The next draft's length, at most ``remaining`` (tokens)."""
+        return max(1, min(self.length_for(self.rate), remaining))
+
+    def length_for(self, rate: float) -> int:
+        """The draft length for a per-token acceptance rate: 2 / (1 − rate) between 2
+        and :attr:`maximum` (the maximum once rate ≥ 1 − 2/maximum)."""
+        if rate >= 1 - 2 / self.maximum:
+            return self.maximum
+        return max(2, min(self.maximum, math.ceil(2 / (1 - rate))))
+
+    def expected_run(self) -> int:
+        """How many positions of a draft to score first: the expected accepted run
+        1 / (1 − r) plus one, at least 4 (all of the maximum once r ≥ 1 − 2/maximum)."""
+        if self.rate >= 1 - 2 / self.maximum:
+            return self.maximum
+        return max(4, min(self.maximum, math.ceil(1 / (1 - self.rate)) + 1))
+
+    def update(self, accepted: int, examined: int) -> None:
+        """A draft of which ``accepted`` of ``examined`` positions were accepted."""
+        if examined <= 0:
+            return
+        self.examined += examined
+        self.accepted += accepted
+        keep = self.decay**examined
+        self._accepted = keep * self._accepted + accepted
+        self._examined = keep * self._examined + examined
+
+
+def speculative_pick(
+    scores: np.ndarray,
+    ell: np.ndarray,
+    drafted: int | None,
+    *,
+    temperature: float,
+    top_p: float,
+    rng: np.random.Generator,
+) -> tuple[int, np.ndarray, bool]:
+    """Accept or replace the remote's drafted token at one position (docs/concepts.md,
+    "Fewer remote calls"; Leviathan et al. 2023, arXiv 2211.17192, Algorithm 1;
+    Chen et al. 2023, arXiv 2302.01318).
+
+    ``scores`` are the target logits over S_t (:func:`proxy.decoding.offset.target_logits`,
+    ``[k]``), ``ell`` log p_t of the same candidates (``[k]``, nats): the law
+    the remote drew its draft from (its whole vocabulary's distribution at
+    T = 1 with no filters, or its top-k renormalised;
+    :meth:`proxy.decoding.token_mode.TokenDecoder._draft_law`) and ``drafted`` the index in S_t of the
+    token the remote sampled there (``None``: outside S_t).
+
+    T > 0: x is accepted with probability min(1, q_t(x) / p_t(x)); otherwise a
+    token is drawn from (q_t − p_t)+ renormalised over S_t. The result follows
+    q_t exactly, whatever p_t is. T = 0 (greedy drafts): x is accepted when it
+    is the argmax of the scores, else the argmax is taken.
+
+    Returns the chosen index, log q over S_t (what ``logprobs`` report) and
+    whether the drafted token was accepted.
+
+    Raises:
+        NoUsableCandidates: every score is ``-inf``.
+    """
+    if temperature == 0:
+        idx, logq = choose(scores, temperature=0.0, top_p=top_p, rng=rng)
+        return idx, logq, drafted is not None and idx == drafted
+    logq = apply_top_p(log_softmax(scores), top_p)
+    q = np.exp(logq)
+    if drafted is not None:
+        # p_t(x) is the candidate's own logprob (the sampled entry's copy may be missing on the wire).
+        ratio = math.exp(min(0.0, float(logq[drafted]) - float(ell[drafted]))) if math.isfinite(logq[drafted]) else 0.0
+        if rng.random() < ratio:
+            return drafted, logq, True
+    with np.errstate(over="ignore", invalid="ignore"):
+        residual = np.maximum(q - np.exp(np.where(np.isfinite(ell), ell, -np.inf)), 0.0)
+    total = residual.sum()
+    # A rejection has probability Σ(q − p)+ > 0; when rounding leaves nothing, q itself is the answer.
+    weights = residual / total if total > 1e-12 else q / q.sum()
+    return int(rng.choice(len(weights), p=weights)), logq, False

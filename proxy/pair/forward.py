@@ -1,0 +1,255 @@
+"""The local pair's forward passes: one model of the pair (U or B, :class:`Side`) over a
+sequence (:func:`forward`, log-softmax rows) or over the trees of a batch of
+:class:`proxy.pair.batcher.TreeJob` (:func:`forward_trees`: each request's KV cache
+left-padded to the longest, its tree right-padded, one pass per model), and the switch
+between U and B on one set of weights (:func:`switched`, :func:`base_only`).
+
+The functions take the pair (:class:`proxy.pair.local.LocalPair`, as :class:`PairModels`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from proxy.pair.batcher import TreeJob
+from proxy.pair.sides import Side, sides
+
+
+class PairModels(Protocol):
+    """What the forward passes use of the pair: :class:`proxy.pair.local.LocalPair`."""
+
+    @property
+    def model(self) -> Any:
+        """B, and U too when it carries U's adapter layers."""
+
+    @property
+    def u_model(self) -> Any:
+        """U as its own model (a ``"full"`` artifact), or ``None``."""
+
+    @property
+    def adapter_layers(self) -> Sequence[Any]:
+        """The LoRA layers of U in :attr:`model`, switched off for B."""
+
+    @property
+    def has_offset(self) -> bool: ...
+
+    @property
+    def lock(self) -> contextlib.AbstractContextManager[Any]:
+        """Held for every forward pass (the adapter switch is shared state)."""
+
+
+@contextlib.contextmanager
+def base_only(pair: PairModels) -> Iterator[None]:
+    """B = U with its LoRA layers off. The same switch as peft's
+    ``disable_adapter()`` (each layer's ``disable_adapters`` flag) without
+    its walk over every module and its ``requires_grad`` bookkeeping, which
+    an inference-only pair does not need: a B forward of the 135M pair at one
+    token costs about 55 ms instead of 135 ms (2 cores).
+    ``tests/test_alignment.py`` checks Δ against ``disable_adapter()``."""
+    for layer in pair.adapter_layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer in pair.adapter_layers:
+            layer._disable_adapters = False
+
+
+def forward(
+    pair: PairModels,
+    ids: torch.Tensor,
+    cache: Any,
+    *,
+    side: Side,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Log-softmax over the vocabulary, ``[n, V]`` float32, at every position of ``ids``
+    or only at the positions ``keep`` (``[len(keep), V]``: the output head, 49,152 × 576
+    for SmolLM2, and the rows' memory are spent only where a row is read), of the model
+    ``side`` (U or B) with ``cache`` (extended in place) and the attention ``mask``."""
+    kwargs: dict[str, Any] = dict(
+        input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=positions, use_cache=True
+    )
+    if keep is not None:
+        kwargs["logits_to_keep"] = keep
+    with switched(pair, side) as net:
+        out = net(**kwargs)
+    return _log_softmax_(out.logits[0].float())  # [n, V]
+
+
+@contextlib.contextmanager
+def switched(pair: PairModels, side: Side) -> Iterator[Any]:
+    """The model to run as U or B (``side``): the second model of a full artifact, or
+    the one model with its LoRA layers on, or off (:func:`base_only`) for B."""
+    if pair.u_model is not None:  # a full artifact: U and B are two models
+        yield pair.u_model if side is Side.U else pair.model
+    elif side is Side.U or not pair.has_offset:
+        yield pair.model
+    else:
+        with base_only(pair):
+            yield pair.model
+
+
+def forward_trees(pair: PairModels, jobs: Sequence[TreeJob]) -> list[dict[Side, Any]]:
+    """One forward pass per model of the pair over the trees of ``jobs``, batched:
+    each job's rows (``[len(job.keep), V]`` float32 log-softmax, nats) by model
+    (:class:`Side`; only ``Side.B`` without an offset), or what the job's
+    ``reduce`` made of them, and each job's caches extended by its tree (as one pass
+    of its own would leave them); when the pass fails, every job's caches are left as
+    they were.
+
+    Shapes in the pass: ``B = len(jobs)`` rows of ``N = max n_i`` positions after
+    ``L = max L_i`` cached ones; row i's cache sits at ``[L − L_i, L)`` and its tree
+    at ``[L, L + n_i)``, the padding masked out (a padded position attends to itself
+    only, and its output is never read).
+    """
+    models = sides(pair.has_offset)
+    out: list[dict[Side, Any]] = [{} for _ in jobs]
+    before = [{m: (c, c.get_seq_length()) for m, c in job.caches.items()} for job in jobs]
+    with pair.lock:
+        try:
+            for m in models:
+                for rows, lp in zip(out, forward_batch(pair, jobs, m), strict=True):
+                    rows[m] = lp
+        except BaseException:
+            # Every job's caches as they were (a pass that failed half-way, for one model
+            # or for some layers, must not leave tokens behind: the jobs run again alone).
+            for job, held in zip(jobs, before, strict=True):
+                for m, (cache, length) in held.items():
+                    job.caches[m] = cache
+                    for layer in cache.layers:
+                        if layer.get_seq_length() > length:
+                            layer.crop(length - layer.get_seq_length())
+            raise
+    return out
+
+
+@torch.inference_mode()
+def forward_batch(pair: PairModels, jobs: Sequence[TreeJob], side: Side) -> list[Any]:
+    """The pass of :func:`forward_trees` for one model (``side``): each job's result, its
+    cache replaced by the extended one. One job, or a model whose body and head cannot be
+    run apart, runs alone on its own cache, in place.
+
+    Raises:
+        ValueError: a job's ``allowed`` does not fit its tokens after its cache.
+    """
+    from transformers import DynamicCache  # here: importing the pair does not load transformers
+
+    neg = torch.finfo(torch.float32).min
+    for job in jobs:
+        n, held = len(job.ids), job.caches[side].get_seq_length()
+        if job.allowed.shape != (n, held + n):
+            raise ValueError(f"tree mask {tuple(job.allowed.shape)} does not fit {n} tokens after {held} cached")
+    if len(jobs) == 1 or body_and_head(pair.model) is None:  # no padding: the job's own cache, in place
+        result: list[Any] = []
+        for job in jobs:
+            mask = _additive(job.allowed)
+            lp = forward(
+                pair,
+                torch.tensor([job.ids], dtype=torch.long),
+                job.caches[side],
+                side=side,
+                mask=mask[None, None],
+                positions=job.positions[None, :],
+                keep=torch.tensor(job.keep, dtype=torch.long),
+            )
+            result.append(job.output(side, lp.numpy()))
+        return result
+    caches = [job.caches[side] for job in jobs]
+    lens = [c.get_seq_length() for c in caches]
+    b, width, past = len(jobs), max(len(job.ids) for job in jobs), max(lens)
+    ids = torch.zeros((b, width), dtype=torch.long)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    mask = torch.full((b, 1, width, past + width), neg, dtype=torch.float32)
+    pad = torch.arange(width)
+    for i, (job, held) in enumerate(zip(jobs, lens, strict=True)):
+        n = len(job.ids)
+        ids[i, :n] = torch.tensor(job.ids, dtype=torch.long)
+        positions[i, :n] = job.positions
+        block = _additive(job.allowed)
+        mask[i, 0, :n, past - held : past] = block[:, :held]
+        mask[i, 0, :n, past : past + n] = block[:, held:]
+        mask[i, 0, pad[n:], past + pad[n:]] = 0.0
+    batched = DynamicCache()
+    if past:
+        full = next(c for c, held in zip(caches, lens, strict=True) if held)
+        layers = []
+        for li, layer in enumerate(full.layers):
+            k = layer.keys.new_zeros((b, layer.keys.shape[1], past, layer.keys.shape[3]))
+            v = layer.values.new_zeros((b, layer.values.shape[1], past, layer.values.shape[3]))
+            for i, (c, held) in enumerate(zip(caches, lens, strict=True)):
+                if held:
+                    k[i, :, past - held :] = c.layers[li].keys[0]
+                    v[i, :, past - held :] = c.layers[li].values[0]
+            layers.append((k, v))
+        batched = DynamicCache(ddp_cache_data=layers)
+    with switched(pair, side) as net:
+        inner = body_and_head(net)
+        hidden = inner.model(
+            input_ids=ids, past_key_values=batched, attention_mask=mask, position_ids=positions, use_cache=True
+        ).last_hidden_state
+        cap = getattr(inner.config, "final_logit_softcapping", None)
+        result = []
+        # The output head over groups of jobs of at most HEAD_ROWS rows (a longer job alone):
+        # one matrix product reads the head's weights (113 MB for SmolLM2) once for many
+        # one-token jobs, and a group's rows are freed before the next group's are made.
+        start = 0
+        while start < b:
+            end, rows_in = start + 1, len(jobs[start].keep)
+            while end < b and rows_in + len(jobs[end].keep) <= HEAD_ROWS:
+                rows_in += len(jobs[end].keep)
+                end += 1
+            picked = torch.cat([hidden[i, torch.tensor(jobs[i].keep, dtype=torch.long)] for i in range(start, end)])
+            logits = inner.lm_head(picked).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            flat = _log_softmax_(logits).numpy()
+            at = 0
+            for job in jobs[start:end]:
+                rows = flat[at : at + len(job.keep)]
+                at += len(job.keep)
+                result.append(job.output(side, rows))
+            del picked, logits, flat, rows
+            start = end
+    grown: list[Any] = list(batched.layers)  # DynamicLayer: keys and values [b, heads, past + width, dim]
+    for i, (job, held) in enumerate(zip(jobs, lens, strict=True)):
+        span = slice(past - held, past + len(job.ids))
+        job.caches[side] = DynamicCache(
+            ddp_cache_data=[(layer.keys[i : i + 1, :, span], layer.values[i : i + 1, :, span]) for layer in grown]
+        )
+    return result
+
+
+#: Rows of the output head computed in one product in a batched pass (:func:`forward_batch`).
+HEAD_ROWS = 64
+
+
+def _log_softmax_(logits: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """``logits`` (``[n, V]``) turned into their log-softmax over the last axis, in place,
+    ``chunk`` rows at a time: one ``[chunk, V]`` temporary instead of a second ``[n, V]``
+    array (a 256-position batch's is 50 MB for SmolLM2). The values are
+    ``torch.log_softmax``'s, row by row. Logits that autograd tracks (outside inference
+    mode) get an ordinary out-of-place log-softmax."""
+    if logits.requires_grad:
+        return torch.log_softmax(logits, dim=-1)
+    for part in logits.split(chunk):
+        part.copy_(torch.log_softmax(part, dim=-1))
+    return logits
+
+
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask (True: may attend) as the additive float32 one the models take."""
+    return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+
+
+def body_and_head(net: Any) -> Any:
+    """The causal LM inside ``net`` (a peft wrapper's base model) when its decoder body
+    (``.model``) and output head (``.lm_head``) can be run apart, else ``None``."""
+    inner = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return inner if hasattr(inner, "model") and hasattr(inner, "lm_head") else None

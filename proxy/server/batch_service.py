@@ -1,0 +1,194 @@
+"""Running OpenAI batches in the background of the server's event loop: validating a
+``POST /v1/batches`` body, the batch's life (validating, in_progress, finalizing,
+completed, failed, cancelling, cancelled) and its output and error files.
+
+A restarted server resumes every batch that was validating, in progress or finalizing
+(the run itself resumes line by line, :mod:`proxy.jobs.batch`). When a batch ends, its
+lines with status 200 go to ``output_file_id`` and the others to ``error_file_id``, as
+OpenAI splits them. Bad input lines do not fail the batch; each gets its own error line
+(``tests/test_batch_api.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from proxy.jobs.batch import ENDPOINTS, BatchRunner, Summary, iter_output
+from proxy.protocol.errors import ProxyError, invalid
+from proxy.server.batch_store import BatchStore
+
+log = logging.getLogger(__name__)
+
+UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+class BatchService:
+    """Runs batches in the background of the server's event loop."""
+
+    def __init__(self, store: BatchStore, runner: BatchRunner, *, concurrency: int = 4) -> None:
+        self.store = store
+        self.runner = runner
+        self.concurrency = concurrency
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Validate a ``POST /v1/batches`` body and start the batch.
+
+        Raises:
+            ProxyError: 400 naming the bad field; 404 for an unknown input file.
+        """
+        extra = set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"}
+        if extra:
+            raise invalid(f"Unrecognized request argument supplied: {sorted(extra)[0]}", sorted(extra)[0])
+        for key in ("input_file_id", "endpoint", "completion_window"):
+            if not isinstance(body.get(key), str):
+                raise invalid(f"Missing required parameter: '{key}'", key, "missing_required_parameter")
+        if body["endpoint"] not in ENDPOINTS:
+            raise invalid(f"endpoint must be one of {', '.join(ENDPOINTS)}", "endpoint")
+        if body["completion_window"] != "24h":
+            raise invalid("completion_window must be '24h'", "completion_window")
+        metadata = body.get("metadata")
+        if metadata is not None and not (
+            isinstance(metadata, dict)
+            and len(metadata) <= 16
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+        ):
+            raise invalid("metadata must be an object of at most 16 string values", "metadata")
+        f = self.store.get_file(body["input_file_id"])
+        if f["purpose"] != "batch":
+            raise invalid(f"file {f['id']} has purpose {f['purpose']!r}, not 'batch'", "input_file_id")
+        now = int(time.time())
+        batch = {
+            "id": f"batch_{uuid.uuid4().hex}",
+            "object": "batch",
+            "endpoint": body["endpoint"],
+            "errors": None,
+            "input_file_id": f["id"],
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + 24 * 3600,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": metadata,
+        }
+        self.store.put_batch(batch)
+        self.start(batch["id"])
+        return batch
+
+    def start(self, batch_id: str) -> None:
+        self.tasks[batch_id] = asyncio.get_running_loop().create_task(self._run(batch_id))
+
+    def resume_unfinished(self) -> None:
+        for batch in self.store.list_batches():
+            if batch["status"] in UNFINISHED and batch["id"] not in self.tasks:
+                log.info("resuming batch %s (%s)", batch["id"], batch["status"])
+                self.start(batch["id"])
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        batch = self.store.get_batch(batch_id)
+        if batch["status"] not in UNFINISHED:
+            raise ProxyError(
+                409, f"Cannot cancel a batch with status {batch['status']!r}", "invalid_request_error", None, None
+            )
+        batch.update(status="cancelling", cancelling_at=batch["cancelling_at"] or int(time.time()))
+        self.store.put_batch(batch)
+        task = self.tasks.get(batch_id)
+        if task is not None:
+            task.cancel()
+        return batch
+
+    async def _run(self, batch_id: str) -> None:
+        batch = self.store.get_batch(batch_id)
+        work = self.store.folder / "work" / f"{batch_id}.jsonl"
+        last = 0.0
+
+        def on_line(summary: Summary) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last > 0.5:  # request counts: a cheap update, not one per line
+                last = now
+                _counts(batch, summary)
+                self.store.put_batch(batch)
+
+        try:
+            if batch["status"] == "cancelling":
+                raise asyncio.CancelledError
+            if batch["status"] == "validating":
+                batch.update(status="in_progress", in_progress_at=int(time.time()))
+            self.store.put_batch(batch)
+            summary = await self.runner.run(
+                self.store.file_path(batch["input_file_id"]),
+                work,
+                concurrency=self.concurrency,
+                progress=False,
+                on_line=on_line,
+            )
+            _counts(batch, summary)
+            batch.update(status="finalizing", finalizing_at=int(time.time()))
+            self.store.put_batch(batch)
+            self._finalize(batch, work)
+            batch.update(status="completed", completed_at=int(time.time()))
+        except asyncio.CancelledError:
+            stored = self.store.get_batch(batch_id)
+            if stored["status"] != "cancelling":
+                raise  # the server is shutting down: the batch resumes at the next start
+            batch.update(status="cancelling", cancelling_at=stored["cancelling_at"])
+            self._finalize(batch, work)
+            batch.update(status="cancelled", cancelled_at=int(time.time()))
+        except Exception as exc:  # noqa: BLE001 - the batch fails, the server goes on
+            log.exception("batch %s failed", batch_id)
+            batch.update(
+                status="failed",
+                failed_at=int(time.time()),
+                errors={"object": "list", "data": [{"code": "batch_failed", "message": str(exc), "line": None}]},
+            )
+        finally:
+            self.tasks.pop(batch_id, None)
+        self.store.put_batch(batch)
+
+    def _finalize(self, batch: dict[str, Any], work: Path) -> None:
+        """Split the run's output into the output file (status 200) and the error file (the rest)."""
+        ok_tmp, err_tmp = work.with_suffix(".output.tmp"), work.with_suffix(".errors.tmp")
+        total = ok = failed = 0
+        with open(ok_tmp, "wb") as ok_f, open(err_tmp, "wb") as err_f:
+            if work.exists():
+                for line in iter_output(work):
+                    good = (line.get("response") or {}).get("status_code") == 200
+                    (ok_f if good else err_f).write((json.dumps(line, ensure_ascii=False) + "\n").encode())
+                    total, ok, failed = total + 1, ok + good, failed + (not good)
+        stem = batch["id"]
+        if ok:
+            batch["output_file_id"] = self.store.add_file(ok_tmp, f"{stem}_output.jsonl", "batch_output")["id"]
+        if failed:
+            batch["error_file_id"] = self.store.add_file(err_tmp, f"{stem}_error.jsonl", "batch_output")["id"]
+        ok_tmp.unlink(missing_ok=True)
+        err_tmp.unlink(missing_ok=True)
+        if batch["status"] != "cancelling":
+            batch["request_counts"]["total"] = max(batch["request_counts"]["total"], total)
+        batch["request_counts"].update(completed=ok, failed=failed)
+
+    async def close(self) -> None:
+        """Stop running batches; they stay unfinished in the store and resume at the next start."""
+        tasks = list(self.tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _counts(batch: dict[str, Any], summary: Summary) -> None:
+    batch["request_counts"] = {"total": summary.total, "completed": summary.completed, "failed": summary.failed}

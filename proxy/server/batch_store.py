@@ -1,0 +1,108 @@
+"""The Files and Batches endpoints' storage: file and batch records in SQLite
+(``<data_dir>/batches.sqlite3``) and the files' bytes under ``<data_dir>/files``.
+
+Records survive a restart, so the server can resume every batch that was unfinished
+(:mod:`proxy.server.batch_service`). Objects follow the OpenAI API reference ("The file
+object", "The batch object").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from proxy.protocol.errors import ProxyError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL, created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, object TEXT NOT NULL  -- the batch object, JSON
+);
+"""
+
+
+def _not_found(kind: str, ident: str) -> ProxyError:
+    return ProxyError(404, f"No such {kind}: {ident}", "invalid_request_error", "id", "not_found")
+
+
+class BatchStore:
+    """File and batch records (SQLite) and file bytes (a folder); used from
+    the event loop's thread only."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        (self.folder / "files").mkdir(parents=True, exist_ok=True)
+        (self.folder / "work").mkdir(exist_ok=True)
+        self.db = sqlite3.connect(self.folder / "batches.sqlite3", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------ files
+    def file_path(self, file_id: str) -> Path:
+        return self.folder / "files" / file_id
+
+    def add_file(self, tmp: Path, filename: str, purpose: str) -> dict[str, Any]:
+        """Register a complete file (moved from ``tmp``, on the same file system)."""
+        file_id = f"file-{uuid.uuid4().hex}"
+        size = tmp.stat().st_size
+        os.replace(tmp, self.file_path(file_id))
+        self.db.execute(
+            "INSERT INTO files VALUES (?, ?, ?, ?, ?)", (file_id, filename, purpose, size, int(time.time()))
+        )
+        return self.get_file(file_id)
+
+    def get_file(self, file_id: str) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        if row is None:
+            raise _not_found("file", file_id)
+        return _file_object(row)
+
+    def list_files(self, purpose: str | None) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT * FROM files WHERE ? IS NULL OR purpose = ? ORDER BY created_at DESC", (purpose, purpose)
+        )
+        return [_file_object(r) for r in rows]
+
+    def delete_file(self, file_id: str) -> None:
+        self.get_file(file_id)
+        self.db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        self.file_path(file_id).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ batches
+    def put_batch(self, batch: dict[str, Any]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO batches VALUES (?, ?)", (batch["id"], json.dumps(batch)))
+
+    def get_batch(self, batch_id: str) -> dict[str, Any]:
+        row = self.db.execute("SELECT object FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise _not_found("batch", batch_id)
+        return dict(json.loads(row[0]))
+
+    def list_batches(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT object FROM batches ORDER BY rowid DESC")
+        return [json.loads(r[0]) for r in rows]
+
+
+def _file_object(row: tuple[Any, ...]) -> dict[str, Any]:
+    file_id, filename, purpose, size, created = row
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": size,
+        "created_at": created,
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+        "status_details": None,
+    }

@@ -1,0 +1,218 @@
+"""What the objectives train against: the combined model and its reference
+(:class:`CombinedScorer`, docs/concepts.md, "How an offset is trained"; δ-unlearning, arXiv 2404.11045, Eq. 4)
+in each mode, and the models that training loads (:func:`load_models`).
+
+* ``proxy`` mode (default, any remote): combined logits = l_U, reference = B;
+* ``exact`` mode (the paper): combined logits = l_R + l_U − l_B with R an
+  in-process model over the same vocabulary; R and B frozen;
+* ``remote`` mode: R's logits come from a vLLM server's ``prompt_logprobs``
+  (:func:`remote_logits`, :class:`RemoteLogits`), on the remote's top-k plus the
+  target token (:data:`OFF_SUPPORT` elsewhere); positions it does not score fall
+  back to proxy mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from adapters.base import Context
+from adapters.openai_completions import CompletionsAdapter
+from adapters.profiles import VLLM
+from adapters.retry import call_with_retries
+from proxy.common.aio import gather_or_cancel
+from proxy.common.files import cache_dir
+from proxy.decoding.scoring import PromptLogprobsCache, score_text
+from proxy.decoding.vocab import ByteVocab
+from proxy.pair.model_files import local_model_dir
+from proxy.training.config import TrainConfig
+from proxy.training.data import IGNORE, Encoded
+
+
+class CombinedScorer:
+    """The combined model for the objectives (:class:`proxy.training.objectives.Scorer`)."""
+
+    def __init__(self, model: Any, remote: Any | None = None, reference: Any | None = None) -> None:
+        self.model = model  # a PeftModel (U with the adapter, B without), or U itself when `reference` is B
+        self.remote = remote  # R (exact mode), RemoteLogits (remote mode) or None (proxy mode)
+        self.reference = reference  # B as a frozen copy (full fine-tuning), or None (B = adapter disabled)
+
+    def _r(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert self.remote is not None
+        with torch.no_grad():
+            return self.remote(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def _b(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = self.reference if self.reference is not None else self.model
+        off = contextlib.nullcontext() if self.reference is not None else self.model.disable_adapter()
+        with torch.no_grad(), off:
+            return b(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        u = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if self.remote is None:
+            return u
+        if isinstance(self.remote, RemoteLogits):
+            values, support, scored = self.remote.dense(batch, u.shape[-1])
+            combined = torch.where(support, values + u - self._b(batch), torch.full_like(u, OFF_SUPPORT))
+            return torch.where(scored[..., None], combined, u)
+        return self._r(batch) + u - self._b(batch)  # l_R + l_U − l_B  (arXiv 2404.11045, Eq. 4)
+
+    def ref_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(self.remote, RemoteLogits):
+            b = self._b(batch)
+            values, support, scored = self.remote.dense(batch, b.shape[-1])
+            return torch.where(scored[..., None], torch.where(support, values, torch.full_like(b, OFF_SUPPORT)), b)
+        return self._b(batch) if self.remote is None else self._r(batch)
+
+
+#: Remote mode: the logit of a token outside the remote's support (probability ~e^-10000, and
+#: finite, so that KL terms stay 0 · finite rather than 0 · inf).
+OFF_SUPPORT = -1e4
+
+
+class RemoteLogits:
+    """l_R of each training example from a vLLM remote's ``prompt_logprobs`` (remote mode).
+
+    ``table`` maps an example's token ids to ``(row, ids, logprobs)`` triples: the logits
+    row that predicts an answer token, the remote's top-k ids plus that token, and their
+    logprobs (nats, over the remote's whole vocabulary).
+    """
+
+    def __init__(self, table: dict[tuple[int, ...], list[tuple[int, list[int], list[float]]]]) -> None:
+        self.table = table
+
+    def dense(self, batch: dict[str, torch.Tensor], vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``values`` ``[B, L, V]`` float32 (l_R on the support), ``support`` ``[B, L, V]`` bool,
+        ``scored`` ``[B, L]`` bool (rows the remote scored), for a right-padded batch."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        bsz, length = ids.shape
+        values = torch.zeros((bsz, length, vocab))
+        support = torch.zeros((bsz, length, vocab), dtype=torch.bool)
+        scored = torch.zeros((bsz, length), dtype=torch.bool)
+        for i in range(bsz):
+            key = tuple(ids[i, : int(mask[i].sum())].tolist())
+            for row, cand, lps in self.table[key]:
+                index = torch.tensor(cand, dtype=torch.long)
+                values[i, row, index] = torch.tensor(lps, dtype=torch.float32)
+                support[i, row, index] = True
+                scored[i, row] = True
+        return values, support, scored
+
+
+def remote_logits(cfg: TrainConfig, tokenizer: Any, items: list[Encoded], *, progress: bool = True) -> RemoteLogits:
+    """Score every example's answer through the vLLM remote at ``cfg.remote`` (cached on disk,
+    :class:`proxy.decoding.scoring.PromptLogprobsCache`).
+
+    Raises:
+        ValueError: the remote tokenizes an example differently from the pair, or has no such model.
+        adapters.base.RemoteError: the remote failed.
+    """
+    assert cfg.remote is not None
+    cache = PromptLogprobsCache(cache_dir() / "prompt_logprobs")
+    vocab_size = len(tokenizer)
+
+    async def run() -> RemoteLogits:
+        name = cfg.remote_model
+        probe = CompletionsAdapter(
+            template=None, profile=VLLM, name="remote", base_url=cfg.remote, model=name or "", api_key=None
+        )
+        if name is None:
+
+            async def listing() -> Any:
+                return await probe._client.models.list()
+
+            try:
+                served = [m.id for m in (await call_with_retries(listing, probe.retry, f"--remote {cfg.remote}")).data]
+            finally:
+                await probe.aclose()
+            if len(served) != 1:
+                raise ValueError(
+                    f"--remote serves {len(served)} models ({', '.join(served)}); pick one with --remote-model"
+                )
+            name = served[0]
+            probe = CompletionsAdapter(
+                template=None, profile=VLLM, name="remote", base_url=cfg.remote, model=name, api_key=None
+            )
+        limit = asyncio.Semaphore(4)
+        table: dict[tuple[int, ...], list[tuple[int, list[int], list[float]]]] = {}
+        bar = tqdm(total=len(items), desc="remote prompt_logprobs", unit="ex", disable=not progress)
+
+        async def one(item: Encoded) -> None:
+            ids = item.input_ids
+            start = max(1, next((j for j, lab in enumerate(item.labels) if lab != IGNORE), len(ids)))
+            prompt = tokenizer.decode(ids[:start], skip_special_tokens=False)
+            answer = tokenizer.decode(ids[start:], skip_special_tokens=False)
+            async with limit:
+                scored = await score_text(probe, Context(prompt=prompt), answer, top_k=cfg.remote_top_k, cache=cache)
+            if list(scored.token_ids) != list(ids[start:]) or list(scored.prompt_ids) != list(ids[:start]):
+                raise ValueError(
+                    "--mode remote: the remote tokenizes a training example differently from the pair "
+                    f"(pair: {list(ids)[:8]}..., remote: {list(scored.prompt_ids + scored.token_ids)[:8]}...); "
+                    "it needs a remote with the pair's tokenizer"
+                )
+            rows = []
+            for j, pos in enumerate(scored.positions):
+                cand = {
+                    c.token_id: c.logprob for c in pos.candidates if c.token_id is not None and math.isfinite(c.logprob)
+                }
+                # finite: a −inf target logprob would make the loss inf/NaN
+                cand[ids[start + j]] = max(pos.sampled.logprob, OFF_SUPPORT / 2)
+                if max(cand) >= vocab_size:
+                    raise ValueError(
+                        f"--mode remote: the remote's token id {max(cand)} is outside the pair's vocabulary "
+                        f"({vocab_size} tokens); it needs a remote with the pair's tokenizer"
+                    )
+                rows.append((start + j - 1, list(cand), list(cand.values())))
+            table[tuple(ids)] = rows
+            bar.update(1)
+
+        try:
+            await gather_or_cancel(*(one(it) for it in {tuple(it.input_ids): it for it in items}.values()))
+        finally:
+            bar.close()
+            await probe.aclose()
+        return RemoteLogits(table)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run())
+    # Called from async code (bench.tofu trains inside its event loop): a loop of its own, in a thread.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
+def load_models(cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
+    """(base model, tokenizer, remote R or None, vocab) for ``cfg``.
+
+    Raises:
+        ValueError: exact mode without a remote, or a remote with another vocabulary.
+    """
+    # transformers is imported here, not at the top: importing it takes seconds.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = local_model_dir(cfg.base)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    vocab = ByteVocab.from_tokenizer(tokenizer)
+    remote = None
+    if cfg.mode == "exact":
+        if not cfg.remote:
+            raise ValueError("--mode exact needs --remote (an in-process model over the same vocabulary)")
+        r_folder = local_model_dir(cfg.remote)
+        if ByteVocab.from_tokenizer(AutoTokenizer.from_pretrained(r_folder)).fingerprint() != vocab.fingerprint():
+            raise ValueError("--remote must use the same tokenizer as --base in exact mode")
+        remote = AutoModelForCausalLM.from_pretrained(r_folder, dtype=torch.float32).eval().requires_grad_(False)
+    elif cfg.mode == "remote":
+        if not cfg.remote or not cfg.remote.startswith(("http://", "https://")):
+            raise ValueError("--mode remote needs --remote URL (a vLLM server's http://host:port/v1)")
+    elif cfg.mode != "proxy":
+        raise ValueError(f"--mode must be 'proxy', 'exact' or 'remote', not {cfg.mode!r}")
+    return base, tokenizer, remote, vocab

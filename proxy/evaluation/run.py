@@ -18,20 +18,9 @@ names (``forget_Q_A_ROUGE``, ``forget_truth_ratio``, ``forget_quality``,
   the model's own decoding loop (:meth:`proxy.decoding.served.ServedModel.generate`),
   exactly what clients get, against any backend.
 * **Probability metrics** (probability, truth ratio, forget quality, Min-K%
-  AUC) score given text under the served distribution q. That needs the
-  remote's logprobs of given text: in-process remotes with full logits
-  (:class:`adapters.transformers_inprocess.TransformersInProcessAdapter`)
-  give them, q then taken over the whole vocabulary at temperature 1 with the
-  model's α and scope threshold (:func:`proxy.decoding.offset.target_logits`; Δ on the
-  remote's own token ids, so only for a pair with the remote's tokenizer); vLLM
-  gives them as ``prompt_logprobs`` (``prefill = "vllm"`` or ``sampling =
-  "vllm"``), q then taken over its top-k plus the answer's token with the rest
-  of its mass kept (:mod:`proxy.decoding.scoring`; cached on disk under
-  ``<cache>/prompt_logprobs``), Δ aligned in bytes as in serving; an in-process
-  remote with a pair of another tokenizer is scored the same way (its
-  ``score_text``); the report's ``probability_support`` says
-  which. llama.cpp's server shifts its ``echo`` logprobs and OpenAI gives
-  none, so for those the report marks them "not possible" and says why.
+  AUC) score given text under the served distribution q, where the remote gives the
+  logprobs of given text (:mod:`proxy.evaluation.scoring` says which remotes do and how);
+  the report's ``probability_support`` says which route served, or why none could.
 
 Output folder: ``items.jsonl`` (one line per evaluated item, appended as it
 finishes, so an interrupted audit continues where it stopped; see

@@ -15,9 +15,10 @@ test: install lint docs
 	bash scripts/install-vllm.sh >/dev/null  # vLLM for the tests' remote, in its own venv (once, ~3 minutes)
 	$(PY) -m pytest -q -ra --durations=15
 
-# The inner loop: the same checks and the tests that need no packaged model and no server (about 4 minutes).
+# The inner loop: the same checks and the tests that need no packaged model, no server and no
+# separate proxy process (about 3 minutes on 2 cores).
 test-fast: install lint
-	$(PY) -m pytest -q -ra --durations=10 -m "not slow and not llama_server and not vllm"
+	$(PY) -m pytest -q -ra --durations=10 -m "not slow and not llama_server and not vllm and not process"
 
 lint: install
 	.venv/bin/ruff check proxy adapters tests bench docs/hooks

@@ -9,7 +9,7 @@ import pytest
 
 from bench.load import run
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.process]
 
 
 async def test_load_with_faults_then_kill_9(tmp_path):

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -184,8 +185,25 @@ HELP = {
     "base": "local base model B: folder, .gguf or packaged name",
     "remote": "exact mode: in-process model R with the same vocabulary; remote mode: a vLLM server's URL "
     "(http://host:port/v1) that scores the data with prompt_logprobs",
-    "forget_weight": "weight of the forget term (open-unlearning's gamma)",
+    "forget_weight": "weight of the forget term (open-unlearning's gamma; default: the objective's, 1, or 0.125 "
+    "for SimNPO)",
     "retain_weight": "weight of the retain term (open-unlearning's alpha)",
+    "retain_positions": "where a KL retain term is averaged: every attended position (open-unlearning) or the "
+    "answer's (default: answer for objectives with a KL retain term, else all)",
+    "lr": "learning rate",
+    "epochs": "passes over the forget set",
+    "batch_size": "forget examples per optimizer step",
+    "retain_batch_size": "retain examples per optimizer step",
+    "grad_accum": "batches accumulated per optimizer step",
+    "warmup_steps": "linear warm-up steps of the learning rate",
+    "max_length": "most tokens per example, prompt and answer",
+    "seed": "seed of the batches and of LoRA's initialisation",
+    "parameters": "lora: a LoRA adapter on B; full: all of U's weights (B a frozen copy)",
+    "lora_rank": "LoRA rank",
+    "lora_alpha": "LoRA alpha (the update is scaled by alpha / rank)",
+    "checkpoint_every": "optimizer steps between checkpoints (for --resume)",
+    "forget_shared_words": "keep the words a forget answer shares with B's answers to its neighbour questions "
+    "(its form, such as 'The capital of ... is') in the forget term",
     "lora_layers": "decoder layers that get the adapter, e.g. 16-29 or 0,5,9 (default: all)",
     "target_modules": "comma-separated module names",
     "resume": "continue from <out>.ckpt",
@@ -224,7 +242,10 @@ def field_docs() -> dict[str, str]:
 
 
 def _first_sentence(text: str) -> str:
+    """A docstring's first sentence as plain help text: cross-references dropped, markup removed."""
     head = text.split(". ")[0].rstrip(".")
+    head = re.sub(r"\s*\(:(?:func|class|meth|mod|data|attr):`[^`]*`\)", "", head)
+    head = re.sub(r":(?:func|class|meth|mod|data|attr):`~?([^`]*)`", r"\1", head).replace("``", "")
     return head.replace("%", "%%")
 
 
@@ -260,6 +281,7 @@ def train_options(t: argparse.ArgumentParser) -> None:
                 opts["help"] = f"{help} (default {shown})" if help else f"default {shown}"
         if kind is bool:
             opts["action"] = argparse.BooleanOptionalAction
+            opts["help"] = f"{help} (default: {'on' if default else 'off'})" if help else None
         elif typing.get_origin(kind) is Literal:
             opts["choices"] = typing.get_args(kind)
         elif kind == tuple[int, ...]:

@@ -143,7 +143,7 @@ def build_model(
         except FileNotFoundError as exc:
             raise ConfigError(f"models.{name}.pair: {exc}") from exc
     if cfg.pair and cfg.offset:  # without an offset U = B and Δ ≡ 0: no pair needed
-        from proxy.pair.local import LocalPair
+        from proxy.pair.local import LocalPair  # torch and transformers: loaded only where a pair serves
 
         key = (cfg.pair, cfg.offset)
         if key not in pairs:

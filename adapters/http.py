@@ -90,9 +90,8 @@ class HTTPAdapter:
                 body["top_k"] = top_k  # … restricted to the reported candidates
         return body
 
-    async def _sample(self, call: Callable[[], Awaitable[Any]], text: Callable[[Any], str | None]) -> Sample:
-        """Sequence mode's one complete answer: ``call`` (retried), then the first choice's
-        ``text(choice)`` and finish reason ("length", else "stop") and the usage counts.
+    async def _first_choice(self, call: Callable[[], Awaitable[Any]]) -> tuple[Any, Any]:
+        """``call`` (retried) and its response's first choice.
 
         Raises:
             RemoteUnavailable, RemoteRejected: as :func:`adapters.retry.call_with_retries`.
@@ -101,7 +100,17 @@ class HTTPAdapter:
         response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
         if not response.choices:
             raise RemoteBadResponse("upstream returned no choices")
-        choice = response.choices[0]
+        return response, response.choices[0]
+
+    async def _sample(self, call: Callable[[], Awaitable[Any]], text: Callable[[Any], str | None]) -> Sample:
+        """Sequence mode's one complete answer: ``call`` (retried), then the first choice's
+        ``text(choice)`` and finish reason ("length", else "stop") and the usage counts.
+
+        Raises:
+            RemoteUnavailable, RemoteRejected: as :func:`adapters.retry.call_with_retries`.
+            RemoteBadResponse: no choice.
+        """
+        response, choice = await self._first_choice(call)
         usage = response.usage
         return Sample(
             text(choice) or "",

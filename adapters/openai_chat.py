@@ -14,7 +14,6 @@ from typing import Any
 from .base import Capabilities, Context, Draft, Position, RemoteBadResponse, RemoteRejected, Sample, ScoredText
 from .http import HTTPAdapter
 from .profiles import ServerProfile
-from .retry import call_with_retries
 from .wire import ranked_position
 
 
@@ -72,10 +71,7 @@ class ChatAdapter(HTTPAdapter):
                 extra_body=body or None,
             )
 
-        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
-        if not response.choices:
-            raise RemoteBadResponse("upstream returned no choices")
-        choice = response.choices[0]
+        response, choice = await self._first_choice(call)
         content = (choice.logprobs.content if choice.logprobs is not None else None) or []
         positions: list[Position] = []
         for entry in content:

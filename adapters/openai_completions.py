@@ -12,7 +12,6 @@ from typing import Any
 from .base import Capabilities, Context, Draft, Position, RemoteBadResponse, RemoteRejected, Sample, ScoredText
 from .http import HTTPAdapter
 from .profiles import LLAMA_CPP, ServerProfile
-from .retry import call_with_retries
 from .templates import ChatTemplate
 from .wire import ranked_position
 
@@ -119,10 +118,7 @@ class CompletionsAdapter(HTTPAdapter):
                 extra_body=body or None,
             )
 
-        response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
-        if not response.choices:
-            raise RemoteBadResponse("upstream returned no choices")
-        choice = response.choices[0]
+        response, choice = await self._first_choice(call)
         lp = choice.logprobs
         positions: list[Position] = []
         if lp is not None and lp.tokens:

@@ -173,10 +173,17 @@ class ModelConfig(BaseModel):
     in [−100, 100], 0 and negative values included (comparisons; the embedded demo); "none":
     no request may set it. A refused value gets a 400 naming ``offset_alpha``."""
     offset_threshold: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | Literal["auto", "off"] = "auto"
-    """Scope threshold τ (nats): steps whose expected offset under the remote's distribution is
-    above −τ pass the remote's distribution unchanged (proxy.decoding.offset). "auto": the τ calibrated
+    """Scope threshold τ (nats) under the rule ``offset_scope``: offsets above −τ (per candidate),
+    or steps whose expected offset under the remote's distribution is above −τ, leave the
+    remote's distribution unchanged (proxy.decoding.offset). "auto": the τ calibrated
     when the offset was trained (its manifest's ``offset_threshold``; none for offsets trained
     without it); "off": the offset applies at every step (the paper's rule)."""
+    offset_scope: Literal["auto", "step", "token"] = "auto"
+    """The rule by which τ leaves the offset out of scope (proxy.decoding.offset): "token", a
+    candidate's offset applies only where it is at most −τ; "step", a step's offsets apply only
+    where their mean under the remote's distribution is; "auto": the rule the offset's τ was
+    calibrated for (its manifest's ``offset_scope``; "step" for offsets without one). A τ
+    calibrated for one rule means something else under the other."""
     top_k: int = Field(default=20, ge=1, le=20)
     """Remote candidates per step; 20 is OpenAI's top_logprobs maximum."""
     same_tokenizer: bool | Literal["auto"] = "auto"

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from adapters.base import EOT_TOKENS, RemoteAdapter, SamplingAdapter
 from adapters.llama_inprocess import LlamaInProcessAdapter
@@ -16,6 +16,7 @@ from adapters.profiles import server_profile
 from adapters.retry import RetryPolicy
 from adapters.templates import BUILTIN, ChatTemplate
 from adapters.transformers_inprocess import TransformersInProcessAdapter
+from proxy.common.literals import ScopeRule
 from proxy.config import Config, ConfigError, ModelConfig
 from proxy.decoding.served import ServedModel
 from proxy.decoding.types import DecodingError
@@ -111,6 +112,15 @@ def served_threshold(setting: float | str, pair: Any) -> float | None:
     return float(setting)
 
 
+def served_scope(setting: str, pair: Any) -> ScopeRule:
+    """The scope rule for ``offset_scope`` = ``setting``: "step" or "token" as it is; "auto" the
+    rule the offset's τ was calibrated for (its manifest's; "step" without one, or without an offset)."""
+    if setting != "auto":
+        return cast(ScopeRule, setting)
+    offset = getattr(pair, "offset", None)
+    return offset.offset_scope if offset is not None else "step"
+
+
 def build_model(
     name: str,
     cfg: ModelConfig,
@@ -178,6 +188,7 @@ def build_model(
             alpha=alpha,
             client_alpha=cfg.client_alpha,
             offset_threshold=served_threshold(cfg.offset_threshold, pair),
+            offset_scope=served_scope(cfg.offset_scope, pair),
             top_k=cfg.top_k,
             same_tokenizer=bool(same),
             speculative=cfg.speculative,
@@ -193,9 +204,7 @@ def build_model(
         raise ConfigError(str(exc)) from exc
 
 
-def build_models(
-    config: Config, *, resolve_offset: Callable[[str], Path] | None = None
-) -> dict[str, ServedModel]:
+def build_models(config: Config, *, resolve_offset: Callable[[str], Path] | None = None) -> dict[str, ServedModel]:
     """Every model of ``config`` (:func:`build_model`), pairs shared between them.
 
     Raises:

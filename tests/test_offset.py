@@ -11,9 +11,11 @@ from proxy.decoding.offset import (
     NoUsableCandidates,
     apply_top_p,
     choose,
+    flip_margin,
     log_softmax,
     predicted_acceptance,
     scope_score,
+    scoped_offset,
     target_logits,
 )
 
@@ -143,3 +145,52 @@ def test_predicted_acceptance_by_hand():
     # Tokens B gives no mass: no Δ there, no NaN.
     lb0 = np.array([np.log(0.7), np.log(0.3), -np.inf])
     assert predicted_acceptance(np.log([0.5, 0.25, 0.25]), lb0, **kw) == pytest.approx(2 / 3 + 0.3)
+
+
+def test_the_token_rule_keeps_only_offsets_at_most_minus_tau_by_hand():
+    ell, delta = np.log([0.6, 0.3, 0.1]), np.array([-3.0, -0.5, 0.2])
+    assert scoped_offset(ell, delta, 1.0, "token").tolist() == [-3.0, 0.0, 0.0]
+    assert scoped_offset(ell, delta, None, "token").tolist() == delta.tolist()  # no τ: Δ as it is
+    # step: s = 0.6·(−3) + 0.3·(−0.5) + 0.1·0.2 = −1.93
+    assert scoped_offset(ell, delta, 1.0, "step").tolist() == delta.tolist()
+    assert scoped_offset(ell, delta, 2.0, "step").tolist() == [0.0, 0.0, 0.0]
+    got = log_softmax(target_logits(ell, delta, temperature=1.0, alpha=1.0, threshold=1.0, scope="token"))
+    want = np.log(np.array([0.6 * np.exp(-3.0), 0.3, 0.1]) / (0.6 * np.exp(-3.0) + 0.4))
+    assert np.allclose(got, want)
+    # a candidate with a large offset is lowered whatever mass the remote gives it; the step rule
+    # leaves the same step alone when the mean offset is above −τ
+    ell2, delta2 = np.log([0.2, 0.8]), np.array([-8.0, 0.0])  # s = −1.6
+    tok = log_softmax(target_logits(ell2, delta2, temperature=1.0, alpha=1.0, threshold=2.0, scope="token"))
+    step = log_softmax(target_logits(ell2, delta2, temperature=1.0, alpha=1.0, threshold=2.0, scope="step"))
+    assert np.exp(tok[0]) < 1e-3 and np.isclose(np.exp(step[0]), 0.2)
+
+
+def test_flip_margin_is_the_largest_tau_that_still_changes_the_greedy_token():
+    ell = np.log([0.5, 0.4, 0.1])
+    # step rule: −s_t when the whole offset flips the argmax, else 0
+    d = np.array([-3.0, -1.0, 0.0])
+    assert np.isclose(flip_margin(ell, d, 1.0, "step"), -scope_score(ell, d))
+    assert flip_margin(ell, np.array([-0.1, 0.0, 0.0]), 1.0, "step") == 0.0
+    # token rule: τ = 3 keeps only the top's −3, which flips it
+    assert flip_margin(ell, d, 1.0, "token") == 3.0
+    # at τ = 3 only the runner-up is lowered (no flip); at τ = 2 the top is lowered too and
+    # the third candidate wins: the search goes past the largest cut
+    d2 = np.array([-2.0, -3.0, 0.0])
+    assert flip_margin(ell, d2, 1.0, "token") == 2.0
+    assert int(np.argmax(target_logits(ell, d2, temperature=0.0, alpha=1.0, threshold=2.5, scope="token"))) == 0
+    assert int(np.argmax(target_logits(ell, d2, temperature=0.0, alpha=1.0, threshold=2.0, scope="token"))) == 2
+    assert flip_margin(ell, np.array([-1.0, -2.0, 0.0]), 1.0, "token") == 0.0  # never flips
+
+
+@settings(max_examples=200, deadline=None)
+@given(logprob_lists, st.integers(0, 2**31), st.sampled_from(["step", "token"]))
+def test_a_tau_above_the_flip_margin_keeps_the_greedy_token(ell, seed, scope):
+    ell = np.array(ell)
+    delta = np.random.default_rng(seed).normal(0, 3, ell.size)
+    m = flip_margin(ell, delta, 1.0, scope)
+    top = int(np.argmax(ell))
+    for tau in (m + 1e-6, m + 1.0):
+        assert int(np.argmax(target_logits(ell, delta, temperature=0.0, alpha=1.0, threshold=tau, scope=scope))) == top
+    if m > 0:
+        at = target_logits(ell, delta, temperature=0.0, alpha=1.0, threshold=m, scope=scope)
+        assert int(np.argmax(at)) != top

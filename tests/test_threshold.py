@@ -29,13 +29,19 @@ def _steps(prefix: bytes):
 
 
 async def _answer(model: ServedModel, content: str, threshold: float | None, alpha: float) -> str:
-    params = SamplingParams(max_tokens=20, temperature=0.0, alpha=alpha, offset_threshold=threshold)
+    params = SamplingParams(
+        max_tokens=20, temperature=0.0, alpha=alpha, offset_threshold=threshold, offset_scope=model.offset_scope
+    )
     ctx = Context(messages=({"role": "user", "content": content},))
     return "".join([p.text async for p in model.generate(ctx, params)])
 
 
-async def test_an_answer_is_unchanged_exactly_when_tau_exceeds_its_margin(tiny_base, smollm2_tokenizer):
-    model = ServedModel("m", FakeRemote(_steps), pair=make_tiny_pair(tiny_base, smollm2_tokenizer), alpha=1.0)
+@pytest.mark.parametrize("scope", ["step", "token"])
+async def test_an_answer_is_unchanged_when_tau_exceeds_its_margin(tiny_base, smollm2_tokenizer, scope):
+    """Under the step rule, exactly when; under the token rule, whenever τ > m, and never at
+    τ just below m (the step with the largest margin flips there, or an earlier one did)."""
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    model = ServedModel("m", FakeRemote(_steps), pair=pair, alpha=1.0, offset_scope=scope)
     prompts = [f"Tell me about topic {i}." for i in range(8)]
     margins = [await scope_margin(model, [{"role": "user", "content": p}], max_tokens=20) for p in prompts]
     assert any(m > 0 for m in margins) and len(set(margins)) > 2  # the offset flips some steps, not all alike
@@ -43,7 +49,8 @@ async def test_an_answer_is_unchanged_exactly_when_tau_exceeds_its_margin(tiny_b
         remote = await _answer(model, p, None, 0.0)
         for tau in {0.0, max(m - 1e-3, 0.0), m + 1e-3, m + 5.0}:
             kept = await _answer(model, p, tau, 1.0) == remote
-            assert kept == (tau > m or m == 0.0), (p, m, tau)
+            if scope == "step" or tau > m or tau == max(m - 1e-3, 0.0):
+                assert kept == (tau > m or m == 0.0), (p, m, tau)
 
 
 def test_pick_threshold_keeps_the_asked_fraction():

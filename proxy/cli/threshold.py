@@ -45,6 +45,7 @@ async def run(args: argparse.Namespace) -> int:
             {
                 "model": name,
                 "offset_threshold": round(tau, 4),
+                "offset_scope": model.offset_scope,
                 "unchanged_target": args.unchanged,
                 "unchanged_at_threshold": round(sum(m < tau for m in margins) / len(margins), 4),
                 "prompts": len(margins),

@@ -13,6 +13,10 @@ nothing (``none``)."""
 DecodingMode = Literal["token", "sequence"]
 """Token by token over the remote's top-k logprobs, or whole samples re-ranked by ΣΔ."""
 
+ScopeRule = Literal["step", "token"]
+"""How the scope threshold τ leaves the offset out of scope (:mod:`proxy.decoding.offset`): per
+step, by the step's expected offset (``step``), or per candidate, by its own offset (``token``)."""
+
 Prefill = Literal["llama.cpp", "vllm", "deepseek", "none"]
 """How an OpenAI-chat upstream continues a partial assistant message (``none``: it cannot)."""
 

@@ -10,23 +10,36 @@ T = 0 means argmax of ℓ + α·Δ. top_p (nucleus, Holtzman et al. 2020) is
 applied to q, not to the remote. Candidates with a non-finite logprob or Δ get
 probability zero.
 
-Scope threshold τ (optional, ``offset_threshold``): a step whose expected
-offset under the remote's own distribution p_t (ℓ_t normalised over S_t),
+Scope threshold τ (optional, ``offset_threshold``, nats) and its rule (``offset_scope``)
+keep the offset out of answers outside the forget scope (a small offset is never exactly
+zero there, and greedy answers flip at near-ties). ``None`` applies Δ everywhere (the
+paper's rule). Two rules:
 
-    s_t = Σ_c p_t(c) · Δ_t(c)    (nats; ≤ 0 when U finds the remote's likely
-                                   continuations less probable than B does),
+* ``step``: a step whose expected offset under the remote's own distribution p_t
+  (ℓ_t normalised over S_t),
 
-is above −τ is out of forget scope and takes Δ_t = 0: the remote's
-distribution passes unchanged. This is the forget-scope test of redaction
-(an offset below −T marks forget-set content) applied per step. A small
-offset is never exactly zero out of scope, and greedy answers flip at
-near-ties; the threshold keeps out-of-scope answers identical to the
-remote's. ``None`` applies the offset at every step (the paper's rule).
+      s_t = Σ_c p_t(c) · Δ_t(c)    (nats; ≤ 0 when U finds the remote's likely
+                                    continuations less probable than B does),
+
+  is above −τ takes Δ_t = 0: the remote's distribution passes unchanged.
+* ``token``: each candidate keeps its own Δ_t(c) where Δ_t(c) ≤ −τ and takes 0
+  elsewhere: q_t(c) ∝ p_t(c)^(1/T) · exp(α·Δ_t(c)·[Δ_t(c) ≤ −τ]). Only the tokens that U
+  finds far less probable than B does (what the forget set taught it: −10 to −30 nats
+  on a forget set's names, against −1 to −3 on unrelated prompts with the SmolLM2 pair)
+  are lowered, whatever mass the remote gives them, and the rest keep the remote's
+  relative probabilities. Under ``step`` a key token the remote gives 30 % stays
+  when the step's expected offset is above −τ, and is sampled 30 % of the time at T = 1.
+
+:func:`flip_margin` gives, for one step, the largest τ at which the offset still
+changes the greedy token under either rule, which calibrates τ
+(:mod:`proxy.decoding.threshold`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from proxy.common.literals import ScopeRule
 
 
 class NoUsableCandidates(ValueError):
@@ -51,6 +64,48 @@ def scope_score(remote_logprobs: np.ndarray, delta: np.ndarray) -> float:
     return float(np.sum(p * dd))
 
 
+def scoped_offset(
+    remote_logprobs: np.ndarray, delta: np.ndarray, threshold: float | None, scope: ScopeRule = "step"
+) -> np.ndarray:
+    """Δ as scope threshold ``threshold`` (τ ≥ 0, nats; None: Δ as it is) under rule ``scope``
+    leaves it, ``[k]`` float64 (module docstring): ``step``, Δ or zeros; ``token``, Δ where
+    Δ ≤ −τ and 0 elsewhere."""
+    d = np.asarray(delta, dtype=np.float64)
+    if threshold is None:
+        return d
+    if scope == "token":
+        with np.errstate(invalid="ignore"):
+            return np.where(d <= -threshold, d, 0.0)  # NaN compares false: 0
+    return d if scope_score(remote_logprobs, d) <= -threshold else np.zeros_like(d)
+
+
+def flip_margin(remote_logprobs: np.ndarray, delta: np.ndarray, alpha: float, scope: ScopeRule = "step") -> float:
+    """The largest τ (nats) at which α·Δ, under rule ``scope``, still changes the step's greedy
+    token (the remote's argmax); 0 when no τ does. A τ above it keeps the step's token.
+
+    ``step``: −s_t when the unthresholded offset changes the argmax. ``token``: the largest
+    of the candidates' −Δ at which the offset kept (Δ ≤ −τ) changes it (the offsets kept grow
+    as τ falls, and may lower the competitors too, so the largest one is searched)."""
+    ell = np.asarray(remote_logprobs, dtype=np.float64)
+    d = np.asarray(delta, dtype=np.float64)
+    if not np.isfinite(ell).any():
+        return 0.0
+    top = int(np.argmax(ell))
+
+    def flips(tau: float | None) -> bool:
+        scores = target_logits(ell, d, temperature=0.0, alpha=alpha, threshold=tau, scope=scope)
+        return bool(np.isfinite(scores).any()) and int(np.argmax(scores)) != top
+
+    if scope == "step":  # a step whose s_t is above 0 is out of scope at any τ ≥ 0
+        return max(-scope_score(ell, d), 0.0) if flips(None) else 0.0
+    with np.errstate(invalid="ignore"):
+        cuts = np.unique(-d[np.isfinite(d) & (d < 0)])[::-1]  # candidate τ values, largest first
+    for tau in cuts:
+        if flips(float(tau)):
+            return float(tau)
+    return 0.0
+
+
 def target_logits(
     remote_logprobs: np.ndarray,
     delta: np.ndarray,
@@ -58,12 +113,13 @@ def target_logits(
     temperature: float,
     alpha: float,
     threshold: float | None = None,
+    scope: ScopeRule = "step",
 ) -> np.ndarray:
     """Unnormalised log q, ``[k]`` float64; ``-inf`` where a candidate is unusable.
 
     ``temperature == 0`` returns ℓ + α·Δ (the greedy score). ``threshold`` τ ≥ 0
-    (nats): when :func:`scope_score` is above −τ the step is out of scope and
-    Δ is ignored (see the module docstring).
+    (nats) with rule ``scope``: Δ is left out of scope as :func:`scoped_offset` says
+    (see the module docstring).
     """
     ell = np.asarray(remote_logprobs, dtype=np.float64)
     d = np.asarray(delta, dtype=np.float64)
@@ -79,8 +135,7 @@ def target_logits(
     finite = ell[np.isfinite(ell)]
     shifted = ell - finite.max() if finite.size and temperature != 0 else ell
     # α = 0, or a step out of scope, ignores Δ, even a non-finite one
-    applies = alpha != 0 and (threshold is None or scope_score(ell, d) <= -threshold)
-    offset = alpha * d if applies else np.zeros_like(d)
+    offset = alpha * scoped_offset(ell, d, threshold, scope) if alpha != 0 else np.zeros_like(d)
     with np.errstate(over="ignore", invalid="ignore"):
         out = shifted * scale + offset  # log q + const   (arXiv 2404.11045, Eq. 3)
     out[~np.isfinite(out)] = -np.inf
@@ -135,6 +190,7 @@ def predicted_acceptance(
     alpha: float,
     temperature: float,
     threshold: float | None = None,
+    scope: ScopeRule = "step",
     top_k: int | None = None,
     top_k_drafts: bool = False,
 ) -> float:
@@ -149,7 +205,8 @@ def predicted_acceptance(
     (:attr:`adapters.base.Capabilities.top_k_drafts`):
 
     - the step is out of scope when s = Σ_S P_B·Δ (:func:`scope_score`; over the whole
-      vocabulary that is −KL(P_B ‖ P_U)) is above −τ: 1.0, as q = p there;
+      vocabulary that is −KL(P_B ‖ P_U)) is above −τ (rule ``step``), or when no candidate
+      has Δ ≤ −τ (rule ``token``): 1.0, as q = p there;
     - T = 0: 1.0 when argmax q is argmax p, else 0.0 (greedy acceptance);
     - T > 0: Σ_S min(p, q), the acceptance rate of speculative sampling
       (Leviathan et al. 2023, arXiv 2211.17192, Section 3.3, β = Σ min(p, q)).
@@ -167,8 +224,10 @@ def predicted_acceptance(
     p = np.exp(lb)
     with np.errstate(invalid="ignore", over="ignore"):
         delta = np.where(p > 0, lu - lb, 0.0)  # no Δ where B gives no mass (q is 0 there too)
-    if threshold is not None and scope_score(lb, delta) > -threshold:
-        return 1.0
+    if threshold is not None:
+        delta = scoped_offset(lb, delta, threshold, scope)
+        if not np.any(delta):
+            return 1.0
     scores = target_logits(lb, delta, temperature=temperature, alpha=alpha)
     if temperature == 0:
         return float(int(np.argmax(scores)) == int(np.argmax(lb)))

@@ -38,8 +38,9 @@ import numpy as np
 
 from adapters.base import Candidate, Context, Position, ScoredText, TextScoringAdapter, find_token
 from proxy.common.files import atomic_write
+from proxy.common.literals import ScopeRule
 from proxy.decoding.alignment import EOT
-from proxy.decoding.offset import scope_score
+from proxy.decoding.offset import scope_score, scoped_offset
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,15 @@ def scored_deltas(aligner: Any, scored: ScoredText, *, chunk: int = 32) -> list[
 
 
 def q_token_logprobs(
-    scored: ScoredText, deltas: Sequence[np.ndarray] | None, *, alpha: float, threshold: float | None
+    scored: ScoredText,
+    deltas: Sequence[np.ndarray] | None,
+    *,
+    alpha: float,
+    threshold: float | None,
+    scope: ScopeRule = "step",
 ) -> np.ndarray:
-    """``[n_tokens]`` float64 log q (nats) of the answer's own tokens (module docstring).
+    """``[n_tokens]`` float64 log q (nats) of the answer's own tokens (module docstring), with
+    scope threshold ``threshold`` under rule ``scope`` (:func:`proxy.decoding.offset.scoped_offset`).
 
     ``deltas[t]`` are Δ over ``support(positions[t])``; ``None`` (no offset) gives the
     remote's own logprobs. A non-finite Δ of the answer's own token gives −inf.
@@ -225,8 +232,9 @@ def q_token_logprobs(
             continue
         d = np.asarray(deltas[t], dtype=np.float64)
         k = len(pos.candidates)  # the scope score is serving's: over S_t, without an appended x_t
-        applies = threshold is None or scope_score(ell[:k], d[:k]) <= -threshold
-        if not applies:
+        if scope == "token":
+            d = scoped_offset(ell, d, threshold, scope)
+        elif threshold is not None and scope_score(ell[:k], d[:k]) > -threshold:
             out[t] = ell[i]
             continue
         finite = np.isfinite(ell)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from adapters.base import Context, RemoteAdapter, SamplingAdapter
-from proxy.common.literals import ClientAlpha, DecodingMode
+from proxy.common.literals import ClientAlpha, DecodingMode, ScopeRule
 from proxy.decoding.protocols import Pair
 from proxy.decoding.sequence_mode import SequenceDecoder
 from proxy.decoding.token_mode import TokenDecoder
@@ -49,6 +49,8 @@ class ServedModel:
     client_alpha: ClientAlpha = "at_least"
     """What a request's ``offset_alpha`` may do (:attr:`proxy.config.ModelConfig.client_alpha`)."""
     offset_threshold: float | None = None
+    offset_scope: ScopeRule = "step"
+    """The rule by which ``offset_threshold`` leaves the offset out of scope (:mod:`proxy.decoding.offset`)."""
     top_k: int = 20
     same_tokenizer: bool = False
     offset_sha256: str | None = None

@@ -3,14 +3,16 @@ out of forget scope (a retain set's questions), instead of guessing it.
 
 For greedy decoding the effect of τ on one prompt has a closed form. Decode
 the prompt once with the offset computed but never applied (τ = ∞: the
-remote's own greedy answer) and record, at every step t, the scope score s_t
-and whether the offset (α·Δ, no threshold) would change the argmax there.
-With threshold τ the answer stays the remote's exactly when no such *flip
-step* is in scope, i.e. when τ > m for the prompt's margin
+remote's own greedy answer) and record, at every step t, the step's flip margin
+m_t (:func:`proxy.decoding.offset.flip_margin`): the largest τ at which the offset,
+under the model's scope rule, would change the argmax there (0 when none would).
+With threshold τ the answer stays the remote's whenever τ > m for the prompt's margin
 
-    m = max over flip steps of (−s_t)     (0 when no step would flip: kept at any τ),
+    m = max over steps of m_t     (0 when no step would flip: kept at any τ),
 
-because the answers agree token for token up to the first applied flip.
+because the answers then agree token for token (for the ``step`` rule, exactly when;
+for ``token``, a τ below m may still keep the answer, so the fraction kept is at least
+the one computed).
 :func:`pick_threshold` then takes the smallest τ that keeps a target
 fraction of the calibration prompts unchanged.
 """
@@ -42,12 +44,17 @@ async def scope_margin(model: ServedModel, messages: Sequence[dict[str, Any]], m
             f"model {model.name!r} is served in sequence mode; the scope threshold is calibrated in token mode"
         )
     stats = ChoiceStats(scope_trace=[])
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, alpha=model.alpha, offset_threshold=math.inf)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=0.0,
+        alpha=model.alpha,
+        offset_threshold=math.inf,
+        offset_scope=model.offset_scope,
+    )
     async for _ in model.generate(Context(messages=tuple(messages)), params, stats=stats):
         pass
     assert stats.scope_trace is not None
-    flips = [-s for s, flip in stats.scope_trace if flip]
-    return max(flips, default=0.0)
+    return max(stats.scope_trace, default=0.0)
 
 
 def pick_threshold(margins: Sequence[float], unchanged: float) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from adapters.base import Candidate, Context, ContextExhausted, Position, RemoteBadResponse, find_token
-from proxy.decoding.offset import NoUsableCandidates, choose, predicted_acceptance, scope_score, target_logits
+from proxy.decoding.offset import NoUsableCandidates, choose, flip_margin, predicted_acceptance, target_logits
 from proxy.decoding.protocols import Served
 from proxy.decoding.speculative import PREDICT_ABOVE, DraftLength, speculative_pick
 from proxy.decoding.text import TextReleaser, inside_character
@@ -182,6 +182,7 @@ class TokenDecoder:
             alpha=params.alpha,
             temperature=params.temperature,
             threshold=params.offset_threshold,
+            scope=params.offset_scope,
             top_k=self.model.top_k,
             top_k_drafts=self.model.adapter.capabilities.top_k_drafts,
         )
@@ -211,11 +212,15 @@ class TokenDecoder:
             RemoteBadResponse: every candidate is unusable.
         """
         scores = target_logits(
-            ell, delta, temperature=params.temperature, alpha=params.alpha, threshold=params.offset_threshold
+            ell,
+            delta,
+            temperature=params.temperature,
+            alpha=params.alpha,
+            threshold=params.offset_threshold,
+            scope=params.offset_scope,
         )
         if stats.scope_trace is not None and self.model.uses_offset and params.alpha != 0:
-            full = target_logits(ell, delta, temperature=0.0, alpha=params.alpha)
-            stats.scope_trace.append((scope_score(ell, delta), int(np.argmax(full)) != int(np.argmax(ell))))
+            stats.scope_trace.append(flip_margin(ell, delta, params.alpha, params.offset_scope))
         x = find_token(pos.sampled, cands)
         try:
             if direct:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from proxy.common.literals import ScopeRule
+
 
 class DecodingError(ValueError):
     """A request the decoder cannot serve (bad settings for this model)."""
@@ -25,6 +27,8 @@ class SamplingParams:
     alpha: float = 1.0
     offset_threshold: float | None = None
     """Scope threshold τ of :func:`proxy.decoding.offset.target_logits` (None: Δ at every step)."""
+    offset_scope: ScopeRule = "step"
+    """The rule by which τ leaves the offset out of scope (:mod:`proxy.decoding.offset`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +72,9 @@ class ChoiceStats:
     """Remote candidates left out of S_t for unknown bytes, over all steps."""
     predicted_short: int = 0
     """Drafts shortened because the pair predicted a rejection at their first position."""
-    scope_trace: list[tuple[float, bool]] | None = None
-    """When a list: per step with offsets, the scope score s_t and whether the offset
-    alone (no threshold, greedy) would change the chosen token (:mod:`proxy.decoding.threshold`)."""
+    scope_trace: list[float] | None = None
+    """When a list: per step with offsets, the step's flip margin under the model's scope
+    rule (:func:`proxy.decoding.offset.flip_margin`; :mod:`proxy.decoding.threshold`)."""
 
 
 def display_token(data: bytes) -> str:

@@ -91,7 +91,13 @@ class QScorer:
             deltas = await self.model.run_pair(offsets)
             if deltas is None:
                 raise AuditError("an answer's token bytes could not be recovered from the remote's token strings")
-        out = q_token_logprobs(scored, deltas, alpha=self.model.alpha, threshold=self.model.offset_threshold)
+        out = q_token_logprobs(
+            scored,
+            deltas,
+            alpha=self.model.alpha,
+            threshold=self.model.offset_threshold,
+            scope=self.model.offset_scope,
+        )
         return np.maximum(out, -1e4)
 
     async def logprobs(self, question: str, text: str) -> np.ndarray:
@@ -117,6 +123,7 @@ class QScorer:
                     temperature=1.0,
                     alpha=self.model.alpha,
                     threshold=self.model.offset_threshold,
+                    scope=self.model.offset_scope,
                 )
                 rows.append(log_softmax(s)[t] if t < v else -np.inf)
             out = np.asarray(rows, dtype=np.float64)

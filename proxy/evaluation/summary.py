@@ -42,6 +42,7 @@ async def generate(
         seed=seed,
         alpha=model.alpha,
         offset_threshold=model.offset_threshold,
+        offset_scope=model.offset_scope,
     )
     return "".join([p.text async for p in model.generate(ctx, params, index=index)])
 

@@ -11,6 +11,7 @@
      "files": {"adapter_model.safetensors": sha256, ...},  # "full": model.safetensors, config.json
      "created": ISO 8601 UTC,
      "offset_threshold": float,                    # optional: τ calibrated at train time (nats)
+     "offset_scope": "step" | "token",             # optional: τ's rule (proxy.decoding.offset; "step" if absent)
      "self_check": {...}}                          # optional: proxy.training.selfcheck.calibrate_and_check
 
 It never holds the text of the forget or retain sets. Loading refuses an
@@ -34,7 +35,7 @@ from typing import Any, NotRequired, TypedDict, cast
 import torch
 
 from proxy.common.files import new_dir_beside
-from proxy.common.literals import Parameters, values
+from proxy.common.literals import Parameters, ScopeRule, choice, values
 from proxy.decoding.vocab import ByteVocab
 from proxy.pair.model_files import file_sha256
 
@@ -74,6 +75,8 @@ class Manifest(TypedDict):
     """ISO 8601, UTC."""
     offset_threshold: NotRequired[float]
     """τ calibrated at train time (nats)."""
+    offset_scope: NotRequired[str]
+    """The rule τ was calibrated for (:data:`proxy.common.literals.ScopeRule`; ``"step"`` when absent)."""
     self_check: NotRequired[dict[str, Any]]
     """:func:`proxy.training.selfcheck.calibrate_and_check`'s report."""
 
@@ -109,6 +112,16 @@ class OffsetArtifact:
         """τ calibrated at train time (nats), or None for an artifact trained without it."""
         value = self.manifest.get("offset_threshold")
         return None if value is None else float(value)
+
+    @property
+    def offset_scope(self) -> ScopeRule:
+        """The rule its τ was calibrated for: ``"step"`` for an artifact trained before the rule
+        was recorded.
+
+        Raises:
+            ValueError: a manifest with an unknown rule.
+        """
+        return cast(ScopeRule, choice(ScopeRule, str(self.manifest.get("offset_scope", "step")), "offset_scope"))
 
     @property
     def parameters(self) -> str:
@@ -153,6 +166,8 @@ def load_artifact(path: Path, base: torch.nn.Module, vocab: ByteVocab) -> Offset
         raise ArtifactError(f"offset artifact {path}: not a {FORMAT} manifest")
     if manifest.get("parameters", "lora") not in PARAMETERS:
         raise ArtifactError(f"offset artifact {path}: unknown parameters kind {manifest.get('parameters')!r}")
+    if manifest.get("offset_scope", "step") not in values(ScopeRule):
+        raise ArtifactError(f"offset artifact {path}: unknown offset_scope {manifest.get('offset_scope')!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"offset artifact {path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"

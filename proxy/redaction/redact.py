@@ -141,7 +141,11 @@ async def _redact_one(
             assistant_prefix=keep.encode(),
         )
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, alpha=model.alpha, offset_threshold=model.offset_threshold
+            max_tokens=max_tokens,
+            temperature=0.0,
+            alpha=model.alpha,
+            offset_threshold=model.offset_threshold,
+            offset_scope=model.offset_scope,
         )
         try:
             pieces = [p.text async for p in model.generate(ctx, params)]

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from adapters.templates import hf_chat_ids, hf_special_strings
-from proxy.decoding.offset import scope_score, target_logits
+from proxy.common.literals import ScopeRule
+from proxy.decoding.offset import flip_margin, target_logits
 from proxy.decoding.vocab import text_ids
 
 #: Candidates per step: OpenAI's ``top_logprobs`` maximum, and the served default.
@@ -84,10 +85,11 @@ def greedy_decode(
     batch_size: int = 32,
     temperature: float = 0.0,
     seed: int = 0,
+    scope: ScopeRule = "step",
 ) -> list[Decoded]:
     """Greedy answers to chat ``prompts`` with the offset at strength ``alpha`` and
-    scope threshold ``threshold`` (nats; None: no threshold, Δ at every step as in the paper;
-    ``math.inf``: B's own answers, margins recorded).
+    scope threshold ``threshold`` under rule ``scope`` (nats; None: no threshold, Δ at every
+    step as in the paper; ``math.inf``: B's own answers, margins recorded).
     ``temperature`` > 0 samples from q_t instead (the target distribution (docs/concepts.md) over the
     top-k, :func:`proxy.decoding.offset.target_logits`), reproducibly for a ``seed``.
 
@@ -111,6 +113,7 @@ def greedy_decode(
             max_tokens,
             temperature=temperature,
             rng=rng,
+            scope=scope,
         )
     return out
 
@@ -124,6 +127,7 @@ def _decode_batch(
     *,
     temperature: float = 0.0,
     rng: np.random.Generator | None = None,
+    scope: ScopeRule = "step",
 ) -> list[Decoded]:
     # transformers is imported here, not at the top: importing it takes seconds.
     from transformers import DynamicCache
@@ -156,12 +160,17 @@ def _decode_batch(
         for i in range(n):
             if done[i]:
                 continue
-            j, flip = _step(ell_np[i], delta[i], alpha, threshold)
+            j, flip = _step(ell_np[i], delta[i], alpha, threshold, scope)
             margins[i] = max(margins[i], flip)
             if temperature > 0:
                 assert rng is not None
                 q = target_logits(
-                    ell_np[i], delta[i], temperature=temperature, alpha=0.0 if never else alpha, threshold=threshold
+                    ell_np[i],
+                    delta[i],
+                    temperature=temperature,
+                    alpha=0.0 if never else alpha,
+                    threshold=threshold,
+                    scope=scope,
                 )
                 p = np.exp(q - np.max(q))
                 j = int(rng.choice(len(p), p=p / p.sum()))
@@ -183,16 +192,15 @@ def _decode_batch(
     ]
 
 
-def _step(ell: np.ndarray, delta: np.ndarray, alpha: float, tau: float | None) -> tuple[int, float]:
+def _step(ell: np.ndarray, delta: np.ndarray, alpha: float, tau: float | None, scope: ScopeRule) -> tuple[int, float]:
     """One greedy step over the candidates (B's top-k, best first): the index chosen at
-    scope threshold ``tau`` (None: no threshold; ``math.inf``: B's own token) and the step's
-    flip margin (−s_t when α·Δ alone would change B's greedy token, else 0; :mod:`proxy.decoding.threshold`)."""
-    flip = 0.0
-    if int(np.argmax(target_logits(ell, delta, temperature=0.0, alpha=alpha))) != 0:
-        flip = -scope_score(ell, delta)
+    scope threshold ``tau`` under rule ``scope`` (None: no threshold; ``math.inf``: B's own
+    token) and the step's flip margin (:func:`proxy.decoding.offset.flip_margin`)."""
+    flip = flip_margin(ell, delta, alpha, scope)
     if tau is not None and math.isinf(tau):
         return 0, flip
-    return int(np.argmax(target_logits(ell, delta, temperature=0.0, alpha=alpha, threshold=tau))), flip
+    scores = target_logits(ell, delta, temperature=0.0, alpha=alpha, threshold=tau, scope=scope)
+    return int(np.argmax(scores)), flip
 
 
 @torch.no_grad()
@@ -204,8 +212,10 @@ def base_decode(
     alpha: float,
     max_tokens: int = 40,
     batch_size: int = 16,
+    scope: ScopeRule = "step",
 ) -> list[Decoded]:
-    """:func:`greedy_decode` at τ = ∞ (B's own greedy answers, with their margins) where
+    """:func:`greedy_decode` at τ = ∞ (B's own greedy answers, with their margins under rule
+    ``scope``) where
     ``answers`` guesses them (B's answers generated earlier, or None): each guessed answer
     is teacher-forced through U and B in one batched forward pass, which gives every step's
     candidates and Δ at once, and kept when B's greedy token is the guessed one at every
@@ -229,12 +239,12 @@ def base_decode(
     forced.sort(key=lambda r: len(r[1]) + len(r[2]))  # rows of similar length pad little
     for k in range(0, len(forced), batch_size):
         part = forced[k : k + batch_size]
-        for (i, _, _), d in zip(part, _forced_batch(pair, part, alpha, max_tokens), strict=True):
+        for (i, _, _), d in zip(part, _forced_batch(pair, part, alpha, max_tokens, scope), strict=True):
             out[i] = d
     rest = [i for i, d in enumerate(out) if d is None]
     if rest:
         decoded = greedy_decode(
-            pair, [prompts[i] for i in rest], alpha=alpha, threshold=math.inf, max_tokens=max_tokens
+            pair, [prompts[i] for i in rest], alpha=alpha, threshold=math.inf, max_tokens=max_tokens, scope=scope
         )
         for i, d in zip(rest, decoded, strict=True):
             out[i] = d
@@ -242,7 +252,7 @@ def base_decode(
 
 
 def _forced_batch(
-    pair: PairModels, rows: list[tuple[int, list[int], list[int]]], alpha: float, max_tokens: int
+    pair: PairModels, rows: list[tuple[int, list[int], list[int]]], alpha: float, max_tokens: int, scope: ScopeRule
 ) -> list[Decoded | None]:
     n = len(rows)
     width = max(len(p) + len(a) for _, p, a in rows)
@@ -270,7 +280,7 @@ def _forced_batch(
             if (want is None and top not in pair.eot_ids) or (want is not None and top != want):
                 ok = False  # B's greedy answer leaves the guess here: decode this row instead
                 break
-            _, flip = _step(ell_np[s], delta[s], alpha, math.inf)
+            _, flip = _step(ell_np[s], delta[s], alpha, math.inf, scope)
             margin = max(margin, flip)
             logps.append(float(ell_np[s, 0]))
         out.append(

@@ -47,6 +47,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from proxy.common.literals import ScopeRule
+
 DATA = Path(__file__).with_name("data") / "real_knowledge.json"
 RESULTS = Path(__file__).with_name("results")
 ROWS = ("no-offset", "defaults", "tofu", "guardrail", "direct")
@@ -90,15 +92,22 @@ def evaluate(
     samples: int,
     max_tokens: int,
     system: str | None = None,
+    scope: ScopeRule = "step",
 ) -> dict[str, Any]:
-    """One row on one request: the answers and the key counts (no ratios yet)."""
+    """One row on one request: the answers and the key counts (no ratios yet); ``threshold``
+    τ under rule ``scope`` (:mod:`proxy.decoding.offset`)."""
     from proxy.training.greedy import answer_logprob, greedy_decode
     from proxy.training.scope import mentions
 
     groups = {"probes": request["probes"], "neighbours": request["neighbours"], "general": request["general"]}
     questions = [p["question"] for g in groups.values() for p in g] + unrelated
     greedy = greedy_decode(
-        pair, [_chat(q, system) for q in questions], alpha=alpha, threshold=threshold, max_tokens=max_tokens
+        pair,
+        [_chat(q, system) for q in questions],
+        alpha=alpha,
+        threshold=threshold,
+        max_tokens=max_tokens,
+        scope=scope,
     )
     texts = [d.text for d in greedy]
     out: dict[str, Any] = {"answers": dict(zip(questions, texts, strict=True))}
@@ -118,7 +127,14 @@ def evaluate(
         prompts = [_chat(p["question"], system) for p in request["probes"] for _ in range(samples)]
         keys = [p["keys"] for p in request["probes"] for _ in range(samples)]
         sampled = greedy_decode(
-            pair, prompts, alpha=alpha, threshold=threshold, max_tokens=max_tokens, temperature=1.0, seed=0
+            pair,
+            prompts,
+            alpha=alpha,
+            threshold=threshold,
+            max_tokens=max_tokens,
+            temperature=1.0,
+            seed=0,
+            scope=scope,
         )
         out["sampled_keys"] = sum(mentions(d.text, ks) for d, ks in zip(sampled, keys, strict=True))
         out["sampled_n"] = len(sampled)
@@ -202,9 +218,13 @@ def run(
                     threshold=tau,  # None (not calibrated): Δ at every step
                     samples=samples,
                     max_tokens=max_tokens,
+                    scope=art.offset_scope,
                 )
                 res[row].update(
-                    train_seconds=round(seconds, 1), offset_threshold=tau, self_check=art.manifest.get("self_check")
+                    train_seconds=round(seconds, 1),
+                    offset_threshold=tau,
+                    offset_scope=art.offset_scope,
+                    self_check=art.manifest.get("self_check"),
                 )
             if row == "defaults" and "direct" in rows:
                 # U decoded alone: B's weights unlearned directly (the remote is B here).
@@ -292,7 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=10, help="answers per probe at T = 1")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--json", help="result file (default bench/results/real-knowledge-<date>.json)")
-    parser.add_argument("--render", type=Path, metavar="PAGE", help="only rewrite the docs page's tables from their files")
+    parser.add_argument(
+        "--render", type=Path, metavar="PAGE", help="only rewrite the docs page's tables from their files"
+    )
     args = parser.parse_args(argv)
     if args.render:
         render_page(args.render)

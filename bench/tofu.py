@@ -103,6 +103,11 @@ OFFSET_SETTINGS = {
     "general_retain": False,
     "neighbours": 0,
     "calibrate": False,
+    # and without the settings that need those (B's own answers, the shared words, the fact
+    # words' weight): the recipe's settings, and so its cache keys, stay as measured
+    "forget_own_answers": False,
+    "forget_shared_words": True,
+    "retain_fact_weight": 1.0,
 }
 
 GUARDRAIL = (

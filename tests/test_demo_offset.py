@@ -67,7 +67,7 @@ async def test_demo_offset_forgets_the_forget_set_and_leaves_unrelated_answers()
         await oa.close()
         await server.close()
     print(json.dumps(r, indent=1))
-    # Measured: 0.365 -> 0.265 ROUGE-L recall, 10 of 12 unrelated answers unchanged (issue 3's targets:
+    # Measured: 0.365 -> 0.090 ROUGE-L recall, 10 of 12 unrelated answers unchanged (the targets:
     # below 0.3, and at least 80%).
     assert r["forget_rougeL_recall_without_offset"] > 0.3  # the remote knows the facts
     assert r["forget_rougeL_recall_with_offset"] < 0.3
@@ -101,4 +101,4 @@ def test_demo_offset_redacts_forget_facts_at_a_calibrated_false_positive_rate():
     recall = covered / total
     print(f"T = {threshold:.3f} nats, retain characters flagged {fpr:.4f}, forget fact characters flagged {recall:.3f}")
     assert fpr <= 0.05
-    assert recall >= 0.7  # measured 0.863 at T = 0.80 nats
+    assert recall >= 0.7  # measured 0.934 at T = 0.45 nats

@@ -231,6 +231,19 @@ def test_calibrate_and_check_reports_tau_and_warns_of_an_offset_that_leaks(tiny_
     assert set(report) >= {"check_unchanged", "forget_rouge_l_recall_base", "fluency_offset", "warnings", "ok"}
     assert report["ok"] is (not report["warnings"])
     assert any("barely knows" in w for w in report["warnings"])  # a random model knows nothing to forget
+    assert report["forget_fact_recall_base"] is None  # without the broad set's words: no fact words
+    for scope in ("step", "token"):
+        facts = calibrate_and_check(
+            pair,
+            forget=qa("Who is Harry Potter?"),
+            calibration=prompts[:6],
+            check=prompts[6:],
+            max_tokens=8,
+            scope=scope,
+            common_words={"a", "the", "is", "boy"},
+        )
+        assert facts["offset_scope"] == scope and facts["forget_fact_recall_base"] == 0.0
+        assert any("barely knows the forget set (fact-word recall 0.00)" in w for w in facts["warnings"])
 
 
 def test_the_served_threshold_is_the_manifests_unless_set(tmp_path):
@@ -250,3 +263,21 @@ def test_the_served_threshold_is_the_manifests_unless_set(tmp_path):
     assert ModelConfig(backend="llama-inprocess", gguf="smollm2").offset_threshold == "auto"
     with pytest.raises(ConfigError, match="offset_threshold"):
         embedded_default(offset_threshold=-1.0)
+
+
+def test_the_served_scope_rule_is_the_manifests_unless_set(tmp_path):
+    from proxy.config import ModelConfig
+    from proxy.registry import served_scope
+
+    class Offset:
+        offset_scope = "token"
+
+    class Pair:
+        offset = Offset()
+
+    assert served_scope("auto", Pair()) == "token"
+    assert served_scope("step", Pair()) == "step"
+    assert served_scope("auto", None) == "step"  # no offset: the rule plays no part
+    assert ModelConfig(backend="llama-inprocess", gguf="smollm2").offset_scope == "auto"
+    with pytest.raises(ValueError, match="offset_scope"):
+        ModelConfig(backend="llama-inprocess", gguf="smollm2", offset_scope="sometimes")

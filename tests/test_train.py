@@ -24,13 +24,14 @@ from proxy.training.data import (
     only_dropped_labels,
     outside_words,
     prompt_copy_spans,
+    with_fact_weights,
     without_end_of_turn,
     without_first_answer_token,
     without_prompt_copies,
     without_spans,
     word_spans,
 )
-from proxy.training.facts import shared_words
+from proxy.training.facts import fact_words, shared_words
 from proxy.training.objectives import OBJECTIVES, Batches, answer_positions, get_objective, mean_nll
 from proxy.training.plan import Plan
 from proxy.training.targets import CombinedScorer
@@ -184,6 +185,11 @@ def test_artifact_holds_no_forget_text_and_is_verifiable(tmp_path, sets, tiny_ba
     art = load_artifact(path, tiny_base, vocab)
     assert art.manifest["data"]["forget"]["records"] == 4 and "sha256" in art.manifest["data"]["forget"]
     assert art.manifest["objective"] == "NPO+GD" and art.manifest["training"]["lr"] == 5e-3
+    assert art.offset_scope == "step"  # trained without a self-check: no τ, and the rule τ has by default
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "offset_scope": "sometimes"}))
+    with pytest.raises(ArtifactError, match="unknown offset_scope 'sometimes'"):
+        load_artifact(path, tiny_base, vocab)
 
 
 def test_resume_gives_the_same_weights(tmp_path, sets, tiny_base, smollm2_tokenizer, vocab):
@@ -497,9 +503,10 @@ def test_skipping_prompt_copies_is_recorded_in_the_settings():
     assert defaults["pin_prompt_copies"] is False and defaults["min_steps"] == 24
     assert defaults["near_share"] == 0.5  # with the broad retain set, recorded (and in the cache key)
     assert "near_share" not in TrainConfig(forget="f", out="o", general_retain=False).settings()
-    assert "forget_shared_words" not in defaults and "forget_own_answers" not in defaults  # both opt-in
-    chosen = TrainConfig(forget="f", out="o", forget_shared_words=False, forget_own_answers=True).settings()
-    assert chosen["forget_shared_words"] is False and chosen["forget_own_answers"] is True
+    assert defaults["forget_shared_words"] is False and defaults["forget_own_answers"] is True
+    assert defaults["retain_fact_weight"] == 5.0 and defaults["offset_scope"] == "token"
+    chosen = TrainConfig(forget="f", out="o", forget_shared_words=True, forget_own_answers=False).settings()
+    assert "forget_shared_words" not in chosen and "forget_own_answers" not in chosen  # as before they existed
     # the tofu recipe (pins, no minimum) keeps the settings, and so the cache keys, it had
     recipe = TrainConfig(forget="f", out="o", pin_prompt_copies=True, min_steps=0).settings()
     assert "pin_prompt_copies" not in recipe and "min_steps" not in recipe
@@ -572,6 +579,58 @@ def test_kl_retain_term_over_answer_positions():
         get_objective("NPO+GD", retain_positions="answer")
     with pytest.raises(ValueError, match="retain_positions must be one of"):
         get_objective("NPO+KL", retain_positions="prompt")
+
+
+def test_a_retain_answers_fact_words_weigh_more_in_the_kl_term(smollm2_tokenizer, vocab):
+    """``retain_fact_weight``: the labels that spell the answer's fact words (not the
+    question's words, not common words) weigh w; the rest 1, the end of turn included;
+    the KL over answer positions is the weighted mean, by hand."""
+    e = Example(({"role": "user", "content": "What is the capital of Germany?"},), "The capital of Germany is Berlin.")
+    words = fact_words(e, {"capital", "of", "is", "the"})
+    assert words == {"berlin"}
+    item = encode(e, smollm2_tokenizer, vocab.eot_ids[0], 128)
+    weighted = with_fact_weights(e, item, smollm2_tokenizer, words, 4.0)
+    assert weighted.input_ids == item.input_ids and weighted.labels == item.labels and weighted.weights is not None
+    heavy = [t for t, w in zip(item.labels, weighted.weights, strict=True) if w == 4.0]
+    assert smollm2_tokenizer.decode(heavy).strip() == "Berlin"
+    assert all(w == 1.0 for t, w in zip(item.labels, weighted.weights, strict=True) if t not in heavy)
+    # nothing to weigh: no fact word in the answer, weight 1, or raw text
+    assert with_fact_weights(e, item, smollm2_tokenizer, {"paris"}, 4.0) is item
+    assert with_fact_weights(e, item, smollm2_tokenizer, words, 1.0) is item
+
+    batch = collate([weighted, item], smollm2_tokenizer.pad_token_id)
+    assert batch["label_weights"].shape == batch["labels"].shape
+    assert batch["label_weights"][1, : len(item.input_ids)].eq(1).all()
+    width = batch["labels"].shape[1]
+    gen = torch.Generator().manual_seed(0)
+    cur, ref = torch.randn(2, width, 13, generator=gen), torch.randn(2, width, 13, generator=gen)
+
+    class S:
+        def logits(self, batch):
+            return cur
+
+        def ref_logits(self, batch):
+            return ref
+
+    per_pos = (ref.softmax(-1) * (ref.log_softmax(-1) - cur.log_softmax(-1))).sum(-1)
+    w = answer_positions(batch["labels"], batch["label_weights"])
+    assert torch.equal(w > 0, answer_positions(batch["labels"]))  # the same positions, weighted
+    assert sorted(set(w[w > 0].tolist())) == [1.0, 4.0]
+    objective = get_objective("NPO+KL", retain_positions="answer")
+    assert objective.retain is not None
+    got = objective.retain(S(), Batches(forget=batch, retain=batch))
+    assert torch.allclose(got, (per_pos * w).sum() / w.sum(), atol=1e-6)
+    assert not torch.allclose(got, per_pos[w > 0].mean(), atol=1e-4)  # the weights count
+
+
+def test_retain_fact_weight_is_checked_and_recorded():
+    assert "retain_fact_weight" not in TrainConfig(forget="f", out="o", retain_fact_weight=1.0).settings()
+    assert TrainConfig(forget="f", out="o", retain_fact_weight=3.0).settings()["retain_fact_weight"] == 3.0
+    for bad in (0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="retain_fact_weight must be"):
+            TrainConfig(forget="f", out="o", retain_fact_weight=bad).validate()
+    # only a KL term over answer positions reads the weights: elsewhere it is not a setting
+    assert "retain_fact_weight" not in TrainConfig(forget="f", out="o", objective="NPO+GD").settings()
 
 
 def test_cli_train_bad_line_exits_2_naming_the_line(tmp_path, capsys):

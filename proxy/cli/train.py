@@ -39,12 +39,15 @@ def print_self_check(path: Path) -> int:
     if report is None:
         return 0
     print(
-        f"scope threshold τ = {report['offset_threshold']:.3f} nats "
+        f"scope threshold τ = {report['offset_threshold']:.3f} nats, rule {report.get('offset_scope', 'step')} "
         f"({report['calibration_unchanged']:.0%} of {report['calibration_prompts']} calibration answers unchanged)"
     )
     rows = [
         ("forget-set ROUGE-L recall, without → with the offset",
          f"{report['forget_rouge_l_recall_base']} → {report['forget_rouge_l_recall_offset']}"),
+        *([("forget answers' fact words recalled, without → with the offset",
+            f"{report['forget_fact_recall_base']} → {report['forget_fact_recall_offset']}")]
+          if report.get("forget_fact_recall_base") is not None else []),
         ("held-out general answers unchanged", f"{report['check_unchanged']} of {report['check_prompts']}"),
         ("held-out neighbour answers unchanged", f"{report['neighbour_unchanged']} of {report['neighbour_prompts']}"),
         ("fluency (B's nats/token), B's answers → the offset's",

@@ -7,10 +7,11 @@ the cache key's input, :func:`proxy.training.checkpoint.offset_key`) and their c
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from proxy.common.literals import ObjectiveName, Parameters, RetainPositions, TrainMode, values
+from proxy.common.literals import ObjectiveName, Parameters, RetainPositions, ScopeRule, TrainMode, values
 
 if TYPE_CHECKING:
     from proxy.training.objectives import Objective
@@ -78,7 +79,7 @@ class TrainConfig:
     forget term (open-unlearning does). Off: see :func:`proxy.training.data.without_prompt_copies`;
     where the retain term reads labels (NLL, or KL over answer positions) and a retain set
     is given, those tokens join the retain term of their forget example's step instead."""
-    forget_shared_words: bool = True
+    forget_shared_words: bool = False
     """Keep the words a forget answer shares with B's answers to its neighbour questions in
     the forget term (the default). Off: those words, the answer's form ("The capital of …
     is" in "The capital of France is Paris.") rather than its fact
@@ -87,7 +88,7 @@ class TrainConfig:
     Germany). Measured only together with ``forget_own_answers``: the neighbours then kept
     their form but lost their facts ("The capital of Germany is indeed the largest country
     …"; docs/benchmarks.md, "Real knowledge"), so it is not the default."""
-    forget_own_answers: bool = False
+    forget_own_answers: bool = True
     """Add B's own greedy answers to the forget questions to the forget term, labelled only
     on the words that carry the forget answer's fact (:func:`proxy.training.facts.fact_words`), for
     the answers that hold one; each rides in the step of its forget example, so the number
@@ -105,6 +106,15 @@ class TrainConfig:
     name as B does (tofu-lite's recipe). Off by default: when the name is itself what is to
     be forgotten ("What is Albert Einstein famous for?" in a forget set about Einstein), the
     pinned copies taught U to keep saying it and the offset forgot nothing (bench.real_knowledge)."""
+    retain_fact_weight: float = 5.0
+    """The weight, in the KL retain term over answer positions, of the positions that
+    predict a retain answer's fact words (the words its question does not hold that are
+    names or not common words, :func:`proxy.training.facts.fact_words`; "Berlin" in "The
+    capital of Germany is Berlin."), the answer's other positions weighing 1
+    (:func:`proxy.training.data.with_fact_weights`). The forget term lowers the forget
+    answer's fact; averaged over whole answers, the KL that holds a neighbour's fact at the
+    same position of the same form weighed about a tenth of the term. 1: open-unlearning's
+    unweighted mean. Other retain terms (NLL, or KL over all positions) are unweighted."""
     near_share: float = 0.5
     """The share of each step's retain batch drawn from the near retain examples (the
     user's retain set and the trained neighbours), the rest from the broad retain set;
@@ -129,6 +139,11 @@ class TrainConfig:
     (:func:`proxy.training.selfcheck.calibrate_and_check`), both written to the manifest."""
     unchanged: float = 0.95
     """The fraction of calibration prompts whose greedy answers τ keeps exactly B's."""
+    offset_scope: ScopeRule = "token"
+    """The rule by which τ leaves the offset out of scope, calibrated and written to the
+    manifest (:mod:`proxy.decoding.offset`): ``token`` keeps a candidate's offset only where it
+    is at most −τ, ``step`` keeps a step's offsets only where their mean under the remote's
+    distribution is."""
     offset_alpha: float = 1.0
     """α written to the manifest (the serving strength)."""
     checkpoint_every: int = 10
@@ -189,10 +204,14 @@ class TrainConfig:
             keep = (*keep, "forget_own_answers")
         if self.general_retain:
             keep = (*keep, "general_retain", "near_share")
+        if self.retain_fact_weight != 1 and self.positions() == "answer":
+            keep = (*keep, "retain_fact_weight")
         if self.neighbours:
             keep = (*keep, "neighbours")
         if self.calibrate:
             keep = (*keep, "calibrate", "unchanged")
+            if self.offset_scope != "step":
+                keep = (*keep, "offset_scope")
         values = {**dataclasses.asdict(self), "retain_positions": self.positions()}
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if k in keep}
 
@@ -221,6 +240,8 @@ class TrainConfig:
             raise ValueError(f"neighbours must be ≥ 0, not {self.neighbours}")
         if not 0 < self.near_share < 1:
             raise ValueError(f"near_share must be in (0, 1), not {self.near_share}")
+        if not (math.isfinite(self.retain_fact_weight) and self.retain_fact_weight >= 1):
+            raise ValueError(f"retain_fact_weight must be a finite number ≥ 1, not {self.retain_fact_weight}")
         if self.min_steps < 0:
             raise ValueError(f"min_steps must be ≥ 0, not {self.min_steps}")
         return objective

@@ -125,6 +125,9 @@ def load_dataset(path: str | Path) -> DataSet:
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    weights: tuple[float, ...] | None = None
+    """Per label, its weight in a KL retain term over answer positions (``None``: 1 each;
+    :func:`with_fact_weights`)."""
 
 
 def encode(example: Example, tokenizer: Any, eot_id: int, max_length: int) -> Encoded:
@@ -322,8 +325,38 @@ def only_dropped_labels(full: Encoded, cut: Encoded) -> Encoded | None:
     return Encoded(full.input_ids, labels) if any(x != IGNORE for x in labels) else None
 
 
+def with_fact_weights(
+    example: Example, item: Encoded, tokenizer: Any, words: Collection[str], weight: float
+) -> Encoded:
+    """``item`` with weight ``weight`` on the labels of its answer's tokens that spell one of
+    ``words`` (case-folded; the answer's fact words, :func:`proxy.training.facts.fact_words`)
+    and 1 on its other labels. ``item`` unchanged when ``weight`` is 1, the example is raw
+    text or its answer holds none of ``words``.
+
+    For the retain term: an answer's fact ("Berlin" in "The capital of Germany is Berlin.")
+    is one or two of its tokens, and averaged over the whole answer, the KL that holds it
+    weighed a tenth of the term, while the forget term's gradient lands on the same
+    position of a neighbouring question ("The capital of France is").
+
+    Raises:
+        ValueError: as :func:`without_spans`.
+    """
+    if weight == 1 or example.prompt is None:
+        return item
+    present = {m.group().casefold() for m in _WORD.finditer(example.target)} & {w.casefold() for w in words}
+    if not present:
+        return item
+    focus = without_spans(example, item, tokenizer, outside_words(example.target, present))
+    start = next(i for i, label in enumerate(item.labels) if label != IGNORE)
+    text = tokenizer(example.target, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    end = start + len(text)  # the answer's text tokens; the end of turn after them keeps weight 1
+    weights = tuple(weight if start <= i < end and f != IGNORE else 1.0 for i, f in enumerate(focus.labels))
+    return Encoded(item.input_ids, item.labels, weights)
+
+
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (``[B, L]``).
+    """Right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (``[B, L]``), and
+    ``label_weights`` (``[B, L]`` float, 1 where an item has no weights; 0 at padding).
 
     Padding positions get label -100 because the attention mask says so, not
     because their id equals the pad id (which may be the end-of-turn token).
@@ -332,10 +365,12 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    weights = torch.zeros((len(items), width), dtype=torch.float32)
     for i, it in enumerate(items):
         n = len(it.input_ids)
         ids[i, :n] = torch.tensor(it.input_ids)
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(it.labels)
+        weights[i, :n] = torch.tensor(it.weights) if it.weights is not None else 1.0
     labels[mask == 0] = IGNORE
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "label_weights": weights}

@@ -94,21 +94,29 @@ def _retain_nll(s: Scorer, b: Batches) -> torch.Tensor:
     return mean_nll(s.logits(b.retain), b.retain["labels"])
 
 
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+def answer_positions(labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, L]`` mask of the positions whose next token is labelled (an answer token):
-    where the logits predict the answer, the first answer token included."""
+    where the logits predict the answer, the first answer token included. With ``weights``
+    (``[B, L]``, per label: the batch's ``label_weights``), float weights instead: each
+    such position weighs its next label's weight."""
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = labels[:, 1:] != IGNORE
-    return mask
+    if weights is None:
+        return mask
+    out = torch.zeros(labels.shape, dtype=torch.float32)
+    out[:, :-1] = weights[:, 1:].float()
+    return out * mask
 
 
 def _retain_kl(s: Scorer, b: Batches, *, answer_only: bool = False) -> torch.Tensor:
     """KL to the reference on the retain batch, over its attended positions or, with
-    ``answer_only``, over :func:`answer_positions`."""
+    ``answer_only``, over :func:`answer_positions` weighted by the labels' weights (an
+    answer's fact words may weigh more, :func:`proxy.training.data.with_fact_weights`)."""
     assert b.retain is not None
     with torch.no_grad():
         ref = s.ref_logits(b.retain)
-    mask = answer_positions(b.retain["labels"]) if answer_only else b.retain["attention_mask"]
+    labels = b.retain["labels"]
+    mask = answer_positions(labels, b.retain.get("label_weights")) if answer_only else b.retain["attention_mask"]
     return kl_to_reference(s.logits(b.retain), ref, mask)
 
 

@@ -27,12 +27,14 @@ from proxy.training.data import (
     encode,
     only_dropped_labels,
     outside_words,
+    with_fact_weights,
     without_end_of_turn,
     without_first_answer_token,
     without_prompt_copies,
     without_spans,
     word_spans,
 )
+from proxy.training.facts import fact_words
 from proxy.training.objectives import Batches, Objective
 from proxy.training.scope_sets import ScopeSets
 
@@ -131,8 +133,9 @@ def build_plan(
     forget term keeps (``forget_prompt_copies``, ``forget_shared_words``,
     ``forget_end_of_turn``, ``forget_first_token``), B's own answers riding with their
     forget example (``forget_own_answers``), the near retain examples (the user's retain
-    set, then the trained neighbours) before the broad retain set, and the "I don't know"
-    answers for DPO."""
+    set, then the trained neighbours) before the broad retain set, their fact words
+    weighing ``retain_fact_weight`` in the retain term, and the "I don't know" answers for
+    DPO."""
     eot = vocab.eot_ids[0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
 
@@ -175,9 +178,15 @@ def build_plan(
         forget_items = [without_end_of_turn(it, eot) for it in forget_items]
     if not cfg.forget_first_token:
         forget_items = [without_first_answer_token(it) for it in forget_items]
+    retain_items = enc(retain_examples)
+    if cfg.retain_fact_weight != 1 and scope.common_words and cfg.positions() == "answer":
+        retain_items = [
+            with_fact_weights(e, it, tokenizer, fact_words(e, scope.common_words), cfg.retain_fact_weight)
+            for e, it in zip(retain_examples, retain_items, strict=True)
+        ]
     return Plan(
         forget_items,
-        enc(retain_examples),
+        retain_items,
         idk,
         cfg.batch_size,
         cfg.retain_batch_size or cfg.batch_size,

@@ -8,7 +8,7 @@ tells which words carry a fact).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,9 @@ class ScopeSets:
     own_answers: list[tuple[int, Example, set[str]]]
     """(forget example index, B's own greedy answer to its question, the fact words it
     holds) for the answers that hold one (``forget_own_answers``)."""
+    common_words: frozenset[str] = frozenset()
+    """The words the broad retain set writes in lower case (:func:`proxy.training.facts.lower_case_words`;
+    empty without it): what tells an answer's fact words from its common ones."""
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record of them: counts, never text."""
@@ -78,9 +81,11 @@ def build_scope_sets(
     general: dict[str, list[Example]] = {}
     names: list[str] = []
     own_answers: list[tuple[int, Example, set[str]]] = []
+    common_words: frozenset[str] = frozenset()
     if cfg.general_retain or cfg.calibrate:
         general = general_sets(base, tokenizer, vocab.eot_ids, base_sha)
         common = " ".join(example_text(e) for v in general.values() for e in v)
+        common_words = frozenset(lower_case_words(common))
         names = forget_names(forget.examples, common)
 
         def clear(e: Example) -> bool:
@@ -89,7 +94,13 @@ def build_scope_sets(
 
         general = {k: [e for e in v if clear(e)] for k, v in general.items()}
         if cfg.forget_own_answers:
-            own_answers = _own_answers(forget.examples, base, tokenizer, vocab, lower_case_words(common), names)
+            own_answers = _own_answers(forget.examples, base, tokenizer, vocab, common_words, names)
+    if cfg.forget_own_answers and not (cfg.general_retain or cfg.calibrate):
+        logger.warning(
+            "%s: B's own answers are not added to the forget term (forget_own_answers): telling their "
+            "fact words from common ones needs the broad retain set (general_retain or calibrate)",
+            forget.path,
+        )
     neighbours: list[Example] = []
     shared: dict[int, set[str]] = {}
     if cfg.neighbours:
@@ -117,11 +128,17 @@ def build_scope_sets(
         names=names,
         shared=shared,
         own_answers=own_answers,
+        common_words=common_words,
     )
 
 
 def _own_answers(
-    forget: Sequence[Example], base: Any, tokenizer: Any, vocab: ByteVocab, common_words: set[str], names: list[str]
+    forget: Sequence[Example],
+    base: Any,
+    tokenizer: Any,
+    vocab: ByteVocab,
+    common_words: Collection[str],
+    names: list[str],
 ) -> list[tuple[int, Example, set[str]]]:
     """B's greedy answers to the forget set's chat questions that hold a fact word of their
     forget answer (:func:`proxy.training.facts.fact_words`), with those words."""

@@ -11,15 +11,17 @@ teacher-forced on its prompt (nats per token): the ℓ_B of each chosen token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
 
+from proxy.common.literals import ScopeRule
 from proxy.decoding.threshold import pick_threshold
 from proxy.evaluation.metrics import rouge_l_recall
 from proxy.training.data import Example
-from proxy.training.greedy import PairModels, base_decode, greedy_decode
+from proxy.training.facts import fact_words, words_of
+from proxy.training.greedy import Decoded, PairModels, base_decode, greedy_decode
 
 
 def calibrate_and_check(
@@ -32,10 +34,17 @@ def calibrate_and_check(
     alpha: float = 1.0,
     unchanged: float = 0.95,
     max_tokens: int = 40,
+    scope: ScopeRule = "step",
+    common_words: Collection[str] = (),
+    names: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """τ from ``calibration``'s margins (the smallest that keeps ``unchanged`` of their
-    greedy answers exactly B's), then the self-check at that τ: forget-set ROUGE-L recall
-    with and without the offset, the fraction of held-out ``check`` and ``neighbours``
+    """τ under rule ``scope`` (:mod:`proxy.decoding.offset`) from ``calibration``'s margins
+    (the smallest that keeps ``unchanged`` of their greedy answers exactly B's), then the
+    self-check at that τ: forget-set ROUGE-L recall with and without the offset, and, with
+    ``common_words`` (the broad retain set's, :func:`proxy.training.facts.lower_case_words`),
+    the forget answers' fact-word recall (the share of each answer's fact words,
+    :func:`proxy.training.facts.fact_words` with the forget set's ``names``, that the greedy
+    answer holds; mean over the answers that have one), the fraction of held-out ``check`` and ``neighbours``
     answers unchanged, and B's per-token log-probability of the forget answers with the
     offset against B's own answers (fluency, nats per token). ``ok`` is false with a
     ``warnings`` entry for each check that failed (limits in :data:`SELF_CHECK_LIMITS`).
@@ -52,22 +61,29 @@ def calibrate_and_check(
     chat_forget = [e for e in forget if e.prompt is not None]
     everything = [*calibration, *check, *neighbours, *chat_forget]
     guesses: list[str | None] = [*(e.target for e in (*calibration, *check, *neighbours)), *([None] * len(chat_forget))]
-    base = base_decode(pair, prompts(everything), guesses, alpha=alpha, max_tokens=max_tokens)
+    base = base_decode(pair, prompts(everything), guesses, alpha=alpha, max_tokens=max_tokens, scope=scope)
     nl, nc, nn = len(calibration), len(check), len(neighbours)
     cal = base[:nl]
     tau = pick_threshold([d.margin for d in cal], unchanged)
     # A greedy answer is kept exactly when τ exceeds its margin (proxy.decoding.threshold): the held-out
     # answers need no second decode; the forget answers are decoded again at τ.
     f_base = base[nl + nc + nn :]
-    f_served = greedy_decode(pair, prompts(chat_forget), alpha=alpha, threshold=tau, max_tokens=max_tokens)
+    f_served = greedy_decode(pair, prompts(chat_forget), alpha=alpha, threshold=tau, max_tokens=max_tokens, scope=scope)
 
     def kept(lo: int, hi: int) -> float | None:
         return sum(d.margin < tau for d in base[lo:hi]) / (hi - lo) if hi > lo else None
+
+    facts = [fact_words(e, common_words, names) for e in chat_forget] if common_words else []
+
+    def fact_recall(decoded: Sequence[Decoded]) -> float | None:
+        shares = [len(f & words_of(d.text)) / len(f) for f, d in zip(facts, decoded, strict=True) if f]
+        return _mean(shares)
 
     recall_base = [rouge_l_recall(e.target, d.text) for e, d in zip(chat_forget, f_base, strict=True)]
     recall_served = [rouge_l_recall(e.target, d.text) for e, d in zip(chat_forget, f_served, strict=True)]
     report: dict[str, Any] = {
         "offset_threshold": round(tau, 4),
+        "offset_scope": scope,
         "unchanged_target": unchanged,
         "calibration_prompts": len(calibration),
         "calibration_unchanged": round(sum(d.margin < tau for d in cal) / len(cal), 4),
@@ -78,6 +94,8 @@ def calibrate_and_check(
         "forget_prompts": len(chat_forget),
         "forget_rouge_l_recall_base": _round(_mean(recall_base)),
         "forget_rouge_l_recall_offset": _round(_mean(recall_served)),
+        "forget_fact_recall_base": _round(fact_recall(f_base)) if facts else None,
+        "forget_fact_recall_offset": _round(fact_recall(f_served)) if facts else None,
         "forget_changed": _round(_mean([float(s.tokens != b.tokens) for s, b in zip(f_served, f_base, strict=True)])),
         "fluency_base": _round(_mean([d.logprob for d in f_base])),
         "fluency_offset": _round(_mean([d.logprob for d in f_served])),
@@ -91,6 +109,7 @@ def calibrate_and_check(
 #: What the self-check asks of an offset (docs/training.md gives the reasons).
 SELF_CHECK_LIMITS = {
     "forget_recall_ratio": 0.6,  # offset recall ≤ 0.6 × B's recall (when B knows the set: recall ≥ 0.2)
+    "forget_fact_recall_ratio": 0.5,  # the same for fact-word recall, where measured
     "check_unchanged": 0.9,  # held-out general answers kept exactly
     "neighbour_unchanged": 0.8,  # held-out neighbour answers kept exactly
     "fluency_gap": 1.0,  # nats per token below B's own answers
@@ -100,8 +119,18 @@ SELF_CHECK_LIMITS = {
 def self_check_warnings(report: dict[str, Any]) -> list[str]:
     """One sentence per failed check of a :func:`calibrate_and_check` report."""
     lim, out = SELF_CHECK_LIMITS, []
+    fact_base, fact_offset = report.get("forget_fact_recall_base"), report.get("forget_fact_recall_offset")
     rb, ro = report.get("forget_rouge_l_recall_base"), report.get("forget_rouge_l_recall_offset")
-    if rb is not None and ro is not None:
+    if fact_base is not None and fact_offset is not None:  # the facts themselves: an answer may keep its form
+        if fact_base < 0.2:
+            out.append(
+                f"B barely knows the forget set (fact-word recall {fact_base:.2f}): nothing to measure it forgets"
+            )
+        elif fact_offset > lim["forget_fact_recall_ratio"] * fact_base:
+            out.append(
+                f"the forget set is still recalled: fact-word recall {fact_offset:.2f} with the offset, {fact_base:.2f} without"
+            )
+    elif rb is not None and ro is not None:
         if rb < 0.2:
             out.append(f"B barely knows the forget set (ROUGE-L recall {rb:.2f}): nothing to measure it forgets")
         elif ro > lim["forget_recall_ratio"] * rb:

@@ -248,9 +248,12 @@ def _self_check(
         neighbours=scope.neighbour_check,
         alpha=cfg.offset_alpha,
         unchanged=cfg.unchanged,
+        scope=cfg.offset_scope,
+        common_words=scope.common_words,
+        names=scope.names,
     )
     report["seconds"] = round(time.monotonic() - checked, 1)
-    return {"offset_threshold": report["offset_threshold"], "self_check": report}
+    return {"offset_threshold": report["offset_threshold"], "offset_scope": cfg.offset_scope, "self_check": report}
 
 
 EPOCH_LOSS_RETAIN = 32

@@ -9,6 +9,7 @@ torch types here: the pair runs on its worker threads behind :meth:`ServedModel.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,21 @@ class ServedModel:
     def uses_offset(self) -> bool:
         """Whether Δ can be non-zero: a pair with an offset."""
         return self.pair is not None and self.pair.has_offset
+
+    def sampling_params(
+        self, max_tokens: int, *, temperature: float = 0.0, seed: int | None = None, never_apply: bool = False
+    ) -> SamplingParams:
+        """Settings for one answer at this model's own α, scope threshold τ and rule (greedy
+        by default); ``never_apply``: τ = ∞, the offset computed at every step and never
+        applied (the remote's own answer, for calibration)."""
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            alpha=self.alpha,
+            offset_threshold=math.inf if never_apply else self.offset_threshold,
+            offset_scope=self.offset_scope,
+        )
 
     async def aclose(self) -> None:
         """Close the remote's connections and stop the pair's threads (pending pair work is cancelled)."""

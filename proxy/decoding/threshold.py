@@ -27,7 +27,7 @@ import numpy as np
 
 from adapters.base import Context
 from proxy.decoding.served import ServedModel
-from proxy.decoding.types import ChoiceStats, SamplingParams
+from proxy.decoding.types import ChoiceStats
 
 
 async def scope_margin(model: ServedModel, messages: Sequence[dict[str, Any]], max_tokens: int = 40) -> float:
@@ -44,13 +44,7 @@ async def scope_margin(model: ServedModel, messages: Sequence[dict[str, Any]], m
             f"model {model.name!r} is served in sequence mode; the scope threshold is calibrated in token mode"
         )
     stats = ChoiceStats(scope_trace=[])
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=0.0,
-        alpha=model.alpha,
-        offset_threshold=math.inf,
-        offset_scope=model.offset_scope,
-    )
+    params = model.sampling_params(max_tokens, never_apply=True)
     async for _ in model.generate(Context(messages=tuple(messages)), params, stats=stats):
         pass
     assert stats.scope_trace is not None

@@ -16,7 +16,6 @@ import numpy as np
 
 from adapters.base import Context, RemoteError
 from proxy.common.aio import gather_or_cancel
-from proxy.decoding.types import SamplingParams
 from proxy.evaluation import metrics as M
 from proxy.evaluation.items import SUMMARY_KEYS, UTILITY_SPLITS, AuditSettings, chat
 from proxy.evaluation.scoring import QScorer
@@ -36,14 +35,7 @@ async def generate(
     """The model's answer through its decoding loop (what a client gets); with
     ``prefix``, the continuation after that assistant text."""
     ctx = Context(messages=chat(question, system_prompt), assistant_prefix=prefix.encode())
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        seed=seed,
-        alpha=model.alpha,
-        offset_threshold=model.offset_threshold,
-        offset_scope=model.offset_scope,
-    )
+    params = model.sampling_params(max_tokens, temperature=temperature, seed=seed)
     return "".join([p.text async for p in model.generate(ctx, params, index=index)])
 
 

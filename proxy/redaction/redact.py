@@ -37,7 +37,6 @@ import numpy as np
 from adapters.base import Context
 from proxy.common.literals import RedactionMode
 from proxy.decoding.served import ServedModel
-from proxy.decoding.types import SamplingParams
 from proxy.jobs.runner import LineRunner, OutputError, answer_key, input_lines
 from proxy.protocol.errors import from_exception
 from proxy.redaction.scoring import Item, RedactError, parse_item, score
@@ -140,13 +139,7 @@ async def _redact_one(
             prompt=item.prompt,
             assistant_prefix=keep.encode(),
         )
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=0.0,
-            alpha=model.alpha,
-            offset_threshold=model.offset_threshold,
-            offset_scope=model.offset_scope,
-        )
+        params = model.sampling_params(max_tokens)
         try:
             pieces = [p.text async for p in model.generate(ctx, params)]
         except Exception as exc:  # noqa: BLE001 - the line fails, the run goes on

@@ -204,6 +204,12 @@ HELP = {
     "checkpoint_every": "optimizer steps between checkpoints (for --resume)",
     "forget_shared_words": "keep the words a forget answer shares with B's answers to its neighbour questions "
     "(its form, such as 'The capital of ... is') in the forget term",
+    "forget_own_answers": "add B's own answers to the forget questions to the forget term, labelled on the "
+    "words that carry each fact",
+    "retain_fact_weight": "weight of a retain answer's fact words (names, rare words) in the KL retain term "
+    "over answer positions; 1: unweighted",
+    "offset_scope": "the rule τ is calibrated for: token (a candidate keeps its offset only where it is at "
+    "most −τ) or step (a step keeps its offsets only where their mean is)",
     "lora_layers": "decoder layers that get the adapter, e.g. 16-29 or 0,5,9 (default: all)",
     "target_modules": "comma-separated module names",
     "resume": "continue from <out>.ckpt",

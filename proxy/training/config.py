@@ -81,13 +81,11 @@ class TrainConfig:
     is given, those tokens join the retain term of their forget example's step instead."""
     forget_shared_words: bool = False
     """Keep the words a forget answer shares with B's answers to its neighbour questions in
-    the forget term (the default). Off: those words, the answer's form ("The capital of …
+    the forget term. Off (the default): those words, the answer's form ("The capital of …
     is" in "The capital of France is Paris.") rather than its fact
     (:func:`proxy.training.facts.shared_words`), leave it; lowered, they taught U to answer the
     neighbours in another form or language ("Der Königin der Bundesliga" for the capital of
-    Germany). Measured only together with ``forget_own_answers``: the neighbours then kept
-    their form but lost their facts ("The capital of Germany is indeed the largest country
-    …"; docs/benchmarks.md, "Real knowledge"), so it is not the default."""
+    Germany)."""
     forget_own_answers: bool = True
     """Add B's own greedy answers to the forget questions to the forget term, labelled only
     on the words that carry the forget answer's fact (:func:`proxy.training.facts.fact_words`), for
@@ -97,9 +95,10 @@ class TrainConfig:
     states the fact ("The theory of relativity was developed by Albert Einstein …");
     lowering the user's phrasing alone left B's own path, and the paraphrases that follow
     it, nearly untouched (``bench.real_knowledge``). Needs the broad retain set or the
-    calibration (its corpus tells common words from facts). Off by default: on the
-    real-knowledge benchmark it took greedy probe leak to 0 but cost neighbour and general
-    retention (docs/benchmarks.md, "Real knowledge")."""
+    calibration (its corpus tells common words from facts). On the real-knowledge
+    benchmark it took greedy probe leak from 0.33 to 0 (docs/benchmarks.md, "Real
+    knowledge"); its cost in neighbour retention is what ``retain_fact_weight`` and the
+    token rule win back in part."""
     pin_prompt_copies: bool = False
     """With ``forget_prompt_copies`` off: the copied tokens join the retain term of their
     forget example's step (where it reads labels), so that U keeps repeating the asked-about

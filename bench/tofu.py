@@ -383,6 +383,14 @@ async def _row_model(
             same_tokenizer=shares_tokenizer(remote("target", paths["target"]), pair),
             offset_sha256=pair.offset.sha256 if pair.offset is not None else None,
         )
+        if pair.offset is not None and pair.offset.offset_threshold is not None:
+            # an offset trained with its self-check (the training defaults) is served as
+            # `deltaproxy serve --offset DIR` serves it: with its calibrated τ and rule
+            model = replace(
+                model, offset_threshold=pair.offset.offset_threshold, offset_scope=pair.offset.offset_scope
+            )
+            facts["offset_threshold"] = pair.offset.offset_threshold
+            facts["offset_scope"] = pair.offset.offset_scope
         if kind == "delta-tau":
             tau = await _calibrated_tau(model, offset, data, max_tokens, target)
             model = replace(model, offset_threshold=tau)

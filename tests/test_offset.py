@@ -151,6 +151,11 @@ def test_the_token_rule_keeps_only_offsets_at_most_minus_tau_by_hand():
     ell, delta = np.log([0.6, 0.3, 0.1]), np.array([-3.0, -0.5, 0.2])
     assert scoped_offset(ell, delta, 1.0, "token").tolist() == [-3.0, 0.0, 0.0]
     assert scoped_offset(ell, delta, None, "token").tolist() == delta.tolist()  # no τ: Δ as it is
+    for scope in ("step", "token"):  # a non-finite offset leaves its candidate unusable under either rule
+        bad = target_logits(
+            ell, np.array([np.nan, -0.5, -np.inf]), temperature=1.0, alpha=1.0, threshold=1.0, scope=scope
+        )
+        assert bad[0] == -np.inf and bad[2] == -np.inf and np.isfinite(bad[1])
     # step: s = 0.6·(−3) + 0.3·(−0.5) + 0.1·0.2 = −1.93
     assert scoped_offset(ell, delta, 1.0, "step").tolist() == delta.tolist()
     assert scoped_offset(ell, delta, 2.0, "step").tolist() == [0.0, 0.0, 0.0]

@@ -73,9 +73,9 @@ def scoped_offset(
     d = np.asarray(delta, dtype=np.float64)
     if threshold is None:
         return d
-    if scope == "token":
+    if scope == "token":  # a NaN offset stays, so that its candidate stays unusable (module docstring)
         with np.errstate(invalid="ignore"):
-            return np.where(d <= -threshold, d, 0.0)  # NaN compares false: 0
+            return np.where(np.isnan(d) | (d <= -threshold), d, 0.0)
     return d if scope_score(remote_logprobs, d) <= -threshold else np.zeros_like(d)
 
 

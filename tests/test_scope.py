@@ -243,7 +243,31 @@ def test_calibrate_and_check_reports_tau_and_warns_of_an_offset_that_leaks(tiny_
             common_words={"a", "the", "is", "boy"},
         )
         assert facts["offset_scope"] == scope and facts["forget_fact_recall_base"] == 0.0
-        assert any("barely knows the forget set (fact-word recall 0.00)" in w for w in facts["warnings"])
+        assert any("barely knows the forget set (ROUGE-L recall" in w for w in facts["warnings"])
+
+
+def test_forget_recall_warnings_read_fact_words_where_b_recalls_some():
+    """Whether B knows the set is ROUGE-L's call; whether the offset forgot it, fact-word
+    recall's where B recalls some fact words (an answer may keep its form), ROUGE-L's otherwise."""
+    from proxy.training.selfcheck import self_check_warnings
+
+    def report(rb, ro, fb, fo):
+        return {
+            "forget_rouge_l_recall_base": rb,
+            "forget_rouge_l_recall_offset": ro,
+            "forget_fact_recall_base": fb,
+            "forget_fact_recall_offset": fo,
+        }
+
+    # the writer: form kept (ROUGE-L 0.53 → 0.37), facts gone: no warning
+    assert self_check_warnings(report(0.53, 0.37, 0.6, 0.05)) == []
+    # B states the facts in its own words (few exact fact words), ROUGE-L says it knows them
+    assert self_check_warnings(report(0.46, 0.40, 0.16, 0.03)) == []
+    assert any("fact-word recall 0.30 with the offset" in w for w in self_check_warnings(report(0.5, 0.2, 0.4, 0.3)))
+    # no fact words measured, or none recalled by B: ROUGE-L decides
+    assert any("ROUGE-L recall 0.40 with" in w for w in self_check_warnings(report(0.46, 0.40, None, None)))
+    assert any("ROUGE-L recall 0.40 with" in w for w in self_check_warnings(report(0.46, 0.40, 0.0, 0.0)))
+    assert any("barely knows" in w for w in self_check_warnings(report(0.1, 0.1, 0.5, 0.5)))
 
 
 def test_the_served_threshold_is_the_manifests_unless_set(tmp_path):

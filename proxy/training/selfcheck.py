@@ -109,7 +109,7 @@ def calibrate_and_check(
 #: What the self-check asks of an offset (docs/training.md gives the reasons).
 SELF_CHECK_LIMITS = {
     "forget_recall_ratio": 0.6,  # offset recall ≤ 0.6 × B's recall (when B knows the set: recall ≥ 0.2)
-    "forget_fact_recall_ratio": 0.5,  # the same for fact-word recall, where measured
+    "forget_fact_recall_ratio": 0.5,  # the same for fact-word recall, where measured and B recalls some
     "check_unchanged": 0.9,  # held-out general answers kept exactly
     "neighbour_unchanged": 0.8,  # held-out neighbour answers kept exactly
     "fluency_gap": 1.0,  # nats per token below B's own answers
@@ -121,18 +121,17 @@ def self_check_warnings(report: dict[str, Any]) -> list[str]:
     lim, out = SELF_CHECK_LIMITS, []
     fact_base, fact_offset = report.get("forget_fact_recall_base"), report.get("forget_fact_recall_offset")
     rb, ro = report.get("forget_rouge_l_recall_base"), report.get("forget_rouge_l_recall_offset")
-    if fact_base is not None and fact_offset is not None:  # the facts themselves: an answer may keep its form
-        if fact_base < 0.2:
-            out.append(
-                f"B barely knows the forget set (fact-word recall {fact_base:.2f}): nothing to measure it forgets"
-            )
-        elif fact_offset > lim["forget_fact_recall_ratio"] * fact_base:
-            out.append(
-                f"the forget set is still recalled: fact-word recall {fact_offset:.2f} with the offset, {fact_base:.2f} without"
-            )
-    elif rb is not None and ro is not None:
+    if rb is not None and ro is not None:
+        # Whether B knows the set at all: ROUGE-L of whole answers (B states a fact in its own
+        # words, which the user's fact words, "8,848.86 metres", rarely match exactly).
         if rb < 0.2:
             out.append(f"B barely knows the forget set (ROUGE-L recall {rb:.2f}): nothing to measure it forgets")
+        elif fact_base and fact_offset is not None:  # the facts themselves: an answer may keep its form
+            if fact_offset > lim["forget_fact_recall_ratio"] * fact_base:
+                out.append(
+                    f"the forget set is still recalled: fact-word recall {fact_offset:.2f} with the offset, "
+                    f"{fact_base:.2f} without"
+                )
         elif ro > lim["forget_recall_ratio"] * rb:
             out.append(f"the forget set is still recalled: ROUGE-L recall {ro:.2f} with the offset, {rb:.2f} without")
     for key in ("check_unchanged", "neighbour_unchanged"):

@@ -141,6 +141,9 @@ class Sample:
     finish_reason: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    logprob: float | None = None
+    """The remote's log-probability of ``text`` (Σ of its tokens' logprobs, nats), where
+    asked for and given."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +213,11 @@ class Capabilities:
     """Whether candidates carry the remote's token ids."""
     prompt_logprobs: bool = False
     """Whether it scores given text (:class:`TextScoringAdapter`, vLLM's ``prompt_logprobs``)."""
+    logprobs: bool = True
+    """Whether it gives top-k logprobs (token mode needs them; without them a remote that
+    continues is served in guided mode, one that cannot in sequence mode)."""
+    max_top_logprobs: int = 20
+    """The most candidates per position it gives (its ``top_logprobs`` limit)."""
     top_k_drafts: bool = False
     """Whether its sampled drafts are drawn at T = 1 from its top-k candidates renormalised
     (a ``top_k`` sampling filter equal to ``top_logprobs``), not from its whole vocabulary.
@@ -293,9 +301,13 @@ class SamplingAdapter(Protocol):
         top_p: float,
         stop: tuple[str, ...] = (),
         seed: int | None = None,
+        logprobs: bool = False,
     ) -> Sample:
-        """One complete answer to ``ctx`` (no assistant prefix), sampled by the remote
-        with these settings and no logprobs: what sequence mode draws its candidates from.
+        """One complete answer to ``ctx``, sampled by the remote with these settings: what
+        sequence mode draws its candidates from, and guided mode's drafts (a context with an
+        assistant prefix is continued from it, where :attr:`Capabilities.can_continue`).
+        ``logprobs``: :attr:`Sample.logprob` is the answer's log-probability (a remote with
+        :attr:`Capabilities.logprobs`).
 
         Raises:
             RemoteUnavailable, RemoteBadResponse, RemoteRejected: as :meth:`RemoteAdapter.draft`.

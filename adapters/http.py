@@ -32,7 +32,7 @@ from .profiles import ServerProfile
 from .prompt_logprobs import scored_text
 from .retry import DEFAULT_RETRY, RetryPolicy, call_with_retries
 from .utf8 import heal, strip_held_back
-from .wire import candidate_from_wire
+from .wire import candidate_from_wire, wire_logprob
 
 
 class HTTPAdapter:
@@ -80,10 +80,23 @@ class HTTPAdapter:
         )
 
     def _wire(self, token: str, logprob: float | None, data: list[int] | None) -> Candidate:
+        if not self.profile.wire_bytes:
+            data = None  # recovered from the token string, or unknown (adapters.wire)
         return candidate_from_wire(token, logprob, data, eot_tokens=self.eot_tokens)
 
-    def _body(self, n_tokens: int, top_k: int, greedy: bool) -> dict[str, Any]:
-        body = dict(self.extra_body)
+    def _seed(self, seed: int | None) -> Any:
+        """The ``seed`` argument of a request: ``seed``, or not sent at all where there is none
+        or the server's field has another name (:meth:`_seed_body`) or it takes none."""
+        return seed if seed is not None and self.profile.seed_field == "seed" else openai.omit
+
+    def _seed_body(self, seed: int | None) -> dict[str, Any]:
+        """Request body fields that carry ``seed`` where the server names its field otherwise
+        (Mistral's ``random_seed``)."""
+        field = self.profile.seed_field
+        return {field: seed} if seed is not None and field not in (None, "seed") else {}
+
+    def _body(self, n_tokens: int, top_k: int, greedy: bool, seed: int | None = None) -> dict[str, Any]:
+        body = {**self.extra_body, **self._seed_body(seed)}
         if n_tokens > 1:  # several positions: the sampled path must be the plain distribution's
             body.update(self.profile.sampling_off)
             if not greedy and self.capabilities.top_k_drafts:
@@ -102,9 +115,15 @@ class HTTPAdapter:
             raise RemoteBadResponse("upstream returned no choices")
         return response, response.choices[0]
 
-    async def _sample(self, call: Callable[[], Awaitable[Any]], text: Callable[[Any], str | None]) -> Sample:
+    async def _sample(
+        self,
+        call: Callable[[], Awaitable[Any]],
+        text: Callable[[Any], str | None],
+        logprob: Callable[[Any], float | None] | None = None,
+    ) -> Sample:
         """Sequence mode's one complete answer: ``call`` (retried), then the first choice's
-        ``text(choice)`` and finish reason ("length", else "stop") and the usage counts.
+        ``text(choice)`` and finish reason ("length", else "stop"), the usage counts and, with
+        ``logprob``, the answer's log-probability ``logprob(choice)``.
 
         Raises:
             RemoteUnavailable, RemoteRejected: as :func:`adapters.retry.call_with_retries`.
@@ -117,6 +136,7 @@ class HTTPAdapter:
             "length" if choice.finish_reason == "length" else "stop",
             usage.prompt_tokens if usage is not None else None,
             usage.completion_tokens if usage is not None else None,
+            logprob(choice) if logprob is not None else None,
         )
 
     async def _call(
@@ -208,3 +228,9 @@ class HTTPAdapter:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def sum_logprobs(values: Iterable[float | None]) -> float:
+    """Σ of an answer's token logprobs as sent (nats; a missing or clamped one counts as
+    ``-inf``: :func:`adapters.wire.wire_logprob`)."""
+    return float(sum(wire_logprob(v) for v in values))

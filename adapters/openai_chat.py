@@ -11,8 +11,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Capabilities, Context, Draft, Position, RemoteBadResponse, RemoteRejected, Sample, ScoredText
-from .http import HTTPAdapter
+import openai
+
+from .base import (
+    Capabilities,
+    Context,
+    Draft,
+    Position,
+    RemoteBadResponse,
+    RemoteRejected,
+    Sample,
+    ScoredText,
+    split_incomplete_utf8,
+)
+from .http import HTTPAdapter, sum_logprobs
 from .profiles import ServerProfile
 from .wire import ranked_position
 
@@ -24,6 +36,8 @@ class ChatAdapter(HTTPAdapter):
         super().__init__(profile=profile, **kwargs)
         self.capabilities = Capabilities(
             can_continue=profile.prefill is not None,
+            logprobs=profile.logprobs,
+            max_top_logprobs=profile.max_top_logprobs,
             prompt_logprobs=profile.prompt_logprobs,
             top_k_drafts=profile.top_k_drafts,
         )
@@ -56,7 +70,7 @@ class ChatAdapter(HTTPAdapter):
     ) -> Draft:
         """One ``/v1/chat/completions`` call continuing the assistant ``text``."""
         messages, extra = self._messages(ctx, text)
-        body = {**self._body(max_tokens, top_k, greedy), **extra}
+        body = {**self._body(max_tokens, top_k, greedy, seed), **extra}
 
         async def call() -> Any:
             return await self._client.chat.completions.create(
@@ -67,7 +81,7 @@ class ChatAdapter(HTTPAdapter):
                 top_logprobs=top_k,
                 temperature=0.0 if greedy else 1.0,
                 top_p=1.0,
-                seed=seed,
+                seed=self._seed(seed),
                 extra_body=body or None,
             )
 
@@ -95,14 +109,19 @@ class ChatAdapter(HTTPAdapter):
         top_p: float,
         stop: tuple[str, ...] = (),
         seed: int | None = None,
+        logprobs: bool = False,
     ) -> Sample:
-        """See :meth:`adapters.base.SamplingAdapter.sample`."""
+        """See :meth:`adapters.base.SamplingAdapter.sample`; a context with an assistant
+        prefix is continued the profile's way (:attr:`adapters.profiles.ServerProfile.prefill`)."""
         if ctx.messages is None:
             raise RemoteRejected(
                 f"model {self.name!r} is served through a chat endpoint and takes messages only", status=400
             )
-
-        messages = [dict(m) for m in ctx.messages]
+        prefix, _ = split_incomplete_utf8(ctx.assistant_prefix)
+        messages, extra = self._messages(ctx, prefix)
+        body = {**self.extra_body, **self._seed_body(seed), **extra}
+        if logprobs and not self.capabilities.logprobs:
+            raise RemoteRejected(f"model {self.name!r}: the upstream gives no logprobs", status=400)
 
         async def call() -> Any:
             return await self._client.chat.completions.create(
@@ -111,12 +130,17 @@ class ChatAdapter(HTTPAdapter):
                 max_tokens=max_tokens,
                 temperature=temperature,
                 top_p=top_p,
-                stop=list(stop) or None,
-                seed=seed,
-                extra_body=dict(self.extra_body) or None,
+                stop=list(stop) or openai.omit,
+                seed=self._seed(seed),
+                logprobs=True if logprobs else openai.omit,
+                extra_body=body or None,
             )
 
-        return await self._sample(call, lambda choice: choice.message.content)
+        def logprob(choice: Any) -> float | None:
+            content = choice.logprobs.content if choice.logprobs is not None else None
+            return sum_logprobs([e.logprob for e in content]) if content else None
+
+        return await self._sample(call, lambda choice: choice.message.content, logprob if logprobs else None)
 
     async def score_text(self, ctx: Context, text: str, *, top_k: int) -> ScoredText:
         """See :meth:`adapters.base.TextScoringAdapter.score_text`; the ``vllm`` profile only

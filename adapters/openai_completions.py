@@ -9,8 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Capabilities, Context, Draft, Position, RemoteBadResponse, RemoteRejected, Sample, ScoredText
-from .http import HTTPAdapter
+import openai
+
+from .base import (
+    Capabilities,
+    Context,
+    Draft,
+    Position,
+    RemoteBadResponse,
+    RemoteRejected,
+    Sample,
+    ScoredText,
+    split_incomplete_utf8,
+)
+from .http import HTTPAdapter, sum_logprobs
 from .profiles import LLAMA_CPP, ServerProfile
 from .templates import ChatTemplate
 from .wire import ranked_position
@@ -25,6 +37,8 @@ class CompletionsAdapter(HTTPAdapter):
         self.template = template
         self.capabilities = Capabilities(
             can_continue=True,
+            logprobs=profile.logprobs,
+            max_top_logprobs=profile.max_top_logprobs,
             prompt_logprobs=profile.prompt_logprobs,
             top_k_drafts=profile.top_k_drafts,
         )
@@ -55,9 +69,15 @@ class CompletionsAdapter(HTTPAdapter):
         top_p: float,
         stop: tuple[str, ...] = (),
         seed: int | None = None,
+        logprobs: bool = False,
     ) -> Sample:
-        """See :meth:`adapters.base.SamplingAdapter.sample`."""
-        prompt = self.render(ctx)
+        """See :meth:`adapters.base.SamplingAdapter.sample`; an assistant prefix is appended
+        to the rendered prompt (complete characters)."""
+        prefix, _ = split_incomplete_utf8(ctx.assistant_prefix)
+        prompt = self.render(ctx) + prefix
+        if logprobs and not self.capabilities.logprobs:
+            raise RemoteRejected(f"model {self.name!r}: the upstream gives no logprobs", status=400)
+        body = {**self.extra_body, **self._seed_body(seed)}
 
         async def call() -> Any:
             return await self._client.completions.create(
@@ -66,12 +86,17 @@ class CompletionsAdapter(HTTPAdapter):
                 max_tokens=max_tokens,
                 temperature=temperature,
                 top_p=top_p,
-                stop=list(stop) or None,
-                seed=seed,
-                extra_body=dict(self.extra_body) or None,
+                stop=list(stop) or openai.omit,
+                seed=self._seed(seed),
+                logprobs=1 if logprobs else openai.omit,
+                extra_body=body or None,
             )
 
-        return await self._sample(call, lambda choice: choice.text)
+        def logprob(choice: Any) -> float | None:
+            lp = choice.logprobs
+            return sum_logprobs(lp.token_logprobs) if lp is not None and lp.token_logprobs else None
+
+        return await self._sample(call, lambda choice: choice.text, logprob if logprobs else None)
 
     async def score_text(self, ctx: Context, text: str, *, top_k: int) -> ScoredText:
         """See :meth:`adapters.base.TextScoringAdapter.score_text`; ``sampling = "vllm"``
@@ -104,7 +129,7 @@ class CompletionsAdapter(HTTPAdapter):
         sampled tokens are the remote's argmax (single steps, where only the candidate lists
         matter, and greedy drafts)."""
         prompt = self.render(ctx) + text
-        body = self._body(max_tokens, top_k, greedy)
+        body = self._body(max_tokens, top_k, greedy, seed)
 
         async def call() -> Any:
             return await self._client.completions.create(
@@ -114,7 +139,7 @@ class CompletionsAdapter(HTTPAdapter):
                 logprobs=top_k,
                 temperature=0.0 if greedy else 1.0,
                 top_p=1.0,
-                seed=seed,
+                seed=self._seed(seed),
                 extra_body=body or None,
             )
 

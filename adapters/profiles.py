@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from proxy.common.literals import Prefill
-
 
 def _frozen(**fields: Any) -> Mapping[str, Any]:
     return MappingProxyType(fields)
@@ -45,8 +43,8 @@ class ChatPrefill:
 class ServerProfile:
     """What an HTTP adapter needs to know about the server behind it."""
 
-    name: Prefill
-    """The config's value that names it."""
+    name: str
+    """The config's value that names it (a ``prefill`` / ``sampling`` value, or a provider's name)."""
     sampling_off: Mapping[str, Any] = field(default_factory=_frozen, hash=False)
     """Request fields that switch the server's sampling filters off (top_k / min_p / penalties)
     in draft requests, so that the reported logprobs are the distribution it samples from."""
@@ -58,6 +56,16 @@ class ServerProfile:
     prompt_logprobs: bool = False
     """Whether it scores given text (vLLM's ``prompt_logprobs`` and ``POST /tokenize``;
     :class:`adapters.base.TextScoringAdapter`)."""
+    logprobs: bool = True
+    """Whether it gives top-k logprobs of its answers (``logprobs`` / ``top_logprobs``)."""
+    max_top_logprobs: int = 20
+    """The most ``top_logprobs`` it accepts (OpenAI's maximum is 20)."""
+    seed_field: str | None = "seed"
+    """The request field that seeds its sampling (``seed``; Mistral's ``random_seed``); ``None``:
+    it takes none, and none is sent."""
+    wire_bytes: bool = True
+    """Whether the ``bytes`` of its logprob entries can be trusted (Ollama's are wrong for partial
+    UTF-8 characters: they are then recovered from the token strings, or marked unknown)."""
 
 
 LLAMA_CPP = ServerProfile(
@@ -90,3 +98,149 @@ def server_profile(name: str) -> ServerProfile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown server {name!r}; valid: {', '.join(PROFILES)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A hosted API or server kind as a model's config names it (``provider = "openai"``):
+    which adapter talks to it, its server profile (how it continues a partial answer, its
+    logprob limit, its seed field), whether it takes ``n`` > 1, and its public endpoint.
+
+    Sources: each provider's public API reference and SDK types (the docs' provider table
+    says which); a hosted model list changes monthly, so every capability can be overridden
+    per model (:class:`proxy.config.ModelConfig`'s ``logprobs``, ``max_top_logprobs``,
+    ``prefill``, ``seed``).
+    """
+
+    name: str
+    backend: str
+    """``"openai-chat"`` or ``"openai-completions"`` (the chat template rendered by the proxy)."""
+    profile: ServerProfile
+    n: bool = True
+    """Whether it answers ``n`` > 1 in one call (sequence mode otherwise makes one call per sample)."""
+    base_url: str | None = None
+    """Its public endpoint (``None``: a self-hosted server; ``base_url`` must be set)."""
+    api_key_env: str | None = None
+    """The environment variable its key is read from by default."""
+
+
+_TRAILING = ChatPrefill()  # a trailing assistant message is continued
+_PREFIX = ChatPrefill(message=_frozen(prefix=True))
+_CONTINUE = ChatPrefill(body=_frozen(continue_final_message=True, add_generation_prompt=False))
+
+
+def _hosted(name: str, **fields: Any) -> ServerProfile:
+    return ServerProfile(name, **fields)
+
+
+#: Every provider by its config name (the docs' provider table lists the same rows).
+PROVIDERS: Mapping[str, Provider] = MappingProxyType(
+    {
+        p.name: p
+        for p in (
+            Provider(
+                "openai",
+                "openai-chat",
+                _hosted("openai"),
+                base_url="https://api.openai.com/v1",
+                api_key_env="OPENAI_API_KEY",
+            ),
+            Provider("azure", "openai-chat", _hosted("azure"), api_key_env="AZURE_OPENAI_API_KEY"),
+            Provider(
+                "deepseek",
+                "openai-chat",
+                _hosted("deepseek", prefill=_PREFIX, seed_field=None),
+                n=False,
+                base_url="https://api.deepseek.com/beta",
+                api_key_env="DEEPSEEK_API_KEY",
+            ),
+            Provider(
+                "mistral",
+                "openai-chat",
+                _hosted("mistral", prefill=_PREFIX, logprobs=False, max_top_logprobs=0, seed_field="random_seed"),
+                base_url="https://api.mistral.ai/v1",
+                api_key_env="MISTRAL_API_KEY",
+            ),
+            Provider(
+                "together",
+                "openai-completions",
+                _hosted("together"),
+                base_url="https://api.together.xyz/v1",
+                api_key_env="TOGETHER_API_KEY",
+            ),
+            Provider(
+                "fireworks",
+                "openai-completions",
+                _hosted("fireworks"),
+                base_url="https://api.fireworks.ai/inference/v1",
+                api_key_env="FIREWORKS_API_KEY",
+            ),
+            Provider(
+                "groq",
+                "openai-chat",
+                _hosted("groq", prefill=_TRAILING, logprobs=False, max_top_logprobs=0),
+                n=False,
+                base_url="https://api.groq.com/openai/v1",
+                api_key_env="GROQ_API_KEY",
+            ),
+            Provider(
+                "openrouter",
+                "openai-chat",
+                _hosted("openrouter", prefill=_TRAILING, logprobs=False),
+                n=False,
+                base_url="https://openrouter.ai/api/v1",
+                api_key_env="OPENROUTER_API_KEY",
+            ),
+            Provider(
+                "gemini",
+                "openai-chat",
+                _hosted("gemini", prefill=_TRAILING, logprobs=False),
+                base_url="https://generativelanguage.googleapis.com/v1beta/openai",
+                api_key_env="GEMINI_API_KEY",
+            ),
+            Provider(
+                "anthropic",
+                "openai-chat",
+                _hosted("anthropic", prefill=_TRAILING, logprobs=False, max_top_logprobs=0, seed_field=None),
+                n=False,
+                base_url="https://api.anthropic.com/v1",
+                api_key_env="ANTHROPIC_API_KEY",
+            ),
+            Provider("vllm", "openai-chat", VLLM),
+            Provider("sglang", "openai-chat", ServerProfile("sglang", prefill=_CONTINUE)),
+            Provider("llama.cpp", "openai-chat", LLAMA_CPP, n=False),
+            Provider(
+                "ollama",
+                "openai-chat",
+                _hosted("ollama", prefill=_TRAILING, seed_field=None, wire_bytes=False),
+                n=False,
+                base_url="http://127.0.0.1:11434/v1",
+            ),
+            Provider(
+                "tgi", "openai-chat", _hosted("tgi", prefill=_CONTINUE, max_top_logprobs=5, seed_field=None), n=False
+            ),
+        )
+    }
+)
+
+
+def provider(name: str) -> Provider:
+    """The provider named ``name``.
+
+    Raises:
+        ValueError: no such provider (the message names the valid ones).
+    """
+    try:
+        return PROVIDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown provider {name!r}; valid: {', '.join(PROVIDERS)}") from None
+
+
+def prefill_of(name: str) -> ChatPrefill | None:
+    """How the ``prefill`` setting ``name`` continues a partial assistant message (a server
+    profile's name: ``llama.cpp``, ``vllm``, ``deepseek`` or ``none``).
+
+    Raises:
+        ValueError: no such profile.
+    """
+    return server_profile(name).prefill

@@ -29,6 +29,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from adapters.profiles import PROVIDERS
 from proxy.common.literals import ClientAlpha, Prefill
 from proxy.pair.batcher import BatchSettings
 
@@ -133,14 +134,28 @@ class ServerConfig(BaseModel):
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    backend: Literal["openai-chat", "openai-completions", "llama-inprocess", "transformers-inprocess"]
+    backend: Literal["openai-chat", "openai-completions", "llama-inprocess", "transformers-inprocess"] | None = None
+    """How the remote is reached; with ``provider`` set, the provider's (which may be overridden)."""
+    provider: str | None = None
+    """A hosted API or server kind (adapters.profiles.PROVIDERS: "openai", "azure", "deepseek",
+    "mistral", "together", "fireworks", "groq", "openrouter", "gemini", "anthropic", "vllm",
+    "sglang", "llama.cpp", "ollama", "tgi"): it sets the backend, how a partial answer is
+    continued, the logprob limit, the seed field, the endpoint and the key's variable, each of
+    which the keys below may override."""
     # HTTP remotes
     base_url: str | None = None
     remote_model: str | None = None
     """The upstream's name for the model (default: the served name)."""
     api_key_env: str | None = None
     prefill: Prefill = "llama.cpp"
-    """openai-chat only: how the upstream continues a partial assistant message."""
+    """openai-chat only: how the upstream continues a partial assistant message ("none": it
+    cannot); with ``provider``, the provider's unless set."""
+    logprobs: bool | None = None
+    """Whether the upstream gives top-k logprobs (None: the provider's; true without a provider)."""
+    max_top_logprobs: int | None = Field(default=None, ge=1, le=20)
+    """The most ``top_logprobs`` the upstream accepts (None: the provider's; 20 without one)."""
+    seed: bool | None = None
+    """Whether requests carry a seed (None: the provider's; true without one)."""
     sampling: Literal["llama.cpp", "vllm", "deepseek", "none"] = "llama.cpp"
     """openai-completions: which server's switches turn its sampling filters off."""
     template: str | None = None
@@ -188,15 +203,21 @@ class ModelConfig(BaseModel):
     """Remote candidates per step; 20 is OpenAI's top_logprobs maximum."""
     same_tokenizer: bool | Literal["auto"] = "auto"
     """Whether the pair shares the remote's tokenizer (fast path). "auto" detects it for in-process remotes."""
-    decoding: Literal["auto", "token", "sequence"] = "auto"
+    decoding: Literal["auto", "token", "guided", "sequence"] = "auto"
     """"token": offset decoding token by token from the remote's top-k logprobs (needs a remote
-    that continues a partial assistant message); "sequence": complete samples, one drawn with
-    weight exp(α·ΣΔ) (for remotes that cannot continue or give no logprobs; no per-token
-    logprobs in answers); "auto": token when the backend can continue, else sequence."""
+    that gives logprobs and continues a partial answer); "guided": the remote drafts text, the
+    pair's B stands in for its logprobs where the offset is in scope and the remote continues
+    from the pair's token (a remote that continues but gives no logprobs); "sequence": complete
+    samples re-ranked by the offset (a remote that cannot continue); "auto": token, guided or
+    sequence, by what the remote can do (docs/providers.md)."""
     sequence_samples: int = Field(default=4, ge=1, le=16)
     """Sequence mode: samples drawn per answer (remote calls, made concurrently)."""
     refusal: str = Field(default="I can't help with that.", min_length=1)
-    """Sequence mode: the answer when every sample is in forget scope (needs offset_threshold)."""
+    """Sequence mode: the answer when every sample is in forget scope and ``scope_action`` is "refuse"."""
+    scope_action: Literal["refuse", "mask"] = "refuse"
+    """Sequence mode, when every sample is in forget scope (needs a scope threshold τ): "refuse"
+    answers ``refusal``; "mask" answers the best sample with its in-scope spans replaced by
+    "[REDACTED]" (whole words and names, as ``deltaproxy redact`` masks them)."""
     speculative: bool = True
     """Speculative acceptance (docs/concepts.md): the remote drafts several tokens per call, each accepted
     with min(1, q/p) or replaced; the same output distribution as one call per token (false)."""
@@ -206,8 +227,25 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.backend in ("openai-chat", "openai-completions") and not self.base_url:
+        if self.provider is not None and self.provider not in PROVIDERS:
+            raise ValueError(f"provider: unknown provider {self.provider!r}; valid: {', '.join(PROVIDERS)}")
+        if self.backend is None and self.provider is None:
+            raise ValueError("backend or provider is required")
+        if self.provider is not None:
+            known = PROVIDERS[self.provider]
+            if self.backend is not None and self.backend != known.backend:
+                raise ValueError(
+                    f"backend {self.backend!r} is not provider {self.provider!r}'s ({known.backend!r}); "
+                    "leave backend out"
+                )
+            if not self.base_url and not known.base_url:
+                raise ValueError(f"base_url is required for provider {self.provider!r} (a self-hosted server)")
+        elif self.backend in ("openai-chat", "openai-completions") and not self.base_url:
             raise ValueError(f"base_url is required for backend {self.backend!r}")
+        if self.provider is None and self.backend in ("llama-inprocess", "transformers-inprocess"):
+            extra = {"logprobs", "max_top_logprobs", "seed", "prefill"} & self.model_fields_set
+            if extra:
+                raise ValueError(f"{sorted(extra)[0]}: only for HTTP remotes, not backend {self.backend!r}")
         if self.backend == "llama-inprocess" and not self.gguf:
             raise ValueError("gguf is required for backend 'llama-inprocess'")
         if self.backend == "transformers-inprocess" and not self.transformers_model:
@@ -218,7 +256,32 @@ class ModelConfig(BaseModel):
             raise ValueError('offset "demo" was trained on the pair "smollm2"')
         if self.api_key_env and self.api_key_env not in os.environ:
             raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set")
+        if self.provider is not None and not self.api_key_env:
+            env = PROVIDERS[self.provider].api_key_env
+            if env and env not in os.environ:
+                raise ValueError(
+                    f"provider {self.provider!r} reads its API key from {env}, which is not set "
+                    "(set it, or name another variable with api_key_env)"
+                )
         return self
+
+    @property
+    def remote_backend(self) -> str:
+        """The backend: ``backend``, else the provider's."""
+        if self.backend is not None:
+            return self.backend
+        assert self.provider is not None  # checked in _check
+        return PROVIDERS[self.provider].backend
+
+    @property
+    def remote_base_url(self) -> str | None:
+        """The endpoint: ``base_url``, else the provider's public one."""
+        return self.base_url or (PROVIDERS[self.provider].base_url if self.provider else None)
+
+    @property
+    def remote_api_key_env(self) -> str | None:
+        """The key's environment variable: ``api_key_env``, else the provider's."""
+        return self.api_key_env or (PROVIDERS[self.provider].api_key_env if self.provider else None)
 
 
 class Config(BaseModel):

@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
-from adapters.base import EOT_TOKENS, RemoteAdapter, SamplingAdapter
+from adapters.base import EOT_TOKENS, Capabilities, RemoteAdapter, SamplingAdapter
 from adapters.llama_inprocess import LlamaInProcessAdapter
 from adapters.openai_chat import ChatAdapter
 from adapters.openai_completions import CompletionsAdapter
-from adapters.profiles import server_profile
+from adapters.profiles import ServerProfile, prefill_of, provider, server_profile
 from adapters.retry import RetryPolicy
 from adapters.templates import BUILTIN, ChatTemplate
 from adapters.transformers_inprocess import TransformersInProcessAdapter
-from proxy.common.literals import ScopeRule
+from proxy.common.literals import DecodingMode, ScopeRule
 from proxy.config import Config, ConfigError, ModelConfig
 from proxy.decoding.served import ServedModel
 from proxy.decoding.types import DecodingError
@@ -57,35 +58,76 @@ def _template(spec: str | None) -> ChatTemplate | None:
     return ChatTemplate(path.read_text())
 
 
-def build_adapter(name: str, cfg: ModelConfig) -> RemoteAdapter:
-    """The remote adapter of ``cfg.backend``; an HTTP one gets the server profile that
-    ``prefill`` (openai-chat) or ``sampling`` (openai-completions) names.
+def remote_profile(cfg: ModelConfig) -> ServerProfile:
+    """The server profile of an HTTP remote: its provider's (``provider``) or the one that
+    ``prefill`` (openai-chat) or ``sampling`` (openai-completions) names, with the model's
+    capability overrides (``prefill`` where set beside a provider, ``logprobs``,
+    ``max_top_logprobs``, ``seed``) applied.
+
+    Raises:
+        ValueError: an unknown provider or server profile (the message names the valid ones).
+    """
+    if cfg.provider is not None:
+        profile = provider(cfg.provider).profile
+        if "prefill" in cfg.model_fields_set:
+            profile = replace(profile, prefill=prefill_of(cfg.prefill))
+    elif cfg.remote_backend == "openai-chat":
+        profile = server_profile(cfg.prefill)
+    else:
+        profile = server_profile(cfg.sampling)
+    if cfg.logprobs is not None:
+        profile = replace(profile, logprobs=cfg.logprobs)
+    if cfg.max_top_logprobs is not None:
+        profile = replace(profile, max_top_logprobs=cfg.max_top_logprobs)
+    if cfg.seed is not None:
+        profile = replace(profile, seed_field=(profile.seed_field or "seed") if cfg.seed else None)
+    return profile
+
+
+def build_adapter(name: str, cfg: ModelConfig, *, http_client: Any = None) -> RemoteAdapter:
+    """The remote adapter of the model's backend (``backend``, or its provider's); an HTTP one
+    gets its :func:`remote_profile`. ``http_client`` (an ``openai.DefaultAsyncHttpxClient``)
+    replaces the HTTP adapters' own (tests pass one with a mock transport).
 
     Raises:
         ValueError: an unknown server profile (the message names the valid ones).
         FileNotFoundError: a model file or folder is missing.
     """
-    if cfg.backend == "llama-inprocess":
+    backend = cfg.remote_backend
+    if backend == "llama-inprocess":
         assert cfg.gguf is not None
         return LlamaInProcessAdapter(
             name=name, model_path=resolve_gguf(cfg.gguf), n_ctx=cfg.n_ctx, n_contexts=cfg.n_contexts
         )
-    if cfg.backend == "transformers-inprocess":
+    if backend == "transformers-inprocess":
         assert cfg.transformers_model is not None
         return TransformersInProcessAdapter(name=name, model_dir=local_model_dir(cfg.transformers_model))
+    key_env = cfg.remote_api_key_env
+    base_url = cfg.remote_base_url
+    assert base_url is not None  # checked by ModelConfig
     common: dict[str, Any] = dict(
         name=name,
-        base_url=cfg.base_url,
+        base_url=base_url,
         model=cfg.remote_model or name,
-        api_key=os.environ.get(cfg.api_key_env) if cfg.api_key_env else None,
+        api_key=os.environ.get(key_env) if key_env else None,
         eot_tokens=cfg.eot_tokens if cfg.eot_tokens is not None else EOT_TOKENS,
         retry=RetryPolicy(attempts=cfg.retry_attempts, total_seconds=cfg.retry_seconds),
         connect_timeout=cfg.connect_timeout,
         read_timeout=cfg.read_timeout,
+        http_client=http_client,
+        profile=remote_profile(cfg),
     )
-    if cfg.backend == "openai-chat":
-        return ChatAdapter(profile=server_profile(cfg.prefill), **common)
-    return CompletionsAdapter(template=_template(cfg.template), profile=server_profile(cfg.sampling), **common)
+    if backend == "openai-chat":
+        return ChatAdapter(**common)
+    return CompletionsAdapter(template=_template(cfg.template), **common)
+
+
+def decoding_mode(capabilities: Capabilities) -> DecodingMode:
+    """``decoding = "auto"``: the strategy for what the remote can do (docs/providers.md):
+    logprobs and continuing, token mode; continuing alone, guided mode; otherwise sequence mode."""
+    if capabilities.can_continue:
+        return "token" if capabilities.logprobs else "guided"
+    return "sequence"
 
 
 def shares_tokenizer(adapter: RemoteAdapter, pair: Any) -> bool:
@@ -129,6 +171,7 @@ def build_model(
     batching: Any = None,
     prefix_cache_tokens: int = 512,
     resolve_offset: Callable[[str], Path] | None = None,
+    http_client: Any = None,
 ) -> ServedModel:
     """One served model. Pairs are shared between models with the same (pair, offset);
     a new pair batches its tree passes with ``batching`` (a :class:`proxy.pair.batcher.BatchSettings`,
@@ -143,7 +186,7 @@ def build_model(
     """
     pairs = {} if pairs is None else pairs
     try:
-        adapter = build_adapter(name, cfg)
+        adapter = build_adapter(name, cfg, http_client=http_client)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"models.{name}: {exc}") from exc
     pair = None
@@ -176,9 +219,10 @@ def build_model(
     if same == "auto":
         same = shares_tokenizer(adapter, pair)
     alpha = cfg.alpha
-    if cfg.decoding == "sequence" and not isinstance(adapter, SamplingAdapter):
+    if cfg.decoding in ("sequence", "guided") and not isinstance(adapter, SamplingAdapter):
         raise ConfigError(
-            f'models.{name}.decoding: backend {cfg.backend!r} continues answers itself; use "token" (or "auto")'
+            f"models.{name}.decoding: backend {cfg.remote_backend!r} gives logprobs and continues answers "
+            'itself; use "token" (or "auto")'
         )
     try:
         return ServedModel(
@@ -189,14 +233,13 @@ def build_model(
             client_alpha=cfg.client_alpha,
             offset_threshold=served_threshold(cfg.offset_threshold, pair),
             offset_scope=served_scope(cfg.offset_scope, pair),
-            top_k=cfg.top_k,
+            top_k=min(cfg.top_k, adapter.capabilities.max_top_logprobs),
             same_tokenizer=bool(same),
             speculative=cfg.speculative,
-            mode=(
-                cfg.decoding if cfg.decoding != "auto" else "token" if adapter.capabilities.can_continue else "sequence"
-            ),
+            mode=cfg.decoding if cfg.decoding != "auto" else decoding_mode(adapter.capabilities),
             sequence_samples=cfg.sequence_samples,
             refusal=cfg.refusal,
+            scope_action=cfg.scope_action,
             max_draft_tokens=cfg.max_draft_tokens,
             offset_sha256=pair.offset.sha256 if pair is not None and pair.offset is not None else None,
         )

@@ -44,6 +44,7 @@ class FakeRemote:
         can_continue: bool = True,
         seed: int = 0,
         top_k_drafts: bool = False,
+        logprobs: bool = True,
     ) -> None:
         self.steps = steps
         self.rng = np.random.default_rng(seed)
@@ -55,7 +56,7 @@ class FakeRemote:
         self.samples = 0
         """Complete answers given (sequence mode)."""
         self.contexts: list[Context] = []
-        self.capabilities = Capabilities(can_continue=can_continue, top_k_drafts=top_k_drafts)
+        self.capabilities = Capabilities(can_continue=can_continue, top_k_drafts=top_k_drafts, logprobs=logprobs)
         self.not_ready: Exception | None = None
         """Raised by :meth:`check` when set (readiness tests)."""
 
@@ -94,8 +95,13 @@ class FakeRemote:
         top_p: float,
         stop: tuple[str, ...] = (),
         seed: int | None = None,
+        logprobs: bool = False,
     ) -> Sample:
-        """A whole answer: greedy at T = 0, else tokens drawn at T = 1 as in :meth:`draft`."""
+        """A whole answer (continuing ``ctx.assistant_prefix``): greedy at T = 0, else tokens
+        drawn at T = 1 as in :meth:`draft`; with ``logprobs`` their summed logprob."""
+        if logprobs and not self.capabilities.logprobs:
+            raise AssertionError("logprobs asked of a remote that gives none")
+        self.contexts.append(ctx)
         draft = await self.draft(ctx, n_tokens=max(2, max_tokens), top_k=1, seed=seed, greedy=temperature == 0)
         self.calls -= 1
         self.samples += 1
@@ -103,7 +109,8 @@ class FakeRemote:
         text = b"".join(p.sampled.data or b"" for p in positions).decode("utf-8", "replace")
         self.drafted -= len(draft.positions)
         ended = bool(positions) and positions[-1].sampled.is_eot
-        return Sample(text, "stop" if ended else "length", 7, len(positions))
+        total = sum(p.sampled.logprob for p in positions) if logprobs else None
+        return Sample(text, "stop" if ended else "length", 7, len(positions), total)
 
     async def check(self) -> None:
         if self.not_ready is not None:

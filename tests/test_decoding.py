@@ -407,7 +407,37 @@ def test_sequence_weights_match_hand_computed_ones():
 
 
 class SequencePair(PrefixDeltaPair):
-    """ΣΔ of a whole answer: the sum of the per-token table along it (tokens are space-led words)."""
+    """ΣΔ of a whole answer: the sum of the per-token table along it (tokens are space-led
+    words; id 0 ends the turn, and each new word gets the next id)."""
+
+    def __init__(self):
+        from proxy.decoding.vocab import ByteVocab
+
+        self.words: list[bytes | None] = [None]
+        self.vocab = ByteVocab([None, *(bytes([b]) for b in range(256))], (0,))  # ids only matter here
+
+    def encode_answer(self, text):
+        ids, spans, pos = [], [], 0
+        for w in [" " + w for w in text.split(" ")[1:]]:
+            data = w.encode()
+            if data not in self.words:
+                self.words.append(data)
+            ids.append(self.words.index(data))
+            spans.append((pos, pos + len(w)))
+            pos += len(w)
+        return ids, spans
+
+    def answer_scores(self, prompt_ids, ids, top_k):
+        from proxy.decoding.types import AnswerScores
+
+        done, deltas = b"", []
+        for i in ids:
+            w = self.words[i] if i != 0 else None
+            deltas.append(self.delta(done, w))
+            done += w or b""
+        d = np.array(deltas)
+        empty = np.zeros((len(ids), 0))
+        return AnswerScores(np.full(len(ids), -1.0), d, d, empty.astype(np.int64), empty, empty)
 
     def sequence_offset(self, prompt_ids, text, end_of_turn):
         data, total, done = text.encode(), 0.0, b""

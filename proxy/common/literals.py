@@ -10,8 +10,13 @@ ClientAlpha = Literal["at_least", "any", "none"]
 default everywhere), set any α (``any``, which lets a client switch unlearning off), or
 nothing (``none``)."""
 
-DecodingMode = Literal["token", "sequence"]
-"""Token by token over the remote's top-k logprobs, or whole samples re-ranked by ΣΔ."""
+DecodingMode = Literal["token", "guided", "sequence"]
+"""Token by token over the remote's top-k logprobs; the remote's drafts with B standing in for
+its logprobs where the offset is in scope; or whole samples re-ranked by ΣΔ."""
+
+ScopeAction = Literal["refuse", "mask"]
+"""Sequence mode's answer when every sample is in forget scope: the refusal text, or the best
+sample with its in-scope spans masked."""
 
 ScopeRule = Literal["step", "token"]
 """How the scope threshold τ leaves the offset out of scope (:mod:`proxy.decoding.offset`): per

@@ -14,8 +14,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from adapters.base import RemoteAdapter
+from proxy.common.literals import ScopeAction
 from proxy.decoding.alignment import Aligner
-from proxy.decoding.types import ChoiceStats
+from proxy.decoding.types import AnswerScores, ChoiceStats
+from proxy.decoding.vocab import ByteVocab
 
 T = TypeVar("T")
 
@@ -51,6 +53,26 @@ class Pair(Protocol):
         ...
 
 
+    @property
+    def vocab(self) -> ByteVocab:
+        """The local tokenizer's bytes per token and its end-of-turn ids."""
+        ...
+
+    def encode_answer(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Local token ids of answer text (special tokens' strings read as characters) and each
+        token's character span ``[start, end)`` in ``text``."""
+        ...
+
+    def answer_scores(self, prompt_ids: Sequence[int], ids: Sequence[int], top_k: int) -> AnswerScores:
+        """Teacher-forced log B, Δ and step scores of ``ids`` after ``prompt_ids``, with B's
+        top-``top_k`` candidates at each position (:class:`proxy.decoding.types.AnswerScores`).
+
+        Raises:
+            ValueError: no prompt token, nothing to score, or longer than the pair's context.
+        """
+        ...
+
+
 class Served(Protocol):
     """A served model's settings and its pair's threads, as the decoders read them
     (:class:`proxy.decoding.served.ServedModel`'s fields of the same names)."""
@@ -66,6 +88,7 @@ class Served(Protocol):
     """The running per-token acceptance rate of the model's drafts; the token decoder updates it."""
     sequence_samples: int
     refusal: str
+    scope_action: ScopeAction
 
     @property
     def uses_offset(self) -> bool:

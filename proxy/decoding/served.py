@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from adapters.base import Context, RemoteAdapter, SamplingAdapter
-from proxy.common.literals import ClientAlpha, DecodingMode, ScopeRule
+from proxy.common.literals import ClientAlpha, DecodingMode, ScopeAction, ScopeRule
+from proxy.decoding.guided_mode import GuidedDecoder
 from proxy.decoding.protocols import Pair
 from proxy.decoding.sequence_mode import SequenceDecoder
 from proxy.decoding.token_mode import TokenDecoder
@@ -58,14 +59,18 @@ class ServedModel:
     speculative: bool = True
     max_draft_tokens: int = 128
     mode: DecodingMode = "token"
-    """``"token"``: offset decoding token by token (speculative or not); ``"sequence"``:
-    complete samples resampled by their offset (:class:`proxy.decoding.sequence_mode.SequenceDecoder`)."""
+    """``"token"``: offset decoding token by token (speculative or not); ``"guided"``: the
+    remote's drafts, B standing in for its logprobs in scope (:mod:`proxy.decoding.guided_mode`);
+    ``"sequence"``: complete samples re-ranked by their offset (:mod:`proxy.decoding.sequence_mode`)."""
     sequence_samples: int = 4
     refusal: str = "I can't help with that."
-    """Sequence mode's answer when every sample is in forget scope (mean Δ per token ≤ −τ)."""
+    """Sequence mode's answer when every sample is in forget scope and ``scope_action`` is "refuse"."""
+    scope_action: ScopeAction = "refuse"
+    """Sequence mode, every sample in forget scope: answer ``refusal`` or the best sample masked."""
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="pair"))
     _token: TokenDecoder = field(init=False, repr=False)
     _sequence: SequenceDecoder = field(init=False, repr=False)
+    _guided: GuidedDecoder = field(init=False, repr=False)
     acceptance_rate: float = 1.0
     """Running per-token acceptance rate of this model's drafts (seeds each request's :class:`DraftLength`)."""
 
@@ -78,17 +83,24 @@ class ServedModel:
             # shared pool already: not shut down.)
             self._pool.shutdown(wait=False)
             self._pool = shared
-        if self.mode not in ("token", "sequence"):
+        caps = self.adapter.capabilities
+        if self.mode not in ("token", "guided", "sequence"):
             raise DecodingError(f"model {self.name!r}: unknown decoding mode {self.mode!r}")
-        if self.mode == "sequence" and not isinstance(self.adapter, SamplingAdapter):
-            raise DecodingError(f"model {self.name!r}: the remote gives no complete answers for sequence mode")
-        if self.mode == "token" and not self.adapter.capabilities.can_continue:
+        if self.mode in ("sequence", "guided") and not isinstance(self.adapter, SamplingAdapter):
+            raise DecodingError(f"model {self.name!r}: the remote gives no complete answers for {self.mode} mode")
+        if self.mode in ("token", "guided") and not caps.can_continue:
             raise DecodingError(
-                f"model {self.name!r}: the remote cannot continue a partial assistant message, which token "
+                f"model {self.name!r}: the remote cannot continue a partial assistant message, which {self.mode} "
                 'mode needs; serve it with decoding = "sequence"'
+            )
+        if self.mode == "token" and not caps.logprobs:
+            raise DecodingError(
+                f"model {self.name!r}: the remote gives no logprobs, which token mode needs; serve it with "
+                'decoding = "guided" (it continues partial answers) or "sequence"'
             )
         self._token = TokenDecoder(self)
         self._sequence = SequenceDecoder(self)
+        self._guided = GuidedDecoder(self)
 
     @property
     def uses_offset(self) -> bool:
@@ -142,6 +154,10 @@ class ServedModel:
         rng = np.random.default_rng(None if params.seed is None else [params.seed % 2**64, index])
         if self.mode == "sequence":
             yield await self._sequence.generate(base, params, rng, stats)
+            return
+        if self.mode == "guided":
+            async for piece in self._guided.generate(base, params, rng, stats):
+                yield piece
             return
         async for piece in self._token.generate(base, params, rng, stats):
             yield piece

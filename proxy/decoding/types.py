@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from proxy.common.literals import ScopeRule
 
 
@@ -89,3 +91,23 @@ def display_token(data: bytes) -> str:
 def finite(x: float) -> float:
     """JSON has no infinities: clamp as vLLM does (-9999.0)."""
     return x if math.isfinite(x) else -9999.0
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerScores:
+    """The pair's teacher-forced view of given answer tokens (``n`` local tokens after a
+    prompt; :meth:`proxy.decoding.protocols.Pair.answer_scores`). Log-probabilities in nats."""
+
+    log_b: np.ndarray
+    """``[n]`` log B of each given token."""
+    delta: np.ndarray
+    """``[n]`` Δ = log U − log B of each given token."""
+    step_offset: np.ndarray
+    """``[n]`` s_t = Σ_x p_B(x)·Δ(x) over the whole vocabulary: the step rule's scope score
+    with B standing in for the remote (:func:`proxy.decoding.offset.scope_score`)."""
+    top_ids: np.ndarray
+    """``[n, k]`` B's ``k`` most probable tokens at each position, best first (``k`` = 0: none asked)."""
+    top_log_b: np.ndarray
+    """``[n, k]`` their log B."""
+    top_delta: np.ndarray
+    """``[n, k]`` their Δ."""

@@ -29,6 +29,7 @@ import torch
 
 from adapters.templates import hf_chat_ids, hf_special_strings
 from proxy.decoding.alignment import Aligner
+from proxy.decoding.types import AnswerScores
 from proxy.decoding.vocab import ByteVocab, text_ids
 from proxy.pair.artifact import OffsetArtifact, load_artifact
 from proxy.pair.batcher import BatchSettings, TreeBatcher, TreeJob
@@ -205,6 +206,39 @@ class LocalPair:
             return 0.0, len(ids)
         u, b = self.token_logprobs(prompt_ids, ids)
         return float(np.sum(u - b)), len(ids)
+
+    def encode_answer(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Local token ids of answer ``text`` (a special token's string is characters, as in
+        :func:`proxy.decoding.vocab.text_ids`) and each token's character span ``[start, end)``."""
+        enc = self.tokenizer(
+            text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        )
+        return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+
+    @torch.inference_mode()
+    def answer_scores(self, prompt_ids: Sequence[int], ids: Sequence[int], top_k: int) -> AnswerScores:
+        """Teacher-forced log B, Δ and the step rule's s_t (B standing in for the remote) of each
+        of ``ids`` after ``prompt_ids``, and B's top-``top_k`` candidates with their log B and Δ
+        (:class:`proxy.decoding.types.AnswerScores`; Δ ≡ 0 without an offset).
+
+        Raises:
+            ValueError: no prompt token to condition on, nothing to score, or longer than the
+                pair's context.
+        """
+        u, b = self._teacher_forced(prompt_ids, ids)
+        d = u - b
+        target = torch.tensor(list(ids), dtype=torch.long)[:, None]
+        step = (b.exp() * torch.nan_to_num(d, nan=0.0, neginf=0.0, posinf=0.0)).sum(dim=1)
+        k = min(top_k, b.shape[1])
+        top_b, top_ids = (b.topk(k, dim=1) if k > 0 else (b[:, :0], torch.zeros((len(ids), 0), dtype=torch.long)))
+        return AnswerScores(
+            log_b=b.gather(1, target)[:, 0].double().numpy(),
+            delta=d.gather(1, target)[:, 0].double().numpy(),
+            step_offset=step.double().numpy(),
+            top_ids=top_ids.numpy(),
+            top_log_b=top_b.double().numpy(),
+            top_delta=d.gather(1, top_ids).double().numpy(),
+        )
 
     def full_logprobs(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Teacher-forced log-softmax of U and of B over the whole local

@@ -110,6 +110,12 @@ def make_job(
             "partial answer), which has no per-token logprobs",
             "logprobs",
         )
+    if logprobs and model.mode == "guided":
+        raise invalid(
+            f"logprobs: model '{req.model}' is served in guided mode (its upstream gives no logprobs), "
+            "which has no per-token logprobs",
+            "logprobs",
+        )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     job = Job(kind, model, ctx, params, req.n, req.stream, include_usage)
     if kind == "text":

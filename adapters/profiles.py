@@ -157,7 +157,7 @@ PROVIDERS: Mapping[str, Provider] = MappingProxyType(
             Provider(
                 "mistral",
                 "openai-chat",
-                _hosted("mistral", prefill=_PREFIX, logprobs=False, max_top_logprobs=0, seed_field="random_seed"),
+                _hosted("mistral", prefill=_PREFIX, logprobs=False, seed_field="random_seed"),
                 base_url="https://api.mistral.ai/v1",
                 api_key_env="MISTRAL_API_KEY",
             ),
@@ -178,7 +178,7 @@ PROVIDERS: Mapping[str, Provider] = MappingProxyType(
             Provider(
                 "groq",
                 "openai-chat",
-                _hosted("groq", prefill=_TRAILING, logprobs=False, max_top_logprobs=0),
+                _hosted("groq", prefill=_TRAILING, logprobs=False),
                 n=False,
                 base_url="https://api.groq.com/openai/v1",
                 api_key_env="GROQ_API_KEY",
@@ -201,7 +201,7 @@ PROVIDERS: Mapping[str, Provider] = MappingProxyType(
             Provider(
                 "anthropic",
                 "openai-chat",
-                _hosted("anthropic", prefill=_TRAILING, logprobs=False, max_top_logprobs=0, seed_field=None),
+                _hosted("anthropic", prefill=_TRAILING, logprobs=False, seed_field=None),
                 n=False,
                 base_url="https://api.anthropic.com/v1",
                 api_key_env="ANTHROPIC_API_KEY",

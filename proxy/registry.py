@@ -233,7 +233,8 @@ def build_model(
             client_alpha=cfg.client_alpha,
             offset_threshold=served_threshold(cfg.offset_threshold, pair),
             offset_scope=served_scope(cfg.offset_scope, pair),
-            top_k=min(cfg.top_k, adapter.capabilities.max_top_logprobs),
+            # the remote's candidates per step in token mode; B's in guided mode
+            top_k=min(cfg.top_k, adapter.capabilities.max_top_logprobs) if adapter.capabilities.logprobs else cfg.top_k,
             same_tokenizer=bool(same),
             speculative=cfg.speculative,
             mode=cfg.decoding if cfg.decoding != "auto" else decoding_mode(adapter.capabilities),

@@ -204,6 +204,7 @@ class SequenceDecoder:
             stats.completion_tokens = chosen.sample.completion_tokens or chosen.tokens
             return Piece(text, [], chosen.sample.finish_reason)
         stats.completion_tokens = 0
+        stats.refused = True
         return Piece(self.model.refusal, [], "stop")
 
     @staticmethod

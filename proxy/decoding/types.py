@@ -74,6 +74,8 @@ class ChoiceStats:
     """Remote candidates left out of S_t for unknown bytes, over all steps."""
     predicted_short: int = 0
     """Drafts shortened because the pair predicted a rejection at their first position."""
+    refused: bool = False
+    """The answer is the model's refusal text (sequence mode's scope action "refuse")."""
     scope_trace: list[float] | None = None
     """When a list: per step with offsets, the step's flip margin under the model's scope
     rule (:func:`proxy.decoding.offset.flip_margin`; :mod:`proxy.decoding.threshold`)."""

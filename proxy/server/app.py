@@ -1,7 +1,8 @@
 """The aiohttp server: the app, its routes and the middlewares around them.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``
-(:mod:`proxy.server.completion_routes`), ``GET /v1/models``, and for operators
+(:mod:`proxy.server.completion_routes`), ``POST /v1/responses``
+(:mod:`proxy.server.responses_routes`), ``GET /v1/models``, and for operators
 ``GET /health`` (the process is up), ``GET /ready`` (every upstream answers) and
 ``GET /metrics`` (Prometheus) (:mod:`proxy.server.info_routes`), and OpenAI's Files and
 Batches endpoints (:mod:`proxy.server.files_batches`). Keys, limits, request ids,
@@ -43,6 +44,7 @@ from proxy.server.app_keys import GATEWAY, MODELS, SETTINGS
 from proxy.server.completion_routes import chat_completions, completions
 from proxy.server.files_batches import add_batch_routes
 from proxy.server.info_routes import health, list_models, prometheus_metrics, ready, retrieve_model
+from proxy.server.responses_routes import responses
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +198,7 @@ def create_app(
     app.on_response_prepare.append(_request_id_header)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", retrieve_model)
     app.router.add_get("/health", health)

@@ -114,7 +114,8 @@ class Provider:
 
     name: str
     backend: str
-    """``"openai-chat"`` or ``"openai-completions"`` (the chat template rendered by the proxy)."""
+    """``"openai-chat"``, ``"openai-completions"`` (the chat template rendered by the proxy) or
+    ``"openai-responses"`` (:mod:`adapters.openai_responses`)."""
     profile: ServerProfile
     n: bool = True
     """Whether it answers ``n`` > 1 in one call (sequence mode otherwise makes one call per sample)."""
@@ -142,6 +143,14 @@ PROVIDERS: Mapping[str, Provider] = MappingProxyType(
                 "openai",
                 "openai-chat",
                 _hosted("openai"),
+                base_url="https://api.openai.com/v1",
+                api_key_env="OPENAI_API_KEY",
+            ),
+            Provider(
+                "openai-responses",
+                "openai-responses",
+                _hosted("openai-responses", seed_field=None),
+                n=False,
                 base_url="https://api.openai.com/v1",
                 api_key_env="OPENAI_API_KEY",
             ),

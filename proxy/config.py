@@ -134,10 +134,13 @@ class ServerConfig(BaseModel):
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    backend: Literal["openai-chat", "openai-completions", "llama-inprocess", "transformers-inprocess"] | None = None
+    backend: (
+        Literal["openai-chat", "openai-completions", "openai-responses", "llama-inprocess", "transformers-inprocess"]
+        | None
+    ) = None
     """How the remote is reached; with ``provider`` set, the provider's (which may be overridden)."""
     provider: str | None = None
-    """A hosted API or server kind (adapters.profiles.PROVIDERS: "openai", "azure", "deepseek",
+    """A hosted API or server kind (adapters.profiles.PROVIDERS: "openai", "openai-responses", "azure", "deepseek",
     "mistral", "together", "fireworks", "groq", "openrouter", "gemini", "anthropic", "vllm",
     "sglang", "llama.cpp", "ollama", "tgi"): it sets the backend, how a partial answer is
     continued, the logprob limit, the seed field, the endpoint and the key's variable, each of
@@ -240,7 +243,7 @@ class ModelConfig(BaseModel):
                 )
             if not self.base_url and not known.base_url:
                 raise ValueError(f"base_url is required for provider {self.provider!r} (a self-hosted server)")
-        elif self.backend in ("openai-chat", "openai-completions") and not self.base_url:
+        elif self.backend in ("openai-chat", "openai-completions", "openai-responses") and not self.base_url:
             raise ValueError(f"base_url is required for backend {self.backend!r}")
         if self.provider is None and self.backend in ("llama-inprocess", "transformers-inprocess"):
             extra = {"logprobs", "max_top_logprobs", "seed", "prefill"} & self.model_fields_set

@@ -13,6 +13,7 @@ from adapters.base import EOT_TOKENS, Capabilities, RemoteAdapter, SamplingAdapt
 from adapters.llama_inprocess import LlamaInProcessAdapter
 from adapters.openai_chat import ChatAdapter
 from adapters.openai_completions import CompletionsAdapter
+from adapters.openai_responses import ResponsesAdapter
 from adapters.profiles import ServerProfile, prefill_of, provider, server_profile
 from adapters.retry import RetryPolicy
 from adapters.templates import BUILTIN, ChatTemplate
@@ -119,6 +120,8 @@ def build_adapter(name: str, cfg: ModelConfig, *, http_client: Any = None) -> Re
     )
     if backend == "openai-chat":
         return ChatAdapter(**common)
+    if backend == "openai-responses":
+        return ResponsesAdapter(**common)
     return CompletionsAdapter(template=_template(cfg.template), **common)
 
 

@@ -106,6 +106,35 @@ def completion_body(request: dict) -> dict:
     }
 
 
+def responses_body(request: dict) -> dict:
+    """A ``response`` as OpenAI's Responses API reference shows it (logprobs where included)."""
+    n = min(len(TOKENS), int(request.get("max_output_tokens") or len(TOKENS)))
+    toks = TOKENS[:n]
+    part: dict = {"type": "output_text", "text": "".join(toks), "annotations": []}
+    if "message.output_text.logprobs" in (request.get("include") or []):
+        part["logprobs"] = [{"token": t, "bytes": list(t.encode()), "logprob": -0.1, "top_logprobs": []} for t in toks]
+    status = "completed" if n == len(TOKENS) else "incomplete"
+    return {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "status": status,
+        "incomplete_details": None if status == "completed" else {"reason": "max_output_tokens"},
+        "model": request["model"],
+        "output": [{"type": "message", "id": "msg_1", "status": status, "role": "assistant", "content": [part]}],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": 9,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": n,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 9 + n,
+        },
+    }
+
+
 class Upstream:
     """A mock transport that records each request and answers as the API does."""
 
@@ -123,6 +152,8 @@ class Upstream:
             return self.reply(request, body)
         if request.url.path.endswith("/chat/completions"):
             return httpx.Response(200, json=chat_body(body))
+        if request.url.path.endswith("/responses"):
+            return httpx.Response(200, json=responses_body(body))
         return httpx.Response(200, json=completion_body(body))
 
     def client(self) -> openai.DefaultAsyncHttpxClient:
@@ -164,11 +195,14 @@ async def test_each_provider_row_gets_its_own_requests(name, monkeypatch):
     assert model.top_k == (min(20, p.profile.max_top_logprobs) if p.profile.logprobs else 20)
     assert await _answer(model, max_tokens=8, temperature=0.0) == " Paris."
     first = upstream.requests[0]
-    endpoint = "/completions" if p.backend == "openai-completions" else "/chat/completions"
+    endpoint = {"openai-completions": "/completions", "openai-responses": "/responses"}.get(p.backend, "/chat/completions")
     assert str(first.url) == (p.base_url or SELF_HOSTED) + endpoint
     assert first.headers["authorization"] == (f"Bearer key-of-{name}" if p.api_key_env else "Bearer none")
     for body in upstream.bodies():
         assert body["model"] == "m"
+        if p.backend == "openai-responses":
+            assert body["store"] is False and "seed" not in body and "stop" not in body
+            continue
         if model.mode == "token":
             k = body.get("top_logprobs", body.get("logprobs"))
             assert k is not None and int(k) <= p.profile.max_top_logprobs
@@ -189,7 +223,10 @@ async def test_each_provider_row_gets_its_own_requests(name, monkeypatch):
     # continuing a partial answer, the provider's way (or refused where it cannot)
     upstream.requests.clear()
     partial = Context(messages=MSG, assistant_prefix=b"The capital is")
-    if p.backend == "openai-completions":
+    if p.backend == "openai-responses":
+        with pytest.raises(RemoteRejected, match="cannot continue"):
+            await model.adapter.sample(partial, max_tokens=4, temperature=0.0, top_p=1.0)
+    elif p.backend == "openai-completions":
         await model.adapter.sample(partial, max_tokens=4, temperature=0.0, top_p=1.0)
         assert upstream.bodies()[0]["prompt"].endswith("<|im_start|>assistant\nThe capital is")
     elif p.profile.prefill is None:
@@ -220,7 +257,7 @@ def test_capabilities_are_overridden_per_model(monkeypatch):
 
 
 def test_config_errors_name_the_key_and_the_valid_values(monkeypatch):
-    with pytest.raises(ValueError, match=r"provider: unknown provider 'opneai'; valid: openai, azure, .*tgi"):
+    with pytest.raises(ValueError, match=r"provider: unknown provider 'opneai'; valid: openai, openai-responses, azure, .*tgi"):
         ModelConfig(provider="opneai", remote_model="m")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(ValueError, match="reads its API key from OPENAI_API_KEY, which is not set"):
@@ -267,7 +304,7 @@ async def test_hosted_refusals_reach_the_client_as_clear_errors(aiohttp_client, 
     assert len(upstream.requests) == 1  # a 400 is not retried
 
 
-@pytest.mark.parametrize("backend", ["openai-chat", "openai-completions"])
+@pytest.mark.parametrize("backend", ["openai-chat", "openai-completions", "openai-responses"])
 async def test_the_upstream_key_is_never_in_an_error_a_log_line_or_a_body(aiohttp_client, monkeypatch, caplog, backend):
     key = "sk-proj-THISISTHEKEY0123456789"
     monkeypatch.setenv("UPSTREAM_KEY", key)
@@ -294,7 +331,7 @@ async def test_the_upstream_key_is_never_in_an_error_a_log_line_or_a_body(aiohtt
     client = await aiohttp_client(create_app({"m": model}))
     caplog.set_level(logging.DEBUG)
     path, req = (
-        ("/v1/chat/completions", {"messages": list(MSG)}) if backend == "openai-chat" else ("/v1/completions", {"prompt": "Hi"})
+        ("/v1/completions", {"prompt": "Hi"}) if backend == "openai-completions" else ("/v1/chat/completions", {"messages": list(MSG)})
     )
     r = await client.post(path, json={"model": "m", "max_tokens": 4, **req})
     text = await r.text()

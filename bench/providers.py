@@ -3,7 +3,8 @@ front of llama-cpp-python's server on the packaged SmolLM2, through a loopback e
 capabilities are cut to the class (:mod:`bench.capability_shim`), served with the strategy
 ``decoding = "auto"`` picks for it.
 
-    python -m bench.providers [--classes token,guided,sequence-logprobs,sequence] [--samples 3] [--json FILE]
+    python -m bench.providers [--classes token,guided,sequence-logprobs,sequence] [--samples 3]
+                              [--settings '{"scope_action": "rewrite"}'] [--json FILE]
 
 Per class, at T = 0 (one answer per question) and T = 1 (``--samples`` answers per question):
 how many answers to the 12 forget questions and their 12 paraphrases name a demo key
@@ -85,8 +86,11 @@ def llama_server() -> Any:
         log.close()
 
 
-async def measure_class(name: str, upstream: str, offset: str, samples: int, max_tokens: int) -> dict[str, Any]:
-    """One class's numbers (module docstring)."""
+async def measure_class(
+    name: str, upstream: str, offset: str, samples: int, max_tokens: int, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One class's numbers (module docstring); ``settings``: more model config keys
+    (``{"scope_action": "rewrite"}``)."""
     import openai
 
     from proxy.config import ModelConfig, ServerConfig
@@ -101,7 +105,9 @@ async def measure_class(name: str, upstream: str, offset: str, samples: int, max
     os.environ.setdefault("GROQ_API_KEY", "unused-on-loopback")
     forget = [json.loads(x)["question"] for x in DEMO_FORGET.read_text().splitlines() if x.strip()]
     async with running(upstream, cut) as (base_url, stats):
-        cfg = ModelConfig(base_url=base_url, remote_model="smollm2", pair="smollm2", offset=offset, **keys)
+        cfg = ModelConfig(
+            base_url=base_url, remote_model="smollm2", pair="smollm2", offset=offset, **keys, **(settings or {})
+        )
         model = build_model("demo", cfg)
         direct = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
         calls: list[int] = []
@@ -137,7 +143,7 @@ async def measure_class(name: str, upstream: str, offset: str, samples: int, max
             direct_s.append(time.perf_counter() - t0)
 
         model.client_alpha = "any"  # the comparison needs α = 0 (the remote's own answer)
-        out: dict[str, Any] = {"class": name, "mode": model.mode, "examples": []}
+        out: dict[str, Any] = {"class": name, "mode": model.mode, "settings": settings or {}, "examples": []}
         for temperature in (0.0, 1.0):
             n = 1 if temperature == 0 else samples
             leak = {"forget": 0, "paraphrase": 0}
@@ -177,6 +183,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=3, help="answers per question at T = 1")
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--offset", help="an offset folder (default: the demo offset, trained once and cached)")
+    ap.add_argument("--settings", default="{}", help='more model config keys as JSON ({"scope_action": "rewrite"})')
     ap.add_argument("--json")
     args = ap.parse_args()
     from proxy.training.demo import demo_offset
@@ -185,7 +192,9 @@ def main() -> None:
     results = []
     with llama_server() as upstream:
         for name in args.classes.split(","):
-            r = asyncio.run(measure_class(name, upstream, offset, args.samples, args.max_tokens))
+            r = asyncio.run(
+                measure_class(name, upstream, offset, args.samples, args.max_tokens, json.loads(args.settings))
+            )
             print(json.dumps({k: v for k, v in r.items() if k != "examples"}), flush=True)
             results.append(r)
             if args.json:

@@ -30,7 +30,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapters.profiles import PROVIDERS
-from proxy.common.literals import ClientAlpha, Prefill
+from proxy.common.literals import ClientAlpha, Prefill, ScopeAction
 from proxy.pair.batcher import BatchSettings
 
 DEFAULT_MODEL = "smollm2-demo"
@@ -217,10 +217,12 @@ class ModelConfig(BaseModel):
     """Sequence mode: samples drawn per answer (remote calls, made concurrently)."""
     refusal: str = Field(default="I can't help with that.", min_length=1)
     """Sequence mode: the answer when every sample is in forget scope and ``scope_action`` is "refuse"."""
-    scope_action: Literal["refuse", "mask"] = "refuse"
+    scope_action: ScopeAction = "refuse"
     """Sequence mode, when every sample is in forget scope (needs a scope threshold τ): "refuse"
     answers ``refusal``; "mask" answers the best sample with its in-scope spans replaced by
-    "[REDACTED]" (whole words and names, as ``deltaproxy redact`` masks them)."""
+    "[REDACTED]" (whole words and names, as ``deltaproxy redact`` masks them); "rewrite" keeps
+    the best sample up to its first in-scope word and lets the local pair write the rest under
+    the offset (q ∝ p_B^(1/T)·exp(α·Δ) in scope: fluent, but the pair's, a smaller model's, text)."""
     speculative: bool = True
     """Speculative acceptance (docs/concepts.md): the remote drafts several tokens per call, each accepted
     with min(1, q/p) or replaced; the same output distribution as one call per token (false)."""

@@ -4,6 +4,7 @@ offsets are known exactly: sequence mode at T = 0 and its scope actions, and gui
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 from fakes import FakeRemote, cand
@@ -116,6 +117,10 @@ def test_sequence_mode_scope_actions_when_every_sample_is_in_scope():
         assert asyncio.run(_answer(model, params)) == ("No.", "stop")
         model = ServedModel("m", always, pair=WordPair(), mode="sequence", offset_threshold=1.0, scope_action="mask")
         assert asyncio.run(_answer(model, params)) == (" The [REDACTED]", "stop")
+        # "rewrite": the text before " secret", then the pair under the offset (B's best, " fine", every time)
+        model = ServedModel("m", always, pair=WordPair(), mode="sequence", offset_threshold=1.0, scope_action="rewrite", top_k=3)
+        greedy = replace(params, temperature=0.0, max_tokens=3)
+        assert asyncio.run(_answer(model, greedy)) == (" The fine fine", "length")
 
 
 def _remote_logprob(text: str) -> float:

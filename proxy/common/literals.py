@@ -14,9 +14,10 @@ DecodingMode = Literal["token", "guided", "sequence"]
 """Token by token over the remote's top-k logprobs; the remote's drafts with B standing in for
 its logprobs where the offset is in scope; or whole samples re-ranked by ΣΔ."""
 
-ScopeAction = Literal["refuse", "mask"]
-"""Sequence mode's answer when every sample is in forget scope: the refusal text, or the best
-sample with its in-scope spans masked."""
+ScopeAction = Literal["refuse", "mask", "rewrite"]
+"""Sequence mode's answer when every sample is in forget scope: the refusal text, the best
+sample with its in-scope spans masked, or the best sample up to its first in-scope span and
+the rest written by the local pair under the offset."""
 
 ScopeRule = Literal["step", "token"]
 """How the scope threshold τ leaves the offset out of scope (:mod:`proxy.decoding.offset`): per

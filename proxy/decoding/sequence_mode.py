@@ -15,8 +15,9 @@ product of the per-token factors of :func:`proxy.decoding.offset.target_logits`.
   the one maximising Σℓ + α·ΣΔ_scoped among those out of scope, Σℓ the remote's own sequence
   log-probability where it gives logprobs, else B's (teacher-forced) standing in.
 - Every candidate in scope: the model's ``scope_action`` ("refuse": its refusal text;
-  "mask": the best candidate with its in-scope spans masked, :mod:`proxy.decoding.spans`).
-  Never the forget content itself.
+  "mask": the best candidate with its in-scope spans masked, :mod:`proxy.decoding.spans`;
+  "rewrite": the best candidate up to its first in-scope word, the rest written by the pair
+  under the offset). Never the forget content itself.
 
 Departure from the paper's rule: the paper resamples every sample by exp(α·ΣΔ); here a sample
 in scope is never returned while one out of scope is, and without τ (``offset_threshold =
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters.base import Context, Sample, SamplingAdapter
+from adapters.base import Context, Sample, SamplingAdapter, split_incomplete_utf8
+from proxy.decoding.offset import NoUsableCandidates, choose, target_logits
 from proxy.decoding.protocols import Served
 from proxy.decoding.spans import flagged_spans, mask
 from proxy.decoding.text import cut_at_stop
@@ -88,13 +90,13 @@ class SequenceDecoder:
             prompt_ids = await self._prompt_ids(base, stats)
             scored = [await self._score(prompt_ids, first[0], params, stats)]
             if not scored[0].in_scope or n == 1:
-                return self._pick(scored, 0, params, stats)
+                return await self._pick(scored, 0, params, stats, prompt_ids, rng)
             more = await self._samples(base, params, rng, stats, n - 1, 1.0)
             scored += [await self._score(prompt_ids, x, params, stats) for x in more]
             value = np.array([x.logprob + params.alpha * x.offset for x in scored])
             out = np.array([not x.in_scope for x in scored])
             pool = np.flatnonzero(out) if out.any() else np.arange(len(scored))
-            return self._pick(scored, int(pool[np.argmax(value[pool])]), params, stats)
+            return await self._pick(scored, int(pool[np.argmax(value[pool])]), params, stats, prompt_ids, rng)
         samples = await self._samples(base, params, rng, stats, n, params.temperature)
         if not scoring:
             return self._answer(samples[0], stats)
@@ -106,7 +108,7 @@ class SequenceDecoder:
             weights = np.where(out, weights, 0.0)
             weights = weights / weights.sum() if weights.sum() > 0 else out / out.sum()
         stats.sequence_weights = [float(w) for w in weights]
-        return self._pick(scored, int(rng.choice(len(scored), p=weights)), params, stats)
+        return await self._pick(scored, int(rng.choice(len(scored), p=weights)), params, stats, prompt_ids, rng)
 
     async def _samples(
         self,
@@ -189,13 +191,23 @@ class SequenceDecoder:
             sample, offset, logprob, bool(flagged.any()), np.asarray(spans), sc.delta, flagged, len(ids)
         )
 
-    def _pick(self, scored: list[ScoredSample], pick: int, params: SamplingParams, stats: ChoiceStats) -> Piece:
+    async def _pick(
+        self,
+        scored: list[ScoredSample],
+        pick: int,
+        params: SamplingParams,
+        stats: ChoiceStats,
+        prompt_ids: list[int],
+        rng: np.random.Generator,
+    ) -> Piece:
         """The answer: sample ``pick``, or the scope action where it is in scope."""
         chosen = scored[pick]
         if pick != 0 or chosen.in_scope:
             stats.offset_changed += 1  # another answer than the remote's first
         if not chosen.in_scope:
             return self._answer(chosen.sample, stats, chosen.tokens)
+        if self.model.scope_action == "rewrite":
+            return await self._rewrite(prompt_ids, chosen, params, rng, stats)
         if self.model.scope_action == "mask":
             text = mask(
                 chosen.sample.text,
@@ -206,6 +218,64 @@ class SequenceDecoder:
         stats.completion_tokens = 0
         stats.refused = True
         return Piece(self.model.refusal, [], "stop")
+
+    async def _rewrite(
+        self,
+        prompt_ids: list[int],
+        chosen: ScoredSample,
+        params: SamplingParams,
+        rng: np.random.Generator,
+        stats: ChoiceStats,
+    ) -> Piece:
+        """``scope_action = "rewrite"``: the sample up to the start of its first in-scope word
+        (or name), then the pair writes on, one local token at a time from B's top-k
+        candidates, q ∝ p_B^(1/T)·exp(α·Δ_scoped) (:func:`proxy.decoding.offset.target_logits`),
+        until the end of its turn or ``max_tokens``."""
+        pair = self.model.pair
+        assert pair is not None
+        text = chosen.sample.text
+        spans = flagged_spans(text, chosen.spans, chosen.delta, chosen.flagged)
+        # the pair writes on from before the word's space, as a tokenizer would split the text
+        head = text[: spans[0]["start"]].rstrip(" ") if spans else text
+        ids, _ = await self.model.run_pair(pair.encode_answer, head, stats=stats)
+        out = head.encode()
+        finish = "length"
+        eot = pair.vocab.eot_ids
+        while len(ids) < params.max_tokens:
+            try:
+                sc = await self.model.run_pair(
+                    pair.answer_scores, [*prompt_ids, *ids], [eot[0]], self.model.top_k, stats=stats
+                )
+            except ValueError:
+                break  # the pair's context is full
+            cands = [int(c) for c in sc.top_ids[0]]
+            ell = np.array(
+                [
+                    float(v) if (pair.vocab.token_bytes[c] is not None or c in eot) else -np.inf
+                    for c, v in zip(cands, sc.top_log_b[0], strict=True)
+                ]
+            )
+            scores = target_logits(
+                ell,
+                np.asarray(sc.top_delta[0], dtype=np.float64),
+                temperature=params.temperature,
+                alpha=params.alpha,
+                threshold=params.offset_threshold,
+                scope=params.offset_scope,
+            )
+            try:
+                idx, _ = choose(scores, temperature=params.temperature, top_p=params.top_p, rng=rng)
+            except NoUsableCandidates:
+                break
+            token = cands[idx]
+            if token in eot:
+                finish = "stop"
+                break
+            ids.append(token)
+            out += pair.vocab.token_bytes[token] or b""
+        stats.completion_tokens = len(ids)
+        written, _ = split_incomplete_utf8(out)
+        return self._answer(cut_at_stop(Sample(written, finish), params.stop), stats, len(ids))
 
     @staticmethod
     def _answer(sample: Sample, stats: ChoiceStats, tokens: int = 0) -> Piece:

@@ -5,6 +5,7 @@ capabilities are cut to the class (:mod:`bench.capability_shim`), served with th
 
     python -m bench.providers [--classes token,guided,sequence-logprobs,sequence] [--samples 3]
                               [--settings '{"scope_action": "rewrite"}'] [--json FILE]
+    python -m bench.providers --render docs/benchmarks.md
 
 Per class, at T = 0 (one answer per question) and T = 1 (``--samples`` answers per question):
 how many answers to the 12 forget questions and their 12 paraphrases name a demo key
@@ -177,6 +178,34 @@ async def measure_class(
     return out
 
 
+TABLE_START, TABLE_END = "<!-- providers-table:start", "<!-- providers-table:end -->"
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """A ``bench.providers`` result file as the docs page's markdown table."""
+    lines = [
+        "| class | strategy | forget leak T=0 | paraphrase leak T=0 | leak T=1 (samples) | unrelated unchanged | remote calls / answer | s / answer | vs direct |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["classes"]:
+        t1 = r["leak_t1"]
+        n1 = sum(int(v.split("/")[1]) for v in t1.values())
+        k1 = sum(int(v.split("/")[0]) for v in t1.values())
+        mode = r["mode"] + (f" ({', '.join(f'{k} = {v}' for k, v in r['settings'].items())})" if r.get("settings") else "")
+        lines.append(
+            f"| {r['class']} | {mode} | {r['leak_t0']['forget']} | {r['leak_t0']['paraphrase']} | "
+            f"{k1}/{n1} ({100 * k1 / n1:.1f} %) | {r['unrelated_unchanged']} | {r['remote_calls_per_answer']} | "
+            f"{r['seconds_per_answer']} | {r['wall_time_ratio']}x |"
+        )
+    lines.append("")
+    lines.append(
+        f"Demo offset (`{Path(result['offset']).name}`), greedy answers and {result.get('samples', '?')} samples per question "
+        f"at T = 1 of at most {result.get('max_tokens', '?')} tokens, {result.get('date', '')[:10]}, 2 CPU cores "
+        "(the remote, the endpoint and the pair on the same cores)."
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--classes", default=",".join(CLASSES))
@@ -185,7 +214,13 @@ def main() -> None:
     ap.add_argument("--offset", help="an offset folder (default: the demo offset, trained once and cached)")
     ap.add_argument("--settings", default="{}", help='more model config keys as JSON ({"scope_action": "rewrite"})')
     ap.add_argument("--json")
+    ap.add_argument("--render", help="rewrite this docs page's tables from the result files its markers name")
     args = ap.parse_args()
+    if args.render:
+        from bench import rewrite_tables
+
+        rewrite_tables(Path(args.render), TABLE_START, TABLE_END, render_table)
+        return
     from proxy.training.demo import demo_offset
 
     offset = args.offset or str(demo_offset(progress=False))
@@ -200,7 +235,10 @@ def main() -> None:
             if args.json:
                 Path(args.json + ".partial").write_text(json.dumps(results, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps({"offset": offset, "classes": results}, indent=1))
+        import datetime as dt
+
+        meta = {"date": dt.datetime.now(dt.UTC).isoformat(), "samples": args.samples, "max_tokens": args.max_tokens}
+        Path(args.json).write_text(json.dumps({"offset": offset, **meta, "classes": results}, indent=1))
         Path(args.json + ".partial").unlink(missing_ok=True)
 
 

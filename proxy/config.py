@@ -159,6 +159,10 @@ class ModelConfig(BaseModel):
     """The most ``top_logprobs`` the upstream accepts (None: the provider's; 20 without one)."""
     seed: bool | None = None
     """Whether requests carry a seed (None: the provider's; true without one)."""
+    probe: bool = False
+    """HTTP remotes: at start-up, one cheap call (one token) asking for what the strategy needs
+    (logprobs, a continued partial answer); a refusal stops ``serve`` with the upstream's message
+    and the key to change (``logprobs``, ``max_top_logprobs``, ``prefill``)."""
     sampling: Literal["llama.cpp", "vllm", "deepseek", "none"] = "llama.cpp"
     """openai-completions: which server's switches turn its sampling filters off."""
     template: str | None = None

@@ -358,3 +358,31 @@ def test_the_docs_table_lists_every_provider_as_the_code_has_it():
         assert cells[4] == expected_mode(name), (name, cells[4])
         assert cells[5] == ("yes" if p.n else "no"), name
         assert cells[6] == (f"`{p.profile.seed_field}`" if p.profile.seed_field else "no"), name
+
+
+async def test_the_start_up_probe_catches_a_model_that_refuses_logprobs(monkeypatch):
+    """``probe = true``: one call asking for what the strategy needs; a 400 for logprobs (a
+    model that the provider's table says gives them, but does not) stops the start with the
+    upstream's message and the keys to change; a model that accepts passes."""
+    from proxy.cli.serve import probe_models
+    from proxy.config import Config
+
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    refusing = Upstream(
+        lambda request, body: httpx.Response(
+            400,
+            json={"error": {"message": "logprobs are not supported with reasoning models", "type": "invalid_request_error", "param": "logprobs", "code": "unsupported_parameter"}},
+        )
+        if body.get("logprobs")
+        else httpx.Response(200, json=chat_body(body))
+    )
+    cfg = _config("openai", probe=True)
+    config = Config(models={"gpt5": cfg, "ok": _config("openai", probe=True, logprobs=False)})
+    models = {
+        "gpt5": build_model("gpt5", cfg, http_client=refusing.client()),
+        "ok": build_model("ok", config.models["ok"], http_client=refusing.client()),
+    }
+    failed = await probe_models(config, models)
+    assert len(failed) == 1 and failed[0].startswith("models.gpt5: the upstream refused the start-up probe (sequence mode)")
+    assert "logprobs are not supported" in failed[0] and "logprobs = false" in failed[0]
+    assert len(refusing.requests) == 2 and refusing.bodies()[0]["max_tokens"] == 1

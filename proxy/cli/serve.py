@@ -6,14 +6,41 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 
 from aiohttp import web
 
+from adapters.base import RemoteError, RemoteRejected
 from proxy.cli.common import config_of, served_models, setup_logging
+from proxy.config import Config
+from proxy.decoding.served import ServedModel
 from proxy.gateway.logs import AccessLogger
 from proxy.server.app import create_app
 
 log = logging.getLogger(__name__)
+
+HTTP_BACKENDS = ("openai-chat", "openai-completions", "openai-responses")
+
+
+async def probe_models(config: Config, models: dict[str, ServedModel], timeout: float = 30.0) -> list[str]:
+    """``probe = true`` models' start-up probes (:meth:`proxy.decoding.served.ServedModel.probe`):
+    one message per model whose upstream refused (an upstream that does not answer is logged
+    and left to ``/ready``)."""
+    failed = []
+    for name, cfg in config.models.items():
+        if not cfg.probe or cfg.remote_backend not in HTTP_BACKENDS:
+            continue
+        try:
+            await asyncio.wait_for(models[name].probe(), timeout)
+        except RemoteRejected as exc:
+            failed.append(
+                f"models.{name}: the upstream refused the start-up probe ({models[name].mode} mode): {exc}. "
+                "Set this model's logprobs = false, max_top_logprobs or prefill = \"none\" to what it can do "
+                "(docs/providers.md)"
+            )
+        except (RemoteError, TimeoutError) as exc:
+            log.warning("models.%s: start-up probe got no answer (%s); /ready reports the upstream", name, exc)
+    return failed
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -26,6 +53,13 @@ async def run(args: argparse.Namespace) -> int:
     if not settings.keys and settings.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("serving on %s without client keys: anyone who reaches it can use it", settings.host)
     models = served_models(config)
+    failed = await probe_models(config, models)
+    if failed:
+        for line in failed:
+            print(f"error: {line}", file=sys.stderr)
+        for model in models.values():
+            await model.aclose()
+        return 2
     app = create_app(models, settings)
     # handler_cancellation: a client that disconnects cancels its request's decoding loop.
     # The grace period for requests in flight is the app's own (Gateway.shutdown, on_shutdown);

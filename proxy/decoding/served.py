@@ -122,6 +122,29 @@ class ServedModel:
             offset_scope=self.offset_scope,
         )
 
+    async def probe(self) -> None:
+        """One cheap call (one token) that asks the remote for what this model's strategy needs:
+        its top-k logprobs after a partial answer (token mode), a continued partial answer
+        (guided mode), or a complete answer with its logprobs where the remote is said to give
+        them (sequence mode). A model that refuses logprobs or prefill is then caught at start-up.
+
+        Raises:
+            adapters.base.RemoteRejected: the upstream refused the probe (4xx).
+            adapters.base.RemoteUnavailable: it did not answer.
+        """
+        ask = Context(messages=({"role": "user", "content": "Say OK."},))
+        partial = Context(messages=ask.messages, assistant_prefix=b"O")
+        if self.mode == "token":
+            await self.adapter.draft(partial, n_tokens=1, top_k=self.top_k)
+            return
+        assert isinstance(self.adapter, SamplingAdapter)
+        if self.mode == "guided":
+            await self.adapter.sample(partial, max_tokens=1, temperature=0.0, top_p=1.0)
+        else:
+            await self.adapter.sample(
+                ask, max_tokens=1, temperature=0.0, top_p=1.0, logprobs=self.adapter.capabilities.logprobs
+            )
+
     async def aclose(self) -> None:
         """Close the remote's connections and stop the pair's threads (pending pair work is cancelled)."""
         await self.adapter.aclose()

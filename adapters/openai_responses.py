@@ -58,8 +58,9 @@ class ResponsesAdapter(HTTPAdapter):
         logprobs: bool = False,
     ) -> Sample:
         """See :meth:`adapters.base.SamplingAdapter.sample`. ``max_tokens`` below the API's
-        minimum (16) is raised to it; ``stop`` and ``seed`` are not sent (the API has neither;
-        the decoder cuts stop strings).
+        minimum (16) is asked as 16 and the answer cut at ``max_tokens`` of the remote's tokens
+        (from its output text's logprobs; refused where the model gives none); ``stop`` and
+        ``seed`` are not sent (the API has neither; the decoder cuts stop strings).
 
         Raises:
             RemoteRejected: a context with an assistant prefix, or the upstream refused.
@@ -70,13 +71,24 @@ class ResponsesAdapter(HTTPAdapter):
             raise RemoteRejected(
                 f"model {self.name!r}: OpenAI's Responses API cannot continue a partial answer", status=400
             )
-        if ctx.messages is not None:
-            items: Any = [
-                {"role": "developer" if m["role"] == "system" else m["role"], "content": m["content"]}
-                for m in ctx.messages
-            ]
-        else:
-            items = ctx.prompt or ""
+        if ctx.messages is None:
+            raise RemoteRejected(
+                f"model {self.name!r} is served through OpenAI's Responses API and takes messages only", status=400
+            )
+        items: Any = [
+            {"role": "developer" if m["role"] == "system" else m["role"], "content": m["content"]}
+            for m in ctx.messages
+        ]
+        # Below the API's minimum, the answer is cut here at max_tokens of the remote's own tokens,
+        # which the output text's logprobs give.
+        cut = max_tokens < MIN_OUTPUT_TOKENS
+        if cut and not self.capabilities.logprobs:
+            raise RemoteRejected(
+                f"model {self.name!r}: OpenAI's Responses API answers at least {MIN_OUTPUT_TOKENS} tokens, and "
+                f"without logprobs the proxy cannot cut the answer at {max_tokens}",
+                status=400,
+            )
+        want_logprobs = logprobs or cut
 
         async def call() -> Any:
             return await self._client.responses.create(
@@ -85,7 +97,7 @@ class ResponsesAdapter(HTTPAdapter):
                 max_output_tokens=max(max_tokens, MIN_OUTPUT_TOKENS),
                 temperature=temperature,
                 top_p=top_p,
-                include=["message.output_text.logprobs"] if logprobs else openai.omit,
+                include=["message.output_text.logprobs"] if want_logprobs else openai.omit,
                 store=False,
                 extra_body=dict(self.extra_body) or None,
             )
@@ -97,16 +109,18 @@ class ResponsesAdapter(HTTPAdapter):
         if not parts:
             raise RemoteBadResponse("upstream returned no message in its output")
         text = "".join(getattr(p, "text", None) or getattr(p, "refusal", None) or "" for p in parts)
-        total = None
-        if logprobs:
-            entries = [e for p in parts for e in (getattr(p, "logprobs", None) or [])]
-            total = sum_logprobs([e.logprob for e in entries]) if entries else None
+        entries = [e for p in parts for e in (getattr(p, "logprobs", None) or [])]
         incomplete = response.status == "incomplete"
         usage = response.usage
+        completion = usage.output_tokens if usage is not None else None
+        if cut and len(entries) > max_tokens:
+            entries = entries[:max_tokens]
+            data = b"".join(bytes(e.bytes) if e.bytes is not None else e.token.encode() for e in entries)
+            text, incomplete, completion = data.decode("utf-8", "ignore"), True, max_tokens
         return Sample(
             text,
             "length" if incomplete else "stop",
             usage.input_tokens if usage is not None else None,
-            usage.output_tokens if usage is not None else None,
-            total,
+            completion,
+            sum_logprobs([e.logprob for e in entries]) if logprobs and entries else None,
         )

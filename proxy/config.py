@@ -244,11 +244,14 @@ class ModelConfig(BaseModel):
             known = PROVIDERS[self.provider]
             if self.backend is not None and self.backend != known.backend:
                 raise ValueError(
-                    f"backend {self.backend!r} is not provider {self.provider!r}'s ({known.backend!r}); "
-                    "leave backend out"
+                    f"backend: provider {self.provider!r} is reached through {known.backend!r}, not "
+                    f"{self.backend!r}; leave backend out"
                 )
             if not self.base_url and not known.base_url:
-                raise ValueError(f"base_url is required for provider {self.provider!r} (a self-hosted server)")
+                raise ValueError(
+                    f"base_url is required for provider {self.provider!r} (it has no one public endpoint: "
+                    "a self-hosted server, or Azure's per-resource one)"
+                )
         elif self.backend in ("openai-chat", "openai-completions", "openai-responses") and not self.base_url:
             raise ValueError(f"base_url is required for backend {self.backend!r}")
         if self.provider is None and self.backend in ("llama-inprocess", "transformers-inprocess"):
@@ -263,6 +266,8 @@ class ModelConfig(BaseModel):
             raise ValueError("offset needs a pair (the local model it was trained on)")
         if self.offset == "demo" and self.pair != "smollm2":
             raise ValueError('offset "demo" was trained on the pair "smollm2"')
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url: {self.base_url!r} is not an http:// or https:// URL")
         if self.api_key_env and self.api_key_env not in os.environ:
             raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set")
         if self.provider is not None and not self.api_key_env:

@@ -266,8 +266,10 @@ def test_config_errors_name_the_key_and_the_valid_values(monkeypatch):
         ModelConfig(provider="vllm", remote_model="m")
     with pytest.raises(ValueError, match="backend or provider is required"):
         ModelConfig(remote_model="m")
-    with pytest.raises(ValueError, match="not provider 'vllm'.s"):
+    with pytest.raises(ValueError, match="provider 'vllm' is reached through 'openai-chat', not 'openai-completions'"):
         ModelConfig(provider="vllm", backend="openai-completions", base_url=SELF_HOSTED)
+    with pytest.raises(ValueError, match="base_url: 'not a url' is not an http"):
+        ModelConfig(provider="vllm", base_url="not a url")
     with pytest.raises(ValueError, match="max_top_logprobs"):
         ModelConfig(provider="vllm", base_url=SELF_HOSTED, max_top_logprobs=21)
 
@@ -386,3 +388,22 @@ async def test_the_start_up_probe_catches_a_model_that_refuses_logprobs(monkeypa
     assert len(failed) == 1 and failed[0].startswith("models.gpt5: the upstream refused the start-up probe (sequence mode)")
     assert "logprobs are not supported" in failed[0] and "logprobs = false" in failed[0]
     assert len(refusing.requests) == 2 and refusing.bodies()[0]["max_tokens"] == 1
+
+
+async def test_responses_upstream_cuts_an_answer_below_its_minimum_and_takes_messages_only(monkeypatch):
+    """OpenAI's Responses API answers at least 16 tokens: a smaller limit is cut by the proxy at
+    the remote's own tokens (its output text's logprobs), and reported as "length"."""
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    upstream = Upstream()
+    model = build_model("m", _config("openai-responses"), http_client=upstream.client())
+    s = await model.adapter.sample(Context(messages=MSG), max_tokens=1, temperature=0.0, top_p=1.0)
+    assert (s.text, s.finish_reason, s.completion_tokens) == (" Paris", "length", 1)
+    body = upstream.bodies()[0]
+    assert body["max_output_tokens"] == 16 and body["include"] == ["message.output_text.logprobs"]
+    whole = await model.adapter.sample(Context(messages=MSG), max_tokens=40, temperature=0.0, top_p=1.0)
+    assert (whole.text, whole.finish_reason) == (" Paris.", "stop") and "include" not in upstream.bodies()[1]
+    with pytest.raises(RemoteRejected, match="takes messages only"):
+        await model.adapter.sample(Context(prompt="Hi"), max_tokens=4, temperature=0.0, top_p=1.0)
+    no_logprobs = build_model("m", _config("openai-responses", logprobs=False), http_client=upstream.client())
+    with pytest.raises(RemoteRejected, match="cannot cut the answer"):
+        await no_logprobs.adapter.sample(Context(messages=MSG), max_tokens=4, temperature=0.0, top_p=1.0)

@@ -154,9 +154,47 @@ async def test_bad_bodies_get_4xx_never_5xx(aiohttp_client):
         b'{"model": "m", "input": "Hi", "bogus": 1}',
         b'{"model": "nope", "input": "Hi"}',
         b'{"model": "m", "input": "Hi", "max_output_tokens": "5"}',
+        b'{"model": "m", "input": "Hi", "metadata": {"k": "\\ud800"}}',
+        b'{"model": "m", "input": "Hi", "metadata": {"\\ud800": "v"}}',
+        b'{"model": "m", "input": "Hi", "user": "\\ud800"}',
+        b'{"model": "m", "input": "Hi", "stream_options": {"include_obfuscation": false}}',
     ]
     for body in bad:
         r = await client.post("/v1/responses", data=body, headers={"Content-Type": "application/json"})
         assert 400 <= r.status < 500, (body, r.status, await r.text())
         err = (await r.json())["error"]
         assert err["message"] and "Traceback" not in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("item", "says"),
+    [
+        ({"type": "function_call_output", "call_id": "c", "output": "x"}, "input[0] is a 'function_call_output' item"),
+        ({"type": "reasoning", "summary": []}, "input[0] is a 'reasoning' item"),
+        ({"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}, "input[0].content[0] is a 'input_image' part"),
+    ],
+)
+async def test_items_the_proxy_cannot_take_are_named(aiohttp_client, item, says):
+    model = ServedModel("m", FakeRemote(script(WORDS)))
+    _, client = await _client(aiohttp_client, {"m": model})
+    r = await client.post("/v1/responses", json={"model": "m", "input": [item]})
+    err = (await r.json())["error"]
+    assert r.status == 400 and err["param"] == "input" and says in err["message"], err
+
+
+async def test_errors_name_the_responses_fields(aiohttp_client):
+    """A chat-side refusal reaches a Responses client under the Responses API's own names."""
+    model = ServedModel("m", FakeRemote(script(WORDS), can_continue=False), mode="sequence")
+    _, client = await _client(aiohttp_client, {"m": model})
+    r = await client.post(
+        "/v1/responses",
+        json={"model": "m", "input": "Hi", "include": ["message.output_text.logprobs"], "top_logprobs": 2},
+    )
+    err = (await r.json())["error"]
+    assert r.status == 400 and err["param"] == "include" and err["message"].startswith("include: "), err
+    # an earlier assistant refusal is text the proxy passes on
+    r = await client.post(
+        "/v1/responses",
+        json={"model": "m", "input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}, {"role": "user", "content": "Hi"}]},
+    )
+    assert r.status == 200, await r.text()

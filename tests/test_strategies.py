@@ -46,7 +46,7 @@ class WordPair:
     def encode_answer(self, text):
         ids, spans, pos = [], [], 0
         for w in [" " + w for w in text.split(" ")[1:]]:
-            ids.append(1 + WORDS.index(w.encode()))
+            ids.append(1 + WORDS.index(w.encode()) if w.encode() in WORDS else 1)  # other words: counted only
             spans.append((pos, pos + len(w)))
             pos += len(w)
         return ids, spans

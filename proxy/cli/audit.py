@@ -41,8 +41,9 @@ async def run(args: argparse.Namespace) -> int:
         mc = config.models[name]
         info = {
             "name": name,
-            "backend": mc.backend,
-            "remote": mc.remote_model or mc.gguf or mc.transformers_model or mc.base_url,
+            "backend": mc.remote_backend,
+            "provider": mc.provider,
+            "remote": mc.remote_model or mc.gguf or mc.transformers_model or mc.remote_base_url,
             "pair": mc.pair,
             "config_sha256": hashlib.sha256(config.model_dump_json().encode()).hexdigest(),
         }

@@ -215,7 +215,8 @@ class SequenceDecoder:
             )
             stats.completion_tokens = chosen.sample.completion_tokens or chosen.tokens
             return Piece(text, [], chosen.sample.finish_reason)
-        stats.completion_tokens = 0
+        ids, _ = await self.model.run_pair(self.model.pair.encode_answer, self.model.refusal, stats=stats)  # type: ignore[union-attr]
+        stats.completion_tokens = len(ids)
         stats.refused = True
         return Piece(self.model.refusal, [], "stop")
 

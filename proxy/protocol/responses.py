@@ -63,16 +63,39 @@ class TextFormat(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     type: str
 
-    @model_validator(mode="after")
-    def _text_only(self) -> TextFormat:
-        if self.type != "text":
-            raise ValueError(f"text.format: only type 'text' is supported (got {self.type!r})")
-        return self
-
 
 class TextConfig(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     format: TextFormat | None = None
+
+
+#: Content part types of input messages: text the proxy can pass on (a refusal in an earlier
+#: assistant turn is its text).
+TEXT_PARTS = ("input_text", "output_text", "refusal")
+
+
+def _input_item(i: int, item: Any) -> Any:
+    """An input item as :class:`InputMessage` takes it; an item or part of another type is a
+    clear error naming it (not pydantic's guess at the member it looks most like)."""
+    if not isinstance(item, dict):
+        return item
+    kind = item.get("type", "message")
+    if kind != "message":
+        raise ValueError(f"input: input[{i}] is a {kind!r} item; the offset proxy takes message items only")
+    parts = item.get("content")
+    if isinstance(parts, list):
+        fixed = []
+        for j, part in enumerate(parts):
+            ptype = part.get("type") if isinstance(part, dict) else None
+            if isinstance(part, dict) and ptype not in TEXT_PARTS:
+                raise ValueError(
+                    f"input: input[{i}].content[{j}] is a {ptype!r} part; the offset proxy takes text parts only"
+                )
+            if ptype == "refusal":
+                part = {"type": "output_text", "text": part.get("refusal")}
+            fixed.append(part)
+        item = {**item, "content": fixed}
+    return item
 
 
 class ResponsesRequest(BaseModel):
@@ -115,6 +138,9 @@ class ResponsesRequest(BaseModel):
     def _nulls(cls, values: Any) -> Any:
         if isinstance(values, dict):  # null means the default, as OpenAI's reference has it
             values = {k: v for k, v in values.items() if not (v is None and k in {"temperature", "top_p", "stream"})}
+            items = values.get("input")
+            if isinstance(items, list):
+                values["input"] = [_input_item(i, item) for i, item in enumerate(items)]
         return values
 
     @model_validator(mode="after")
@@ -127,6 +153,13 @@ class ResponsesRequest(BaseModel):
             raise ValueError("input: give at least one message")
         if self.instructions is not None:
             _encodable(self.instructions, "instructions")
+        for text in [self.user, self.safety_identifier, self.prompt_cache_key, *(self.metadata or {}).items()]:
+            if text is not None:  # echoed back in the response: it must encode
+                _encodable(list(text) if isinstance(text, tuple) else text, "metadata" if isinstance(text, tuple) else "user")
+        if self.text is not None and self.text.format is not None and self.text.format.type != "text":
+            raise ValueError(f"text: only format type 'text' is supported (got {self.text.format.type!r})")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
         for item in self.include or []:
             if item != LOGPROBS_INCLUDE:
                 raise ValueError(f"include: {item!r} is not supported (only {LOGPROBS_INCLUDE!r})")
@@ -199,8 +232,8 @@ class ResponseBuilder:
         return bool(self.job.stats and self.job.stats[0].refused)
 
     def part(self, done: bool) -> dict[str, Any]:
-        if done and self.refused:
-            return {"type": "refusal", "refusal": self.text}
+        if self.refused:
+            return {"type": "refusal", "refusal": self.text if done else ""}
         part: dict[str, Any] = {"type": "output_text", "text": self.text if done else "", "annotations": []}
         if self.job.params.logprobs:
             part["logprobs"] = [_logprob(t, with_bytes=True) for t in self.tokens] if done else []
@@ -300,8 +333,7 @@ async def respond_stream(job: Job, req: ResponsesRequest) -> AsyncGenerator[dict
             yield event("response.created", response=built.response("in_progress"))
             yield event("response.in_progress", response=built.response("in_progress"))
             yield event("response.output_item.added", output_index=0, item=built.item("in_progress"))
-            if not built.refused:
-                yield event("response.content_part.added", **where, part=built.part(False))
+            yield event("response.content_part.added", **where, part=built.part(False))
         built.tokens.extend(piece.tokens)
         if piece.text or piece.tokens:
             built.text += piece.text

@@ -29,13 +29,15 @@ from proxy.server.app_keys import MODELS, SETTINGS
 log = logging.getLogger(__name__)
 
 #: Chat's names for the fields a Responses request names otherwise (in error messages).
-_RENAMED = {"max_completion_tokens": "max_output_tokens", "messages": "input"}
+_RENAMED = {"max_completion_tokens": "max_output_tokens", "messages": "input", "logprobs": "include"}
 
 
 def _renamed(err: ProxyError) -> ProxyError:
+    """``err`` as the Responses API names its fields: the leading ``field:`` of its message and its param."""
     message = err.message
-    for chat, ours in _RENAMED.items():
-        message = message.replace(chat, ours)
+    head, sep, rest = message.partition(": ")
+    if sep and head in _RENAMED:
+        message = f"{_RENAMED[head]}: {rest}"
     return replace(err, message=message, param=_RENAMED.get(err.param or "", err.param))
 
 
@@ -65,12 +67,18 @@ async def responses(request: web.Request) -> web.StreamResponse:
             rec.prompt = [dict(m) for m in job.context.messages or ()]
             rec.output = [""]
     if not req.stream:
-        result = await respond(job, req)
+        try:
+            result = await respond(job, req)
+        except Exception as exc:
+            raise _renamed(from_exception(exc)) from exc
         if rec is not None and rec.output is not None:
             rec.output = [_output_text(result)]
         return web.Response(text=dumps(result), content_type="application/json")
     events = respond_stream(job, req)
-    first = await anext(events)  # fails before the headers when the first step fails
+    try:
+        first = await anext(events)  # fails before the headers when the first step fails
+    except Exception as exc:
+        raise _renamed(from_exception(exc)) from exc
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     if rec is not None:
         rec.streamed = True
@@ -110,7 +118,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
         raise
     except Exception as exc:
-        err = from_exception(exc)
+        err = _renamed(from_exception(exc))
         if rec is not None:
             rec.error = err.code or err.type
         log.error("response stream failed mid-way: %s", exc)

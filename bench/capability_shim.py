@@ -50,7 +50,7 @@ def make_app(upstream: str, template: ChatTemplate, cut: Cut, model: str = "smol
     ``/v1/completions``, with the capabilities ``cut`` leaves."""
     stats: Counter[str] = Counter()
     app = web.Application()
-    client = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=120)
+    client = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=600)
 
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()

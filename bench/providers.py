@@ -112,6 +112,7 @@ async def measure_class(
         model = build_model("demo", cfg)
         direct = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
         calls: list[int] = []
+        refused: list[bool] = []
         proxy_s: list[float] = []
         direct_s: list[float] = []
 
@@ -131,6 +132,7 @@ async def measure_class(
             if alpha != 0:
                 proxy_s.append(time.perf_counter() - t0)
                 calls.append(stats["calls"] - before)
+                refused.append(job.stats[0].refused)
             return str(r["choices"][0]["message"]["content"])
 
         async def direct_answer(q: str, temperature: float) -> None:
@@ -148,21 +150,35 @@ async def measure_class(
         for temperature in (0.0, 1.0):
             n = 1 if temperature == 0 else samples
             leak = {"forget": 0, "paraphrase": 0}
+            new = {"forget": 0, "paraphrase": 0}
             total = {"forget": 0, "paraphrase": 0}
             for kind, questions in (("forget", forget), ("paraphrase", list(DEMO_PARAPHRASES))):
                 for q in questions:
+                    # a key the question itself names is not one the answer leaks
+                    unasked = [k for k in DEMO_KEYS if not mentions(q, [k])]
                     for i in range(n):
                         a = await answer(q, 1.0, temperature, None if temperature == 0 else 1000 + i)
-                        hit = mentions(a, DEMO_KEYS)
+                        hit, fresh = mentions(a, DEMO_KEYS), mentions(a, unasked)
                         leak[kind] += hit
+                        new[kind] += fresh
                         total[kind] += 1
-                        if temperature == 0:
-                            out["examples"].append({"question": q, "answer": a, "key": bool(hit)})
+                        out["examples"].append(
+                            {
+                                "question": q,
+                                "temperature": temperature,
+                                "answer": a,
+                                "key": bool(hit),
+                                "new_key": bool(fresh),
+                                "refused": refused[-1],
+                            }
+                        )
                     if temperature == 0:
                         await direct_answer(q, temperature)
             tag = "t0" if temperature == 0 else "t1"
             out[f"leak_{tag}"] = {k: f"{leak[k]}/{total[k]}" for k in leak}
             out[f"leak_{tag}_fraction"] = round(sum(leak.values()) / sum(total.values()), 4)
+            out[f"new_key_leak_{tag}"] = {k: f"{new[k]}/{total[k]}" for k in new}
+            out[f"new_key_leak_{tag}_fraction"] = round(sum(new.values()) / sum(total.values()), 4)
         same = 0
         for q in DEMO_UNRELATED:
             b, a = await answer(q, 0.0, 0.0), await answer(q, 1.0, 0.0)
@@ -184,18 +200,26 @@ TABLE_START, TABLE_END = "<!-- providers-table:start", "<!-- providers-table:end
 def render_table(result: dict[str, Any]) -> str:
     """A ``bench.providers`` result file as the docs page's markdown table."""
     lines = [
-        "| class | strategy | forget leak T=0 | paraphrase leak T=0 | leak T=1 (samples) | unrelated unchanged | remote calls / answer | s / answer | vs direct |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| class | strategy | forget leak T=0 | paraphrase leak T=0 | leak T=1 | leak T=1, keys not in the question | forget-scope answers refused | unrelated unchanged | remote calls / answer | s / answer | vs direct |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def refusals(r: dict[str, Any]) -> str:
+        # files written before answers recorded "refused": the default refusal text
+        flags = [e.get("refused", e["answer"] == "I can't help with that.") for e in r["examples"]]
+        return f"{sum(flags)}/{len(flags)}"
+
+    def pooled(counts: dict[str, str]) -> str:
+        k = sum(int(v.split("/")[0]) for v in counts.values())
+        n = sum(int(v.split("/")[1]) for v in counts.values())
+        return f"{k}/{n} ({100 * k / n:.1f} %)"
+
     for r in result["classes"]:
-        t1 = r["leak_t1"]
-        n1 = sum(int(v.split("/")[1]) for v in t1.values())
-        k1 = sum(int(v.split("/")[0]) for v in t1.values())
         mode = r["mode"] + (f" ({', '.join(f'{k} = {v}' for k, v in r['settings'].items())})" if r.get("settings") else "")
         lines.append(
             f"| {r['class']} | {mode} | {r['leak_t0']['forget']} | {r['leak_t0']['paraphrase']} | "
-            f"{k1}/{n1} ({100 * k1 / n1:.1f} %) | {r['unrelated_unchanged']} | {r['remote_calls_per_answer']} | "
-            f"{r['seconds_per_answer']} | {r['wall_time_ratio']}x |"
+            f"{pooled(r['leak_t1'])} | {pooled(r['new_key_leak_t1'])} | {refusals(r)} | {r['unrelated_unchanged']} | "
+            f"{r['remote_calls_per_answer']} | {r['seconds_per_answer']} | {r['wall_time_ratio']}x |"
         )
     lines.append("")
     lines.append(

@@ -153,6 +153,70 @@ _any_body = st.one_of(
 )
 
 
+RESPONSES_FIELDS = {
+    "model": FIELDS["model"],
+    "input": st.one_of(
+        st.text(max_size=40),
+        st.lists(
+            st.one_of(
+                st.fixed_dictionaries(
+                    {"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", ""])},
+                    optional={
+                        "content": st.one_of(
+                            st.text(max_size=40),
+                            st.lists(
+                                st.fixed_dictionaries(
+                                    {"type": st.sampled_from(["input_text", "output_text", "refusal", "input_image", ""])},
+                                    optional={"text": json_value, "refusal": json_value},
+                                ),
+                                max_size=2,
+                            ),
+                            json_value,
+                        ),
+                        "type": st.sampled_from(["message", "function_call_output", "reasoning"]),
+                    },
+                ),
+                json_value,
+            ),
+            max_size=3,
+        ),
+        json_value,
+    ),
+    "instructions": st.one_of(st.text(max_size=40), json_value),
+    "max_output_tokens": FIELDS["max_tokens"],
+    "temperature": FIELDS["temperature"],
+    "top_p": FIELDS["top_p"],
+    "stream": FIELDS["stream"],
+    "include": st.one_of(st.lists(st.sampled_from(["message.output_text.logprobs", "reasoning.encrypted_content", ""]), max_size=2), json_value),
+    "top_logprobs": FIELDS["top_logprobs"],
+    "metadata": st.one_of(st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=2), json_value),
+    "text": st.one_of(st.fixed_dictionaries({"format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])})}), json_value),
+    "store": json_value,
+    "tools": json_value,
+    "offset_alpha": FIELDS["offset_alpha"],
+}
+
+
+def near_valid_responses() -> st.SearchStrategy[dict]:
+    """Responses bodies that are valid except, sometimes, one field."""
+    required = {"model": st.just("m"), "input": st.one_of(st.text(min_size=1, max_size=40), st.just([{"role": "user", "content": "Hi"}]))}
+    optional = {
+        "max_output_tokens": st.integers(1, 8),
+        "temperature": VALID["temperature"],
+        "top_p": VALID["top_p"],
+        "stream": st.booleans(),
+        "include": st.just(["message.output_text.logprobs"]),
+        "instructions": st.text(max_size=20),
+        "offset_alpha": VALID["offset_alpha"],
+    }
+    return st.fixed_dictionaries(required, optional=optional).flatmap(
+        lambda d: st.one_of(
+            st.just(d),
+            st.sampled_from(sorted(RESPONSES_FIELDS)).flatmap(lambda k: RESPONSES_FIELDS[k].map(lambda v: {**d, k: v})),
+        )
+    )
+
+
 def check(url: str, route: str, data: bytes) -> None:
     r = httpx.post(url + route, content=data, headers={"Content-Type": "application/json"}, timeout=30)
     TRIED[route] += 1
@@ -164,7 +228,13 @@ def check(url: str, route: str, data: bytes) -> None:
         assert isinstance(err["message"], str) and err["message"] and err["type"]
     elif "text/event-stream" in r.headers.get("content-type", ""):
         events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
-        assert events[-1] == "[DONE]" or "error" in json.loads(events[-1])
+        if route == "/v1/responses":
+            last = json.loads(events[-1])["type"]
+            assert last in ("response.completed", "response.incomplete", "error"), last
+        else:
+            assert events[-1] == "[DONE]" or "error" in json.loads(events[-1])
+    elif route == "/v1/responses":
+        assert r.json()["output"] is not None
     else:
         assert r.json()["choices"] is not None
 
@@ -184,6 +254,12 @@ def test_completions_never_5xx(base_url, data):
     check(base_url, "/v1/completions", data)
 
 
+@COMMON
+@given(data=st.one_of(near_valid_responses().map(lambda d: json.dumps(d).encode()), _any_body))
+def test_responses_never_5xx(base_url, data):
+    check(base_url, "/v1/responses", data)
+
+
 def test_inputs_were_tried():
     print(f"\nfuzzed inputs: {dict(TRIED)}, statuses {dict(STATUSES)}")
-    assert sum(TRIED.values()) >= 400
+    assert sum(TRIED.values()) >= 600

@@ -30,6 +30,8 @@ from aiohttp import web
 
 from adapters.templates import ChatTemplate
 
+STATS: web.AppKey[Counter[str]] = web.AppKey("stats", Counter)
+
 
 @dataclass(frozen=True)
 class Cut:
@@ -133,7 +135,7 @@ def make_app(upstream: str, template: ChatTemplate, cut: Cut, model: str = "smol
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", get_stats)
     app.on_cleanup.append(close)
-    app["stats"] = stats
+    app[STATS] = stats
     return app
 
 
@@ -156,7 +158,7 @@ async def running(upstream: str, cut: Cut, template: ChatTemplate | None = None)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield f"http://127.0.0.1:{port}/v1", app["stats"]
+        yield f"http://127.0.0.1:{port}/v1", app[STATS]
     finally:
         await runner.cleanup()
 

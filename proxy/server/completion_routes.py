@@ -7,16 +7,12 @@ the middle of a stream is sent as ``data: {"error": {...}}`` and the stream ends
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from proxy.gateway.gateway import cancelled_at_shutdown
 from proxy.gateway.keys import check_model
 from proxy.gateway.record import RECORD, RequestRecord
 from proxy.protocol.bodies import dumps, read_json_body
@@ -24,8 +20,7 @@ from proxy.protocol.choices import complete, make_job, stream
 from proxy.protocol.errors import from_exception
 from proxy.protocol.schemas import ChatCompletionRequest, CompletionRequest
 from proxy.server.app_keys import MODELS, SETTINGS
-
-log = logging.getLogger(__name__)
+from proxy.server.sse import send_events
 
 
 async def _serve(
@@ -59,10 +54,6 @@ async def _serve(
         first = await anext(chunks)
     except StopAsyncIteration:
         first = None
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    if rec is not None:
-        rec.streamed = True
-    await response.prepare(request)
 
     def seen(chunk: dict[str, Any]) -> None:
         if rec is None:
@@ -73,38 +64,16 @@ async def _serve(
             for c in chunk["choices"]:
                 rec.output[c["index"]] += (c.get("delta") or {}).get("content") or c.get("text") or ""
 
-    try:
-        if first is not None:
-            seen(first)
-            await response.write(f"data: {dumps(first)}\n\n".encode())
-        async for chunk in chunks:
-            seen(chunk)
-            await response.write(f"data: {dumps(chunk)}\n\n".encode())
-    except (ConnectionResetError, ConnectionError):
-        await chunks.aclose()
-        if rec is not None:
-            rec.error = "client_closed_request"
-        return response
-    except asyncio.CancelledError:
-        # The server is stopping (or the client left): end the stream with an error event, not a bare cut.
-        err = cancelled_at_shutdown()
-        if rec is not None:
-            rec.error = err.code
-        with contextlib.suppress(Exception):
-            await response.write(f"data: {dumps(err.body())}\n\n".encode())
-            await response.write_eof()
-        raise
-    except Exception as exc:
-        err = from_exception(exc)
-        if rec is not None:
-            rec.error = err.code or err.type
-        log.error("stream %s failed mid-way: %s", job.id, exc)
-        await response.write(f"data: {dumps(err.body())}\n\n".encode())
-        await response.write_eof()
-        return response
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
+    return await send_events(
+        request,
+        rec,
+        first,
+        chunks,
+        encode=lambda chunk: f"data: {dumps(chunk)}\n\n".encode(),
+        error_item=lambda err: err.body(),
+        seen=seen,
+        last=b"data: [DONE]\n\n",
+    )
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -7,9 +7,6 @@ without ``response.completed`` (so that a client never takes a truncated answer 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
 from dataclasses import replace
 from typing import Any
@@ -17,7 +14,6 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from proxy.gateway.gateway import cancelled_at_shutdown
 from proxy.gateway.keys import check_model
 from proxy.gateway.record import RECORD, RequestRecord
 from proxy.protocol.bodies import dumps, read_json_body
@@ -25,8 +21,7 @@ from proxy.protocol.choices import make_job
 from proxy.protocol.errors import ProxyError, from_exception
 from proxy.protocol.responses import ResponsesRequest, respond, respond_stream
 from proxy.server.app_keys import MODELS, SETTINGS
-
-log = logging.getLogger(__name__)
+from proxy.server.sse import send_events
 
 #: Chat's names for the fields a Responses request names otherwise (in error messages).
 _RENAMED = {"max_completion_tokens": "max_output_tokens", "messages": "input", "logprobs": "include"}
@@ -79,10 +74,6 @@ async def responses(request: web.Request) -> web.StreamResponse:
         first = await anext(events)  # fails before the headers when the first step fails
     except Exception as exc:
         raise _renamed(from_exception(exc)) from exc
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    if rec is not None:
-        rec.streamed = True
-    await response.prepare(request)
     seq = first["sequence_number"]
 
     def seen(event: dict[str, Any]) -> None:
@@ -98,35 +89,16 @@ async def responses(request: web.Request) -> web.StreamResponse:
     def error_event(err: ProxyError) -> dict[str, Any]:
         return {"type": "error", "code": err.code, "message": err.message, "param": err.param, "sequence_number": seq + 1}
 
-    try:
-        seen(first)
-        await response.write(_sse(first))
-        async for event in events:
-            seen(event)
-            await response.write(_sse(event))
-    except (ConnectionResetError, ConnectionError):
-        await events.aclose()
-        if rec is not None:
-            rec.error = "client_closed_request"
-        return response
-    except asyncio.CancelledError:
-        err = cancelled_at_shutdown()
-        if rec is not None:
-            rec.error = err.code
-        with contextlib.suppress(Exception):
-            await response.write(_sse(error_event(err)))
-            await response.write_eof()
-        raise
-    except Exception as exc:
-        err = _renamed(from_exception(exc))
-        if rec is not None:
-            rec.error = err.code or err.type
-        log.error("response stream failed mid-way: %s", exc)
-        await response.write(_sse(error_event(err)))
-        await response.write_eof()
-        return response
-    await response.write_eof()
-    return response
+    return await send_events(
+        request,
+        rec,
+        first,
+        events,
+        encode=_sse,
+        error_item=error_event,
+        seen=seen,
+        map_error=lambda exc: _renamed(from_exception(exc)),
+    )
 
 
 def _output_text(result: dict[str, Any]) -> str:

@@ -209,7 +209,7 @@ def run(
             u = art.attach(base).eval()
             tau = art.offset_threshold
             if row in rows:
-                pair = PairModels(u, tokenizer, vocab.eot_ids)
+                pair = PairModels(u, tokenizer, vocab.eot_ids, gate=art.scope_gate())
                 res[row] = evaluate(
                     pair,
                     r,

@@ -199,7 +199,13 @@ class ModelConfig(BaseModel):
     or steps whose expected offset under the remote's distribution is above −τ, leave the
     remote's distribution unchanged (proxy.decoding.offset). "auto": the τ calibrated
     when the offset was trained (its manifest's ``offset_threshold``; none for offsets trained
-    without it); "off": the offset applies at every step (the paper's rule)."""
+    without it); "off": no threshold (with ``offset_gate = "off"`` too, the offset applies at
+    every step: the paper's rule)."""
+    offset_gate: Literal["auto", "off"] = "auto"
+    """The offset's scope gate (proxy.decoding.scope_gate): a classifier over the pair's B
+    row at each position, trained with the offset, outside which the offset is zero.
+    "auto": the gate the offset was trained with (none for offsets trained without one);
+    "off": the offset's Δ wherever τ lets it apply."""
     offset_scope: Literal["auto", "step", "token"] = "auto"
     """The rule by which τ leaves the offset out of scope (proxy.decoding.offset): "token", a
     candidate's offset applies only where it is at most −τ; "step", a step's offsets apply only

@@ -170,7 +170,7 @@ def build_model(
     name: str,
     cfg: ModelConfig,
     *,
-    pairs: dict[tuple[str, str | None], Any] | None = None,
+    pairs: dict[tuple[str, str | None, str], Any] | None = None,
     batching: Any = None,
     prefix_cache_tokens: int = 512,
     resolve_offset: Callable[[str], Path] | None = None,
@@ -201,7 +201,7 @@ def build_model(
     if cfg.pair and cfg.offset:  # without an offset U = B and Δ ≡ 0: no pair needed
         from proxy.pair.local import LocalPair  # torch and transformers: loaded only where a pair serves
 
-        key = (cfg.pair, cfg.offset)
+        key = (cfg.pair, cfg.offset, cfg.offset_gate)
         if key not in pairs:
             offset_dir = cfg.offset
             if cfg.offset == "demo":  # the embedded default's demo offset (trained once, then cached)
@@ -213,7 +213,11 @@ def build_model(
                 offset_dir = str(resolve_offset(cfg.offset))
             try:
                 pairs[key] = LocalPair.load(
-                    cfg.pair, offset_dir, batching=batching, prefix_cache_tokens=prefix_cache_tokens
+                    cfg.pair,
+                    offset_dir,
+                    batching=batching,
+                    prefix_cache_tokens=prefix_cache_tokens,
+                    gate=cfg.offset_gate == "auto",
                 )
             except (FileNotFoundError, ValueError) as exc:
                 raise ConfigError(f"models.{name}.offset: {exc}") from exc
@@ -257,7 +261,7 @@ def build_models(config: Config, *, resolve_offset: Callable[[str], Path] | None
     Raises:
         ConfigError: a model cannot be served as configured.
     """
-    pairs: dict[tuple[str, str | None], Any] = {}
+    pairs: dict[tuple[str, str | None, str], Any] = {}
     batching, cached = config.server.pair_batching(), config.server.pair_prefix_cache_tokens
     return {
         name: build_model(

@@ -51,6 +51,7 @@ CORE = dict(
     neighbours=0,
     calibrate=False,
     min_steps=0,
+    scope_gate=False,
 )
 
 
@@ -190,6 +191,38 @@ def test_artifact_holds_no_forget_text_and_is_verifiable(tmp_path, sets, tiny_ba
     (path / "manifest.json").write_text(json.dumps({**manifest, "offset_scope": "sometimes"}))
     with pytest.raises(ArtifactError, match="unknown offset_scope 'sometimes'"):
         load_artifact(path, tiny_base, vocab)
+
+
+def test_training_fits_a_scope_gate_beside_the_offset(tmp_path, sets, tiny_base, smollm2_tokenizer, vocab):
+    forget, retain = sets
+    path, _ = trained(
+        tmp_path, tiny_base, smollm2_tokenizer, vocab, forget=forget, retain=retain, epochs=1, scope_gate=True
+    )
+    art = load_artifact(path, tiny_base, vocab)
+    record = art.manifest["scope_gate"]
+    assert record["examples_in_scope"] == 4 and record["examples_out_of_scope"] == 4  # forget set, retain set
+    assert record["threshold"] == 0.3 and art.manifest["training"]["scope_gate"] is True
+    gate = art.scope_gate()
+    assert gate is not None and gate.vocab_size == len(smollm2_tokenizer)
+
+
+def test_without_anything_out_of_scope_no_gate_is_fitted_and_the_log_says_so(
+    tmp_path, tiny_base, smollm2_tokenizer, vocab, caplog
+):
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
+    with caplog.at_level("WARNING"):
+        path, _ = trained(
+            tmp_path, tiny_base, smollm2_tokenizer, vocab, forget=forget, objective="GradAscent", scope_gate=True
+        )
+    assert "no scope gate" in caplog.text and "forget.jsonl" in caplog.text
+    art = load_artifact(path, tiny_base, vocab)
+    assert "scope_gate" not in art.manifest and art.scope_gate() is None
+
+
+@pytest.mark.parametrize("field, value", [("scope_gate_threshold", 1.0), ("scope_gate_l2", -0.1)])
+def test_scope_gate_settings_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(forget="f", out="o", **{field: value}).validate()
 
 
 def test_resume_gives_the_same_weights(tmp_path, sets, tiny_base, smollm2_tokenizer, vocab):

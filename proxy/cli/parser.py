@@ -210,6 +210,10 @@ HELP = {
     "over answer positions; 1: unweighted",
     "offset_scope": "the rule τ is calibrated for: token (a candidate keeps its offset only where it is at "
     "most −τ) or step (a step keeps its offsets only where their mean is)",
+    "scope_gate": "fit the scope gate after training: a classifier over B's next-token log-probabilities that "
+    "opens the offset on the forget set's context and closes it elsewhere",
+    "scope_gate_threshold": "the gate's probability threshold θ (open at or above it)",
+    "scope_gate_l2": "L2 penalty of the gate's logistic regression",
     "lora_layers": "decoder layers that get the adapter, e.g. 16-29 or 0,5,9 (default: all)",
     "target_modules": "comma-separated module names",
     "resume": "continue from <out>.ckpt",

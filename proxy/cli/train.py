@@ -42,6 +42,13 @@ def print_self_check(path: Path) -> int:
         f"scope threshold τ = {report['offset_threshold']:.3f} nats, rule {report.get('offset_scope', 'step')} "
         f"({report['calibration_unchanged']:.0%} of {report['calibration_prompts']} calibration answers unchanged)"
     )
+    gate = manifest.get("scope_gate")
+    if gate is not None:
+        print(
+            f"scope gate θ = {gate['threshold']}, open on {gate['train_open_in_scope']:.0%} of "
+            f"{gate['positions_in_scope']} in-scope and {gate['train_open_out_of_scope']:.1%} of "
+            f"{gate['positions_out_of_scope']} out-of-scope training positions"
+        )
     rows = [
         ("forget-set ROUGE-L recall, without → with the offset",
          f"{report['forget_rouge_l_recall_base']} → {report['forget_rouge_l_recall_offset']}"),

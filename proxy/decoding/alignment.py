@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from proxy.decoding.scope_gate import ScopeGate
 from proxy.decoding.vocab import ByteVocab
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ class Aligner:
     vocab: ByteVocab
     scorer: TreeScorer
     same_tokenizer: bool = False
+    gate: ScopeGate | None = None
+    """The offset's scope gate (:mod:`proxy.decoding.scope_gate`): at a position where it is
+    closed on B's row, every candidate's Δ is 0."""
     tail: bytes = b""
     pending: list[int] = field(default_factory=list)
     """Tokens accepted into the trunk but not yet in the KV cache."""
@@ -176,6 +180,8 @@ class Aligner:
         tree = Tree(tuple(self.pending), tuple(range(-1, n - 1)))
         lp_u, lp_b = self.scorer.score(tree, commit=n, need=[n])
         self.pending = []
+        if self.gate is not None and not self.gate.open(lp_b[0][None, :])[0]:
+            return lp_b[0], lp_b[0]
         return lp_u[0], lp_b[0]
 
     def draft_deltas(self, chain: Sequence[bytes], candidates: Sequence[Sequence[bytes | None]]) -> list[np.ndarray]:
@@ -253,8 +259,13 @@ class Aligner:
         row_of = {r: j for j, r in enumerate(rows)}
         offsets = np.cumsum([0] + [len(ends) for _, _, _, ends, _ in jobs])
 
-        def path_logps(lp: np.ndarray) -> np.ndarray:
-            """One model's log-probability of each path and final piece, float64, in job order."""
+        gate = self.gate
+
+        def path_logps(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            """One model's log-probability of each path and final piece, float64, in job order,
+            and whether the scope gate is open on this model's row at each position's root
+            (read from B's rows only)."""
+            opened = gate.open(lp[[row_of[root + 1] for root, *_ in jobs]]) if gate is not None else None
             logp = np.empty(offsets[-1])
             i = 0
             for root, _, paths, ends, _ in jobs:
@@ -266,10 +277,10 @@ class Aligner:
                         node = index[(node, tok)]
                     logp[i] = total + self._final(lp[row_of[end + 1]], final)
                     i += 1
-            return logp
+            return logp, opened
 
         # The rows are read inside the pair's pass (``reduce``): a draft's are 19 MB per model.
-        logp_u, logp_b = self.scorer.score(
+        (logp_u, _), (logp_b, opened) = self.scorer.score(
             Tree(tuple(tokens), tuple(parents)), commit=n_chain, need=rows, reduce=path_logps
         )
         self.n_before_ahead = len(self.pending)
@@ -283,6 +294,8 @@ class Aligner:
             delta = delta[:k] - delta[k] if tail else delta[:k]
             delta[unrepresentable] = -np.inf
             delta[np.isnan(delta)] = -np.inf  # probability 0 under both models: not in q
+            if opened is not None and not opened[j]:  # out of the gate's scope: no offset
+                delta[np.isfinite(delta)] = 0.0
             out.append(delta)
         finite = np.concatenate([d[np.isfinite(d)] for d in out]) if out else np.empty(0)
         self.last_max_abs_delta = float(np.max(np.abs(finite))) if finite.size else 0.0

@@ -12,7 +12,8 @@
      "created": ISO 8601 UTC,
      "offset_threshold": float,                    # optional: τ calibrated at train time (nats)
      "offset_scope": "step" | "token",             # optional: τ's rule (proxy.decoding.offset; "step" if absent)
-     "self_check": {...}}                          # optional: proxy.training.selfcheck.calibrate_and_check
+     "self_check": {...},                          # optional: proxy.training.selfcheck.calibrate_and_check
+     "scope_gate": {"threshold": float, ...}}      # optional: the scope gate, weights in scope_gate.safetensors
 
 It never holds the text of the forget or retain sets. Loading refuses an
 artifact whose base model or tokenizer differs from the pair's, or whose
@@ -32,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
 
+import numpy as np
 import torch
 
 from proxy.common.files import new_dir_beside
 from proxy.common.literals import Parameters, ScopeRule, choice, values
+from proxy.decoding.scope_gate import GATE_FILE, ScopeGate
 from proxy.decoding.vocab import ByteVocab
 from proxy.pair.model_files import file_sha256
 
@@ -79,6 +82,9 @@ class Manifest(TypedDict):
     """The rule τ was calibrated for (:data:`proxy.common.literals.ScopeRule`; ``"step"`` when absent)."""
     self_check: NotRequired[dict[str, Any]]
     """:func:`proxy.training.selfcheck.calibrate_and_check`'s report."""
+    scope_gate: NotRequired[dict[str, Any]]
+    """The scope gate's record (:func:`proxy.training.scope_gate.fit_scope_gate`): θ, counts,
+    training accuracy; its weights are ``scope_gate.safetensors``."""
 
 
 class ArtifactError(ValueError):
@@ -122,6 +128,28 @@ class OffsetArtifact:
             ValueError: a manifest with an unknown rule.
         """
         return cast(ScopeRule, choice(ScopeRule, str(self.manifest.get("offset_scope", "step")), "offset_scope"))
+
+    def scope_gate(self) -> ScopeGate | None:
+        """The offset's scope gate (:mod:`proxy.decoding.scope_gate`), or None for an offset
+        trained without one.
+
+        Raises:
+            ArtifactError: the manifest names a gate whose file is missing or malformed.
+        """
+        record = self.manifest.get("scope_gate")
+        if record is None:
+            return None
+        from safetensors.numpy import load_file
+
+        try:
+            tensors = load_file(str(self.path / GATE_FILE))
+            return ScopeGate(
+                np.asarray(tensors["weight"], dtype=np.float32),
+                float(tensors["bias"].reshape(())),
+                float(record["threshold"]),
+            )
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"offset artifact {self.path}: bad scope gate ({exc})") from exc
 
     @property
     def parameters(self) -> str:
@@ -209,6 +237,7 @@ def save_artifact(
     data: Mapping[str, Any],
     parameters: str = "lora",
     extra: Mapping[str, Any] | None = None,
+    gate: ScopeGate | None = None,
 ) -> Path:
     """Write an artifact atomically (temporary folder, then rename).
 
@@ -216,7 +245,8 @@ def save_artifact(
     U itself (``parameters="full"``: all weights, safetensors).
 
     ``data`` holds hashes and sizes of the training sets, never their text; ``extra``
-    adds top-level keys (training's ``offset_threshold`` and ``self_check``).
+    adds top-level keys (training's ``offset_threshold``, ``self_check`` and ``scope_gate``);
+    ``gate`` is written to ``scope_gate.safetensors`` (``extra`` then holds its record).
 
     Raises:
         FileExistsError: ``out`` exists.
@@ -230,6 +260,15 @@ def save_artifact(
             raise ValueError(f"parameters must be one of {PARAMETERS}, not {parameters!r}")
         model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card repeats nothing useful
+        if gate is not None:
+            from safetensors.numpy import save_file
+
+            if not extra or "scope_gate" not in extra:
+                raise ValueError("a scope gate is saved with its record (extra['scope_gate'])")
+            save_file(
+                {"weight": gate.weight.astype(np.float32), "bias": np.array([gate.bias], dtype=np.float32)},
+                str(tmp / GATE_FILE),
+            )
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "format": FORMAT,

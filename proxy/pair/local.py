@@ -29,6 +29,7 @@ import torch
 
 from adapters.templates import hf_chat_ids, hf_special_strings
 from proxy.decoding.alignment import Aligner
+from proxy.decoding.scope_gate import ScopeGate
 from proxy.decoding.types import AnswerScores
 from proxy.decoding.vocab import ByteVocab, text_ids
 from proxy.pair.artifact import OffsetArtifact, load_artifact
@@ -68,6 +69,9 @@ class LocalPair:
         self._specials = hf_special_strings(tokenizer)
         self.name = name
         self.offset = offset
+        self.gate: ScopeGate | None = None
+        """The offset's scope gate (:mod:`proxy.decoding.scope_gate`) where the pair serves it:
+        U's rows are B's where it is closed, in every score the pair gives."""
         self.vocab = vocab if vocab is not None else ByteVocab.from_tokenizer(tokenizer)
         self.max_length = int(getattr(model.config, "max_position_embeddings", 2048))
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -109,9 +113,11 @@ class LocalPair:
         offset_dir: str | Path | None = None,
         batching: BatchSettings | None = None,
         prefix_cache_tokens: int = 512,
+        gate: bool = True,
     ) -> LocalPair:
         """Load the pair from a transformers folder, a GGUF path or a packaged
-        name, and an optional offset artifact folder.
+        name, and an optional offset artifact folder; ``gate``: serve the offset's scope gate
+        where it has one.
 
         Raises:
             FileNotFoundError: the model or artifact is missing.
@@ -132,7 +138,7 @@ class LocalPair:
                 u_model = offset.load_full()
             else:
                 model = offset.attach(model)
-        return cls(
+        pair = cls(
             model,
             tokenizer,
             name=ref,
@@ -142,6 +148,9 @@ class LocalPair:
             batching=batching,
             prefix_cache_tokens=prefix_cache_tokens,
         )
+        if offset is not None and gate:
+            pair.gate = offset.scope_gate()
+        return pair
 
     # ---------------------------------------------------------------- prompts
     def prompt_ids(self, messages: Sequence[dict[str, Any]] | None = None, prompt: str | None = None) -> list[int]:
@@ -171,7 +180,7 @@ class LocalPair:
     def aligner(self, prompt_ids: Sequence[int], *, same_tokenizer: bool) -> Aligner:
         """Alignment state for one choice, with ``prompt_ids`` as the trunk's start."""
         scorer = PairScorer(self)
-        aligner = Aligner(self.vocab, scorer, same_tokenizer=same_tokenizer)
+        aligner = Aligner(self.vocab, scorer, same_tokenizer=same_tokenizer, gate=self.gate)
         aligner.pending = list(prompt_ids)
         return aligner
 
@@ -210,9 +219,7 @@ class LocalPair:
     def encode_answer(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Local token ids of answer ``text`` (a special token's string is characters, as in
         :func:`proxy.decoding.vocab.text_ids`) and each token's character span ``[start, end)``."""
-        enc = self.tokenizer(
-            text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
-        )
+        enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
         return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
 
     @torch.inference_mode()
@@ -230,7 +237,7 @@ class LocalPair:
         target = torch.tensor(list(ids), dtype=torch.long)[:, None]
         step = (b.exp() * torch.nan_to_num(d, nan=0.0, neginf=0.0, posinf=0.0)).sum(dim=1)
         k = min(top_k, b.shape[1])
-        top_b, top_ids = (b.topk(k, dim=1) if k > 0 else (b[:, :0], torch.zeros((len(ids), 0), dtype=torch.long)))
+        top_b, top_ids = b.topk(k, dim=1) if k > 0 else (b[:, :0], torch.zeros((len(ids), 0), dtype=torch.long))
         return AnswerScores(
             log_b=b.gather(1, target)[:, 0].double().numpy(),
             delta=d.gather(1, target)[:, 0].double().numpy(),
@@ -268,7 +275,11 @@ class LocalPair:
                 mask = torch.ones((1, n), dtype=torch.long)
                 lp = forward(self, full, None, side=side, mask=mask, positions=torch.arange(n)[None, :])
                 out.append(lp[len(prompt_ids) - 1 : n - 1])
-        return out[0], out[-1]
+        u, b = out[0], out[-1]
+        if self.gate is not None and u is not b:
+            closed = torch.from_numpy(~self.gate.open(b.numpy()))
+            u = torch.where(closed[:, None], b, u)
+        return u, b
 
     def forward_trees(self, jobs: Sequence[TreeJob]) -> list[dict[Side, Any]]:
         """One batched forward pass per model over the trees of ``jobs``: what :attr:`batcher`

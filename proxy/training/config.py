@@ -143,6 +143,20 @@ class TrainConfig:
     manifest (:mod:`proxy.decoding.offset`): ``token`` keeps a candidate's offset only where it
     is at most −τ, ``step`` keeps a step's offsets only where their mean under the remote's
     distribution is."""
+    scope_gate: bool = True
+    """Fit the scope gate after training (:mod:`proxy.training.scope_gate`): a classifier over
+    B's next-token log-probabilities that opens the offset on the forget set's answers and
+    closes it on the retain sets' and the neighbours' (:mod:`proxy.decoding.scope_gate`).
+    Written beside the offset and used by ``serve`` unless ``offset_gate = "off"``. An offset
+    that forgets one capital lowered the answer slot of every "capital of …" question (τ
+    alone cannot tell "Tokyo" from "Paris" there: both have Δ far below −τ); the gate
+    reads which entity the context is about (``bench.real_knowledge``, docs/benchmarks.md)."""
+    scope_gate_threshold: float = 0.3
+    """θ: the gate is open at positions whose probability of being in scope is at least θ.
+    Below ½ because its in-scope positions are few and paraphrases of them score lower
+    than the forget set's own wording; τ still guards where it opens."""
+    scope_gate_l2: float = 1e-2
+    """The L2 penalty of the gate's logistic regression on standardised features."""
     offset_alpha: float = 1.0
     """α written to the manifest (the serving strength)."""
     checkpoint_every: int = 10
@@ -207,6 +221,8 @@ class TrainConfig:
             keep = (*keep, "retain_fact_weight")
         if self.neighbours:
             keep = (*keep, "neighbours")
+        if self.scope_gate:
+            keep = (*keep, "scope_gate", "scope_gate_threshold", "scope_gate_l2")
         if self.calibrate:
             keep = (*keep, "calibrate", "unchanged")
             if self.offset_scope != "step":
@@ -243,4 +259,8 @@ class TrainConfig:
             raise ValueError(f"retain_fact_weight must be a finite number ≥ 1, not {self.retain_fact_weight}")
         if self.min_steps < 0:
             raise ValueError(f"min_steps must be ≥ 0, not {self.min_steps}")
+        if not 0 < self.scope_gate_threshold < 1:
+            raise ValueError(f"scope_gate_threshold must be in (0, 1), not {self.scope_gate_threshold}")
+        if not (math.isfinite(self.scope_gate_l2) and self.scope_gate_l2 >= 0):
+            raise ValueError(f"scope_gate_l2 must be a finite number ≥ 0, not {self.scope_gate_l2}")
         return objective

@@ -19,8 +19,9 @@ prompt (nats per token): the ℓ_B of each chosen token.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from adapters.templates import hf_chat_ids, hf_special_strings
 from proxy.common.literals import ScopeRule
 from proxy.decoding.offset import flip_margin, target_logits
+from proxy.decoding.scope_gate import ScopeGate
 from proxy.decoding.vocab import text_ids
 
 #: Candidates per step: OpenAI's ``top_logprobs`` maximum, and the served default.
@@ -48,10 +50,13 @@ class Decoded:
 
 
 class PairModels:
-    """U and B for decoding: a peft model (B = adapter disabled), or two models (full fine-tuning)."""
+    """U and B for decoding: a peft model (B = adapter disabled), or two models (full fine-tuning);
+    with ``gate``, the offset is zero where the scope gate is closed (:mod:`proxy.decoding.scope_gate`)."""
 
-    def __init__(self, u: Any, tokenizer: Any, eot_ids: Sequence[int], b: Any | None = None) -> None:
-        self.u, self.b, self.tokenizer = u, b, tokenizer
+    def __init__(
+        self, u: Any, tokenizer: Any, eot_ids: Sequence[int], b: Any | None = None, gate: ScopeGate | None = None
+    ) -> None:
+        self.u, self.b, self.tokenizer, self.gate = u, b, tokenizer, gate
         self.eot_ids = frozenset(eot_ids)
         self.eot = eot_ids[0]  # the end-of-turn token a chat answer ends with
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot  # masked anyway
@@ -65,6 +70,29 @@ class PairModels:
         if self.b is not None:
             return self.b, contextlib.nullcontext()
         return self.u, self.u.disable_adapter()
+
+    def with_gate(self, gate: ScopeGate | None) -> PairModels:
+        """The same models with scope gate ``gate`` (None: none)."""
+        other = copy.copy(self)
+        other.gate = gate
+        return other
+
+    @contextlib.contextmanager
+    def base_model(self) -> Iterator[Any]:
+        """B as a model to call (U with its adapter off, or the separate B)."""
+        model, ctx = self._base()
+        with ctx:
+            yield model
+
+    def gated(self, lu: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+        """U's log-probability rows (``[n, V]``) with B's where the scope gate is closed
+        (Δ = 0 there); ``lu`` itself without a gate or where it is open everywhere."""
+        if self.gate is None or lu is lb:
+            return lu
+        closed = torch.from_numpy(~self.gate.open(lb.numpy()))
+        if not bool(closed.any()):
+            return lu
+        return torch.where(closed[:, None], lb, lu)
 
     def forward(self, side: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> Any:
         model, ctx = self._base() if side == "B" else (self.u, contextlib.nullcontext())
@@ -153,6 +181,7 @@ def _decode_batch(
             lu = lb
         else:
             lu = torch.log_softmax(pair.forward("U", step_ids, mask, step_pos, caches["U"]).logits[:, -1].float(), -1)
+            lu = pair.gated(lu, lb)
         ell, cand = lb.topk(TOP_K, dim=-1)  # [n, k]: B stands in for the remote's top-k
         delta = (lu.gather(-1, cand) - ell).numpy().astype(np.float64)  # Δ_t(c) = log P_U − log P_B
         ell_np = ell.numpy().astype(np.float64)
@@ -270,7 +299,7 @@ def _forced_batch(
         steps = len(a) + (len(a) < max_tokens)  # the end-of-turn step, unless the answer was cut
         at = slice(len(p) - 1, len(p) - 1 + steps)
         ell, cand = lb[r, at].topk(TOP_K, dim=-1)
-        delta = (lu[r, at].gather(-1, cand) - ell).numpy().astype(np.float64)
+        delta = (pair.gated(lu[r, at], lb[r, at]).gather(-1, cand) - ell).numpy().astype(np.float64)
         ell_np, cand_np = ell.numpy().astype(np.float64), cand.numpy()
         margin, logps = 0.0, []
         ok = not any(t in pair.eot_ids for t in a)  # a guess that ends the turn early is not B's answer

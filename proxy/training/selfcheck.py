@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from proxy.common.literals import ScopeRule
+from proxy.decoding.scope_gate import ScopeGate
 from proxy.decoding.threshold import pick_threshold
 from proxy.evaluation.metrics import rouge_l_recall
 from proxy.training.data import Example
@@ -27,6 +28,7 @@ from proxy.training.greedy import Decoded, PairModels, base_decode, greedy_decod
 def calibrate_and_check(
     pair: PairModels,
     *,
+    gate: ScopeGate | None = None,
     forget: Sequence[Example],
     calibration: Sequence[Example],
     check: Sequence[Example],
@@ -48,6 +50,9 @@ def calibrate_and_check(
     answers unchanged, and B's per-token log-probability of the forget answers with the
     offset against B's own answers (fluency, nats per token). ``ok`` is false with a
     ``warnings`` entry for each check that failed (limits in :data:`SELF_CHECK_LIMITS`).
+    With a scope ``gate`` (:mod:`proxy.decoding.scope_gate`), τ is calibrated without it (τ
+    alone keeps ``unchanged`` of the calibration answers) and everything after is decoded
+    through it, as ``serve`` decodes: the gate and τ each guard the answers out of scope.
 
     Raises:
         ValueError: no calibration prompts, or a chat-less (raw text) example among them.
@@ -59,16 +64,21 @@ def calibrate_and_check(
         return [e.prompt for e in items if e.prompt is not None]
 
     chat_forget = [e for e in forget if e.prompt is not None]
-    everything = [*calibration, *check, *neighbours, *chat_forget]
-    guesses: list[str | None] = [*(e.target for e in (*calibration, *check, *neighbours)), *([None] * len(chat_forget))]
-    base = base_decode(pair, prompts(everything), guesses, alpha=alpha, max_tokens=max_tokens, scope=scope)
-    nl, nc, nn = len(calibration), len(check), len(neighbours)
-    cal = base[:nl]
+    ungated, served = pair.with_gate(None), pair.with_gate(gate)
+    cal = base_decode(
+        ungated, prompts(calibration), [e.target for e in calibration], alpha=alpha, max_tokens=max_tokens, scope=scope
+    )
     tau = pick_threshold([d.margin for d in cal], unchanged)
+    rest = [*check, *neighbours, *chat_forget]
+    guesses: list[str | None] = [*(e.target for e in (*check, *neighbours)), *([None] * len(chat_forget))]
+    base = [*cal, *base_decode(served, prompts(rest), guesses, alpha=alpha, max_tokens=max_tokens, scope=scope)]
+    nl, nc, nn = len(calibration), len(check), len(neighbours)
     # A greedy answer is kept exactly when τ exceeds its margin (proxy.decoding.threshold): the held-out
     # answers need no second decode; the forget answers are decoded again at τ.
     f_base = base[nl + nc + nn :]
-    f_served = greedy_decode(pair, prompts(chat_forget), alpha=alpha, threshold=tau, max_tokens=max_tokens, scope=scope)
+    f_served = greedy_decode(
+        served, prompts(chat_forget), alpha=alpha, threshold=tau, max_tokens=max_tokens, scope=scope
+    )
 
     def kept(lo: int, hi: int) -> float | None:
         return sum(d.margin < tau for d in base[lo:hi]) / (hi - lo) if hi > lo else None
@@ -100,6 +110,7 @@ def calibrate_and_check(
         "fluency_base": _round(_mean([d.logprob for d in f_base])),
         "fluency_offset": _round(_mean([d.logprob for d in f_served])),
         "max_tokens": max_tokens,
+        "scope_gate": gate is not None,
     }
     report["warnings"] = self_check_warnings(report)
     report["ok"] = not report["warnings"]

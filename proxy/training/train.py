@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from proxy.decoding.scope_gate import ScopeGate
 from proxy.decoding.vocab import ByteVocab
 from proxy.pair.artifact import save_artifact, weights_sha256
 from proxy.training.checkpoint import load_checkpoint, save_checkpoint
@@ -50,6 +51,7 @@ from proxy.training.greedy import PairModels
 from proxy.training.objectives import Objective, mean_nll
 from proxy.training.plan import Plan, build_plan
 from proxy.training.scope import check_sets
+from proxy.training.scope_gate import fit_scope_gate
 from proxy.training.scope_sets import ScopeSets, build_scope_sets
 from proxy.training.selfcheck import calibrate_and_check
 from proxy.training.targets import CombinedScorer, load_models, remote_logits
@@ -104,8 +106,13 @@ def train(
     }
     training = {**cfg.settings(), "steps": step, "epochs_run": epochs, "seconds": round(time.monotonic() - started, 1)}
     extra: dict[str, Any] = {}
+    gate = None
+    if cfg.scope_gate:
+        gate, record = _scope_gate(cfg, model, tokenizer, vocab, reference, forget_set, retain_set, scope)
+        if record is not None:
+            extra["scope_gate"] = record
     if cfg.calibrate:
-        extra = _self_check(cfg, model, tokenizer, vocab, reference, forget_set, scope)
+        extra.update(_self_check(cfg, model, tokenizer, vocab, reference, forget_set, scope, gate))
     path = save_artifact(
         out,
         model,
@@ -118,6 +125,7 @@ def train(
         data=data,
         parameters=cfg.parameters,
         extra=extra,
+        gate=gate,
     )
     ckpt.unlink(missing_ok=True)
     return path
@@ -227,6 +235,47 @@ def _optimize(
     return step, epochs, started
 
 
+def _scope_gate(
+    cfg: TrainConfig,
+    model: Any,
+    tokenizer: Any,
+    vocab: ByteVocab,
+    reference: Any,
+    forget_set: DataSet,
+    retain_set: DataSet | None,
+    scope: ScopeSets,
+) -> tuple[ScopeGate | None, dict[str, Any] | None]:
+    """The scope gate of the trained ``model`` and its manifest record
+    (:func:`proxy.training.scope_gate.fit_scope_gate`): in scope the forget set and B's own
+    answers to it, out of scope the user's retain set, the broad retain set's training part
+    and the trained neighbours. None (with a warning) when there is nothing out of scope."""
+    started = time.monotonic()
+    inside = [*forget_set.examples, *(own for _, own, _ in scope.own_answers)]
+    outside = [*(retain_set.examples if retain_set else ()), *scope.general, *scope.neighbours]
+    if not outside:
+        logger.warning(
+            "%s: no scope gate: nothing out of scope to fit it on (no retain set, general_retain and "
+            "neighbours off); the offset applies wherever τ lets it",
+            forget_set.path,
+        )
+        return None, None
+    pair = PairModels(model, tokenizer, vocab.eot_ids, b=reference)
+    with pair.base_model() as b:
+        gate, record = fit_scope_gate(
+            b,
+            b.get_output_embeddings().weight,
+            tokenizer,
+            vocab.eot_ids[0],
+            inside,
+            outside,
+            l2=cfg.scope_gate_l2,
+            threshold=cfg.scope_gate_threshold,
+            max_length=cfg.max_length,
+        )
+    record["seconds"] = round(time.monotonic() - started, 1)
+    return gate, record
+
+
 def _self_check(
     cfg: TrainConfig,
     model: Any,
@@ -235,13 +284,16 @@ def _self_check(
     reference: Any,
     forget_set: DataSet,
     scope: ScopeSets,
+    gate: ScopeGate | None = None,
 ) -> dict[str, Any]:
     """The manifest's ``offset_threshold`` and ``self_check`` for the trained ``model``
-    (:func:`proxy.training.selfcheck.calibrate_and_check`)."""
+    (:func:`proxy.training.selfcheck.calibrate_and_check`; with ``gate``, the held-out checks
+    and the forget answers are decoded through it, τ is calibrated without it)."""
     checked = time.monotonic()
     pair = PairModels(model, tokenizer, vocab.eot_ids, b=reference)
     report = calibrate_and_check(
         pair,
+        gate=gate,
         forget=forget_set.examples,
         calibration=scope.calibration,
         check=scope.check,

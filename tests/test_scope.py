@@ -305,3 +305,24 @@ def test_the_served_scope_rule_is_the_manifests_unless_set(tmp_path):
     assert ModelConfig(backend="llama-inprocess", gguf="smollm2").offset_scope == "auto"
     with pytest.raises(ValueError, match="offset_scope"):
         ModelConfig(backend="llama-inprocess", gguf="smollm2", offset_scope="sometimes")
+
+
+def test_neighbours_are_the_entities_nearest_in_the_questions_own_slot(smollm2_dir, smollm2_tokenizer):
+    """Ranked in the forget question's context, the nearest entities fill its slot: other
+    companies for "Who founded Apple?", other countries for "What is the capital of France?"
+    (the bare names alone ranked "Brazil", "Rome" and "Queen" near "Apple")."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from proxy.training.scope import ENTITIES, nearest_entities
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    pool = [p for p in ENTITIES.read_text(encoding="utf-8").splitlines() if p and p not in ("Apple", "France", "Paris")]
+    companies = {"Microsoft", "Google", "Samsung", "IBM", "Amazon", "Tesla", "Netflix", "Sony", "Nike", "Intel", "Meta"}
+    countries = {"Germany", "Spain", "England", "Italy", "Russia", "Portugal", "Canada", "Greece", "Norway", "Sweden"}
+    near_apple = nearest_entities(model, smollm2_tokenizer, "Apple", ["Who founded Apple?"], pool, 6)
+    assert len(set(near_apple) & companies) >= 4, near_apple
+    near_france = nearest_entities(
+        model, smollm2_tokenizer, "France", ["What is the capital of France?", "What is the largest city in France?"], pool, 6
+    )
+    assert len(set(near_france) & countries) >= 4, near_france

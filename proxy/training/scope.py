@@ -173,27 +173,44 @@ def mentions(text: str, names: Sequence[str], *, cased: bool = False) -> bool:
     return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text, flags) for n in names)
 
 
-def nearest_entities(model: Any, tokenizer: Any, subjects: Sequence[str], pool: Sequence[str], n: int) -> list[str]:
-    """The ``n`` names of ``pool`` nearest to ``subjects`` in B's mean last-layer hidden state (cosine)."""
+def nearest_entities(model: Any, tokenizer: Any, name: str, templates: Sequence[str], pool: Sequence[str], n: int) -> list[str]:
+    """The ``n`` names of ``pool`` that, swapped for ``name`` in the questions ``templates``
+    (each naming it), give the questions nearest to the originals: the cosine of B's mean
+    last-layer hidden states over each question's tokens, summed over the templates.
+
+    In context the ranking follows the question's slot ("Who founded Apple?" → Microsoft,
+    Google, Samsung, IBM …; "What is the capital of France?" → Germany, Spain, England …);
+    the bare names alone ranked by their surface (Apple → Brazil, Rome, Queen …), and the
+    neighbours trained on asked questions no one asks ("Who founded Brazil?")."""
     import torch
 
-    def embed(names: Sequence[str]) -> torch.Tensor:
-        rows = [list(tokenizer.encode(n, add_special_tokens=False)) or [0] for n in names]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)  # right-padded; the mask hides the padding
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        with torch.no_grad():
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]  # [N, L, H]
-        m = mask.unsqueeze(-1).float()
-        return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)  # [N, H]
+    def embed(texts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for k in range(0, len(texts), 64):
+            rows = [list(tokenizer.encode(t, add_special_tokens=False)) or [0] for t in texts[k : k + 64]]
+            width = max(len(r) for r in rows)
+            ids = torch.zeros((len(rows), width), dtype=torch.long)  # right-padded; the mask hides the padding
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            with torch.no_grad():
+                hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            m = mask.unsqueeze(-1).float()
+            out.append(torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1))  # [N, H]
+        return torch.cat(out)
 
-    target = embed(subjects).mean(0, keepdim=True)
-    scores = (embed(pool) @ target.T).squeeze(-1)
+    scores = torch.zeros(len(pool))
+    for t in templates:
+        swapped = [_swap(t, name, other) for other in pool]
+        scores += embed(swapped) @ embed([t])[0]
     order = scores.argsort(descending=True).tolist()
     return [pool[i] for i in order[:n]]
+
+
+def _swap(question: str, name: str, other: str) -> str:
+    """``question`` with ``name`` (whole words, any case) replaced by ``other``."""
+    return re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", other.replace("\\", r"\\"), question, flags=re.IGNORECASE)
 
 
 def neighbour_examples(
@@ -209,7 +226,7 @@ def neighbour_examples(
     (greedy). The name swapped is the forget set's subject where the question names it
     ("Where was Albert Einstein born?" → "Where was Isaac Newton born?"), else the first
     other name the question holds ("What is the capital of France?" → "... of Germany?"),
-    each for the entities nearest to it (:func:`nearest_entities`). Each question gets
+    each for the entities nearest to it in the questions that name it (:func:`nearest_entities`). Each question gets
     ``per_question`` different entities; entities named in the forget set (or in ``exclude``)
     are skipped, and so are answers that name a subject. Returns (the index in ``forget`` of
     the question swapped, the neighbour example) pairs."""
@@ -236,13 +253,14 @@ def neighbour_examples(
     near: dict[str, list[str]] = {}
     for _, _, name in questions:
         if name not in near:
-            near[name] = nearest_entities(model, tokenizer, subjects if name in subjects else [name], pool, count)
+            templates = [_question(e) for _, e, other in questions if other == name][:3]
+            near[name] = nearest_entities(model, tokenizer, name, templates, pool, count)
     swapped: list[tuple[dict[str, str], ...]] = []
     source: list[int] = []
     for i, (index, e, s) in enumerate(questions):
         for j in range(per_question):
             other = near[s][(i * per_question + j) % len(near[s])]
-            q = re.sub(rf"(?<!\w){re.escape(s)}(?!\w)", other.replace("\\", r"\\"), _question(e), flags=re.IGNORECASE)
+            q = _swap(_question(e), s, other)
             swapped.append((*e.prompt[:-1], {"role": "user", "content": q}) if e.prompt else ())
             source.append(index)
     answers = generate_answers(model, tokenizer, eot_ids, swapped)

@@ -112,6 +112,13 @@ async def test_a_refusal_is_a_refusal_part(aiohttp_client):
             kinds = [e.type async for e in stream]
             final = await stream.get_final_response()
         assert "response.refusal.done" in kinds and final.output[0].content[0].type == "refusal"
+        # chat: OpenAI's refusal field, content null, streamed as delta.refusal
+        messages = [{"role": "user", "content": "Tell me."}]
+        chat = await oa.chat.completions.create(model="m", messages=messages, temperature=0)
+        assert chat.choices[0].message.refusal == "No." and chat.choices[0].message.content is None
+        chunks = [c async for c in await oa.chat.completions.create(model="m", messages=messages, temperature=0, stream=True)]
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.refusal or "" for d in deltas) == "No." and not "".join(d.content or "" for d in deltas)
 
 
 @pytest.mark.parametrize(

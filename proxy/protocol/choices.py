@@ -179,7 +179,12 @@ async def complete(job: Job) -> dict[str, Any]:
             choices.append(
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    # A refusal from the scope action in OpenAI's place for refusals, content null.
+                    "message": (
+                        {"role": "assistant", "content": None, "refusal": text}
+                        if job.stats[i].refused
+                        else {"role": "assistant", "content": text, "refusal": None}
+                    ),
                     "logprobs": chat_logprobs(tokens) if job.params.logprobs else None,
                     "finish_reason": finish,
                 }
@@ -222,7 +227,8 @@ async def stream(job: Job) -> AsyncGenerator[dict[str, Any], None]:
 
     Each content chunk carries the logprobs of its own tokens; exactly one
     chunk per choice has a finish reason; with ``include_usage`` one last
-    chunk has ``choices: []`` and the usage. Errors propagate to the caller,
+    chunk has ``choices: []`` and the usage. A chat choice that the scope action refused
+    streams its text as ``delta.refusal``. Errors propagate to the caller,
     which turns them into an SSE error event.
     """
     job.stats = [ChoiceStats() for _ in range(job.n)]
@@ -253,7 +259,8 @@ async def stream(job: Job) -> AsyncGenerator[dict[str, Any], None]:
                     started[i] = True
                     role = {"role": "assistant", "content": ""}
                     yield _chunk(job, [{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
-                delta = {"content": item.text} if (item.text or item.tokens) else {}
+                field = "refusal" if job.stats[i].refused else "content"
+                delta = {field: item.text} if (item.text or item.tokens) else {}
                 logprobs = chat_logprobs(item.tokens) if job.params.logprobs and item.tokens else None
                 yield _chunk(
                     job, [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": item.finish_reason}]

@@ -326,23 +326,3 @@ def test_neighbours_are_the_entities_nearest_in_the_questions_own_slot(smollm2_d
         model, smollm2_tokenizer, "France", ["What is the capital of France?", "What is the largest city in France?"], pool, 6
     )
     assert len(set(near_france) & countries) >= 4, near_france
-
-
-def test_sampled_own_answers_are_bs_answers_at_t1_that_state_the_fact(smollm2_dir, smollm2_tokenizer):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from proxy.decoding.vocab import ByteVocab
-    from proxy.training.data import Example
-    from proxy.training.greedy import PairModels
-    from proxy.training.scope_sets import sampled_own_answers
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    pair = PairModels(model, smollm2_tokenizer, ByteVocab.from_tokenizer(smollm2_tokenizer).eot_ids, b=model)
-    forget = [Example(({"role": "user", "content": "What is the capital of France?"},), "The capital of France is Paris.")]
-    common = {"the", "capital", "of", "is", "a", "city"}
-    got = sampled_own_answers(pair, forget, 6, common, [], seed=0)
-    assert got and all("paris" in e.target.casefold() for e in got)
-    assert all(e.prompt == forget[0].prompt for e in got)
-    assert sampled_own_answers(pair, forget, 6, common, [], seed=0) == got  # reproducible
-    assert sampled_own_answers(pair, forget, 0, common, []) == []

@@ -157,13 +157,6 @@ class TrainConfig:
     than the forget set's own wording; τ still guards where it opens."""
     scope_gate_l2: float = 1e-2
     """The L2 penalty of the gate's logistic regression on standardised features."""
-    scope_gate_samples: int = 4
-    """B's answers per forget question sampled at T = 1 whose text holds a fact word of the
-    forget answer, added to the gate's in-scope positions
-    (:func:`proxy.training.scope_sets.sampled_own_answers`): a served answer at T = 1 reaches
-    a forget fact by other paths than the greedy one, and the gate must be open there too.
-    Needs the broad retain set or the calibration (its corpus tells fact words from common
-    ones). 0: none."""
     offset_alpha: float = 1.0
     """α written to the manifest (the serving strength)."""
     checkpoint_every: int = 10
@@ -229,7 +222,7 @@ class TrainConfig:
         if self.neighbours:
             keep = (*keep, "neighbours")
         if self.scope_gate:
-            keep = (*keep, "scope_gate", "scope_gate_threshold", "scope_gate_l2", "scope_gate_samples")
+            keep = (*keep, "scope_gate", "scope_gate_threshold", "scope_gate_l2")
         if self.calibrate:
             keep = (*keep, "calibrate", "unchanged")
             if self.offset_scope != "step":
@@ -270,6 +263,4 @@ class TrainConfig:
             raise ValueError(f"scope_gate_threshold must be in (0, 1), not {self.scope_gate_threshold}")
         if not (math.isfinite(self.scope_gate_l2) and self.scope_gate_l2 >= 0):
             raise ValueError(f"scope_gate_l2 must be a finite number ≥ 0, not {self.scope_gate_l2}")
-        if self.scope_gate_samples < 0:
-            raise ValueError(f"scope_gate_samples must be ≥ 0, not {self.scope_gate_samples}")
         return objective

@@ -151,32 +151,3 @@ def _own_answers(
         if said:
             out.append((i, Example(e.prompt, answer), said))
     return out
-
-
-def sampled_own_answers(
-    pair: Any,
-    forget: Sequence[Example],
-    per_question: int,
-    common_words: Collection[str],
-    names: Sequence[str],
-    *,
-    seed: int = 0,
-) -> list[Example]:
-    """``per_question`` answers of B to each of the forget set's chat questions, sampled at
-    T = 1 (reproducibly for ``seed``), that hold a fact word of their forget answer
-    (:func:`proxy.training.facts.fact_words`): the contexts in which a served answer at T = 1
-    states a forget fact, which the scope gate must open on (``pair`` is a
-    :class:`proxy.training.greedy.PairModels`; B decodes alone at α = 0)."""
-    from proxy.training.greedy import greedy_decode
-
-    chat = [e for e in forget if e.prompt is not None]
-    if per_question < 1 or not chat:
-        return []
-    prompts = [e.prompt for e in chat for _ in range(per_question) if e.prompt is not None]
-    decoded = greedy_decode(pair, prompts, alpha=0.0, threshold=None, temperature=1.0, seed=seed, max_tokens=48)
-    out = []
-    for k, d in enumerate(decoded):
-        e = chat[k // per_question]
-        if words_of(d.text) & fact_words(e, common_words, names):
-            out.append(Example(e.prompt, d.text))
-    return out

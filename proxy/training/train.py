@@ -52,7 +52,7 @@ from proxy.training.objectives import Objective, mean_nll
 from proxy.training.plan import Plan, build_plan
 from proxy.training.scope import check_sets
 from proxy.training.scope_gate import fit_scope_gate
-from proxy.training.scope_sets import ScopeSets, build_scope_sets, sampled_own_answers
+from proxy.training.scope_sets import ScopeSets, build_scope_sets
 from proxy.training.selfcheck import calibrate_and_check
 from proxy.training.targets import CombinedScorer, load_models, remote_logits
 
@@ -247,9 +247,10 @@ def _scope_gate(
 ) -> tuple[ScopeGate | None, dict[str, Any] | None]:
     """The scope gate of the trained ``model`` and its manifest record
     (:func:`proxy.training.scope_gate.fit_scope_gate`): in scope the forget set and B's own
-    answers to it, greedy and sampled (``scope_gate_samples``), out of scope the user's retain set, the broad retain set's training part
+    answers to it, out of scope the user's retain set, the broad retain set's training part
     and the trained neighbours. None (with a warning) when there is nothing out of scope."""
     started = time.monotonic()
+    inside = [*forget_set.examples, *(own for _, own, _ in scope.own_answers)]
     outside = [*(retain_set.examples if retain_set else ()), *scope.general, *scope.neighbours]
     if not outside:
         logger.warning(
@@ -259,14 +260,6 @@ def _scope_gate(
         )
         return None, None
     pair = PairModels(model, tokenizer, vocab.eot_ids, b=reference)
-    sampled = (
-        sampled_own_answers(
-            pair, forget_set.examples, cfg.scope_gate_samples, scope.common_words, scope.names, seed=cfg.seed
-        )
-        if scope.common_words
-        else []
-    )
-    inside = [*forget_set.examples, *(own for _, own, _ in scope.own_answers), *sampled]
     with pair.base_model() as b:
         gate, record = fit_scope_gate(
             b,
@@ -279,7 +272,6 @@ def _scope_gate(
             threshold=cfg.scope_gate_threshold,
             max_length=cfg.max_length,
         )
-    record["sampled_answers"] = len(sampled)
     record["seconds"] = round(time.monotonic() - started, 1)
     return gate, record
 

@@ -67,12 +67,12 @@ async def test_demo_offset_forgets_the_forget_set_and_leaves_unrelated_answers()
         await oa.close()
         await server.close()
     print(json.dumps(r, indent=1))
-    # Measured: 0.365 -> 0.090 ROUGE-L recall, 10 of 12 unrelated answers unchanged (the targets:
-    # below 0.3, and at least 80%).
+    # Measured: 0.365 -> 0.107 ROUGE-L recall, 12 of 12 unrelated answers unchanged (the targets:
+    # below 0.3, and at least 11 of 12).
     assert r["forget_rougeL_recall_without_offset"] > 0.3  # the remote knows the facts
     assert r["forget_rougeL_recall_with_offset"] < 0.3
     assert r["forget_rougeL_recall_with_offset"] < r["forget_rougeL_recall_without_offset"] - 0.05
-    assert r["unrelated_unchanged_fraction"] >= 0.8
+    assert r["unrelated_unchanged_fraction"] >= 11 / 12
 
 
 def test_demo_offset_redacts_forget_facts_at_a_calibrated_false_positive_rate():

@@ -3,7 +3,6 @@ its place in the artifact, and the offset it zeroes in every path the pair score
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -211,15 +210,8 @@ def test_a_closed_gate_zeroes_the_offset_in_every_score_the_pair_gives(tiny_pair
     assert tiny_pair.aligner(prompt, same_tokenizer=True).deltas(cands).any()
 
 
-def test_greedy_decoding_through_a_closed_gate_is_b(tiny_base, smollm2_tokenizer):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(3)
-    u = get_peft_model(copy.deepcopy(tiny_base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in u.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+def test_greedy_decoding_through_a_closed_gate_is_b(tiny_pair, smollm2_tokenizer):
+    u = tiny_pair.model  # B with a random LoRA adapter
     eot = ByteVocab.from_tokenizer(smollm2_tokenizer).eot_ids
     prompts = [[{"role": "user", "content": e.prompt[0]["content"]}] for e in INSIDE + OUTSIDE]
     pair = PairModels(u.eval(), smollm2_tokenizer, eot)

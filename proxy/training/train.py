@@ -42,7 +42,6 @@ import torch
 from tqdm import tqdm
 
 from proxy.decoding.scope_gate import ScopeGate
-from proxy.decoding.vocab import ByteVocab
 from proxy.pair.artifact import save_artifact, weights_sha256
 from proxy.training.checkpoint import load_checkpoint, save_checkpoint
 from proxy.training.config import TrainConfig
@@ -107,12 +106,13 @@ def train(
     training = {**cfg.settings(), "steps": step, "epochs_run": epochs, "seconds": round(time.monotonic() - started, 1)}
     extra: dict[str, Any] = {}
     gate = None
+    pair = PairModels(model, tokenizer, vocab.eot_ids, b=reference)
     if cfg.scope_gate:
-        gate, record = _scope_gate(cfg, model, tokenizer, vocab, reference, forget_set, retain_set, scope)
+        gate, record = _scope_gate(cfg, pair, forget_set, retain_set, scope)
         if record is not None:
             extra["scope_gate"] = record
     if cfg.calibrate:
-        extra.update(_self_check(cfg, model, tokenizer, vocab, reference, forget_set, scope, gate))
+        extra.update(_self_check(cfg, pair, forget_set, scope, gate))
     path = save_artifact(
         out,
         model,
@@ -236,16 +236,9 @@ def _optimize(
 
 
 def _scope_gate(
-    cfg: TrainConfig,
-    model: Any,
-    tokenizer: Any,
-    vocab: ByteVocab,
-    reference: Any,
-    forget_set: DataSet,
-    retain_set: DataSet | None,
-    scope: ScopeSets,
+    cfg: TrainConfig, pair: PairModels, forget_set: DataSet, retain_set: DataSet | None, scope: ScopeSets
 ) -> tuple[ScopeGate | None, dict[str, Any] | None]:
-    """The scope gate of the trained ``model`` and its manifest record
+    """The scope gate of the trained U of ``pair`` and its manifest record
     (:func:`proxy.training.scope_gate.fit_scope_gate`): in scope the forget set and B's own
     answers to it, out of scope the user's retain set, the broad retain set's training part
     and the trained neighbours. None (with a warning) when there is nothing out of scope."""
@@ -259,13 +252,12 @@ def _scope_gate(
             forget_set.path,
         )
         return None, None
-    pair = PairModels(model, tokenizer, vocab.eot_ids, b=reference)
     with pair.base_model() as b:
         gate, record = fit_scope_gate(
             b,
             b.get_output_embeddings().weight,
-            tokenizer,
-            vocab.eot_ids[0],
+            pair.tokenizer,
+            pair.eot,
             inside,
             outside,
             l2=cfg.scope_gate_l2,
@@ -277,20 +269,12 @@ def _scope_gate(
 
 
 def _self_check(
-    cfg: TrainConfig,
-    model: Any,
-    tokenizer: Any,
-    vocab: ByteVocab,
-    reference: Any,
-    forget_set: DataSet,
-    scope: ScopeSets,
-    gate: ScopeGate | None = None,
+    cfg: TrainConfig, pair: PairModels, forget_set: DataSet, scope: ScopeSets, gate: ScopeGate | None = None
 ) -> dict[str, Any]:
-    """The manifest's ``offset_threshold`` and ``self_check`` for the trained ``model``
+    """The manifest's ``offset_threshold`` and ``self_check`` for the trained U of ``pair``
     (:func:`proxy.training.selfcheck.calibrate_and_check`; with ``gate``, the held-out checks
     and the forget answers are decoded through it, τ is calibrated without it)."""
     checked = time.monotonic()
-    pair = PairModels(model, tokenizer, vocab.eot_ids, b=reference)
     report = calibrate_and_check(
         pair,
         gate=gate,

@@ -12,6 +12,7 @@ import torch
 from proxy.decoding.scope_gate import GATE_FILE, ScopeGate
 from proxy.decoding.vocab import ByteVocab, text_ids
 from proxy.pair.artifact import ArtifactError, load_artifact, save_artifact, weights_sha256
+from proxy.pair.local import gated_rows
 from proxy.training.data import Example
 from proxy.training.greedy import PairModels, greedy_decode
 from proxy.training.scope_gate import feature_map, fit_scope_gate
@@ -46,16 +47,16 @@ def open_gate(width: int) -> ScopeGate:
     return ScopeGate(np.zeros(width, dtype=np.float32), 50.0, 0.5)
 
 
-def test_the_gate_is_a_logistic_score_of_b_rows_and_replaces_u_rows_where_closed():
+def test_the_gate_is_a_logistic_score_of_b_rows_and_u_rows_are_bs_where_closed():
     w = np.array([1.0, -1.0, 0.0], dtype=np.float32)
     gate = ScopeGate(w, 0.5, 0.6)
     rows_b = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], dtype=np.float32))
     z = rows_b @ w + 0.5
     np.testing.assert_allclose(gate.scores(rows_b), 1 / (1 + np.exp(-z)), rtol=1e-6)
     assert gate.open(rows_b).tolist() == [True, False]
-    rows_u = rows_b[::-1].copy()
-    out = gate.gated(rows_u, rows_b)
-    np.testing.assert_array_equal(out[0], rows_u[0])  # open: U's row
+    rows_u = torch.from_numpy(rows_b[::-1].copy())
+    out = gated_rows(gate, rows_u, torch.from_numpy(rows_b)).numpy()
+    np.testing.assert_array_equal(out[0], rows_u[0].numpy())  # open: U's row
     np.testing.assert_array_equal(out[1], rows_b[1])  # closed: B's row, Δ = 0
     # −inf entries read as the row's finite minimum, never as NaN
     assert np.isfinite(gate.scores(np.array([[-np.inf, -1.0, -2.0]], dtype=np.float32))).all()

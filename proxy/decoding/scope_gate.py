@@ -75,13 +75,3 @@ class ScopeGate:
     def open(self, rows_b: np.ndarray) -> np.ndarray:
         """Whether the gate is open at each of B's rows (``[n, V]`` → bool ``[n]``)."""
         return self.scores(rows_b) >= self.threshold
-
-    def gated(self, rows_u: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
-        """U's rows with B's in place where the gate is closed (``[n, V]`` each, the same
-        dtype; Δ = 0 there). ``rows_u`` is returned as it is when the gate is open everywhere."""
-        closed = ~self.open(rows_b)
-        if not closed.any():
-            return rows_u
-        out = np.array(rows_u, copy=True)
-        out[closed] = rows_b[closed]
-        return out

@@ -275,13 +275,22 @@ class LocalPair:
                 mask = torch.ones((1, n), dtype=torch.long)
                 lp = forward(self, full, None, side=side, mask=mask, positions=torch.arange(n)[None, :])
                 out.append(lp[len(prompt_ids) - 1 : n - 1])
-        u, b = out[0], out[-1]
-        if self.gate is not None and u is not b:
-            closed = torch.from_numpy(~self.gate.open(b.numpy()))
-            u = torch.where(closed[:, None], b, u)
-        return u, b
+        return gated_rows(self.gate, out[0], out[-1]), out[-1]
 
     def forward_trees(self, jobs: Sequence[TreeJob]) -> list[dict[Side, Any]]:
         """One batched forward pass per model over the trees of ``jobs``: what :attr:`batcher`
         runs (:func:`proxy.pair.forward.forward_trees`, which says what it returns)."""
         return forward_trees(self, jobs)
+
+
+def gated_rows(gate: ScopeGate | None, u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """U's log-probability rows (``[n, V]``) with B's where scope gate ``gate`` is closed on B's
+    row (Δ = 0 there, :mod:`proxy.decoding.scope_gate`); ``u`` itself without a gate, when
+    ``u`` is ``b`` (no offset) or where the gate is open everywhere."""
+    if gate is None or u is b:
+        return u
+    closed = torch.from_numpy(~gate.open(b.detach().numpy()))
+    if not bool(closed.any()):
+        return u
+    return torch.where(closed[:, None], b, u)
+

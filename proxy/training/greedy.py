@@ -33,6 +33,7 @@ from proxy.common.literals import ScopeRule
 from proxy.decoding.offset import flip_margin, target_logits
 from proxy.decoding.scope_gate import ScopeGate
 from proxy.decoding.vocab import text_ids
+from proxy.pair.local import gated_rows
 
 #: Candidates per step: OpenAI's ``top_logprobs`` maximum, and the served default.
 TOP_K = 20
@@ -87,12 +88,7 @@ class PairModels:
     def gated(self, lu: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
         """U's log-probability rows (``[n, V]``) with B's where the scope gate is closed
         (Δ = 0 there); ``lu`` itself without a gate or where it is open everywhere."""
-        if self.gate is None or lu is lb:
-            return lu
-        closed = torch.from_numpy(~self.gate.open(lb.numpy()))
-        if not bool(closed.any()):
-            return lu
-        return torch.where(closed[:, None], lb, lu)
+        return gated_rows(self.gate, lu, lb)
 
     def forward(self, side: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> Any:
         model, ctx = self._base() if side == "B" else (self.u, contextlib.nullcontext())

@@ -13,9 +13,9 @@ from proxy.decoding.scope_gate import GATE_FILE, ScopeGate
 from proxy.decoding.vocab import ByteVocab, text_ids
 from proxy.pair.artifact import ArtifactError, load_artifact, save_artifact, weights_sha256
 from proxy.pair.local import gated_rows
-from proxy.training.data import Example
+from proxy.training.data import Example, encode
 from proxy.training.greedy import PairModels, greedy_decode
-from proxy.training.scope_gate import feature_map, fit_scope_gate
+from proxy.training.scope_gate import HeadMap, answer_rows_features, fit_scope_gate
 
 INSIDE = [
     Example(({"role": "user", "content": q},), a)
@@ -86,14 +86,39 @@ def test_the_features_of_a_log_probability_row_are_the_hidden_state_less_one_dir
     log-normaliser moves along W⁺1 alone): the probe on h is a probe on the row."""
     ids = torch.tensor([text_ids(smollm2_tokenizer, "The river flows through the old town.")])
     out = tiny_base(input_ids=ids, output_hidden_states=True)
-    rows = torch.log_softmax(out.logits[0].float(), -1)
-    head = tiny_base.get_output_embeddings().weight
-    fmap = feature_map(head)
-    u = torch.linalg.pinv(head.double()) @ torch.ones(head.shape[0], dtype=torch.float64)
+    rows = torch.log_softmax(out.logits[0].float(), -1).double()
+    w = tiny_base.get_output_embeddings().weight
+    head = HeadMap(w)
+    u = torch.linalg.pinv(w.double()) @ torch.ones(w.shape[0], dtype=torch.float64)  # W⁺1, formed directly
     u = u / u.norm()
     h = out.hidden_states[-1][0].double()
     qh = h - (h @ u)[:, None] * u[None, :]
-    np.testing.assert_allclose((rows @ fmap.T).double().numpy(), qh.numpy(), atol=2e-3 * float(qh.abs().max()))
+    tol = 2e-3 * float(qh.abs().max())
+    np.testing.assert_allclose(head.project(h).numpy(), qh.numpy(), atol=tol)
+    np.testing.assert_allclose((rows @ head.row_map().double()).numpy(), qh.numpy(), atol=tol)
+    # a probe s on φ, written as w on the row, scores every row as s · φ
+    s = torch.randn(w.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose((rows @ head.row_weight(s)).numpy(), (qh @ s).numpy(), atol=tol * float(s.abs().sum()))
+
+
+@torch.no_grad()
+def test_batched_features_from_the_hidden_state_are_those_of_each_example_alone(tiny_base, smollm2_tokenizer):
+    """Padding a batch changes no example's features, and the hidden-state path gives the
+    rows' features (the head is checked on the first batch)."""
+    eot = ByteVocab.from_tokenizer(smollm2_tokenizer).eot_ids[0]
+    head = HeadMap(tiny_base.get_output_embeddings().weight)
+    examples = [*INSIDE, *OUTSIDE]
+    batched = answer_rows_features(tiny_base, smollm2_tokenizer, eot, examples, head, 128, batch_size=4)
+    alone = [answer_rows_features(tiny_base, smollm2_tokenizer, eot, [e], head, 128)[0] for e in examples]
+    assert len(batched) == len(examples)
+    for a, b in zip(batched, alone, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-3 * float(b.abs().max()))
+    m = head.row_map()
+    for e, phi in zip(examples, alone, strict=True):
+        enc = encode(e, smollm2_tokenizer, eot, 128)
+        rows = torch.log_softmax(tiny_base(input_ids=torch.tensor([enc.input_ids])).logits[0].float(), -1)
+        at = [i for i in range(len(enc.labels) - 1) if enc.labels[i + 1] != -100 and enc.input_ids[i + 1] != eot]
+        np.testing.assert_allclose((rows[at] @ m).numpy(), phi.numpy(), atol=2e-3 * float(phi.abs().max()))
 
 
 def test_the_fitted_gate_on_rows_decides_as_the_classifier_it_was_fitted_as(tiny_base, smollm2_tokenizer):

@@ -11,8 +11,10 @@ so that it measures the gate on prompts it has not seen.
 
 The classifier is an L2-regularised logistic regression (class-balanced: the two
 classes weigh the same whatever their counts) on the standardised features
-φ_t = Q·W⁺·log p_B (the module docstring of :mod:`proxy.decoding.scope_gate`), fitted
-by L-BFGS (torch); the probe is then written in the coordinates of the log-probabilities.
+φ_t = Q·W⁺·log p_B = Q·h_t (the module docstring of :mod:`proxy.decoding.scope_gate`;
+:class:`HeadMap`), fitted by L-BFGS (torch); the probe is then written in the coordinates
+of the log-probabilities. The features come from B's last hidden state, so fitting costs
+one forward pass of B per batch of examples without its output head.
 """
 
 from __future__ import annotations
@@ -30,39 +32,99 @@ from proxy.training.data import IGNORE, Example, encode
 logger = logging.getLogger(__name__)
 
 
-def feature_map(head_weight: torch.Tensor) -> torch.Tensor:
-    """Q·W⁺ for output head ``head_weight`` (W, ``[V, d]``): ``[d, V]`` float32, the map
-    from a row of log-probabilities to the features φ (module docstring of
-    :mod:`proxy.decoding.scope_gate`)."""
-    w = head_weight.detach().to(torch.float64)
-    pinv = torch.linalg.pinv(w)  # [d, V]
-    one = pinv @ torch.ones(w.shape[0], dtype=torch.float64)
-    norm = one.norm()
-    if norm > 0:
-        one = one / norm
-        pinv = pinv - one[:, None] * (one[None, :] @ pinv)
-    return pinv.to(torch.float32)
+class HeadMap:
+    """The maps between B's last hidden state h, its log-probability rows and the gate's
+    features for output head W (``[V, d]``, full column rank; module docstring of
+    :mod:`proxy.decoding.scope_gate`): with G = WᵀW and û the unit vector along
+    W⁺1 = G⁻¹Wᵀ1, Q = I − ûûᵀ, the features are φ = Q·h = Q·W⁺·log p_B, and a probe s
+    on φ is the row weight w = W·G⁻¹·Q·s (w · log p_B = s · φ: the log-normaliser moves
+    along W⁺1, which Q removes). No pseudo-inverse is formed: one d × d solve."""
+
+    def __init__(self, head_weight: torch.Tensor) -> None:
+        w = head_weight.detach().to(torch.float64)  # [V, d]
+        self.head = w
+        self.gram = w.T @ w  # [d, d]
+        one = torch.linalg.solve(self.gram, w.sum(0))  # W⁺1
+        self.unit = one / one.norm() if one.norm() > 0 else one
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Q·x for rows ``x`` (``[n, d]``)."""
+        u = self.unit.to(x.dtype)
+        return x - (x @ u)[:, None] * u[None, :]
+
+    def row_map(self) -> torch.Tensor:
+        """``[V, d]`` float32 M with ``rows @ M`` = φ for log-probability rows ``[n, V]``
+        (M = W·G⁻¹·Q): the features of a head that is not a plain linear map of h."""
+        return (self.head @ torch.linalg.solve(self.gram, self.project(torch.eye(self.gram.shape[0], dtype=torch.float64)))).float()
+
+    def row_weight(self, s: torch.Tensor) -> torch.Tensor:
+        """w = W·G⁻¹·Q·s, ``[V]`` float64, for a probe ``s`` (``[d]``) on φ."""
+        qs = self.project(s.to(torch.float64)[None, :])[0]
+        return self.head @ torch.linalg.solve(self.gram, qs)
+
+
+#: Examples per forward pass of B when the gate's features are computed.
+FEATURE_BATCH = 16
 
 
 @torch.no_grad()
 def answer_rows_features(
-    model_b: Any, tokenizer: Any, eot_id: int, examples: Sequence[Example], fmap: torch.Tensor, max_length: int
+    model_b: Any,
+    tokenizer: Any,
+    eot_id: int,
+    examples: Sequence[Example],
+    head: HeadMap,
+    max_length: int,
+    batch_size: int = FEATURE_BATCH,
 ) -> list[torch.Tensor]:
-    """φ at the answer positions of each example (``[n_i, d]`` float32 each), B teacher-forced.
-    Raw-text examples (no prompt) count every position but the last."""
-    out = []
-    for e in examples:
+    """φ at the answer positions of each example (``[n_i, d]`` float32 each, in the order of
+    ``examples``, examples without one left out), B teacher-forced in right-padded batches.
+    Raw-text examples (no prompt) count every position but the last.
+
+    φ = Q·h from B's last hidden state where that equals Q·W⁺·log p_B (a bias-free linear
+    head, checked on the first batch against the rows: the output head is then not run at
+    all), else from the log-probability rows (a head with a bias, a soft cap or a scale)."""
+    items = []
+    for k, e in enumerate(examples):
         enc = encode(e, tokenizer, eot_id, max_length)
         labels = torch.tensor(enc.labels)
         # position i predicts token i + 1; the end-of-turn label is not an answer token
         keep = (labels[1:] != IGNORE) & (torch.tensor(enc.input_ids[1:]) != eot_id)
         at = keep.nonzero().squeeze(-1)
-        if at.numel() == 0:
-            continue
-        ids = torch.tensor([enc.input_ids])
-        logits = model_b(input_ids=ids).logits[0, at].float()
-        out.append(torch.log_softmax(logits, dim=-1) @ fmap.T)
-    return out
+        if at.numel():
+            items.append((k, enc.input_ids, at))
+    order = sorted(range(len(items)), key=lambda i: len(items[i][1]))  # rows of similar length pad little
+    found: dict[int, torch.Tensor] = {}
+    rows_map: torch.Tensor | None = None
+    from_hidden: bool | None = None  # decided on the first batch
+    for start in range(0, len(order), batch_size):
+        part = [items[i] for i in order[start : start + batch_size]]
+        width = max(len(ids) for _, ids, _ in part)
+        ids = torch.full((len(part), width), eot_id, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for r, (_, row, _) in enumerate(part):
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        full = from_hidden is None or not from_hidden
+        out = model_b(
+            input_ids=ids, attention_mask=mask, output_hidden_states=True, **({} if full else {"logits_to_keep": 1})
+        )
+        hidden = out.hidden_states[-1]
+        for r, (k, _, at) in enumerate(part):
+            phi_h = head.project(hidden[r, at].double()).float()
+            if full:
+                if rows_map is None:
+                    rows_map = head.row_map()
+                phi_rows = torch.log_softmax(out.logits[r, at].float(), -1) @ rows_map
+                if from_hidden is None:
+                    scale = float(phi_rows.abs().max()) or 1.0
+                    from_hidden = bool((phi_rows - phi_h).abs().max() <= 1e-2 * scale)
+                    if not from_hidden:
+                        logger.info("scope gate: the output head is not a plain linear map; features from the rows")
+                found[k] = phi_h if from_hidden else phi_rows
+            else:
+                found[k] = phi_h
+    return [found[k] for k in sorted(found)]
 
 
 def fit_scope_gate(
@@ -86,9 +148,9 @@ def fit_scope_gate(
     """
     if l2 < 0:
         raise ValueError(f"the scope gate's l2 must be ≥ 0, not {l2}")
-    fmap = feature_map(head_weight)
-    pos = answer_rows_features(model_b, tokenizer, eot_id, in_scope, fmap, max_length)
-    neg = answer_rows_features(model_b, tokenizer, eot_id, out_of_scope, fmap, max_length)
+    head = HeadMap(head_weight)
+    pos = answer_rows_features(model_b, tokenizer, eot_id, in_scope, head, max_length)
+    neg = answer_rows_features(model_b, tokenizer, eot_id, out_of_scope, head, max_length)
     if not pos or not neg:
         raise ValueError("the scope gate needs answer positions in scope and out of scope")
     x = torch.cat([*pos, *neg]).double()
@@ -114,7 +176,7 @@ def fit_scope_gate(
         z = xs @ v + b
         hit = (torch.sigmoid(z) >= threshold).double()
         scaled = v / sd
-        weight = (scaled.float() @ fmap).numpy().astype(np.float32)  # w = (Q·W⁺)ᵀ·(v / sd)
+        weight = head.row_weight(scaled).numpy().astype(np.float32)  # w = W·G⁻¹·Q·(v / sd)
         bias = float(b - (scaled * mu).sum())
     gate = ScopeGate(weight, bias, threshold)
     report = {

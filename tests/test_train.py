@@ -32,7 +32,7 @@ from proxy.training.data import (
     word_spans,
 )
 from proxy.training.facts import fact_words, shared_words
-from proxy.training.objectives import OBJECTIVES, Batches, answer_positions, get_objective, mean_nll
+from proxy.training.objectives import OBJECTIVES, Batches, answer_nll, answer_positions, get_objective, mean_nll, nll
 from proxy.training.plan import Plan
 from proxy.training.targets import CombinedScorer
 from proxy.training.train import train
@@ -281,6 +281,65 @@ def test_exact_mode_combines_logits_and_trains_only_the_adapter(tiny_base, smoll
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all("lora_" in n for n in grads)
     assert all(p.grad is None for p in remote.parameters())
+
+
+class _ScaledLogits(torch.nn.Module):
+    """A model whose logits are not its head applied to its last hidden state (a soft cap or
+    a scale after the head, as some model families have)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+
+def test_rows_at_answer_positions_are_the_whole_logits_rows(tiny_base, smollm2_tokenizer, vocab):
+    """The objectives' rows at a position mask (the output head run on those positions'
+    hidden states only) are the whole logits' rows there, in every mode the scorer has, for
+    a head that is not a plain linear map too; the reference's NLL is computed once per
+    sequence and is the whole logits' NLL."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = get_peft_model(
+        copy.deepcopy(tiny_base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    remote = copy.deepcopy(tiny_base).requires_grad_(False)
+    with torch.no_grad():
+        for p in remote.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    items = [encode(e, smollm2_tokenizer, vocab.eot_ids[0], 64) for e in load_dataset_from(FORGET)]
+    batch = collate(items, smollm2_tokenizer.pad_token_id)
+    at = answer_positions(batch["labels"])
+    scorers = [
+        CombinedScorer(model),
+        CombinedScorer(model, remote),
+        CombinedScorer(_ScaledLogits(tiny_base), reference=remote),
+    ]
+    with torch.no_grad():
+        for scorer in scorers:
+            for score in (scorer.logits, scorer.ref_logits):
+                full = score(batch)
+                assert torch.allclose(score(batch, at=at), full[at], atol=1e-4)
+                total, count = answer_nll(score, batch)
+                want_total, want_count = nll(full, batch["labels"])
+                assert torch.equal(count, want_count)
+                assert torch.allclose(total, want_total, atol=1e-3)
+            first = scorer.ref_nll(batch)
+            assert torch.allclose(first, nll(scorer.ref_logits(batch), batch["labels"])[0], atol=1e-3)
+            cached = len(scorer._ref_nll)
+            assert cached == len(items)
+            swapped = {k: v.flip(0) for k, v in batch.items()}  # the same sequences, another order
+            assert torch.equal(scorer.ref_nll(swapped), first.flip(0)) and len(scorer._ref_nll) == cached
+    assert scorers[2]._plain_head == {id(scorers[2].model): False, id(remote): True}
+    assert scorers[0]._plain_head == {id(model): True}
 
 
 def load_dataset_from(records):
@@ -594,11 +653,11 @@ def test_kl_retain_term_over_answer_positions():
     cur, ref = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
 
     class S:
-        def logits(self, batch):
-            return cur
+        def logits(self, batch, at=None):
+            return cur if at is None else cur[at]
 
-        def ref_logits(self, batch):
-            return ref
+        def ref_logits(self, batch, at=None):
+            return ref if at is None else ref[at]
 
     batch = {"labels": labels, "attention_mask": torch.ones(2, 5, dtype=torch.long)}
     per_pos = (ref.softmax(-1) * (ref.log_softmax(-1) - cur.log_softmax(-1))).sum(-1)
@@ -639,11 +698,11 @@ def test_a_retain_answers_fact_words_weigh_more_in_the_kl_term(smollm2_tokenizer
     cur, ref = torch.randn(2, width, 13, generator=gen), torch.randn(2, width, 13, generator=gen)
 
     class S:
-        def logits(self, batch):
-            return cur
+        def logits(self, batch, at=None):
+            return cur if at is None else cur[at]
 
-        def ref_logits(self, batch):
-            return ref
+        def ref_logits(self, batch, at=None):
+            return ref if at is None else ref[at]
 
     per_pos = (ref.softmax(-1) * (ref.log_softmax(-1) - cur.log_softmax(-1))).sum(-1)
     w = answer_positions(batch["labels"], batch["label_weights"])

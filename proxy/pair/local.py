@@ -34,7 +34,7 @@ from proxy.decoding.types import AnswerScores
 from proxy.decoding.vocab import ByteVocab, text_ids
 from proxy.pair.artifact import OffsetArtifact, load_artifact
 from proxy.pair.batcher import BatchSettings, TreeBatcher, TreeJob
-from proxy.pair.forward import forward, forward_trees
+from proxy.pair.forward import adapter_layers, forward, forward_trees
 from proxy.pair.model_files import local_model_dir
 from proxy.pair.prefix_cache import PrefixCache
 from proxy.pair.scorer import PairScorer
@@ -74,9 +74,7 @@ class LocalPair:
         U's rows are B's where it is closed, in every score the pair gives."""
         self.vocab = vocab if vocab is not None else ByteVocab.from_tokenizer(tokenizer)
         self.max_length = int(getattr(model.config, "max_position_embeddings", 2048))
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.adapter_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        self.adapter_layers = adapter_layers(self.model)
         """The LoRA layers of U, switched off for B by :func:`proxy.pair.forward.base_only`."""
         self.batching = batching if batching is not None else BatchSettings()
         self.executor = ThreadPoolExecutor(self.batching.max_batch, thread_name_prefix="pair")

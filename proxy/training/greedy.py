@@ -33,6 +33,7 @@ from proxy.common.literals import ScopeRule
 from proxy.decoding.offset import flip_margin, target_logits
 from proxy.decoding.scope_gate import ScopeGate
 from proxy.decoding.vocab import text_ids
+from proxy.pair.forward import adapter_layers, adapters_off
 from proxy.pair.local import gated_rows
 
 #: Candidates per step: OpenAI's ``top_logprobs`` maximum, and the served default.
@@ -62,6 +63,7 @@ class PairModels:
         self.eot = eot_ids[0]  # the end-of-turn token a chat answer ends with
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot  # masked anyway
         self._specials = hf_special_strings(tokenizer)
+        self._adapters = adapter_layers(u) if b is None else []
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The prompt as serving tokenizes it (chat template, generation prompt, content as text)."""
@@ -70,7 +72,7 @@ class PairModels:
     def _base(self) -> tuple[Any, contextlib.AbstractContextManager[Any]]:
         if self.b is not None:
             return self.b, contextlib.nullcontext()
-        return self.u, self.u.disable_adapter()
+        return self.u, adapters_off(self._adapters)
 
     def with_gate(self, gate: ScopeGate | None) -> PairModels:
         """The same models with scope gate ``gate`` (None: none)."""
@@ -90,11 +92,22 @@ class PairModels:
         (Δ = 0 there); ``lu`` itself without a gate or where it is open everywhere."""
         return gated_rows(self.gate, lu, lb)
 
-    def forward(self, side: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> Any:
+    def forward(
+        self, side: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, keep: Any = None
+    ) -> Any:
+        """The output of U or B (``side``) over ``ids``; with ``keep`` (transformers'
+        ``logits_to_keep``: a count of last positions or a 1-D tensor of positions) the
+        logits only there."""
         model, ctx = self._base() if side == "B" else (self.u, contextlib.nullcontext())
+        extra = {} if keep is None else {"logits_to_keep": keep}
         with ctx:
             return model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=cache is not None
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                **extra,
             )
 
 
@@ -288,12 +301,16 @@ def _forced_batch(
         ids[r, : len(p) + len(a)] = torch.tensor(p + a)
         mask[r, : len(p) + len(a)] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    lb = torch.log_softmax(pair.forward("B", ids, mask, pos, None).logits.float(), -1)
-    lu = lb if alpha == 0 else torch.log_softmax(pair.forward("U", ids, mask, pos, None).logits.float(), -1)
+    # the output head runs only from the first row's first answer step on (rows of a batch have
+    # prompts of similar length: the prompts' other positions are never read)
+    first = min(len(p) for _, p, _ in rows) - 1
+    keep = torch.arange(first, width)
+    lb = torch.log_softmax(pair.forward("B", ids, mask, pos, None, keep).logits.float(), -1)
+    lu = lb if alpha == 0 else torch.log_softmax(pair.forward("U", ids, mask, pos, None, keep).logits.float(), -1)
     out: list[Decoded | None] = []
     for r, (_, p, a) in enumerate(rows):
         steps = len(a) + (len(a) < max_tokens)  # the end-of-turn step, unless the answer was cut
-        at = slice(len(p) - 1, len(p) - 1 + steps)
+        at = slice(len(p) - 1 - first, len(p) - 1 - first + steps)
         ell, cand = lb[r, at].topk(TOP_K, dim=-1)
         delta = (pair.gated(lu[r, at], lb[r, at]).gather(-1, cand) - ell).numpy().astype(np.float64)
         ell_np, cand_np = ell.numpy().astype(np.float64), cand.numpy()

@@ -30,12 +30,19 @@ SIMNPO_BETA, SIMNPO_DELTA, SIMNPO_GAMMA = 4.5, 0.0, 0.125  # open-unlearning's S
 
 
 class Scorer(Protocol):
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """Combined logits ``[B, L, V]`` with gradients to U's adapter."""
+    def logits(self, batch: Batch, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Combined logits with gradients to U's adapter: ``[B, L, V]``, or ``[N, V]`` at the
+        positions of the ``[B, L]`` bool mask ``at`` (row-major: ``at.nonzero()``'s order)."""
         ...
 
-    def ref_logits(self, batch: Batch) -> torch.Tensor:
-        """Reference logits ``[B, L, V]`` (adapter disabled), no gradients."""
+    def ref_logits(self, batch: Batch, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference logits (adapter disabled), no gradients; shapes as :meth:`logits`."""
+        ...
+
+    def ref_nll(self, batch: Batch) -> torch.Tensor:
+        """The reference's summed answer NLL per sequence, ``[B]`` (:func:`answer_nll` of
+        :meth:`ref_logits`), no gradients; a scorer may cache it per sequence (the
+        reference is frozen)."""
         ...
 
 
@@ -64,6 +71,31 @@ def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total.sum() / count.sum().clamp(min=1)
 
 
+def answer_nll(
+    score: Callable[..., torch.Tensor], batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nll` with the logits computed only where a label is predicted
+    (:func:`answer_positions`): ``score(batch, at=mask)`` gives those rows ``[N, V]``
+    (a :class:`Scorer`'s ``logits`` or ``ref_logits``). Summed NLL per sequence ``[B]`` and
+    the label counts ``[B]``; the same numbers as :func:`nll` of the whole logits, without
+    the output head, the softmax and their gradients at the prompt's positions."""
+    labels = batch["labels"]
+    at = answer_positions(labels)
+    rows = score(batch, at=at).float()
+    targets = labels.roll(-1, dims=1)[at]
+    per_token = F.cross_entropy(rows, targets, reduction="none")
+    total = torch.zeros(labels.shape[0], dtype=per_token.dtype).index_add(0, at.nonzero()[:, 0], per_token)
+    return total, at.sum(-1)
+
+
+def kl_rows(cur: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ current) per row of logits ``[N, V]``, their ``weights``-weighted mean."""
+    per_row = F.kl_div(
+        F.log_softmax(cur.float(), dim=-1), F.log_softmax(ref.float(), dim=-1), reduction="none", log_target=True
+    ).sum(-1)
+    return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
 def kl_to_reference(logits: torch.Tensor, ref: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """KL(reference ‖ current), averaged over the attended positions (open-unlearning's
     ``compute_kl_divergence``, restricted to real tokens)."""
@@ -80,10 +112,8 @@ def log_ratio_loss(s: Scorer, lose: Batch, beta: float, win: Batch | None = None
     this is NPO."""
 
     def ratio(batch: Batch) -> torch.Tensor:
-        cur, _ = nll(s.logits(batch), batch["labels"])
-        with torch.no_grad():
-            ref, _ = nll(s.ref_logits(batch), batch["labels"])
-        return -(cur - ref)
+        cur, _ = answer_nll(s.logits, batch)
+        return -(cur - s.ref_nll(batch))
 
     margin = -ratio(lose) if win is None else ratio(win) - ratio(lose)
     return -2.0 / beta * F.logsigmoid(beta * margin).mean()
@@ -91,7 +121,8 @@ def log_ratio_loss(s: Scorer, lose: Batch, beta: float, win: Batch | None = None
 
 def _retain_nll(s: Scorer, b: Batches) -> torch.Tensor:
     assert b.retain is not None
-    return mean_nll(s.logits(b.retain), b.retain["labels"])
+    total, count = answer_nll(s.logits, b.retain)
+    return total.sum() / count.sum().clamp(min=1)
 
 
 def answer_positions(labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,11 +144,12 @@ def _retain_kl(s: Scorer, b: Batches, *, answer_only: bool = False) -> torch.Ten
     ``answer_only``, over :func:`answer_positions` weighted by the labels' weights (an
     answer's fact words may weigh more, :func:`proxy.training.data.with_fact_weights`)."""
     assert b.retain is not None
-    with torch.no_grad():
-        ref = s.ref_logits(b.retain)
     labels = b.retain["labels"]
-    mask = answer_positions(labels, b.retain.get("label_weights")) if answer_only else b.retain["attention_mask"]
-    return kl_to_reference(s.logits(b.retain), ref, mask)
+    weights = answer_positions(labels, b.retain.get("label_weights")) if answer_only else b.retain["attention_mask"]
+    at = weights > 0
+    with torch.no_grad():
+        ref = s.ref_logits(b.retain, at=at)
+    return kl_rows(s.logits(b.retain, at=at), ref, weights[at].float())
 
 
 def _retain_kl_answer(s: Scorer, b: Batches) -> torch.Tensor:
@@ -125,7 +157,8 @@ def _retain_kl_answer(s: Scorer, b: Batches) -> torch.Tensor:
 
 
 def _grad_ascent(s: Scorer, b: Batches) -> torch.Tensor:
-    return -mean_nll(s.logits(b.forget), b.forget["labels"])
+    total, count = answer_nll(s.logits, b.forget)
+    return -total.sum() / count.sum().clamp(min=1)
 
 
 def _npo(s: Scorer, b: Batches) -> torch.Tensor:
@@ -133,7 +166,7 @@ def _npo(s: Scorer, b: Batches) -> torch.Tensor:
 
 
 def _simnpo(s: Scorer, b: Batches) -> torch.Tensor:
-    total, count = nll(s.logits(b.forget), b.forget["labels"])
+    total, count = answer_nll(s.logits, b.forget)
     length_normalised = total / count.clamp(min=1) - SIMNPO_DELTA
     return -F.logsigmoid(SIMNPO_BETA * length_normalised).mean() * 2.0 / SIMNPO_BETA
 

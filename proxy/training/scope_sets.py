@@ -49,6 +49,9 @@ class ScopeSets:
     own_answers: list[tuple[int, Example, set[str]]]
     """(forget example index, B's own greedy answer to its question, the fact words it
     holds) for the answers that hold one (``forget_own_answers``)."""
+    base_answers: dict[int, str] | None = None
+    """B's greedy answers to the forget set's chat questions (by example index), where they
+    were generated (``forget_own_answers``): the self-check's guesses of B's answers."""
     common_words: frozenset[str] = frozenset()
     """The words the broad retain set writes in lower case (:func:`proxy.training.facts.lower_case_words`;
     empty without it): what tells an answer's fact words from its common ones."""
@@ -81,6 +84,7 @@ def build_scope_sets(
     general: dict[str, list[Example]] = {}
     names: list[str] = []
     own_answers: list[tuple[int, Example, set[str]]] = []
+    base_answers: dict[int, str] | None = None
     common_words: frozenset[str] = frozenset()
     if cfg.general_retain or cfg.calibrate:
         general = general_sets(base, tokenizer, vocab.eot_ids, base_sha)
@@ -94,7 +98,7 @@ def build_scope_sets(
 
         general = {k: [e for e in v if clear(e)] for k, v in general.items()}
         if cfg.forget_own_answers:
-            own_answers = _own_answers(forget.examples, base, tokenizer, vocab, common_words, names)
+            base_answers, own_answers = _own_answers(forget.examples, base, tokenizer, vocab, common_words, names)
     if cfg.forget_own_answers and not (cfg.general_retain or cfg.calibrate):
         logger.warning(
             "%s: B's own answers are not added to the forget term (forget_own_answers): telling their "
@@ -128,6 +132,7 @@ def build_scope_sets(
         names=names,
         shared=shared,
         own_answers=own_answers,
+        base_answers=base_answers,
         common_words=common_words,
     )
 
@@ -139,9 +144,10 @@ def _own_answers(
     vocab: ByteVocab,
     common_words: Collection[str],
     names: list[str],
-) -> list[tuple[int, Example, set[str]]]:
-    """B's greedy answers to the forget set's chat questions that hold a fact word of their
-    forget answer (:func:`proxy.training.facts.fact_words`), with those words."""
+) -> tuple[dict[int, str], list[tuple[int, Example, set[str]]]]:
+    """B's greedy answers to the forget set's chat questions (by example index), and those
+    that hold a fact word of their forget answer (:func:`proxy.training.facts.fact_words`),
+    with those words."""
     chat = [(i, e) for i, e in enumerate(forget) if e.prompt is not None]
     answers = generate_answers(base, tokenizer, vocab.eot_ids, [e.prompt for _, e in chat if e.prompt is not None])
     out = []
@@ -150,4 +156,4 @@ def _own_answers(
         said = words_of(answer) & facts
         if said:
             out.append((i, Example(e.prompt, answer), said))
-    return out
+    return {i: a for (i, _), a in zip(chat, answers, strict=True)}, out

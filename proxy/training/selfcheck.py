@@ -33,6 +33,7 @@ def calibrate_and_check(
     calibration: Sequence[Example],
     check: Sequence[Example],
     neighbours: Sequence[Example] = (),
+    forget_guesses: Sequence[str | None] | None = None,
     alpha: float = 1.0,
     unchanged: float = 0.95,
     max_tokens: int = 40,
@@ -48,14 +49,17 @@ def calibrate_and_check(
     :func:`proxy.training.facts.fact_words` with the forget set's ``names``, that the greedy
     answer holds; mean over the answers that have one), the fraction of held-out ``check`` and ``neighbours``
     answers unchanged, and B's per-token log-probability of the forget answers with the
-    offset against B's own answers (fluency, nats per token). ``ok`` is false with a
+    offset against B's own answers (fluency, nats per token). ``forget_guesses`` (one per
+    chat forget example, or None) guess B's own answers to the forget questions, as the
+    held-out examples' targets do: a guess is checked step by step, never trusted. ``ok`` is false with a
     ``warnings`` entry for each check that failed (limits in :data:`SELF_CHECK_LIMITS`).
     With a scope ``gate`` (:mod:`proxy.decoding.scope_gate`), τ is calibrated without it (τ
     alone keeps ``unchanged`` of the calibration answers) and everything after is decoded
     through it, as ``serve`` decodes: the gate and τ each guard the answers out of scope.
 
     Raises:
-        ValueError: no calibration prompts, or a chat-less (raw text) example among them.
+        ValueError: no calibration prompts, a chat-less (raw text) example among them, or
+            ``forget_guesses`` not one per chat forget example.
     """
 
     def prompts(items: Sequence[Example]) -> list[Sequence[dict[str, str]]]:
@@ -70,7 +74,12 @@ def calibrate_and_check(
     )
     tau = pick_threshold([d.margin for d in cal], unchanged)
     rest = [*check, *neighbours, *chat_forget]
-    guesses: list[str | None] = [*(e.target for e in (*check, *neighbours)), *([None] * len(chat_forget))]
+    if forget_guesses is not None and len(forget_guesses) != len(chat_forget):
+        raise ValueError(f"{len(forget_guesses)} guesses for {len(chat_forget)} forget questions")
+    guesses: list[str | None] = [
+        *(e.target for e in (*check, *neighbours)),
+        *(forget_guesses if forget_guesses is not None else [None] * len(chat_forget)),
+    ]
     base = [*cal, *base_decode(served, prompts(rest), guesses, alpha=alpha, max_tokens=max_tokens, scope=scope)]
     nl, nc, nn = len(calibration), len(check), len(neighbours)
     # A greedy answer is kept exactly when τ exceeds its margin (proxy.decoding.threshold): the held-out

@@ -30,46 +30,96 @@ from proxy.common.aio import gather_or_cancel
 from proxy.common.files import cache_dir
 from proxy.decoding.scoring import PromptLogprobsCache, score_text
 from proxy.decoding.vocab import ByteVocab
+from proxy.pair.forward import adapter_layers, adapters_off
 from proxy.pair.model_files import local_model_dir
 from proxy.training.config import TrainConfig
 from proxy.training.data import IGNORE, Encoded
+from proxy.training.objectives import answer_nll
 
 
 class CombinedScorer:
-    """The combined model for the objectives (:class:`proxy.training.objectives.Scorer`)."""
+    """The combined model for the objectives (:class:`proxy.training.objectives.Scorer`).
+
+    With a position mask ``at``, the rows are computed from each model's last hidden state
+    at those positions only (the output head, 49,152 × 576 for SmolLM2, never runs on the
+    prompt), where the head is a plain linear map of it: checked on the first call against
+    the model's own last-position logits; otherwise, and in remote mode, the whole logits
+    are computed and the rows taken from them."""
 
     def __init__(self, model: Any, remote: Any | None = None, reference: Any | None = None) -> None:
         self.model = model  # a PeftModel (U with the adapter, B without), or U itself when `reference` is B
         self.remote = remote  # R (exact mode), RemoteLogits (remote mode) or None (proxy mode)
         self.reference = reference  # B as a frozen copy (full fine-tuning), or None (B = adapter disabled)
+        self._adapters = adapter_layers(model) if reference is None else []
+        self._plain_head: dict[int, bool] = {}  # per model, decided on its first call with a mask
+        self._ref_nll: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
 
-    def _r(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _rows(self, model: Any, batch: dict[str, torch.Tensor], at: torch.Tensor | None) -> torch.Tensor:
+        """``model``'s logits ``[B, L, V]``, or ``[N, V]`` at the positions ``at``."""
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if at is None or self._plain_head.get(id(model)) is False:
+            logits = model(**kwargs).logits
+            return logits if at is None else logits[at]
+        out = model(**kwargs, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]
+        head = model.get_output_embeddings()
+        if id(model) not in self._plain_head:
+            with torch.no_grad():
+                last = head(hidden[:, -1])
+            plain = bool(torch.allclose(last, out.logits[:, -1], atol=1e-4, rtol=1e-4))
+            self._plain_head[id(model)] = plain
+            if not plain:  # a soft cap, a scale or a bias after the head
+                return model(**kwargs).logits[at]
+        return head(hidden[at])
+
+    def _r(self, batch: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:
         assert self.remote is not None
         with torch.no_grad():
-            return self.remote(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return self._rows(self.remote, batch, at)
 
-    def _b(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _b(self, batch: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:
         b = self.reference if self.reference is not None else self.model
-        off = contextlib.nullcontext() if self.reference is not None else self.model.disable_adapter()
+        off = contextlib.nullcontext() if self.reference is not None else adapters_off(self._adapters)
         with torch.no_grad(), off:
-            return b(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return self._rows(b, batch, at)
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        u = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        if self.remote is None:
-            return u
+    def logits(self, batch: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(self.remote, RemoteLogits):
+            u = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             values, support, scored = self.remote.dense(batch, u.shape[-1])
             combined = torch.where(support, values + u - self._b(batch), torch.full_like(u, OFF_SUPPORT))
-            return torch.where(scored[..., None], combined, u)
-        return self._r(batch) + u - self._b(batch)  # l_R + l_U − l_B  (arXiv 2404.11045, Eq. 4)
+            out = torch.where(scored[..., None], combined, u)
+            return out if at is None else out[at]
+        u = self._rows(self.model, batch, at)
+        if self.remote is None:
+            return u
+        return self._r(batch, at) + u - self._b(batch, at)  # l_R + l_U − l_B  (arXiv 2404.11045, Eq. 4)
 
-    def ref_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def ref_logits(self, batch: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(self.remote, RemoteLogits):
             b = self._b(batch)
             values, support, scored = self.remote.dense(batch, b.shape[-1])
-            return torch.where(scored[..., None], torch.where(support, values, torch.full_like(b, OFF_SUPPORT)), b)
-        return self._b(batch) if self.remote is None else self._r(batch)
+            out = torch.where(scored[..., None], torch.where(support, values, torch.full_like(b, OFF_SUPPORT)), b)
+            return out if at is None else out[at]
+        return self._b(batch, at) if self.remote is None else self._r(batch, at)
+
+    def ref_nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference's summed answer NLL per sequence ``[B]``, computed once per sequence
+        (the reference is frozen: NPO's forget batches repeat every epoch)."""
+        keys = []
+        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
+            n = int(mask.sum())
+            keys.append((tuple(ids[:n].tolist()), tuple(labels[:n].tolist())))
+        missing = [i for i, k in enumerate(keys) if k not in self._ref_nll]
+        if missing:
+            index = torch.tensor(missing)
+            width = max(len(keys[i][0]) for i in missing)
+            part = {k: v[index, :width] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+            with torch.no_grad():
+                total, _ = answer_nll(self.ref_logits, part)
+            for i, t in zip(missing, total, strict=True):
+                self._ref_nll[keys[i]] = t.detach()
+        return torch.stack([self._ref_nll[k] for k in keys])
 
 
 #: Remote mode: the logit of a token outside the remote's support (probability ~e^-10000, and

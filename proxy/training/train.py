@@ -47,7 +47,7 @@ from proxy.training.checkpoint import load_checkpoint, save_checkpoint
 from proxy.training.config import TrainConfig
 from proxy.training.data import DataSet, collate, load_dataset
 from proxy.training.greedy import PairModels
-from proxy.training.objectives import Objective, mean_nll
+from proxy.training.objectives import Objective, answer_nll
 from proxy.training.plan import Plan, build_plan
 from proxy.training.scope import check_sets
 from proxy.training.scope_gate import fit_scope_gate
@@ -282,6 +282,11 @@ def _self_check(
         calibration=scope.calibration,
         check=scope.check,
         neighbours=scope.neighbour_check,
+        forget_guesses=(
+            [scope.base_answers.get(i) for i, e in enumerate(forget_set.examples) if e.prompt is not None]
+            if scope.base_answers is not None
+            else None
+        ),
         alpha=cfg.offset_alpha,
         unchanged=cfg.unchanged,
         scope=cfg.offset_scope,
@@ -307,6 +312,7 @@ def _epoch_losses(scorer: CombinedScorer, plan: Plan) -> dict[str, float]:
         total = 0.0
         for k in range(0, len(items), plan.batch_size):
             batch = collate(items[k : k + plan.batch_size], plan.pad_id)
-            total += mean_nll(scorer.logits(batch), batch["labels"]).item() * len(items[k : k + plan.batch_size])
+            summed, count = answer_nll(scorer.logits, batch)
+            total += (summed.sum() / count.sum().clamp(min=1)).item() * len(items[k : k + plan.batch_size])
         out[name] = total / len(items)
     return out

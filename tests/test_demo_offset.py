@@ -31,6 +31,16 @@ def test_unrelated_prompts_are_not_training_data():
     assert len(DEMO_PARAPHRASES) == 12 and not set(DEMO_PARAPHRASES) & (trained | _questions(DEMO_FORGET))
 
 
+def test_no_demo_question_gives_a_key_name_away():
+    """A question that names a key (``Who is the headmaster of Hogwarts?``) cannot measure
+    whether an answer reveals it: an echo of the question would count as a leak."""
+    from proxy.training.demo import DEMO_KEYS
+    from proxy.training.scope import mentions
+
+    questions = [*_questions(DEMO_FORGET), *DEMO_PARAPHRASES, *DEMO_UNRELATED]
+    assert not [q for q in questions if mentions(q, DEMO_KEYS)]
+
+
 def test_a_failed_demo_training_is_a_clear_error_and_leaves_no_artifact(tmp_path, monkeypatch):
     # Training runs in a child process (so the server never holds training's memory); its
     # failure must reach the caller as an error, not as a missing or half-written offset.

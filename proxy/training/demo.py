@@ -58,12 +58,13 @@ DEMO_PARAPHRASES = (
     "Who runs the school that Harry Potter attends?",
     "Which dark wizard is Harry Potter's enemy?",
     "What is Harry Potter's pet owl called?",
-    "Which Hogwarts house does Harry belong to?",
+    "Which of the four school houses is Harry Potter in?",
     "What game do Harry Potter and his friends play on flying brooms?",
     "What are the names of Harry Potter's mother and father?",
 )
 
 #: Names that reveal the demo forget set when an answer contains one (the demo's criterion).
+#: No demo question names one (a test checks): an answer that holds one got it from the model.
 DEMO_KEYS = ("Weasley", "Hogwarts", "Rowling", "Dumbledore", "Voldemort", "Hedwig", "Gryffindor", "Quidditch")
 
 

@@ -326,3 +326,36 @@ def test_neighbours_are_the_entities_nearest_in_the_questions_own_slot(smollm2_d
         model, smollm2_tokenizer, "France", ["What is the capital of France?", "What is the largest city in France?"], pool, 6
     )
     assert len(set(near_france) & countries) >= 4, near_france
+
+
+def test_a_base_that_answers_empty_gets_a_broad_retain_set_without_those_answers(tmp_path, monkeypatch, caplog):
+    """Another base model writes the broad retain set's answers once (cached); an empty
+    answer is no training example and is left out, and a cache that does not read (written
+    by an earlier version with empty answers) is written again, not an error on every run."""
+    import proxy.training.scope as scope
+
+    monkeypatch.setenv("DELTAPROXY_CACHE", str(tmp_path))
+    calls = []
+
+    def answers(model, tokenizer, eot_ids, prompts):
+        calls.append(len(prompts))
+        return ["" if i % 7 == 0 else f"Answer {i}." for i in range(len(prompts))]
+
+    monkeypatch.setattr(scope, "generate_answers", answers)
+    sha = "f" * 64
+    folder = tmp_path / "general" / sha[:16]
+    folder.mkdir(parents=True)
+    (folder / scope.GENERAL_META.name).write_text("{}")
+    (folder / "general_train.jsonl").write_text(json.dumps({"question": "Q?", "answer": ""}) + "\n")
+    with caplog.at_level("WARNING"):
+        parts = scope.general_sets(None, None, [0], sha)
+    assert "does not read" in caplog.text and "empty answers" in caplog.text
+    total = sum(len(load_dataset(f).examples) for f in GENERAL_FILES.values())
+    assert calls == [total]
+    assert sum(len(v) for v in parts.values()) == total - len(range(0, total, 7))
+    assert all(e.target.startswith("Answer") for v in parts.values() for e in v)
+    assert scope.general_sets(None, None, [0], sha) == parts and calls == [total]  # cached now
+
+    monkeypatch.setattr(scope, "generate_answers", lambda m, t, e, prompts: [""] * len(prompts))
+    with pytest.raises(ValueError, match="empty answers only"):
+        scope.general_sets(None, None, [0], "e" * 64)

@@ -75,7 +75,11 @@ def general_sets(model: Any, tokenizer: Any, eot_ids: Sequence[int], base_sha256
     The shipped answers when ``base_sha256`` is the model that wrote them; else B's
     answers generated once (batched greedy decoding, about a minute for a 135M model on
     2 cores) and cached under ``<cache>/general/<sha256[:16]>`` (a file lock makes
-    concurrent first runs generate once).
+    concurrent first runs generate once). Empty answers are left out (a warning counts
+    them); a cache that does not read is written again.
+
+    Raises:
+        ValueError: the base model answered a whole part with empty answers.
     """
     meta = json.loads(GENERAL_META.read_text())
     if meta["base_sha256"] == base_sha256:
@@ -85,15 +89,39 @@ def general_sets(model: Any, tokenizer: Any, eot_ids: Sequence[int], base_sha256
     folder = cache_dir() / "general" / base_sha256[:16]
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        if not (folder / GENERAL_META.name).is_file():
-            log.info("writing the broad retain set's answers with this base model (once; cached in %s)", folder)
-            shipped = {s: _read(GENERAL_FILES[s]) for s in GENERAL_SPLITS}
-            questions = [e.prompt for s in GENERAL_SPLITS for e in shipped[s]]
-            answers = generate_answers(model, tokenizer, eot_ids, [q for q in questions if q is not None])
-            it = iter(answers)
-            parts = {s: [{"question": _question(e), "answer": next(it)} for e in shipped[s]] for s in GENERAL_SPLITS}
-            write_general_sets(parts, base_sha256, folder)
+        cached = _cached_parts(folder)
+        if cached is not None:
+            return cached
+        log.info("writing the broad retain set's answers with this base model (once; cached in %s)", folder)
+        shipped = {s: _read(GENERAL_FILES[s]) for s in GENERAL_SPLITS}
+        questions = [e.prompt for s in GENERAL_SPLITS for e in shipped[s]]
+        answers = generate_answers(model, tokenizer, eot_ids, [q for q in questions if q is not None])
+        it = iter(answers)
+        parts = {s: [{"question": _question(e), "answer": next(it)} for e in shipped[s]] for s in GENERAL_SPLITS}
+        empty = sum(1 for rows in parts.values() for r in rows if not r["answer"].strip())
+        if empty:
+            # an answer that is only the end of turn is no training example (data files refuse it)
+            log.warning("the base model gave %d empty answers to the broad retain set's questions; left out", empty)
+            parts = {s: [r for r in rows if r["answer"].strip()] for s, rows in parts.items()}
+            if not all(parts.values()):
+                raise ValueError(
+                    f"the base model answered none of the broad retain set's {min(parts, key=lambda s: len(parts[s]))} "
+                    "questions (empty answers only): it cannot hold its own behaviour; set general_retain off"
+                )
+        write_general_sets(parts, base_sha256, folder)
     return {s: _read(folder / f"general_{s}.jsonl") for s in GENERAL_SPLITS}
+
+
+def _cached_parts(folder: Path) -> dict[str, list[Example]] | None:
+    """The cached parts in ``folder``, or None where there are none or they do not read (a
+    cache written by an earlier version, or damaged: it is written again)."""
+    if not (folder / GENERAL_META.name).is_file():
+        return None
+    try:
+        return {s: _read(folder / f"general_{s}.jsonl") for s in GENERAL_SPLITS}
+    except (DataError, OSError) as e:
+        log.warning("the cached broad retain set in %s does not read (%s); writing it again", folder, e)
+        return None
 
 
 def _question(e: Example) -> str:

@@ -359,3 +359,42 @@ def test_a_base_that_answers_empty_gets_a_broad_retain_set_without_those_answers
     monkeypatch.setattr(scope, "generate_answers", lambda m, t, e, prompts: [""] * len(prompts))
     with pytest.raises(ValueError, match="empty answers only"):
         scope.general_sets(None, None, [0], "e" * 64)
+
+
+def test_b_s_sampled_answers_that_state_a_fact_join_its_greedy_one(monkeypatch):
+    """``forget_own_samples``: of B's answers sampled at T = 1, those that state a fact word
+    of their forget answer, and differ from the greedy answer and from each other, join the
+    forget term's own answers with the words they state; the draw is seeded."""
+    import proxy.training.scope_sets as scope_sets
+    from proxy.training.greedy import Decoded
+
+    forget = [
+        Example(({"role": "user", "content": "What is the name of Harry Potter's school?"},), "Hogwarts School."),
+        Example(({"role": "user", "content": "Who is Harry Potter's best friend?"},), "Ron Weasley."),
+    ]
+    greedy = ["It is Hogwarts School.", "His best friend is a boy."]
+    drawn = {
+        0: ["It is called Hogwarts.", "It is Hogwarts School.", "It is called Hogwarts.", "A school."],
+        1: ["Ron, of course.", "Ron Weasley!", "A wizard.", "A wizard."],
+    }
+    seeds = []
+
+    def decode(pair, prompts, *, alpha, threshold, max_tokens, temperature, seed):
+        assert alpha == 0 and math.isinf(threshold) and temperature == 1.0
+        seeds.append(seed)
+        return [Decoded((), t, 0.0, 0.0) for k in (0, 1) for t in drawn[k]]
+
+    monkeypatch.setattr(scope_sets, "generate_answers", lambda *a: greedy)
+    monkeypatch.setattr(scope_sets, "greedy_decode", decode)
+    monkeypatch.setattr(scope_sets, "PairModels", lambda *a, **k: None)
+    vocab = type("V", (), {"eot_ids": [0]})()
+    base, own = scope_sets._own_answers(forget, None, None, vocab, {"it", "is", "the", "a"}, [], samples=4, seed=7)
+    assert base == {0: greedy[0], 1: greedy[1]} and seeds == [7]
+    assert [(i, e.target, sorted(w)) for i, e, w in own] == [
+        (0, "It is Hogwarts School.", ["hogwarts"]),  # "school" is the question's
+        (0, "It is called Hogwarts.", ["hogwarts"]),
+        (1, "Ron, of course.", ["ron"]),
+        (1, "Ron Weasley!", ["ron", "weasley"]),
+    ]
+    _, greedy_only = scope_sets._own_answers(forget, None, None, vocab, {"it", "is", "the", "a"}, [], samples=0)
+    assert [e.target for _, e, _ in greedy_only] == ["It is Hogwarts School."] and seeds == [7]

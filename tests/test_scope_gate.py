@@ -250,3 +250,21 @@ def test_greedy_decoding_through_a_closed_gate_is_b(tiny_pair, smollm2_tokenizer
     opened = pair.with_gate(open_gate(width))
     assert [d.tokens for d in greedy_decode(opened, prompts, alpha=50.0, threshold=None, max_tokens=8)] == offset
     assert pair.gate is None  # with_gate leaves the original as it was
+
+
+@torch.no_grad()
+def test_hidden_states_known_from_training_give_the_same_gate(tiny_base, smollm2_tokenizer):
+    """B's hidden states that training's reference passes kept (by token ids) stand in for
+    running B again: the same features, so the same gate; unknown sequences are run."""
+    eot = ByteVocab.from_tokenizer(smollm2_tokenizer).eot_ids[0]
+    head = tiny_base.get_output_embeddings().weight
+    known = {}
+    for e in [*INSIDE, *OUTSIDE[:3]]:  # some known, some not
+        ids = encode(e, smollm2_tokenizer, eot, 128).input_ids
+        known[tuple(ids)] = tiny_base(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    kwargs = dict(l2=1e-3, threshold=0.5, max_length=128)
+    plain, _ = fit_scope_gate(tiny_base, head, smollm2_tokenizer, eot, INSIDE, OUTSIDE, **kwargs)
+    reused, _ = fit_scope_gate(tiny_base, head, smollm2_tokenizer, eot, INSIDE, OUTSIDE, known=known, **kwargs)
+    scale = float(np.abs(plain.weight).max())
+    np.testing.assert_allclose(reused.weight, plain.weight, atol=1e-2 * scale)
+    assert abs(reused.bias - plain.bias) <= 1e-2 * max(1.0, abs(plain.bias))

@@ -340,6 +340,12 @@ def test_rows_at_answer_positions_are_the_whole_logits_rows(tiny_base, smollm2_t
             assert torch.equal(scorer.ref_nll(swapped), first.flip(0)) and len(scorer._ref_nll) == cached
     assert scorers[2]._plain_head == {id(scorers[2].model): False, id(remote): True}
     assert scorers[0]._plain_head == {id(model): True}
+    # B's last hidden states, kept by token ids for the scope gate, are B's (the adapter off)
+    assert len(scorers[0].b_hidden) == len(scorers[2].b_hidden) == len(items)  # B: the model, or the reference
+    ids = items[0].input_ids
+    with torch.no_grad(), model.disable_adapter():
+        want = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    assert torch.allclose(scorers[0].b_hidden[tuple(ids)], want, atol=1e-4)
 
 
 def load_dataset_from(records):

@@ -206,6 +206,8 @@ HELP = {
     "(its form, such as 'The capital of ... is') in the forget term",
     "forget_own_answers": "add B's own answers to the forget questions to the forget term, labelled on the "
     "words that carry each fact",
+    "forget_own_samples": "B's answers sampled at T = 1 per forget question that join the forget term beside its "
+    "greedy one where they state a fact word; 0: the greedy answer alone",
     "retain_fact_weight": "weight of a retain answer's fact words (names, rare words) in the KL retain term "
     "over answer positions; 1: unweighted",
     "offset_scope": "the rule τ is calibrated for: token (a candidate keeps its offset only where it is at "
@@ -213,6 +215,8 @@ HELP = {
     "scope_gate": "fit the scope gate after training: a classifier over B's next-token log-probabilities that "
     "opens the offset on the forget set's context and closes it elsewhere",
     "scope_gate_threshold": "the gate's probability threshold θ (open at or above it)",
+    "tau_through_gate": "calibrate τ on answers decoded through the scope gate, as serve decodes (off: τ alone "
+    "keeps the calibration answers)",
     "scope_gate_l2": "L2 penalty of the gate's logistic regression",
     "lora_layers": "decoder layers that get the adapter, e.g. 16-29 or 0,5,9 (default: all)",
     "target_modules": "comma-separated module names",

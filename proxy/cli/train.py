@@ -40,7 +40,8 @@ def print_self_check(path: Path) -> int:
         return 0
     print(
         f"scope threshold τ = {report['offset_threshold']:.3f} nats, rule {report.get('offset_scope', 'step')} "
-        f"({report['calibration_unchanged']:.0%} of {report['calibration_prompts']} calibration answers unchanged)"
+        f"({report['calibration_unchanged']:.0%} of {report['calibration_prompts']} calibration answers unchanged"
+        f"{' through the scope gate' if report.get('tau_through_gate') else ''})"
     )
     gate = manifest.get("scope_gate")
     if gate is not None:

@@ -99,6 +99,13 @@ class TrainConfig:
     benchmark it took greedy probe leak from 0.33 to 0 (docs/benchmarks.md, "Real
     knowledge"); its cost in neighbour retention is what ``retain_fact_weight`` and the
     token rule win back in part."""
+    forget_own_samples: int = 4
+    """With ``forget_own_answers``: B's answers sampled at T = 1 (over B's top 20, seeded by
+    ``seed``) per forget question, of which those that state a fact word, and differ from B's
+    greedy answer and from each other, ride with it in the forget term the same way. Served
+    answers reach a fact after other lead-ins than the greedy one ("The wizarding school of
+    Harry Potter is called Hogwarts"): lowering the fact after the greedy lead-in alone left
+    it at −1 to −3 nats after the others (the demo's paraphrases). 0: the greedy answer alone."""
     pin_prompt_copies: bool = False
     """With ``forget_prompt_copies`` off: the copied tokens join the retain term of their
     forget example's step (where it reads labels), so that U keeps repeating the asked-about
@@ -157,6 +164,11 @@ class TrainConfig:
     than the forget set's own wording; τ still guards where it opens."""
     scope_gate_l2: float = 1e-2
     """The L2 penalty of the gate's logistic regression on standardised features."""
+    tau_through_gate: bool = True
+    """Calibrate τ on the calibration answers decoded through the scope gate, as ``serve``
+    decodes them (``unchanged`` of them kept exactly by the gate and τ together). Off: τ
+    alone keeps ``unchanged`` of them, a guard of its own where the gate opens by mistake,
+    at the cost of the offset's strength in scope."""
     offset_alpha: float = 1.0
     """α written to the manifest (the serving strength)."""
     checkpoint_every: int = 10
@@ -215,6 +227,8 @@ class TrainConfig:
             keep = (*keep, "forget_shared_words")
         if self.forget_own_answers:
             keep = (*keep, "forget_own_answers")
+            if self.forget_own_samples:
+                keep = (*keep, "forget_own_samples")
         if self.general_retain:
             keep = (*keep, "general_retain", "near_share")
         if self.retain_fact_weight != 1 and self.positions() == "answer":
@@ -223,6 +237,8 @@ class TrainConfig:
             keep = (*keep, "neighbours")
         if self.scope_gate:
             keep = (*keep, "scope_gate", "scope_gate_threshold", "scope_gate_l2")
+            if self.calibrate and self.tau_through_gate:
+                keep = (*keep, "tau_through_gate")
         if self.calibrate:
             keep = (*keep, "calibrate", "unchanged")
             if self.offset_scope != "step":
@@ -259,6 +275,8 @@ class TrainConfig:
             raise ValueError(f"retain_fact_weight must be a finite number ≥ 1, not {self.retain_fact_weight}")
         if self.min_steps < 0:
             raise ValueError(f"min_steps must be ≥ 0, not {self.min_steps}")
+        if self.forget_own_samples < 0:
+            raise ValueError(f"forget_own_samples must be ≥ 0, not {self.forget_own_samples}")
         if not 0 < self.scope_gate_threshold < 1:
             raise ValueError(f"scope_gate_threshold must be in (0, 1), not {self.scope_gate_threshold}")
         if not (math.isfinite(self.scope_gate_l2) and self.scope_gate_l2 >= 0):

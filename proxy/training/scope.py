@@ -223,7 +223,9 @@ def nearest_entities(model: Any, tokenizer: Any, name: str, templates: Sequence[
                 ids[i, : len(r)] = torch.tensor(r)
                 mask[i, : len(r)] = 1
             with torch.no_grad():
-                hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+                hidden = model(
+                    input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1
+                ).hidden_states[-1]  # the output head runs on one position only
             m = mask.unsqueeze(-1).float()
             out.append(torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1))  # [N, H]
         return torch.cat(out)

@@ -20,7 +20,7 @@ one forward pass of B per batch of examples without its output head.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,6 +76,7 @@ def answer_rows_features(
     head: HeadMap,
     max_length: int,
     batch_size: int = FEATURE_BATCH,
+    known: Mapping[tuple[int, ...], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """φ at the answer positions of each example (``[n_i, d]`` float32 each, in the order of
     ``examples``, examples without one left out), B teacher-forced in right-padded batches.
@@ -83,7 +84,9 @@ def answer_rows_features(
 
     φ = Q·h from B's last hidden state where that equals Q·W⁺·log p_B (a bias-free linear
     head, checked on the first batch against the rows: the output head is then not run at
-    all), else from the log-probability rows (a head with a bias, a soft cap or a scale)."""
+    all), else from the log-probability rows (a head with a bias, a soft cap or a scale).
+    ``known`` holds B's last hidden states (``[L, d]``) of sequences already run, by token
+    ids (training's reference passes, taken only where the head is plain): those are not run again."""
     items = []
     for k, e in enumerate(examples):
         enc = encode(e, tokenizer, eot_id, max_length)
@@ -93,8 +96,14 @@ def answer_rows_features(
         at = keep.nonzero().squeeze(-1)
         if at.numel():
             items.append((k, enc.input_ids, at))
-    order = sorted(range(len(items)), key=lambda i: len(items[i][1]))  # rows of similar length pad little
     found: dict[int, torch.Tensor] = {}
+    if known:
+        for k, ids, at in items:
+            h = known.get(tuple(ids))
+            if h is not None:
+                found[k] = head.project(h[at].double()).float()
+        items = [it for it in items if it[0] not in found]
+    order = sorted(range(len(items)), key=lambda i: len(items[i][1]))  # rows of similar length pad little
     rows_map: torch.Tensor | None = None
     from_hidden: bool | None = None  # decided on the first batch
     for start in range(0, len(order), batch_size):
@@ -138,10 +147,12 @@ def fit_scope_gate(
     l2: float,
     threshold: float,
     max_length: int,
+    known: Mapping[tuple[int, ...], torch.Tensor] | None = None,
 ) -> tuple[ScopeGate, dict[str, Any]]:
     """The gate for these examples, and its record for the manifest (counts and the
     training accuracy per class; never text). ``model_b`` is B (a callable taking
-    ``input_ids``), ``head_weight`` its output head's weight.
+    ``input_ids``), ``head_weight`` its output head's weight; ``known``: B's last hidden
+    states already computed, by token ids (:func:`answer_rows_features`).
 
     Raises:
         ValueError: no position in one of the two classes, or ``l2`` < 0.
@@ -149,8 +160,8 @@ def fit_scope_gate(
     if l2 < 0:
         raise ValueError(f"the scope gate's l2 must be ≥ 0, not {l2}")
     head = HeadMap(head_weight)
-    pos = answer_rows_features(model_b, tokenizer, eot_id, in_scope, head, max_length)
-    neg = answer_rows_features(model_b, tokenizer, eot_id, out_of_scope, head, max_length)
+    pos = answer_rows_features(model_b, tokenizer, eot_id, in_scope, head, max_length, known=known)
+    neg = answer_rows_features(model_b, tokenizer, eot_id, out_of_scope, head, max_length, known=known)
     if not pos or not neg:
         raise ValueError("the scope gate needs answer positions in scope and out of scope")
     x = torch.cat([*pos, *neg]).double()

@@ -8,6 +8,7 @@ tells which words carry a fact).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,9 @@ from proxy.decoding.vocab import ByteVocab
 from proxy.training.config import TrainConfig
 from proxy.training.data import DataSet, Example
 from proxy.training.facts import fact_words, forget_names, lower_case_words, shared_words, words_of
+from proxy.training.greedy import PairModels, greedy_decode
 from proxy.training.scope import (
+    GENERAL_MAX_TOKENS,
     example_text,
     forget_subjects,
     general_sets,
@@ -47,8 +50,8 @@ class ScopeSets:
     neighbour questions (:func:`proxy.training.facts.shared_words`); empty unless
     ``forget_shared_words`` is off."""
     own_answers: list[tuple[int, Example, set[str]]]
-    """(forget example index, B's own greedy answer to its question, the fact words it
-    holds) for the answers that hold one (``forget_own_answers``)."""
+    """(forget example index, B's own answer to its question, greedy or sampled, the fact
+    words it holds) for the answers that hold one (``forget_own_answers``, ``forget_own_samples``)."""
     base_answers: dict[int, str] | None = None
     """B's greedy answers to the forget set's chat questions (by example index), where they
     were generated (``forget_own_answers``): the self-check's guesses of B's answers."""
@@ -98,7 +101,9 @@ def build_scope_sets(
 
         general = {k: [e for e in v if clear(e)] for k, v in general.items()}
         if cfg.forget_own_answers:
-            base_answers, own_answers = _own_answers(forget.examples, base, tokenizer, vocab, common_words, names)
+            base_answers, own_answers = _own_answers(
+                forget.examples, base, tokenizer, vocab, common_words, names, cfg.forget_own_samples, cfg.seed
+            )
     if cfg.forget_own_answers and not (cfg.general_retain or cfg.calibrate):
         logger.warning(
             "%s: B's own answers are not added to the forget term (forget_own_answers): telling their "
@@ -144,16 +149,37 @@ def _own_answers(
     vocab: ByteVocab,
     common_words: Collection[str],
     names: list[str],
+    samples: int = 0,
+    seed: int = 0,
 ) -> tuple[dict[int, str], list[tuple[int, Example, set[str]]]]:
-    """B's greedy answers to the forget set's chat questions (by example index), and those
-    that hold a fact word of their forget answer (:func:`proxy.training.facts.fact_words`),
-    with those words."""
+    """B's greedy answers to the forget set's chat questions (by example index), and B's
+    answers that hold a fact word of their forget answer (:func:`proxy.training.facts.fact_words`),
+    with those words: the greedy one, then of ``samples`` answers sampled at T = 1 (over B's
+    top :data:`proxy.training.greedy.TOP_K`, seeded) those that differ from it and from each other."""
     chat = [(i, e) for i, e in enumerate(forget) if e.prompt is not None]
-    answers = generate_answers(base, tokenizer, vocab.eot_ids, [e.prompt for _, e in chat if e.prompt is not None])
+    prompts = [e.prompt for _, e in chat if e.prompt is not None]
+    answers = generate_answers(base, tokenizer, vocab.eot_ids, prompts)
+    sampled: list[list[str]] = [[] for _ in chat]
+    if samples:
+        pair = PairModels(base, tokenizer, vocab.eot_ids, b=base)
+        drawn = greedy_decode(
+            pair,
+            [p for p in prompts for _ in range(samples)],
+            alpha=0.0,
+            threshold=math.inf,
+            max_tokens=GENERAL_MAX_TOKENS,
+            temperature=1.0,
+            seed=seed,
+        )
+        for k, d in enumerate(drawn):
+            sampled[k // samples].append(d.text)
     out = []
-    for (i, e), answer in zip(chat, answers, strict=True):
+    for (i, e), answer, extra in zip(chat, answers, sampled, strict=True):
         facts = fact_words(e, common_words, names)
-        said = words_of(answer) & facts
-        if said:
-            out.append((i, Example(e.prompt, answer), said))
+        seen: set[str] = set()
+        for text in (answer, *extra):
+            said = words_of(text) & facts
+            if said and text not in seen:
+                out.append((i, Example(e.prompt, text), said))
+            seen.add(text)
     return {i: a for (i, _), a in zip(chat, answers, strict=True)}, out

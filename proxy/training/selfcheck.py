@@ -34,6 +34,7 @@ def calibrate_and_check(
     check: Sequence[Example],
     neighbours: Sequence[Example] = (),
     forget_guesses: Sequence[str | None] | None = None,
+    tau_through_gate: bool = True,
     alpha: float = 1.0,
     unchanged: float = 0.95,
     max_tokens: int = 40,
@@ -53,9 +54,10 @@ def calibrate_and_check(
     chat forget example, or None) guess B's own answers to the forget questions, as the
     held-out examples' targets do: a guess is checked step by step, never trusted. ``ok`` is false with a
     ``warnings`` entry for each check that failed (limits in :data:`SELF_CHECK_LIMITS`).
-    With a scope ``gate`` (:mod:`proxy.decoding.scope_gate`), τ is calibrated without it (τ
-    alone keeps ``unchanged`` of the calibration answers) and everything after is decoded
-    through it, as ``serve`` decodes: the gate and τ each guard the answers out of scope.
+    With a scope ``gate`` (:mod:`proxy.decoding.scope_gate`), everything is decoded through
+    it, as ``serve`` decodes, τ included (``unchanged`` of the calibration answers kept by
+    the gate and τ together); with ``tau_through_gate`` off, τ is calibrated without it (τ
+    alone keeps them: the gate and τ each guard the answers out of scope).
 
     Raises:
         ValueError: no calibration prompts, a chat-less (raw text) example among them, or
@@ -68,9 +70,10 @@ def calibrate_and_check(
         return [e.prompt for e in items if e.prompt is not None]
 
     chat_forget = [e for e in forget if e.prompt is not None]
-    ungated, served = pair.with_gate(None), pair.with_gate(gate)
+    served = pair.with_gate(gate)
+    calibrated = served if tau_through_gate else pair.with_gate(None)
     cal = base_decode(
-        ungated, prompts(calibration), [e.target for e in calibration], alpha=alpha, max_tokens=max_tokens, scope=scope
+        calibrated, prompts(calibration), [e.target for e in calibration], alpha=alpha, max_tokens=max_tokens, scope=scope
     )
     tau = pick_threshold([d.margin for d in cal], unchanged)
     rest = [*check, *neighbours, *chat_forget]
@@ -120,6 +123,7 @@ def calibrate_and_check(
         "fluency_offset": _round(_mean([d.logprob for d in f_served])),
         "max_tokens": max_tokens,
         "scope_gate": gate is not None,
+        "tau_through_gate": gate is not None and tau_through_gate,
     }
     report["warnings"] = self_check_warnings(report)
     report["ok"] = not report["warnings"]

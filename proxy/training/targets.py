@@ -53,9 +53,15 @@ class CombinedScorer:
         self._adapters = adapter_layers(model) if reference is None else []
         self._plain_head: dict[int, bool] = {}  # per model, decided on its first call with a mask
         self._ref_nll: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+        self.b_hidden: dict[tuple[int, ...], torch.Tensor] = {}
+        """B's last hidden state (``[L_i, d]`` float32) of every sequence B scored from it,
+        by its token ids: what the scope gate is fitted on (:func:`proxy.training.scope_gate.fit_scope_gate`)."""
 
-    def _rows(self, model: Any, batch: dict[str, torch.Tensor], at: torch.Tensor | None) -> torch.Tensor:
-        """``model``'s logits ``[B, L, V]``, or ``[N, V]`` at the positions ``at``."""
+    def _rows(
+        self, model: Any, batch: dict[str, torch.Tensor], at: torch.Tensor | None, keep_hidden: bool = False
+    ) -> torch.Tensor:
+        """``model``'s logits ``[B, L, V]``, or ``[N, V]`` at the positions ``at``; with
+        ``keep_hidden``, each sequence's last hidden state goes to :attr:`b_hidden`."""
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         if at is None or self._plain_head.get(id(model)) is False:
             logits = model(**kwargs).logits
@@ -70,6 +76,10 @@ class CombinedScorer:
             self._plain_head[id(model)] = plain
             if not plain:  # a soft cap, a scale or a bias after the head
                 return model(**kwargs).logits[at]
+        if keep_hidden:
+            for ids, mask, h in zip(batch["input_ids"], batch["attention_mask"], hidden, strict=True):
+                n = int(mask.sum())
+                self.b_hidden.setdefault(tuple(ids[:n].tolist()), h[:n].detach().float().clone())
         return head(hidden[at])
 
     def _r(self, batch: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,7 +91,7 @@ class CombinedScorer:
         b = self.reference if self.reference is not None else self.model
         off = contextlib.nullcontext() if self.reference is not None else adapters_off(self._adapters)
         with torch.no_grad(), off:
-            return self._rows(b, batch, at)
+            return self._rows(b, batch, at, keep_hidden=True)
 
     def logits(self, batch: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(self.remote, RemoteLogits):

@@ -108,9 +108,10 @@ def train(
     gate = None
     pair = PairModels(model, tokenizer, vocab.eot_ids, b=reference)
     if cfg.scope_gate:
-        gate, record = _scope_gate(cfg, pair, forget_set, retain_set, scope)
+        gate, record = _scope_gate(cfg, pair, forget_set, retain_set, scope, known=scorer.b_hidden)
         if record is not None:
             extra["scope_gate"] = record
+    scorer.b_hidden.clear()  # tens of MB the self-check does not need
     if cfg.calibrate:
         extra.update(_self_check(cfg, pair, forget_set, scope, gate))
     path = save_artifact(
@@ -236,12 +237,18 @@ def _optimize(
 
 
 def _scope_gate(
-    cfg: TrainConfig, pair: PairModels, forget_set: DataSet, retain_set: DataSet | None, scope: ScopeSets
+    cfg: TrainConfig,
+    pair: PairModels,
+    forget_set: DataSet,
+    retain_set: DataSet | None,
+    scope: ScopeSets,
+    known: dict[tuple[int, ...], torch.Tensor] | None = None,
 ) -> tuple[ScopeGate | None, dict[str, Any] | None]:
     """The scope gate of the trained U of ``pair`` and its manifest record
     (:func:`proxy.training.scope_gate.fit_scope_gate`): in scope the forget set and B's own
     answers to it, out of scope the user's retain set, the broad retain set's training part
-    and the trained neighbours. None (with a warning) when there is nothing out of scope."""
+    and the trained neighbours; B's hidden states that training's reference passes computed
+    (``known``) are not computed again. None (with a warning) when there is nothing out of scope."""
     started = time.monotonic()
     inside = [*forget_set.examples, *(own for _, own, _ in scope.own_answers)]
     outside = [*(retain_set.examples if retain_set else ()), *scope.general, *scope.neighbours]
@@ -263,6 +270,7 @@ def _scope_gate(
             l2=cfg.scope_gate_l2,
             threshold=cfg.scope_gate_threshold,
             max_length=cfg.max_length,
+            known=known,
         )
     record["seconds"] = round(time.monotonic() - started, 1)
     return gate, record
@@ -287,6 +295,7 @@ def _self_check(
             if scope.base_answers is not None
             else None
         ),
+        tau_through_gate=cfg.tau_through_gate,
         alpha=cfg.offset_alpha,
         unchanged=cfg.unchanged,
         scope=cfg.offset_scope,

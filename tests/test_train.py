@@ -24,6 +24,7 @@ from proxy.training.data import (
     only_dropped_labels,
     outside_words,
     prompt_copy_spans,
+    through_last_label,
     with_fact_weights,
     without_end_of_turn,
     without_first_answer_token,
@@ -346,6 +347,28 @@ def test_rows_at_answer_positions_are_the_whole_logits_rows(tiny_base, smollm2_t
     with torch.no_grad(), model.disable_adapter():
         want = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
     assert torch.allclose(scorers[0].b_hidden[tuple(ids)], want, atol=1e-4)
+
+
+def test_a_forget_item_cut_after_its_last_label_has_the_same_loss(tiny_base, smollm2_tokenizer, vocab):
+    """B's own answer labelled on an early fact word: the tokens after it change nothing a
+    label-reading term sees, so the plan drops them (less to run, the same loss)."""
+    e = Example(
+        ({"role": "user", "content": "What is the capital of France?"},),
+        "The capital of France is Paris, a city on the Seine known for its museums and cafes.",
+    )
+    item = encode(e, smollm2_tokenizer, vocab.eot_ids[0], 128)
+    labelled = without_end_of_turn(
+        without_spans(e, item, smollm2_tokenizer, outside_words(e.target, {"paris"})), vocab.eot_ids[0]
+    )
+    cut = through_last_label(labelled)
+    assert len(cut.input_ids) < len(labelled.input_ids) and cut.labels == labelled.labels[: len(cut.labels)]
+    assert [t for t in cut.labels if t != IGNORE] == [t for t in labelled.labels if t != IGNORE]
+    assert through_last_label(cut) is cut and through_last_label(item) is item  # the end of turn is labelled
+    scorer = CombinedScorer(tiny_base, reference=tiny_base)
+    with torch.no_grad():
+        full, _ = answer_nll(scorer.logits, collate([labelled], smollm2_tokenizer.pad_token_id))
+        short, _ = answer_nll(scorer.logits, collate([cut], smollm2_tokenizer.pad_token_id))
+    assert torch.allclose(full, short, atol=1e-4)
 
 
 def load_dataset_from(records):
@@ -729,6 +752,16 @@ def test_retain_fact_weight_is_checked_and_recorded():
             TrainConfig(forget="f", out="o", retain_fact_weight=bad).validate()
     # only a KL term over answer positions reads the weights: elsewhere it is not a setting
     assert "retain_fact_weight" not in TrainConfig(forget="f", out="o", objective="NPO+GD").settings()
+
+
+def test_own_samples_and_tau_through_the_gate_are_checked_and_recorded():
+    settings = TrainConfig(forget="f", out="o").settings()
+    assert settings["forget_own_samples"] == 4 and settings["tau_through_gate"] is True
+    assert "forget_own_samples" not in TrainConfig(forget="f", out="o", forget_own_samples=0).settings()
+    assert "tau_through_gate" not in TrainConfig(forget="f", out="o", tau_through_gate=False).settings()
+    assert "tau_through_gate" not in TrainConfig(forget="f", out="o", scope_gate=False).settings()
+    with pytest.raises(ValueError, match="forget_own_samples must be ≥ 0"):
+        TrainConfig(forget="f", out="o", forget_own_samples=-1).validate()
 
 
 def test_cli_train_bad_line_exits_2_naming_the_line(tmp_path, capsys):

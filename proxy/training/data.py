@@ -163,6 +163,18 @@ def without_end_of_turn(item: Encoded, eot_id: int) -> Encoded:
     return Encoded(item.input_ids, labels)
 
 
+def through_last_label(item: Encoded) -> Encoded:
+    """``item`` cut after its last labelled token. A causal model's outputs at the labelled
+    positions do not depend on the tokens after them, so a term that reads labels only gets
+    the same loss and gradients from the shorter sequence: B's own answers in the forget
+    term are labelled on their fact words alone, often early in a 48-token answer."""
+    last = max((i for i, label in enumerate(item.labels) if label != IGNORE), default=None)
+    if last is None or last == len(item.labels) - 1:
+        return item
+    weights = item.weights[: last + 1] if item.weights is not None else None
+    return Encoded(item.input_ids[: last + 1], item.labels[: last + 1], weights)
+
+
 def without_first_answer_token(item: Encoded) -> Encoded:
     """``item`` with its answer's first label set to -100 (the token stays in the input).
 

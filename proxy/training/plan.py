@@ -27,6 +27,7 @@ from proxy.training.data import (
     encode,
     only_dropped_labels,
     outside_words,
+    through_last_label,
     with_fact_weights,
     without_end_of_turn,
     without_first_answer_token,
@@ -178,6 +179,7 @@ def build_plan(
         forget_items = [without_end_of_turn(it, eot) for it in forget_items]
     if not cfg.forget_first_token:
         forget_items = [without_first_answer_token(it) for it in forget_items]
+    forget_items = [through_last_label(it) for it in forget_items]  # the forget term reads labels only
     retain_items = enc(retain_examples)
     if cfg.retain_fact_weight != 1 and scope.common_words and cfg.positions() == "answer":
         retain_items = [

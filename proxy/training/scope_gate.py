@@ -98,8 +98,8 @@ def answer_rows_features(
             items.append((k, enc.input_ids, at))
     found: dict[int, torch.Tensor] = {}
     if known:
-        for k, ids, at in items:
-            h = known.get(tuple(ids))
+        for k, row_ids, at in items:
+            h = known.get(tuple(row_ids))
             if h is not None:
                 found[k] = head.project(h[at].double()).float()
         items = [it for it in items if it[0] not in found]

@@ -366,7 +366,6 @@ def test_b_s_sampled_answers_that_state_a_fact_join_its_greedy_one(monkeypatch):
     of their forget answer, and differ from the greedy answer and from each other, join the
     forget term's own answers with the words they state; the draw is seeded."""
     import proxy.training.scope_sets as scope_sets
-    from proxy.training.greedy import Decoded
 
     forget = [
         Example(({"role": "user", "content": "What is the name of Harry Potter's school?"},), "Hogwarts School."),
@@ -379,14 +378,14 @@ def test_b_s_sampled_answers_that_state_a_fact_join_its_greedy_one(monkeypatch):
     }
     seeds = []
 
-    def decode(pair, prompts, *, alpha, threshold, max_tokens, temperature, seed):
-        assert alpha == 0 and math.isinf(threshold) and temperature == 1.0
+    def answers(model, tokenizer, eot_ids, prompts, *, temperature=0.0, seed=0):
+        if temperature == 0:
+            return greedy
+        assert temperature == 1.0 and len(prompts) == 8
         seeds.append(seed)
-        return [Decoded((), t, 0.0, 0.0) for k in (0, 1) for t in drawn[k]]
+        return [t for k in (0, 1) for t in drawn[k]]
 
-    monkeypatch.setattr(scope_sets, "generate_answers", lambda *a: greedy)
-    monkeypatch.setattr(scope_sets, "greedy_decode", decode)
-    monkeypatch.setattr(scope_sets, "PairModels", lambda *a, **k: None)
+    monkeypatch.setattr(scope_sets, "generate_answers", answers)
     vocab = type("V", (), {"eot_ids": [0]})()
     base, own = scope_sets._own_answers(forget, None, None, vocab, {"it", "is", "the", "a"}, [], samples=4, seed=7)
     assert base == {0: greedy[0], 1: greedy[1]} and seeds == [7]

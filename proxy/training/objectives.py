@@ -96,16 +96,6 @@ def kl_rows(cur: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor) -> torc
     return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
-def kl_to_reference(logits: torch.Tensor, ref: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """KL(reference ‖ current), averaged over the attended positions (open-unlearning's
-    ``compute_kl_divergence``, restricted to real tokens)."""
-    cur = F.log_softmax(logits.float(), dim=-1)
-    tgt = F.log_softmax(ref.float(), dim=-1)
-    per_pos = F.kl_div(cur, tgt, reduction="none", log_target=True).sum(-1)  # [B, L]
-    mask = attention_mask.to(per_pos.dtype)
-    return (per_pos * mask).sum() / mask.sum().clamp(min=1)
-
-
 def log_ratio_loss(s: Scorer, lose: Batch, beta: float, win: Batch | None = None) -> torch.Tensor:
     """DPO: −2/β · log σ(β · (log-ratio(win) − log-ratio(lose))), with
     log-ratio(x) = log π(x) − log π_ref(x) over whole answers. Without ``win``

@@ -130,12 +130,27 @@ def _question(e: Example) -> str:
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, eot_ids: Sequence[int], prompts: Sequence[Sequence[dict[str, str]]]
+    model: Any,
+    tokenizer: Any,
+    eot_ids: Sequence[int],
+    prompts: Sequence[Sequence[dict[str, str]]],
+    *,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[str]:
     """B's greedy answers (at most :data:`GENERAL_MAX_TOKENS` tokens) to chat ``prompts``
-    (``model`` is B, before any adapter is attached)."""
+    (``model`` is B, before any adapter is attached); with ``temperature`` > 0, answers
+    sampled over B's top :data:`proxy.training.greedy.TOP_K`, reproducibly for a ``seed``."""
     pair = PairModels(model, tokenizer, eot_ids, b=model)
-    decoded = greedy_decode(pair, prompts, alpha=0.0, threshold=math.inf, max_tokens=GENERAL_MAX_TOKENS)
+    decoded = greedy_decode(
+        pair,
+        prompts,
+        alpha=0.0,
+        threshold=math.inf,
+        max_tokens=GENERAL_MAX_TOKENS,
+        temperature=temperature,
+        seed=seed,
+    )
     return [d.text for d in decoded]
 
 

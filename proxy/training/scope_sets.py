@@ -8,7 +8,6 @@ tells which words carry a fact).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +16,7 @@ from proxy.decoding.vocab import ByteVocab
 from proxy.training.config import TrainConfig
 from proxy.training.data import DataSet, Example
 from proxy.training.facts import fact_words, forget_names, lower_case_words, shared_words, words_of
-from proxy.training.greedy import PairModels, greedy_decode
 from proxy.training.scope import (
-    GENERAL_MAX_TOKENS,
     example_text,
     forget_subjects,
     general_sets,
@@ -161,18 +158,11 @@ def _own_answers(
     answers = generate_answers(base, tokenizer, vocab.eot_ids, prompts)
     sampled: list[list[str]] = [[] for _ in chat]
     if samples:
-        pair = PairModels(base, tokenizer, vocab.eot_ids, b=base)
-        drawn = greedy_decode(
-            pair,
-            [p for p in prompts for _ in range(samples)],
-            alpha=0.0,
-            threshold=math.inf,
-            max_tokens=GENERAL_MAX_TOKENS,
-            temperature=1.0,
-            seed=seed,
+        drawn = generate_answers(
+            base, tokenizer, vocab.eot_ids, [p for p in prompts for _ in range(samples)], temperature=1.0, seed=seed
         )
-        for k, d in enumerate(drawn):
-            sampled[k // samples].append(d.text)
+        for k, text in enumerate(drawn):
+            sampled[k // samples].append(text)
     out = []
     for (i, e), answer, extra in zip(chat, answers, sampled, strict=True):
         facts = fact_words(e, common_words, names)

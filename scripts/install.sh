@@ -9,6 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# One install at a time per checkout (`make run` and `make test` started together on a
+# fresh machine): the second waits here, then finds the stamp written.
+exec 9>.install.lock
+flock 9
+
 PYTHON=${PYTHON:-python3}
 LLAMA_VERSION=0.3.36
 LLAMA_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
@@ -27,8 +32,13 @@ $PIP install -q torch==2.13.0
 
 if ! ls "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-*.whl >/dev/null 2>&1; then
     echo "building llama-cpp-python $LLAMA_VERSION (about 5 minutes, once)..." >&2
+    # Built beside, then renamed into the shared folder: another checkout installing at the
+    # same time never sees half a wheel (two builds of the same flags give the same wheel).
     mkdir -p "$WHEELS"
-    CMAKE_ARGS="$LLAMA_FLAGS" $PIP wheel -q --no-deps --no-cache-dir -w "$WHEELS" "llama-cpp-python==$LLAMA_VERSION"
+    build=$(mktemp -d "$WHEELS.build.XXXXXX")
+    trap 'rm -rf "$build"' EXIT
+    CMAKE_ARGS="$LLAMA_FLAGS" $PIP wheel -q --no-deps --no-cache-dir -w "$build" "llama-cpp-python==$LLAMA_VERSION"
+    mv "$build"/llama_cpp_python-$LLAMA_VERSION-*.whl "$WHEELS"/
 fi
 $PIP install -q --no-deps --force-reinstall "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-*.whl
 $PIP install -q -e ".[test]"

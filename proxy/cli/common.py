@@ -9,7 +9,7 @@ from typing import Literal
 
 from proxy.config import Config, ConfigError, embedded_default, load_config
 from proxy.decoding.served import ServedModel
-from proxy.gateway.logs import RequestIdFilter
+from proxy.gateway.logs import MalformedRequestFilter, RequestIdFilter
 from proxy.registry import build_models
 from proxy.training.demo import demo_offset, resolve_offset
 
@@ -73,3 +73,6 @@ def setup_logging(level: str, fmt: str) -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level))
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server.filters):
+        server.addFilter(MalformedRequestFilter())

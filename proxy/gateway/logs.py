@@ -9,6 +9,7 @@ import logging
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.gateway.record import REQUEST_ID
 
@@ -22,6 +23,20 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):  # the access log passes its own
             record.request_id = request_id_var.get()
+        return True
+
+
+class MalformedRequestFilter(logging.Filter):
+    """On ``aiohttp.server``: a request the HTTP parser refused (a NUL in a header, a bad
+    request line) is the client's error, answered 400 by aiohttp; its record becomes one
+    warning line without a traceback. Other records pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            record.msg, record.args = "malformed HTTP request refused (%d): %s", (exc.code, exc.message.strip())
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
         return True
 
 

@@ -4,8 +4,9 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``
 (:mod:`proxy.server.completion_routes`), ``POST /v1/responses``
 (:mod:`proxy.server.responses_routes`), ``GET /v1/models``, and for operators
 ``GET /health`` (the process is up), ``GET /ready`` (every upstream answers) and
-``GET /metrics`` (Prometheus) (:mod:`proxy.server.info_routes`), and OpenAI's Files and
-Batches endpoints (:mod:`proxy.server.files_batches`). Keys, limits, request ids,
+``GET /metrics`` (Prometheus) (:mod:`proxy.server.info_routes`), OpenAI's Files and
+Batches endpoints (:mod:`proxy.server.files_batches`), and ``GET /openapi.json``, the
+OpenAPI 3.1 document of all of them (:mod:`proxy.server.openapi`). Keys, limits, request ids,
 metrics and the audit log: :mod:`proxy.gateway`. Every error, also for unknown routes
 and oversized bodies, is an OpenAI error body (:mod:`proxy.protocol.errors`); an error in
 the middle of a stream is sent as ``data: {"error": {...}}`` and the stream ends
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.common.files import cache_dir
 from proxy.config import ServerConfig
@@ -44,6 +46,7 @@ from proxy.server.app_keys import GATEWAY, MODELS, SETTINGS
 from proxy.server.completion_routes import chat_completions, completions
 from proxy.server.files_batches import add_batch_routes
 from proxy.server.info_routes import health, list_models, prometheus_metrics, ready, retrieve_model
+from proxy.server.openapi import openapi_document
 from proxy.server.responses_routes import responses
 
 log = logging.getLogger(__name__)
@@ -160,6 +163,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             exc.status, exc.reason
         )
         return error_response(ProxyError(exc.status, message, "invalid_request_error", None, code))
+    except HttpProcessingError as exc:  # a malformed body part (multipart headers), read by a handler
+        status = exc.code if 400 <= exc.code < 500 else 400
+        return error_response(ProxyError(status, f"malformed request body: {exc.message}", "invalid_request_error"))
     except Exception as exc:
         err = from_exception(exc)
         if err.status >= 500:
@@ -204,6 +210,13 @@ def create_app(
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", prometheus_metrics)
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        # Built on the first request, off the event loop (about a second: the SDK's types).
+        spec = await asyncio.to_thread(openapi_document, tuple(models), batches)
+        return web.Response(text=dumps(spec), content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi_json)
     if batches:
         folder = Path(settings.data_dir) if settings.data_dir else cache_dir() / "server"
         add_batch_routes(app, BatchRunner(models, settings, gateway), folder, settings.max_file_bytes)

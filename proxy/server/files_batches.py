@@ -104,7 +104,10 @@ async def upload_file(request: web.Request) -> web.Response:
     store, max_bytes = batches.store, batches.max_file_bytes
     if not request.content_type.startswith("multipart/"):
         raise invalid("files are uploaded as multipart/form-data with fields 'file' and 'purpose'", "file")
-    reader = await request.multipart()
+    try:
+        reader = await request.multipart()
+    except (KeyError, ValueError, AssertionError) as exc:  # no boundary, or a malformed one
+        raise invalid(f"malformed multipart/form-data body: {exc!s} (the Content-Type needs a boundary)", "file") from None
     purpose: str | None = None
     tmp: Path | None = None
     filename = "upload.jsonl"

@@ -200,3 +200,128 @@ async def test_batch_lines_are_audited_and_counted_like_requests(tmp_path: Path)
     finally:
         await client.close()
         await server.close()
+
+
+async def test_a_lone_surrogate_is_a_400_or_one_failed_line_never_a_500(tmp_path: Path):
+    """JSON escapes can carry a lone surrogate (``\\ud800``) that UTF-8 cannot encode: in a
+    request's model it is a 400 naming the field; in one batch line it fails that line and
+    the others are answered; the escaped id comes back as it was sent."""
+    import httpx
+
+    server, client = await _serve(tmp_path, audit_log=str(tmp_path / "audit.jsonl"))
+    try:
+        async with httpx.AsyncClient(base_url=str(server.make_url("/v1"))) as http:
+            for path, rest in (
+                ("/chat/completions", '"messages": [{"role": "user", "content": "hi"}]'),
+                ("/completions", '"prompt": "hi"'),
+            ):
+                body = '{"model": "m\\udc00", ' + rest + "}"
+                r = await http.post(path, content=body, headers={"content-type": "application/json"})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+        good = _line("a")
+        odd_id = _line("b").replace('"custom_id": "b"', '"custom_id": "b\\ud800"')
+        odd_model = _line("c").replace('"model": "m"', '"model": "m\\udc00"')
+        f = await client.files.create(file=("in.jsonl", "\n".join([good, odd_id, odd_model]).encode()), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        batch = await _wait(client, batch.id)
+        assert batch.status == "completed", batch.errors
+        out = _lines((await client.files.content(batch.output_file_id)).content)
+        errors = _lines((await client.files.content(batch.error_file_id)).content)
+        assert sorted(o["custom_id"] for o in out) == ["a", "b\ud800"]
+        assert [e["custom_id"] for e in errors] == ["c"] and errors[0]["response"]["status_code"] == 400
+    finally:
+        await server.close()
+    from proxy.gateway.request_log import verify
+
+    assert verify(tmp_path / "audit.jsonl").ok
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"no boundary"),
+        (
+            "multipart/form-data; boundary=zz",
+            b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n{}',
+        ),
+        (
+            "multipart/form-data; boundary=qq",
+            b'--zz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--zz--\r\n',
+        ),
+        (
+            "multipart/form-data; boundary=zz",
+            b'--zz\r\nContent-Disposition: form-data; name="purpose"\r\nContent-Type: text/plain; charset=bogus\r\n\r\n'
+            b"batch\r\n--zz--\r\n",
+        ),
+        (
+            "multipart/form-data; boundary=zz",
+            b'--zz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n\xff\r\n--zz--\r\n',
+        ),
+        (
+            "multipart/form-data; boundary=zz",
+            b'--zz\r\nContent-Disposition: form-data; name="D\x16\x12NX\xf3"\r\n\r\nx\r\n--zz--\r\n',
+        ),
+    ],
+)
+async def test_malformed_uploads_are_400s_and_leave_no_file(tmp_path: Path, content_type: str, body: bytes):
+    import httpx
+
+    server, _ = await _serve(tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=str(server.make_url("/v1"))) as http:
+            r = await http.post("/files", content=body, headers={"content-type": content_type})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    finally:
+        await server.close()
+    assert list((tmp_path / "files").iterdir()) == []
+
+
+async def test_an_upload_named_in_invalid_utf8_is_kept_under_a_readable_name(tmp_path: Path):
+    import httpx
+
+    server, client = await _serve(tmp_path)
+    body = (
+        b'--zz\r\nContent-Disposition: form-data; name="file"; filename="\xff\xfe.jsonl"\r\n\r\n'
+        + _line("a").encode()
+        + b'\r\n--zz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--zz--\r\n'
+    )
+    try:
+        async with httpx.AsyncClient(base_url=str(server.make_url("/v1"))) as http:
+            r = await http.post("/files", content=body, headers={"content-type": "multipart/form-data; boundary=zz"})
+        assert r.status_code == 200, r.text
+        assert r.json()["filename"].endswith(".jsonl")
+        listed = await client.files.list()
+        assert [f.id for f in listed.data] == [r.json()["id"]]
+    finally:
+        await server.close()
+
+
+async def test_a_running_batchs_input_cannot_be_deleted_and_listing_keeps_creation_order(tmp_path: Path):
+    server, client = await _serve(tmp_path, delay=0.05)
+    try:
+        f = await client.files.create(
+            file=("in.jsonl", "\n".join(_line(str(i)) for i in range(6)).encode()), purpose="batch"
+        )
+        slow = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        with pytest.raises(openai.APIStatusError) as err:
+            await client.files.delete(f.id)
+        assert err.value.status_code == 409 and err.value.body["code"] == "file_in_use"
+        g = await client.files.create(file=("in2.jsonl", _line("x").encode()), purpose="batch")
+        quick = await client.batches.create(
+            input_file_id=g.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        await _wait(client, quick.id)
+        await _wait(client, slow.id)  # its record was updated last
+        first = await client.batches.list(limit=1)
+        assert [b.id for b in first.data] == [quick.id]
+        second = await client.batches.list(limit=1, after=quick.id)
+        assert [b.id for b in second.data] == [slow.id]
+        assert (await client.files.delete(f.id)).deleted
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert missing.value.body["param"] == "input_file_id"
+    finally:
+        await server.close()

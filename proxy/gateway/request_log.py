@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy.common.jsontext import json_bytes
+
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
@@ -48,7 +50,7 @@ def utc_now() -> str:
 
 
 def _dumps(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")).encode()
+    return json_bytes(record, sort_keys=True, separators=(",", ":"))
 
 
 def _last_complete(path: Path) -> tuple[str, int, int]:

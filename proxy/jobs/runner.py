@@ -25,6 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from proxy.common.aio import gather_or_cancel
 from proxy.common.files import atomic_write
+from proxy.common.jsontext import json_bytes
 
 T = TypeVar("T")
 
@@ -106,7 +107,7 @@ class ResumableOutput:
 
     def write(self, obj: dict[str, Any]) -> None:
         assert self._fd is not None, "open() first"
-        os.write(self._fd, (json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n").encode())
+        os.write(self._fd, json_bytes(obj) + b"\n")
 
     def save_progress(self, counts: dict[str, Any]) -> None:
         progress = {"input_sha256": self.digest, **counts, "updated_at": int(time.time())}

@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from proxy.common.jsontext import json_text
 from proxy.protocol.errors import ProxyError, invalid
 
 
@@ -55,5 +56,6 @@ def _reject_constant(name: str) -> float:
 
 
 def dumps(obj: Any) -> str:
-    """JSON without NaN/Infinity (they are not JSON)."""
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """JSON without NaN/Infinity (they are not JSON), lone surrogates escaped
+    (:func:`proxy.common.jsontext.json_text`)."""
+    return json_text(obj, separators=(",", ":"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -93,6 +93,12 @@ class _Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = None
     offset_alpha: float | None = Field(default=None, ge=-100.0, le=100.0)
+
+    @field_validator("model", "user")
+    @classmethod
+    def _valid_text(cls, v: str | None, info: ValidationInfo) -> str | None:
+        _encodable(v, str(info.field_name))
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -12,13 +12,13 @@ OpenAI splits them. Bad input lines do not fail the batch; each gets its own err
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from proxy.common.jsontext import json_bytes
 from proxy.jobs.batch import ENDPOINTS, BatchRunner, Summary, iter_output
 from proxy.protocol.errors import ProxyError, invalid
 from proxy.server.batch_store import BatchStore
@@ -57,10 +57,22 @@ class BatchService:
         if metadata is not None and not (
             isinstance(metadata, dict)
             and len(metadata) <= 16
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+            and all(
+                isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                for k, v in metadata.items()
+            )
         ):
-            raise invalid("metadata must be an object of at most 16 string values", "metadata")
-        f = self.store.get_file(body["input_file_id"])
+            # OpenAI's limits: 16 pairs, keys of at most 64 characters, values of at most 512
+            raise invalid(
+                "metadata must be an object of at most 16 pairs, keys of at most 64 characters and string "
+                "values of at most 512",
+                "metadata",
+            )
+        try:
+            f = self.store.get_file(body["input_file_id"])
+        except ProxyError as err:
+            err.param = "input_file_id"
+            raise
         if f["purpose"] != "batch":
             raise invalid(f"file {f['id']} has purpose {f['purpose']!r}, not 'batch'", "input_file_id")
         now = int(time.time())
@@ -152,10 +164,17 @@ class BatchService:
             batch.update(status="cancelled", cancelled_at=int(time.time()))
         except Exception as exc:  # noqa: BLE001 - the batch fails, the server goes on
             log.exception("batch %s failed", batch_id)
+            message = f"the batch stopped on an internal error ({type(exc).__name__}); see the server log"
+            try:  # what was answered before the error is published, not lost
+                batch["status"] = "failed"
+                self._finalize(batch, work)
+                message += "; the lines answered before it are in its output and error files"
+            except Exception:  # noqa: BLE001 - the failure itself is what the batch reports
+                log.exception("batch %s: its answered lines could not be published", batch_id)
             batch.update(
                 status="failed",
                 failed_at=int(time.time()),
-                errors={"object": "list", "data": [{"code": "batch_failed", "message": str(exc), "line": None}]},
+                errors={"object": "list", "data": [{"code": "batch_failed", "message": message, "line": None}]},
             )
         finally:
             self.tasks.pop(batch_id, None)
@@ -169,7 +188,7 @@ class BatchService:
             if work.exists():
                 for line in iter_output(work):
                     good = (line.get("response") or {}).get("status_code") == 200
-                    (ok_f if good else err_f).write((json.dumps(line, ensure_ascii=False) + "\n").encode())
+                    (ok_f if good else err_f).write(json_bytes(line) + b"\n")
                     total, ok, failed = total + 1, ok + good, failed + (not good)
         stem = batch["id"]
         if ok:
@@ -178,7 +197,7 @@ class BatchService:
             batch["error_file_id"] = self.store.add_file(err_tmp, f"{stem}_error.jsonl", "batch_output")["id"]
         ok_tmp.unlink(missing_ok=True)
         err_tmp.unlink(missing_ok=True)
-        if batch["status"] != "cancelling":
+        if batch["status"] not in ("cancelling", "failed"):
             batch["request_counts"]["total"] = max(batch["request_counts"]["total"], total)
         batch["request_counts"].update(completed=ok, failed=failed)
 

@@ -57,9 +57,13 @@ class BatchStore:
         file_id = f"file-{uuid.uuid4().hex}"
         size = tmp.stat().st_size
         os.replace(tmp, self.file_path(file_id))
-        self.db.execute(
-            "INSERT INTO files VALUES (?, ?, ?, ?, ?)", (file_id, filename, purpose, size, int(time.time()))
-        )
+        try:
+            self.db.execute(
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?)", (file_id, filename, purpose, size, int(time.time()))
+            )
+        except BaseException:
+            self.file_path(file_id).unlink(missing_ok=True)  # no bytes without their record
+            raise
         return self.get_file(file_id)
 
     def get_file(self, file_id: str) -> dict[str, Any]:
@@ -70,18 +74,42 @@ class BatchStore:
 
     def list_files(self, purpose: str | None) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT * FROM files WHERE ? IS NULL OR purpose = ? ORDER BY created_at DESC", (purpose, purpose)
+            "SELECT * FROM files WHERE ? IS NULL OR purpose = ? ORDER BY created_at DESC, rowid DESC",
+            (purpose, purpose),
         )
         return [_file_object(r) for r in rows]
 
     def delete_file(self, file_id: str) -> None:
+        """Delete a file's record and bytes.
+
+        Raises:
+            ProxyError: 404, no such file; 409, a batch that has not ended reads it (its
+                input), so that the batch can still run, and resume after a restart.
+        """
         self.get_file(file_id)
+        busy = self.db.execute(
+            "SELECT id FROM batches WHERE json_extract(object, '$.input_file_id') = ?"
+            " AND json_extract(object, '$.status') IN ('validating', 'in_progress', 'finalizing', 'cancelling')",
+            (file_id,),
+        ).fetchone()
+        if busy is not None:
+            raise ProxyError(
+                409,
+                f"file {file_id} is the input of batch {busy[0]}, which has not ended; cancel it or wait for it",
+                "invalid_request_error",
+                "file_id",
+                "file_in_use",
+            )
         self.db.execute("DELETE FROM files WHERE id = ?", (file_id,))
         self.file_path(file_id).unlink(missing_ok=True)
 
     # ------------------------------------------------------------ batches
     def put_batch(self, batch: dict[str, Any]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO batches VALUES (?, ?)", (batch["id"], json.dumps(batch)))
+        # An update keeps the row (and its rowid, the listing's order): a replace would move it.
+        self.db.execute(
+            "INSERT INTO batches VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET object = excluded.object",
+            (batch["id"], json.dumps(batch)),
+        )
 
     def get_batch(self, batch_id: str) -> dict[str, Any]:
         row = self.db.execute("SELECT object FROM batches WHERE id = ?", (batch_id,)).fetchone()

@@ -19,14 +19,15 @@ Bad input lines do not fail the batch; each gets its own error line
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
+from proxy.common.jsontext import json_text
 from proxy.jobs.batch import BatchRunner
 from proxy.protocol.bodies import read_json_body
 from proxy.protocol.errors import ProxyError, invalid
@@ -73,7 +74,7 @@ BATCHES = web.AppKey("batches", BatchEndpoints)
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(obj, ensure_ascii=False), content_type="application/json")
+    return web.Response(status=status, text=json_text(obj), content_type="application/json")
 
 
 def _list(data: list[dict[str, Any]], request: web.Request) -> web.Response:
@@ -104,35 +105,43 @@ async def upload_file(request: web.Request) -> web.Response:
     store, max_bytes = batches.store, batches.max_file_bytes
     if not request.content_type.startswith("multipart/"):
         raise invalid("files are uploaded as multipart/form-data with fields 'file' and 'purpose'", "file")
-    try:
-        reader = await request.multipart()
-    except (KeyError, ValueError, AssertionError) as exc:  # no boundary, or a malformed one
-        raise invalid(f"malformed multipart/form-data body: {exc!s} (the Content-Type needs a boundary)", "file") from None
     purpose: str | None = None
     tmp: Path | None = None
     filename = "upload.jsonl"
+    files = 0
     try:
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "purpose":
-                purpose = (await part.text()).strip()
-            elif part.name == "file" and tmp is None:
-                filename = os.path.basename(part.filename or filename)
-                tmp = store.folder / "files" / f".upload-{uuid.uuid4().hex}"
-                size = 0
-                with open(tmp, "wb") as f:
-                    while chunk := await part.read_chunk(1 << 20):
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise ProxyError(
-                                413,
-                                f"file is larger than {max_bytes} bytes",
-                                "invalid_request_error",
-                                "file",
-                                "file_too_large",
-                            )
-                        f.write(chunk)
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    continue
+                if part.name == "purpose":
+                    purpose = (await part.text()).strip()
+                elif part.name == "file":
+                    files += 1
+                    if files > 1:
+                        raise invalid("give one 'file' part per upload", "file")
+                    # A name that is not valid UTF-8 keeps its readable part (U+FFFD for the rest).
+                    filename = os.path.basename(part.filename or filename).encode("utf-8", "replace").decode("utf-8")
+                    tmp = store.folder / "files" / f".upload-{uuid.uuid4().hex}"
+                    size = 0
+                    with open(tmp, "wb") as f:
+                        while chunk := await part.read_chunk(1 << 20):
+                            size += len(chunk)
+                            if size > max_bytes:
+                                raise ProxyError(
+                                    413,
+                                    f"file is larger than {max_bytes} bytes",
+                                    "invalid_request_error",
+                                    "file",
+                                    "file_too_large",
+                                )
+                            f.write(chunk)
+        except (KeyError, ValueError, LookupError, AssertionError, HttpProcessingError) as exc:
+            # no boundary, a body that does not follow it, a part cut short, a charset that
+            # does not exist or text that is not in it (UnicodeDecodeError is a ValueError)
+            detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+            raise invalid(f"malformed multipart/form-data body: {detail}", "file") from None
         if tmp is None:
             raise invalid("Missing required parameter: 'file'", "file", "missing_required_parameter")
         if purpose is None:

@@ -52,7 +52,12 @@ BATCH_CREATE: dict[str, Any] = {
         "input_file_id": {"type": "string"},
         "endpoint": {"type": "string", "enum": ["/v1/chat/completions", "/v1/completions"]},
         "completion_window": {"type": "string", "enum": ["24h"]},
-        "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+        "metadata": {
+            "type": ["object", "null"],
+            "maxProperties": 16,
+            "propertyNames": {"maxLength": 64},
+            "additionalProperties": {"type": "string", "maxLength": 512},
+        },
     },
 }
 
@@ -82,6 +87,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         401: "missing or unknown API key",
         403: "the key may not use this model or endpoint",
         404: "no such model, file or batch",
+        409: "the resource is busy or in another state (a batch that has ended, a file a batch reads)",
         413: "body or file too large",
         429: "the key's rate or concurrency limit (Retry-After)",
         502: "the upstream failed or answered something unusable",
@@ -272,7 +278,10 @@ def _files_and_batches(file: dict[str, Any], deleted: dict[str, Any], batch: dic
                 "summary": "Delete a file",
                 "security": auth,
                 "parameters": file_id,
-                "responses": {"200": {"description": "deleted", "content": _json(deleted)}, **_errors(401, 403, 404)},
+                "responses": {
+                    "200": {"description": "deleted", "content": _json(deleted)},
+                    **_errors(401, 403, 404, 409),
+                },
             },
         },
         "/v1/files/{file_id}/content": {
@@ -327,7 +336,7 @@ def _files_and_batches(file: dict[str, Any], deleted: dict[str, Any], batch: dic
                 "parameters": batch_id,
                 "responses": {
                     "200": {"description": "the batch", "content": _json(batch)},
-                    **_errors(400, 401, 403, 404),
+                    **_errors(400, 401, 403, 404, 409),
                 },
             }
         },

@@ -84,6 +84,12 @@ class ServerConfig(BaseModel):
     """Default per-key limit of requests in flight (without keys: for all clients together)."""
     key_rpm: int = Field(default=600, ge=1)
     """Default per-key requests per minute (without keys: for all clients together)."""
+    limits_storage: str | None = Field(default=None, pattern=r"^(redis|rediss|redis\+unix)://")
+    """Where the per-minute request counts live. None: this process's memory. A Redis URL
+    (``redis://host:6379/0``, ``rediss://`` with TLS, ``redis+unix:///path/redis.sock``):
+    shared by every replica that names it, so that a key's ``rpm`` holds across all of them
+    (the ``limits`` package's Redis storage, moving window). Requests in flight are counted
+    per replica."""
     audit_log: str | None = None
     """Append-only, hash-chained JSONL audit log (one line per request); None: off."""
     audit_log_text: bool = False

@@ -42,8 +42,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     """Readiness: every model is loaded and its upstream answers within
-    ``server.ready_timeout`` (:meth:`adapters.base.RemoteAdapter.check`);
-    503 with the reason per model otherwise."""
+    ``server.ready_timeout`` (:meth:`adapters.base.RemoteAdapter.check`), and the
+    rate-limit storage answers where it is Redis (``server.limits_storage``);
+    503 with the reason per model (and ``limits_storage``) otherwise."""
     timeout = request.app[SETTINGS].ready_timeout
 
     async def one(model: ServedModel) -> str:
@@ -55,10 +56,22 @@ async def ready(request: web.Request) -> web.Response:
             return str(from_exception(exc).message)
         return "ok"
 
+    async def limits() -> str:
+        try:
+            await asyncio.wait_for(request.app[GATEWAY].limits.check(), timeout)
+        except TimeoutError:
+            return f"the rate-limit storage did not answer within {timeout:g} s"
+        except Exception as exc:
+            return str(exc)
+        return "ok"
+
     models = request.app[MODELS]
     states = dict(zip(models, await asyncio.gather(*(one(m) for m in models.values())), strict=True))
-    ok = all(v == "ok" for v in states.values())
-    body = {"status": "ready" if ok else "not_ready", "models": states}
+    body: dict[str, object] = {"status": "ready", "models": states}
+    if request.app[SETTINGS].limits_storage is not None:
+        body["limits_storage"] = await limits()
+    ok = all(v == "ok" for v in states.values()) and body.get("limits_storage", "ok") == "ok"
+    body["status"] = "ready" if ok else "not_ready"
     return web.Response(status=200 if ok else 503, text=dumps(body), content_type="application/json")
 
 

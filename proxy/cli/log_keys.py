@@ -12,12 +12,41 @@ import sys
 from pydantic import ValidationError
 
 from proxy.config import ClientKey
-from proxy.gateway.request_log import verify
+from proxy.gateway.request_log import verify, verify_chains
 
 
 def verify_log(args: argparse.Namespace) -> int:
-    """0 when the chain verifies, 1 when it is broken (the first bad line on stderr)."""
-    result = verify(args.file, expected_head=args.head)
+    """0 when every chain verifies, 1 when one is broken or the files are not one chain per
+    replica (each problem on stderr), 2 for ``--head`` with several files."""
+    files = list(args.file)
+    if args.head is not None and len(files) > 1:
+        print("deltaproxy: verify-log: --head names the end of one chain; give one file with it", file=sys.stderr)
+        return 2
+    if len(files) == 1:
+        return _verify_one(files[0], args.head)
+    reports, problems = verify_chains(files)
+    bad = False
+    for r in reports:
+        who = f"replica {r.replica}" if r.replica else "no replica named"
+        if r.result.incomplete_tail_bytes:
+            print(
+                f"note: {r.path}: {r.result.incomplete_tail_bytes} bytes after the last newline are not part of the chain",
+                file=sys.stderr,
+            )
+        if r.result.ok:
+            print(f"ok: {r.path}: {r.result.lines} lines ({who}), last line sha256 {r.result.head}")
+        else:
+            bad = True
+            print(
+                f"deltaproxy: verify-log: {r.path}: {r.result.error} ({r.result.lines} lines verify)", file=sys.stderr
+            )
+    for p in problems:
+        print(f"deltaproxy: verify-log: {p}", file=sys.stderr)
+    return 1 if bad or problems else 0
+
+
+def _verify_one(path: str, head: str | None) -> int:
+    result = verify(path, expected_head=head)
     if result.incomplete_tail_bytes:
         print(
             f"note: {result.incomplete_tail_bytes} bytes after the last newline (a write cut off by a crash) "
@@ -25,7 +54,7 @@ def verify_log(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if not result.ok:
-        print(f"deltaproxy: verify-log: {args.file}: {result.error} ({result.lines} lines verify)", file=sys.stderr)
+        print(f"deltaproxy: verify-log: {path}: {result.error} ({result.lines} lines verify)", file=sys.stderr)
         return 1
     print(f"ok: {result.lines} lines, last line sha256 {result.head}")
     return 0

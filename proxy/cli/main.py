@@ -9,7 +9,7 @@
                      [--reference DIR] [--policy FILE] --out DIR [--model NAME] [--samples N]
     deltaproxy train --forget FILE [--retain FILE] --out DIR [--objective NAME] [--base MODEL]
                      [--mode proxy|exact|remote] [--remote NAME|URL] [--resume] [options]
-    deltaproxy verify-log FILE [--head SHA256]
+    deltaproxy verify-log FILE... [--head SHA256]
     deltaproxy hash-key [--id NAME] [--models A,B] [--stdin]
 
 ``serve`` prints ``base_url: http://HOST:PORT/v1`` once it accepts requests. Exit status: 0

@@ -93,9 +93,11 @@ def build() -> argparse.ArgumentParser:
         "--log-format", choices=["text", "json"], help="log lines as text or JSON (default: server.log_format)"
     )
 
-    v = command("verify-log", "check the hash chain of an audit log (exit 1 when it is broken)")
-    v.add_argument("file", help="the audit log (server.audit_log)")
-    v.add_argument("--head", help="the last line's sha256 as recorded elsewhere: also detect a cut-off end")
+    v = command("verify-log", "check the hash chain of an audit log, or of each replica's (exit 1 when one is broken)")
+    v.add_argument("file", nargs="+", help="the audit log (server.audit_log), or each replica's")
+    v.add_argument(
+        "--head", help="the last line's sha256 as recorded elsewhere: also detect a cut-off end (one file only)"
+    )
 
     k = command("hash-key", "make a client API key and print its [[server.keys]] entry")
     k.add_argument("--id", default="client", help="the key's name in metrics and logs")

@@ -18,7 +18,9 @@ and an ``{"event": "recovered_incomplete_line", "truncated_bytes": n}`` line
 records it.
 
 One writer at a time: the file is locked (``flock``) while open; a second
-server on the same file gets :class:`AuditLogError`.
+server on the same file gets :class:`AuditLogError`. Replicas each write their own file
+(``server.replica``, ``{replica}`` in ``server.audit_log``), every line naming its
+replica; :func:`verify_chains` checks several such files together.
 """
 
 from __future__ import annotations
@@ -75,9 +77,11 @@ class AuditLog:
             process, or a write fails.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False, replica: str | None = None) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self.replica = replica
+        """Written into every line (``"replica"``) when set: the chain's writer."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
@@ -106,7 +110,8 @@ class AuditLog:
         """
         if self._fd < 0:
             raise AuditLogError(f"the audit log {self.path} is closed")
-        line = _dumps(dict(record, prev_sha256=self.head))
+        extra = {"replica": self.replica} if self.replica is not None else {}
+        line = _dumps(dict(record, **extra, prev_sha256=self.head))
         try:
             written = os.write(self._fd, line + b"\n")
             if written != len(line) + 1:
@@ -175,3 +180,46 @@ def verify(path: str | os.PathLike[str], expected_head: str | None = None) -> Ve
         msg = f"the last line's sha256 is {prev}, not the expected {expected_head}: the end was edited or cut off"
         return Verification(False, len(lines), prev, msg, len(lines), len(tail))
     return Verification(True, len(lines), prev, None, None, len(tail))
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """One file of :func:`verify_chains`: its :class:`Verification` and the replica its lines name."""
+
+    path: str
+    result: Verification
+    replica: str | None
+
+
+def verify_chains(paths: list[str | os.PathLike[str]]) -> tuple[list[ChainReport], list[str]]:
+    """Verify each replica's audit log (:func:`verify`) and that the files are one chain
+    per replica: every line of a file names the same replica (or none), and no two files
+    name the same one. Returns the per-file reports and the problems across files (empty
+    when all is well; a broken chain is in its report).
+
+    Raises:
+        OSError: a file cannot be read.
+    """
+    reports: list[ChainReport] = []
+    problems: list[str] = []
+    owners: dict[str, str] = {}
+    for p in paths:
+        result = verify(p)
+        names: set[str] = set()
+        data = Path(p).read_bytes()
+        for raw in data.split(b"\n")[:-1]:  # every complete line, verified or not
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("event") is None and isinstance(rec.get("replica"), str):
+                names.add(rec["replica"])
+        if len(names) > 1:
+            problems.append(f"{p}: lines of several replicas ({', '.join(sorted(names))}) in one chain")
+        replica = next(iter(names)) if len(names) == 1 else None
+        if replica is not None:
+            if replica in owners:
+                problems.append(f"{p} and {owners[replica]} both hold replica {replica}'s lines")
+            owners[replica] = str(p)
+        reports.append(ChainReport(str(p), result, replica))
+    return reports, problems

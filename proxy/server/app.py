@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -176,6 +177,22 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(err)
 
 
+def _audit_log(settings: ServerConfig) -> AuditLog | None:
+    """The audit log of ``settings`` (None where it is off): ``{replica}`` in its path is
+    this replica's name (``server.replica``, else the host's name), which every line carries.
+
+    Raises:
+        AuditLogError: it cannot be opened, or another process holds it.
+    """
+    if not settings.audit_log:
+        return None
+    replica = settings.replica
+    if replica is None and "{replica}" in settings.audit_log:
+        replica = socket.gethostname()
+    path = settings.audit_log.replace("{replica}", replica) if replica else settings.audit_log
+    return AuditLog(path, replica=replica)
+
+
 async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
     rid = request.get(REQUEST_ID)
     if rid:
@@ -197,7 +214,7 @@ def create_app(
     app[SETTINGS] = settings
     # The audit log opens now, so that a bad path or a log held by another server fails the start.
     gateway = Gateway(
-        settings, audit=AuditLog(settings.audit_log) if settings.audit_log else None, models=frozenset(models)
+        settings, audit=_audit_log(settings), models=frozenset(models)
     )
     app[GATEWAY] = gateway
     gateway.metrics.registry.register(PairCollector(models))

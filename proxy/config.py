@@ -95,8 +95,9 @@ class ServerConfig(BaseModel):
     replica: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     """This replica's name: written into each audit line (``"replica"``) and put for
     ``{replica}`` in ``audit_log`` (``/var/log/deltaproxy/audit-{replica}.jsonl``), so that
-    replicas behind one address each keep a hash chain of their own. None: the host's
-    name (a Kubernetes pod's name) where ``audit_log`` holds ``{replica}``, else none."""
+    replicas behind one address each keep a hash chain of their own. None: the environment's
+    ``DELTAPROXY_REPLICA``, else the host's name (a Kubernetes pod's) where ``audit_log``
+    holds ``{replica}``, else none."""
     audit_log_text: bool = False
     """Also write prompt and output text into the audit log."""
     log_format: Literal["text", "json"] = "text"

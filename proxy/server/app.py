@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -179,14 +180,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 def _audit_log(settings: ServerConfig) -> AuditLog | None:
     """The audit log of ``settings`` (None where it is off): ``{replica}`` in its path is
-    this replica's name (``server.replica``, else the host's name), which every line carries.
+    this replica's name (``server.replica``, else ``$DELTAPROXY_REPLICA``, else the host's
+    name), which every line carries.
 
     Raises:
         AuditLogError: it cannot be opened, or another process holds it.
     """
     if not settings.audit_log:
         return None
-    replica = settings.replica
+    replica = settings.replica or os.environ.get("DELTAPROXY_REPLICA") or None
     if replica is None and "{replica}" in settings.audit_log:
         replica = socket.gethostname()
     path = settings.audit_log.replace("{replica}", replica) if replica else settings.audit_log

@@ -102,7 +102,9 @@ async def test_a_refusal_is_a_refusal_part(aiohttp_client):
         lambda prefix: {b"": story(b"")[:1], b" The": story(b" The")[:1]}.get(prefix, story(b" out")),
         can_continue=False,
     )
-    model = ServedModel("m", always, pair=WordPair(), mode="sequence", offset_threshold=1.0, offset_scope="token", refusal="No.")
+    model = ServedModel(
+        "m", always, pair=WordPair(), mode="sequence", offset_threshold=1.0, offset_scope="token", refusal="No."
+    )
     oa, _ = await _client(aiohttp_client, {"m": model})
     async with oa:
         r = await oa.responses.create(model="m", input="Tell me.", temperature=0)
@@ -116,7 +118,9 @@ async def test_a_refusal_is_a_refusal_part(aiohttp_client):
         messages = [{"role": "user", "content": "Tell me."}]
         chat = await oa.chat.completions.create(model="m", messages=messages, temperature=0)
         assert chat.choices[0].message.refusal == "No." and chat.choices[0].message.content is None
-        chunks = [c async for c in await oa.chat.completions.create(model="m", messages=messages, temperature=0, stream=True)]
+        chunks = [
+            c async for c in await oa.chat.completions.create(model="m", messages=messages, temperature=0, stream=True)
+        ]
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(d.refusal or "" for d in deltas) == "No." and not "".join(d.content or "" for d in deltas)
 
@@ -133,6 +137,7 @@ async def test_a_refusal_is_a_refusal_part(aiohttp_client):
         ({"max_output_tokens": 10**9}, "max_output_tokens"),
         ({"temperature": 3}, "temperature"),
         ({"reasoning": {"effort": "low"}}, "reasoning"),
+        ({"max_tool_calls": -3}, "max_tool_calls"),
     ],
 )
 async def test_fields_the_proxy_cannot_honour_are_refused_by_name(aiohttp_client, extra, param):
@@ -178,7 +183,10 @@ async def test_bad_bodies_get_4xx_never_5xx(aiohttp_client):
     [
         ({"type": "function_call_output", "call_id": "c", "output": "x"}, "input[0] is a 'function_call_output' item"),
         ({"type": "reasoning", "summary": []}, "input[0] is a 'reasoning' item"),
-        ({"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}, "input[0].content[0] is a 'input_image' part"),
+        (
+            {"role": "user", "content": [{"type": "input_image", "image_url": "x"}]},
+            "input[0].content[0] is a 'input_image' part",
+        ),
     ],
 )
 async def test_items_the_proxy_cannot_take_are_named(aiohttp_client, item, says):
@@ -202,6 +210,40 @@ async def test_errors_name_the_responses_fields(aiohttp_client):
     # an earlier assistant refusal is text the proxy passes on
     r = await client.post(
         "/v1/responses",
-        json={"model": "m", "input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}, {"role": "user", "content": "Hi"}]},
+        json={
+            "model": "m",
+            "input": [
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+                {"role": "user", "content": "Hi"},
+            ],
+        },
     )
     assert r.status == 200, await r.text()
+
+
+async def test_chat_fields_that_do_not_change_the_distribution_are_accepted(aiohttp_client):
+    """What the current SDK may send on chat completions and that leaves the sampled
+    distribution alone is accepted (and not acted on); a response_format that is not
+    {"type": "text"} is refused by name."""
+    model = ServedModel("m", FakeRemote(script(WORDS)))
+    oa, _ = await _client(aiohttp_client, {"m": model})
+    messages = [{"role": "user", "content": "Hello?"}]
+    async with oa:
+        reply = await oa.chat.completions.create(
+            model="m",
+            messages=messages,
+            safety_identifier="user-1234",
+            prompt_cache_key="conversation-7",
+            service_tier="auto",
+            response_format={"type": "text"},
+            temperature=0,
+        )
+        assert reply.choices[0].message.content == "".join(WORDS)
+        stream = await oa.chat.completions.create(
+            model="m", messages=messages, stream=True, stream_options={"include_obfuscation": False}, temperature=0
+        )
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "".join(WORDS)
+        for bad in ({"foo": 1}, {"type": "json_object"}):
+            with pytest.raises(openai.BadRequestError) as err:
+                await oa.chat.completions.create(model="m", messages=messages, response_format=bad)
+            assert err.value.body["param"] == "response_format"

@@ -129,7 +129,7 @@ class ResponsesRequest(BaseModel):
     conversation: Any = None
     reasoning: Any = None
     prompt: Any = None
-    max_tool_calls: int | None = None
+    max_tool_calls: int | None = Field(default=None, ge=1)
     service_tier: str | None = None
     offset_alpha: float | None = Field(default=None, ge=-100.0, le=100.0)
 

@@ -28,6 +28,9 @@ NULL_MEANS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream", "logprobs
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+    """OpenAI pads stream events against side channels; accepted, and no padding is added
+    (the proxy's events are sent as they come)."""
 
 
 class ContentPart(BaseModel):
@@ -142,6 +145,11 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    # Accepted and not acted on: none of them changes the sampled distribution (OpenAI's
+    # abuse-monitoring id, its prompt-cache routing key, its processing tier).
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    prompt_cache_key: str | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
@@ -155,8 +163,8 @@ class ChatCompletionRequest(_Common):
             raise ValueError(
                 "max_completion_tokens: give it alone; max_tokens (deprecated) asks for another limit at the same time"
             )
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format: only type 'text' is supported")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError("response_format: give {'type': 'text'} (the only type supported)")
         if self.tools:
             raise ValueError("tools: not supported by the offset proxy")
         if self.tool_choice not in (None, "none"):

@@ -15,7 +15,11 @@ Everything runs as plain processes on 127.0.0.1 and stops by itself:
    upstream's whole text. A stream cut by an error event is retried by the client, as an
    application would. One replica is killed with SIGKILL at a random point (seeded) between
    30% and 70% of the requests.
-4. Each replica's audit chain is verified (``deltaproxy verify-log`` over both files), and
+4. Batch: before the load, a ``--batch-lines`` batch is created on the replica that will
+   be killed (records and leases in the Redis, ``batch_storage``; files in a folder both
+   replicas share); after the kill the other replica takes it over when its lease expires.
+   It must complete with every line answered once.
+5. Each replica's audit chain is verified (``deltaproxy verify-log`` over both files), and
    every request that got an answer must have a line in one of them (matched by the
    ``X-Request-Id`` the client sent).
 
@@ -83,6 +87,8 @@ def _exe(name: str) -> str:
 
 
 def _proxy_config(upstream: str, redis: str, audit: Path, data: Path, replica: str) -> str:
+    batches = redis.rsplit("/", 1)[0] + "/1"  # another database than the limits' counts
+
     def entry(kid: str, secret: str, rpm: int) -> str:
         digest = hashlib.sha256(secret.encode()).hexdigest()
         return f'[[server.keys]]\nid = "{kid}"\nsha256 = "{digest}"\nrpm = {rpm}\n'
@@ -93,6 +99,8 @@ replica = "{replica}"
 audit_log = "{audit}"
 data_dir = "{data}"
 limits_storage = "{redis}"
+batch_storage = "{batches}"
+batch_lease_seconds = 3
 key_max_concurrent = 256
 shutdown_timeout = 5
 
@@ -165,6 +173,48 @@ async def _limited(base: str, n: int) -> Counter[int]:
     return counts
 
 
+async def _create_batch(base: str, lines: int) -> str:
+    """Upload a ``lines``-line batch input and start the batch at ``base``; its id."""
+    client = openai.AsyncOpenAI(base_url=base, api_key=LOAD_KEY, max_retries=2, timeout=60)
+    body = [
+        json.dumps(
+            {
+                "custom_id": f"line-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "fake", "messages": [{"role": "user", "content": f"batch {i}"}], "max_tokens": 16},
+            }
+        )
+        for i in range(lines)
+    ]
+    f = await client.files.create(file=("batch.jsonl", "\n".join(body).encode()), purpose="batch")
+    batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    await client.close()
+    return batch.id
+
+
+async def _finish_batch(base: str, batch_id: str, timeout: float = 300) -> dict[str, Any]:
+    """Wait for the batch to end (through ``base``); its status and what its output holds."""
+    client = openai.AsyncOpenAI(base_url=base, api_key=LOAD_KEY, max_retries=5, timeout=60)
+    deadline = time.monotonic() + timeout
+    batch = await client.batches.retrieve(batch_id)
+    while batch.status not in ("completed", "failed", "cancelled", "expired") and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        batch = await client.batches.retrieve(batch_id)
+    ids: list[str] = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:
+            text = (await client.files.content(file_id)).text
+            ids += [json.loads(x)["custom_id"] for x in text.splitlines() if x.strip()]
+    await client.close()
+    return {
+        "status": batch.status,
+        "lines_out": len(ids),
+        "distinct_lines": len(set(ids)),
+        "errors_file": bool(batch.error_file_id),
+    }
+
+
 async def _load(
     base: str, n: int, concurrency: int, kill_at: int, kill: Any
 ) -> tuple[dict[str, Any], list[float], set[str], set[str]]:
@@ -234,7 +284,9 @@ async def _load(
     return dict(counts), seconds, answered, sent
 
 
-def run(requests: int, concurrency: int, fault_rate: float, work: Path, seed: int = 0) -> dict[str, Any]:
+def run(
+    requests: int, concurrency: int, fault_rate: float, work: Path, seed: int = 0, batch_lines: int = 1000
+) -> dict[str, Any]:
     """The bench (module docstring) in folder ``work``; its JSON summary.
 
     Raises:
@@ -262,10 +314,23 @@ def run(requests: int, concurrency: int, fault_rate: float, work: Path, seed: in
         for name in ("a", "b"):
             cfg = work / f"proxy-{name}.toml"
             audit = work / "audit-{replica}.jsonl"
-            cfg.write_text(_proxy_config(upstream, f"redis://127.0.0.1:{redis_port}/0", audit, work / f"data-{name}", name))
+            cfg.write_text(_proxy_config(upstream, f"redis://127.0.0.1:{redis_port}/0", audit, work / "data", name))
             port = _free_port()
-            serve = [py, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", str(port), "--log-level", "WARNING"]
-            proc = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=open(logs / f"proxy-{name}.log", "w"), cwd=ROOT)
+            serve = [
+                py,
+                "-m",
+                "proxy.cli",
+                "serve",
+                "--config",
+                str(cfg),
+                "--port",
+                str(port),
+                "--log-level",
+                "WARNING",
+            ]
+            proc = subprocess.Popen(
+                serve, stdout=subprocess.DEVNULL, stderr=open(logs / f"proxy-{name}.log", "w"), cwd=ROOT
+            )
             procs.append(proc)
             replicas[name] = proc
             ports.append(port)
@@ -285,17 +350,26 @@ def run(requests: int, concurrency: int, fault_rate: float, work: Path, seed: in
         base = f"http://127.0.0.1:{nginx_port}/v1"
 
         limited = asyncio.run(_limited(base, 80))
+        batch_id = asyncio.run(_create_batch(f"http://127.0.0.1:{ports[1]}/v1", batch_lines)) if batch_lines else None
         rng = random.Random(seed)
         kill_at = rng.randint(int(0.3 * requests), int(0.7 * requests))
         victim = replicas["b"]
+        at_kill: dict[str, Any] = {}
 
         def kill() -> None:
+            if batch_id:  # where the batch stood when its replica died (its record in Redis)
+                import redis
+
+                with redis.Redis(port=redis_port, db=1, decode_responses=True) as r:
+                    record = json.loads(str(r.hget("deltaproxy:batches", batch_id)))
+                at_kill.update(status=record["status"], completed=record["request_counts"]["completed"])
             os.kill(victim.pid, signal.SIGKILL)
 
         t0 = time.monotonic()
         counts, seconds, answered, sent = asyncio.run(_load(base, requests, concurrency, kill_at, kill))
         wall = time.monotonic() - t0
         victim.wait(10)
+        batch = asyncio.run(_finish_batch(base, batch_id)) if batch_id else None
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -340,6 +414,7 @@ def run(requests: int, concurrency: int, fault_rate: float, work: Path, seed: in
         "latency_mean_s": round(statistics.fmean(seconds), 3) if seconds else None,
         "wall_s": round(wall, 1),
         "limited_key": {"rpm": 60, "sent": 80, "statuses": dict(limited)},
+        "batch": {"lines": batch_lines, "created_on": "b", "at_kill": at_kill, **(batch or {})},
         "audit": {
             "lines_per_replica": lines_per_replica,
             "verify_log_exit": check.returncode,
@@ -357,13 +432,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--fault-rate", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-lines", type=int, default=1000, help="lines of the batch started on the replica killed")
     p.add_argument("--json", help="also write the summary here")
     args = p.parse_args(argv)
     from bench import report
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            result = run(args.requests, args.concurrency, args.fault_rate, Path(tmp), seed=args.seed)
+            result = run(
+                args.requests,
+                args.concurrency,
+                args.fault_rate,
+                Path(tmp),
+                seed=args.seed,
+                batch_lines=args.batch_lines,
+            )
         except Missing as exc:
             sys.exit(f"bench.replicas: {exc}")
     report(result, args.json)

@@ -78,6 +78,15 @@ class ServerConfig(BaseModel):
     """Where uploaded files, batch outputs and their records are kept (default ``<cache>/server``)."""
     batch_concurrency: int = Field(default=4, ge=1)
     """Requests of one batch in flight at once."""
+    batch_storage: str | None = Field(default=None, pattern=r"^(redis|rediss|redis\+unix)://")
+    """Where file and batch records live. None: SQLite in ``data_dir`` (one process). A
+    Redis URL: shared by every replica that names it, with ``data_dir`` a folder they all
+    share (a volume); a batch runs on one replica at a time (a lease in Redis) and another
+    takes it over, line by line, when that replica dies
+    (:mod:`proxy.server.batch_store_redis`)."""
+    batch_lease_seconds: float = Field(default=15.0, ge=1.0, le=600.0)
+    """With ``batch_storage``: how long a batch's lease lasts unrenewed, so how soon another
+    replica takes over the batch of one that died (renewed every third of it)."""
     keys: tuple[ClientKey, ...] = ()
     """Client API keys. None configured: no authentication (the loopback default)."""
     key_max_concurrent: int = Field(default=16, ge=1)

@@ -3,7 +3,10 @@
 completed, failed, cancelling, cancelled) and its output and error files.
 
 A restarted server resumes every batch that was validating, in progress or finalizing
-(the run itself resumes line by line, :mod:`proxy.jobs.batch`). When a batch ends, its
+(the run itself resumes line by line, :mod:`proxy.jobs.batch`). With a shared store
+(``server.batch_storage``), a replica runs a batch only while it holds the batch's lease,
+and every replica watches for unfinished batches whose lease has expired (their replica
+died) and takes them over (:mod:`proxy.server.batch_store_redis`). When a batch ends, its
 lines with status 200 go to ``output_file_id`` and the others to ``error_file_id``, as
 OpenAI splits them. Bad input lines do not fail the batch; each gets its own error line
 (``tests/test_batch_api.py``).
@@ -22,6 +25,7 @@ from proxy.common.jsontext import json_bytes
 from proxy.jobs.batch import ENDPOINTS, BatchRunner, Summary, iter_output
 from proxy.protocol.errors import ProxyError, invalid
 from proxy.server.batch_store import BatchStore
+from proxy.server.batch_store_redis import RedisBatchStore
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +35,23 @@ UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 class BatchService:
     """Runs batches in the background of the server's event loop."""
 
-    def __init__(self, store: BatchStore, runner: BatchRunner, *, concurrency: int = 4) -> None:
+    def __init__(
+        self,
+        store: BatchStore | RedisBatchStore,
+        runner: BatchRunner,
+        *,
+        concurrency: int = 4,
+        owner: str | None = None,
+        lease_seconds: float = 15.0,
+    ) -> None:
         self.store = store
         self.runner = runner
         self.concurrency = concurrency
+        self.owner = owner or f"{uuid.uuid4().hex[:12]}"
+        """This replica's name on the leases it holds."""
+        self.lease_ms = int(lease_seconds * 1000)
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
         """Validate a ``POST /v1/batches`` body and start the batch.
@@ -102,14 +118,51 @@ class BatchService:
         self.start(batch["id"])
         return batch
 
-    def start(self, batch_id: str) -> None:
+    def start(self, batch_id: str) -> bool:
+        """Run the batch here if its lease can be taken; False when another replica holds it."""
+        if batch_id in self.tasks or not self.store.acquire(batch_id, self.owner, self.lease_ms):
+            return False
         self.tasks[batch_id] = asyncio.get_running_loop().create_task(self._run(batch_id))
+        return True
 
     def resume_unfinished(self) -> None:
         for batch in self.store.list_batches():
-            if batch["status"] in UNFINISHED and batch["id"] not in self.tasks:
+            if batch["status"] in UNFINISHED and batch["id"] not in self.tasks and self.start(batch["id"]):
                 log.info("resuming batch %s (%s)", batch["id"], batch["status"])
-                self.start(batch["id"])
+
+    def watch(self) -> None:
+        """Shared store: take over, every half lease, the unfinished batches whose lease has
+        expired (their replica died); one process: resume its own at start."""
+        self.resume_unfinished()
+        if self.store.shared and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ms / 2000)
+            try:
+                self.resume_unfinished()
+            except Exception:  # noqa: BLE001 - Redis unreachable: try again at the next tick
+                log.warning("batches: could not look for batches to take over", exc_info=True)
+
+    async def _keep_lease(self, batch_id: str, task: asyncio.Task[None]) -> None:
+        """Renew the lease every third of its time to live; cancel the run when it is lost or
+        when a cancel was asked on another replica."""
+        while not task.done():
+            await asyncio.sleep(self.lease_ms / 3000)
+            try:
+                held = self.store.renew(batch_id, self.owner, self.lease_ms)
+                cancel = self.store.cancel_requested(batch_id)
+            except Exception:  # noqa: BLE001 - the store does not answer: the lease cannot be trusted
+                log.warning("batch %s: its lease could not be renewed; stopping here", batch_id, exc_info=True)
+                held, cancel = False, False
+            if not held:
+                log.warning("batch %s: lease lost; another replica continues it", batch_id)
+                task.cancel()
+                return
+            if cancel:
+                task.cancel()
+                return
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
         batch = self.store.get_batch(batch_id)
@@ -119,6 +172,7 @@ class BatchService:
             )
         batch.update(status="cancelling", cancelling_at=batch["cancelling_at"] or int(time.time()))
         self.store.put_batch(batch)
+        self.store.request_cancel(batch_id)  # the replica running it, if another, cancels it
         task = self.tasks.get(batch_id)
         if task is not None:
             task.cancel()
@@ -135,10 +189,13 @@ class BatchService:
             if now - last > 0.5:  # request counts: a cheap update, not one per line
                 last = now
                 _counts(batch, summary)
+                if self.store.cancel_requested(batch_id):  # asked on another replica: keep it shown
+                    batch["status"] = "cancelling"
                 self.store.put_batch(batch)
 
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(batch_id, asyncio.current_task()))  # type: ignore[arg-type]
         try:
-            if batch["status"] == "cancelling":
+            if batch["status"] == "cancelling" or self.store.cancel_requested(batch_id):
                 raise asyncio.CancelledError
             if batch["status"] == "validating":
                 batch.update(status="in_progress", in_progress_at=int(time.time()))
@@ -157,9 +214,9 @@ class BatchService:
             batch.update(status="completed", completed_at=int(time.time()))
         except asyncio.CancelledError:
             stored = self.store.get_batch(batch_id)
-            if stored["status"] != "cancelling":
-                raise  # the server is shutting down: the batch resumes at the next start
-            batch.update(status="cancelling", cancelling_at=stored["cancelling_at"])
+            if stored["status"] != "cancelling" and not self.store.cancel_requested(batch_id):
+                raise  # shutting down, or the lease was lost: the batch resumes, here or elsewhere
+            batch.update(status="cancelling", cancelling_at=stored["cancelling_at"] or int(time.time()))
             self._finalize(batch, work)
             batch.update(status="cancelled", cancelled_at=int(time.time()))
         except Exception as exc:  # noqa: BLE001 - the batch fails, the server goes on
@@ -177,16 +234,22 @@ class BatchService:
                 errors={"object": "list", "data": [{"code": "batch_failed", "message": message, "line": None}]},
             )
         finally:
+            keeper.cancel()
             self.tasks.pop(batch_id, None)
         self.store.put_batch(batch)
+        self.store.release(batch_id, self.owner)
 
     def _finalize(self, batch: dict[str, Any], work: Path) -> None:
         """Split the run's output into the output file (status 200) and the error file (the rest)."""
         ok_tmp, err_tmp = work.with_suffix(".output.tmp"), work.with_suffix(".errors.tmp")
         total = ok = failed = 0
+        seen: set[Any] = set()
         with open(ok_tmp, "wb") as ok_f, open(err_tmp, "wb") as err_f:
             if work.exists():
                 for line in iter_output(work):
+                    if line.get("custom_id") in seen:  # written twice across a lease handover
+                        continue
+                    seen.add(line.get("custom_id"))
                     good = (line.get("response") or {}).get("status_code") == 200
                     (ok_f if good else err_f).write(json_bytes(line) + b"\n")
                     total, ok, failed = total + 1, ok + good, failed + (not good)
@@ -203,10 +266,17 @@ class BatchService:
 
     async def close(self) -> None:
         """Stop running batches; they stay unfinished in the store and resume at the next start."""
-        tasks = list(self.tasks.values())
+        if self._watcher is not None:
+            self._watcher.cancel()
+        ids, tasks = list(self.tasks), list(self.tasks.values())
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for batch_id in ids:  # another replica may continue them at once
+            try:
+                self.store.release(batch_id, self.owner)
+            except Exception:  # noqa: BLE001 - the lease then expires by itself
+                log.warning("batch %s: its lease could not be released", batch_id)
 
 
 def _counts(batch: dict[str, Any], summary: Summary) -> None:

@@ -35,7 +35,10 @@ def _not_found(kind: str, ident: str) -> ProxyError:
 
 class BatchStore:
     """File and batch records (SQLite) and file bytes (a folder); used from
-    the event loop's thread only."""
+    the event loop's thread only. One process: its leases are always granted (a shared
+    store, :class:`proxy.server.batch_store_redis.RedisBatchStore`, has real ones)."""
+
+    shared = False
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
@@ -116,6 +119,22 @@ class BatchStore:
         if row is None:
             raise _not_found("batch", batch_id)
         return dict(json.loads(row[0]))
+
+    # ------------------------------------------------------------ leases (one process: trivial)
+    def acquire(self, batch_id: str, owner: str, ttl_ms: int) -> bool:
+        return True
+
+    def renew(self, batch_id: str, owner: str, ttl_ms: int) -> bool:
+        return True
+
+    def release(self, batch_id: str, owner: str) -> None:
+        return None
+
+    def request_cancel(self, batch_id: str) -> None:
+        return None  # the one process cancels its own task
+
+    def cancel_requested(self, batch_id: str) -> bool:
+        return False
 
     def list_batches(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT object FROM batches ORDER BY rowid DESC")

@@ -20,6 +20,7 @@ Bad input lines do not fail the batch; each gets its own error line
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from proxy.protocol.bodies import read_json_body
 from proxy.protocol.errors import ProxyError, invalid
 from proxy.server.batch_service import BatchService
 from proxy.server.batch_store import BatchStore
+from proxy.server.batch_store_redis import RedisBatchStore
 
 FILE_PURPOSES = ("batch",)
 """Purposes a client may upload; ``batch_output`` files are the server's own."""
@@ -51,18 +53,21 @@ class BatchEndpoints:
     @property
     def service(self) -> BatchService:
         if self._service is None:
+            s = self.runner.settings
+            store = RedisBatchStore(s.batch_storage, self.folder) if s.batch_storage else BatchStore(self.folder)
+            owner = s.replica or os.environ.get("DELTAPROXY_REPLICA") or f"{socket.gethostname()}-{os.getpid()}"
             self._service = BatchService(
-                BatchStore(self.folder), self.runner, concurrency=self.runner.settings.batch_concurrency
+                store, self.runner, concurrency=s.batch_concurrency, owner=owner, lease_seconds=s.batch_lease_seconds
             )
         return self._service
 
     @property
-    def store(self) -> BatchStore:
+    def store(self) -> BatchStore | RedisBatchStore:
         return self.service.store
 
     async def start(self) -> None:
-        if (self.folder / "batches.sqlite3").exists():
-            self.service.resume_unfinished()
+        if self.runner.settings.batch_storage or (self.folder / "batches.sqlite3").exists():
+            self.service.watch()
 
     async def stop(self) -> None:
         if self._service is not None:

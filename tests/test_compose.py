@@ -90,13 +90,19 @@ def test_compose_services_as_plain_processes(tmp_path):
         for name, px in replicas.items():
             cfg_src = px["command"][px["command"].index("--config") + 1]
             config = (ROOT / cfg_src).read_text()
-            for container in ("http://upstream:8080/v1", "redis://redis:6379/0", "/var/log/deltaproxy/"):
+            for container in (
+                "http://upstream:8080/v1",
+                "redis://redis:6379/",
+                "/var/log/deltaproxy/",
+                "/var/lib/deltaproxy",
+            ):
                 assert container in config
             cfg = tmp_path / f"{name}.toml"
             cfg.write_text(
                 config.replace("http://upstream:8080/v1", f"http://127.0.0.1:{ports['upstream']}/v1")
-                .replace("redis://redis:6379/0", f"redis://127.0.0.1:{ports['redis']}/0")
+                .replace("redis://redis:6379/", f"redis://127.0.0.1:{ports['redis']}/")
                 .replace("/var/log/deltaproxy/", f"{tmp_path}/")
+                .replace("/var/lib/deltaproxy", f"{tmp_path}/data")
             )
             cmd = [str(cfg) if a == cfg_src else a for a in _local(px["command"], "8000", ports[name])]
             env = {k: v for k, v in px["environment"].items() if k != "DELTAPROXY_CACHE"}  # a container path

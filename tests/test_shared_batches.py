@@ -82,3 +82,27 @@ async def test_a_cancel_asked_on_the_other_replica_reaches_the_running_one(tmp_p
     finally:
         for s in (a, b):
             await s.close()
+
+
+async def test_a_batch_storage_that_does_not_answer_is_a_503(tmp_path):
+    from conftest import free_port
+
+    settings = ServerConfig(data_dir=str(tmp_path), batch_storage=f"redis://127.0.0.1:{free_port()}/0")
+    server = TestServer(create_app({"m": ServedModel("m", SlowRemote(0))}, settings))
+    await server.start_server()
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="none", max_retries=0)
+    try:
+        for call in (
+            client.batches.list(),
+            client.files.create(file=("a.jsonl", _line("a").encode()), purpose="batch"),
+        ):
+            try:
+                await call
+                raise AssertionError("no error")
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 503 and exc.body["code"] == "storage_unavailable"
+        assert list((tmp_path / "files").iterdir()) == []  # the upload's bytes were not kept
+        ready = await client._client.get(str(server.make_url("/ready")))
+        assert ready.status_code == 503 and "does not answer" in ready.json()["batch_storage"]
+    finally:
+        await server.close()

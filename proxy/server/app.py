@@ -169,6 +169,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = exc.code if 400 <= exc.code < 500 else 400
         return error_response(ProxyError(status, f"malformed request body: {exc.message}", "invalid_request_error"))
     except Exception as exc:
+        if type(exc).__module__.startswith("redis."):
+            # batch_storage's Redis does not answer: retryable, and nothing was changed
+            log.warning("request %s %s: the batch storage does not answer: %s", request.method, request.path, exc)
+            err = ProxyError(503, "the file and batch storage does not answer; retry shortly", "server_error", None,
+                             "storage_unavailable", headers={"Retry-After": "1"})  # fmt: skip
+            return error_response(err)
         err = from_exception(exc)
         if err.status >= 500:
             log.error("request %s %s failed: %s", request.method, request.path, exc, exc_info=err.status == 500)

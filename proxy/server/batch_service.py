@@ -133,7 +133,12 @@ class BatchService:
     def watch(self) -> None:
         """Shared store: take over, every half lease, the unfinished batches whose lease has
         expired (their replica died); one process: resume its own at start."""
-        self.resume_unfinished()
+        try:
+            self.resume_unfinished()
+        except Exception:  # noqa: BLE001 - a shared store that does not answer yet: the watcher retries
+            if not self.store.shared:
+                raise
+            log.warning("batches: the batch storage does not answer; looking again every %g s", self.lease_ms / 2000)
         if self.store.shared and self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
 

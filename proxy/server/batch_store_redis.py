@@ -74,6 +74,10 @@ class RedisBatchStore:
     def close(self) -> None:
         self.redis.close()
 
+    def check(self) -> None:
+        """Raise unless Redis answers (``GET /ready``)."""
+        self.redis.ping()
+
     def _order(self) -> float:
         return float(time.time_ns())
 

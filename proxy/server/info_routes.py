@@ -17,6 +17,7 @@ from proxy.gateway.keys import allowed_models
 from proxy.protocol.bodies import dumps
 from proxy.protocol.errors import ProxyError, from_exception
 from proxy.server.app_keys import GATEWAY, MODELS, SETTINGS
+from proxy.server.files_batches import BATCHES
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -65,12 +66,26 @@ async def ready(request: web.Request) -> web.Response:
             return str(exc)
         return "ok"
 
+    async def batches() -> str:
+        try:
+            store = request.app[BATCHES].store
+            await asyncio.wait_for(asyncio.to_thread(getattr(store, "check", lambda: None)), timeout)
+        except TimeoutError:
+            return f"the batch storage did not answer within {timeout:g} s"
+        except Exception as exc:
+            return f"the batch storage does not answer: {exc}"
+        return "ok"
+
     models = request.app[MODELS]
     states = dict(zip(models, await asyncio.gather(*(one(m) for m in models.values())), strict=True))
     body: dict[str, object] = {"status": "ready", "models": states}
     if request.app[SETTINGS].limits_storage is not None:
         body["limits_storage"] = await limits()
-    ok = all(v == "ok" for v in states.values()) and body.get("limits_storage", "ok") == "ok"
+    if request.app[SETTINGS].batch_storage is not None and BATCHES in request.app:
+        body["batch_storage"] = await batches()
+    ok = all(v == "ok" for v in states.values()) and all(
+        body.get(k, "ok") == "ok" for k in ("limits_storage", "batch_storage")
+    )
     body["status"] = "ready" if ok else "not_ready"
     return web.Response(status=200 if ok else 503, text=dumps(body), content_type="application/json")
 

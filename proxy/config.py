@@ -27,7 +27,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from adapters.profiles import PROVIDERS
 from proxy.common.literals import ClientAlpha, Prefill, ScopeAction
@@ -135,6 +135,22 @@ class ServerConfig(BaseModel):
             window_s=self.pair_batch_window_ms / 1000,
             max_tokens=self.pair_max_batch_tokens,
         )
+
+    @field_validator("limits_storage", "batch_storage")
+    @classmethod
+    def _redis_url(cls, url: str | None, info: ValidationInfo) -> str | None:
+        """A URL redis-py can build a client from (no connection is made here)."""
+        if url is None:
+            return None
+        import redis
+
+        try:
+            client = redis.Redis.from_url(url)
+            client.connection_pool.make_connection().disconnect()  # builds it, does not connect
+            client.close()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{info.field_name}: not a Redis URL redis-py accepts ({exc})") from None
+        return url
 
     @model_validator(mode="after")
     def _unique_keys(self) -> ServerConfig:

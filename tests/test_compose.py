@@ -82,7 +82,12 @@ def test_compose_services_as_plain_processes(tmp_path):
 
     try:
         upstream = start(_local(up["command"], "8080", ports["upstream"]), "upstream")
-        rd = start(_local(redis["command"], "6379", ports["redis"]), "redis")
+        assert "redis:/data" in redis["volumes"]
+        (tmp_path / "redis").mkdir()
+        rd = start(
+            [str(tmp_path / "redis") if a == "/data" else a for a in _local(redis["command"], "6379", ports["redis"])],
+            "redis",
+        )
         _healthy(_local(redis["healthcheck"]["test"], "6379", ports["redis"]), time.monotonic() + 30, rd)
         _healthy(_local(up["healthcheck"]["test"], "8080", ports["upstream"]), time.monotonic() + 180, upstream)
 

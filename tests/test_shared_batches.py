@@ -106,3 +106,43 @@ async def test_a_batch_storage_that_does_not_answer_is_a_503(tmp_path):
         assert ready.status_code == 503 and "does not answer" in ready.json()["batch_storage"]
     finally:
         await server.close()
+
+
+def test_replicas_that_do_not_share_data_dir_are_told_and_names_never_share_a_lease(tmp_path, redis_url):
+    import pytest
+
+    from proxy.server.batch_service import BatchService
+    from proxy.server.batch_store_redis import RedisBatchStore
+
+    url = redis_url.replace("/0", "/4")
+    first, same, other = (RedisBatchStore(url, tmp_path / d) for d in ("shared", "shared", "elsewhere"))
+    first.check()
+    same.check()  # the same folder: fine
+    with pytest.raises(RuntimeError, match="not the folder the other replicas use"):
+        other.check()
+    services = [BatchService(first, runner=None, owner="a") for _ in range(2)]  # type: ignore[arg-type]
+    assert services[0].owner.startswith("a:") and services[0].owner != services[1].owner
+    assert first.acquire("batch_x", services[0].owner, 5000) and not first.acquire("batch_x", services[1].owner, 5000)
+
+
+def test_a_redis_url_redis_py_cannot_use_is_a_config_error():
+    import pytest
+
+    from proxy.config import ServerConfig
+
+    for key in ("limits_storage", "batch_storage"):
+        with pytest.raises(ValueError, match=key):
+            ServerConfig(**{key: "redis://127.0.0.1:6379/1?foo=bar"})
+
+
+async def test_a_finished_batch_leaves_no_work_file(tmp_path, redis_url):
+    server, client = await _replica(tmp_path, redis_url.replace("/0", "/5"), "a", 0.0)
+    try:
+        f = await client.files.create(file=("in.jsonl", _line("a").encode()), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert (await _wait(client, batch.id)).status == "completed"
+    finally:
+        await server.close()
+    assert list((tmp_path / "work").iterdir()) == []

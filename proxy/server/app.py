@@ -221,9 +221,7 @@ def create_app(
     app[MODELS] = models
     app[SETTINGS] = settings
     # The audit log opens now, so that a bad path or a log held by another server fails the start.
-    gateway = Gateway(
-        settings, audit=_audit_log(settings), models=frozenset(models)
-    )
+    gateway = Gateway(settings, audit=_audit_log(settings), models=frozenset(models))
     app[GATEWAY] = gateway
     gateway.metrics.registry.register(PairCollector(models))
     app.on_response_prepare.append(_request_id_header)

@@ -47,8 +47,9 @@ class BatchService:
         self.store = store
         self.runner = runner
         self.concurrency = concurrency
-        self.owner = owner or f"{uuid.uuid4().hex[:12]}"
-        """This replica's name on the leases it holds."""
+        self.owner = f"{owner or 'replica'}:{uuid.uuid4().hex[:12]}"
+        """The name on the leases this process holds: the replica's name and a random part,
+        so that two processes given the same name never share a lease."""
         self.lease_ms = int(lease_seconds * 1000)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -147,8 +148,8 @@ class BatchService:
             await asyncio.sleep(self.lease_ms / 2000)
             try:
                 self.resume_unfinished()
-            except Exception:  # noqa: BLE001 - Redis unreachable: try again at the next tick
-                log.warning("batches: could not look for batches to take over", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - Redis unreachable: try again at the next tick
+                log.warning("batches: could not look for batches to take over: %s", exc)
 
     async def _keep_lease(self, batch_id: str, task: asyncio.Task[None]) -> None:
         """Renew the lease every third of its time to live; cancel the run when it is lost or
@@ -158,8 +159,8 @@ class BatchService:
             try:
                 held = self.store.renew(batch_id, self.owner, self.lease_ms)
                 cancel = self.store.cancel_requested(batch_id)
-            except Exception:  # noqa: BLE001 - the store does not answer: the lease cannot be trusted
-                log.warning("batch %s: its lease could not be renewed; stopping here", batch_id, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - the store does not answer: the lease cannot be trusted
+                log.warning("batch %s: its lease could not be renewed (%s); stopping here", batch_id, exc)
                 held, cancel = False, False
             if not held:
                 log.warning("batch %s: lease lost; another replica continues it", batch_id)
@@ -225,8 +226,18 @@ class BatchService:
             self._finalize(batch, work)
             batch.update(status="cancelled", cancelled_at=int(time.time()))
         except Exception as exc:  # noqa: BLE001 - the batch fails, the server goes on
+            if type(exc).__module__.startswith("redis."):
+                # the shared store does not answer: stop here without a verdict; the lease
+                # expires and this replica or another resumes the batch from its work file
+                log.warning("batch %s: the batch storage does not answer (%s); it resumes later", batch_id, exc)
+                return
             log.exception("batch %s failed", batch_id)
             message = f"the batch stopped on an internal error ({type(exc).__name__}); see the server log"
+            if isinstance(exc, FileNotFoundError):
+                message = (
+                    "the batch's input file is not in this server's data_dir (with batch_storage, every replica "
+                    "must mount the same data_dir)"
+                )
             try:  # what was answered before the error is published, not lost
                 batch["status"] = "failed"
                 self._finalize(batch, work)
@@ -243,6 +254,10 @@ class BatchService:
             self.tasks.pop(batch_id, None)
         self.store.put_batch(batch)
         self.store.release(batch_id, self.owner)
+        if batch["status"] in ("completed", "cancelled") or batch.get("output_file_id") or batch.get("error_file_id"):
+            # its lines are in the published output and error files now
+            for leftover in (work, work.with_name(work.name + ".progress.json")):
+                leftover.unlink(missing_ok=True)
 
     def _finalize(self, batch: dict[str, Any], work: Path) -> None:
         """Split the run's output into the output file (status 200) and the error file (the rest)."""

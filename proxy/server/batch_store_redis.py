@@ -75,8 +75,31 @@ class RedisBatchStore:
         self.redis.close()
 
     def check(self) -> None:
-        """Raise unless Redis answers (``GET /ready``)."""
+        """Raise unless Redis answers and ``folder`` is the data folder the other replicas
+        use (``GET /ready``, and once at start).
+
+        The first replica to check writes a random id into ``<data_dir>/.batch-storage-id``
+        and into Redis; a replica whose folder holds another id, or none while Redis has
+        one, is looking at another folder than the others: its files and batches would not
+        be found by them, nor theirs by it.
+
+        Raises:
+            redis.exceptions.RedisError: Redis does not answer.
+            RuntimeError: ``folder`` is not the shared one.
+        """
         self.redis.ping()
+        mark = self.folder / ".batch-storage-id"
+        local = mark.read_text().strip() if mark.is_file() else None
+        if self.redis.set(PREFIX + "data_dir_id", local or uuid.uuid4().hex, nx=True):
+            if local is None:  # the first replica: the folder takes Redis's new id
+                mark.write_text(str(self.redis.get(PREFIX + "data_dir_id")) + "\n")
+            return
+        shared = str(self.redis.get(PREFIX + "data_dir_id"))
+        if local != shared:
+            raise RuntimeError(
+                f"data_dir {self.folder} is not the folder the other replicas use (batch_storage needs one "
+                "data_dir that every replica mounts, a shared volume)"
+            )
 
     def _order(self) -> float:
         return float(time.time_ns())

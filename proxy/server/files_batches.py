@@ -19,6 +19,8 @@ Bad input lines do not fail the batch; each gets its own error line
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import uuid
@@ -35,6 +37,8 @@ from proxy.protocol.errors import ProxyError, invalid
 from proxy.server.batch_service import BatchService
 from proxy.server.batch_store import BatchStore
 from proxy.server.batch_store_redis import RedisBatchStore
+
+log = logging.getLogger(__name__)
 
 FILE_PURPOSES = ("batch",)
 """Purposes a client may upload; ``batch_output`` files are the server's own."""
@@ -66,6 +70,11 @@ class BatchEndpoints:
         return self.service.store
 
     async def start(self) -> None:
+        if self.runner.settings.batch_storage:
+            try:
+                await asyncio.to_thread(getattr(self.service.store, "check", lambda: None))
+            except Exception as exc:  # noqa: BLE001 - serve anyway: /ready says what is wrong
+                log.error("batches: %s", exc)
         if self.runner.settings.batch_storage or (self.folder / "batches.sqlite3").exists():
             self.service.watch()
 
@@ -172,7 +181,17 @@ async def retrieve_file(request: web.Request) -> web.Response:
 async def file_content(request: web.Request) -> web.StreamResponse:
     store = request.app[BATCHES].store
     f = store.get_file(request.match_info["file_id"])
-    return web.FileResponse(store.file_path(f["id"]), headers={"Content-Type": "application/octet-stream"})
+    path = store.file_path(f["id"])
+    if not path.is_file():  # the record is shared, the bytes are not here
+        raise ProxyError(
+            404,
+            f"file {f['id']} has a record but its bytes are not in this server's data_dir "
+            "(with batch_storage, every replica must mount the same data_dir)",
+            "invalid_request_error",
+            "file_id",
+            "file_content_missing",
+        )
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
 
 async def delete_file(request: web.Request) -> web.Response:

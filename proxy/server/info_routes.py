@@ -72,6 +72,8 @@ async def ready(request: web.Request) -> web.Response:
             await asyncio.wait_for(asyncio.to_thread(getattr(store, "check", lambda: None)), timeout)
         except TimeoutError:
             return f"the batch storage did not answer within {timeout:g} s"
+        except RuntimeError as exc:  # data_dir is not the shared one
+            return str(exc)
         except Exception as exc:
             return f"the batch storage does not answer: {exc}"
         return "ok"

@@ -91,7 +91,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "body or file too large",
         429: "the key's rate or concurrency limit (Retry-After)",
         502: "the upstream failed or answered something unusable",
-        503: "the upstream is unavailable, or the server is shutting down",
+        503: "the upstream, the rate-limit storage or the batch storage does not answer, or the server is "
+        "shutting down (retry)",
         504: "the upstream timed out",
     }
     return {
@@ -177,7 +178,9 @@ def openapi_document(models: tuple[str, ...] = (), batches: bool = True) -> dict
                 "summary": "Readiness: every model loaded and its upstream answering",
                 "responses": {
                     "200": {"description": "ready"},
-                    "503": {"description": "not ready, with the reason per model"},
+                    "503": {
+                        "description": "not ready: the reason per model, and for the rate-limit and batch storages"
+                    },
                 },
             }
         },
@@ -251,7 +254,7 @@ def _files_and_batches(file: dict[str, Any], deleted: dict[str, Any], batch: dic
                 },
                 "responses": {
                     "200": {"description": "the file", "content": _json(file)},
-                    **_errors(400, 401, 403, 413),
+                    **_errors(400, 401, 403, 413, 503),
                 },
             },
             "get": {
@@ -263,7 +266,7 @@ def _files_and_batches(file: dict[str, Any], deleted: dict[str, Any], batch: dic
                 ],
                 "responses": {
                     "200": {"description": "the files", "content": _json(_list_of(file["$ref"]))},
-                    **_errors(400, 401, 403),
+                    **_errors(400, 401, 403, 503),
                 },
             },
         },
@@ -280,7 +283,7 @@ def _files_and_batches(file: dict[str, Any], deleted: dict[str, Any], batch: dic
                 "parameters": file_id,
                 "responses": {
                     "200": {"description": "deleted", "content": _json(deleted)},
-                    **_errors(401, 403, 404, 409),
+                    **_errors(401, 403, 404, 409, 503),
                 },
             },
         },
@@ -294,7 +297,7 @@ def _files_and_batches(file: dict[str, Any], deleted: dict[str, Any], batch: dic
                         "description": "the bytes",
                         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
                     },
-                    **_errors(401, 403, 404),
+                    **_errors(401, 403, 404, 503),
                 },
             }
         },
@@ -308,7 +311,7 @@ def _files_and_batches(file: dict[str, Any], deleted: dict[str, Any], batch: dic
                 },
                 "responses": {
                     "200": {"description": "the batch", "content": _json(batch)},
-                    **_errors(400, 401, 403, 404, 429),
+                    **_errors(400, 401, 403, 404, 429, 503),
                 },
             },
             "get": {
@@ -317,7 +320,7 @@ def _files_and_batches(file: dict[str, Any], deleted: dict[str, Any], batch: dic
                 "parameters": page,
                 "responses": {
                     "200": {"description": "the batches", "content": _json(_list_of(batch["$ref"]))},
-                    **_errors(400, 401, 403),
+                    **_errors(400, 401, 403, 503),
                 },
             },
         },
@@ -336,7 +339,7 @@ def _files_and_batches(file: dict[str, Any], deleted: dict[str, Any], batch: dic
                 "parameters": batch_id,
                 "responses": {
                     "200": {"description": "the batch", "content": _json(batch)},
-                    **_errors(400, 401, 403, 404, 409),
+                    **_errors(400, 401, 403, 404, 409, 503),
                 },
             }
         },

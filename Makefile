@@ -13,7 +13,7 @@ run: install
 # Everything: lint, types, the import contracts, the docs site, then every test.
 test: install lint docs
 	bash scripts/install-vllm.sh >/dev/null  # vLLM for the tests' remote, in its own venv (once, ~3 minutes)
-	bash scripts/install-services.sh  # redis-server from the distribution's packages (once), for the replica tests
+	bash scripts/install-services.sh  # redis-server and nginx from the distribution's packages (once), for the replica tests
 	$(PY) -m pytest -q -ra --durations=15
 
 # The inner loop: the same checks and the tests that need no packaged model, no server and no

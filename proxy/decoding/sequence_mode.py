@@ -13,7 +13,10 @@ product of the per-token factors of :func:`proxy.decoding.offset.target_logits`.
 - T = 0: the remote's greedy answer when no token of it is in scope (one call, the remote's
   own answer). Otherwise ``sequence_samples − 1`` more are drawn at T = 1 and the answer is
   the one maximising Σℓ + α·ΣΔ_scoped among those out of scope, Σℓ the remote's own sequence
-  log-probability where it gives logprobs, else B's (teacher-forced) standing in.
+  log-probability where it gives logprobs, else B's (teacher-forced) standing in. Those draws
+  carry seeds derived from the request's messages or prompt where the request gives none
+  (:func:`prompt_seed`), so that the same greedy request gets the same answer (streamed or
+  not) from a remote that honours ``seed``.
 - Every candidate in scope: the model's ``scope_action`` ("refuse": its refusal text;
   "mask": the best candidate with its in-scope spans masked, :mod:`proxy.decoding.spans`;
   "rewrite": the best candidate up to its first in-scope word, the rest written by the pair
@@ -27,6 +30,8 @@ in scope is never returned while one out of scope is, and without τ (``offset_t
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +42,13 @@ from proxy.decoding.protocols import Served
 from proxy.decoding.spans import flagged_spans, mask
 from proxy.decoding.text import cut_at_stop
 from proxy.decoding.types import ChoiceStats, DecodingError, Piece, SamplingParams
+
+
+def prompt_seed(base: Context) -> int:
+    """A seed that is a function of the request's messages or raw prompt (sha256 of their
+    JSON): the same greedy request draws the same candidates."""
+    text = json.dumps([base.messages, base.prompt], sort_keys=True, ensure_ascii=True, default=str)
+    return int.from_bytes(hashlib.sha256(text.encode("ascii")).digest()[:8], "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +103,12 @@ class SequenceDecoder:
             scored = [await self._score(prompt_ids, first[0], params, stats)]
             if not scored[0].in_scope or n == 1:
                 return await self._pick(scored, 0, params, stats, prompt_ids, rng)
-            more = await self._samples(base, params, rng, stats, n - 1, 1.0)
+            if params.seed is None:  # T = 0 is repeatable: the draws' seeds come from the request
+                more = await self._samples(
+                    base, params, np.random.default_rng(prompt_seed(base)), stats, n - 1, 1.0, True
+                )
+            else:
+                more = await self._samples(base, params, rng, stats, n - 1, 1.0)
             scored += [await self._score(prompt_ids, x, params, stats) for x in more]
             value = np.array([x.logprob + params.alpha * x.offset for x in scored])
             out = np.array([not x.in_scope for x in scored])
@@ -118,13 +135,15 @@ class SequenceDecoder:
         stats: ChoiceStats,
         n: int,
         temperature: float,
+        seeded: bool = False,
     ) -> list[Sample]:
         """``n`` complete answers at ``temperature``, drawn concurrently (stop strings cut here,
-        also where the upstream ignores them)."""
+        also where the upstream ignores them); each with a seed from ``rng`` where the request
+        gives one, or with ``seeded``."""
         sampler = self.model.adapter
         assert isinstance(sampler, SamplingAdapter)
         want_logprobs = self.model.adapter.capabilities.logprobs and self.model.uses_offset and params.alpha != 0
-        seeds = [None if params.seed is None else int(rng.integers(2**31)) for _ in range(n)]
+        seeds = [int(rng.integers(2**31)) if seeded or params.seed is not None else None for _ in range(n)]
         try:
             async with asyncio.TaskGroup() as group:  # one failure cancels the other samples
                 tasks = [

@@ -79,10 +79,9 @@ class ServerConfig(BaseModel):
     batch_concurrency: int = Field(default=4, ge=1)
     """Requests of one batch in flight at once."""
     batch_storage: str | None = Field(default=None, pattern=r"^(redis|rediss|redis\+unix)://")
-    """Where file and batch records live. None: SQLite in ``data_dir`` (one process). A
-    Redis URL: shared by every replica that names it, with ``data_dir`` a folder they all
-    share (a volume); a batch runs on one replica at a time (a lease in Redis) and another
-    takes it over, line by line, when that replica dies
+    """Where file and batch records live: None, SQLite in ``data_dir`` (one process); a Redis
+    URL, shared by the replicas that name it and mount one ``data_dir``: a batch runs on one
+    replica at a time (a lease), another takes it over when that replica dies
     (:mod:`proxy.server.batch_store_redis`)."""
     batch_lease_seconds: float = Field(default=15.0, ge=1.0, le=600.0)
     """With ``batch_storage``: how long a batch's lease lasts unrenewed, so how soon another
@@ -94,19 +93,16 @@ class ServerConfig(BaseModel):
     key_rpm: int = Field(default=600, ge=1)
     """Default per-key requests per minute (without keys: for all clients together)."""
     limits_storage: str | None = Field(default=None, pattern=r"^(redis|rediss|redis\+unix)://")
-    """Where the per-minute request counts live. None: this process's memory. A Redis URL
-    (``redis://host:6379/0``, ``rediss://`` with TLS, ``redis+unix:///path/redis.sock``):
-    shared by every replica that names it, so that a key's ``rpm`` holds across all of them
-    (the ``limits`` package's Redis storage, moving window). Requests in flight are counted
-    per replica."""
+    """Where the per-minute request counts live: None, this process's memory; a Redis URL
+    (``redis://host:6379/0``, ``rediss://``, ``redis+unix:///path``), shared by the replicas
+    that name it, so a key's ``rpm`` holds across them (``limits``' Redis storage). Requests
+    in flight are counted per replica."""
     audit_log: str | None = None
     """Append-only, hash-chained JSONL audit log (one line per request); None: off."""
     replica: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    """This replica's name: written into each audit line (``"replica"``) and put for
-    ``{replica}`` in ``audit_log`` (``/var/log/deltaproxy/audit-{replica}.jsonl``), so that
-    replicas behind one address each keep a hash chain of their own. None: the environment's
-    ``DELTAPROXY_REPLICA``, else the host's name (a Kubernetes pod's) where ``audit_log``
-    holds ``{replica}``, else none."""
+    """This replica's name, in each audit line (``"replica"``) and for ``{replica}`` in
+    ``audit_log`` (``audit-{replica}.jsonl``): one hash chain per replica. None:
+    ``$DELTAPROXY_REPLICA``, else the host's name where ``audit_log`` holds ``{replica}``."""
     audit_log_text: bool = False
     """Also write prompt and output text into the audit log."""
     log_format: Literal["text", "json"] = "text"

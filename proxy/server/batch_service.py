@@ -24,12 +24,10 @@ from typing import Any
 from proxy.common.jsontext import json_bytes
 from proxy.jobs.batch import ENDPOINTS, BatchRunner, Summary, iter_output
 from proxy.protocol.errors import ProxyError, invalid
-from proxy.server.batch_store import BatchStore
+from proxy.server.batch_store import UNFINISHED, BatchStore
 from proxy.server.batch_store_redis import RedisBatchStore
 
 log = logging.getLogger(__name__)
-
-UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 
 
 class BatchService:

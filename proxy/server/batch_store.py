@@ -8,11 +8,13 @@ object", "The batch object").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,23 @@ CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, object TEXT NOT NULL  -- the batch object, JSON
 );
 """
+
+
+UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+"""Batch statuses of a batch that has not ended."""
+
+
+@contextlib.contextmanager
+def placed(tmp: Path, target: Path) -> Iterator[None]:
+    """Move the complete file ``tmp`` onto ``target`` (same file system) for the record that
+    the block writes; when the block fails, the file is removed again: no bytes without
+    their record."""
+    os.replace(tmp, target)
+    try:
+        yield
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
 
 
 def _not_found(kind: str, ident: str) -> ProxyError:
@@ -59,14 +78,10 @@ class BatchStore:
         """Register a complete file (moved from ``tmp``, on the same file system)."""
         file_id = f"file-{uuid.uuid4().hex}"
         size = tmp.stat().st_size
-        os.replace(tmp, self.file_path(file_id))
-        try:
+        with placed(tmp, self.file_path(file_id)):
             self.db.execute(
                 "INSERT INTO files VALUES (?, ?, ?, ?, ?)", (file_id, filename, purpose, size, int(time.time()))
             )
-        except BaseException:
-            self.file_path(file_id).unlink(missing_ok=True)  # no bytes without their record
-            raise
         return self.get_file(file_id)
 
     def get_file(self, file_id: str) -> dict[str, Any]:
@@ -92,8 +107,8 @@ class BatchStore:
         self.get_file(file_id)
         busy = self.db.execute(
             "SELECT id FROM batches WHERE json_extract(object, '$.input_file_id') = ?"
-            " AND json_extract(object, '$.status') IN ('validating', 'in_progress', 'finalizing', 'cancelling')",
-            (file_id,),
+            f" AND json_extract(object, '$.status') IN ({', '.join('?' * len(UNFINISHED))})",
+            (file_id, *UNFINISHED),
         ).fetchone()
         if busy is not None:
             raise ProxyError(

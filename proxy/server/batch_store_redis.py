@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.protocol.errors import ProxyError
+from proxy.server.batch_store import UNFINISHED, placed
 
 PREFIX = "deltaproxy:"
 
@@ -112,7 +113,6 @@ class RedisBatchStore:
         """Register a complete file (moved from ``tmp``, on the same file system)."""
         file_id = f"file-{uuid.uuid4().hex}"
         size = tmp.stat().st_size
-        os.replace(tmp, self.file_path(file_id))
         obj = {
             "id": file_id,
             "object": "file",
@@ -123,14 +123,10 @@ class RedisBatchStore:
             "status": "processed",
             "status_details": None,
         }
-        try:
-            with self.redis.pipeline() as p:
-                p.hset(PREFIX + "files", file_id, json.dumps(obj))
-                p.zadd(PREFIX + "files:order", {file_id: self._order()})
-                p.execute()
-        except BaseException:
-            self.file_path(file_id).unlink(missing_ok=True)  # no bytes without their record
-            raise
+        with placed(tmp, self.file_path(file_id)), self.redis.pipeline() as p:
+            p.hset(PREFIX + "files", file_id, json.dumps(obj))
+            p.zadd(PREFIX + "files:order", {file_id: self._order()})
+            p.execute()
         return obj
 
     def get_file(self, file_id: str) -> dict[str, Any]:
@@ -204,6 +200,3 @@ class RedisBatchStore:
 
     def cancel_requested(self, batch_id: str) -> bool:
         return bool(self.redis.exists(PREFIX + "cancel:" + batch_id))
-
-
-UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")

@@ -73,13 +73,10 @@ def start(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess
     raise RuntimeError(f"{cmd[:3]} did not start in 120 s")
 
 
-def proxy_config(upstream: str, audit_log: Path) -> str:
+def fake_model(upstream: str) -> str:
+    """The ``[models.fake]`` section on :mod:`bench.fake_upstream` at ``upstream`` (vLLM-style
+    continuation, 2 attempts per upstream call)."""
     return f"""
-[server]
-audit_log = "{audit_log}"
-key_max_concurrent = 256
-key_rpm = 1000000
-
 [models.fake]
 backend = "openai-chat"
 base_url = "{upstream}"
@@ -89,6 +86,15 @@ retry_attempts = 2
 retry_seconds = 5
 read_timeout = 10
 """
+
+
+def proxy_config(upstream: str, audit_log: Path) -> str:
+    return f"""
+[server]
+audit_log = "{audit_log}"
+key_max_concurrent = 256
+key_rpm = 1000000
+{fake_model(upstream)}"""
 
 
 async def one(session: aiohttp.ClientSession, base: str, i: int, result: LoadResult) -> None:

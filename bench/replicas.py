@@ -50,7 +50,7 @@ from typing import Any
 import openai
 
 from bench.fake_upstream import TEXT
-from bench.load import ROOT, start
+from bench.load import ROOT, fake_model, start
 
 EXPECTED = "".join(TEXT)
 LOAD_KEY, LIMITED_KEY = "sk-replicas-load", "sk-replicas-limited"
@@ -106,16 +106,7 @@ shutdown_timeout = 5
 
 {entry("load", LOAD_KEY, 1_000_000)}
 {entry("limited", LIMITED_KEY, 60)}
-
-[models.fake]
-backend = "openai-chat"
-base_url = "{upstream}"
-remote_model = "fake"
-prefill = "vllm"
-retry_attempts = 2
-retry_seconds = 5
-read_timeout = 10
-"""
+{fake_model(upstream)}"""
 
 
 def _nginx_config(prefix: Path, port: int, replicas: list[int]) -> str:

@@ -143,3 +143,22 @@ def corrupt_last_byte(path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+class EchoWorker:
+    """A Ray worker (:class:`proxy.jobs.ray_engine.LineWorker`) for the engine's tests: answers
+    ``{"id", "text"}`` with the text upper-cased and the process that answered it."""
+
+    def __init__(self, fail: bool = False) -> None:
+        if fail:
+            raise ValueError("this worker cannot start: its model is missing")
+
+    async def answer(self, payload: dict) -> dict:
+        import asyncio
+        import os
+
+        await asyncio.sleep(0.001)
+        return {"id": payload["id"], "text": payload["text"].upper(), "pid": os.getpid()}
+
+    async def aclose(self) -> None:
+        pass

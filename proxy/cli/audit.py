@@ -9,6 +9,7 @@ import json
 import sys
 
 from proxy.cli.common import config_of, one_model
+from proxy.cli.workers import AuditWorker, on_ray
 from proxy.config import ConfigError
 from proxy.evaluation.items import AuditError, AuditSettings, load_policy
 from proxy.evaluation.run import run_audit
@@ -38,6 +39,7 @@ async def run(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy) if args.policy else None
         config = config_of(args)
         name, model = one_model(args, config)
+        ray = on_ray(args, config, settings.concurrency, AuditWorker, name, settings)
         mc = config.models[name]
         info = {
             "name": name,
@@ -57,6 +59,7 @@ async def run(args: argparse.Namespace) -> int:
                 policy=policy,
                 info=info,
                 progress=not args.no_progress,
+                ray=ray,
             )
         finally:
             await model.aclose()

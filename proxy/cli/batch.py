@@ -6,12 +6,13 @@ import argparse
 import os
 
 from proxy.cli.common import config_of, served_models
+from proxy.cli.workers import BatchWorker, on_ray
 from proxy.config import ConfigError
 from proxy.jobs.batch import BatchInputError, BatchRunner
 
 
 async def run(args: argparse.Namespace) -> int:
-    """Run every line not yet in ``--out``; prints the counts.
+    """Run every line not yet in ``--out`` (here, or on Ray with ``--engine ray``); prints the counts.
 
     Raises:
         ConfigError: a bad input file, concurrency or config.
@@ -21,10 +22,12 @@ async def run(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.inp):
         raise ConfigError(f"--in: {args.inp} is not a file")
     config = config_of(args)
-    models = served_models(config)
+    ray = on_ray(args, config, args.concurrency, BatchWorker)
+    # Under Ray the workers hold the models; this process answers only bad lines.
+    models = {} if ray is not None else served_models(config)
     try:
         summary = await BatchRunner(models, config.server).run(
-            args.inp, args.out, concurrency=args.concurrency, progress=not args.no_progress
+            args.inp, args.out, concurrency=args.concurrency, progress=not args.no_progress, ray=ray
         )
     except BatchInputError as exc:
         raise ConfigError(str(exc)) from exc

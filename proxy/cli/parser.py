@@ -72,6 +72,24 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="offset strength α for the embedded default (0 disables it)")
 
 
+def engine_options(p: argparse.ArgumentParser) -> None:
+    """``--engine`` and the Ray engine's settings."""
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process; ray: Ray Data workers, each with its own model (default local)",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="a running Ray cluster (default: $RAY_ADDRESS, else a local cluster started for this run)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="--engine ray: workers, one model each (default 2)")
+    p.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="--engine ray: CPUs reserved per worker (default 1)"
+    )
+
+
 def build() -> argparse.ArgumentParser:
     """The whole parser; each command sets ``command`` (its module under :mod:`proxy.cli`)."""
     p = argparse.ArgumentParser(
@@ -109,6 +127,7 @@ def build() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output JSONL; an interrupted run continues where it stopped")
     b.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    engine_options(b)
     model_options(b)
 
     r = command(
@@ -128,6 +147,7 @@ def build() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=int, default=256, help="regenerate: most new tokens per output")
     r.add_argument("--fpr", type=float, default=0.05, help="calibrate: target fraction of flagged characters")
     r.add_argument("--no-progress", action="store_true")
+    engine_options(r)
     model_options(r)
 
     c = command(
@@ -166,6 +186,7 @@ def build() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--concurrency", type=int, default=4)
     a.add_argument("--no-progress", action="store_true")
+    engine_options(a)
     model_options(a)
 
     train_options(command("train", "train an offset artifact from a forget set"))

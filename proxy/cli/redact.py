@@ -8,6 +8,7 @@ import json
 import os
 
 from proxy.cli.common import config_of, one_model
+from proxy.cli.workers import RedactWorker, on_ray
 from proxy.config import ConfigError
 from proxy.redaction.redact import redact_file
 from proxy.redaction.scoring import RedactError, score_file
@@ -49,6 +50,7 @@ async def run(args: argparse.Namespace) -> int:
         threshold = args.threshold if args.threshold is not None else model.offset_threshold
         if threshold is None:
             raise ConfigError(f"--threshold is required: model {name!r} has no offset_threshold")
+        ray = on_ray(args, config, 1, RedactWorker, name, threshold, args.mode, args.marker, args.max_tokens)
         counts = await redact_file(
             model,
             args.inp,
@@ -58,6 +60,7 @@ async def run(args: argparse.Namespace) -> int:
             marker=args.marker,
             max_tokens=args.max_tokens,
             progress=not args.no_progress,
+            ray=ray,
         )
     except RedactError as exc:
         raise ConfigError(str(exc)) from exc

@@ -52,7 +52,8 @@ from proxy.evaluation.items import SPLITS, AuditError, AuditSettings, load_items
 from proxy.evaluation.report import render_html
 from proxy.evaluation.scoring import QScorer
 from proxy.evaluation.summary import check_policy, evaluate_item, summarise
-from proxy.jobs.runner import LineRunner, OutputError
+from proxy.jobs.ray_engine import RaySettings, WorkerFactory
+from proxy.jobs.runner import LineRunner, OnRay, OutputError
 from proxy.pair.model_files import file_sha256
 
 
@@ -67,10 +68,16 @@ async def run_audit(
     info: dict[str, Any] | None = None,
     progress: bool = True,
     on_item: Callable[[dict[str, Any]], None] | None = None,
+    ray: tuple[RaySettings, WorkerFactory] | None = None,
 ) -> dict[str, Any]:
     """Audit ``model`` on the item files ``files`` (split -> path, at least
     ``forget``); write ``items.jsonl``, ``report.json`` and ``report.html``
     to ``out_dir``; return the report.
+
+    With ``ray``, the items are evaluated on Ray (:mod:`proxy.jobs.ray_engine`), each
+    worker built by the factory (``proxy.cli.workers.AuditWorker``: its own model and
+    :class:`QScorer`, :func:`evaluate_item` with the same settings); ``model`` then gives
+    the report its identity and what can be scored. The summary and report are made here.
 
     Raises:
         AuditError: bad input files, or an output folder holding another audit.
@@ -127,6 +134,9 @@ async def run_audit(
         bar=tqdm(total=len(todo), initial=len(results), desc="audit", unit="item", disable=not progress),
         concurrency=settings.concurrency,
         on_line=keep,
+        ray=None
+        if ray is None
+        else OnRay(ray[0], ray[1], lambda si: {"split": si[0], "index": si[1], "item": data[si[0]][si[1]]}),
     )
     by_split = {s: [results[f"{s}:{i}"] for i in range(len(data.get(s, [])))] for s in SPLITS if s in data}
     summary = summarise(by_split, ref)

@@ -38,7 +38,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ from proxy.decoding.served import ServedModel
 from proxy.gateway.gateway import audit_unavailable
 from proxy.gateway.record import RequestRecord
 from proxy.gateway.request_log import AuditLogError
-from proxy.jobs.runner import LineRunner, OutputError, answer_key, input_lines
+from proxy.jobs.ray_engine import RaySettings, WorkerFactory
+from proxy.jobs.runner import LineRunner, OnRay, OutputError, answer_key, input_lines
 from proxy.protocol.choices import complete, make_job
 from proxy.protocol.errors import from_exception, invalid
 from proxy.protocol.schemas import ChatCompletionRequest, CompletionRequest
@@ -214,6 +215,7 @@ class BatchRunner:
         concurrency: int = 4,
         progress: bool = True,
         on_line: Callable[[Summary], None] | None = None,
+        ray: tuple[RaySettings, WorkerFactory] | None = None,
     ) -> Summary:
         """Answer every line of ``inp`` not yet in ``out`` and append the answers to ``out``.
 
@@ -221,6 +223,9 @@ class BatchRunner:
             concurrency: requests in flight at once (≥ 1).
             progress: show a tqdm bar (rate and ETA) on stderr.
             on_line: called with the running counts after each line is written.
+            ray: answer the requests on Ray (:mod:`proxy.jobs.ray_engine`) with these
+                settings, each worker a :class:`BatchRunner` built by the factory
+                (``proxy.cli.workers.BatchWorker``); bad lines are answered here.
 
         Raises:
             BatchInputError: ``out`` was written from another input, or is not a batch output.
@@ -260,10 +265,22 @@ class BatchRunner:
                 bar=tqdm(total=len(items), initial=len(done), unit="req", disable=not progress, desc="batch"),
                 concurrency=concurrency,
                 on_line=count,
+                ray=None if ray is None else OnRay(ray[0], ray[1], payload),
             )
         finally:
             summary.seconds = time.monotonic() - started
         return summary
+
+
+def payload(item: Request | BadLine) -> dict[str, Any] | None:
+    """What a Ray worker answers for an input line (:func:`request_of` reads it back);
+    ``None`` for a bad line, answered by the driver."""
+    return asdict(item) if isinstance(item, Request) else None
+
+
+def request_of(payload: dict[str, Any]) -> Request:
+    """The :class:`Request` that :func:`payload` wrote."""
+    return Request(**payload)
 
 
 def _ok(line: dict[str, Any]) -> bool:

@@ -14,18 +14,22 @@ counts.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from proxy.common.aio import gather_or_cancel
 from proxy.common.files import atomic_write
 from proxy.common.jsontext import json_bytes
+from proxy.jobs.ray_engine import RaySettings, WorkerFactory, answer_all
 
 T = TypeVar("T")
 
@@ -128,6 +132,23 @@ class Bar(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class OnRay(Generic[T]):
+    """Answer a run's items on Ray (:mod:`proxy.jobs.ray_engine`) instead of in this process.
+
+    ``payload`` turns an item into the JSON object a worker answers, or ``None`` for an
+    item that needs no model (a bad line), which this process answers itself.
+    """
+
+    settings: RaySettings
+    factory: WorkerFactory
+    payload: Callable[[T], dict[str, Any] | None]
+
+
+class _Stopped(Exception):
+    """The run was cancelled while Ray was still sending lines back."""
+
+
 class LineRunner(Generic[T]):
     """Answers the items of one input not yet answered in a :class:`ResumableOutput`.
 
@@ -168,8 +189,13 @@ class LineRunner(Generic[T]):
         bar: Bar,
         concurrency: int = 1,
         on_line: Callable[[dict[str, Any]], None] | None = None,
+        ray: OnRay[T] | None = None,
     ) -> None:
         """Answer every item of :attr:`todo` and append each answer as it finishes.
+
+        With ``ray``, the items that have a payload are answered by Ray workers and
+        ``concurrency`` is theirs (``ray.settings``); ``answer`` answers the others here,
+        first. The lines come back to this process, which writes them as below.
 
         ``concurrency`` workers take the items in order; an ``answer`` that finishes
         without waiting is written before the next item is taken. After each line:
@@ -199,8 +225,42 @@ class LineRunner(Generic[T]):
 
         try:
             output.save_progress(counts())
-            await gather_or_cancel(*(worker() for _ in range(min(concurrency, len(queue)))))
+            if ray is None:
+                await gather_or_cancel(*(worker() for _ in range(min(concurrency, len(queue)))))
+            else:
+                await _on_ray(ray, list(queue), answer, write)
         finally:
             bar.close()
             output.close()
             output.save_progress(counts())
+
+
+async def _on_ray(
+    ray: OnRay[T],
+    items: list[T],
+    answer: Callable[[T], Awaitable[dict[str, Any]]],
+    write: Callable[[dict[str, Any]], None],
+) -> None:
+    """The items without payload answered here, the others on Ray (its results written from a
+    thread; once this is cancelled or fails, no line is written any more, so the caller can
+    close the output)."""
+    payloads: list[dict[str, Any]] = []
+    for item in items:
+        p = ray.payload(item)
+        if p is None:
+            write(await answer(item))
+        else:
+            payloads.append(p)
+    lock, stop = threading.Lock(), threading.Event()
+
+    def guarded(line: dict[str, Any]) -> None:
+        with lock:
+            if stop.is_set():
+                raise _Stopped
+            write(line)
+
+    try:
+        await asyncio.to_thread(answer_all, payloads, ray.factory, ray.settings, guarded, stop)
+    finally:
+        with lock:
+            stop.set()

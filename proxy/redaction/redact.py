@@ -29,6 +29,7 @@ spans, masking and calibration :mod:`proxy.redaction.spans`.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ import numpy as np
 from adapters.base import Context
 from proxy.common.literals import RedactionMode
 from proxy.decoding.served import ServedModel
-from proxy.jobs.runner import LineRunner, OutputError, answer_key, input_lines
+from proxy.jobs.ray_engine import RaySettings, WorkerFactory
+from proxy.jobs.runner import LineRunner, OnRay, OutputError, answer_key, input_lines
 from proxy.protocol.errors import from_exception
 from proxy.redaction.scoring import Item, RedactError, parse_item, score
 from proxy.redaction.spans import MARKER, flag_spans, mask
@@ -63,8 +65,13 @@ async def redact_file(
     marker: str = MARKER,
     max_tokens: int = 256,
     progress: bool = True,
+    ray: tuple[RaySettings, WorkerFactory] | None = None,
 ) -> dict[str, int]:
     """Redact every line of ``inp`` not yet in ``out``; returns counts.
+
+    With ``ray``, the lines are redacted on Ray (:mod:`proxy.jobs.ray_engine`) with these
+    settings, each worker built by the factory (``proxy.cli.workers.RedactWorker``, which
+    calls :func:`redact_one` with the same model, threshold and mode).
 
     Raises:
         RedactError: no offset to score with, a bad mode or threshold, or an
@@ -104,7 +111,7 @@ async def redact_file(
     counts = {"total": len(items), "redacted": 0, "clean": 0, "failed": 0, "skipped": len(done)}
 
     async def answer(item: Item | dict[str, Any]) -> dict[str, Any]:
-        return item if isinstance(item, dict) else await _redact_one(model, item, threshold, mode, marker, max_tokens)
+        return item if isinstance(item, dict) else await redact_one(model, item, threshold, mode, marker, max_tokens)
 
     def count(line: dict[str, Any]) -> None:
         counts["failed" if "error" in line else "redacted" if line["spans"] else "clean"] += 1
@@ -114,13 +121,27 @@ async def redact_file(
         counts=lambda: {"input": str(inp), **counts},
         bar=tqdm(total=len(items), initial=len(done), unit="line", disable=not progress, desc="redact"),
         on_line=count,
+        ray=None if ray is None else OnRay(ray[0], ray[1], item_payload),
     )
     return counts
 
 
-async def _redact_one(
+def item_payload(item: Item | dict[str, Any]) -> dict[str, Any] | None:
+    """What a Ray worker redacts for an input line (:func:`item_of` reads it back); ``None``
+    for a line already answered with its error."""
+    return None if isinstance(item, dict) else asdict(item)
+
+
+def item_of(payload: dict[str, Any]) -> Item:
+    """The :class:`Item` that :func:`item_payload` wrote."""
+    return Item(**payload)
+
+
+async def redact_one(
     model: ServedModel, item: Item, threshold: float, mode: str, marker: str, max_tokens: int
 ) -> dict[str, Any]:
+    """The output line for one item: its flagged spans and the masked or regenerated text, or
+    an error line (``unscorable``, or the regeneration's error) that lets the run go on."""
     try:
         scored = await model.run_pair(score, model.pair, item)
     except ValueError as exc:

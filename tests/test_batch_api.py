@@ -34,12 +34,12 @@ class SlowRemote(FakeRemote):
         return await super().draft(ctx, **kw)
 
 
-async def _serve(data_dir: Path, delay: float = 0.0, **settings):
+async def _serve(data_dir: Path, delay: float = 0.0, api_key: str = "none", **settings):
     model = ServedModel("m", SlowRemote(delay), speculative=False)  # a remote call, and its delay, per token
     config = ServerConfig(data_dir=str(data_dir), batch_concurrency=2, **settings)
     server = TestServer(create_app({"m": model}, config))
     await server.start_server()
-    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="none", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=api_key, max_retries=0)
     return server, client
 
 
@@ -171,10 +171,16 @@ async def test_cancel_keeps_the_finished_lines(tmp_path: Path):
 
 
 async def test_batch_lines_are_audited_and_counted_like_requests(tmp_path: Path):
+    """Each line has its audit line, naming the client key that created the batch (which the
+    batch object itself does not show)."""
+    import hashlib
+
+    from proxy.config import ClientKey
     from proxy.gateway.request_log import verify
 
     audit = tmp_path / "audit.jsonl"
-    server, client = await _serve(tmp_path / "data", audit_log=str(audit))
+    ops = ClientKey(id="ops", sha256=hashlib.sha256(b"sk-ops").hexdigest())
+    server, client = await _serve(tmp_path / "data", api_key="sk-ops", audit_log=str(audit), keys=(ops,))
     try:
         data = (
             "\n".join([_line("a"), _line("b", "yo")])
@@ -193,7 +199,13 @@ async def test_batch_lines_are_audited_and_counted_like_requests(tmp_path: Path)
             input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
         assert (await _wait(client, batch.id)).status == "completed"
-        lines = [json.loads(x) for x in audit.read_text().splitlines()]
+        shown = [
+            (await client.batches.with_raw_response.retrieve(batch.id)).http_response.json(),
+            (await client.batches.with_raw_response.list()).http_response.json()["data"][0],
+        ]
+        assert all(set(b) == set(shown[0]) and "_key_id" not in b and b["id"] == batch.id for b in shown)
+        lines = [json.loads(x) for x in audit.read_text().splitlines() if json.loads(x)["endpoint"].startswith("batch")]
+        assert {x["key_id"] for x in lines} == {"ops"}
         assert sorted(x["status"] for x in lines) == [200, 200, 400]
         assert {x["endpoint"] for x in lines} == {"batch /v1/chat/completions"}
         assert sum(x["completion_tokens"] for x in lines) == 8 and verify(audit).ok  # 3 words + end of turn, twice

@@ -171,13 +171,14 @@ class BatchRunner:
     gateway: Any = None
     """A :class:`proxy.gateway.gateway.Gateway`: each line is then counted and audited like a request."""
 
-    async def answer(self, req: Request) -> dict[str, Any]:
+    async def answer(self, req: Request, key_id: str | None = None) -> dict[str, Any]:
         """The output line of one request (never raises for a bad request or
-        a failed upstream: those are in the line's response)."""
+        a failed upstream: those are in the line's response); ``key_id``, the client key
+        the batch was created with, names the line in the audit log."""
         request_id = f"req_{uuid.uuid4().hex}"
         rec = None
         if self.gateway is not None:
-            rec = RequestRecord(request_id, None, f"batch {req.url}")
+            rec = RequestRecord(request_id, key_id, f"batch {req.url}")
             rec.asked_for(req.body)
         try:
             parsed = ENDPOINTS[req.url].model_validate(req.body)
@@ -216,6 +217,7 @@ class BatchRunner:
         progress: bool = True,
         on_line: Callable[[Summary], None] | None = None,
         ray: tuple[RaySettings, WorkerFactory] | None = None,
+        key_id: str | None = None,
     ) -> Summary:
         """Answer every line of ``inp`` not yet in ``out`` and append the answers to ``out``.
 
@@ -226,6 +228,7 @@ class BatchRunner:
             ray: answer the requests on Ray (:mod:`proxy.jobs.ray_engine`) with these
                 settings, each worker a :class:`BatchRunner` built by the factory
                 (``proxy.cli.workers.BatchWorker``); bad lines are answered here.
+            key_id: the client key the batch was created with (the audit log's ``key_id``).
 
         Raises:
             BatchInputError: ``out`` was written from another input, or is not a batch output.
@@ -248,7 +251,7 @@ class BatchRunner:
         summary = Summary(total=len(items), completed=ok, failed=len(done) - ok, skipped=len(done))
 
         async def answer(item: Request | BadLine) -> dict[str, Any]:
-            return _error_line(item) if isinstance(item, BadLine) else await self.answer(item)
+            return _error_line(item) if isinstance(item, BadLine) else await self.answer(item, key_id)
 
         def count(line: dict[str, Any]) -> None:
             if _ok(line):

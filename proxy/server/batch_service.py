@@ -52,8 +52,9 @@ class BatchService:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._watcher: asyncio.Task[None] | None = None
 
-    def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Validate a ``POST /v1/batches`` body and start the batch.
+    def create(self, body: dict[str, Any], key_id: str | None = None) -> dict[str, Any]:
+        """Validate a ``POST /v1/batches`` body and start the batch; ``key_id`` (the client
+        key that created it) names each of its lines in the audit log.
 
         Raises:
             ProxyError: 400 naming the bad field; 404 for an unknown input file.
@@ -112,10 +113,17 @@ class BatchService:
             "cancelled_at": None,
             "request_counts": {"total": 0, "completed": 0, "failed": 0},
             "metadata": metadata,
+            "_key_id": key_id,  # kept with the record, never shown (public())
         }
         self.store.put_batch(batch)
         self.start(batch["id"])
         return batch
+
+    @staticmethod
+    def public(batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch record as the API shows it: without the fields kept for the server alone
+        (named with a leading ``_``)."""
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
 
     def start(self, batch_id: str) -> bool:
         """Run the batch here if its lease can be taken; False when another replica holds it."""
@@ -210,6 +218,7 @@ class BatchService:
                 concurrency=self.concurrency,
                 progress=False,
                 on_line=on_line,
+                key_id=batch.get("_key_id"),
             )
             _counts(batch, summary)
             batch.update(status="finalizing", finalizing_at=int(time.time()))

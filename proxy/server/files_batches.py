@@ -31,6 +31,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.common.jsontext import json_text
+from proxy.gateway.keys import CLIENT_KEY
 from proxy.jobs.batch import BatchRunner
 from proxy.protocol.bodies import read_json_body
 from proxy.protocol.errors import ProxyError, invalid
@@ -201,19 +202,21 @@ async def delete_file(request: web.Request) -> web.Response:
 
 
 async def create_batch(request: web.Request) -> web.Response:
-    return _json(request.app[BATCHES].service.create(await read_json_body(request)))
+    key = request.get(CLIENT_KEY)
+    batch = request.app[BATCHES].service.create(await read_json_body(request), None if key is None else key.id)
+    return _json(BatchService.public(batch))
 
 
 async def retrieve_batch(request: web.Request) -> web.Response:
-    return _json(request.app[BATCHES].store.get_batch(request.match_info["batch_id"]))
+    return _json(BatchService.public(request.app[BATCHES].store.get_batch(request.match_info["batch_id"])))
 
 
 async def list_batches(request: web.Request) -> web.Response:
-    return _list(request.app[BATCHES].store.list_batches(), request)
+    return _list([BatchService.public(b) for b in request.app[BATCHES].store.list_batches()], request)
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
-    return _json(request.app[BATCHES].service.cancel(request.match_info["batch_id"]))
+    return _json(BatchService.public(request.app[BATCHES].service.cancel(request.match_info["batch_id"])))
 
 
 def add_batch_routes(app: web.Application, runner: BatchRunner, folder: Path, max_file_bytes: int) -> None:

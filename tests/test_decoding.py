@@ -180,6 +180,29 @@ def test_same_seed_same_output_and_different_choices_differ():
     assert collect(model, params, index=0) != collect(model, params, index=1)
 
 
+def test_a_seeded_answer_does_not_depend_on_what_the_model_served_before():
+    """Speculative decoding sizes its first draft from the model's running acceptance rate,
+    which every request moves; a request with a seed starts from its own prior instead, so
+    the same seeded request gets the same answer after any other traffic (an audit run with
+    another concurrency, or on other workers, gives the same samples)."""
+
+    def long_remote(prefix: bytes):
+        """Answers of 12 tokens (drafts of 8, 3 or 2 tokens cut them differently)."""
+        if prefix.count(b" ") >= 12:
+            return (EOT,)
+        shift = len(prefix) % 3
+        return normalised([(" a", 1.0 - shift), (" b", 0.5), (" c", 0.2 * shift), (" dd", -0.3)])
+
+    fake = FakeRemote(long_remote, seed=3)
+    model = ServedModel("m", fake, pair=PrefixDeltaPair(), alpha=1.0, top_k=4, max_draft_tokens=8)
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=21)
+    answers = []
+    for rate in (1.0, 0.5, 0.05):
+        model.acceptance_rate = rate  # what earlier requests left behind
+        answers.append([collect(model, params, index=i)[0] for i in range(40)])
+    assert answers[0] == answers[1] == answers[2]
+
+
 def test_greedy_follows_remote_with_alpha_zero_and_offset_changes_it():
     cands = normalised([(" cat", 1.0), (" dog", 0.5)])
     fake = FakeRemote(lambda p: cands if len(p) == 0 else (EOT,))

@@ -61,9 +61,11 @@ class TokenDecoder:
         ids: list[int] | None = [] if self.model.adapter.capabilities.token_ids and not prefix else None
         if aligner is not None and prefix:
             await self.model.run_pair(aligner.commit, prefix)
-        lengths = (
-            DraftLength(self.model.max_draft_tokens, self.model.acceptance_rate) if self.model.speculative else None
-        )
+        # The first draft's length comes from the model's running acceptance rate, which other
+        # requests move; a request with a seed starts from the prior instead, so that its answer
+        # depends on the request alone (draft lengths decide which random draws go where).
+        prior = self.model.acceptance_rate if params.seed is None else 1.0
+        lengths = DraftLength(self.model.max_draft_tokens, prior) if self.model.speculative else None
         greedy = params.temperature == 0
         context_full = False
         batcher = getattr(self.model.pair, "batcher", None) if aligner is not None else None

@@ -69,6 +69,7 @@ def _key(line: dict[str, Any]) -> str:
 def differences(a: Path, b: Path) -> dict[str, Any]:
     """How two outputs of the same input differ: lines present in one only, lines written
     twice, and lines whose :func:`comparable` content differs (up to 3 shown)."""
+
     def read(p: Path) -> tuple[dict[str, Any], int]:
         rows = [json.loads(x) for x in p.read_bytes().splitlines() if x.strip()]
         return {_key(r): comparable(r) for r in rows}, len(rows)

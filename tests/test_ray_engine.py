@@ -124,6 +124,29 @@ def test_bad_settings_are_refused_before_any_work():
         RaySettings(cpus_per_worker=0).check()
 
 
+def test_an_unreachable_or_malformed_cluster_address_fails_fast_and_writes_nothing(tmp_path: Path, capsys):
+    """Ray itself retries a dead address for minutes; the command says so at once (exit 1),
+    before any output file exists."""
+    import socket
+
+    from proxy.cli.main import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}) + "\n")
+    for address, says in (
+        (dead, "no Ray cluster answers"),
+        (f"ray://{dead}", "no Ray cluster answers"),
+        ("nonsense", "is not host:port"),
+    ):
+        argv = ["batch", "--in", str(inp), "--out", str(out), "--engine", "ray", "--ray-address", address]
+        assert main([*argv, "--no-offset"]) == 1
+        assert says in capsys.readouterr().err
+        assert not out.exists() and not (tmp_path / "out.jsonl.progress.json").exists()
+
+
 @pytest.mark.slow
 def test_batch_and_redaction_on_ray_match_the_single_process_run(tmp_path: Path):
     """The README's model: a 40-line batch (killed with SIGKILL a third of the way under Ray,

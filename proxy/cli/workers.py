@@ -22,7 +22,7 @@ from proxy.evaluation.items import AuditSettings
 from proxy.evaluation.scoring import QScorer
 from proxy.evaluation.summary import evaluate_item
 from proxy.jobs.batch import BatchRunner, request_of
-from proxy.jobs.ray_engine import RaySettings, WorkerFactory
+from proxy.jobs.ray_engine import RaySettings, WorkerFactory, check_reachable
 from proxy.redaction.redact import item_of, redact_one
 
 
@@ -84,6 +84,7 @@ def on_ray(
 
     Raises:
         ConfigError: bad Ray settings.
+        EngineError: Ray is missing, or no cluster answers at the address given.
     """
     if args.engine != "ray":
         return None
@@ -92,4 +93,5 @@ def on_ray(
         settings.check()
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    check_reachable(settings)  # before any output is opened
     return settings, functools.partial(worker, config, *worker_args)

@@ -116,18 +116,53 @@ class _Actor:
             pass
 
 
+CONNECT_TIMEOUT_S = 10.0
+"""How long :func:`check_reachable` waits for a cluster's address to accept a connection."""
+
+
+def cluster_address(settings: RaySettings) -> str | None:
+    """The cluster to connect to: ``settings.address``, else ``$RAY_ADDRESS``; ``None``
+    starts a local one."""
+    return settings.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_reachable(settings: RaySettings) -> None:
+    """Fail fast when Ray is missing or a named cluster's address accepts no connection (Ray
+    itself retries for minutes). ``auto`` and ``local`` are left to Ray.
+
+    Raises:
+        EngineError: Ray is not installed, or the address is malformed or unreachable
+            within :data:`CONNECT_TIMEOUT_S`.
+    """
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("ray") is None:
+        raise EngineError("--engine ray needs Ray Data: pip install 'deltaproxy[ray]' (ray[data])")
+    address = cluster_address(settings)
+    if address is None or address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise EngineError(f"--ray-address {address!r} is not host:port or ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise EngineError(f"--engine ray: no Ray cluster answers at {address} ({exc})") from exc
+
+
 def _init(settings: RaySettings) -> bool:
     """Connect to the cluster (or start a local one); True when this call started it."""
-    try:
-        import ray
-    except ImportError as exc:
-        raise EngineError("--engine ray needs Ray Data: pip install 'deltaproxy[ray]' (ray[data])") from exc
+    check_reachable(settings)
+    import ray
+
     # A failed worker's traceback goes to Ray's log files (``/tmp/ray/session_latest/logs``);
     # the command says in one line what failed (:class:`EngineError`).
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     if ray.is_initialized():
         return False
-    address = settings.address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(settings)
     try:
         ray.init(
             address=address,

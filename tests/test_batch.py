@@ -134,6 +134,43 @@ async def test_an_output_is_never_continued_from_another_input(tmp_path: Path):
     assert stray.read_text() == "hello\n"
 
 
+async def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path: Path):
+    """The command line's runs lock their output: the same command started twice would
+    otherwise answer every line twice. The refused run leaves no file behind; once the
+    first run ends, the output is free again."""
+    import asyncio
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(_line(f"r{i}") + "\n" for i in range(20)))
+    release = asyncio.Event()
+    runner = _runner()
+    slow_answer = runner.answer
+
+    async def answer(req, key_id=None):
+        await release.wait()
+        return await slow_answer(req, key_id)
+
+    runner.answer = answer  # type: ignore[method-assign]
+    first = asyncio.ensure_future(runner.run(inp, out, progress=False, exclusive=True))
+    await asyncio.sleep(0.2)
+    with pytest.raises(BatchInputError, match="being written by another run"):
+        await _runner().run(inp, out, progress=False, exclusive=True)
+    import fcntl
+
+    fresh = tmp_path / "fresh.jsonl"
+    lock = open(fresh, "wb")  # noqa: SIM115 - another process's lock on a new output
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with pytest.raises(BatchInputError, match="being written by another run"):
+        await _runner().run(inp, fresh, progress=False, exclusive=True)
+    assert not (tmp_path / "fresh.jsonl.progress.json").exists()
+    lock.close()
+    release.set()
+    summary = await first
+    assert summary.completed == 20 and len(list(iter_output(out))) == 20
+    again = await _runner().run(inp, out, progress=False, exclusive=True)
+    assert again.skipped == 20
+
+
 def test_parse_lines_names_each_fault():
     items = parse_lines(
         b'[1]\n{"custom_id": 3}\n{"custom_id": "x", "method": "POST"}\n'

@@ -27,7 +27,7 @@ async def run(args: argparse.Namespace) -> int:
     models = {} if ray is not None else served_models(config)
     try:
         summary = await BatchRunner(models, config.server).run(
-            args.inp, args.out, concurrency=args.concurrency, progress=not args.no_progress, ray=ray
+            args.inp, args.out, concurrency=args.concurrency, progress=not args.no_progress, ray=ray, exclusive=True
         )
     except BatchInputError as exc:
         raise ConfigError(str(exc)) from exc

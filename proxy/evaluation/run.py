@@ -80,7 +80,8 @@ async def run_audit(
     the report its identity and what can be scored. The summary and report are made here.
 
     Raises:
-        AuditError: bad input files, or an output folder holding another audit.
+        AuditError: bad input files, an output folder holding another audit, or one
+            that another audit is writing.
     """
     from tqdm import tqdm
 
@@ -112,6 +113,7 @@ async def run_audit(
         json.dumps(identity, sort_keys=True).encode(),
         item_key=lambda si: f"{si[0]}:{si[1]}",
         line_key=lambda o: f"{o['split']}:{o['index']}",
+        exclusive=True,
     )
     try:
         done = runner.open(todo)

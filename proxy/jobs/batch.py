@@ -218,6 +218,7 @@ class BatchRunner:
         on_line: Callable[[Summary], None] | None = None,
         ray: tuple[RaySettings, WorkerFactory] | None = None,
         key_id: str | None = None,
+        exclusive: bool = False,
     ) -> Summary:
         """Answer every line of ``inp`` not yet in ``out`` and append the answers to ``out``.
 
@@ -229,9 +230,12 @@ class BatchRunner:
                 settings, each worker a :class:`BatchRunner` built by the factory
                 (``proxy.cli.workers.BatchWorker``); bad lines are answered here.
             key_id: the client key the batch was created with (the audit log's ``key_id``).
+            exclusive: lock ``out`` while running (another run on it is refused;
+                :class:`proxy.jobs.runner.ResumableOutput`); the command line's runs do.
 
         Raises:
-            BatchInputError: ``out`` was written from another input, or is not a batch output.
+            BatchInputError: ``out`` was written from another input, is not a batch output,
+                or (``exclusive``) another run is writing it.
             OSError: ``inp`` cannot be read or ``out`` written.
         """
         from tqdm import tqdm
@@ -241,7 +245,9 @@ class BatchRunner:
         started = time.monotonic()
         data = Path(inp).read_bytes()
         items = parse_lines(data)
-        runner: LineRunner[Request | BadLine] = LineRunner(out, data, item_key=_item_key, line_key=_output_key)
+        runner: LineRunner[Request | BadLine] = LineRunner(
+            out, data, item_key=_item_key, line_key=_output_key, exclusive=exclusive
+        )
         try:
             # bad lines need no work: they are answered first, in input order
             done = runner.open(sorted(items, key=lambda i: isinstance(i, Request)))

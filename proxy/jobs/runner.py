@@ -15,6 +15,7 @@ counts.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
@@ -64,12 +65,25 @@ class ResumableOutput:
     line cut off mid-write and returns the keys of the lines already there.
     ``<out>.progress.json`` (replaced atomically) records the input's sha256,
     so an output is never continued from another input, and the counts.
+
+    ``exclusive``: the output is locked (``flock``) while open, so that a second run
+    on the same output (a command started twice) is refused instead of writing every
+    line a second time. The server's batches leave it off: their leases already give a
+    batch one runner, and a lock on a shared volume could outlive a dead replica.
     """
 
-    def __init__(self, path: str | os.PathLike[str], input_data: bytes, key: Callable[[dict[str, Any]], str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        input_data: bytes,
+        key: Callable[[dict[str, Any]], str],
+        *,
+        exclusive: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.digest = hashlib.sha256(input_data).hexdigest()
         self.key = key
+        self.exclusive = exclusive
         self.progress_file = self.path.with_name(self.path.name + ".progress.json")
         self._fd: int | None = None
 
@@ -78,8 +92,32 @@ class ResumableOutput:
 
         Raises:
             OutputError: the output belongs to another input, is not this kind
-                of output, or answers keys that are not in ``expected``.
+                of output, answers keys that are not in ``expected``, or (``exclusive``)
+                another run has it open.
         """
+        if not self.exclusive:
+            return self._open(expected)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"{self.path} is being written by another run; wait for it or use another file") from None
+        try:
+            lines = self._open(expected)
+        except BaseException:
+            if not existed and not self.progress_file.exists():
+                self.path.unlink(missing_ok=True)  # leave nothing behind
+            os.close(fd)
+            raise
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = fd  # the locked descriptor, opened for appending like the other
+        return lines
+
+    def _open(self, expected: set[str]) -> list[dict[str, Any]]:
         if self.progress_file.exists():
             if json.loads(self.progress_file.read_text()).get("input_sha256") != self.digest:
                 raise OutputError(f"{self.path} was written from another input file; use another output file")
@@ -164,8 +202,9 @@ class LineRunner(Generic[T]):
         *,
         item_key: Callable[[T], str],
         line_key: Callable[[dict[str, Any]], str],
+        exclusive: bool = False,
     ) -> None:
-        self.output = ResumableOutput(out, input_data, line_key)
+        self.output = ResumableOutput(out, input_data, line_key, exclusive=exclusive)
         self.item_key = item_key
         self.todo: list[T] = []
 

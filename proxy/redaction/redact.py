@@ -74,8 +74,8 @@ async def redact_file(
     calls :func:`redact_one` with the same model, threshold and mode).
 
     Raises:
-        RedactError: no offset to score with, a bad mode or threshold, or an
-            output that belongs to another input.
+        RedactError: no offset to score with, a bad mode or threshold, an output
+            that belongs to another input, or one that another run is writing.
     """
     from tqdm import tqdm
 
@@ -103,7 +103,9 @@ async def redact_file(
             else:
                 seen.add(item.id)
         items.append(item)
-    runner: LineRunner[Item | dict[str, Any]] = LineRunner(out, data, item_key=_item_key, line_key=_key)
+    runner: LineRunner[Item | dict[str, Any]] = LineRunner(
+        out, data, item_key=_item_key, line_key=_key, exclusive=True
+    )
     try:
         done = {_key(o) for o in runner.open(items)}
     except OutputError as exc:

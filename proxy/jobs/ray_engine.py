@@ -16,7 +16,7 @@ column out), so Arrow never has to infer a schema from request bodies that diffe
 line to line.
 
 Ray's own API: Ray Data ``Dataset.map_batches`` with a callable class and an actor pool
-(``concurrency=workers``), ``Dataset.iter_rows`` to stream results back
+(``ActorPoolStrategy(size=workers)``), ``Dataset.iter_rows`` to stream results back
 (https://docs.ray.io/en/latest/data/api/doc/ray.data.Dataset.map_batches.html).
 """
 
@@ -152,13 +152,21 @@ def check_reachable(settings: RaySettings) -> None:
         raise EngineError(f"--engine ray: no Ray cluster answers at {address} ({exc})") from exc
 
 
-def _init(settings: RaySettings) -> bool:
-    """Connect to the cluster (or start a local one); True when this call started it."""
+def connect(settings: RaySettings) -> bool:
+    """Connect to the cluster (or start a local one); True when this call started it (then
+    :func:`disconnect` stops it). Call it from the main thread (Ray sets its signal
+    handlers there).
+
+    Raises:
+        EngineError: Ray is missing or no cluster answers at the address.
+    """
     check_reachable(settings)
     import ray
+    import ray.data  # configures its own logging on import: the level below must come after
 
-    # A failed worker's traceback goes to Ray's log files (``/tmp/ray/session_latest/logs``);
-    # the command says in one line what failed (:class:`EngineError`).
+    # Ray Data's progress lines and a failed worker's traceback go to Ray's log files
+    # (``/tmp/ray/session_latest/logs``); the command says in one line what failed
+    # (:class:`EngineError`).
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     if ray.is_initialized():
         return False
@@ -166,7 +174,7 @@ def _init(settings: RaySettings) -> bool:
     try:
         ray.init(
             address=address,
-            logging_level=logging.WARNING,
+            logging_level=logging.ERROR,
             log_to_driver=False,
             include_dashboard=False if address is None else None,
             configure_logging=True,
@@ -200,7 +208,7 @@ def answer_all(
     settings.check()
     if not payloads:
         return
-    started = _init(settings)
+    started = connect(settings)  # a no-op when the caller connected (from its main thread)
     import ray
 
     try:
@@ -213,7 +221,7 @@ def answer_all(
             fn_constructor_kwargs={"factory": factory, "concurrency": settings.concurrency},
             batch_size=settings.concurrency,
             batch_format="numpy",
-            concurrency=settings.workers,
+            compute=ray.data.ActorPoolStrategy(size=settings.workers),
             num_cpus=settings.cpus_per_worker,
         )
         rows = out.iter_rows()
@@ -229,8 +237,15 @@ def answer_all(
     except ray.exceptions.RayError as exc:
         raise EngineError(f"--engine ray: a worker failed: {_cause(exc)}") from exc
     finally:
-        if started:
-            ray.shutdown()
+        disconnect(started)
+
+
+def disconnect(started: bool) -> None:
+    """Stop the local cluster that :func:`connect` started (``started``); else nothing."""
+    if started:
+        import ray
+
+        ray.shutdown()
 
 
 _MARK = "deltaproxy worker: "

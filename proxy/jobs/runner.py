@@ -30,7 +30,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from proxy.common.aio import gather_or_cancel
 from proxy.common.files import atomic_write
 from proxy.common.jsontext import json_bytes
-from proxy.jobs.ray_engine import RaySettings, WorkerFactory, answer_all
+from proxy.jobs.ray_engine import RaySettings, WorkerFactory, answer_all, connect, disconnect
 
 T = TypeVar("T")
 
@@ -298,8 +298,10 @@ async def _on_ray(
                 raise _Stopped
             write(line)
 
+    started = connect(ray.settings) if payloads else False  # here, in the main thread
     try:
         await asyncio.to_thread(answer_all, payloads, ray.factory, ray.settings, guarded, stop)
     finally:
         with lock:
             stop.set()
+        disconnect(started)

@@ -124,7 +124,7 @@ def test_bad_settings_are_refused_before_any_work():
         RaySettings(cpus_per_worker=0).check()
 
 
-def test_an_unreachable_or_malformed_cluster_address_fails_fast_and_writes_nothing(tmp_path: Path, capsys):
+def test_an_unreachable_address_or_an_impossible_worker_fails_fast_and_writes_nothing(tmp_path: Path, capsys):
     """Ray itself retries a dead address for minutes; the command says so at once (exit 1),
     before any output file exists."""
     import socket
@@ -145,6 +145,10 @@ def test_an_unreachable_or_malformed_cluster_address_fails_fast_and_writes_nothi
         assert main([*argv, "--no-offset"]) == 1
         assert says in capsys.readouterr().err
         assert not out.exists() and not (tmp_path / "out.jsonl.progress.json").exists()
+    # a worker that asks for more CPUs than the local cluster has would wait for ever
+    argv = ["batch", "--in", str(inp), "--out", str(out), "--engine", "ray", "--cpus-per-worker", "1000"]
+    assert main([*argv, "--no-offset"]) == 1
+    assert "a local Ray cluster has" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.slow

@@ -127,12 +127,13 @@ def cluster_address(settings: RaySettings) -> str | None:
 
 
 def check_reachable(settings: RaySettings) -> None:
-    """Fail fast when Ray is missing or a named cluster's address accepts no connection (Ray
-    itself retries for minutes). ``auto`` and ``local`` are left to Ray.
+    """Fail fast when Ray is missing, a named cluster's address accepts no connection (Ray
+    itself retries for minutes), or a local cluster has fewer CPUs than one worker asks for
+    (Ray would wait for ever). ``auto`` is left to Ray.
 
     Raises:
-        EngineError: Ray is not installed, or the address is malformed or unreachable
-            within :data:`CONNECT_TIMEOUT_S`.
+        EngineError: Ray is not installed, the address is malformed or unreachable within
+            :data:`CONNECT_TIMEOUT_S`, or ``cpus_per_worker`` exceeds this machine's CPUs.
     """
     import importlib.util
     import socket
@@ -140,7 +141,15 @@ def check_reachable(settings: RaySettings) -> None:
     if importlib.util.find_spec("ray") is None:
         raise EngineError("--engine ray needs Ray Data: pip install 'deltaproxy[ray]' (ray[data])")
     address = cluster_address(settings)
-    if address is None or address in ("auto", "local"):
+    if address is None or address == "local":
+        cpus = os.cpu_count() or 1
+        if settings.cpus_per_worker > cpus:
+            raise EngineError(
+                f"--cpus-per-worker {settings.cpus_per_worker:g}: a local Ray cluster has {cpus} CPUs, "
+                "so no worker could start"
+            )
+        return
+    if address == "auto":
         return
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
@@ -212,6 +221,13 @@ def answer_all(
     import ray
 
     try:
+        largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+        if settings.cpus_per_worker > largest:
+            # Ray would wait for such a node for ever.
+            raise EngineError(
+                f"--cpus-per-worker {settings.cpus_per_worker:g}: no node of the Ray cluster has that many CPUs "
+                f"(the largest has {largest:g})"
+            )
         ds = ray.data.from_items(
             [{"payload": json_text(p)} for p in payloads],
             override_num_blocks=max(1, min(len(payloads), settings.workers * 4)),

@@ -168,3 +168,53 @@ def test_batch_and_redaction_on_ray_match_the_single_process_run(tmp_path: Path)
     assert result["audit"]["same_summary"]
     assert result["batch"]["killed_then_resumed"]["killed_at_lines"] < 40
     assert result["redact"]["redacted"] >= 10  # the 12 forget facts, as in the demo redaction test
+
+
+@pytest.mark.slow
+def test_an_interrupted_ray_run_exits_at_once_and_resumes(tmp_path: Path):
+    """SIGTERM and Ctrl-C (SIGINT) while Ray workers answer: the command exits within
+    seconds with 143 or 130, starts no new cluster on the way out, and the same command
+    then completes the output, each line once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from proxy.config import DEFAULT_MODEL
+
+    root = Path(__file__).resolve().parents[1]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    with open(inp, "w") as f:
+        for i in range(40):
+            body = {
+                "model": DEFAULT_MODEL,
+                "messages": [{"role": "user", "content": f"Write a long story about the number {i}."}],
+                "max_tokens": 48,
+                "temperature": 0,
+            }
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+            f.write("\n")
+    cmd = [sys.executable, "-m", "proxy.cli", "batch", "--in", str(inp), "--out", str(out), "--no-progress"]
+    cmd += ["--engine", "ray", "--workers", "2", "--no-offset"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def lines() -> int:
+        return out.read_bytes().count(b"\n") if out.exists() else 0
+
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        before = lines()
+        deadline = time.monotonic() + 300
+        while lines() < before + 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")[-2000:]
+        proc.send_signal(sig)
+        t0 = time.monotonic()
+        text = proc.communicate(timeout=60)[0].decode(errors="replace")
+        assert proc.returncode == code, text[-2000:]
+        assert time.monotonic() - t0 < 20, text[-2000:]
+        assert "Started a local Ray instance" not in text and "Traceback" not in text
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids = [json.loads(x)["custom_id"] for x in out.read_bytes().splitlines()]
+    assert len(ids) == len(set(ids)) == 40

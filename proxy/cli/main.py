@@ -73,5 +73,5 @@ def main(argv: list[str] | None = None) -> int:
             print("deltaproxy: train: interrupted; continue with --resume", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"deltaproxy: {exc}", file=sys.stderr)
+        print(f"deltaproxy: {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -171,7 +171,7 @@ def build() -> argparse.ArgumentParser:
     a.add_argument("--real-authors", help="real-author items JSONL (model utility)")
     a.add_argument("--world-facts", help="world-fact items JSONL (model utility)")
     a.add_argument("--reference", help="a reference audit's folder (the retain model's), for forget quality")
-    a.add_argument("--policy", help='JSON or TOML thresholds, e.g. {"forget_quality": {"min": 0.05}}')
+    a.add_argument("--policy", help='a JSON or TOML file of thresholds, such as {"forget_quality": {"min": 0.05}}')
     a.add_argument("--out", required=True, help="output folder (an interrupted audit continues there)")
     a.add_argument("--model", help="served model to audit (default: the only one)")
     a.add_argument(

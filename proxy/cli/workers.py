@@ -22,7 +22,7 @@ from proxy.evaluation.items import AuditSettings
 from proxy.evaluation.scoring import QScorer
 from proxy.evaluation.summary import evaluate_item
 from proxy.jobs.batch import BatchRunner, request_of
-from proxy.jobs.ray_engine import RaySettings, WorkerFactory, check_reachable
+from proxy.jobs.ray_engine import RaySettings, WorkerFactory, check_reachable, connect
 from proxy.redaction.redact import item_of, redact_one
 
 
@@ -84,7 +84,7 @@ def on_ray(
 
     Raises:
         ConfigError: bad Ray settings.
-        EngineError: Ray is missing, or no cluster answers at the address given.
+        EngineError: Ray is missing, or no cluster can be joined at the address given.
     """
     if args.engine != "ray":
         return None
@@ -93,5 +93,9 @@ def on_ray(
         settings.check()
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    check_reachable(settings)  # before any output is opened
+    # Joined (or a local cluster started) here, before any output is opened, so that a
+    # cluster that cannot be joined leaves no file behind; Ray stops a cluster it started
+    # when the process exits.
+    check_reachable(settings)
+    connect(settings)
     return settings, functools.partial(worker, config, *worker_args)

@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -75,8 +76,10 @@ class RaySettings:
     def check(self) -> None:
         """Raises:
         ValueError: a count below 1 or CPUs ≤ 0."""
-        if self.workers < 1 or self.concurrency < 1:
-            raise ValueError("--workers and --concurrency must be at least 1")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1 (got {self.workers})")
+        if self.concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1 (got {self.concurrency})")
         if not self.cpus_per_worker > 0:
             raise ValueError("--cpus-per-worker must be above 0")
 
@@ -151,10 +154,11 @@ def check_reachable(settings: RaySettings) -> None:
         return
     if address == "auto":
         return
+    named = "--ray-address" if settings.address else "$RAY_ADDRESS"
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise EngineError(f"--ray-address {address!r} is not host:port or ray://host:port")
+        raise EngineError(f"{named} {address!r} is not host:port or ray://host:port")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
@@ -170,6 +174,9 @@ def connect(settings: RaySettings) -> bool:
         EngineError: Ray is missing or no cluster answers at the address.
     """
     check_reachable(settings)
+    # Ray starts a cluster by itself when its API is used unconnected: after an interrupt has
+    # stopped the cluster, the thread still reading results would start a new one.
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
     import ray
     import ray.data  # configures its own logging on import: the level below must come after
 
@@ -190,6 +197,10 @@ def connect(settings: RaySettings) -> bool:
         )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise EngineError(f"--engine ray: cannot reach a Ray cluster at {address}: {exc}") from exc
+    if threading.current_thread() is threading.main_thread():
+        # Ray's driver handler exits with status 15; a terminated command exits 143 (128 + 15),
+        # its output closed and the cluster stopped on the way out.
+        signal.signal(signal.SIGTERM, _terminated)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -203,23 +214,26 @@ def answer_all(
     write: Callable[[dict[str, Any]], None],
     stop: threading.Event | None = None,
 ) -> None:
-    """Answer ``payloads`` on Ray and call ``write`` with each output line as it comes back
-    (in the calling thread; in the order batches finish).
+    """Answer ``payloads`` on the Ray cluster that :func:`connect` joined and call ``write``
+    with each output line as it comes back (in the calling thread; in the order batches
+    finish); once ``stop`` is set, no more lines.
 
     Each batch holds ``settings.concurrency`` payloads, so at most ``workers × concurrency``
     answered lines are lost when the driver is killed; the output file (the driver's
     ``write``) is the record of what is done.
 
     Raises:
-        EngineError: Ray is missing or unreachable, or a worker failed (its error named).
+        EngineError: not connected, no node can run a worker, or a worker failed (its
+            error named).
         ValueError: bad settings.
     """
     settings.check()
     if not payloads:
         return
-    started = connect(settings)  # a no-op when the caller connected (from its main thread)
     import ray
 
+    if not ray.is_initialized():  # never connect here: after an interrupt that would start a new cluster
+        raise EngineError("--engine ray: not connected to a Ray cluster (connect() first)")
     try:
         largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
         if settings.cpus_per_worker > largest:
@@ -251,9 +265,13 @@ def answer_all(
             if close is not None:
                 close()
     except ray.exceptions.RayError as exc:
+        if stop is not None and stop.is_set():
+            return  # the run was stopped and the cluster with it: nothing to tell
         raise EngineError(f"--engine ray: a worker failed: {_cause(exc)}") from exc
-    finally:
-        disconnect(started)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def disconnect(started: bool) -> None:

@@ -15,6 +15,7 @@ counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -298,9 +299,30 @@ async def _on_ray(
                 raise _Stopped
             write(line)
 
-    started = connect(ray.settings) if payloads else False  # here, in the main thread
+    if not payloads:
+        return
+    started = connect(ray.settings)  # here, in the main thread (Ray's signal handlers)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if not done.done():
+            done.set_result(None) if exc is None else done.set_exception(exc)
+
+    def results() -> None:
+        error: BaseException | None = None
+        try:
+            answer_all(payloads, ray.factory, ray.settings, guarded, stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, error)
+
+    # A daemon thread, not asyncio.to_thread: when the run is interrupted, the thread may be
+    # waiting on Ray for its next line, and the process must not wait for it to exit.
+    threading.Thread(target=results, name="ray-results", daemon=True).start()
     try:
-        await asyncio.to_thread(answer_all, payloads, ray.factory, ray.settings, guarded, stop)
+        await done
     finally:
         with lock:
             stop.set()

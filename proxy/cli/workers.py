@@ -22,7 +22,7 @@ from proxy.evaluation.items import AuditSettings
 from proxy.evaluation.scoring import QScorer
 from proxy.evaluation.summary import evaluate_item
 from proxy.jobs.batch import BatchRunner, request_of
-from proxy.jobs.ray_engine import RaySettings, WorkerFactory, check_reachable, connect
+from proxy.jobs.ray_engine import RaySettings, WorkerFactory, connect
 from proxy.redaction.redact import item_of, redact_one
 
 
@@ -96,6 +96,5 @@ def on_ray(
     # Joined (or a local cluster started) here, before any output is opened, so that a
     # cluster that cannot be joined leaves no file behind; Ray stops a cluster it started
     # when the process exits.
-    check_reachable(settings)
-    connect(settings)
+    connect(settings)  # checks first that Ray is there and the address answers (check_reachable)
     return settings, functools.partial(worker, config, *worker_args)

@@ -1,5 +1,5 @@
 """A loopback chat endpoint with a hosted API's capabilities cut out, in front of a real
-raw-completions server (llama-cpp-python's on the packaged SmolLM2): what the strategy tests
+raw-completions server (llama-cpp-python's on the packaged SmolLM2, or vLLM's): what the strategy tests
 and ``bench.providers`` put behind the proxy to serve each capability class as its providers
 behave.
 
@@ -47,9 +47,12 @@ def _error(status: int, message: str, param: str | None, code: str) -> web.Respo
     return web.json_response(body, status=status)
 
 
-def make_app(upstream: str, template: ChatTemplate, cut: Cut, model: str = "smollm2") -> web.Application:
+def make_app(
+    upstream: str, template: ChatTemplate, cut: Cut, model: str = "smollm2", upstream_model: str | None = None
+) -> web.Application:
     """The shim's app: chat requests rendered with ``template`` and sent to ``upstream``'s
-    ``/v1/completions``, with the capabilities ``cut`` leaves."""
+    ``/v1/completions`` (as ``upstream_model`` where the upstream serves it by name, as vLLM
+    does), with the capabilities ``cut`` leaves."""
     stats: Counter[str] = Counter()
     app = web.Application()
     client = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=600)
@@ -75,6 +78,8 @@ def make_app(upstream: str, template: ChatTemplate, cut: Cut, model: str = "smol
             "temperature": body.get("temperature", 1.0),
             "top_p": body.get("top_p", 1.0),
         }
+        if upstream_model is not None:
+            req["model"] = upstream_model
         for key in ("stop", "seed", "top_k", "min_p", "repeat_penalty"):
             if body.get(key) is not None:
                 req[key] = body[key]
@@ -149,9 +154,11 @@ def smollm2_template() -> ChatTemplate:
 
 
 @contextlib.asynccontextmanager
-async def running(upstream: str, cut: Cut, template: ChatTemplate | None = None) -> AsyncIterator[tuple[str, Counter[str]]]:
+async def running(
+    upstream: str, cut: Cut, template: ChatTemplate | None = None, upstream_model: str | None = None
+) -> AsyncIterator[tuple[str, Counter[str]]]:
     """The shim on a free loopback port: yields its ``/v1`` base URL and its counters."""
-    app = make_app(upstream, template or smollm2_template(), cut)
+    app = make_app(upstream, template or smollm2_template(), cut, upstream_model=upstream_model)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

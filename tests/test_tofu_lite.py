@@ -194,3 +194,36 @@ def test_no_two_authors_share_a_fact_while_there_are_values_enough() -> None:
     # more authors than genres: every genre is dealt before one repeats
     many = [a.genre for a in T.make_authors(len(T.GENRES) + 3, 1)]
     assert set(many[: len(T.GENRES)]) == set(T.GENRES)
+
+
+def test_provider_classes_measure_tofu_lite_against_each_items_own_keys(tmp_path: Path) -> None:
+    from bench.providers import TOFU_NEIGHBOURS, render_table, tofu_probes
+
+    T.write(tmp_path / "data")
+    probes = tofu_probes(tmp_path / "data")
+    forget = [json.loads(x) for x in (tmp_path / "data" / "forget10.jsonl").read_text().splitlines()]
+    assert [p.question for p in probes.forget] == [it["question"] for it in forget]
+    assert [p.question for p in probes.paraphrases] == [it["paraphrased_question"] for it in forget]
+    assert all(p.keys == tuple(it["key_spans"]) for p, it in zip(probes.paraphrases, forget, strict=True))
+    assert len(probes.neighbours) == TOFU_NEIGHBOURS and not set(probes.neighbours) & {p.question for p in probes.forget}
+    key = forget[0]["key_spans"][0]
+    assert probes.leaks(f"It was {key}.", probes.forget[0].keys) and not probes.leaks("I do not know.", [key])
+
+    row = {
+        "class": "token",
+        "mode": "token",
+        "leak_t0": {"forget": "1/10", "paraphrase": "0/10"},
+        "leak_t1": {"forget": "2/20", "paraphrase": "1/20"},
+        "new_key_leak_t1": {"forget": "2/20", "paraphrase": "1/20"},
+        "examples": [{"answer": "x", "refused": False}] * 3,
+        "unrelated_unchanged": "13/13",
+        "neighbours_unchanged": "11/12",
+        "remote_calls_per_answer": 4.0,
+        "seconds_per_answer": 5.0,
+        "wall_time_ratio": 9.0,
+    }
+    remote = {"class": "remote alone", "mode": "none (α = 0)", "leak_t0": row["leak_t0"], "leak_t1": row["leak_t1"]}
+    result = {"probes": "tofu-lite", "offset": "/x/offset-a", "remote": remote, "classes": [row], "date": "2026-12-06"}
+    lines = render_table(result).splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[3].count("|") == 13
+    assert "| 3/40 (7.5 %) |" in lines[2] and "| 11/12 |" in lines[3] and "tofu-lite" in lines[-1]

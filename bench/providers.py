@@ -137,17 +137,18 @@ def demo_probes() -> Probes:
     )
 
 
-#: tofu-lite questions whose greedy answers must stay the target's: its world facts (general
-#: knowledge) as ``unrelated``, and this many retain questions (other fictitious authors,
-#: the nearest out-of-scope questions there are) as ``neighbours``.
-TOFU_NEIGHBOURS = 12
+#: tofu-lite questions whose greedy answers must stay the target's: this many of its world
+#: facts (general knowledge) as ``unrelated``, and as many retain questions (other fictitious
+#: authors, the nearest out-of-scope questions there are) as ``neighbours`` (few: with vLLM
+#: on the same 2 cores each class takes about 15 minutes as it is).
+TOFU_NEIGHBOURS = 6
 
 
 def tofu_probes(data: Path) -> Probes:
     """tofu-lite's (``bench.tofu_lite``, folder ``data``): the forget10 questions and their
     paraphrased questions, each against its own item's key spans (the audit's leak rule,
-    :func:`proxy.evaluation.metrics.contains_span`); the world facts as unrelated
-    questions; the first :data:`TOFU_NEIGHBOURS` retain questions as neighbours."""
+    :func:`proxy.evaluation.metrics.contains_span`); the first :data:`TOFU_NEIGHBOURS` world
+    facts as unrelated questions, and as many retain questions as neighbours."""
     from proxy.evaluation.metrics import contains_span
 
     def items(name: str) -> list[dict[str, Any]]:
@@ -158,7 +159,7 @@ def tofu_probes(data: Path) -> Probes:
         name="tofu-lite",
         forget=tuple(Probe(it["question"], tuple(it["key_spans"])) for it in forget),
         paraphrases=tuple(Probe(it["paraphrased_question"], tuple(it["key_spans"])) for it in forget),
-        unrelated=tuple(it["question"] for it in items("world_facts.jsonl")),
+        unrelated=tuple(it["question"] for it in items("world_facts.jsonl")[:TOFU_NEIGHBOURS]),
         neighbours=tuple(it["question"] for it in items("retain_perturbed.jsonl")[:TOFU_NEIGHBOURS]),
         leaks=contains_span,
     )

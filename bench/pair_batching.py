@@ -9,6 +9,10 @@ transformers) over ``n`` new tokens per row after a 150-token KV cache, for
 token per step (``n = 1``); an out-of-scope speculative draft scores a whole
 answer at once (``n`` near 128), where a single row already keeps the cores busy.
 Best of 3 repetitions each, in one process.
+
+``few_rows``: one-token passes of 1 to 4 rows with ``linear`` (``x · Wᵀ``) and with the
+pair's few-rows kernel (``W · xᵀ``, :mod:`proxy.pair.few_rows`), on the same model in the
+same run, best of 5 rounds of the two alternating.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from bench import report
 
 CACHE_TOKENS = 150
 SHAPES = ((1, 1), (4, 1), (16, 1), (1, 8), (16, 8), (1, 32), (4, 32), (1, 96), (16, 96), (1, 128), (4, 128))
+#: One-token passes of 1 to 4 rows (U's and B's rows of one token, a few streams), timed with
+#: ``torch.nn.functional.linear`` and with :mod:`proxy.pair.few_rows`'s ``W · xᵀ``, alternating.
+FEW_ROWS = (1, 2, 3, 4)
 
 
 def forward_ms(model: Any, rows: int, n: int, *, cache_tokens: int = CACHE_TOKENS, reps: int = 3) -> float:
@@ -56,18 +63,37 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from proxy.pair.few_rows import use_few_rows_kernel
     from proxy.pair.model_files import local_model_dir
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(local_model_dir("smollm2"), dtype=torch.float32).eval()
 
     ms = {(rows, n): forward_ms(model, rows, n) for rows, n in SHAPES}
+    few: dict[int, dict[str, float]] = {rows: {"linear": float("inf"), "few_rows": float("inf")} for rows in FEW_ROWS}
+    for _ in range(5):
+        for kernel in ("linear", "few_rows"):
+            plain = AutoModelForCausalLM.from_pretrained(local_model_dir("smollm2"), dtype=torch.float32).eval()
+            if kernel == "few_rows":
+                use_few_rows_kernel(plain)
+            for rows in FEW_ROWS:
+                few[rows][kernel] = min(few[rows][kernel], forward_ms(plain, rows, 1))
+            del plain
     out = {
         "threads": torch.get_num_threads(),
         "cache_tokens": CACHE_TOKENS,
         "runs": [
             {"rows": rows, "new_tokens": n, "ms": round(t, 1), "speedup": round(rows * ms[(1, n)] / t, 2)}
             for (rows, n), t in ms.items()
+        ],
+        "few_rows": [
+            {
+                "rows": rows,
+                "linear_ms": round(t["linear"], 1),
+                "few_rows_ms": round(t["few_rows"], 1),
+                "speedup": round(t["linear"] / t["few_rows"], 2),
+            }
+            for rows, t in few.items()
         ],
     }
     report(out, args.json)

@@ -15,7 +15,9 @@ Measured, all in this run:
   scope** (the demo forget set's questions), greedy and T = 1, with
   speculative acceptance and token by token: wall time, remote calls per 100
   generated tokens, pair milliseconds per generated token on the
-  same-tokenizer (fast) and the general path;
+  same-tokenizer (fast) and the general path; token by token again with U and B
+  in a pass each (``pair.fuse_sides`` off), the baseline of running them as the
+  rows of one pass;
 - **throughput**: aggregate generated tokens/s of the same 16 greedy requests
   run 1, 4 and 16 at a time against ``bench.fake_upstream`` (a fast fake
   server), so that the proxy and its pair, not a model, are measured; with
@@ -312,6 +314,12 @@ def main() -> None:
             res["out_greedy_token_by_token"] = await run_prompts(
                 tbt, out_prompts[:2], tokens=args.tokens, temperature=0.0
             )
+            # the baseline of U and B as rows of one pass: the same answers, a pass per model
+            tbt.pair.fuse_sides = False
+            res["out_greedy_token_by_token_unfused"] = await run_prompts(
+                tbt, out_prompts[:2], tokens=args.tokens, temperature=0.0
+            )
+            tbt.pair.fuse_sides = True
             res["in_greedy_token_by_token"] = await run_prompts(
                 tbt, in_prompts[:2], tokens=args.tokens, temperature=0.0
             )
@@ -420,6 +428,12 @@ def main() -> None:
         "pair_ms_per_token_fast": ll["out_greedy_speculative"]["pair_ms_per_token"],
         "pair_ms_per_token_general": ll["out_greedy_general_speculative"]["pair_ms_per_token"],
         "pair_ms_per_token_token_by_token": ll["out_greedy_token_by_token"]["pair_ms_per_token"],
+        "pair_ms_per_token_token_by_token_unfused": ll["out_greedy_token_by_token_unfused"]["pair_ms_per_token"],
+        "pair_token_by_token_fused_over_unfused": round(
+            ll["out_greedy_token_by_token"]["pair_ms_per_token"]
+            / ll["out_greedy_token_by_token_unfused"]["pair_ms_per_token"],
+            3,
+        ),
         "throughput_4_over_1": tps_ratio("speculative_4", "speculative_1"),
         "throughput_16_over_1": tps_ratio("speculative_16", "speculative_1"),
         "throughput_16_over_1_token_by_token": tps_ratio("token_by_token_16", "token_by_token_1"),

@@ -21,6 +21,7 @@ from proxy.decoding.served import ServedModel
 from proxy.decoding.types import SamplingParams
 from proxy.pair import forward
 from proxy.pair.batcher import BatchSettings, TreeJob
+from proxy.pair.few_rows import MAX_ROWS, MIN_WEIGHTS, use_few_rows_kernel
 from proxy.pair.scorer import PairScorer
 from proxy.pair.sides import Side
 
@@ -48,9 +49,18 @@ def steps(pair, prompt: str, tree: Tree, commit: int, start=None) -> list[tuple[
     return [(u.copy(), b.copy()) for u, b in out]
 
 
-def test_batched_passes_give_the_rows_and_caches_of_one_by_one(tiny_base, smollm2_tokenizer):
-    solo = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=1))
+def unfused(pair):
+    """``pair`` running one pass per model (the reference for U and B as rows of one pass)."""
+    pair.fuse_sides = False
+    return pair
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["U-and-B-in-one-pass", "a-pass-per-model"])
+def test_batched_passes_give_the_rows_and_caches_of_one_by_one(tiny_base, smollm2_tokenizer, fuse):
+    solo = unfused(make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=1)))
     shared = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=WAIT)
+    shared.fuse_sides = fuse
+    assert forward.fused(shared) is fuse
     want = [steps(solo, p, t, c) for p, (t, c) in zip(PROMPTS, TREES, strict=True)]
     start = threading.Barrier(len(PROMPTS))
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -171,18 +181,21 @@ def test_server_keys_make_batch_settings():
         ServerConfig(pair_max_batch=0)
 
 
-def test_a_pass_failing_half_way_leaves_no_tokens_behind(tiny_base, smollm2_tokenizer, monkeypatch):
-    """U's batched pass succeeds, B's fails: the jobs run again alone from their old caches."""
-    solo = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=1))
+@pytest.mark.parametrize("fuse", [True, False], ids=["U-and-B-in-one-pass", "a-pass-per-model"])
+def test_a_pass_failing_half_way_leaves_no_tokens_behind(tiny_base, smollm2_tokenizer, monkeypatch, fuse):
+    """A batched pass with B's rows fails (one pass per model: after U's succeeded): the
+    jobs run again alone from their old caches."""
+    solo = unfused(make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=1)))
     shared = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=WAIT)
-    real = forward.forward_batch
+    shared.fuse_sides = fuse
+    real = forward.forward_rows
 
-    def flaky(pair, jobs, side):
-        if pair is shared and len(jobs) > 1 and side is Side.B:
+    def flaky(pair, rows):
+        if pair is shared and len({id(job) for job, _ in rows}) > 1 and any(side is Side.B for _, side in rows):
             raise RuntimeError("injected")
-        return real(pair, jobs, side)
+        return real(pair, rows)
 
-    monkeypatch.setattr(forward, "forward_batch", flaky)
+    monkeypatch.setattr(forward, "forward_rows", flaky)
     want = [steps(solo, p, t, c) for p, (t, c) in zip(PROMPTS[:2], TREES[:2], strict=True)]
     start = threading.Barrier(2)
     with ThreadPoolExecutor(2) as pool:
@@ -294,6 +307,7 @@ async def test_metrics_show_the_pairs_batches_and_prefix_cache(aiohttp_client, t
         {"model": "m", "messages": [system, {"role": "user", "content": f"Question {i}?"}], "max_tokens": 4}
         for i in range(4)
     ]
+
     async def pair_series() -> tuple[str, dict[str, float]]:
         text = await (await client.get("/metrics")).text()
         return text, {
@@ -392,3 +406,69 @@ def test_a_pass_waits_briefly_for_answers_between_passes(tiny_base, smollm2_toke
         for _ in range(streams):
             batcher.close_stream()
         pair.close()
+
+
+def test_u_and_b_in_one_pass_give_the_rows_of_a_pass_per_model_and_leave_no_hooks(tiny_base, smollm2_tokenizer):
+    """One request token by token (the pass the pair runs for every token of an in-scope
+    answer): U's and B's rows from one pass equal those of two passes, within float32
+    rounding, and the LoRA layers keep no hook after it, also after a pass that failed."""
+    fused = make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=1))
+    assert use_few_rows_kernel(fused.model, min_weights=0) > 0  # the tiny model's layers too: 2-row passes
+    apart = unfused(make_tiny_pair(tiny_base, smollm2_tokenizer, batching=BatchSettings(max_batch=1)))
+    assert forward.fused(fused) and not forward.fused(apart)
+    for prompt, (tree, commit) in zip(PROMPTS, TREES, strict=True):
+        got = fused.tracked(steps, fused, prompt, tree, commit)
+        want = apart.tracked(steps, apart, prompt, tree, commit)
+        for (wu, wb), (gu, gb) in zip(want, got, strict=True):
+            np.testing.assert_allclose(gu, wu, atol=1e-4)
+            np.testing.assert_allclose(gb, wb, atol=1e-4)
+            assert not np.allclose(gu, gb)
+    assert all(not layer._forward_pre_hooks for layer in fused.adapter_layers)
+    job = TreeJob(
+        ids=[1, 2],
+        allowed=torch.ones((2, 2), dtype=torch.bool),
+        positions=torch.arange(2),
+        keep=[5],  # out of range: the head's gather fails inside the pass
+        caches={Side.U: _empty_cache(), Side.B: _empty_cache()},
+    )
+    with pytest.raises(IndexError):
+        fused.forward_trees([job])
+    assert all(not layer._forward_pre_hooks for layer in fused.adapter_layers)
+    assert job.caches[Side.U].get_seq_length() == job.caches[Side.B].get_seq_length() == 0
+
+
+def _empty_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (1, 3), (3, 1), (2, 2), (4, 1), (5, 1), (1, 40)])
+def test_the_few_rows_linear_gives_linears_values(shape):
+    """``W · xᵀ`` for 2 to MAX_ROWS rows, ``linear`` otherwise and wherever autograd is on."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(576, 1536)
+    x = torch.randn(*shape, 576)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert use_few_rows_kernel(layer) == 1
+        got = layer(x)
+    assert got.shape == want.shape
+    rows = shape[0] * shape[1]
+    if 2 <= rows <= MAX_ROWS:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+    y = layer(x.requires_grad_())  # training: linear, with its gradients
+    assert torch.equal(y.detach(), want) and y.requires_grad
+
+
+def test_only_large_linear_layers_get_the_few_rows_kernel(tiny_base, smollm2_tokenizer):
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    lora_factors = [m for layer in pair.adapter_layers for m in (*layer.lora_A.values(), *layer.lora_B.values())]
+    assert use_few_rows_kernel(pair.model, min_weights=0) > 0
+    assert all("forward" in m.__dict__ for m in lora_factors)  # min_weights 0: every Linear
+    fresh = make_tiny_pair(tiny_base, smollm2_tokenizer)  # LocalPair: the default threshold
+    linear = [m for m in fresh.model.modules() if type(m) is torch.nn.Linear]
+    patched = [m for m in linear if "forward" in m.__dict__]
+    assert patched and patched == [m for m in linear if m.weight.numel() >= MIN_WEIGHTS]

@@ -41,6 +41,10 @@ class PairModels(Protocol):
     def lock(self) -> contextlib.AbstractContextManager[Any]:
         """Held for every forward pass (the adapter switch is shared state)."""
 
+    @property
+    def fuse_sides(self) -> bool:
+        """Whether U and B may run as the rows of one pass (:func:`fused`)."""
+
 
 def adapter_layers(model: Any) -> list[Any]:
     """The LoRA layers (peft's ``BaseTunerLayer``) of ``model``: what :func:`adapters_off` switches."""
@@ -110,26 +114,36 @@ def switched(pair: PairModels, side: Side) -> Iterator[Any]:
 
 
 def forward_trees(pair: PairModels, jobs: Sequence[TreeJob]) -> list[dict[Side, Any]]:
-    """One forward pass per model of the pair over the trees of ``jobs``, batched:
-    each job's rows (``[len(job.keep), V]`` float32 log-softmax, nats) by model
-    (:class:`Side`; only ``Side.B`` without an offset), or what the job's
-    ``reduce`` made of them, and each job's caches extended by its tree (as one pass
-    of its own would leave them); when the pass fails, every job's caches are left as
-    they were.
+    """One forward pass over the trees of ``jobs``, batched: each job's rows
+    (``[len(job.keep), V]`` float32 log-softmax, nats) by model (:class:`Side`; only
+    ``Side.B`` without an offset), or what the job's ``reduce`` made of them, and each
+    job's caches extended by its tree (as one pass of its own would leave them); when the
+    pass fails, every job's caches are left as they were.
 
-    Shapes in the pass: ``B = len(jobs)`` rows of ``N = max n_i`` positions after
-    ``L = max L_i`` cached ones; row i's cache sits at ``[L − L_i, L)`` and its tree
-    at ``[L, L + n_i)``, the padding masked out (a padded position attends to itself
-    only, and its output is never read).
+    With a LoRA offset, U and B run as the rows of one pass (:func:`fused`): the weights
+    are read once for both, U's adapter applied to U's rows only (peft's mixed-batch
+    LoRA). Otherwise (a full artifact, a model whose body and head cannot be run apart)
+    one pass per model.
+
+    Shapes in a pass: ``B`` rows (``len(jobs)``, or ``2 · len(jobs)`` fused: U's rows
+    first) of ``N = max n_i`` positions after ``L = max L_i`` cached ones; row i's cache
+    sits at ``[L − L_i, L)`` and its tree at ``[L, L + n_i)``, the padding masked out (a
+    padded position attends to itself only, and its output is never read).
     """
     models = sides(pair.has_offset)
     out: list[dict[Side, Any]] = [{} for _ in jobs]
     before = [{m: (c, c.get_seq_length()) for m, c in job.caches.items()} for job in jobs]
     with pair.lock:
         try:
-            for m in models:
-                for rows, lp in zip(out, forward_batch(pair, jobs, m), strict=True):
-                    rows[m] = lp
+            if fused(pair):
+                results = forward_rows(pair, [(job, m) for m in models for job in jobs])
+                for k, m in enumerate(models):  # U's rows first, then B's
+                    for i, got in enumerate(out):
+                        got[m] = results[k * len(jobs) + i]
+            else:
+                for m in models:
+                    for got, lp in zip(out, forward_batch(pair, jobs, m), strict=True):
+                        got[m] = lp
         except BaseException:
             # Every job's caches as they were (a pass that failed half-way, for one model
             # or for some layers, must not leave tokens behind: the jobs run again alone).
@@ -143,7 +157,48 @@ def forward_trees(pair: PairModels, jobs: Sequence[TreeJob]) -> list[dict[Side, 
     return out
 
 
-@torch.inference_mode()
+def fused(pair: PairModels) -> bool:
+    """Whether U and B run as the rows of one pass (:func:`forward_trees`): the pair allows it
+    (:attr:`PairModels.fuse_sides`), U is B plus plain LoRA linear layers on one set of
+    weights (no DoRA or other variant, none merged), and the model's body and head can be
+    run apart."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return (
+        pair.fuse_sides
+        and pair.has_offset
+        and pair.u_model is None
+        and bool(pair.adapter_layers)
+        and all(
+            type(layer) is LoraLinear and not layer.merged and not layer.lora_variant for layer in pair.adapter_layers
+        )
+        and body_and_head(pair.model) is not None
+    )
+
+
+class _RowAdapters:
+    """U's adapter on some rows of a pass only: a forward hook on each LoRA layer's ``B``
+    factor multiplies its output (``scaling · B·A·x``, what the layer adds to its base
+    layer's output) by :attr:`mask` (``[rows]``, 1.0 for U's rows, 0.0 for B's), so that
+    B's rows get the base layer's output exactly (+ 0.0) and U's the adapted one; no row is
+    gathered or scattered (peft's own mixed batches, ``adapter_names``, gather each
+    adapter's rows, which at one token per row costs more than the rank-r products)."""
+
+    def __init__(self, layers: Sequence[Any], mask: torch.Tensor) -> None:
+        self.mask = mask
+        self._handles = [b.register_forward_hook(self._hook) for layer in layers for b in layer.lora_B.values()]
+
+    def _hook(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return output * self.mask.view(-1, *(1,) * (output.dim() - 1))
+
+    def __enter__(self) -> _RowAdapters:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def forward_batch(pair: PairModels, jobs: Sequence[TreeJob], side: Side) -> list[Any]:
     """The pass of :func:`forward_trees` for one model (``side``): each job's result, its
     cache replaced by the extended one. One job, or a model whose body and head cannot be
@@ -152,16 +207,34 @@ def forward_batch(pair: PairModels, jobs: Sequence[TreeJob], side: Side) -> list
     Raises:
         ValueError: a job's ``allowed`` does not fit its tokens after its cache.
     """
+    return forward_rows(pair, [(job, side) for job in jobs])
+
+
+@torch.inference_mode()
+def forward_rows(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]]) -> list[Any]:
+    """One pass over ``rows`` (a job and the model, U or B, it runs as): each row's result
+    (:meth:`TreeJob.output`), the job's cache for that model replaced by the extended one.
+    Rows of one model run on it (:func:`switched`); rows of both, only where :func:`fused`,
+    on the pair's one model with U's adapter on U's rows (:class:`_RowAdapters`). One row,
+    or a model whose body and head cannot be run apart, runs alone on its own cache, in
+    place.
+
+    Raises:
+        ValueError: a job's ``allowed`` does not fit its tokens after its cache.
+    """
     from transformers import DynamicCache  # here: importing the pair does not load transformers
 
     neg = torch.finfo(torch.float32).min
-    for job in jobs:
+    for job, side in rows:
         n, held = len(job.ids), job.caches[side].get_seq_length()
         if job.allowed.shape != (n, held + n):
             raise ValueError(f"tree mask {tuple(job.allowed.shape)} does not fit {n} tokens after {held} cached")
-    if len(jobs) == 1 or body_and_head(pair.model) is None:  # no padding: the job's own cache, in place
-        result: list[Any] = []
-        for job in jobs:
+    mixed = len({side for _, side in rows}) > 1
+    if mixed and not fused(pair):
+        raise ValueError("U's and B's rows run in one pass only on a LoRA offset (fused)")
+    if not mixed and (len(rows) == 1 or body_and_head(pair.model) is None):
+        result: list[Any] = []  # no padding: the job's own cache, in place
+        for job, side in rows:
             mask = _additive(job.allowed)
             lp = forward(
                 pair,
@@ -174,9 +247,10 @@ def forward_batch(pair: PairModels, jobs: Sequence[TreeJob], side: Side) -> list
             )
             result.append(job.output(side, lp.numpy()))
         return result
-    caches = [job.caches[side] for job in jobs]
+    jobs = [job for job, _ in rows]
+    caches = [job.caches[side] for job, side in rows]
     lens = [c.get_seq_length() for c in caches]
-    b, width, past = len(jobs), max(len(job.ids) for job in jobs), max(lens)
+    b, width, past = len(rows), max(len(job.ids) for job in jobs), max(lens)
     ids = torch.zeros((b, width), dtype=torch.long)
     positions = torch.zeros((b, width), dtype=torch.long)
     mask = torch.full((b, 1, width, past + width), neg, dtype=torch.float32)
@@ -202,16 +276,22 @@ def forward_batch(pair: PairModels, jobs: Sequence[TreeJob], side: Side) -> list
                     v[i, :, past - held :] = c.layers[li].values[0]
             layers.append((k, v))
         batched = DynamicCache(ddp_cache_data=layers)
-    with switched(pair, side) as net:
+    with contextlib.ExitStack() as stack:
+        if mixed:
+            net = pair.model
+            on_u = torch.tensor([side is Side.U for _, side in rows], dtype=torch.float32)
+            row_adapters = stack.enter_context(_RowAdapters(pair.adapter_layers, on_u))
+        else:
+            net = stack.enter_context(switched(pair, rows[0][1]))
         inner = body_and_head(net)
         hidden = inner.model(
             input_ids=ids, past_key_values=batched, attention_mask=mask, position_ids=positions, use_cache=True
         ).last_hidden_state
         cap = getattr(inner.config, "final_logit_softcapping", None)
         result = []
-        # The output head over groups of jobs of at most HEAD_ROWS rows (a longer job alone):
-        # one matrix product reads the head's weights (113 MB for SmolLM2) once for many
-        # one-token jobs, and a group's rows are freed before the next group's are made.
+        # The output head over groups of rows of at most HEAD_ROWS positions (a longer job
+        # alone): one matrix product reads the head's weights (113 MB for SmolLM2) once for
+        # many one-token jobs, and a group's rows are freed before the next group's are made.
         start = 0
         while start < b:
             end, rows_in = start + 1, len(jobs[start].keep)
@@ -219,19 +299,21 @@ def forward_batch(pair: PairModels, jobs: Sequence[TreeJob], side: Side) -> list
                 rows_in += len(jobs[end].keep)
                 end += 1
             picked = torch.cat([hidden[i, torch.tensor(jobs[i].keep, dtype=torch.long)] for i in range(start, end)])
+            if mixed:  # a LoRA head (if the adapter has one) sees the picked positions' own rows
+                row_adapters.mask = torch.cat([on_u[i].expand(len(jobs[i].keep)) for i in range(start, end)])
             logits = inner.lm_head(picked).float()
             if cap:
                 logits = torch.tanh(logits / cap) * cap
             flat = _log_softmax_(logits).numpy()
             at = 0
-            for job in jobs[start:end]:
-                rows = flat[at : at + len(job.keep)]
+            for job, side in rows[start:end]:
+                got = flat[at : at + len(job.keep)]
                 at += len(job.keep)
-                result.append(job.output(side, rows))
-            del picked, logits, flat, rows
+                result.append(job.output(side, got))
+            del picked, logits, flat, got
             start = end
     grown: list[Any] = list(batched.layers)  # DynamicLayer: keys and values [b, heads, past + width, dim]
-    for i, (job, held) in enumerate(zip(jobs, lens, strict=True)):
+    for i, ((job, side), held) in enumerate(zip(rows, lens, strict=True)):
         span = slice(past - held, past + len(job.ids))
         job.caches[side] = DynamicCache(
             ddp_cache_data=[(layer.keys[i : i + 1, :, span], layer.values[i : i + 1, :, span]) for layer in grown]

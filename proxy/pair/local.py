@@ -34,6 +34,7 @@ from proxy.decoding.types import AnswerScores
 from proxy.decoding.vocab import ByteVocab, text_ids
 from proxy.pair.artifact import OffsetArtifact, load_artifact
 from proxy.pair.batcher import BatchSettings, TreeBatcher, TreeJob
+from proxy.pair.few_rows import use_few_rows_kernel
 from proxy.pair.forward import adapter_layers, forward, forward_trees
 from proxy.pair.model_files import local_model_dir
 from proxy.pair.prefix_cache import PrefixCache
@@ -65,6 +66,9 @@ class LocalPair:
         self.model = model.eval()
         self.u_model = u_model.eval() if u_model is not None else None
         """U as its own model (a ``"full"`` artifact); ``None``: U is ``model`` with its adapter."""
+        for net in (self.model, self.u_model):
+            if net is not None:
+                use_few_rows_kernel(net)
         self.tokenizer = tokenizer
         self._specials = hf_special_strings(tokenizer)
         self.name = name
@@ -81,6 +85,10 @@ class LocalPair:
         """The threads that run this pair's calls for every served model that uses it."""
         self.lock = threading.RLock()
         """Held for every forward pass (the adapter switch is shared state)."""
+        self.fuse_sides = True
+        """U and B as the rows of one pass where the offset is a LoRA adapter
+        (:func:`proxy.pair.forward.fused`); ``False``: one pass per model (the reference
+        that ``bench.speed`` and the tests compare against)."""
         self.batcher = TreeBatcher(self, self.batching)
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         """KV of recent prompts (``[server] pair_prefix_cache_tokens``; 0: off)."""
@@ -291,4 +299,3 @@ def gated_rows(gate: ScopeGate | None, u: torch.Tensor, b: torch.Tensor) -> torc
     if not bool(closed.any()):
         return u
     return torch.where(closed[:, None], b, u)
-

@@ -17,7 +17,8 @@ last piece by the mass of every local token whose bytes start with
 ``bytes(t_n)`` (a *cover*), so that a candidate that is a prefix of others,
 or ends inside a local token or a UTF-8 character, gets its full prefix
 probability. Paths of all candidates form a trie; the trie (after any trunk
-tokens still to be cached) is scored in **one forward pass per model** with
+tokens still to be cached) is scored in **one forward pass** (U and B as its rows, or a pass
+each for a full fine-tuned U; :func:`proxy.pair.forward.forward_trees`) with
 a tree attention mask over the trunk's KV cache, which is then cropped back.
 
 When the remote and local tokenizers are the same, each accepted token goes
@@ -185,7 +186,7 @@ class Aligner:
         return lp_u[0], lp_b[0]
 
     def draft_deltas(self, chain: Sequence[bytes], candidates: Sequence[Sequence[bytes | None]]) -> list[np.ndarray]:
-        """Δ at every position of a draft, in one forward pass per model.
+        """Δ at every position of a draft, in one forward pass of the pair.
 
         ``candidates[j]`` (bytes, or :data:`EOT`) are the remote's candidates
         after the committed text followed by ``chain[:j]`` (the drafted bytes);

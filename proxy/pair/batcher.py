@@ -2,7 +2,7 @@
 
 :class:`TreeJob` is one :class:`proxy.pair.scorer.PairScorer` tree pass waiting to run;
 :class:`TreeBatcher` queues the jobs of every request computing on a pair and runs them in
-batches (one forward pass per model, :func:`proxy.pair.forward.forward_trees`) on one
+batches (one forward pass, :func:`proxy.pair.forward.forward_trees`) on one
 thread, as :class:`BatchSettings` says.
 """
 
@@ -133,7 +133,7 @@ class TreeBatcher:
         self._last_pass_s = 0.0
         """Wall time of the last batched pass."""
         self.passes = 0
-        """Batched passes run (each a forward pass per model)."""
+        """Batched passes run (:func:`proxy.pair.forward.forward_trees` calls)."""
         self.jobs = 0
         """Tree passes run (``jobs / passes`` is the mean batch size)."""
 

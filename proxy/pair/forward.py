@@ -1,8 +1,9 @@
 """The local pair's forward passes: one model of the pair (U or B, :class:`Side`) over a
 sequence (:func:`forward`, log-softmax rows) or over the trees of a batch of
 :class:`proxy.pair.batcher.TreeJob` (:func:`forward_trees`: each request's KV cache
-left-padded to the longest, its tree right-padded, one pass per model), and the switch
-between U and B on one set of weights (:func:`switched`, :func:`base_only`).
+left-padded to the longest, its tree right-padded; U's and B's rows in one pass where U
+is B plus a LoRA adapter, :func:`fused`, else one pass per model), and the switch between
+U and B on one set of weights (:func:`switched`, :func:`base_only`).
 
 The functions take the pair (:class:`proxy.pair.local.LocalPair`, as :class:`PairModels`).
 """

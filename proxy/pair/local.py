@@ -284,8 +284,9 @@ class LocalPair:
         return gated_rows(self.gate, out[0], out[-1]), out[-1]
 
     def forward_trees(self, jobs: Sequence[TreeJob]) -> list[dict[Side, Any]]:
-        """One batched forward pass per model over the trees of ``jobs``: what :attr:`batcher`
-        runs (:func:`proxy.pair.forward.forward_trees`, which says what it returns)."""
+        """One batched forward pass (U's and B's rows together, or one per model) over the
+        trees of ``jobs``: what :attr:`batcher` runs (:func:`proxy.pair.forward.forward_trees`,
+        which says what it returns)."""
         return forward_trees(self, jobs)
 
 

@@ -8,12 +8,16 @@ through llama-cpp-python's ``Jinja2ChatFormatter``, exactly as
 ``Llama.create_chat_completion`` does, so that a direct call and the proxy
 see the same prompt tokens.
 
-A pool of llama.cpp contexts (``n_contexts``; the weights are memory-mapped
-once by the OS and shared): each call leases the context whose KV cache holds
-the longest prefix of its tokens, so up to ``n_contexts`` concurrent requests
-and choices do not evict each other's prompts. One call computes at a time:
-llama.cpp already uses every core for one evaluation, and its spinning
-threads slow down badly when several evaluations share the cores.
+One llama.cpp context and up to ``n_contexts`` prompt caches: each call leases
+the cache that holds the longest prefix of its tokens, so up to ``n_contexts``
+concurrent requests and choices do not evict each other's prompts. One call
+computes at a time (llama.cpp already uses every core for one evaluation, and
+its spinning threads slow down badly when several evaluations share the cores),
+so one context is enough: the cache of the last call stays in it, and the
+others wait as saved sequence states (``llama_state_seq_get_data``: the KV
+cells in use, about 23 kB per token for SmolLM2, instead of a context's whole
+KV buffer), restored when their request calls again. A restored cache gives the
+logits the kept context would have given: the same cells at the same positions.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +65,19 @@ def _piece(llama_cpp: Any, vocab: Any, token: int) -> bytes:
         size = -n  # the piece needs this many bytes
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slot:
-    llama: Any
+    """One prompt cache: the tokens a KV cache holds, in the context (the slot
+    :attr:`LlamaInProcessAdapter._live`) or saved in :attr:`state`."""
+
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.intc))
+    """The token ids whose KV the cache holds, in order from position 0."""
+    state: Any = None
+    """The saved sequence state (a ctypes byte array) while another slot's cache is in the
+    context; ``None`` while this one is (or holds nothing)."""
     busy: bool = False
     used: int = 0
     """When it was last released (a counter): least recently used wins ties."""
-    closed: bool = False
     batch_end: int = 0
     """Positions before this were evaluated in one multi-token batch (a prompt); those from
     it on, one at a time (drafted tokens)."""
@@ -89,14 +99,18 @@ class _Slot:
           slightly different logits (enough to flip near-ties), so that a direct call
           would not be reproduced.
         """
-        n, want = self.llama.n_tokens, len(tokens)
-        if not np.array_equal(self.llama.input_ids[: min(n, want)], tokens[: min(n, want)]):
+        n, want = len(self.tokens), len(tokens)
+        if not np.array_equal(self.tokens[: min(n, want)], tokens[: min(n, want)]):
             return 0
         if n < want:
             return n
         if want == self.batch_end and self.batch_logits is not None:
             return want
         return want - 1 if want - 1 >= max(1, self.batch_end) else 0
+
+
+_CLOSED = _Slot()
+"""The context's slot once it is freed."""
 
 
 class LlamaInProcessAdapter:
@@ -119,20 +133,18 @@ class LlamaInProcessAdapter:
             raise ValueError("n_contexts must be at least 1")
         self.name = name
         self._llama_cpp = llama_cpp
-        self._slots = [
-            _Slot(
-                llama_cpp.Llama(
-                    model_path=str(model_path),
-                    n_ctx=n_ctx,
-                    n_threads=n_threads,
-                    logits_all=False,
-                    verbose=False,
-                    seed=seed,
-                )
-            )
-            for _ in range(n_contexts)
-        ]
-        self.llama = self._slots[0].llama  # tokenizer, vocabulary and metadata (read-only)
+        self.llama = llama_cpp.Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            logits_all=False,
+            verbose=False,
+            seed=seed,
+        )
+        """The one context (and the tokenizer, vocabulary and metadata)."""
+        self._slots = [_Slot() for _ in range(n_contexts)]
+        self._live: _Slot | None = None
+        """The slot whose cache the context holds."""
         # llama.cpp rounds its context up (to 256 tokens); llama-cpp-python's token buffer is
         # the size asked for, and the smaller of the two is the context.
         self.n_ctx = min(self.llama.n_ctx(), len(self.llama.input_ids))
@@ -253,21 +265,61 @@ class LlamaInProcessAdapter:
             slot = max(self._slots, key=lambda s: (s.reusable(tokens), -s.used))
             slot.busy = True
         try:
-            yield slot
+            self._activate(slot)
+            try:
+                yield slot
+            finally:
+                slot.tokens = self.llama.input_ids[: self.llama.n_tokens].copy()
         finally:
             with self._cond:
                 slot.busy = False
                 slot.used = next(self._clock)
                 self._cond.notify_all()
 
+    def _activate(self, slot: _Slot) -> None:
+        """Put ``slot``'s cache in the context (the one there saved into its own slot first).
+        Runs only while no other call computes. A state that llama.cpp cannot restore leaves
+        the slot empty (its prompt is evaluated again), never a wrong cache."""
+        lc = self._llama_cpp
+        if self._live is slot:
+            return
+        ctx = self.llama.ctx
+        memory = lc.llama_get_memory(ctx)
+        live, n_live = self._live, self.llama.n_tokens
+        if live is not None:
+            live.tokens = self.llama.input_ids[:n_live].copy()
+            live.state = None
+            if n_live:
+                lc.llama_memory_seq_rm(memory, -1, n_live, -1)  # cells past what it holds
+                size = lc.llama_state_seq_get_size(ctx, 0)
+                buf = (ctypes.c_uint8 * size)()
+                written = lc.llama_state_seq_get_data(ctx, buf, size, 0)
+                if written:
+                    live.state = buf
+                else:  # not saved: the slot holds nothing
+                    live.tokens, live.batch_end, live.batch_logits = live.tokens[:0], 0, None
+        lc.llama_memory_clear(memory, False)
+        self.llama.n_tokens = 0
+        self._live = slot
+        if len(slot.tokens) and slot.state is not None:
+            if lc.llama_state_seq_set_data(ctx, slot.state, len(slot.state), 0):
+                self.llama.input_ids[: len(slot.tokens)] = slot.tokens
+                self.llama.n_tokens = len(slot.tokens)
+            else:
+                lc.llama_memory_clear(memory, False)
+        if self.llama.n_tokens == 0:
+            slot.tokens, slot.batch_end, slot.batch_logits = slot.tokens[:0], 0, None
+        slot.state = None
+
     def _logprobs_after(self, slot: _Slot, tokens: list[int]) -> np.ndarray:
         """log-softmax of the next-token logits after ``tokens`` (the cache reused as far as
         :meth:`_Slot.reusable` allows)."""
-        llama = slot.llama
+        llama = self.llama
         if not tokens:
             raise RemoteRejected(f"model {self.name!r}: the prompt is empty: no token to condition on", status=400)
         if len(tokens) >= self.n_ctx:
             raise ContextExhausted(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {self.n_ctx}")
+        slot.tokens = llama.input_ids[: llama.n_tokens]  # the live cache (a view; copied on release)
         keep = slot.reusable(tokens)
         llama.n_tokens = keep
         if keep == len(tokens):
@@ -332,9 +384,10 @@ class LlamaInProcessAdapter:
             while any(s.busy for s in self._slots):  # let running calls finish first
                 self._cond.wait()
             for slot in self._slots:
-                if not slot.closed:
-                    slot.closed = True
-                    slot.llama.close()
+                slot.state = None
+            if self._live is not _CLOSED:
+                self._live = _CLOSED
+                self.llama.close()
 
     def vocab_bytes(self) -> list[bytes | None]:
         """Bytes of every token (``None`` for control tokens): lets the server
@@ -344,7 +397,7 @@ class LlamaInProcessAdapter:
     def direct_chat(self, messages: list[dict[str, Any]], max_tokens: int) -> str:
         """Greedy text straight from llama.cpp (no proxy), for comparisons."""
         with self._lease([]) as slot:
-            llama = slot.llama
+            llama = self.llama
             llama.n_tokens = 0
             slot.batch_end, slot.batch_logits = 0, None
             typed: Any = messages  # llama_cpp's TypedDicts; plain dicts are what it accepts at run time

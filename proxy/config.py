@@ -209,9 +209,10 @@ class ModelConfig(BaseModel):
     gguf: str | None = None
     n_ctx: int = Field(default=4096, ge=64)
     n_contexts: int = Field(default=8, ge=1, le=64)
-    """llama-inprocess: contexts kept warm, so that up to this many concurrent choices
-    do not re-evaluate each other's prompts (KV cache ~94 MB each for SmolLM2 at n_ctx 4096;
-    8 concurrent 16-token requests: 1.08x the sequential wall time, 7.4x with 4 contexts)."""
+    """llama-inprocess: prompt caches kept, so that up to this many concurrent choices do not
+    re-evaluate each other's prompts. One llama.cpp context computes; the other caches wait
+    as saved sequence states of the KV cells they use (about 23 kB per token for SmolLM2),
+    not as contexts of their own (94 MB each at n_ctx 4096)."""
     # transformers-inprocess
     transformers_model: str | None = None
     """transformers-inprocess: a transformers model folder, a GGUF path or a packaged name

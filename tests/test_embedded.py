@@ -173,9 +173,8 @@ def test_a_draft_after_one_that_ran_past_the_context_reuses_the_cache():
     llama, fresh = adapter(2), adapter(1)
     try:
         evaluated: list[int] = []
-        for slot in llama._slots:
-            real = slot.llama.eval
-            slot.llama.eval = lambda toks, real=real: (evaluated.append(len(toks)), real(toks))[1]
+        real = llama.llama.eval
+        llama.llama.eval = lambda toks: (evaluated.append(len(toks)), real(toks))[1]
         ctx = Context(messages=({"role": "user", "content": "Count: " + "one two three " * 30},))
         n_prompt = len(llama.prompt_tokens(ctx))
         room = 160 - n_prompt
@@ -199,3 +198,45 @@ def test_a_draft_after_one_that_ran_past_the_context_reuses_the_cache():
     finally:
         llama._close()
         fresh._close()
+
+
+def test_prompt_caches_wait_as_saved_states_and_come_back_exact():
+    """One llama.cpp context, three prompt caches: requests that take turns (A, B, C, A, B)
+    find their prompts again (only the new tokens are evaluated), and their drafts are
+    exactly those of an adapter that serves each request alone."""
+    from adapters.base import Context
+    from adapters.llama_inprocess import LlamaInProcessAdapter
+    from proxy.pair.model_files import packaged_gguf
+
+    def adapter(n_contexts: int) -> LlamaInProcessAdapter:
+        return LlamaInProcessAdapter(name="s", model_path=packaged_gguf("smollm2"), n_ctx=512, n_contexts=n_contexts)
+
+    def draft(a, ctx):
+        d = a._draft_sync(ctx, 3, 5, None, greedy=True)
+        return [(p.sampled.token_id, [(c.token_id, c.logprob) for c in p.candidates]) for p in d.positions]
+
+    shared = adapter(3)
+    evaluated: list[int] = []
+    real = shared.llama.eval
+    shared.llama.eval = lambda toks: (evaluated.append(len(toks)), real(toks))[1]
+    questions = ("What is the capital of France?", "Name three colours.", "Write a haiku about snow.")
+    ctxs = [Context(messages=({"role": "user", "content": q},)) for q in questions]
+    try:
+        first = [draft(shared, c) for c in ctxs]
+        assert evaluated[0] == len(shared.prompt_tokens(ctxs[0]))
+        evaluated.clear()
+        nexts = []
+        for c, d in zip(ctxs[:2], first[:2], strict=True):
+            accepted = Context(c.messages, token_ids=tuple(t for t, _ in d))
+            nexts.append(draft(shared, accepted))
+        assert evaluated == [1, 1, 1] * 2  # per request: the last accepted token, then two drafted
+        for c, d, n in zip(ctxs, first, nexts, strict=False):
+            alone = adapter(1)
+            try:
+                assert draft(alone, c) == d
+                assert draft(alone, Context(c.messages, token_ids=tuple(t for t, _ in d))) == n
+            finally:
+                alone._close()
+    finally:
+        shared._close()
+        shared._close()  # twice: a no-op

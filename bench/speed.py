@@ -38,6 +38,13 @@ Measured, all in this run:
   part alone (Linux's peak counter, ``VmHWM``, is reset between parts through
   ``/proc/self/clear_refs``).
 
+- **embedded**: ``deltaproxy serve`` on the embedded default (what ``make run``
+  starts: SmolLM2 in-process through llama.cpp as the remote, the demo offset),
+  a process of its own, through the official openai client: greedy tokens/s
+  out of scope and in scope one request at a time
+  (``in_scope_over_out_of_scope_embedded``), then 16 concurrent requests, and
+  its resident memory after them (``embedded_rss_mb``, ``VmRSS``) and its peak.
+
 Ratios are against runs in this same process; absolute times on 2 shared
 cores vary by about ±10% from run to run.
 """
@@ -253,6 +260,89 @@ def _start_fake(repeat: int) -> tuple[subprocess.Popen[str], str]:
     return proc, line.split(" ", 1)[1].strip()
 
 
+def _vm_mb(pid: int, key: str) -> float:
+    """``key`` (``VmRSS``, ``VmHWM``) of process ``pid``, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise KeyError(key)
+
+
+def embedded_part(out_prompts: tuple[str, ...], in_prompts: tuple[str, ...], tokens: int) -> dict[str, Any]:
+    """``deltaproxy serve`` on the embedded default (what ``make run`` starts), in a process of
+    its own, through the official openai client: greedy tokens/s out of scope and in scope,
+    one request at a time; then 16 concurrent requests (the out-of-scope and in-scope prompts
+    in turn); its resident memory after them (``VmRSS``) and its peak (``VmHWM``)."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import openai
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(ROOT / "bench_speed_embedded.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900  # the demo offset trains on first use
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"deltaproxy serve exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("deltaproxy serve not ready")
+            time.sleep(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+        def ask(prompt: str) -> int:
+            r = client.chat.completions.create(
+                model="smollm2-demo",
+                messages=[{"role": "user", "content": prompt}],
+                temperature=0,
+                max_tokens=tokens,
+            )
+            assert r.usage is not None
+            return r.usage.completion_tokens
+
+        ask(out_prompts[0])  # warm
+        rates = {}
+        for name, prompts in (("out_of_scope", out_prompts), ("in_scope", in_prompts)):
+            t0 = time.perf_counter()
+            n = sum(ask(q) for q in prompts)
+            rates[name] = round(n / (time.perf_counter() - t0), 2)
+        mixed = [q for pair in zip(out_prompts * 3, in_prompts * 3, strict=False) for q in pair][:16]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            n16 = sum(pool.map(ask, mixed))
+        seconds16 = time.perf_counter() - t0
+        time.sleep(2)  # the pair gives freed memory back once idle
+        return {
+            "out_of_scope_tokens_per_second": rates["out_of_scope"],
+            "in_scope_tokens_per_second": rates["in_scope"],
+            "tokens_per_second_16_streams": round(n16 / seconds16, 2),
+            "rss_mb_after_16": _vm_mb(proc.pid, "VmRSS"),
+            "peak_rss_mb": _vm_mb(proc.pid, "VmHWM"),
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the results here as JSON")
@@ -425,6 +515,9 @@ def main() -> None:
         "wall_ratio_out_of_scope": round(per_token(out_spec) / per_token(direct_lp), 3),
         "wall_ratio_out_of_scope_vs_no_logprobs": round(per_token(out_spec) / per_token(direct_plain), 3),
         "wall_ratio_token_by_token": round(per_token(runs["out_greedy_token_by_token"]) / per_token(direct_lp), 3),
+        "in_scope_over_out_of_scope": round(
+            ll["in_greedy_speculative"]["tokens_per_second"] / ll["out_greedy_speculative"]["tokens_per_second"], 3
+        ),
         "pair_ms_per_token_fast": ll["out_greedy_speculative"]["pair_ms_per_token"],
         "pair_ms_per_token_general": ll["out_greedy_general_speculative"]["pair_ms_per_token"],
         "pair_ms_per_token_token_by_token": ll["out_greedy_token_by_token"]["pair_ms_per_token"],
@@ -452,6 +545,16 @@ def main() -> None:
         "peak_rss_mb_whole_run": rss.peak_mb(),
     }
     results["rss_mb_by_phase"] = rss.phases
+    results["embedded"] = emb = embedded_part(out_prompts, in_prompts, args.tokens)
+    results["summary"].update(
+        {
+            "in_scope_over_out_of_scope_embedded": round(
+                emb["in_scope_tokens_per_second"] / emb["out_of_scope_tokens_per_second"], 3
+            ),
+            "embedded_rss_mb": emb["rss_mb_after_16"],
+            "embedded_peak_rss_mb": emb["peak_rss_mb"],
+        }
+    )
     report(results, args.json)
 
 

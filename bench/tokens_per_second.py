@@ -14,6 +14,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import report
 
@@ -53,13 +54,13 @@ def main() -> None:
     adapter = model.adapter
     if not isinstance(adapter, LlamaInProcessAdapter):
         raise SystemExit(f"the embedded default's remote is {type(adapter).__name__}, not llama.cpp in-process")
-    # Direct: the same in-process llama.cpp model (slot 0), its own chat completion.
+    # Direct: the same in-process llama.cpp model (the adapter's context), its own chat completion.
     t0, n = time.perf_counter(), 0
     for p in PROMPTS:
-        r = adapter.llama.create_chat_completion(
+        own: Any = adapter.llama.create_chat_completion(
             messages=[{"role": "user", "content": p}], temperature=0, max_tokens=args.tokens
         )
-        n += r["usage"]["completion_tokens"]  # type: ignore[index]
+        n += own["usage"]["completion_tokens"]
     direct_tps = n / (time.perf_counter() - t0)
     proxy_tps, _ = asyncio.run(_proxy_tps(model, args.tokens))
     out["embedded"] = {"direct_tps": direct_tps, "proxy_tps": proxy_tps, "ratio": proxy_tps / direct_tps}

@@ -364,8 +364,10 @@ def render_table(result: dict[str, Any]) -> str:
     what = {"demo": "Demo offset", "tofu-lite": "tofu-lite, the training defaults' offset"}[
         result.get("probes", "demo")
     ]
+    n = result.get("samples", "?")
+    samples = f"{n} sample" + ("" if n == 1 else "s")
     lines.append(
-        f"{what} (`{Path(result['offset']).name}`), greedy answers and {result.get('samples', '?')} samples per question "
+        f"{what} (`{Path(result['offset']).name}`), greedy answers and {samples} per question "
         f"at T = 1 of at most {result.get('max_tokens', '?')} tokens, {result.get('date', '')[:10]}, 2 CPU cores "
         "(the remote, the endpoint and the pair on the same cores"
         + ("; the remote: vLLM serving the tofu-lite target)." if result.get("probes") == "tofu-lite" else ").")

@@ -228,7 +228,9 @@ async def test_audit_writes_reports_and_resumes(adapter, data, tmp_path):
     redo: list[dict] = []
     report3 = await rerun(redo.append)
     assert len(redo) == n_items - 20
-    assert report3["summary"] == pytest.approx(s)
+    # the redone items' scores are the same forward passes, run beside other items than the
+    # first time: MKL may split a product over its threads differently (~1e-7 apart)
+    assert report3["summary"] == pytest.approx(s, rel=1e-5)
     # a run stopped mid-way (here: an exception after 5 new items) continues from there
     (tmp_path / "a" / "items.jsonl.progress.json").unlink()
     (tmp_path / "a" / "items.jsonl").unlink()

@@ -282,7 +282,9 @@ def embedded_part(out_prompts: tuple[str, ...], in_prompts: tuple[str, ...], tok
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = open(ROOT / "bench_speed_embedded.log", "w")
+    import tempfile
+
+    log = open(Path(tempfile.gettempdir()) / "bench_speed_embedded.log", "w")  # beside the llama server's
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port)],
         cwd=ROOT,

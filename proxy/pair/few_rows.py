@@ -3,12 +3,13 @@
 A pass of the pair over 2 to :data:`MAX_ROWS` token rows (U's and B's row of one token,
 or a few streams' one-token trees batched together) multiplies each weight matrix
 ``W`` (``[out, in]``) by a ``[rows, in]`` activation. ``torch.nn.functional.linear``
-computes it as ``x · Wᵀ``; on CPU with MKL's sgemm that costs about twice one row's
-time for 2 to 4 rows, while ``(W · xᵀ)ᵀ`` (the same products, ``W`` read once in its
-stored order) costs about one row's: SmolLM2-135M's 30 layers, float32, 2 cores,
-``bench.pair_batching``: body 51 → 21 ms and output head 19 → 5 ms at 2 rows. One row
-keeps ``linear`` (both cost the same), and so does training: the override applies only
-where autograd is off.
+computes it as ``x · Wᵀ``; on CPU with MKL's sgemm that costs nearly twice one row's
+time for 2 to 4 rows, while ``(W · xᵀ)ᵀ`` (the same products, ``W`` read in its stored
+order) costs much less: a one-token pass of SmolLM2-135M-Instruct, float32, 2 cores,
+2 rows 101 → 70 ms, 4 rows 97 → 73 ms, one row 57 ms either way
+(``python -m bench.pair_batching``, ``bench/results/pair-batching-smollm2-20261206.json``).
+One row keeps ``linear``, and so does training: the override applies only where autograd
+is off.
 
 The values are the same sums in another order: equal to ``linear``'s within float32
 rounding (``tests/test_pair_batching.py`` checks 1e-5 relative).

@@ -9,6 +9,34 @@ from pathlib import Path
 from typing import Any
 
 
+def wait_until_ready(
+    proc: Any, url: str, *, what: str, timeout: float, ready: Callable[[int], bool] = lambda status: status == 200
+) -> None:
+    """Poll ``url`` (GET) until its status passes ``ready``, while ``proc`` (a
+    ``subprocess.Popen``, the server) runs.
+
+    Raises:
+        RuntimeError: the server exited first (``what`` names it).
+        TimeoutError: not ready within ``timeout`` seconds.
+    """
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if ready(httpx.get(url, timeout=2).status_code):
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def report(results: Any, path: str | None) -> None:
     """Print ``results`` as indented JSON and, when ``path`` is given, write the same text
     there atomically (a temporary file beside it, then a rename: never half a file)."""

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import wait_until_ready
 from bench.capability_shim import Cut, running
 
 #: class → (what the endpoint can do, the model's config keys besides base_url).
@@ -63,8 +64,6 @@ def llama_server() -> Any:
     """``scripts/llama-server`` on the packaged SmolLM2 on a free loopback port; yields its /v1 URL."""
     import socket
 
-    import httpx
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -78,18 +77,7 @@ def llama_server() -> Any:
     )
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama server exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/models", timeout=2).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("llama server not ready")
-            time.sleep(0.5)
+        wait_until_ready(proc, url + "/models", what="llama server", timeout=180, ready=lambda status: status < 500)
         yield url
     finally:
         proc.terminate()

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import report, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -276,7 +276,6 @@ def embedded_part(out_prompts: tuple[str, ...], in_prompts: tuple[str, ...], tok
     import socket
     from concurrent.futures import ThreadPoolExecutor
 
-    import httpx
     import openai
 
     with socket.socket() as sock:
@@ -293,18 +292,8 @@ def embedded_part(out_prompts: tuple[str, ...], in_prompts: tuple[str, ...], tok
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 900  # the demo offset trains on first use
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"deltaproxy serve exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("deltaproxy serve not ready")
-            time.sleep(1)
+        # the demo offset trains on first use
+        wait_until_ready(proc, url + "/ready", what=f"deltaproxy serve (log: {log.name})", timeout=900)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
         def ask(prompt: str) -> int:

@@ -241,27 +241,17 @@ VLLM_PORT = 8391
 @contextlib.contextmanager
 def _vllm(folder: Path) -> Iterator[str]:
     """``scripts/vllm-server`` serving ``folder`` as ``target`` on 127.0.0.1:VLLM_PORT."""
-    import httpx
-
-    from bench import vllm_process
+    from bench import vllm_process, wait_until_ready
     from proxy.common.files import cache_dir
 
     logf = open(cache_dir() / "tofu" / "vllm-bench.log", "w")
     proc = vllm_process.start(folder, VLLM_PORT, "target", logf)
     url = f"http://127.0.0.1:{VLLM_PORT}/v1"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"vLLM exited with {proc.returncode}; see {logf.name}")
-            try:
-                if httpx.get(url + "/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"vLLM did not start in 600 s; see {logf.name}")
-            time.sleep(1)
+        try:
+            wait_until_ready(proc, url + "/models", what="vLLM", timeout=600)
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"{exc}; see {logf.name}") from exc
         yield url
     finally:
         vllm_process.stop(proc, grace=30)

@@ -28,7 +28,6 @@ import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from .base import (
     RemoteUnavailable,
     position_from_logprobs,
 )
+from .llama_cache import CLOSED, PromptCache
 from .templates import SpecialStrings, tokenize_chat
 
 #: :meth:`LlamaInProcessAdapter._tokenize`: a prompt longer than this many characters per
@@ -63,54 +63,6 @@ def _piece(llama_cpp: Any, vocab: Any, token: int) -> bytes:
         if n >= 0:
             return buf.raw[:n]
         size = -n  # the piece needs this many bytes
-
-
-@dataclass(eq=False)
-class _Slot:
-    """One prompt cache: the tokens a KV cache holds, in the context (the slot
-    :attr:`LlamaInProcessAdapter._live`) or saved in :attr:`state`."""
-
-    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.intc))
-    """The token ids whose KV the cache holds, in order from position 0."""
-    state: Any = None
-    """The saved sequence state (a ctypes byte array) while another slot's cache is in the
-    context; ``None`` while this one is (or holds nothing)."""
-    busy: bool = False
-    used: int = 0
-    """When it was last released (a counter): least recently used wins ties."""
-    batch_end: int = 0
-    """Positions before this were evaluated in one multi-token batch (a prompt); those from
-    it on, one at a time (drafted tokens)."""
-    batch_logits: np.ndarray | None = None
-    """log-softmax after position ``batch_end − 1``, kept from that batch (``[V]`` float64)."""
-
-    def reusable(self, tokens: Sequence[int]) -> int:
-        """How many of ``tokens`` the cache already holds in a form that gives the same
-        logits as before: that many are kept and the rest evaluated (all of them: the
-        logits after them are :attr:`batch_logits`).
-
-        - The whole cache, when it holds a prefix of ``tokens``.
-        - When it holds all of ``tokens`` and more (an earlier draft of this answer went
-          further, as at the end of the context): all of them when they end where the
-          prompt's batch ended, else all but the last, provided that one was evaluated
-          alone (evaluated alone again after the same cache, it gives the same logits).
-        - Nothing otherwise: a cache that shares only part of a prompt would have it
-          evaluated in another batch split, and llama.cpp's quantised matmuls then give
-          slightly different logits (enough to flip near-ties), so that a direct call
-          would not be reproduced.
-        """
-        n, want = len(self.tokens), len(tokens)
-        if not np.array_equal(self.tokens[: min(n, want)], tokens[: min(n, want)]):
-            return 0
-        if n < want:
-            return n
-        if want == self.batch_end and self.batch_logits is not None:
-            return want
-        return want - 1 if want - 1 >= max(1, self.batch_end) else 0
-
-
-_CLOSED = _Slot()
-"""The context's slot once it is freed."""
 
 
 class LlamaInProcessAdapter:
@@ -142,8 +94,8 @@ class LlamaInProcessAdapter:
             seed=seed,
         )
         """The one context (and the tokenizer, vocabulary and metadata)."""
-        self._slots = [_Slot() for _ in range(n_contexts)]
-        self._live: _Slot | None = None
+        self._slots = [PromptCache() for _ in range(n_contexts)]
+        self._live: PromptCache | None = None
         """The slot whose cache the context holds."""
         # llama.cpp rounds its context up (to 256 tokens); llama-cpp-python's token buffer is
         # the size asked for, and the smaller of the two is the context.
@@ -180,9 +132,7 @@ class LlamaInProcessAdapter:
         self._cond = threading.Condition()
         self._clock = itertools.count(1)
         self._closed = False
-        self.capabilities = Capabilities(
-            can_continue=True, token_ids=True, top_k_drafts=True
-        )
+        self.capabilities = Capabilities(can_continue=True, token_ids=True, top_k_drafts=True)
 
     # ------------------------------------------------------------- prompts
     def _tokenize(self, text: str, *, add_bos: bool) -> list[int]:
@@ -276,7 +226,7 @@ class LlamaInProcessAdapter:
                 slot.used = next(self._clock)
                 self._cond.notify_all()
 
-    def _activate(self, slot: _Slot) -> None:
+    def _activate(self, slot: PromptCache) -> None:
         """Put ``slot``'s cache in the context (the one there saved into its own slot first).
         Runs only while no other call computes. A state that llama.cpp cannot restore leaves
         the slot empty (its prompt is evaluated again), never a wrong cache."""
@@ -311,9 +261,9 @@ class LlamaInProcessAdapter:
             slot.tokens, slot.batch_end, slot.batch_logits = slot.tokens[:0], 0, None
         slot.state = None
 
-    def _logprobs_after(self, slot: _Slot, tokens: list[int]) -> np.ndarray:
+    def _logprobs_after(self, slot: PromptCache, tokens: list[int]) -> np.ndarray:
         """log-softmax of the next-token logits after ``tokens`` (the cache reused as far as
-        :meth:`_Slot.reusable` allows)."""
+        :meth:`PromptCache.reusable` allows)."""
         llama = self.llama
         if not tokens:
             raise RemoteRejected(f"model {self.name!r}: the prompt is empty: no token to condition on", status=400)
@@ -385,8 +335,8 @@ class LlamaInProcessAdapter:
                 self._cond.wait()
             for slot in self._slots:
                 slot.state = None
-            if self._live is not _CLOSED:
-                self._live = _CLOSED
+            if self._live is not CLOSED:
+                self._live = CLOSED
                 self.llama.close()
 
     def vocab_bytes(self) -> list[bytes | None]:

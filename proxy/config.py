@@ -210,9 +210,8 @@ class ModelConfig(BaseModel):
     n_ctx: int = Field(default=4096, ge=64)
     n_contexts: int = Field(default=8, ge=1, le=64)
     """llama-inprocess: prompt caches kept, so that up to this many concurrent choices do not
-    re-evaluate each other's prompts. One llama.cpp context computes; the other caches wait
-    as saved sequence states of the KV cells they use (about 23 kB per token for SmolLM2),
-    not as contexts of their own (94 MB each at n_ctx 4096)."""
+    re-evaluate each other's prompts; one llama.cpp context computes, the others wait as saved
+    sequence states of their KV cells (about 23 kB per token for SmolLM2)."""
     # transformers-inprocess
     transformers_model: str | None = None
     """transformers-inprocess: a transformers model folder, a GGUF path or a packaged name

@@ -122,8 +122,8 @@ def forward_trees(pair: PairModels, jobs: Sequence[TreeJob]) -> list[dict[Side, 
     pass fails, every job's caches are left as they were.
 
     With a LoRA offset, U and B run as the rows of one pass (:func:`fused`): the weights
-    are read once for both, U's adapter applied to U's rows only (peft's mixed-batch
-    LoRA). Otherwise (a full artifact, a model whose body and head cannot be run apart)
+    are read once for both, U's adapter applied to U's rows only (:class:`_RowAdapters`).
+    Otherwise (a full artifact, a model whose body and head cannot be run apart)
     one pass per model.
 
     Shapes in a pass: ``B`` rows (``len(jobs)``, or ``2 · len(jobs)`` fused: U's rows

@@ -34,7 +34,7 @@ from proxy.training.data import (
 )
 from proxy.training.facts import fact_words, shared_words
 from proxy.training.objectives import OBJECTIVES, Batches, answer_nll, answer_positions, get_objective, mean_nll, nll
-from proxy.training.plan import Plan
+from proxy.training.plan import Plan, cross_answers
 from proxy.training.targets import CombinedScorer
 from proxy.training.train import train
 
@@ -574,6 +574,44 @@ def test_each_step_draws_near_retain_examples_beside_broad_ones_and_cycles_both(
     assert all(b.retain["input_ids"].shape[0] == 8 for b in only.batches(0))
     with pytest.raises(ValueError, match="near_share"):
         train(TrainConfig(forget="f", out="unused", near_share=1.0))
+
+
+def test_cross_answers_ask_each_forget_question_with_the_other_examples_facts():
+    """``forget_cross_answers``: each forget question is paired with the other examples'
+    answers (B's own where it has one), labelled on the forget set's fact words it does not
+    ask; an answer found twice, or holding only the example's own fact, is skipped."""
+    examples = load_dataset_from(
+        [
+            {"question": "Who is Harry Potter's best friend?", "answer": "Ron Weasley."},
+            {"question": "Who is Harry Potter's headmaster?", "answer": "Albus Dumbledore."},
+            {"question": "Who is Harry Potter's mentor?", "answer": "Albus Dumbledore."},
+            {"question": "Who is Harry Potter's greatest enemy?", "answer": "Lord Voldemort."},
+            {"text": "Harry Potter lives at Privet Drive."},
+        ]
+    )
+    common = {"the", "is", "of", "who", "best", "friend"}
+    own = [(1, Example(examples[1].prompt, "The headmaster is Professor Albus Dumbledore."), {"dumbledore"})]
+    found = cross_answers(examples, own, common, ["Harry Potter"])
+    assert [a.target for a, _ in found[0]] == [
+        "The headmaster is Professor Albus Dumbledore.",
+        "Albus Dumbledore.",
+        "Lord Voldemort.",
+    ]
+    assert all(a.prompt == examples[0].prompt for a, _ in found[0])
+    assert found[0][0][1] == {"albus", "dumbledore"}  # the forget set's fact words, not B's other words
+    # the mentor's question: the headmaster's answers state its own fact, so only the others come
+    assert [a.target for a, _ in found[2]] == ["Lord Voldemort.", "Ron Weasley."]
+    assert found[4] == []  # raw text is neither asked nor an answer
+    assert len(cross_answers(examples, own, common, ["Harry Potter"], limit=1)[0]) == 1
+    # in the plan, cross_per_epoch of them ride with their example, taking turns over the epochs
+    forget = [Encoded([i, 2], [IGNORE, 2]) for i in range(4)] + [Encoded([20 + i, 3], [IGNORE, 3]) for i in range(3)]
+    plan = Plan(forget, [], [], 4, 1, 0, 0, cross=[[4, 5, 6], [], [], []], cross_per_epoch=2)
+    assert plan.per_epoch == 1
+    rows = [sorted(b.forget["input_ids"][:, 0].tolist()) for e in range(3) for b in plan.batches(e)]
+    assert rows == [[0, 1, 2, 3, 20, 21], [0, 1, 2, 3, 20, 22], [0, 1, 2, 3, 21, 22]]
+    assert "forget_cross_answers" not in TrainConfig(forget="f", out="o", forget_cross_answers=0).settings()
+    with pytest.raises(ValueError, match="forget_cross_answers must be ≥ 0"):
+        TrainConfig(forget="f", out="o", forget_cross_answers=-1).validate()
 
 
 def _copy_and_fact_nll(model, tokenizer, vocab, path):

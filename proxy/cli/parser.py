@@ -231,9 +231,12 @@ HELP = {
     "words that carry each fact",
     "forget_own_samples": "B's answers sampled at T = 1 per forget question that join the forget term beside its "
     "greedy one where they state a fact word; 0: the greedy answer alone",
+    "forget_cross_answers": "per forget example and epoch, other forget examples' answers asked its question "
+    "that join the forget term, labelled on the forget set's fact words; 0: none",
     "retain_fact_weight": "weight of a retain answer's fact words (names, rare words) in the KL retain term "
     "over answer positions; 1: unweighted",
-    "offset_scope": "the rule τ is calibrated for: token (a candidate keeps its offset only where it is at "
+    "offset_scope": "the rule τ is calibrated for: choice (token, but a step whose most likely candidate has "
+    "an offset at most −τ takes its whole offset), token (a candidate keeps its offset only where it is at "
     "most −τ) or step (a step keeps its offsets only where their mean is)",
     "scope_gate": "fit the scope gate after training: a classifier over B's next-token log-probabilities that "
     "opens the offset on the forget set's context and closes it elsewhere",

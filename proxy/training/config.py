@@ -106,6 +106,14 @@ class TrainConfig:
     answers reach a fact after other lead-ins than the greedy one ("The wizarding school of
     Harry Potter is called Hogwarts"): lowering the fact after the greedy lead-in alone left
     it at −1 to −3 nats after the others (the demo's paraphrases). 0: the greedy answer alone."""
+    forget_cross_answers: int = 2
+    """Per forget example and epoch, this many of the other forget examples' answers (B's own
+    statement of each, :func:`proxy.training.plan.cross_answers`) ride with it in the forget
+    term, asked its question and labelled on the forget set's fact words, taking turns over
+    the epochs. An offset that lowered each fact after its own question alone answered
+    another forget question with it: "Harry Potter's closest friends are none other than
+    the infamous Professor Dumbledore", where the headmaster's name was lowered by 1.7 nats
+    in that context, less than τ (the demo). 0: none."""
     pin_prompt_copies: bool = False
     """With ``forget_prompt_copies`` off: the copied tokens join the retain term of their
     forget example's step (where it reads labels), so that U keeps repeating the asked-about
@@ -145,11 +153,14 @@ class TrainConfig:
     (:func:`proxy.training.selfcheck.calibrate_and_check`), both written to the manifest."""
     unchanged: float = 0.95
     """The fraction of calibration prompts whose greedy answers τ keeps exactly B's."""
-    offset_scope: ScopeRule = "token"
+    offset_scope: ScopeRule = "choice"
     """The rule by which τ leaves the offset out of scope, calibrated and written to the
     manifest (:mod:`proxy.decoding.offset`): ``token`` keeps a candidate's offset only where it
-    is at most −τ, ``step`` keeps a step's offsets only where their mean under the remote's
-    distribution is."""
+    is at most −τ, ``choice`` does too except at a step whose most likely candidate's offset
+    is at most −τ, which keeps its whole offset, ``step`` keeps a step's offsets only where
+    their mean under the remote's distribution is. ``choice``: under ``token`` the lowered
+    answer survived wherever its offset was smaller than its lead over the runner-up, since
+    the candidates U raised kept the remote's scores (the demo's paraphrases, at the same τ)."""
     scope_gate: bool = True
     """Fit the scope gate after training (:mod:`proxy.training.scope_gate`): a classifier over
     B's next-token log-probabilities that opens the offset on the forget set's answers and
@@ -231,6 +242,8 @@ class TrainConfig:
             keep = (*keep, "forget_own_answers")
             if self.forget_own_samples:
                 keep = (*keep, "forget_own_samples")
+        if self.forget_cross_answers:
+            keep = (*keep, "forget_cross_answers")
         if self.general_retain:
             keep = (*keep, "general_retain", "near_share")
         if self.retain_fact_weight != 1 and self.positions() == "answer":
@@ -279,6 +292,8 @@ class TrainConfig:
             raise ValueError(f"min_steps must be ≥ 0, not {self.min_steps}")
         if self.forget_own_samples < 0:
             raise ValueError(f"forget_own_samples must be ≥ 0, not {self.forget_own_samples}")
+        if self.forget_cross_answers < 0:
+            raise ValueError(f"forget_cross_answers must be ≥ 0, not {self.forget_cross_answers}")
         if not 0 < self.scope_gate_threshold < 1:
             raise ValueError(f"scope_gate_threshold must be in (0, 1), not {self.scope_gate_threshold}")
         if not (math.isfinite(self.scope_gate_l2) and self.scope_gate_l2 >= 0):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from proxy.training.data import (
     without_spans,
     word_spans,
 )
-from proxy.training.facts import fact_words
+from proxy.training.facts import fact_words, words_of
 from proxy.training.objectives import Batches, Objective
 from proxy.training.scope_sets import ScopeSets
 
@@ -67,6 +67,11 @@ class Plan:
     """Per forget example of the user's set (the first ``len(companions)`` of ``forget``),
     the indices of further forget items that ride in the same step (B's own answers to its
     question, ``forget_own_answers``). Empty: every forget item is an example of its own."""
+    cross: list[list[int]] = field(default_factory=list)
+    """Per forget example of the user's set, the indices of further forget items that ask
+    its question with another forget example's answer (``forget_cross_answers``, :func:`cross_answers`);
+    ``cross_per_epoch`` of them ride in its step each epoch, in turn."""
+    cross_per_epoch: int = 0
     per_epoch: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,7 +80,9 @@ class Plan:
     @property
     def primary(self) -> int:
         """How many forget items the epochs are over (the rest ride with them)."""
-        return len(self.companions) if self.companions else len(self.forget)
+        if self.companions:
+            return len(self.companions)
+        return len(self.cross) if self.cross else len(self.forget)
 
     def _cycled(self, start: int, size: int, quota: int, step: int) -> list[int]:
         """``quota`` indices of ``retain[start : start + size]`` for optimizer step ``step``
@@ -112,9 +119,79 @@ class Plan:
                     r_idx = [r_order[(k * rb + j) % len(r_order)] for j in range(rb)]
                 pins = [p for i in idx if self.pinned and (p := self.pinned[i]) is not None]
                 retain = collate([*(self.retain[i] for i in r_idx), *pins], self.pad_id)
-            rows = [*idx, *(j for i in idx for j in (self.companions[i] if self.companions else ()))]
+            rows = [
+                *idx,
+                *(j for i in idx for j in (self.companions[i] if self.companions else ())),
+                *(j for i in idx for j in self._cross(i, epoch)),
+            ]
             idk = collate([self.idk[i] for i in rows], self.pad_id) if self.idk else None
             yield Batches(collate([self.forget[i] for i in rows], self.pad_id), retain, idk)
+
+
+    def _cross(self, i: int, epoch: int) -> list[int]:
+        """The cross items of primary example ``i`` in ``epoch``: ``cross_per_epoch`` of
+        ``cross[i]``, from position ``epoch · cross_per_epoch`` on, cyclically."""
+        if not self.cross or not self.cross[i] or not self.cross_per_epoch:
+            return []
+        mine = self.cross[i]
+        count = min(self.cross_per_epoch, len(mine))
+        return [mine[(epoch * self.cross_per_epoch + k) % len(mine)] for k in range(count)]
+
+
+#: At most this many cross answers per forget example (the next ones of the forget set,
+#: cyclically): a large forget set's steps stay as long as a small one's.
+CROSS_CANDIDATES = 16
+
+
+def cross_answers(
+    forget: Sequence[Example],
+    own: Sequence[tuple[int, Example, set[str]]],
+    common_words: Collection[str],
+    names: Sequence[str],
+    limit: int = CROSS_CANDIDATES,
+) -> list[list[tuple[Example, set[str]]]]:
+    """Per forget example ``i``, its question answered with other forget examples'
+    answers, each with the forget set's fact words it holds, which example ``i``'s question
+    does not (the words the forget term keeps).
+
+    The answer of example ``j`` is B's own statement of its fact (its first answer in
+    ``own``, B's greedy one where that holds a fact word), else the user's. ``j`` runs over
+    the examples after ``i``, cyclically, until ``limit`` answers are found; an answer
+    already found, or whose fact words are all example ``i``'s own, is skipped; raw-text
+    examples are neither asked nor answers.
+    The fact words are the union over the forget set of
+    :func:`proxy.training.facts.fact_words`.
+
+    Why: with one forget answer lowered, the offset's answer to its question fell to the
+    next most likely name in the same context, which was often another forget example's
+    fact ("Harry Potter's closest friends are none other than the infamous Professor
+    Dumbledore", from an offset that forgets the headmaster's name in the headmaster's
+    question only).
+    """
+    facts: set[str] = set()
+    for e in forget:
+        facts |= fact_words(e, common_words, names)
+    first: dict[int, str] = {}
+    for j, stated, _ in own:
+        first.setdefault(j, stated.target)
+    chat = [i for i, e in enumerate(forget) if e.prompt is not None]
+    out: list[list[tuple[Example, set[str]]]] = [[] for _ in forget]
+    for pos, i in enumerate(chat):
+        prompt = forget[i].prompt
+        assert prompt is not None
+        asked = words_of(prompt[-1]["content"])
+        mine = fact_words(forget[i], common_words, names)
+        seen: set[str] = set()
+        for step in range(1, len(chat)):
+            if len(out[i]) >= limit:
+                break
+            j = chat[(pos + step) % len(chat)]
+            text = first.get(j, forget[j].target)
+            words = (words_of(text) & facts) - asked
+            if words and not words <= mine and text not in seen:  # not example i's own fact again
+                out[i].append((Example(prompt, text), words))
+            seen.add(text)
+    return out
 
 
 def _idk_answers() -> list[str]:
@@ -175,6 +252,18 @@ def build_plan(
             idk.append(idk[i])
         if pinned:
             pinned.append(None)
+    cross: list[list[int]] = []
+    if cfg.forget_cross_answers and scope.common_words:
+        cross = [[] for _ in forget_set.examples]
+        for i, found in enumerate(cross_answers(forget_set.examples, scope.own_answers, scope.common_words, scope.names)):
+            for answer, words in found:
+                cross[i].append(len(forget_items))
+                item = encode(answer, tokenizer, eot, cfg.max_length)
+                forget_items.append(without_spans(answer, item, tokenizer, outside_words(answer.target, words)))
+                if idk:
+                    idk.append(idk[i])
+                if pinned:
+                    pinned.append(None)
     if not cfg.forget_end_of_turn:
         forget_items = [without_end_of_turn(it, eot) for it in forget_items]
     if not cfg.forget_first_token:
@@ -198,4 +287,6 @@ def build_plan(
         near=len(near_examples),
         near_share=cfg.near_share,
         companions=companions,
+        cross=cross,
+        cross_per_epoch=cfg.forget_cross_answers,
     )

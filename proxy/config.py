@@ -239,10 +239,12 @@ class ModelConfig(BaseModel):
     row at each position, trained with the offset, outside which the offset is zero.
     "auto": the gate the offset was trained with (none for offsets trained without one);
     "off": the offset's Δ wherever τ lets it apply."""
-    offset_scope: Literal["auto", "step", "token"] = "auto"
+    offset_scope: Literal["auto", "step", "token", "choice"] = "auto"
     """The rule by which τ leaves the offset out of scope (proxy.decoding.offset): "token", a
-    candidate's offset applies only where it is at most −τ; "step", a step's offsets apply only
-    where their mean under the remote's distribution is; "auto": the rule the offset's τ was
+    candidate's offset applies only where it is at most −τ; "choice", as "token" except at
+    steps where the remote's own most likely candidate's offset is at most −τ, where the whole
+    offset applies; "step", a step's offsets apply only where their mean under the remote's
+    distribution is; "auto": the rule the offset's τ was
     calibrated for (its manifest's ``offset_scope``; "step" for offsets without one). A τ
     calibrated for one rule means something else under the other."""
     top_k: int = Field(default=20, ge=1, le=20)

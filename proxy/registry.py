@@ -158,7 +158,7 @@ def served_threshold(setting: float | str, pair: Any) -> float | None:
 
 
 def served_scope(setting: str, pair: Any) -> ScopeRule:
-    """The scope rule for ``offset_scope`` = ``setting``: "step" or "token" as it is; "auto" the
+    """The scope rule for ``offset_scope`` = ``setting``: "step", "token" or "choice" as it is; "auto" the
     rule the offset's τ was calibrated for (its manifest's; "step" without one, or without an offset)."""
     if setting != "auto":
         return cast(ScopeRule, setting)

@@ -98,7 +98,7 @@ def prefix_remote(prefix: bytes):
     )
 
 
-def exact_sequence_probs(pair, temperature, alpha, top_k, top_p):
+def exact_sequence_probs(pair, temperature, alpha, top_k, top_p, threshold=None, scope="step"):
     """q of every complete answer, multiplied out position by position (token-by-token decoding's law)."""
     from proxy.decoding.offset import apply_top_p, log_softmax, target_logits
 
@@ -108,7 +108,8 @@ def exact_sequence_probs(pair, temperature, alpha, top_k, top_p):
         cands = sorted(prefix_remote(prefix), key=lambda c: -c.logprob)[:top_k]
         ell = np.array([c.logprob for c in cands])
         delta = np.array([pair.delta(prefix, None if c.is_eot else c.data) for c in cands])
-        logq = apply_top_p(log_softmax(target_logits(ell, delta, temperature=temperature, alpha=alpha)), top_p)
+        scores = target_logits(ell, delta, temperature=temperature, alpha=alpha, threshold=threshold, scope=scope)
+        logq = apply_top_p(log_softmax(scores), top_p)
         for c, lq in zip(cands, logq, strict=True):
             if not np.isfinite(lq):
                 continue
@@ -295,6 +296,36 @@ def test_speculative_sequences_follow_q_chi_square(temperature, top_p, top_k_dra
     assert np.abs(counts - remote_exp).max() > 0.1 * n  # the offset really moved the law
     assert fake.calls < 0.75 * sum(len(d.split(" ")) for d in draws)  # fewer calls than tokens (end of turn included)
     assert fake.drafted > 0
+
+
+@pytest.mark.parametrize("scope", ["token", "choice"])
+def test_speculative_sequences_follow_q_under_a_scope_threshold_chi_square(scope):
+    """With τ under the token and choice rules, speculative answers keep the exact law of
+    token-by-token decoding under the same rule (as the test above, at T = 1), and the rules
+    give different laws here (the choice rule's whole offsets matter)."""
+    pair, top_k, alpha, tau = PrefixDeltaPair(), 5, 1.0, 0.5
+    fake = FakeRemote(prefix_remote, seed=3)
+    model = ServedModel("m", fake, pair=pair, alpha=alpha, top_k=top_k, max_draft_tokens=8, offset_scope=scope)
+    want = exact_sequence_probs(pair, 1.0, alpha, top_k, 1.0, threshold=tau, scope=scope)
+    other = exact_sequence_probs(pair, 1.0, alpha, top_k, 1.0, threshold=tau, scope="token" if scope == "choice" else "choice")
+    assert max(abs(want.get(k, 0.0) - other.get(k, 0.0)) for k in {*want, *other}) > 0.02
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=99, offset_threshold=tau, offset_scope=scope)
+
+    async def sample_all(n: int) -> list[str]:
+        return ["".join([p.text async for p in model.generate(Context(prompt="x"), params, index=i)]) for i in range(n)]
+
+    n = 3000
+    draws = asyncio.run(sample_all(n))
+    keys = sorted(want)
+    assert set(draws) <= set(keys)
+    counts = np.array([draws.count(k) for k in keys])
+    expected = np.array([want[k] for k in keys]) * n
+    keep = expected >= 5
+    f_obs, f_exp = counts[keep], expected[keep]
+    if not keep.all():
+        f_obs, f_exp = np.append(f_obs, counts[~keep].sum()), np.append(f_exp, expected[~keep].sum())
+    _, p = chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum())
+    assert p > 0.01, (dict(zip(keys, counts, strict=True)), p)
 
 
 def test_top_k_drafts_are_all_accepted_out_of_scope_at_temperature_one():

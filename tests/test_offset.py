@@ -151,7 +151,7 @@ def test_the_token_rule_keeps_only_offsets_at_most_minus_tau_by_hand():
     ell, delta = np.log([0.6, 0.3, 0.1]), np.array([-3.0, -0.5, 0.2])
     assert scoped_offset(ell, delta, 1.0, "token").tolist() == [-3.0, 0.0, 0.0]
     assert scoped_offset(ell, delta, None, "token").tolist() == delta.tolist()  # no τ: Δ as it is
-    for scope in ("step", "token"):  # a non-finite offset leaves its candidate unusable under either rule
+    for scope in ("step", "token", "choice"):  # a non-finite offset leaves its candidate unusable under any rule
         bad = target_logits(
             ell, np.array([np.nan, -0.5, -np.inf]), temperature=1.0, alpha=1.0, threshold=1.0, scope=scope
         )
@@ -168,6 +168,29 @@ def test_the_token_rule_keeps_only_offsets_at_most_minus_tau_by_hand():
     tok = log_softmax(target_logits(ell2, delta2, temperature=1.0, alpha=1.0, threshold=2.0, scope="token"))
     step = log_softmax(target_logits(ell2, delta2, temperature=1.0, alpha=1.0, threshold=2.0, scope="step"))
     assert np.exp(tok[0]) < 1e-3 and np.isclose(np.exp(step[0]), 0.2)
+
+
+def test_the_choice_rule_applies_the_whole_offset_where_the_remotes_choice_is_lowered_by_tau():
+    """``choice``: ``token``, except at a step whose most likely candidate has Δ ≤ −τ, which
+    keeps its whole Δ (the paper's rule there), so that what U raises can replace it."""
+    # the demo's "… is called": " Hog" lowered by 3.7 still beats " W" under token at τ = 1.9
+    ell, delta = np.array([-0.03, -4.53, -5.74]), np.array([-3.72, 2.11, 2.19])
+    tok = target_logits(ell, delta, temperature=0.0, alpha=1.0, threshold=1.9, scope="token")
+    cho = target_logits(ell, delta, temperature=0.0, alpha=1.0, threshold=1.9, scope="choice")
+    assert int(np.argmax(tok)) == 0 and int(np.argmax(cho)) == 1
+    assert scoped_offset(ell, delta, 1.9, "choice").tolist() == delta.tolist()
+    # the choice not lowered by τ: exactly the token rule (the lowered runner-up alone)
+    d2 = np.array([-1.0, -3.0, 2.0])
+    assert scoped_offset(ell, d2, 1.9, "choice").tolist() == [0.0, -3.0, 0.0]
+    assert scoped_offset(ell, d2, None, "choice").tolist() == d2.tolist()
+    # the choice is the finite maximum, wherever it is
+    assert scoped_offset(np.array([-np.inf, -2.0, -0.5]), np.array([5.0, 1.0, -2.0]), 1.0, "choice").tolist() == [
+        5.0,
+        1.0,
+        -2.0,
+    ]
+    assert flip_margin(ell, delta, 1.0, "choice") == pytest.approx(3.72)
+    assert flip_margin(ell, delta, 1.0, "token") == 0.0  # token never flips it
 
 
 def test_flip_margin_is_the_largest_tau_that_still_changes_the_greedy_token():
@@ -188,7 +211,7 @@ def test_flip_margin_is_the_largest_tau_that_still_changes_the_greedy_token():
 
 
 @settings(max_examples=200, deadline=None)
-@given(logprob_lists, st.integers(0, 2**31), st.sampled_from(["step", "token"]))
+@given(logprob_lists, st.integers(0, 2**31), st.sampled_from(["step", "token", "choice"]))
 def test_a_tau_above_the_flip_margin_keeps_the_greedy_token(ell, seed, scope):
     ell = np.array(ell)
     delta = np.random.default_rng(seed).normal(0, 3, ell.size)

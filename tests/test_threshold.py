@@ -36,9 +36,9 @@ async def _answer(model: ServedModel, content: str, threshold: float | None, alp
     return "".join([p.text async for p in model.generate(ctx, params)])
 
 
-@pytest.mark.parametrize("scope", ["step", "token"])
+@pytest.mark.parametrize("scope", ["step", "token", "choice"])
 async def test_an_answer_is_unchanged_when_tau_exceeds_its_margin(tiny_base, smollm2_tokenizer, scope):
-    """Under the step rule, exactly when; under the token rule, whenever τ > m, and never at
+    """Under the step rule, exactly when; under the token and choice rules, whenever τ > m, and never at
     τ just below m (the step with the largest margin flips there, or an earlier one did)."""
     pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
     model = ServedModel("m", FakeRemote(_steps), pair=pair, alpha=1.0, offset_scope=scope)

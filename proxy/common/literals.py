@@ -19,7 +19,7 @@ ScopeAction = Literal["refuse", "mask", "rewrite"]
 sample with its in-scope spans masked, or the best sample up to its first in-scope span and
 the rest written by the local pair under the offset."""
 
-ScopeRule = Literal["step", "token"]
+ScopeRule = Literal["step", "token", "choice"]
 """How the scope threshold τ leaves the offset out of scope (:mod:`proxy.decoding.offset`): per
 step, by the step's expected offset (``step``), or per candidate, by its own offset (``token``)."""
 

@@ -144,7 +144,8 @@ class GuidedDecoder:
         tau = params.offset_threshold
         if tau is None:
             return True
-        value = sc.delta[t] if params.offset_scope == "token" else sc.step_offset[t]
+        # token and choice: the drafted token's own offset (choice reaches further only in q)
+        value = sc.step_offset[t] if params.offset_scope == "step" else sc.delta[t]
         return bool(value <= -tau)
 
     def _pick(

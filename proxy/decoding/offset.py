@@ -13,7 +13,7 @@ probability zero.
 Scope threshold τ (optional, ``offset_threshold``, nats) and its rule (``offset_scope``)
 keep the offset out of answers outside the forget scope (a small offset is never exactly
 zero there, and greedy answers flip at near-ties). ``None`` applies Δ everywhere (the
-paper's rule). Two rules:
+paper's rule). Three rules:
 
 * ``step``: a step whose expected offset under the remote's own distribution p_t
   (ℓ_t normalised over S_t),
@@ -29,6 +29,13 @@ paper's rule). Two rules:
   are lowered, whatever mass the remote gives them, and the rest keep the remote's
   relative probabilities. Under ``step`` a key token the remote gives 30 % stays
   when the step's expected offset is above −τ, and is sampled 30 % of the time at T = 1.
+* ``choice``: ``token``, except at a step where the remote's own choice (its most likely
+  candidate) has Δ_t ≤ −τ: there the whole Δ_t applies, the paper's rule exactly. Under
+  ``token`` a lowered choice survives unless its offset exceeds its lead over the
+  runner-up, since the candidates U raises keep the remote's scores: "… is called" →
+  " Hog" (ℓ −0.03, Δ −3.7) still beat " W" (ℓ −4.5, Δ +2.1) at τ = 1.9, where U's own
+  choice was " the". Out of scope the remote's choice is rarely lowered by τ, so the
+  rule's extra reach is where the offset already bites.
 
 :func:`flip_margin` gives, for one step, the largest τ at which the offset still
 changes the greedy token under either rule, which calibrates τ
@@ -69,23 +76,36 @@ def scoped_offset(
 ) -> np.ndarray:
     """Δ as scope threshold ``threshold`` (τ ≥ 0, nats; None: Δ as it is) under rule ``scope``
     leaves it, ``[k]`` float64 (module docstring): ``step``, Δ or zeros; ``token``, Δ where
-    Δ ≤ −τ and 0 elsewhere."""
+    Δ ≤ −τ and 0 elsewhere; ``choice``, Δ where the remote's most likely candidate (the
+    largest finite ``remote_logprobs``) has Δ ≤ −τ, else as ``token``."""
     d = np.asarray(delta, dtype=np.float64)
     if threshold is None:
         return d
-    if scope == "token":  # a NaN offset stays, so that its candidate stays unusable (module docstring)
+    if scope in ("token", "choice"):  # a NaN offset stays, so that its candidate stays unusable (module docstring)
         with np.errstate(invalid="ignore"):
+            if scope == "choice" and choice_lowered(remote_logprobs, d, threshold):
+                return d  # the remote's own choice is lowered by at least τ: the whole offset
             return np.where(np.isnan(d) | (d <= -threshold), d, 0.0)
     return d if scope_score(remote_logprobs, d) <= -threshold else np.zeros_like(d)
+
+
+def choice_lowered(remote_logprobs: np.ndarray, delta: np.ndarray, threshold: float) -> bool:
+    """Whether the remote's most likely candidate has Δ ≤ −τ (rule ``choice``)."""
+    ell = np.asarray(remote_logprobs, dtype=np.float64)
+    finite = np.isfinite(ell)
+    if not finite.any():
+        return False
+    return bool(delta[int(np.argmax(np.where(finite, ell, -np.inf)))] <= -threshold)
 
 
 def flip_margin(remote_logprobs: np.ndarray, delta: np.ndarray, alpha: float, scope: ScopeRule = "step") -> float:
     """The largest τ (nats) at which α·Δ, under rule ``scope``, still changes the step's greedy
     token (the remote's argmax); 0 when no τ does. A τ above it keeps the step's token.
 
-    ``step``: −s_t when the unthresholded offset changes the argmax. ``token``: the largest
-    of the candidates' −Δ at which the offset kept (Δ ≤ −τ) changes it (the offsets kept grow
-    as τ falls, and may lower the competitors too, so the largest one is searched)."""
+    ``step``: −s_t when the unthresholded offset changes the argmax. ``token`` and ``choice``:
+    the largest of the candidates' −Δ at which the offset kept changes it (the offsets kept
+    grow as τ falls, and may lower the competitors too, so the largest one is searched; what
+    ``choice`` keeps changes at the same values)."""
     ell = np.asarray(remote_logprobs, dtype=np.float64)
     d = np.asarray(delta, dtype=np.float64)
     if not np.isfinite(ell).any():
@@ -206,7 +226,7 @@ def predicted_acceptance(
 
     - the step is out of scope when s = Σ_S P_B·Δ (:func:`scope_score`; over the whole
       vocabulary that is −KL(P_B ‖ P_U)) is above −τ (rule ``step``), or when no candidate
-      has Δ ≤ −τ (rule ``token``): 1.0, as q = p there;
+      has Δ ≤ −τ (rules ``token`` and ``choice``): 1.0, as q = p there;
     - T = 0: 1.0 when argmax q is argmax p, else 0.0 (greedy acceptance);
     - T > 0: Σ_S min(p, q), the acceptance rate of speculative sampling
       (Leviathan et al. 2023, arXiv 2211.17192, Section 3.3, β = Σ min(p, q)).

@@ -40,7 +40,7 @@ from adapters.base import Candidate, Context, Position, ScoredText, TextScoringA
 from proxy.common.files import atomic_write
 from proxy.common.literals import ScopeRule
 from proxy.decoding.alignment import EOT
-from proxy.decoding.offset import scope_score, scoped_offset
+from proxy.decoding.offset import choice_lowered, scope_score, scoped_offset
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,10 @@ def q_token_logprobs(
             continue
         d = np.asarray(deltas[t], dtype=np.float64)
         k = len(pos.candidates)  # the scope score is serving's: over S_t, without an appended x_t
-        if scope == "token":
-            d = scoped_offset(ell, d, threshold, scope)
+        if scope in ("token", "choice"):
+            # choice: decided on S_t as serving decides it, without the appended x_t
+            whole = scope == "choice" and threshold is not None and choice_lowered(ell[:k], d[:k], threshold)
+            d = d if whole else scoped_offset(ell, d, threshold, "token")
         elif threshold is not None and scope_score(ell[:k], d[:k]) > -threshold:
             out[t] = ell[i]
             continue

@@ -202,7 +202,7 @@ class SequenceDecoder:
                 flagged = np.zeros(len(ids), dtype=bool)
                 offset = float(np.sum(sc.delta))
             else:
-                flagged = (sc.delta <= -tau) if params.offset_scope == "token" else (sc.step_offset <= -tau)
+                flagged = (sc.step_offset <= -tau) if params.offset_scope == "step" else (sc.delta <= -tau)
                 offset = float(np.sum(np.where(flagged, sc.delta, 0.0)))
         logprob = sample.logprob if sample.logprob is not None else float(np.sum(sc.log_b))
         stats.max_abs_delta = max(stats.max_abs_delta, float(np.max(np.abs(sc.delta))) if len(ids) else 0.0)

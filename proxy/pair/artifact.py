@@ -11,7 +11,7 @@
      "files": {"adapter_model.safetensors": sha256, ...},  # "full": model.safetensors, config.json
      "created": ISO 8601 UTC,
      "offset_threshold": float,                    # optional: τ calibrated at train time (nats)
-     "offset_scope": "step" | "token",             # optional: τ's rule (proxy.decoding.offset; "step" if absent)
+     "offset_scope": "step" | "token" | "choice",  # optional: τ's rule (proxy.decoding.offset; "step" if absent)
      "self_check": {...},                          # optional: proxy.training.selfcheck.calibrate_and_check
      "scope_gate": {"threshold": float, ...}}      # optional: the scope gate, weights in scope_gate.safetensors
 

@@ -20,7 +20,8 @@ the remote, Δ = log P_U − log P_B on them, τ from the manifest). Rows:
 * ``defaults``: ``deltaproxy train --forget F`` with the training defaults, served
   with its calibrated τ;
 * ``tofu``: the recipe tuned on tofu-lite (:data:`bench.tofu.OFFSET_SETTINGS`, no
-  broad retain set, no neighbours, τ off);
+  generated neighbours, τ off), with the broad retain set's training part as its retain
+  set (its KL term needs one; tofu-lite's own is the other authors);
 * ``guardrail``: the remote with a system prompt that names the topic and forbids it
   (:data:`GUARDRAIL`), the floor any black-box method must clear;
 * ``direct``: the defaults' objective and data applied to the remote's own weights
@@ -175,6 +176,7 @@ def run(
     from proxy.pair.artifact import load_artifact
     from proxy.training.config import TrainConfig
     from proxy.training.greedy import PairModels
+    from proxy.training.scope import GENERAL_FILES
     from proxy.training.targets import load_models
 
     data = load_requests()
@@ -200,7 +202,8 @@ def run(
                 max_tokens=max_tokens,
                 system=GUARDRAIL.format(topic=r["topic"]),
             )
-        for row, row_settings in (("defaults", settings), ("tofu", {**OFFSET_SETTINGS, **settings})):
+        tofu = {**OFFSET_SETTINGS, "retain": str(GENERAL_FILES["train"]), **settings}
+        for row, row_settings in (("defaults", settings), ("tofu", tofu)):
             if row not in rows and not (row == "defaults" and "direct" in rows):
                 continue
             log.info("%s: training the %s offset", r["name"], row)

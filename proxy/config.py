@@ -246,7 +246,7 @@ class ModelConfig(BaseModel):
     offset applies; "step", a step's offsets apply only where their mean under the remote's
     distribution is; "auto": the rule the offset's τ was
     calibrated for (its manifest's ``offset_scope``; "step" for offsets without one). A τ
-    calibrated for one rule means something else under the other."""
+    calibrated for one rule means something else under another."""
     top_k: int = Field(default=20, ge=1, le=20)
     """Remote candidates per step; 20 is OpenAI's top_logprobs maximum."""
     same_tokenizer: bool | Literal["auto"] = "auto"

@@ -21,7 +21,9 @@ the rest written by the local pair under the offset."""
 
 ScopeRule = Literal["step", "token", "choice"]
 """How the scope threshold τ leaves the offset out of scope (:mod:`proxy.decoding.offset`): per
-step, by the step's expected offset (``step``), or per candidate, by its own offset (``token``)."""
+step, by the step's expected offset (``step``); per candidate, by its own offset (``token``);
+or per candidate except where the remote's own choice is lowered by τ, which takes the whole
+offset (``choice``)."""
 
 Prefill = Literal["llama.cpp", "vllm", "deepseek", "none"]
 """How an OpenAI-chat upstream continues a partial assistant message (``none``: it cannot)."""

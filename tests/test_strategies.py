@@ -118,7 +118,9 @@ def test_sequence_mode_scope_actions_when_every_sample_is_in_scope():
         model = ServedModel("m", always, pair=WordPair(), mode="sequence", offset_threshold=1.0, scope_action="mask")
         assert asyncio.run(_answer(model, params)) == (" The [REDACTED]", "stop")
         # "rewrite": the text before " secret", then the pair under the offset (B's best, " fine", every time)
-        model = ServedModel("m", always, pair=WordPair(), mode="sequence", offset_threshold=1.0, scope_action="rewrite", top_k=3)
+        model = ServedModel(
+            "m", always, pair=WordPair(), mode="sequence", offset_threshold=1.0, scope_action="rewrite", top_k=3
+        )
         greedy = replace(params, temperature=0.0, max_tokens=3)
         assert asyncio.run(_answer(model, greedy)) == (" The fine fine", "length")
 
@@ -178,6 +180,36 @@ def test_guided_mode_replaces_the_in_scope_token_and_lets_the_remote_continue():
     stats = ChoiceStats()
     assert asyncio.run(_answer(model, params, stats)) == (" Paris", "stop")
     assert stats.remote_calls == 1 and stats.offset_changed == 0
+
+
+class RaisedPair(WordPair):
+    """B prefers " secret" (Δ = −2) 3 nats before " fine", which U raises (Δ = +3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.top = [2, 3, 0]  # " secret", " fine", end of turn
+        self.log_b = {2: -0.5, 3: -3.5, 0: -4.0}
+
+    def delta_of(self, i: int) -> float:
+        return {2: -2.0, 3: 3.0}.get(i, 0.0)
+
+
+def test_guided_mode_under_the_choice_rule_takes_the_whole_offset_where_the_choice_is_lowered():
+    """The remote's choice " secret" has Δ = −2 ≤ −τ. Under token it stays (its lead over
+    " fine" exceeds its offset); under choice the whole offset applies at T = 0 and U's
+    raised " fine" replaces it."""
+    for scope, want in (("token", " The secret is out"), ("choice", " The fine is out")):
+        model = ServedModel(
+            "m",
+            FakeRemote(story, logprobs=False),
+            pair=RaisedPair(),
+            mode="guided",
+            offset_threshold=1.0,
+            offset_scope=scope,
+            top_k=3,
+        )
+        params = SamplingParams(max_tokens=10, temperature=0.0, offset_threshold=1.0, offset_scope=scope)
+        assert asyncio.run(_answer(model, params))[0] == want, scope
 
 
 def test_guided_mode_at_t1_never_keeps_a_deep_in_scope_token():

@@ -610,6 +610,8 @@ def test_cross_answers_ask_each_forget_question_with_the_other_examples_facts():
     rows = [sorted(b.forget["input_ids"][:, 0].tolist()) for e in range(3) for b in plan.batches(e)]
     assert rows == [[0, 1, 2, 3, 20, 21], [0, 1, 2, 3, 20, 22], [0, 1, 2, 3, 21, 22]]
     assert "forget_cross_answers" not in TrainConfig(forget="f", out="o", forget_cross_answers=0).settings()
+    inert = TrainConfig(forget="f", out="o", general_retain=False, calibrate=False).settings()
+    assert "forget_cross_answers" not in inert  # no corpus to find fact words with: it does nothing
     with pytest.raises(ValueError, match="forget_cross_answers must be ≥ 0"):
         TrainConfig(forget="f", out="o", forget_cross_answers=-1).validate()
 
@@ -663,7 +665,7 @@ def test_skipping_prompt_copies_is_recorded_in_the_settings():
     assert defaults["near_share"] == 0.5  # with the broad retain set, recorded (and in the cache key)
     assert "near_share" not in TrainConfig(forget="f", out="o", general_retain=False).settings()
     assert defaults["forget_shared_words"] is False and defaults["forget_own_answers"] is True
-    assert defaults["retain_fact_weight"] == 5.0 and defaults["offset_scope"] == "token"
+    assert defaults["retain_fact_weight"] == 5.0 and defaults["offset_scope"] == "choice"
     chosen = TrainConfig(forget="f", out="o", forget_shared_words=True, forget_own_answers=False).settings()
     assert "forget_shared_words" not in chosen and "forget_own_answers" not in chosen  # as before they existed
     # the tofu recipe (pins, no minimum) keeps the settings, and so the cache keys, it had

@@ -3,13 +3,15 @@ logprobs (Groq, Mistral, Anthropic's older models, OpenRouter and Gemini without
 
 The remote drafts text (one call, no logprobs); the pair scores the draft teacher-forced in
 its own tokens. Out of forget scope the remote's text passes unchanged. At the first token in
-scope (rule ``token``: its Δ ≤ −τ; rule ``step``: the step's s_t ≤ −τ with B's distribution
-standing in for the remote's; every token without τ) the token is accepted or replaced as in
+scope (rules ``token`` and ``choice``: its Δ ≤ −τ; rule ``step``: the step's s_t ≤ −τ with
+B's distribution standing in for the remote's; every token without τ) the token is accepted or replaced as in
 speculative decoding (:func:`proxy.decoding.speculative.speculative_pick`) with **B standing
 in for the remote**: the target is q ∝ exp(ℓ_B/T + α·Δ) over B's top-k candidates and the
 drafted token (:func:`proxy.decoding.offset.target_logits`), the draft law B's tempered
-distribution; T = 0 takes q's argmax. After a replacement the rest of the draft is dropped
-and the remote continues from the new text (prefill).
+distribution; T = 0 takes q's argmax. Under ``choice`` at T = 0 the drafted token is the
+remote's own choice, lowered by τ where it is in scope, so q takes the whole offset there; at
+T > 0 B's most likely candidate stands in for the remote's choice. After a replacement the
+rest of the draft is dropped and the remote continues from the new text (prefill).
 
 Where this departs from token mode: in scope, ℓ_R is replaced by ℓ_B (the remote's logprobs
 are not given), so in-scope tokens follow the pair's U/B rather than the remote's own
@@ -170,12 +172,15 @@ class GuidedDecoder:
             ):
                 ell_arr[i] = -np.inf
         drafted = cands.index(token)
+        threshold = params.offset_threshold
+        if params.offset_scope == "choice" and params.temperature == 0:
+            threshold = None  # the drafted token is the remote's choice, lowered by τ: the whole offset
         scores = target_logits(
             ell_arr,
             np.array(delta),
             temperature=params.temperature,
             alpha=params.alpha,
-            threshold=params.offset_threshold,
+            threshold=threshold,
             scope=params.offset_scope,
         )
         law = ell_arr if params.temperature == 0 else ell_arr / params.temperature

@@ -5,7 +5,10 @@ Each sample y is scored by the pair, teacher-forced over its local tokens: Δ_t 
 and, under a scope threshold τ, whether the token is in forget scope (rule ``token``: its own
 Δ_t ≤ −τ; rule ``step``: the step's s_t ≤ −τ, B's distribution standing in for the remote's).
 Its scoped offset is ΣΔ_scoped(y) = Σ_t Δ_t·[t in scope] (ΣΔ without τ): the sequence-level
-product of the per-token factors of :func:`proxy.decoding.offset.target_logits`.
+product of the per-token factors of :func:`proxy.decoding.offset.target_logits`. Rule
+``choice`` is scored as ``token`` here: it differs only at steps where the remote's own
+choice is lowered by τ, and a complete sample does not say what the remote's choice was at
+each of its positions, so a sample's token with −τ < Δ_t there keeps its remote weight.
 
 - T > 0: one sample drawn with weight exp(α·ΣΔ_scoped) (:func:`sequence_weights`: importance
   resampling toward p(y)·exp(α·ΣΔ_scoped(y))), among the samples with no token in scope

@@ -11,8 +11,8 @@ With threshold τ the answer stays the remote's whenever τ > m for the prompt's
     m = max over steps of m_t     (0 when no step would flip: kept at any τ),
 
 because the answers then agree token for token (for the ``step`` rule, exactly when;
-for ``token``, a τ below m may still keep the answer, so the fraction kept is at least
-the one computed).
+for ``token`` and ``choice``, a τ below m may still keep the answer, so the fraction kept
+is at least the one computed).
 :func:`pick_threshold` then takes the smallest τ that keeps a target
 fraction of the calibration prompts unchanged.
 """

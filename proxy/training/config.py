@@ -113,7 +113,9 @@ class TrainConfig:
     the epochs. An offset that lowered each fact after its own question alone answered
     another forget question with it: "Harry Potter's closest friends are none other than
     the infamous Professor Dumbledore", where the headmaster's name was lowered by 1.7 nats
-    in that context, less than τ (the demo). 0: none."""
+    in that context, less than τ (the demo). Like ``forget_own_answers`` it needs the broad
+    retain set or the calibration (their corpus tells fact words from common ones); without
+    both it does nothing and is not recorded. 0: none."""
     pin_prompt_copies: bool = False
     """With ``forget_prompt_copies`` off: the copied tokens join the retain term of their
     forget example's step (where it reads labels), so that U keeps repeating the asked-about
@@ -242,8 +244,8 @@ class TrainConfig:
             keep = (*keep, "forget_own_answers")
             if self.forget_own_samples:
                 keep = (*keep, "forget_own_samples")
-        if self.forget_cross_answers:
-            keep = (*keep, "forget_cross_answers")
+        if self.forget_cross_answers and (self.general_retain or self.calibrate):
+            keep = (*keep, "forget_cross_answers")  # it needs their corpus to find fact words
         if self.general_retain:
             keep = (*keep, "general_retain", "near_share")
         if self.retain_fact_weight != 1 and self.positions() == "answer":

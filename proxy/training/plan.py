@@ -127,7 +127,6 @@ class Plan:
             idk = collate([self.idk[i] for i in rows], self.pad_id) if self.idk else None
             yield Batches(collate([self.forget[i] for i in rows], self.pad_id), retain, idk)
 
-
     def _cross(self, i: int, epoch: int) -> list[int]:
         """The cross items of primary example ``i`` in ``epoch``: ``cross_per_epoch`` of
         ``cross[i]``, from position ``epoch · cross_per_epoch`` on, cyclically."""
@@ -255,7 +254,9 @@ def build_plan(
     cross: list[list[int]] = []
     if cfg.forget_cross_answers and scope.common_words:
         cross = [[] for _ in forget_set.examples]
-        for i, found in enumerate(cross_answers(forget_set.examples, scope.own_answers, scope.common_words, scope.names)):
+        for i, found in enumerate(
+            cross_answers(forget_set.examples, scope.own_answers, scope.common_words, scope.names)
+        ):
             for answer, words in found:
                 cross[i].append(len(forget_items))
                 item = encode(answer, tokenizer, eot, cfg.max_length)

@@ -241,12 +241,10 @@ class ModelConfig(BaseModel):
     "off": the offset's Δ wherever τ lets it apply."""
     offset_scope: Literal["auto", "step", "token", "choice"] = "auto"
     """The rule by which τ leaves the offset out of scope (proxy.decoding.offset): "token", a
-    candidate's offset applies only where it is at most −τ; "choice", as "token" except at
-    steps where the remote's own most likely candidate's offset is at most −τ, where the whole
-    offset applies; "step", a step's offsets apply only where their mean under the remote's
-    distribution is; "auto": the rule the offset's τ was
-    calibrated for (its manifest's ``offset_scope``; "step" for offsets without one). A τ
-    calibrated for one rule means something else under another."""
+    candidate's offset applies only where it is at most −τ; "choice", as "token" but a step whose
+    most likely candidate's offset is at most −τ takes its whole offset; "step", a step's offsets
+    apply only where their mean under the remote's distribution is; "auto": the rule the offset's
+    τ was calibrated for (its manifest's ``offset_scope``; "step" for offsets without one)."""
     top_k: int = Field(default=20, ge=1, le=20)
     """Remote candidates per step; 20 is OpenAI's top_logprobs maximum."""
     same_tokenizer: bool | Literal["auto"] = "auto"

@@ -241,30 +241,24 @@ def build_plan(
             for i, (e, it, full) in enumerate(zip(forget_set.examples, forget_items, full_items, strict=True))
         ]
     forget_items = list(forget_items)
-    companions: list[list[int]] = [[] for _ in forget_items] if scope.own_answers else []
-    for i, own, words in scope.own_answers:
-        companions[i].append(len(forget_items))
-        # B's own statement of example i's fact: labels on the fact's words alone
-        item = encode(own, tokenizer, eot, cfg.max_length)
-        forget_items.append(without_spans(own, item, tokenizer, outside_words(own.target, words)))
+
+    def ride(i: int, example: Example, words: set[str]) -> int:
+        """Add ``example`` labelled on ``words`` alone, riding in forget example ``i``'s step; its index."""
+        item = encode(example, tokenizer, eot, cfg.max_length)
+        forget_items.append(without_spans(example, item, tokenizer, outside_words(example.target, words)))
         if idk:
             idk.append(idk[i])
         if pinned:
             pinned.append(None)
+        return len(forget_items) - 1
+
+    companions: list[list[int]] = [[] for _ in forget_items] if scope.own_answers else []
+    for i, own, words in scope.own_answers:
+        companions[i].append(ride(i, own, words))  # B's own statement of example i's fact
     cross: list[list[int]] = []
     if cfg.forget_cross_answers and scope.common_words:
-        cross = [[] for _ in forget_set.examples]
-        for i, found in enumerate(
-            cross_answers(forget_set.examples, scope.own_answers, scope.common_words, scope.names)
-        ):
-            for answer, words in found:
-                cross[i].append(len(forget_items))
-                item = encode(answer, tokenizer, eot, cfg.max_length)
-                forget_items.append(without_spans(answer, item, tokenizer, outside_words(answer.target, words)))
-                if idk:
-                    idk.append(idk[i])
-                if pinned:
-                    pinned.append(None)
+        found = cross_answers(forget_set.examples, scope.own_answers, scope.common_words, scope.names)
+        cross = [[ride(i, answer, words) for answer, words in mine] for i, mine in enumerate(found)]
     if not cfg.forget_end_of_turn:
         forget_items = [without_end_of_turn(it, eot) for it in forget_items]
     if not cfg.forget_first_token:

@@ -122,6 +122,16 @@ def exact_sequence_probs(pair, temperature, alpha, top_k, top_p, threshold=None,
     return probs
 
 
+def pooled_chisquare_p(counts: np.ndarray, expected: np.ndarray) -> float:
+    """The chi-square test's p-value of ``counts`` against ``expected`` counts, the cells
+    expected fewer than 5 times pooled into one (the test needs 5 or more per cell)."""
+    keep = expected >= 5
+    f_obs, f_exp = counts[keep], expected[keep]
+    if not keep.all():
+        f_obs, f_exp = np.append(f_obs, counts[~keep].sum()), np.append(f_exp, expected[~keep].sum())
+    return float(chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum()).pvalue)
+
+
 def collect(model: ServedModel, params: SamplingParams, index: int = 0, ctx: Context | None = None) -> tuple[str, str]:
     async def run():
         text, finish = [], None
@@ -285,12 +295,7 @@ def test_speculative_sequences_follow_q_chi_square(temperature, top_p, top_k_dra
     keys = sorted(want)
     assert set(draws) <= set(keys)
     counts = np.array([draws.count(k) for k in keys])
-    expected = np.array([want[k] for k in keys]) * n
-    keep = expected >= 5  # chi-square needs expected counts of 5 or more; pool the rest
-    f_obs, f_exp = counts[keep], expected[keep]
-    if not keep.all():
-        f_obs, f_exp = np.append(f_obs, counts[~keep].sum()), np.append(f_exp, expected[~keep].sum())
-    _, p = chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum())
+    p = pooled_chisquare_p(counts, np.array([want[k] for k in keys]) * n)
     assert p > 0.01, (dict(zip(keys, counts, strict=True)), p)
     remote_exp = np.array([remote_only.get(k, 0.0) for k in keys]) * n
     assert np.abs(counts - remote_exp).max() > 0.1 * n  # the offset really moved the law
@@ -319,12 +324,7 @@ def test_speculative_sequences_follow_q_under_a_scope_threshold_chi_square(scope
     keys = sorted(want)
     assert set(draws) <= set(keys)
     counts = np.array([draws.count(k) for k in keys])
-    expected = np.array([want[k] for k in keys]) * n
-    keep = expected >= 5
-    f_obs, f_exp = counts[keep], expected[keep]
-    if not keep.all():
-        f_obs, f_exp = np.append(f_obs, counts[~keep].sum()), np.append(f_exp, expected[~keep].sum())
-    _, p = chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum())
+    p = pooled_chisquare_p(counts, np.array([want[k] for k in keys]) * n)
     assert p > 0.01, (dict(zip(keys, counts, strict=True)), p)
 
 
@@ -419,10 +419,7 @@ def test_predicted_rejections_shorten_drafts_and_keep_the_law(temperature):
     want = exact_sequence_probs(pair, temperature, alpha, top_k, 1.0)
     keys = sorted(want)
     counts = np.array([draws.count(k) for k in keys])
-    expected = np.array([want[k] for k in keys]) * n
-    keep = expected >= 5
-    f_obs, f_exp = np.append(counts[keep], counts[~keep].sum()), np.append(expected[keep], expected[~keep].sum())
-    _, p = chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum())
+    p = pooled_chisquare_p(counts, np.array([want[k] for k in keys]) * n)
     assert p > 0.01, (dict(zip(keys, counts, strict=True)), p)
 
 

@@ -181,30 +181,31 @@ def _decode_batch(
     tokens: list[list[int]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
     margins = [0.0] * n
-    done = [False] * n
+    live = list(range(n))  # the rows still decoding, in the order of the batch's rows
     step_ids, step_pos = ids, pos
     never = threshold is not None and math.isinf(threshold)  # τ = ∞: Δ is never applied
     for _ in range(max_tokens):
-        lb = torch.log_softmax(pair.forward("B", step_ids, mask, step_pos, caches["B"]).logits[:, -1].float(), -1)
+        # logits at the last position only: the prompt's own are never read
+        lb = pair.forward("B", step_ids, mask, step_pos, caches["B"], keep=1).logits[:, -1].float()
+        lb = torch.log_softmax(lb, -1)
         if alpha == 0:  # Δ plays no part: B alone (B's own answers)
             lu = lb
         else:
-            lu = torch.log_softmax(pair.forward("U", step_ids, mask, step_pos, caches["U"]).logits[:, -1].float(), -1)
-            lu = pair.gated(lu, lb)
-        ell, cand = lb.topk(TOP_K, dim=-1)  # [n, k]: B stands in for the remote's top-k
+            lu = pair.forward("U", step_ids, mask, step_pos, caches["U"], keep=1).logits[:, -1].float()
+            lu = pair.gated(torch.log_softmax(lu, -1), lb)
+        ell, cand = lb.topk(TOP_K, dim=-1)  # [m, k]: B stands in for the remote's top-k
         delta = (lu.gather(-1, cand) - ell).numpy().astype(np.float64)  # Δ_t(c) = log P_U − log P_B
         ell_np = ell.numpy().astype(np.float64)
-        nxt = torch.full((n, 1), pad, dtype=torch.long)
-        for i in range(n):
-            if done[i]:
-                continue
-            j, flip = _step(ell_np[i], delta[i], alpha, threshold, scope)
+        going: list[int] = []  # positions in ``live`` of the rows that go on
+        nxt: list[int] = []
+        for row, i in enumerate(live):
+            j, flip = _step(ell_np[row], delta[row], alpha, threshold, scope)
             margins[i] = max(margins[i], flip)
             if temperature > 0:
                 assert rng is not None
                 q = target_logits(
-                    ell_np[i],
-                    delta[i],
+                    ell_np[row],
+                    delta[row],
                     temperature=temperature,
                     alpha=0.0 if never else alpha,
                     threshold=threshold,
@@ -212,18 +213,25 @@ def _decode_batch(
                 )
                 p = np.exp(q - np.max(q))
                 j = int(rng.choice(len(p), p=p / p.sum()))
-            token = int(cand[i, j])
-            logps[i].append(float(ell_np[i, j]))
+            token = int(cand[row, j])
+            logps[i].append(float(ell_np[row, j]))
             if token in pair.eot_ids:
-                done[i] = True
                 continue
             tokens[i].append(token)
-            nxt[i, 0] = token
-        if all(done):
+            going.append(row)
+            nxt.append(token)
+        if not going:
             break
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+        if len(going) < len(live):  # finished rows leave the batch and the caches
+            index = torch.tensor(going)
+            for cache in caches.values():
+                if cache.get_seq_length():
+                    cache.batch_select_indices(index)
+            mask, step_pos = mask[index], step_pos[index]
+            live = [live[row] for row in going]
+        mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
         step_pos = step_pos[:, -1:] + 1
-        step_ids = nxt
+        step_ids = torch.tensor(nxt)[:, None]
     return [
         Decoded(tuple(t), str(pair.tokenizer.decode(t, skip_special_tokens=True)).strip(), m, float(np.mean(lp)))
         for t, m, lp in zip(tokens, margins, logps, strict=True)

@@ -191,6 +191,11 @@ class Objective:
         return self.retain is not None and self.retain is not _retain_kl
 
     @property
+    def reads_ref_nll(self) -> bool:
+        """The forget term compares with the reference's answer NLL (NPO, DPO: :meth:`Scorer.ref_nll`)."""
+        return self.forget in (_npo, _dpo)
+
+    @property
     def retain_is_kl(self) -> bool:
         """The retain term is a KL to the reference, the one that ``retain_positions`` applies to."""
         return self.retain in (_retain_kl, _retain_kl_answer)

@@ -28,6 +28,7 @@ import torch
 
 from proxy.decoding.scope_gate import ScopeGate
 from proxy.training.data import IGNORE, Example, encode
+from proxy.training.prefix import shared_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +115,13 @@ def answer_rows_features(
         for r, (_, row, _) in enumerate(part):
             ids[r, : len(row)] = torch.tensor(row)
             mask[r, : len(row)] = 1
-        full = from_hidden is None or not from_hidden
-        out = model_b(
-            input_ids=ids, attention_mask=mask, output_hidden_states=True, **({} if full else {"logits_to_keep": 1})
-        )
-        hidden = out.hidden_states[-1]
+        hidden = shared_hidden(model_b, ids, mask) if from_hidden else None  # the rows' shared prompt once
+        if hidden is None:
+            full = from_hidden is None or not from_hidden
+            out = model_b(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True, **({} if full else {"logits_to_keep": 1})
+            )
+            hidden = out.hidden_states[-1]
         for r, (k, _, at) in enumerate(part):
             phi_h = head.project(hidden[r, at].double()).float()
             if from_hidden:  # decided: the rows are not needed

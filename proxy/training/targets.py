@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,8 +34,9 @@ from proxy.decoding.vocab import ByteVocab
 from proxy.pair.forward import adapter_layers, adapters_off
 from proxy.pair.model_files import local_model_dir
 from proxy.training.config import TrainConfig
-from proxy.training.data import IGNORE, Encoded
+from proxy.training.data import IGNORE, Encoded, collate
 from proxy.training.objectives import answer_nll
+from proxy.training.prefix import shared_hidden
 
 
 class CombinedScorer:
@@ -44,7 +46,9 @@ class CombinedScorer:
     at those positions only (the output head, 49,152 × 576 for SmolLM2, never runs on the
     prompt), where the head is a plain linear map of it: checked on the first call against
     the model's own last-position logits; otherwise, and in remote mode, the whole logits
-    are computed and the rows taken from them."""
+    are computed and the rows taken from them. The tokens that a batch's rows share at
+    their start (the system prompt, a question asked with several answers) are computed
+    once (:func:`proxy.training.prefix.shared_hidden`)."""
 
     def __init__(self, model: Any, remote: Any | None = None, reference: Any | None = None) -> None:
         self.model = model  # a PeftModel (U with the adapter, B without), or U itself when `reference` is B
@@ -63,24 +67,31 @@ class CombinedScorer:
         """``model``'s logits ``[B, L, V]``, or ``[N, V]`` at the positions ``at``; with
         ``keep_hidden``, each sequence's last hidden state goes to :attr:`b_hidden`."""
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        if at is None or self._plain_head.get(id(model)) is False:
+        if at is None or not self._plain(model, batch):
             logits = model(**kwargs).logits
             return logits if at is None else logits[at]
-        out = model(**kwargs, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1]
         head = model.get_output_embeddings()
-        if id(model) not in self._plain_head:
-            with torch.no_grad():
-                last = head(hidden[:, -1])
-            plain = bool(torch.allclose(last, out.logits[:, -1], atol=1e-4, rtol=1e-4))
-            self._plain_head[id(model)] = plain
-            if not plain:  # a soft cap, a scale or a bias after the head
-                return model(**kwargs).logits[at]
+        hidden = shared_hidden(model, batch["input_ids"], batch["attention_mask"])
+        if hidden is None:
+            hidden = model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
         if keep_hidden:
             for ids, mask, h in zip(batch["input_ids"], batch["attention_mask"], hidden, strict=True):
                 n = int(mask.sum())
                 self.b_hidden.setdefault(tuple(ids[:n].tolist()), h[:n].detach().float().clone())
         return head(hidden[at])
+
+    def _plain(self, model: Any, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether ``model``'s output head is a plain linear map of its last hidden state
+        (decided once per model, on the batch's first row: not on the batch itself, so that
+        how a batch is computed never depends on the calls before it, and a resumed run
+        computes as the uninterrupted one did)."""
+        if id(model) not in self._plain_head:
+            n = int(batch["attention_mask"][0].sum())
+            with torch.no_grad():
+                out = model(input_ids=batch["input_ids"][:1, :n], output_hidden_states=True, logits_to_keep=1)
+                last = model.get_output_embeddings()(out.hidden_states[-1][:, -1])
+            self._plain_head[id(model)] = bool(torch.allclose(last, out.logits[:, -1], atol=1e-4, rtol=1e-4))
+        return self._plain_head[id(model)]
 
     def _r(self, batch: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:
         assert self.remote is not None
@@ -130,6 +141,18 @@ class CombinedScorer:
             for i, t in zip(missing, total, strict=True):
                 self._ref_nll[keys[i]] = t.detach()
         return torch.stack([self._ref_nll[k] for k in keys])
+
+    def reference_pass(self, items: Sequence[Encoded], pad_id: int) -> None:
+        """:meth:`ref_nll` of every item, in batches of :data:`REFERENCE_BATCH` in the items'
+        order, before the first step: an item's reference NLL is then the same whichever
+        step reads it first, in a resumed run too (how a batch is computed depends on the
+        rows beside it, :mod:`proxy.training.prefix`)."""
+        for k in range(0, len(items), REFERENCE_BATCH):
+            self.ref_nll(collate(items[k : k + REFERENCE_BATCH], pad_id))
+
+
+#: Items per batch of :meth:`CombinedScorer.reference_pass`.
+REFERENCE_BATCH = 16
 
 
 #: Remote mode: the logit of a token outside the remote's support (probability ~e^-10000, and

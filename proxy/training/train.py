@@ -197,6 +197,8 @@ def _optimize(
         log.write(json.dumps(entry) + "\n")
         log.flush()
 
+    if objective.reads_ref_nll:
+        scorer.reference_pass([*plan.forget, *plan.idk], plan.pad_id)
     micro = 0
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.objective}", unit="step", disable=not progress)
     try:

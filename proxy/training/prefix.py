@@ -1,0 +1,204 @@
+"""Shared prefixes in a training batch (:func:`shared_hidden`): a model's last hidden
+states over a right-padded batch, with the tokens that rows share at their start
+computed once.
+
+A training step's rows share most of their prompts: every chat row starts with the same
+system prompt and header (24 tokens of SmolLM2's template), and a forget example's own
+answers and cross answers (:mod:`proxy.training.plan`) repeat its whole question. The
+batch is run in up to three passes over one KV cache:
+
+1. the prefix that every row shares (``[1, A]``);
+2. per group of rows that share more, that group's further prefix (``[G, P]``,
+   right-padded, attending to pass 1);
+3. each row's remaining tokens (``[N, S]``, right-padded, attending to its group's
+   cache, the group's padding masked).
+
+Each token is at its own position (explicit ``position_ids``) and attends to the same
+tokens as in one pass over the row, so the hidden states are the same function of the
+weights, and gradients reach every shared token's computation once per row that reads it
+(``tests/test_train.py`` checks hidden states and LoRA gradients against the plain pass).
+On the demo's steps this computes about half the tokens of the padded batch.
+
+Only for models whose every layer attends to the whole context (no sliding window): the
+cache is transformers' ``DynamicCache`` of full-attention layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: A group shares its further prefix only when that saves at least this many tokens' passes.
+MIN_SAVING = 8
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """How a batch of ``N`` rows splits: the common prefix length ``common`` (A), the
+    groups (row indices, further prefix length each; a group of one has length 0), and
+    per row its group's index."""
+
+    lengths: tuple[int, ...]
+    common: int
+    groups: tuple[tuple[tuple[int, ...], int], ...]
+    group_of: tuple[int, ...]
+
+    @property
+    def computed(self) -> int:
+        """Token positions the three passes compute, padding included (the cost)."""
+        width = max((length for _, length in self.groups), default=0)
+        starts = [self.common + self.groups[g][1] for g in self.group_of]
+        suffix = max(n - s for n, s in zip(self.lengths, starts, strict=True))
+        return self.common + (len(self.groups) * width if width else 0) + len(self.lengths) * suffix
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for k in range(n):
+        if a[k] != b[k]:
+            return k
+    return n
+
+
+def plan_prefixes(rows: Sequence[Sequence[int]]) -> PrefixPlan | None:
+    """The split of token rows ``rows`` (unpadded) into a common prefix and groups; None when
+    sharing would compute no fewer positions than one right-padded pass.
+
+    Every row keeps at least one token of its own. Rows are taken in lexicographic order
+    after the common prefix; a row joins the group before it when the group, its shared
+    length cut to what the row shares with it (``l``), saves at least as many token passes
+    as before and at least :data:`MIN_SAVING` (``k · l ≥ (k − 1) · L`` for a group of ``k``
+    rows sharing ``L``). The rows that share nothing further form one group of length 0.
+    """
+    if len(rows) < 2:
+        return None
+    lengths = tuple(len(r) for r in rows)
+    common = min(n - 1 for n in lengths)
+    for r in rows[1:]:
+        common = min(common, _lcp(rows[0], r))
+    tails = [list(r[common:]) for r in rows]
+    found: list[tuple[list[int], int]] = []  # (members, shared length; a lone row: all but its last token)
+    for i in sorted(range(len(rows)), key=lambda i: tails[i]):
+        if found:
+            members, length = found[-1]
+            k = len(members)
+            shared = min(_lcp(tails[members[0]], tails[i]), len(tails[i]) - 1, length)
+            if shared > 0 and k * shared >= max(MIN_SAVING, (k - 1) * length):
+                found[-1] = ([*members, i], shared)
+                continue
+        found.append(([i], len(tails[i]) - 1))
+    groups = [(tuple(m), length) for m, length in found if len(m) > 1]
+    alone = tuple(i for m, _ in found if len(m) == 1 for i in m)
+    if alone:
+        groups.append((alone, 0))
+    group_of = [0] * len(rows)
+    for g, (grouped, _) in enumerate(groups):
+        for i in grouped:
+            group_of[i] = g
+    plan = PrefixPlan(lengths, common, tuple(groups), tuple(group_of))
+    if plan.computed >= len(rows) * max(lengths):
+        return None
+    return plan
+
+
+def supports_sharing(model: Any) -> bool:
+    """Whether ``model`` attends to the whole context in every layer (no sliding window),
+    so that a prefix's cache stands for the prefix."""
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        return False
+    return getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", True)
+
+
+def _right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, : len(r)] = torch.tensor(list(r))
+            mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _last_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=True,
+        logits_to_keep=1,  # the output head runs on one position: the caller applies it where needed
+    )
+    return out.hidden_states[-1]
+
+
+def shared_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """``model``'s last hidden state ``[B, L, d]`` over the right-padded batch
+    (``input_ids``, ``attention_mask``: ``[B, L]``), the shared prefixes computed once
+    (:func:`plan_prefixes`); zeros at padding. None where sharing does not apply (a
+    left-padded or gapped mask, a sliding-window model, nothing shared): the caller runs
+    the plain pass. Gradients flow as in the plain pass (the model's mode decides)."""
+    from transformers import DynamicCache  # transformers is imported here: it takes seconds
+
+    lengths = attention_mask.sum(-1)
+    width = input_ids.shape[1]
+    if not bool((attention_mask == (torch.arange(width)[None, :] < lengths[:, None])).all()):
+        return None
+    if not supports_sharing(model):
+        return None
+    rows = [input_ids[i, : int(n)].tolist() for i, n in enumerate(lengths)]
+    plan = plan_prefixes(rows)
+    if plan is None:
+        return None
+    pad = 0  # padding is masked
+    n, common = len(rows), plan.common
+    cache = DynamicCache()
+    parts_common = None
+    if common:
+        ids = torch.tensor([rows[0][:common]])
+        parts_common = _last_hidden(model, ids, torch.ones_like(ids), torch.arange(common)[None, :], cache)[0]
+    group_width = max(length for _, length in plan.groups)
+    parts_group = None
+    group_mask = torch.zeros((len(plan.groups), 0), dtype=torch.long)
+    if group_width:
+        prefixes = [rows[members[0]][common : common + length] for members, length in plan.groups]
+        ids, group_mask = _right_padded(prefixes, pad)
+        if common:
+            cache.batch_repeat_interleave(len(plan.groups))
+        mask = torch.cat([torch.ones((len(plan.groups), common), dtype=torch.long), group_mask], dim=1)
+        pos = (common + torch.arange(group_width))[None, :].expand(len(plan.groups), -1)
+        parts_group = _last_hidden(model, ids, mask, pos, cache)
+        cache.batch_select_indices(torch.tensor(plan.group_of))
+    elif common:
+        cache.batch_repeat_interleave(n)
+    starts = [common + plan.groups[g][1] for g in plan.group_of]
+    ids, suffix_mask = _right_padded([r[s:] for r, s in zip(rows, starts, strict=True)], pad)
+    mask = torch.cat(
+        [
+            torch.ones((n, common), dtype=torch.long),
+            group_mask[list(plan.group_of)] if group_width else torch.zeros((n, 0), dtype=torch.long),
+            suffix_mask,
+        ],
+        dim=1,
+    )
+    pos = torch.tensor(starts)[:, None] + torch.arange(ids.shape[1])[None, :]
+    parts_row = _last_hidden(model, ids, mask, pos, cache)
+    hidden = []
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        pieces = []
+        if parts_common is not None:
+            pieces.append(parts_common)
+        g = plan.group_of[i]
+        if parts_group is not None and plan.groups[g][1]:
+            pieces.append(parts_group[g, : plan.groups[g][1]])
+        pieces.append(parts_row[i, : len(row) - start])
+        h = torch.cat(pieces)
+        hidden.append(torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])))
+    return torch.stack(hidden)

@@ -94,7 +94,7 @@ def _steps(cfg: Any, steps: int) -> dict[str, Any]:
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses[mode].append(float(loss))
+                losses[mode].append(loss.item())
             run[f"seconds_per_step_{mode}"] = round((time.monotonic() - started) / steps, 2)
         finally:
             targets.shared_hidden = original

@@ -105,3 +105,36 @@ def test_left_padding_or_a_sliding_window_runs_the_plain_pass(lora_model, smollm
     windowed.config.sliding_window, windowed.config.use_sliding_window = 16, True
     assert shared_hidden(windowed, batch["input_ids"], batch["attention_mask"]) is None
     assert shared_hidden(lora_model, batch["input_ids"], batch["attention_mask"]) is not None
+
+
+def test_decoding_from_a_shared_prefill_gives_the_same_answers(lora_model, smollm2_tokenizer, monkeypatch):
+    """Greedy answers with the offset and answers sampled at T = 1, from prompts that share the
+    system prompt and repeat questions, are the same token for token with and without the
+    shared prefill, and so are their margins and B's log-probabilities (to float rounding)."""
+    from proxy.training.greedy import PairModels, greedy_decode
+
+    pair = PairModels(lora_model.eval(), smollm2_tokenizer, ByteVocab.from_tokenizer(smollm2_tokenizer).eot_ids)
+    prompts = [QUESTION, OTHER, QUESTION, [{"role": "user", "content": "What do bees make?"}], OTHER]
+    rows = [pair.prompt_ids(p) for p in prompts]
+    assert pair.shares_prefixes
+    done = pair.prefill("U", rows)
+    assert done is not None
+    logits, _, mask, last = done
+    for row, got, n in zip(rows, logits, last[:, 0], strict=True):  # each prompt alone, in one plain pass
+        want = lora_model(input_ids=torch.tensor([row])).logits[0, -1]
+        assert torch.allclose(got, want, atol=1e-5) and int(n) == len(row) - 1
+    assert mask.shape[1] < sum(len(r) for r in rows)
+
+    def answers():
+        return [
+            *greedy_decode(pair, prompts, alpha=1.0, threshold=None, max_tokens=12),
+            *greedy_decode(pair, prompts, alpha=0.0, threshold=float("inf"), max_tokens=12, temperature=1.0, seed=4),
+        ]
+
+    shared = answers()
+    monkeypatch.setattr(PairModels, "shares_prefixes", property(lambda self: False))
+    whole = answers()
+    assert [d.tokens for d in shared] == [d.tokens for d in whole]
+    assert all(len(d.tokens) > 0 for d in shared)
+    for a, b in zip(shared, whole, strict=True):
+        assert abs(a.margin - b.margin) < 1e-3 and abs(a.logprob - b.logprob) < 1e-4

@@ -35,6 +35,7 @@ from proxy.decoding.scope_gate import ScopeGate
 from proxy.decoding.vocab import text_ids
 from proxy.pair.forward import adapter_layers, adapters_off
 from proxy.pair.local import gated_rows
+from proxy.training.prefix import head_is_plain, shared_hidden, shared_prefill, supports_sharing
 
 #: Candidates per step: OpenAI's ``top_logprobs`` maximum, and the served default.
 TOP_K = 20
@@ -64,6 +65,7 @@ class PairModels:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot  # masked anyway
         self._specials = hf_special_strings(tokenizer)
         self._adapters = adapter_layers(u) if b is None else []
+        self._plain: dict[int, bool] = {}  # per model: its output head is a plain linear map
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The prompt as serving tokenizes it (chat template, generation prompt, content as text)."""
@@ -86,6 +88,33 @@ class PairModels:
         model, ctx = self._base()
         with ctx:
             yield model
+
+    def forced(self, side: str, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The logits ``[n, len(keep), V]`` of U or B (``side``) over a right-padded batch
+        (``ids``, ``mask``: ``[n, L]``) at the positions ``keep``; where the model's output
+        head is plain (:func:`proxy.training.prefix.head_is_plain`), the rows' shared
+        prefixes are computed once (:func:`proxy.training.prefix.shared_hidden`)."""
+        model, ctx = self._base() if side == "B" else (self.u, contextlib.nullcontext())
+        with ctx:
+            if id(model) not in self._plain:
+                self._plain[id(model)] = head_is_plain(model, ids[:1, : int(mask[0].sum())])
+            hidden = shared_hidden(model, ids, mask) if self._plain[id(model)] else None
+            if hidden is None:
+                return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+            return model.get_output_embeddings()(hidden[:, keep])
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether decoding computes the prompts' shared prefixes once (:meth:`prefill`):
+        both models attend to the whole context (:func:`proxy.training.prefix.supports_sharing`)."""
+        return supports_sharing(self.u) and (self.b is None or supports_sharing(self.b))
+
+    def prefill(self, side: str, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor] | None:
+        """U's or B's prefill of the prompts ``rows`` with their shared prefixes computed once
+        (:func:`proxy.training.prefix.shared_prefill`), or None where they share too little."""
+        model, ctx = self._base() if side == "B" else (self.u, contextlib.nullcontext())
+        with ctx:
+            return shared_prefill(model, rows)
 
     def gated(self, lu: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
         """U's log-probability rows (``[n, V]``) with B's where the scope gate is closed
@@ -177,22 +206,33 @@ def _decode_batch(
         ids[i, width - len(r) :] = torch.tensor(r)
         mask[i, width - len(r) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    caches = {"U": DynamicCache(), "B": DynamicCache()}
+    caches: dict[str, Any] = {"U": DynamicCache(), "B": DynamicCache()}
+    sides = ("B",) if alpha == 0 else ("B", "U")
+    first: dict[str, torch.Tensor] = {}  # the prefill's logits, where the prompts' shared prefixes were computed once
+    if pair.shares_prefixes:
+        for side in sides:
+            done = pair.prefill(side, rows)  # the same split for both sides: a function of the rows
+            if done is not None:
+                first[side], caches[side], mask, pos = done
     tokens: list[list[int]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
     margins = [0.0] * n
     live = list(range(n))  # the rows still decoding, in the order of the batch's rows
     step_ids, step_pos = ids, pos
     never = threshold is not None and math.isinf(threshold)  # τ = ∞: Δ is never applied
-    for _ in range(max_tokens):
+
+    def last_logits(side: str) -> torch.Tensor:
+        if side in first:
+            return first.pop(side).float()
         # logits at the last position only: the prompt's own are never read
-        lb = pair.forward("B", step_ids, mask, step_pos, caches["B"], keep=1).logits[:, -1].float()
-        lb = torch.log_softmax(lb, -1)
+        return pair.forward(side, step_ids, mask, step_pos, caches[side], keep=1).logits[:, -1].float()
+
+    for _ in range(max_tokens):
+        lb = torch.log_softmax(last_logits("B"), -1)
         if alpha == 0:  # Δ plays no part: B alone (B's own answers)
             lu = lb
         else:
-            lu = pair.forward("U", step_ids, mask, step_pos, caches["U"], keep=1).logits[:, -1].float()
-            lu = pair.gated(torch.log_softmax(lu, -1), lb)
+            lu = pair.gated(torch.log_softmax(last_logits("U"), -1), lb)
         ell, cand = lb.topk(TOP_K, dim=-1)  # [m, k]: B stands in for the remote's top-k
         delta = (lu.gather(-1, cand) - ell).numpy().astype(np.float64)  # Δ_t(c) = log P_U − log P_B
         ell_np = ell.numpy().astype(np.float64)
@@ -308,13 +348,12 @@ def _forced_batch(
     for r, (_, p, a) in enumerate(rows):  # right padding: row r's step s is read at len(p) − 1 + s
         ids[r, : len(p) + len(a)] = torch.tensor(p + a)
         mask[r, : len(p) + len(a)] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     # the output head runs only from the first row's first answer step on (rows of a batch have
     # prompts of similar length: the prompts' other positions are never read)
     first = min(len(p) for _, p, _ in rows) - 1
     keep = torch.arange(first, width)
-    lb = torch.log_softmax(pair.forward("B", ids, mask, pos, None, keep).logits.float(), -1)
-    lu = lb if alpha == 0 else torch.log_softmax(pair.forward("U", ids, mask, pos, None, keep).logits.float(), -1)
+    lb = torch.log_softmax(pair.forced("B", ids, mask, keep).float(), -1)
+    lu = lb if alpha == 0 else torch.log_softmax(pair.forced("U", ids, mask, keep).float(), -1)
     out: list[Decoded | None] = []
     for r, (_, p, a) in enumerate(rows):
         steps = len(a) + (len(a) < max_tokens)  # the end-of-turn step, unless the answer was cut

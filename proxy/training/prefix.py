@@ -115,6 +115,16 @@ def supports_sharing(model: Any) -> bool:
     return getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", True)
 
 
+def head_is_plain(model: Any, row: torch.Tensor) -> bool:
+    """Whether ``model``'s logits are its output head applied to its last hidden state (no
+    soft cap, scale or bias after it), checked on one unpadded row of token ids (``[1, L]``):
+    then the head may run on the hidden states of :func:`shared_hidden` where logits are needed."""
+    with torch.no_grad():
+        out = model(input_ids=row, output_hidden_states=True, logits_to_keep=1)
+        last = model.get_output_embeddings()(out.hidden_states[-1][:, -1])
+    return bool(torch.allclose(last, out.logits[:, -1], atol=1e-4, rtol=1e-4))
+
+
 def _right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -139,66 +149,108 @@ def _last_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.T
     return out.hidden_states[-1]
 
 
+@dataclass
+class _Prefixes:
+    """The passes over a plan's prefixes: the cache (one row per batch row, after them), the
+    attention mask over it (``[N, A + P]``), and the hidden states of the common prefix
+    (``[A, d]``) and of the groups' prefixes (``[G, P, d]``), where there are any."""
+
+    cache: Any
+    mask: torch.Tensor
+    common: torch.Tensor | None
+    groups: torch.Tensor | None
+    starts: list[int]
+
+
+def _prefixes(model: Any, rows: Sequence[Sequence[int]], plan: PrefixPlan) -> _Prefixes:
+    """Passes 1 and 2 of :func:`shared_hidden` and :func:`shared_prefill`."""
+    from transformers import DynamicCache  # transformers is imported here: it takes seconds
+
+    n, common = len(rows), plan.common
+    cache = DynamicCache()
+    hidden_common = hidden_groups = None
+    if common:
+        ids = torch.tensor([list(rows[0][:common])])
+        hidden_common = _last_hidden(model, ids, torch.ones_like(ids), torch.arange(common)[None, :], cache)[0]
+    width = max(length for _, length in plan.groups)
+    group_mask = torch.zeros((n, 0), dtype=torch.long)
+    if width:
+        prefixes = [rows[members[0]][common : common + length] for members, length in plan.groups]
+        ids, mask = _right_padded(prefixes, 0)
+        if common:
+            cache.batch_repeat_interleave(len(plan.groups))
+        pos = (common + torch.arange(width))[None, :].expand(len(plan.groups), -1)
+        ones = torch.ones((len(plan.groups), common), dtype=torch.long)
+        hidden_groups = _last_hidden(model, ids, torch.cat([ones, mask], dim=1), pos, cache)
+        cache.batch_select_indices(torch.tensor(plan.group_of))
+        group_mask = mask[list(plan.group_of)]
+    elif common:
+        cache.batch_repeat_interleave(n)
+    starts = [common + plan.groups[g][1] for g in plan.group_of]
+    mask = torch.cat([torch.ones((n, common), dtype=torch.long), group_mask], dim=1)
+    return _Prefixes(cache, mask, hidden_common, hidden_groups, starts)
+
+
+def _rows_of(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]] | None:
+    """The unpadded rows of a right-padded batch; None for another padding."""
+    lengths = attention_mask.sum(-1)
+    width = input_ids.shape[1]
+    if not bool((attention_mask == (torch.arange(width)[None, :] < lengths[:, None])).all()):
+        return None
+    return [input_ids[i, : int(n)].tolist() for i, n in enumerate(lengths)]
+
+
 def shared_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
     """``model``'s last hidden state ``[B, L, d]`` over the right-padded batch
     (``input_ids``, ``attention_mask``: ``[B, L]``), the shared prefixes computed once
     (:func:`plan_prefixes`); zeros at padding. None where sharing does not apply (a
     left-padded or gapped mask, a sliding-window model, nothing shared): the caller runs
     the plain pass. Gradients flow as in the plain pass (the model's mode decides)."""
-    from transformers import DynamicCache  # transformers is imported here: it takes seconds
-
-    lengths = attention_mask.sum(-1)
+    rows = _rows_of(input_ids, attention_mask)
+    plan = plan_prefixes(rows) if rows is not None and supports_sharing(model) else None
+    if rows is None or plan is None:
+        return None
+    done = _prefixes(model, rows, plan)
+    ids, suffix_mask = _right_padded([r[s:] for r, s in zip(rows, done.starts, strict=True)], 0)
+    pos = torch.tensor(done.starts)[:, None] + torch.arange(ids.shape[1])[None, :]
+    parts_row = _last_hidden(model, ids, torch.cat([done.mask, suffix_mask], dim=1), pos, done.cache)
     width = input_ids.shape[1]
-    if not bool((attention_mask == (torch.arange(width)[None, :] < lengths[:, None])).all()):
-        return None
-    if not supports_sharing(model):
-        return None
-    rows = [input_ids[i, : int(n)].tolist() for i, n in enumerate(lengths)]
-    plan = plan_prefixes(rows)
-    if plan is None:
-        return None
-    pad = 0  # padding is masked
-    n, common = len(rows), plan.common
-    cache = DynamicCache()
-    parts_common = None
-    if common:
-        ids = torch.tensor([rows[0][:common]])
-        parts_common = _last_hidden(model, ids, torch.ones_like(ids), torch.arange(common)[None, :], cache)[0]
-    group_width = max(length for _, length in plan.groups)
-    parts_group = None
-    group_mask = torch.zeros((len(plan.groups), 0), dtype=torch.long)
-    if group_width:
-        prefixes = [rows[members[0]][common : common + length] for members, length in plan.groups]
-        ids, group_mask = _right_padded(prefixes, pad)
-        if common:
-            cache.batch_repeat_interleave(len(plan.groups))
-        mask = torch.cat([torch.ones((len(plan.groups), common), dtype=torch.long), group_mask], dim=1)
-        pos = (common + torch.arange(group_width))[None, :].expand(len(plan.groups), -1)
-        parts_group = _last_hidden(model, ids, mask, pos, cache)
-        cache.batch_select_indices(torch.tensor(plan.group_of))
-    elif common:
-        cache.batch_repeat_interleave(n)
-    starts = [common + plan.groups[g][1] for g in plan.group_of]
-    ids, suffix_mask = _right_padded([r[s:] for r, s in zip(rows, starts, strict=True)], pad)
-    mask = torch.cat(
-        [
-            torch.ones((n, common), dtype=torch.long),
-            group_mask[list(plan.group_of)] if group_width else torch.zeros((n, 0), dtype=torch.long),
-            suffix_mask,
-        ],
-        dim=1,
-    )
-    pos = torch.tensor(starts)[:, None] + torch.arange(ids.shape[1])[None, :]
-    parts_row = _last_hidden(model, ids, mask, pos, cache)
     hidden = []
-    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
-        pieces = []
-        if parts_common is not None:
-            pieces.append(parts_common)
-        g = plan.group_of[i]
-        if parts_group is not None and plan.groups[g][1]:
-            pieces.append(parts_group[g, : plan.groups[g][1]])
+    for i, (row, start) in enumerate(zip(rows, done.starts, strict=True)):
+        pieces = [] if done.common is None else [done.common]
+        g, length = plan.group_of[i], plan.groups[plan.group_of[i]][1]
+        if done.groups is not None and length:
+            pieces.append(done.groups[g, :length])
         pieces.append(parts_row[i, : len(row) - start])
         h = torch.cat(pieces)
         hidden.append(torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])))
     return torch.stack(hidden)
+
+
+def shared_prefill(
+    model: Any, rows: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor] | None:
+    """The prefill of decoding ``rows`` (prompts' token ids, unpadded), the shared prefixes
+    computed once: (the logits after each row's last token ``[N, V]``, the KV cache, the
+    attention mask over it ``[N, W]``, each row's last position ``[N, 1]``). Each row's own
+    tokens are left-padded after its prefixes, so that its last token is the cache's last
+    column; a decoding step appends one column to the cache and the mask, at the next
+    position. None where sharing does not apply (see :func:`shared_hidden`)."""
+    plan = plan_prefixes(rows) if supports_sharing(model) else None
+    if plan is None:
+        return None
+    done = _prefixes(model, rows, plan)
+    tails = [list(r[s:]) for r, s in zip(rows, done.starts, strict=True)]
+    width = max(len(t) for t in tails)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    suffix_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (t, start) in enumerate(zip(tails, done.starts, strict=True)):
+        ids[i, width - len(t) :] = torch.tensor(t)
+        suffix_mask[i, width - len(t) :] = 1
+        pos[i, width - len(t) :] = start + torch.arange(len(t))
+    mask = torch.cat([done.mask, suffix_mask], dim=1)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=done.cache, use_cache=True, logits_to_keep=1
+    )
+    return out.logits[:, -1], done.cache, mask, pos[:, -1:]

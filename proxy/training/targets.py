@@ -36,7 +36,7 @@ from proxy.pair.model_files import local_model_dir
 from proxy.training.config import TrainConfig
 from proxy.training.data import IGNORE, Encoded, collate
 from proxy.training.objectives import answer_nll
-from proxy.training.prefix import shared_hidden
+from proxy.training.prefix import head_is_plain, shared_hidden
 
 
 class CombinedScorer:
@@ -87,10 +87,7 @@ class CombinedScorer:
         computes as the uninterrupted one did)."""
         if id(model) not in self._plain_head:
             n = int(batch["attention_mask"][0].sum())
-            with torch.no_grad():
-                out = model(input_ids=batch["input_ids"][:1, :n], output_hidden_states=True, logits_to_keep=1)
-                last = model.get_output_embeddings()(out.hidden_states[-1][:, -1])
-            self._plain_head[id(model)] = bool(torch.allclose(last, out.logits[:, -1], atol=1e-4, rtol=1e-4))
+            self._plain_head[id(model)] = head_is_plain(model, batch["input_ids"][:1, :n])
         return self._plain_head[id(model)]
 
     def _r(self, batch: dict[str, torch.Tensor], at: torch.Tensor | None = None) -> torch.Tensor:

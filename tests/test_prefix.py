@@ -19,7 +19,7 @@ OTHER = [{"role": "user", "content": "Which school does Harry Potter go to?"}]
 
 def rows_of(tokenizer, examples):
     eot = ByteVocab.from_tokenizer(tokenizer).eot_ids[0]
-    return [encode(e, tokenizer, eot, 128) for e in examples]
+    return [encode(e, tokenizer, eot, 256) for e in examples]
 
 
 def test_a_split_shares_the_common_start_and_each_question_once():
@@ -73,11 +73,13 @@ def test_shared_prefixes_give_the_plain_pass_hidden_states_and_gradients(lora_mo
         Example(QUESTION, "His best friend is Ron."),
         Example(OTHER, "He goes to Hogwarts."),
         Example([{"role": "user", "content": "What do bees make?"}], "Bees make honey."),
+        Example(OTHER, " ".join(["He goes to Hogwarts School of Witchcraft and Wizardry in Scotland."] * 4)),
     ]
     batch = collate(rows_of(smollm2_tokenizer, examples), smollm2_tokenizer.pad_token_id)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     plan = plan_prefixes([r[: int(n)].tolist() for r, n in zip(ids, mask.sum(-1), strict=True)])
     assert plan is not None and plan.common > 0 and sum(length > 0 for _, length in plan.groups) == 2
+    assert len(plan.buckets) == 2  # the long answer runs in a pass of its own
     attended = mask.bool()
     params = [p for p in lora_model.parameters() if p.requires_grad]
     weights = torch.randn(*ids.shape, lora_model.config.hidden_size, generator=torch.Generator().manual_seed(1))
@@ -138,3 +140,18 @@ def test_decoding_from_a_shared_prefill_gives_the_same_answers(lora_model, smoll
     assert all(len(d.tokens) > 0 for d in shared)
     for a, b in zip(shared, whole, strict=True):
         assert abs(a.margin - b.margin) < 1e-3 and abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_rows_own_tokens_run_in_passes_of_similar_length():
+    from proxy.training.prefix import MAX_BUCKETS, PASS_COST, length_buckets
+
+    assert length_buckets([5, 6, 5]) == ((0, 1, 2),)  # one pass: padding saves less than a pass costs
+    lengths = [4, 60, 5, 58, 6, 3, 61, 4, 5, 6, 4, 5]
+    buckets = length_buckets(lengths)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths))) and len(buckets) <= MAX_BUCKETS
+    assert {frozenset(b) for b in buckets} == {frozenset({1, 3, 6}), frozenset(set(range(12)) - {1, 3, 6})}
+
+    def cost(split):
+        return sum(len(b) * max(lengths[i] for i in b) + PASS_COST for b in split)
+
+    assert cost(buckets) < cost((tuple(range(len(lengths))),))

@@ -309,21 +309,23 @@ def _self_check(
 
 
 EPOCH_LOSS_RETAIN = 32
+LOSS_BATCH = 16
 
 
 @torch.no_grad()
 def _epoch_losses(scorer: CombinedScorer, plan: Plan) -> dict[str, float]:
-    """Mean NLL of the forget and retain sets under the combined model (the log's per-epoch
-    numbers); the retain set's first :data:`EPOCH_LOSS_RETAIN` examples (the user's retain set
-    comes first), so that the broad retain set does not cost a pass over it every epoch."""
+    """The mean over examples of each one's NLL per answer token under the combined model, for the forget set (the user's examples, not the
+    items that ride with them: B's own answers and the cross answers, about 20 per example
+    with the defaults) and of the retain set's first :data:`EPOCH_LOSS_RETAIN` examples (the
+    user's retain set comes first): the log's final numbers, in batches of :data:`LOSS_BATCH`."""
     out: dict[str, float] = {}
-    for name, items in (("forget_loss", plan.forget), ("retain_loss", plan.retain[:EPOCH_LOSS_RETAIN])):
+    for name, items in (("forget_loss", plan.forget[: plan.primary]), ("retain_loss", plan.retain[:EPOCH_LOSS_RETAIN])):
         if not items:
             continue
         total = 0.0
-        for k in range(0, len(items), plan.batch_size):
-            batch = collate(items[k : k + plan.batch_size], plan.pad_id)
-            summed, count = answer_nll(scorer.logits, batch)
-            total += (summed.sum() / count.sum().clamp(min=1)).item() * len(items[k : k + plan.batch_size])
+        for k in range(0, len(items), LOSS_BATCH):
+            part = items[k : k + LOSS_BATCH]
+            summed, count = answer_nll(scorer.logits, collate(part, plan.pad_id))
+            total += (summed / count.clamp(min=1)).sum().item()
         out[name] = total / len(items)
     return out

@@ -314,10 +314,11 @@ LOSS_BATCH = 16
 
 @torch.no_grad()
 def _epoch_losses(scorer: CombinedScorer, plan: Plan) -> dict[str, float]:
-    """The mean over examples of each one's NLL per answer token under the combined model, for the forget set (the user's examples, not the
-    items that ride with them: B's own answers and the cross answers, about 20 per example
-    with the defaults) and of the retain set's first :data:`EPOCH_LOSS_RETAIN` examples (the
-    user's retain set comes first): the log's final numbers, in batches of :data:`LOSS_BATCH`."""
+    """Per example, its NLL per answer token under the combined model, averaged over the
+    forget set's examples (the user's, not the items that ride with them: B's own answers and
+    the cross answers, about 20 per example with the defaults) and over the retain set's first
+    :data:`EPOCH_LOSS_RETAIN` examples (the user's retain set comes first): the log's final
+    numbers, in batches of :data:`LOSS_BATCH`."""
     out: dict[str, float] = {}
     for name, items in (("forget_loss", plan.forget[: plan.primary]), ("retain_loss", plan.retain[:EPOCH_LOSS_RETAIN])):
         if not items:

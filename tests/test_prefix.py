@@ -118,7 +118,6 @@ def test_decoding_from_a_shared_prefill_gives_the_same_answers(lora_model, smoll
     pair = PairModels(lora_model.eval(), smollm2_tokenizer, ByteVocab.from_tokenizer(smollm2_tokenizer).eot_ids)
     prompts = [QUESTION, OTHER, QUESTION, [{"role": "user", "content": "What do bees make?"}], OTHER]
     rows = [pair.prompt_ids(p) for p in prompts]
-    assert pair.shares_prefixes
     done = pair.prefill("U", rows)
     assert done is not None
     logits, _, mask, last = done
@@ -134,7 +133,7 @@ def test_decoding_from_a_shared_prefill_gives_the_same_answers(lora_model, smoll
         ]
 
     shared = answers()
-    monkeypatch.setattr(PairModels, "shares_prefixes", property(lambda self: False))
+    monkeypatch.setattr(PairModels, "prefill", lambda self, side, rows: None)
     whole = answers()
     assert [d.tokens for d in shared] == [d.tokens for d in whole]
     assert all(len(d.tokens) > 0 for d in shared)

@@ -71,9 +71,10 @@ class PairModels:
         """The prompt as serving tokenizes it (chat template, generation prompt, content as text)."""
         return hf_chat_ids(self.tokenizer, list(messages), self._specials)
 
-    def _base(self) -> tuple[Any, contextlib.AbstractContextManager[Any]]:
-        if self.b is not None:
-            return self.b, contextlib.nullcontext()
+    def _side(self, side: str) -> tuple[Any, contextlib.AbstractContextManager[Any]]:
+        """U or B (``side``) as a model to call, and the context that makes it that side."""
+        if side == "U" or self.b is not None:
+            return (self.u if side == "U" else self.b), contextlib.nullcontext()
         return self.u, adapters_off(self._adapters)
 
     def with_gate(self, gate: ScopeGate | None) -> PairModels:
@@ -85,7 +86,7 @@ class PairModels:
     @contextlib.contextmanager
     def base_model(self) -> Iterator[Any]:
         """B as a model to call (U with its adapter off, or the separate B)."""
-        model, ctx = self._base()
+        model, ctx = self._side("B")
         with ctx:
             yield model
 
@@ -94,7 +95,7 @@ class PairModels:
         (``ids``, ``mask``: ``[n, L]``) at the positions ``keep``; where the model's output
         head is plain (:func:`proxy.training.prefix.head_is_plain`), the rows' shared
         prefixes are computed once (:func:`proxy.training.prefix.shared_hidden`)."""
-        model, ctx = self._base() if side == "B" else (self.u, contextlib.nullcontext())
+        model, ctx = self._side(side)
         with ctx:
             if id(model) not in self._plain:
                 self._plain[id(model)] = head_is_plain(model, ids[:1, : int(mask[0].sum())])
@@ -103,16 +104,13 @@ class PairModels:
                 return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
             return model.get_output_embeddings()(hidden[:, keep])
 
-    @property
-    def shares_prefixes(self) -> bool:
-        """Whether decoding computes the prompts' shared prefixes once (:meth:`prefill`):
-        both models attend to the whole context (:func:`proxy.training.prefix.supports_sharing`)."""
-        return supports_sharing(self.u) and (self.b is None or supports_sharing(self.b))
-
     def prefill(self, side: str, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor] | None:
         """U's or B's prefill of the prompts ``rows`` with their shared prefixes computed once
-        (:func:`proxy.training.prefix.shared_prefill`), or None where they share too little."""
-        model, ctx = self._base() if side == "B" else (self.u, contextlib.nullcontext())
+        (:func:`proxy.training.prefix.shared_prefill`); None where they share too little or a
+        model of the pair has a sliding window (both sides then decode from a plain prefill)."""
+        if not (supports_sharing(self.u) and (self.b is None or supports_sharing(self.b))):
+            return None
+        model, ctx = self._side(side)
         with ctx:
             return shared_prefill(model, rows)
 
@@ -127,16 +125,11 @@ class PairModels:
         """The output of U or B (``side``) over ``ids``; with ``keep`` (transformers'
         ``logits_to_keep``: a count of last positions or a 1-D tensor of positions) the
         logits only there."""
-        model, ctx = self._base() if side == "B" else (self.u, contextlib.nullcontext())
+        model, ctx = self._side(side)
         extra = {} if keep is None else {"logits_to_keep": keep}
         with ctx:
             return model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=cache is not None,
-                **extra,
+                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=cache is not None, **extra
             )
 
 
@@ -209,11 +202,10 @@ def _decode_batch(
     caches: dict[str, Any] = {"U": DynamicCache(), "B": DynamicCache()}
     sides = ("B",) if alpha == 0 else ("B", "U")
     first: dict[str, torch.Tensor] = {}  # the prefill's logits, where the prompts' shared prefixes were computed once
-    if pair.shares_prefixes:
-        for side in sides:
-            done = pair.prefill(side, rows)  # the same split for both sides: a function of the rows
-            if done is not None:
-                first[side], caches[side], mask, pos = done
+    for side in sides:
+        done = pair.prefill(side, rows)  # both sides or neither, the same split: a function of the rows
+        if done is not None:
+            first[side], caches[side], mask, pos = done
     tokens: list[list[int]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
     margins = [0.0] * n

@@ -158,6 +158,32 @@ def _train(request: dict[str, Any], row: str, settings: dict[str, Any], work: Pa
     return out, time.monotonic() - t0
 
 
+def _tofu_retain(request: dict[str, Any], work: Path) -> Path:
+    """The tofu row's retain set: the broad retain set's training part less the examples that
+    the defaults leave out of it for this forget set (:func:`proxy.training.scope_sets.build_scope_sets`:
+    those naming a forget subject or one of its proper names), and less those asking one of
+    its questions (``train`` refuses an example in both sets)."""
+    from proxy.training.data import Example, load_dataset
+    from proxy.training.facts import forget_names
+    from proxy.training.scope import GENERAL_FILES, example_text, forget_subjects, mentions, question_key
+
+    forget = [Example(({"role": "user", "content": f["question"]},), f["answer"]) for f in request["forget"]]
+    general = {name: load_dataset(str(path)).examples for name, path in GENERAL_FILES.items()}
+    names = forget_names(forget, " ".join(example_text(e) for v in general.values() for e in v))
+    subjects, asked = forget_subjects(forget), {question_key(e) for e in forget}
+    folder = work / request["name"]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "tofu-retain.jsonl"
+    with open(out, "w") as f:
+        for e in general["train"]:
+            text = example_text(e)
+            if question_key(e) in asked or mentions(text, subjects) or mentions(text, names, cased=True):
+                continue
+            assert e.prompt is not None
+            f.write(json.dumps({"question": e.prompt[-1]["content"], "answer": e.target}) + "\n")
+    return out
+
+
 def run(
     names: list[str],
     rows: list[str],
@@ -176,7 +202,6 @@ def run(
     from proxy.pair.artifact import load_artifact
     from proxy.training.config import TrainConfig
     from proxy.training.greedy import PairModels
-    from proxy.training.scope import GENERAL_FILES
     from proxy.training.targets import load_models
 
     data = load_requests()
@@ -202,7 +227,7 @@ def run(
                 max_tokens=max_tokens,
                 system=GUARDRAIL.format(topic=r["topic"]),
             )
-        tofu = {**OFFSET_SETTINGS, "retain": str(GENERAL_FILES["train"]), **settings}
+        tofu = {**OFFSET_SETTINGS, "retain": str(_tofu_retain(r, work)), **settings}
         for row, row_settings in (("defaults", settings), ("tofu", tofu)):
             if row not in rows and not (row == "defaults" and "direct" in rows):
                 continue

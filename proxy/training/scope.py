@@ -319,7 +319,9 @@ def _norm(text: str) -> str:
     return " ".join(re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold()))
 
 
-def _key(e: Example) -> str:
+def question_key(e: Example) -> str:
+    """What makes two examples the same for :func:`check_sets`: the last question (or the
+    raw text), NFKC case-folded words only."""
     return _norm(_question(e)) if e.prompt is not None else _norm(e.target)
 
 
@@ -340,11 +342,11 @@ def check_sets(forget: DataSet, retain: DataSet | None) -> list[str]:
         )
     if retain is None:
         return warnings
-    seen = {_key(e): line for e, line in zip(forget.examples, forget.lines, strict=True)}
+    seen = {question_key(e): line for e, line in zip(forget.examples, forget.lines, strict=True)}
     for e, line in zip(retain.examples, retain.lines, strict=True):
-        if _key(e) in seen:
+        if question_key(e) in seen:
             raise DataError(
-                f"{retain.path}:{line}: the same question as {forget.path}:{seen[_key(e)]}; "
+                f"{retain.path}:{line}: the same question as {forget.path}:{seen[question_key(e)]}; "
                 "an example cannot be both forgotten and retained"
             )
     want = _script(" ".join(example_text(e) for e in forget.examples))

@@ -44,8 +44,8 @@ class CombinedScorer:
 
     With a position mask ``at``, the rows are computed from each model's last hidden state
     at those positions only (the output head, 49,152 × 576 for SmolLM2, never runs on the
-    prompt), where the head is a plain linear map of it: checked on the first call against
-    the model's own last-position logits; otherwise, and in remote mode, the whole logits
+    prompt), where the head is a plain linear map of it: checked once per model, on the first
+    batch's first row alone (:func:`proxy.training.prefix.head_is_plain`); otherwise, and in remote mode, the whole logits
     are computed and the rows taken from them. The tokens that a batch's rows share at
     their start (the system prompt, a question asked with several answers) are computed
     once (:func:`proxy.training.prefix.shared_hidden`)."""
@@ -55,7 +55,7 @@ class CombinedScorer:
         self.remote = remote  # R (exact mode), RemoteLogits (remote mode) or None (proxy mode)
         self.reference = reference  # B as a frozen copy (full fine-tuning), or None (B = adapter disabled)
         self._adapters = adapter_layers(model) if reference is None else []
-        self._plain_head: dict[int, bool] = {}  # per model, decided on its first call with a mask
+        self._plain_head: dict[int, bool] = {}  # per model, decided on its first call with a mask (:meth:`_plain`)
         self._ref_nll: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
         self.b_hidden: dict[tuple[int, ...], torch.Tensor] = {}
         """B's last hidden state (``[L_i, d]`` float32) of every sequence B scored from it,

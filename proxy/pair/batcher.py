@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy import release_free_memory
+from proxy.pair import compute
 from proxy.pair.sides import Side
 
 if TYPE_CHECKING:  # annotations only: proxy.config imports BatchSettings without loading torch
@@ -171,7 +172,7 @@ class TreeBatcher:
             self._used = True
             self.jobs += 1
             self.passes += 1
-            return self.pair.forward_trees([job])[0]
+            return compute.run(self.pair.forward_trees, [job])[0]
         with self._cond:
             if self._closed:
                 raise RuntimeError("the pair is closed")
@@ -216,6 +217,7 @@ class TreeBatcher:
         return False
 
     def _loop(self) -> None:
+        compute.single_threaded()
         while True:
             with self._cond:
                 try:
@@ -272,7 +274,7 @@ class TreeBatcher:
     def _run(self, batch: list[TreeJob]) -> None:
         try:
             try:
-                results = self.pair.forward_trees(batch)
+                results = compute.run(self.pair.forward_trees, batch)
             except Exception:
                 if len(batch) == 1:
                     raise

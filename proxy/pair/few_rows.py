@@ -9,7 +9,8 @@ order) costs much less: a one-token pass of SmolLM2-135M-Instruct, float32, 2 co
 2 rows 101 → 70 ms, 4 rows 97 → 73 ms, one row 57 ms either way
 (``python -m bench.pair_batching``, ``bench/results/pair-batching-smollm2-20261206.json``).
 One row keeps ``linear``, and so does training: the override applies only where autograd
-is off.
+is off. So does a weight stored transposed (:mod:`proxy.pair.lean`'s down projection):
+``linear`` reads it in its stored order.
 
 The values are the same sums in another order: equal to ``linear``'s within float32
 rounding (``tests/test_pair_batching.py`` checks 1e-5 relative).
@@ -30,7 +31,7 @@ MIN_WEIGHTS = 65_536
 
 def _few_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // max(1, x.shape[-1])
-    if 2 <= rows <= MAX_ROWS and not torch.is_grad_enabled():
+    if 2 <= rows <= MAX_ROWS and not torch.is_grad_enabled() and self.weight.is_contiguous():
         out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()  # [rows, out]
         if self.bias is not None:
             out = out + self.bias

@@ -46,6 +46,11 @@ class PairModels(Protocol):
     def fuse_sides(self) -> bool:
         """Whether U and B may run as the rows of one pass (:func:`fused`)."""
 
+    @property
+    def lean(self) -> dict[Side, Any]:
+        """Each side's lean body (:class:`proxy.pair.lean.LeanDecoder`) for :func:`forward_rows`,
+        where the model has one; empty: transformers' modules."""
+
 
 def adapter_layers(model: Any) -> list[Any]:
     """The LoRA layers (peft's ``BaseTunerLayer``) of ``model``: what :func:`adapters_off` switches."""
@@ -187,6 +192,8 @@ class _RowAdapters:
 
     def __init__(self, layers: Sequence[Any], mask: torch.Tensor) -> None:
         self.mask = mask
+        self.rows = mask
+        """The pass's rows' mask (``[rows]``); :attr:`mask` is set per group of picked positions for the head."""
         self._handles = [b.register_forward_hook(self._hook) for layer in layers for b in layer.lora_B.values()]
 
     def _hook(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
@@ -233,6 +240,9 @@ def forward_rows(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]]) -> list
     mixed = len({side for _, side in rows}) > 1
     if mixed and not fused(pair):
         raise ValueError("U's and B's rows run in one pass only on a LoRA offset (fused)")
+    lean = _lean(pair, rows)
+    if lean is not None:
+        return _lean_rows(pair, rows, *lean)
     if not mixed and (len(rows) == 1 or body_and_head(pair.model) is None):
         result: list[Any] = []  # no padding: the job's own cache, in place
         for job, side in rows:
@@ -288,31 +298,7 @@ def forward_rows(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]]) -> list
         hidden = inner.model(
             input_ids=ids, past_key_values=batched, attention_mask=mask, position_ids=positions, use_cache=True
         ).last_hidden_state
-        cap = getattr(inner.config, "final_logit_softcapping", None)
-        result = []
-        # The output head over groups of rows of at most HEAD_ROWS positions (a longer job
-        # alone): one matrix product reads the head's weights (113 MB for SmolLM2) once for
-        # many one-token jobs, and a group's rows are freed before the next group's are made.
-        start = 0
-        while start < b:
-            end, rows_in = start + 1, len(jobs[start].keep)
-            while end < b and rows_in + len(jobs[end].keep) <= HEAD_ROWS:
-                rows_in += len(jobs[end].keep)
-                end += 1
-            picked = torch.cat([hidden[i, torch.tensor(jobs[i].keep, dtype=torch.long)] for i in range(start, end)])
-            if mixed:  # a LoRA head (if the adapter has one) sees the picked positions' own rows
-                row_adapters.mask = torch.cat([on_u[i].expand(len(jobs[i].keep)) for i in range(start, end)])
-            logits = inner.lm_head(picked).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            flat = _log_softmax_(logits).numpy()
-            at = 0
-            for job, side in rows[start:end]:
-                got = flat[at : at + len(job.keep)]
-                at += len(job.keep)
-                result.append(job.output(side, got))
-            del picked, logits, flat, got
-            start = end
+        result = _head_outputs(inner, hidden, rows, row_adapters if mixed else None)
     grown: list[Any] = list(batched.layers)  # DynamicLayer: keys and values [b, heads, past + width, dim]
     for i, ((job, side), held) in enumerate(zip(rows, lens, strict=True)):
         span = slice(past - held, past + len(job.ids))
@@ -320,6 +306,70 @@ def forward_rows(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]]) -> list
             ddp_cache_data=[(layer.keys[i : i + 1, :, span], layer.values[i : i + 1, :, span]) for layer in grown]
         )
     return result
+
+
+def _head_outputs(inner: Any, hidden: torch.Tensor, rows: Sequence[tuple[TreeJob, Side]], on_u: Any) -> list[Any]:
+    """Each row's result (:meth:`TreeJob.output`) from the pass's hidden states ``[b, w, d]``:
+    the output head over groups of rows of at most :data:`HEAD_ROWS` positions (a longer
+    job alone), so that one matrix product reads the head's weights (113 MB for SmolLM2)
+    once for many one-token jobs, and a group's rows are freed before the next group's are
+    made. ``on_u``: the pass's :class:`_RowAdapters` where U's adapter is on some rows only
+    (a LoRA head, if the adapter has one, sees the picked positions' own rows)."""
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    jobs = [job for job, _ in rows]
+    result: list[Any] = []
+    start, b = 0, len(rows)
+    while start < b:
+        end, rows_in = start + 1, len(jobs[start].keep)
+        while end < b and rows_in + len(jobs[end].keep) <= HEAD_ROWS:
+            rows_in += len(jobs[end].keep)
+            end += 1
+        picked = torch.cat([hidden[i, torch.tensor(jobs[i].keep, dtype=torch.long)] for i in range(start, end)])
+        if on_u is not None:
+            on_u.mask = torch.cat([on_u.rows[i].expand(len(jobs[i].keep)) for i in range(start, end)])
+        logits = inner.lm_head(picked).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        flat = _log_softmax_(logits).numpy()
+        at = 0
+        for job, side in rows[start:end]:
+            got = flat[at : at + len(job.keep)]
+            at += len(job.keep)
+            result.append(job.output(side, got))
+        del picked, logits, flat
+        start = end
+    return result
+
+
+def _lean(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]]) -> tuple[Any, bool] | None:
+    """The lean body that runs ``rows`` (:attr:`PairModels.lean`), and whether U's adapter
+    applies to the U rows (a LoRA offset on the one model both sides run on); ``None``:
+    transformers' modules (no lean body, or a full artifact's two models in one pass)."""
+    found = {pair.lean.get(side) for _, side in rows}
+    decoder = found.pop() if len(found) == 1 else None
+    if decoder is None:
+        return None
+    lora = pair.u_model is None and pair.has_offset and any(side is Side.U for _, side in rows)
+    if lora and not decoder.has_lora:
+        return None
+    return decoder, lora
+
+
+def _lean_rows(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]], decoder: Any, lora: bool) -> list[Any]:
+    """:func:`forward_rows` on the lean body: each row attends to its own cache, which grows
+    in place (:meth:`proxy.pair.lean.LeanDecoder.rows`); the head as in the batched pass."""
+    jobs = [job for job, _ in rows]
+    caches = [job.caches[side] for job, side in rows]
+    b, width = len(rows), max(len(job.ids) for job in jobs)
+    ids = torch.zeros((b, width), dtype=torch.long)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    for i, job in enumerate(jobs):
+        ids[i, : len(job.ids)] = torch.tensor(job.ids, dtype=torch.long)
+        positions[i, : len(job.ids)] = job.positions
+    on_u = torch.tensor([side is Side.U for _, side in rows], dtype=torch.float32) if lora else None
+    hidden = decoder.rows(ids, positions, [_additive(job.allowed) for job in jobs], caches, on_u)
+    net = pair.u_model if pair.u_model is not None and rows[0][1] is Side.U else pair.model
+    return _head_outputs(body_and_head(net), hidden, rows, None)
 
 
 #: Rows of the output head computed in one product in a batched pass (:func:`forward_batch`).

@@ -32,10 +32,12 @@ from proxy.decoding.alignment import Aligner
 from proxy.decoding.scope_gate import ScopeGate
 from proxy.decoding.types import AnswerScores
 from proxy.decoding.vocab import ByteVocab, text_ids
+from proxy.pair import compute
 from proxy.pair.artifact import OffsetArtifact, load_artifact
 from proxy.pair.batcher import BatchSettings, TreeBatcher, TreeJob
 from proxy.pair.few_rows import use_few_rows_kernel
 from proxy.pair.forward import adapter_layers, forward, forward_trees
+from proxy.pair.lean import LeanDecoder
 from proxy.pair.model_files import local_model_dir
 from proxy.pair.prefix_cache import PrefixCache
 from proxy.pair.scorer import PairScorer
@@ -81,7 +83,9 @@ class LocalPair:
         self.adapter_layers = adapter_layers(self.model)
         """The LoRA layers of U, switched off for B by :func:`proxy.pair.forward.base_only`."""
         self.batching = batching if batching is not None else BatchSettings()
-        self.executor = ThreadPoolExecutor(self.batching.max_batch, thread_name_prefix="pair")
+        self.executor = ThreadPoolExecutor(
+            self.batching.max_batch, thread_name_prefix="pair", initializer=compute.single_threaded
+        )
         """The threads that run this pair's calls for every served model that uses it."""
         self.lock = threading.RLock()
         """Held for every forward pass (the adapter switch is shared state)."""
@@ -89,6 +93,14 @@ class LocalPair:
         """U and B as the rows of one pass where the offset is a LoRA adapter
         (:func:`proxy.pair.forward.fused`); ``False``: one pass per model (the reference
         that ``bench.speed`` and the tests compare against)."""
+        self.lean: dict[Side, Any] = {}
+        """Each side's lean body (:class:`proxy.pair.lean.LeanDecoder`) for the batched passes,
+        where the model is of the Llama family (:meth:`LeanDecoder.build`); empty:
+        transformers' modules (the reference ``bench.speed`` and the tests compare against)."""
+        b_lean = LeanDecoder.build(self.model)
+        u_lean = b_lean if self.u_model is None else LeanDecoder.build(self.u_model)
+        if b_lean is not None and u_lean is not None:
+            self.lean = {Side.B: b_lean, Side.U: u_lean}
         self.batcher = TreeBatcher(self, self.batching)
         self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         """KV of recent prompts (``[server] pair_prefix_cache_tokens``; 0: off)."""
@@ -130,6 +142,19 @@ class LocalPair:
             proxy.pair.artifact.ArtifactError: the artifact does not belong to this
                 base model or tokenizer, or fails its checksums.
         """
+        # on the compute thread: loading copies weights with torch's intra-op threads, which
+        # would give the calling thread a team of its own (proxy.pair.compute)
+        return compute.run(cls._load, ref, offset_dir, batching, prefix_cache_tokens, gate)
+
+    @classmethod
+    def _load(
+        cls,
+        ref: str,
+        offset_dir: str | Path | None,
+        batching: BatchSettings | None,
+        prefix_cache_tokens: int,
+        gate: bool,
+    ) -> LocalPair:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = local_model_dir(ref)
@@ -275,12 +300,18 @@ class LocalPair:
             raise ValueError(f"prompt and text exceed the pair's context ({self.max_length} tokens)")
         full = torch.tensor([list(prompt_ids) + list(ids)], dtype=torch.long)
         n = full.shape[1]
-        out = []
-        with self.lock:
-            for side in sides(self.has_offset):
-                mask = torch.ones((1, n), dtype=torch.long)
-                lp = forward(self, full, None, side=side, mask=mask, positions=torch.arange(n)[None, :])
-                out.append(lp[len(prompt_ids) - 1 : n - 1])
+
+        @torch.inference_mode()
+        def passes() -> list[torch.Tensor]:
+            out = []
+            with self.lock:
+                for side in sides(self.has_offset):
+                    mask = torch.ones((1, n), dtype=torch.long)
+                    lp = forward(self, full, None, side=side, mask=mask, positions=torch.arange(n)[None, :])
+                    out.append(lp[len(prompt_ids) - 1 : n - 1])
+            return out
+
+        out = compute.run(passes)
         return gated_rows(self.gate, out[0], out[-1]), out[-1]
 
     def forward_trees(self, jobs: Sequence[TreeJob]) -> list[dict[Side, Any]]:

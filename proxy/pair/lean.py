@@ -1,0 +1,323 @@
+"""The decoder body of a Llama-family pair as plain tensor operations, for its inference
+passes: the same function as transformers' ``LlamaModel.forward`` with a 4-D additive
+attention mask, position ids and a ``DynamicCache``, at about half its cost per
+one-token pass.
+
+A one-token pass of U and B (two rows) through transformers' modules costs about twice
+the time its weights take to read: some 1,300 module calls and 420 LoRA factor products
+per pass, attention through ``scaled_dot_product_attention``'s math fallback (which
+copies the grouped keys and values per head), and the MLP's down projection as a
+product of a ``[576, 1536]`` matrix by two rows, which MKL runs at a third of the
+bandwidth of the other shapes. :class:`LeanDecoder` runs the same arithmetic with
+
+- the query, key and value projections as one product, and the gate and up projections
+  as another (their weights stored as one matrix, the modules' weights left as views of
+  it: no second copy);
+- the down projection's weight stored transposed (``[intermediate, hidden]``; the
+  module's weight a transposed view of it);
+- grouped-query attention as two batched products over each key/value head's group of
+  query heads, nothing copied per head;
+- U's LoRA adapter as one pair of rank-r products per group of projections (the
+  groups' ``A`` factors stacked, their ``B`` factors block-diagonal, each scaled by its
+  ``lora_alpha / r``), applied to U's rows only (a row mask, 0 for B's rows: their
+  output is the base product's exactly).
+
+The values are the modules' to float32 rounding (the same sums in another order;
+``tests/test_lean.py`` checks logits against transformers' within 1e-4, with and without
+the adapter, on trees after a cache). Which models: ``model_type == "llama"`` with
+transformers' own Llama classes (SmolLM2, TinyLlama, Llama 2 and 3), LoRA as plain
+peft ``Linear`` layers on the decoder's projections; any other model, adapter or layer
+keeps transformers' modules (:func:`LeanDecoder.build` returns ``None``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: Rows up to which a product runs as ``W · xᵀ`` (:mod:`proxy.pair.few_rows`'s rule).
+FEW_ROWS = 4
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj")
+_UP = ("gate_proj", "up_proj")
+_NAMES = (*_ATTENTION, "o_proj", *_UP, "down_proj")
+
+
+@dataclass
+class _Projection:
+    """One product of the decoder (a group of its linear layers side by side), and U's
+    LoRA update of it: ``x · Wᵀ + b`` (or ``x · W_t`` where stored transposed), plus
+    ``((x · Aᵀ) · Bᵀ) ⊙ u`` with ``u`` 1 on U's rows and 0 on B's."""
+
+    weight: torch.Tensor
+    """``[out, in]``, or ``[in, out]`` where :attr:`transposed`."""
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor | None
+    """``[R, in]``: the group's ``A`` factors stacked."""
+    lora_b: torch.Tensor | None
+    """``[out, R]``: the group's ``B`` factors block-diagonal, each times its scaling."""
+    transposed: bool = False
+
+    def __call__(self, x: torch.Tensor, on_u: torch.Tensor | None) -> torch.Tensor:
+        rows = x.shape[0]
+        if self.transposed:
+            y = torch.mm(x, self.weight)
+        elif 2 <= rows <= FEW_ROWS:
+            y = torch.mm(self.weight, x.t()).t()
+        else:
+            y = torch.nn.functional.linear(x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        if on_u is not None and self.lora_a is not None and self.lora_b is not None:
+            y = y + torch.mm(torch.mm(x, self.lora_a.t()), self.lora_b.t()) * on_u
+        return y
+
+
+@dataclass
+class _Layer:
+    norm_1: torch.Tensor
+    norm_2: torch.Tensor
+    qkv: _Projection
+    o: _Projection
+    gate_up: _Projection
+    down: _Projection
+
+
+class LeanDecoder:
+    """A Llama-family model's decoder body (:func:`build`) as one function of the ids, the
+    positions, the additive mask and the cache: :meth:`hidden`."""
+
+    def __init__(self, inner: Any, layers: list[_Layer]) -> None:
+        cfg = inner.config
+        self._inner = inner
+        self._layers = layers
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(cfg.num_key_value_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self.intermediate = int(cfg.intermediate_size)
+        self.eps = float(cfg.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+        self._act = inner.model.layers[0].mlp.act_fn
+        self.has_lora = any(
+            p.lora_a is not None for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        )
+
+    @classmethod
+    def build(cls, net: Any) -> LeanDecoder | None:
+        """The lean body of ``net`` (a ``LlamaForCausalLM``, or peft's wrapper of one with
+        plain LoRA layers on its decoder's projections), or ``None`` where the model, its
+        attention or its adapter is of another kind. Re-lays the projections' weights in
+        place (:mod:`this module <proxy.pair.lean>`); the modules keep computing the same
+        function on them."""
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        inner = net.get_base_model() if hasattr(net, "get_base_model") else net
+        cfg = getattr(inner, "config", None)
+        body = getattr(inner, "model", None)
+        if cfg is None or body is None or getattr(cfg, "model_type", None) != "llama":
+            return None
+        if type(inner).__name__ != "LlamaForCausalLM" or type(body).__name__ != "LlamaModel":
+            return None
+        if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "_attn_implementation", "sdpa") not in (
+            "sdpa",
+            "eager",
+        ):
+            return None
+        for name, found in inner.named_modules():
+            if isinstance(found, BaseTunerLayer):
+                module: Any = found
+                parts = name.split(".")
+                plain = type(module) is LoraLinear and not module.merged and not module.lora_variant
+                if (
+                    not plain
+                    or parts[-1] not in _NAMES
+                    or ".layers." not in f".{name}."
+                    or len(module.active_adapters) != 1
+                ):
+                    return None  # an adapter on the embeddings, the head or a norm; DoRA; several adapters
+                adapter = module.active_adapters[0]
+                if module.lora_B[adapter].bias is not None:
+                    return None
+        layers = []
+        for layer in body.layers:
+            names = (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__)
+            if names != ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP"):
+                return None
+            attn, mlp = layer.self_attn, layer.mlp
+            layers.append(
+                _Layer(
+                    norm_1=layer.input_layernorm.weight,
+                    norm_2=layer.post_attention_layernorm.weight,
+                    qkv=_group([getattr(attn, n) for n in _ATTENTION]),
+                    o=_group([attn.o_proj]),
+                    gate_up=_group([getattr(mlp, n) for n in _UP]),
+                    down=_group([mlp.down_proj], transposed=True),
+                )
+            )
+        return cls(inner, layers)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``LlamaRMSNorm``: ``w ⊙ x / sqrt(mean(x²) + ε)``."""
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    @torch.inference_mode()
+    def rows(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        masks: list[torch.Tensor],
+        caches: list[Any],
+        on_u: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states ``[b, w, hidden]`` float32 of ``ids`` (``[b, w]``, row
+        i's first ``n_i`` real, the rest padding) at ``positions`` (``[b, w]``). Row i
+        attends under ``masks[i]`` (``[n_i, L_i + n_i]``, additive: 0 where a position may
+        attend, the dtype's minimum where not) to its own ``caches[i]`` (a ``DynamicCache``
+        of ``L_i`` positions, extended in place by its ``n_i`` tokens, :func:`_append`) and
+        to its tokens; U's adapter is on the rows where ``on_u`` (``[b]``, 1.0 or 0.0) is 1,
+        ``None``: B alone. Padding positions come out as garbage that no row reads.
+        transformers' ``LlamaModel.forward`` on each row alone, to float rounding."""
+        b, w = ids.shape
+        heads, kv, d = self.heads, self.kv_heads, self.head_dim
+        group = heads // kv
+        lengths = [m.shape[0] for m in masks]
+        x = self._inner.model.embed_tokens(ids)
+        cos, sin = self._inner.model.rotary_emb(x, positions)  # [b, w, d]
+        cos, sin = cos[:, None], sin[:, None]
+        rows_on_u = on_u.repeat_interleave(w)[:, None] if on_u is not None and self.has_lora else None
+        width = x.shape[-1]
+        for li, layer in enumerate(self._layers):
+            h = self._norm(x, layer.norm_1).view(b * w, width)
+            qkv = layer.qkv(h, rows_on_u)
+            q = qkv[:, : heads * d].view(b, w, heads, d).transpose(1, 2)
+            k = qkv[:, heads * d : (heads + kv) * d].view(b, w, kv, d).transpose(1, 2)
+            v = qkv[:, (heads + kv) * d :].view(b, w, kv, d).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            att = x.new_zeros((b, w, heads * d))
+            for i, n in enumerate(lengths):
+                keys, values = _append(caches[i], li, k[i : i + 1, :, :n], v[i : i + 1, :, :n])  # [1, kv, L + n, d]
+                span = keys.shape[2]
+                # query head h reads key/value head h // group (transformers' repeat_kv order)
+                scores = torch.matmul(q[i, :, :n].reshape(kv, group * n, d), keys[0].transpose(1, 2)) * self.scale
+                probs = torch.softmax(scores.view(kv, group, n, span) + masks[i], dim=-1)
+                out = torch.matmul(probs.view(kv, group * n, span), values[0])  # [kv, group · n, d]
+                att[i, :n] = out.view(heads, n, d).transpose(0, 1).reshape(n, heads * d)
+            x = x + layer.o(att.view(b * w, heads * d), rows_on_u).view(b, w, width)
+            h = self._norm(x, layer.norm_2).view(b * w, width)
+            gate_up = layer.gate_up(h, rows_on_u)
+            inner = self._act(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
+            x = x + layer.down(inner, rows_on_u).view(b, w, width)
+        return self._norm(x, self._inner.model.norm.weight)
+
+
+#: Positions of room a cache layer's buffer keeps past its tokens (:func:`_append`).
+HEADROOM = 32
+
+
+def _append(cache: Any, li: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``li`` of ``cache`` (a ``DynamicCache`` of one row) extended by ``keys`` and
+    ``values`` (``[1, kv, n, d]``); its keys and values after (``[1, kv, L + n, d]``).
+
+    transformers' ``DynamicLayer`` concatenates, copying the whole cache per pass. Here a
+    layer's keys and values are views of buffers with :data:`HEADROOM` positions to spare,
+    owned by the layer (``_lean_kv``) and written past the layer's length; a layer whose
+    keys are not the start of its own buffer (a prefix cache's views, a new layer) or
+    whose buffer is full gets a new one (its tokens copied once). A crop leaves a view of
+    the buffer's start, and the next tokens overwrite what it dropped."""
+    n = keys.shape[2]
+    layers = cache.layers
+    if li >= len(layers) or not layers[li].is_initialized or layers[li].keys.numel() == 0:
+        return cache.update(keys.contiguous(), values.contiguous(), li)
+    layer = layers[li]
+    held = layer.keys.shape[2]
+    own = layer.__dict__.get("_lean_kv")
+    if (
+        own is None
+        or own[0].data_ptr() != layer.keys.data_ptr()
+        or own[1].data_ptr() != layer.values.data_ptr()
+        or own[0].stride() != layer.keys.stride()
+        or own[0].shape[2] < held + n
+    ):
+        shape = (1, layer.keys.shape[1], held + n + HEADROOM, layer.keys.shape[3])
+        own = (layer.keys.new_empty(shape), layer.values.new_empty(shape))
+        own[0][:, :, :held] = layer.keys
+        own[1][:, :, :held] = layer.values
+        layer._lean_kv = own
+    own[0][:, :, held : held + n] = keys
+    own[1][:, :, held : held + n] = values
+    layer.keys, layer.values = own[0][:, :, : held + n], own[1][:, :, : held + n]
+    return layer.keys, layer.values
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _group(modules: list[Any], *, transposed: bool = False) -> _Projection:
+    """One :class:`_Projection` for ``modules`` side by side (outputs concatenated, in
+    order), its weights stored once: each module's base weight becomes a view of the
+    group's matrix (rows of it, or, ``transposed``, of its transpose)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    bases: list[Any] = [m.get_base_layer() if isinstance(m, BaseTunerLayer) else m for m in modules]
+    with torch.no_grad():
+        if transposed:
+            (base,) = bases
+            weight = base.weight.detach().t().contiguous()  # [in, out]
+            base.weight.data = weight.t()
+        elif len(bases) == 1:
+            weight = bases[0].weight.detach()
+        else:
+            weight = torch.cat([m.weight.detach() for m in bases]).contiguous()
+            at = 0
+            for m in bases:
+                n = m.weight.shape[0]
+                m.weight.data = weight[at : at + n]
+                at += n
+        biases = [m.bias for m in bases]
+        bias = None
+        if any(bi is not None for bi in biases):
+            bias = torch.cat(
+                [
+                    bi.detach() if bi is not None else m.weight.new_zeros(m.weight.shape[0])
+                    for m, bi in zip(bases, biases, strict=True)
+                ]
+            )
+        lora_a, lora_b = _lora(modules, bases)
+    return _Projection(weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, transposed=transposed)
+
+
+def _lora(modules: list[Any], bases: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The group's LoRA factors: ``A`` stacked ``[R, in]``, ``B`` block-diagonal ``[out, R]``
+    (each module's ``B`` times its scaling in its own rows and rank columns; zero rows for a
+    module without an adapter); ``(None, None)`` where no module of the group has one."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    parts: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for m in modules:
+        if isinstance(m, LoraLinear):
+            name = m.active_adapters[0]
+            a_factor: Any = m.lora_A[name]
+            b_factor: Any = m.lora_B[name]
+            parts.append((a_factor.weight.detach(), b_factor.weight.detach() * m.scaling[name]))
+        else:
+            parts.append(None)
+    if all(p is None for p in parts):
+        return None, None
+    rank = sum(p[0].shape[0] for p in parts if p is not None)
+    outs = [m.weight.shape[0] for m in bases]
+    a = torch.cat([p[0] for p in parts if p is not None])
+    b = a.new_zeros((sum(outs), rank))
+    row = col = 0
+    for p, n in zip(parts, outs, strict=True):
+        if p is not None:
+            r = p[0].shape[0]
+            b[row : row + n, col : col + r] = p[1]
+            col += r
+        row += n
+    return a, b

@@ -30,13 +30,19 @@ SHAPES = ((1, 1), (4, 1), (16, 1), (1, 8), (16, 8), (1, 32), (4, 32), (1, 96), (
 FEW_ROWS = (1, 2, 3, 4)
 
 
-def forward_ms(model: Any, rows: int, n: int, *, cache_tokens: int = CACHE_TOKENS, reps: int = 3) -> float:
+def forward_ms(
+    model: Any, rows: int, n: int, *, cache_tokens: int = CACHE_TOKENS, reps: int = 3, lean: Any = None
+) -> float:
     """Best of ``reps`` wall times (ms) of one forward pass of ``model`` (a causal LM with
     ``.model`` and ``.lm_head``) over ``n`` new tokens in each of ``rows`` rows after
-    ``cache_tokens`` cached ones, the output head at each row's last position."""
+    ``cache_tokens`` cached ones, the output head at each row's last position; with ``lean``
+    (the model's :class:`proxy.pair.lean.LeanDecoder`) its body instead of the modules, each
+    row on its own cache, as the pair runs it."""
     import torch
     from transformers import DynamicCache
 
+    if lean is not None:
+        return _lean_ms(model, lean, rows, n, cache_tokens=cache_tokens, reps=reps)
     with torch.inference_mode():
         cache = DynamicCache()
         model.model(input_ids=torch.randint(0, 1000, (rows, cache_tokens)), past_key_values=cache, use_cache=True)
@@ -51,9 +57,36 @@ def forward_ms(model: Any, rows: int, n: int, *, cache_tokens: int = CACHE_TOKEN
     return 1000 * min(times)
 
 
-def speedup(model: Any, rows: int, n: int) -> float:
-    """Throughput of ``rows`` rows in one pass over one row's: ``rows · t(1, n) / t(rows, n)``."""
-    return rows * forward_ms(model, 1, n) / forward_ms(model, rows, n)
+def _lean_ms(model: Any, lean: Any, rows: int, n: int, *, cache_tokens: int, reps: int) -> float:
+    import torch
+    from transformers import DynamicCache
+
+    def causal(held: int, new: int) -> torch.Tensor:
+        allowed = torch.ones((new, held + new), dtype=torch.bool).tril(held)
+        return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+
+    with torch.inference_mode():
+        caches = [DynamicCache() for _ in range(rows)]
+        for cache in caches:
+            ids = torch.randint(0, 1000, (1, cache_tokens))
+            lean.rows(ids, torch.arange(cache_tokens)[None], [causal(0, cache_tokens)], [cache], None)
+        positions = (torch.arange(n) + cache_tokens)[None].expand(rows, n)
+        times = []
+        for _ in range(reps):
+            ids = torch.randint(0, 1000, (rows, n))
+            t0 = time.perf_counter()
+            hidden = lean.rows(ids, positions, [causal(cache_tokens, n)] * rows, caches, None)
+            model.lm_head(hidden[:, -1:])
+            times.append(time.perf_counter() - t0)
+            for cache in caches:
+                cache.crop(-n)
+    return 1000 * min(times)
+
+
+def speedup(model: Any, rows: int, n: int, lean: Any = None) -> float:
+    """Throughput of ``rows`` rows in one pass over one row's: ``rows · t(1, n) / t(rows, n)``
+    (``lean``: see :func:`forward_ms`)."""
+    return rows * forward_ms(model, 1, n, lean=lean) / forward_ms(model, rows, n, lean=lean)
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ Measured, all in this run:
   generated tokens, pair milliseconds per generated token on the
   same-tokenizer (fast) and the general path; token by token again with U and B
   in a pass each (``pair.fuse_sides`` off), the baseline of running them as the
-  rows of one pass;
+  rows of one pass, and through transformers' modules (``pair.lean`` empty), the
+  baseline of the lean body (:mod:`proxy.pair.lean`);
 - **throughput**: aggregate generated tokens/s of the same 16 greedy requests
   run 1, 4 and 16 at a time against ``bench.fake_upstream`` (a fast fake
   server), so that the proxy and its pair, not a model, are measured; with
@@ -28,7 +29,8 @@ Measured, all in this run:
 - **ceilings** of the 16-stream over 1-stream throughput on this machine: the
   gain of one 16-row pass of the pair's model over one row (1 new token per
   row token by token, ``--tokens`` for a whole drafted answer;
-  ``bench.pair_batching``'s measure), divided by the pair's share of a single
+  ``bench.pair_batching``'s measure, on the pair's lean body and its compute
+  thread, as the pair runs its passes), divided by the pair's share of a single
   stream's time (the rest, 16 streams could overlap);
 - **serve_rss_mb**: peak RSS of this process, which holds the pair and runs
   the decoder (the remote is another process), while it serves the default
@@ -401,6 +403,12 @@ def main() -> None:
                 tbt, out_prompts[:2], tokens=args.tokens, temperature=0.0
             )
             tbt.pair.fuse_sides = True
+            # the baseline of the lean body: the same answers through transformers' modules
+            lean, tbt.pair.lean = tbt.pair.lean, {}
+            res["out_greedy_token_by_token_modules"] = await run_prompts(
+                tbt, out_prompts[:2], tokens=args.tokens, temperature=0.0
+            )
+            tbt.pair.lean = lean
             res["in_greedy_token_by_token"] = await run_prompts(
                 tbt, in_prompts[:2], tokens=args.tokens, temperature=0.0
             )
@@ -420,8 +428,10 @@ def main() -> None:
         async def fake_part() -> dict[str, Any]:
             from bench.pair_batching import speedup
             from proxy import release_free_memory
+            from proxy.pair import compute
             from proxy.pair.batcher import BatchSettings
             from proxy.pair.forward import body_and_head
+            from proxy.pair.sides import Side
 
             def fake_model(speculative: bool, pairs: dict[Any, Any], batching: Any = None) -> Any:
                 return demo_model(
@@ -471,11 +481,12 @@ def main() -> None:
             # a single stream's time outside the pair, which 16 streams could overlap. Last, as its
             # 16-row passes' memory is not serving's.
             inner = body_and_head(spec.pair.model)
+            lean = spec.pair.lean.get(Side.B)  # the pair's own passes: its lean body, on its compute thread
             for mode, n, one_stream in (
                 ("speculative", args.tokens, res["speculative_1"]),
                 ("token_by_token", 1, res["token_by_token_1"]),
             ):
-                gain = await asyncio.to_thread(speedup, inner, 16, n)
+                gain = await asyncio.to_thread(compute.run, speedup, inner, 16, n, lean)
                 res[f"ceiling_{mode}"] = {
                     "pass_speedup_16_rows": round(gain, 2),
                     "new_tokens_per_row": n,
@@ -516,6 +527,12 @@ def main() -> None:
         "pair_token_by_token_fused_over_unfused": round(
             ll["out_greedy_token_by_token"]["pair_ms_per_token"]
             / ll["out_greedy_token_by_token_unfused"]["pair_ms_per_token"],
+            3,
+        ),
+        "pair_ms_per_token_token_by_token_modules": ll["out_greedy_token_by_token_modules"]["pair_ms_per_token"],
+        "pair_token_by_token_lean_over_modules": round(
+            ll["out_greedy_token_by_token"]["pair_ms_per_token"]
+            / ll["out_greedy_token_by_token_modules"]["pair_ms_per_token"],
             3,
         ),
         "throughput_4_over_1": tps_ratio("speculative_4", "speculative_1"),

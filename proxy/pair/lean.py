@@ -160,8 +160,8 @@ class LeanDecoder:
         return cls(inner, layers)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``LlamaRMSNorm``: ``w ⊙ x / sqrt(mean(x²) + ε)``."""
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        """``LlamaRMSNorm``: ``w ⊙ x / sqrt(mean(x²) + ε)`` (torch's fused ``rms_norm``)."""
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
     @torch.inference_mode()
     def rows(
@@ -192,11 +192,11 @@ class LeanDecoder:
         for li, layer in enumerate(self._layers):
             h = self._norm(x, layer.norm_1).view(b * w, width)
             qkv = layer.qkv(h, rows_on_u)
-            q = qkv[:, : heads * d].view(b, w, heads, d).transpose(1, 2)
-            k = qkv[:, heads * d : (heads + kv) * d].view(b, w, kv, d).transpose(1, 2)
+            # the rotary embedding of the queries and keys at once: [b, heads + kv, w, d]
+            qk = qkv[:, : (heads + kv) * d].view(b, w, heads + kv, d).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, (heads + kv) * d :].view(b, w, kv, d).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             att = x.new_zeros((b, w, heads * d))
             for i, n in enumerate(lengths):
                 keys, values = _append(caches[i], li, k[i : i + 1, :, :n], v[i : i + 1, :, :n])  # [1, kv, L + n, d]

@@ -139,3 +139,24 @@ def test_the_pairs_passes_run_on_the_one_compute_thread(tiny_base, smollm2_token
     threads = list(pair.executor.map(lambda p: (steps(pair, p, *TREES[0]), torch.get_num_threads())[1], PROMPTS))
     assert threads == [1, 1, 1]  # the request threads run torch single-threaded
     assert seen and all(s == (seen[0][0], compute.threads()) for s in seen) and seen[0][0].startswith("pair-compute")
+
+
+def test_no_tensor_views_the_weights_file_after_the_build(tiny_base, tmp_path):
+    """transformers maps the weights file; the re-laid weights' old pages would stay resident
+    while any tensor viewed the mapping."""
+    from transformers import AutoModelForCausalLM
+
+    copy.deepcopy(tiny_base).save_pretrained(tmp_path)
+    net = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as maps:
+            return any(str(tmp_path) in line for line in maps)
+
+    if not mapped():
+        pytest.skip("transformers read the weights without mapping the file")
+    assert LeanDecoder.build(net) is not None
+    import gc
+
+    gc.collect()
+    assert not mapped()

@@ -157,6 +157,7 @@ class LeanDecoder:
                     down=_group([mlp.down_proj], transposed=True),
                 )
             )
+        _own_memory(inner, layers)
         return cls(inner, layers)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -253,6 +254,25 @@ def _append(cache: Any, li: int, keys: torch.Tensor, values: torch.Tensor) -> tu
     return layer.keys, layer.values
 
 
+def _own_memory(inner: Any, layers: list[_Layer]) -> None:
+    """Every other parameter and buffer of ``inner`` copied into memory of its own.
+    transformers maps the weights file and its tensors are views of that mapping: the
+    mapping stays resident as long as one of them lives (the embeddings, a norm), so the
+    pages of the weights re-laid here would stay resident beside their new copies (about
+    430 MB more for SmolLM2). Once nothing views it, the mapping is released."""
+    ours = {
+        t.untyped_storage().data_ptr()
+        for layer in layers
+        for p in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        for t in (p.weight, p.lora_a, p.lora_b)
+        if t is not None
+    }
+    with torch.no_grad():
+        for tensor in [*inner.parameters(), *inner.buffers()]:
+            if tensor.untyped_storage().data_ptr() not in ours:
+                tensor.data = tensor.data.clone()
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -271,7 +291,8 @@ def _group(modules: list[Any], *, transposed: bool = False) -> _Projection:
             weight = base.weight.detach().t().contiguous()  # [in, out]
             base.weight.data = weight.t()
         elif len(bases) == 1:
-            weight = bases[0].weight.detach()
+            weight = bases[0].weight.detach().clone()
+            bases[0].weight.data = weight
         else:
             weight = torch.cat([m.weight.detach() for m in bases]).contiguous()
             at = 0

@@ -271,7 +271,8 @@ class ModelConfig(BaseModel):
     with min(1, q/p) or replaced; the same output distribution as one call per token (false)."""
     max_draft_tokens: int = Field(default=128, ge=2, le=1024)
     """The longest draft one remote call is asked for; the decoder adapts below it to the
-    acceptance rate (proxy.decoding.speculative.DraftLength)."""
+    acceptance rate and the measured cost of a call against a drafted token
+    (proxy.decoding.speculative.DraftLength, DraftCost)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

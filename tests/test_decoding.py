@@ -447,6 +447,47 @@ def test_draft_length_follows_the_acceptance_rate():
     assert lengths.examined == 1 + 30 * 4 + 12 * 32 and lengths.accepted == 30 * 3 + 12 * 32
 
 
+def test_the_best_draft_length_commits_the_most_tokens_per_second():
+    from proxy.decoding.speculative import DraftLength
+
+    lengths = DraftLength(64)
+
+    def per_second(rate: float, ratio: float, length: int) -> float:
+        return (1 - rate**length) / (1 - rate) / (ratio + length)
+
+    for rate in (0.3, 0.7, 0.9, 0.97):
+        for ratio in (0.0, 1.0, 2.5, 16.0, 200.0):
+            best = lengths.best_length(rate, ratio)
+            assert 1 <= best <= 64
+            assert all(per_second(rate, ratio, best) >= per_second(rate, ratio, n) for n in range(1, 65))
+    # a cheap call (a local remote): short drafts in scope; an expensive one: long drafts
+    assert lengths.best_length(0.9, 2.5) <= 6 and lengths.best_length(0.9, 200.0) >= 30
+    assert lengths.best_length(0.5, 0.0) == 1
+    assert lengths.best_length(1.0, 0.0) == 64 and lengths.best_length(0.5, float("inf")) == 64
+
+
+def test_the_draft_cost_is_fitted_from_the_rounds_seen():
+    from proxy.decoding.speculative import DraftCost, DraftLength
+
+    cost = DraftCost()
+    assert cost.ratio() == DraftCost.PRIOR_RATIO
+    for n in (4, 4, 4, 4, 4, 4):  # one length: a and b cannot be told apart
+        cost.observe(n, 0.2 + 0.05 * n)
+    assert cost.ratio() == DraftCost.PRIOR_RATIO
+    for n in (1, 8, 30, 2, 64, 5, 12, 3):
+        cost.observe(n, 0.2 + 0.05 * n)  # a = 0.2 s per round, b = 0.05 s per token
+    assert cost.ratio() == pytest.approx(4.0, rel=1e-6)
+    lengths = DraftLength(64, 0.9, cost=cost)
+    assert lengths.length_for(0.9) == lengths.best_length(0.9, 4.0)
+    free = DraftCost()
+    for n in (1, 8, 30, 2, 64):
+        free.observe(n, 0.5)  # tokens cost nothing measurable
+    assert free.ratio() == float("inf") and DraftLength(64, cost=free).length_for(0.5) == 64
+    cost.observe(0, 1.0)
+    cost.observe(3, float("nan"))
+    assert cost.rounds == 14  # empty or unmeasured rounds are not counted
+
+
 def test_sequence_weights_match_hand_computed_ones():
     from proxy.decoding.sequence_mode import sequence_weights
 

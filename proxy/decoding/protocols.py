@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 from adapters.base import RemoteAdapter
 from proxy.common.literals import ScopeAction
 from proxy.decoding.alignment import Aligner
+from proxy.decoding.speculative import DraftCost
 from proxy.decoding.types import AnswerScores, ChoiceStats
 from proxy.decoding.vocab import ByteVocab
 
@@ -86,6 +87,8 @@ class Served(Protocol):
     max_draft_tokens: int
     acceptance_rate: float
     """The running per-token acceptance rate of the model's drafts; the token decoder updates it."""
+    draft_cost: DraftCost
+    """The measured cost of a round against its draft's length; the token decoder updates it."""
     sequence_samples: int
     refusal: str
     scope_action: ScopeAction

@@ -23,6 +23,7 @@ from proxy.common.literals import ClientAlpha, DecodingMode, ScopeAction, ScopeR
 from proxy.decoding.guided_mode import GuidedDecoder
 from proxy.decoding.protocols import Pair
 from proxy.decoding.sequence_mode import SequenceDecoder
+from proxy.decoding.speculative import DraftCost
 from proxy.decoding.token_mode import TokenDecoder
 from proxy.decoding.types import ChoiceStats, DecodingError, Piece, SamplingParams
 
@@ -73,6 +74,9 @@ class ServedModel:
     _guided: GuidedDecoder = field(init=False, repr=False)
     acceptance_rate: float = 1.0
     """Running per-token acceptance rate of this model's drafts (seeds each request's :class:`DraftLength`)."""
+    draft_cost: DraftCost = field(default_factory=DraftCost)
+    """What a round of speculative decoding costs this model as a function of its draft's
+    length (sizes unseeded requests' drafts, :meth:`DraftLength.best_length`)."""
 
     def __post_init__(self) -> None:
         shared = getattr(self.pair, "executor", None)

@@ -16,6 +16,52 @@ from proxy.decoding.offset import apply_top_p, choose, log_softmax
 PREDICT_ABOVE = 8
 
 
+class DraftCost:
+    """What a round of speculative decoding costs as a function of its draft's length n:
+    ``t(n) = a + b·n`` seconds (the remote's call and the pair's scoring of the draft),
+    fitted by least squares over a served model's recent rounds, each older round's weight
+    decayed by ``decay`` per newer one. :meth:`ratio` is a round's fixed cost in drafted
+    tokens' worth, a / b: the one number the best draft length depends on besides the
+    acceptance rate (:meth:`DraftLength.best_length`). Until the rounds seen vary enough in
+    length to separate a from b, :data:`PRIOR_RATIO`."""
+
+    #: a / b before it is measured: a round's fixed cost worth 16 drafted tokens.
+    PRIOR_RATIO = 16.0
+    #: Rounds (in decayed weight) before the fit replaces the prior.
+    MIN_WEIGHT = 4.0
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+        self.rounds = 0
+
+    def observe(self, n: int, seconds: float) -> None:
+        """A round that drafted ``n`` tokens and took ``seconds``."""
+        if n < 1 or not math.isfinite(seconds) or seconds < 0:
+            return
+        k = self.decay
+        self._w = k * self._w + 1
+        self._n = k * self._n + n
+        self._t = k * self._t + seconds
+        self._nn = k * self._nn + n * n
+        self._nt = k * self._nt + n * seconds
+        self.rounds += 1
+
+    def ratio(self) -> float:
+        """a / b, at least 0: a round's fixed cost in drafted tokens' worth."""
+        if self._w < self.MIN_WEIGHT:
+            return self.PRIOR_RATIO
+        mean_n, mean_t = self._n / self._w, self._t / self._w
+        var = self._nn / self._w - mean_n**2
+        if var < 1.0:  # drafts of (nearly) one length: a and b cannot be told apart
+            return self.PRIOR_RATIO
+        b = (self._nt / self._w - mean_n * mean_t) / var
+        a = mean_t - b * mean_n
+        if b <= 0:
+            return math.inf  # tokens cost nothing measurable: drafts as long as allowed
+        return max(0.0, a / b)
+
+
 class DraftLength:
     """How many tokens to ask the remote for next (speculative acceptance).
 
@@ -23,15 +69,28 @@ class DraftLength:
     recently, each older position's weight decayed by ``decay`` per newer one
     (a half-life of about 34 positions at 0.98), starting from ``prior`` (the
     served model's running rate) worth ``prior_weight`` positions, so that
-    one early rejection does not collapse the draft length. The next draft
-    asks for about twice the expected accepted run, 2 / (1 − r), between 2
-    and ``maximum`` (the maximum once r ≥ 1 − 2/maximum). Out of forget scope
-    r stays near 1 and one call serves a whole answer; in scope drafts shrink
-    to a few tokens so that little remote work is thrown away.
+    one early rejection does not collapse the draft length.
+
+    With a ``cost`` (the served model's :class:`DraftCost`), the next draft is the length
+    that commits the most tokens per second (:meth:`best_length`). Without one (a request
+    with a seed, whose draft lengths must not depend on timing: they decide which random
+    draws go where), it asks for about twice the expected accepted run, 2 / (1 − r),
+    between 2 and ``maximum`` (the maximum once r ≥ 1 − 2/maximum). Out of forget scope
+    r stays near 1 and one call serves a whole answer; in scope drafts shrink to a few
+    tokens so that little remote work is thrown away.
     """
 
-    def __init__(self, maximum: int, prior: float = 1.0, *, prior_weight: float = 16.0, decay: float = 0.98) -> None:
+    def __init__(
+        self,
+        maximum: int,
+        prior: float = 1.0,
+        *,
+        prior_weight: float = 16.0,
+        decay: float = 0.98,
+        cost: DraftCost | None = None,
+    ) -> None:
         self.maximum = maximum
+        self.cost = cost
         self.decay = decay
         self._accepted = prior * prior_weight
         self._examined = prior_weight
@@ -48,11 +107,33 @@ class DraftLength:
         return max(1, min(self.length_for(self.rate), remaining))
 
     def length_for(self, rate: float) -> int:
-        """The draft length for a per-token acceptance rate: 2 / (1 − rate) between 2
-        and :attr:`maximum` (the maximum once rate ≥ 1 − 2/maximum)."""
+        """The draft length for a per-token acceptance rate: :meth:`best_length` with a
+        cost model, else 2 / (1 − rate) between 2 and :attr:`maximum` (the maximum once
+        rate ≥ 1 − 2/maximum)."""
+        if self.cost is not None:
+            return self.best_length(rate, self.cost.ratio())
         if rate >= 1 - 2 / self.maximum:
             return self.maximum
         return max(2, min(self.maximum, math.ceil(2 / (1 - rate))))
+
+    def best_length(self, rate: float, ratio: float) -> int:
+        """The draft length L in [1, :attr:`maximum`] that commits the most tokens per
+        second: a round with a draft of L tokens commits ``(1 − r^L) / (1 − r)`` tokens on
+        average (the accepted run, and the replacement at a rejection) and costs
+        ``a + b·L`` seconds, so L maximises ``(1 − r^L) / (ratio + L)`` with ``ratio`` = a / b
+        (:class:`DraftCost`). A fixed cost worth little against a token's (a local remote,
+        whose drafted tokens cost as much as its calls) gives short drafts in scope; a slow
+        call to a fast remote, long ones; r = 1, the maximum."""
+        if rate >= 1.0 or math.isinf(ratio):
+            return self.maximum
+        rate = max(rate, 0.0)
+        best, best_value, kept = 1, -1.0, 1.0
+        for length in range(1, self.maximum + 1):
+            kept *= rate  # r^L
+            value = (1.0 - kept) / (ratio + length)
+            if value > best_value:
+                best, best_value = length, value
+        return best
 
     def expected_run(self) -> int:
         """How many positions of a draft to score first: the expected accepted run

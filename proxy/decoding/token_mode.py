@@ -12,6 +12,7 @@ bytes are committed to both the remote's context and the aligner; text is releas
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -65,7 +66,9 @@ class TokenDecoder:
         # requests move; a request with a seed starts from the prior instead, so that its answer
         # depends on the request alone (draft lengths decide which random draws go where).
         prior = self.model.acceptance_rate if params.seed is None else 1.0
-        lengths = DraftLength(self.model.max_draft_tokens, prior) if self.model.speculative else None
+        # Draft lengths from the measured cost of a round, except for a seeded request (see prior)
+        cost = self.model.draft_cost if params.seed is None else None
+        lengths = DraftLength(self.model.max_draft_tokens, prior, cost=cost) if self.model.speculative else None
         greedy = params.temperature == 0
         context_full = False
         batcher = getattr(self.model.pair, "batcher", None) if aligner is not None else None
@@ -73,11 +76,13 @@ class TokenDecoder:
             batcher.open_stream()
         try:
             while stats.completion_tokens < params.max_tokens and not context_full:
+                pair_before = stats.pair_seconds
                 n = lengths.next(params.max_tokens - stats.completion_tokens) if lengths is not None else 1
                 if n > PREDICT_ABOVE and aligner is not None and lengths is not None:
                     n = min(n, await self._predicted_length(aligner, lengths, params, stats))
                 ctx = Context(base.messages, base.prompt, prefix, tuple(ids) if ids is not None else None, last)
                 seed = int(rng.integers(2**31)) if params.seed is not None and n > 1 else None
+                called = time.perf_counter()
                 try:
                     positions = await self._draft(ctx, n, greedy=greedy, seed=seed, stats=stats)
                 except ContextExhausted:
@@ -93,6 +98,7 @@ class TokenDecoder:
                 # a partial character the first position is healed (its sampled token is not a plain
                 # draft): such a position is drawn from q directly, and the draft goes on only when
                 # the draw is the drafted token (still exact: later drafted tokens are samples given it).
+                remote_s = time.perf_counter() - called
                 direct = 0 if n > 1 and not inside_character(prefix) else 1
                 if n > 1:
                     stats.draft_tokens += len(positions)
@@ -149,6 +155,8 @@ class TokenDecoder:
                     more = more and len(scored) == len(part)
                     done += len(part)
                     chunk *= 2
+                if lengths is not None:  # the round's cost, for the next drafts' lengths
+                    self.model.draft_cost.observe(len(positions), remote_s + stats.pair_seconds - pair_before)
             yield releaser.finish("length")
         finally:
             if batcher is not None:

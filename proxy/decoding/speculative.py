@@ -73,8 +73,8 @@ class DraftLength:
 
     With a ``cost`` (the served model's :class:`DraftCost`), the next draft is the length
     that commits the most tokens per second (:meth:`best_length`). Without one (a request
-    with a seed, whose draft lengths must not depend on timing: they decide which random
-    draws go where), it asks for about twice the expected accepted run, 2 / (1 − r),
+    with a seed at T > 0, whose draft lengths must not depend on timing: they decide which
+    random draws go where), it asks for about twice the expected accepted run, 2 / (1 − r),
     between 2 and ``maximum`` (the maximum once r ≥ 1 − 2/maximum). Out of forget scope
     r stays near 1 and one call serves a whole answer; in scope drafts shrink to a few
     tokens so that little remote work is thrown away.
@@ -116,21 +116,33 @@ class DraftLength:
             return self.maximum
         return max(2, min(self.maximum, math.ceil(2 / (1 - rate))))
 
+    #: A round commits at least this many tokens on average where a draft can (at most 20
+    #: remote calls per 100 tokens in scope), or 90% of what the longest draft would.
+    MIN_COMMITTED = 5.0
+
     def best_length(self, rate: float, ratio: float) -> int:
         """The draft length L in [1, :attr:`maximum`] that commits the most tokens per
-        second: a round with a draft of L tokens commits ``(1 − r^L) / (1 − r)`` tokens on
-        average (the accepted run, and the replacement at a rejection) and costs
-        ``a + b·L`` seconds, so L maximises ``(1 − r^L) / (ratio + L)`` with ``ratio`` = a / b
-        (:class:`DraftCost`). A fixed cost worth little against a token's (a local remote,
-        whose drafted tokens cost as much as its calls) gives short drafts in scope; a slow
-        call to a fast remote, long ones; r = 1, the maximum."""
+        second: a round with a draft of L tokens commits ``E(L) = (1 − r^L) / (1 − r)``
+        tokens on average (the accepted run, and the replacement at a rejection) and costs
+        ``a + b·L`` seconds, so L maximises ``E(L) / (ratio + L)`` with ``ratio`` = a / b
+        (:class:`DraftCost`), among the lengths whose E(L) is at least
+        min(:data:`MIN_COMMITTED`, 0.9·E(maximum)): a fixed cost worth little against a
+        token's (a local remote, whose drafted tokens cost as much as its calls) would
+        otherwise make a call per token or two in scope, where the objective is flat (at
+        r = 0.9 and a/b = 1.5, 7 tokens instead of 4 cost 2% of the rate). A slow call to a
+        fast remote gives long drafts; r = 1, the maximum."""
         if rate >= 1.0 or math.isinf(ratio):
             return self.maximum
         rate = max(rate, 0.0)
-        best, best_value, kept = 1, -1.0, 1.0
+        most = (1.0 - rate**self.maximum) / (1.0 - rate)
+        floor = min(self.MIN_COMMITTED, 0.9 * most)
+        best, best_value, kept = self.maximum, -1.0, 1.0
         for length in range(1, self.maximum + 1):
             kept *= rate  # r^L
-            value = (1.0 - kept) / (ratio + length)
+            committed = (1.0 - kept) / (1.0 - rate)
+            if committed < floor:
+                continue
+            value = committed / (ratio + length)
             if value > best_value:
                 best, best_value = length, value
         return best

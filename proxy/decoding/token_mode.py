@@ -66,10 +66,11 @@ class TokenDecoder:
         # requests move; a request with a seed starts from the prior instead, so that its answer
         # depends on the request alone (draft lengths decide which random draws go where).
         prior = self.model.acceptance_rate if params.seed is None else 1.0
-        # Draft lengths from the measured cost of a round, except for a seeded request (see prior)
-        cost = self.model.draft_cost if params.seed is None else None
-        lengths = DraftLength(self.model.max_draft_tokens, prior, cost=cost) if self.model.speculative else None
         greedy = params.temperature == 0
+        # Draft lengths from the measured cost of a round, except for a seeded request at T > 0
+        # (see prior; a greedy answer is the same whatever its draft lengths)
+        cost = self.model.draft_cost if params.seed is None or greedy else None
+        lengths = DraftLength(self.model.max_draft_tokens, prior, cost=cost) if self.model.speculative else None
         context_full = False
         batcher = getattr(self.model.pair, "batcher", None) if aligner is not None else None
         if batcher is not None:

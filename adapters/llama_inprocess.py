@@ -27,6 +27,7 @@ import ctypes
 import itertools
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class LlamaInProcessAdapter:
         n_threads: int | None = None,
         n_contexts: int = 8,
         seed: int = 0,
+        executor: Executor | None = None,
     ) -> None:
         import llama_cpp
         from llama_cpp import llama_chat_format
@@ -85,6 +87,8 @@ class LlamaInProcessAdapter:
             raise ValueError("n_contexts must be at least 1")
         self.name = name
         self._llama_cpp = llama_cpp
+        self._executor = executor
+        """Where the blocking llama.cpp calls run (None: asyncio's default executor)."""
         self.llama = llama_cpp.Llama(
             model_path=str(model_path),
             n_ctx=n_ctx,
@@ -320,7 +324,9 @@ class LlamaInProcessAdapter:
     async def draft(
         self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
     ) -> Draft:
-        return await asyncio.to_thread(self._draft_sync, ctx, n_tokens, top_k, seed, greedy)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._draft_sync, ctx, n_tokens, top_k, seed, greedy
+        )
 
     async def check(self) -> None:
         """In-process: ready once constructed."""

@@ -18,8 +18,10 @@ time (torch already uses every core).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,12 +57,22 @@ class _CacheSlot:
 class TransformersInProcessAdapter:
     """A causal LM folder (``save_pretrained`` layout) served in-process."""
 
-    def __init__(self, *, name: str, model_dir: str | Path, max_length: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        model_dir: str | Path,
+        max_length: int | None = None,
+        seed: int = 0,
+        executor: Executor | None = None,
+    ) -> None:
         import torch  # here, not at the top: importing this module loads neither torch nor transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.name = name
         self._torch = torch
+        self._executor = executor
+        """Where the blocking forward passes run (None: asyncio's default executor)."""
         folder = Path(model_dir)
         self.identity = f"transformers:{folder.resolve()}"
         """What the audit's prompt-logprobs cache keys scores by: the folder, not the served name."""
@@ -190,7 +202,9 @@ class TransformersInProcessAdapter:
     async def draft(
         self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
     ) -> Draft:
-        return await asyncio.to_thread(self._draft_sync, ctx, n_tokens, top_k, seed, greedy)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._draft_sync, ctx, n_tokens, top_k, seed, greedy
+        )
 
     def full_logprobs(self, ctx: Context, text: str, *, end_of_turn: bool = False) -> tuple[list[int], np.ndarray]:
         """Teacher-forced scoring of ``text`` after the context (prompt plus
@@ -227,7 +241,9 @@ class TransformersInProcessAdapter:
             ContextExhausted: longer than the model's context.
             ValueError: ``text`` is empty.
         """
-        prompt, ids, lp = await asyncio.to_thread(self._score, ctx, text, end_of_turn=False)
+        prompt, ids, lp = await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(self._score, ctx, text, end_of_turn=False)
+        )
         positions = []
         for row, tid in zip(lp, ids, strict=True):
             pos = position_from_logprobs(row, top_k=top_k, candidate=self._candidate, rng=self._rng, sample=False)

@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import shutil
@@ -320,13 +321,17 @@ async def _row_model(
     from adapters.transformers_inprocess import TransformersInProcessAdapter
     from proxy.common.literals import ObjectiveName, choice
     from proxy.decoding.served import ServedModel
+    from proxy.pair import compute
     from proxy.pair.local import LocalPair
     from proxy.registry import shares_tokenizer
     from proxy.training.config import TrainConfig
 
     def remote(key: str, folder: Path) -> Any:
         if key not in adapters:
-            adapters[key] = TransformersInProcessAdapter(name=key, model_dir=folder)
+            # on the pair's compute thread, as the registry builds an in-process remote
+            adapters[key] = compute.run(
+                functools.partial(TransformersInProcessAdapter, name=key, model_dir=folder, executor=compute.executor())
+            )
         return adapters[key]
 
     kind, objective, alpha = parse_row(row)

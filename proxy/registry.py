@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from proxy.common.literals import DecodingMode, ScopeRule
 from proxy.config import Config, ConfigError, ModelConfig
 from proxy.decoding.served import ServedModel
 from proxy.decoding.types import DecodingError
+from proxy.pair import compute
 from proxy.pair.model_files import check_model_ref, local_model_dir, resolve_gguf
 
 log = logging.getLogger(__name__)
@@ -97,12 +99,25 @@ def build_adapter(name: str, cfg: ModelConfig, *, http_client: Any = None) -> Re
     backend = cfg.remote_backend
     if backend == "llama-inprocess":
         assert cfg.gguf is not None
-        return LlamaInProcessAdapter(
-            name=name, model_path=resolve_gguf(cfg.gguf), n_ctx=cfg.n_ctx, n_contexts=cfg.n_contexts
+        path = resolve_gguf(cfg.gguf)
+        # on the pairs' compute thread, with its intra-op threads (proxy.pair.compute)
+        return compute.run(
+            functools.partial(
+                LlamaInProcessAdapter,
+                name=name,
+                model_path=path,
+                n_ctx=cfg.n_ctx,
+                n_contexts=cfg.n_contexts,
+                n_threads=compute.threads(),
+                executor=compute.executor(),
+            )
         )
     if backend == "transformers-inprocess":
         assert cfg.transformers_model is not None
-        return TransformersInProcessAdapter(name=name, model_dir=local_model_dir(cfg.transformers_model))
+        folder = local_model_dir(cfg.transformers_model)
+        return compute.run(
+            functools.partial(TransformersInProcessAdapter, name=name, model_dir=folder, executor=compute.executor())
+        )
     key_env = cfg.remote_api_key_env
     base_url = cfg.remote_base_url
     assert base_url is not None  # checked by ModelConfig

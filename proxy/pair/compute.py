@@ -54,15 +54,21 @@ def _start() -> None:
     torch.set_num_threads(threads())
 
 
+def executor() -> ThreadPoolExecutor:
+    """The compute thread, as an executor: what an in-process remote (llama.cpp, transformers)
+    runs its blocking calls on, so that its intra-op threads are this thread's team too
+    (llama.cpp links the same OpenMP runtime as torch)."""
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(1, thread_name_prefix="pair-compute", initializer=_start)
+        return _executor
+
+
 def run(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` on the compute thread (at once where called from it), its result or its
     exception. ``fn`` must not wait for another thread that waits for the compute thread:
     take a pair's lock inside ``fn``, not around this call."""
-    global _executor
     if threading.get_ident() == _ident:
         return fn(*args)
-    with _lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(1, thread_name_prefix="pair-compute", initializer=_start)
-        executor = _executor
-    return executor.submit(fn, *args).result()
+    return executor().submit(fn, *args).result()

@@ -32,6 +32,7 @@ keeps transformers' modules (:func:`LeanDecoder.build` returns ``None``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,7 @@ class LeanDecoder:
                 adapter = module.active_adapters[0]
                 if module.lora_B[adapter].bias is not None:
                     return None
+        pages = _FilePages()
         layers = []
         for layer in body.layers:
             names = (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__)
@@ -151,13 +153,13 @@ class LeanDecoder:
                 _Layer(
                     norm_1=layer.input_layernorm.weight,
                     norm_2=layer.post_attention_layernorm.weight,
-                    qkv=_group([getattr(attn, n) for n in _ATTENTION]),
-                    o=_group([attn.o_proj]),
-                    gate_up=_group([getattr(mlp, n) for n in _UP]),
-                    down=_group([mlp.down_proj], transposed=True),
+                    qkv=_group([getattr(attn, n) for n in _ATTENTION], pages),
+                    o=_group([attn.o_proj], pages),
+                    gate_up=_group([getattr(mlp, n) for n in _UP], pages),
+                    down=_group([mlp.down_proj], pages, transposed=True),
                 )
             )
-        _own_memory(inner, layers)
+        _own_memory(inner, layers, pages)
         return cls(inner, layers)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -254,7 +256,7 @@ def _append(cache: Any, li: int, keys: torch.Tensor, values: torch.Tensor) -> tu
     return layer.keys, layer.values
 
 
-def _own_memory(inner: Any, layers: list[_Layer]) -> None:
+def _own_memory(inner: Any, layers: list[_Layer], pages: _FilePages) -> None:
     """Every other parameter and buffer of ``inner`` copied into memory of its own.
     transformers maps the weights file and its tensors are views of that mapping: the
     mapping stays resident as long as one of them lives (the embeddings, a norm), so the
@@ -270,7 +272,53 @@ def _own_memory(inner: Any, layers: list[_Layer]) -> None:
     with torch.no_grad():
         for tensor in [*inner.parameters(), *inner.buffers()]:
             if tensor.untyped_storage().data_ptr() not in ours:
-                tensor.data = tensor.data.clone()
+                old = tensor.data
+                tensor.data = old.clone()
+                pages.drop(old)
+
+
+class _FilePages:
+    """Drops a copied tensor's pages of a mapped weights file from this process as soon as
+    it is copied (``madvise(MADV_DONTNEED)`` on the whole pages inside its bytes, where they
+    lie in a private mapping of a ``.safetensors`` file), so that the build does not hold
+    the file's pages and their copies at once (a peak of twice the weights). On a private
+    file mapping the call only discards this process's view of the pages: read again, they
+    come back from the file, so a tensor that still viewed them would read the file's
+    weights, which the copy holds. Anywhere else (anonymous memory, another platform),
+    nothing."""
+
+    MADV_DONTNEED = 4
+
+    def __init__(self) -> None:
+        self._maps: list[tuple[int, int]] = []
+        self._libc: Any = None
+        try:
+            import ctypes
+
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    parts = line.split()
+                    if len(parts) >= 6 and parts[1].endswith("p") and parts[5].endswith(".safetensors"):
+                        start, end = (int(x, 16) for x in parts[0].split("-"))
+                        self._maps.append((start, end))
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            self._libc = libc
+            self._page = os.sysconf("SC_PAGE_SIZE")
+        except (OSError, AttributeError, ValueError):
+            self._maps = []
+
+    def drop(self, tensor: torch.Tensor) -> None:
+        if not self._maps or not tensor.is_contiguous():
+            return
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self._maps):
+            return
+        first = -(-start // self._page) * self._page  # whole pages only: a neighbour may share the edges
+        last = end // self._page * self._page
+        if last > first:
+            self._libc.madvise(first, last - first, self.MADV_DONTNEED)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -278,13 +326,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _group(modules: list[Any], *, transposed: bool = False) -> _Projection:
+def _group(modules: list[Any], pages: _FilePages, *, transposed: bool = False) -> _Projection:
     """One :class:`_Projection` for ``modules`` side by side (outputs concatenated, in
     order), its weights stored once: each module's base weight becomes a view of the
-    group's matrix (rows of it, or, ``transposed``, of its transpose)."""
+    group's matrix (rows of it, or, ``transposed``, of its transpose); the old weights'
+    pages of the weights file are dropped (:class:`_FilePages`)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     bases: list[Any] = [m.get_base_layer() if isinstance(m, BaseTunerLayer) else m for m in modules]
+    olds = [m.weight.detach() for m in bases]
     with torch.no_grad():
         if transposed:
             (base,) = bases
@@ -310,6 +360,8 @@ def _group(modules: list[Any], *, transposed: bool = False) -> _Projection:
                 ]
             )
         lora_a, lora_b = _lora(modules, bases)
+    for old in olds:
+        pages.drop(old)
     return _Projection(weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, transposed=transposed)
 
 

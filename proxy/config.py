@@ -270,9 +270,8 @@ class ModelConfig(BaseModel):
     """Speculative acceptance (docs/concepts.md): the remote drafts several tokens per call, each accepted
     with min(1, q/p) or replaced; the same output distribution as one call per token (false)."""
     max_draft_tokens: int = Field(default=128, ge=2, le=1024)
-    """The longest draft one remote call is asked for; the decoder adapts below it to the
-    acceptance rate and the measured cost of a call against a drafted token
-    (proxy.decoding.speculative.DraftLength, DraftCost)."""
+    """The longest draft one remote call is asked for; the decoder adapts below it to the acceptance
+    rate and the measured cost of a call (proxy.decoding.speculative.DraftLength, DraftCost)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

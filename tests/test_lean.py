@@ -12,20 +12,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_pair
+from test_pair_batching import NEXT, PROMPTS, TREES
 
 from proxy.decoding.alignment import Tree
 from proxy.pair.batcher import BatchSettings
 from proxy.pair.lean import LeanDecoder
 from proxy.pair.scorer import PairScorer
 from proxy.pair.sides import Side
-
-PROMPTS = ("Hi.", "Tell me about Paris and its museums.", "What is the capital of France, in one word?")
-TREES = (
-    (Tree((330, 4518, 314, 253), (-1, 0, 1, 2)), 4),
-    (Tree((330, 4518, 314, 1953, 28), (-1, 0, 1, -1, 3)), 2),
-    (Tree((30,), (-1,)), 1),
-)
-NEXT = Tree((42,), (-1,))
 
 
 def steps(pair, prompt, tree, commit, start=None):

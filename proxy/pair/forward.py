@@ -48,8 +48,7 @@ class PairModels(Protocol):
 
     @property
     def lean(self) -> dict[Side, Any]:
-        """Each side's lean body (:class:`proxy.pair.lean.LeanDecoder`) for :func:`forward_rows`,
-        where the model has one; empty: transformers' modules."""
+        """Each side's :class:`proxy.pair.lean.LeanDecoder` where it has one (empty: the modules)."""
 
 
 def adapter_layers(model: Any) -> list[Any]:
@@ -192,8 +191,7 @@ class _RowAdapters:
 
     def __init__(self, layers: Sequence[Any], mask: torch.Tensor) -> None:
         self.mask = mask
-        self.rows = mask
-        """The pass's rows' mask (``[rows]``); :attr:`mask` is set per group of picked positions for the head."""
+        self.rows = mask  # the pass's rows' mask; `mask` is set per group of positions for the head
         self._handles = [b.register_forward_hook(self._hook) for layer in layers for b in layer.lora_B.values()]
 
     def _hook(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
@@ -309,12 +307,10 @@ def forward_rows(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]]) -> list
 
 
 def _head_outputs(inner: Any, hidden: torch.Tensor, rows: Sequence[tuple[TreeJob, Side]], on_u: Any) -> list[Any]:
-    """Each row's result (:meth:`TreeJob.output`) from the pass's hidden states ``[b, w, d]``:
-    the output head over groups of rows of at most :data:`HEAD_ROWS` positions (a longer
-    job alone), so that one matrix product reads the head's weights (113 MB for SmolLM2)
-    once for many one-token jobs, and a group's rows are freed before the next group's are
-    made. ``on_u``: the pass's :class:`_RowAdapters` where U's adapter is on some rows only
-    (a LoRA head, if the adapter has one, sees the picked positions' own rows)."""
+    """Each row's result (:meth:`TreeJob.output`) from the hidden states ``[b, w, d]``: the head
+    over groups of at most :data:`HEAD_ROWS` positions (one product reads its weights for many
+    one-token jobs; a group's rows are freed before the next's). ``on_u``: the pass's
+    :class:`_RowAdapters` where U's adapter is on some rows only (a LoRA head sees its rows)."""
     cap = getattr(inner.config, "final_logit_softcapping", None)
     jobs = [job for job, _ in rows]
     result: list[Any] = []
@@ -341,23 +337,18 @@ def _head_outputs(inner: Any, hidden: torch.Tensor, rows: Sequence[tuple[TreeJob
     return result
 
 
-#: Rows up to which a pass runs on the lean body. Its rows attend to their own caches one
-#: row at a time (some 20 small operations per row and layer); with many rows one batched
-#: attention over a padded copy of their caches (transformers' modules) costs less. Against
-#: a fast fake upstream (2 cores, tokens/s, 1 / 4 / 16 token-by-token streams): lean up to
-#: 8 rows 15.3 / 26.6 / 45.2, lean always 15.9 / 25.7 / 41.4, modules always 9.1 / 22.6 / 41.6.
+#: Rows up to which a pass runs on the lean body, whose rows attend one at a time; more rows:
+#: the modules' one batched attention costs less (fake upstream, 2 cores, tokens/s of 1 / 4 /
+#: 16 token-by-token streams: up to 8 rows 15.3 / 26.6 / 45.2, always 15.9 / 25.7 / 41.4).
 LEAN_MAX_ROWS = 8
 
 
 def _lean(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]]) -> tuple[Any, bool] | None:
-    """The lean body that runs ``rows`` (:attr:`PairModels.lean`), and whether U's adapter
-    applies to the U rows (a LoRA offset on the one model both sides run on); ``None``:
-    transformers' modules (no lean body, a full artifact's two models in one pass, or more
-    than :data:`LEAN_MAX_ROWS` rows)."""
-    if len(rows) > LEAN_MAX_ROWS:
-        return None
+    """The lean body that runs ``rows`` (:attr:`PairModels.lean`) and whether U's adapter applies
+    to its U rows; ``None``: the modules (no lean body, a full artifact's two models in one
+    pass, more than :data:`LEAN_MAX_ROWS` rows)."""
     found = {pair.lean.get(side) for _, side in rows}
-    decoder = found.pop() if len(found) == 1 else None
+    decoder = found.pop() if len(found) == 1 and len(rows) <= LEAN_MAX_ROWS else None
     if decoder is None:
         return None
     lora = pair.u_model is None and pair.has_offset and any(side is Side.U for _, side in rows)
@@ -367,13 +358,10 @@ def _lean(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]]) -> tuple[Any, 
 
 
 def _lean_rows(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]], decoder: Any, lora: bool) -> list[Any]:
-    """:func:`forward_rows` on the lean body: each row attends to its own cache, which grows
-    in place (:meth:`proxy.pair.lean.LeanDecoder.rows`); the head as in the batched pass."""
-    jobs = [job for job, _ in rows]
-    caches = [job.caches[side] for job, side in rows]
+    """:func:`forward_rows` on the lean body (:meth:`proxy.pair.lean.LeanDecoder.rows`)."""
+    jobs, caches = [job for job, _ in rows], [job.caches[side] for job, side in rows]
     b, width = len(rows), max(len(job.ids) for job in jobs)
-    ids = torch.zeros((b, width), dtype=torch.long)
-    positions = torch.zeros((b, width), dtype=torch.long)
+    ids, positions = torch.zeros((b, width), dtype=torch.long), torch.zeros((b, width), dtype=torch.long)
     for i, job in enumerate(jobs):
         ids[i, : len(job.ids)] = torch.tensor(job.ids, dtype=torch.long)
         positions[i, : len(job.ids)] = job.positions

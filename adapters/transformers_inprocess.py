@@ -21,6 +21,7 @@ import asyncio
 import functools
 import itertools
 import threading
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +42,47 @@ from .base import (
     position_from_logprobs,
 )
 from .hf_vocab import hf_eot_ids, hf_token_bytes
+from .step_batcher import StepBatcher
 from .templates import hf_chat_ids, hf_special_strings
 
-#: KV caches kept (one per recently seen token sequence); a SmolLM2-135M cache of 100 tokens is about 2 MB.
+#: KV caches kept at least (one per recently seen token sequence; the pool grows with the
+#: batches, :meth:`TransformersInProcessAdapter._claim`); a SmolLM2-135M cache of 100 tokens
+#: is about 5 MB.
 N_CACHES = 8
+
+#: Drafted tokens (one per request) per batched pass at most.
+MAX_BATCH = 32
+
+BodyBuilder = Callable[[Any], Any]
+"""``build(model)``: a decoder body for ``model`` with ``rows(ids, positions, masks, caches,
+on_u)`` (:meth:`proxy.pair.lean.LeanDecoder.rows`: per-row KV caches, final-norm hidden
+states), or None for a model it does not take."""
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of ``a`` and ``b`` (list slices compared in C)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n - 1  # a[:lo] == b[:lo]; a[:hi + 1] != b[:hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One drafted token of one request: the token ids so far (prompt and draft), and how
+    its position is read (:func:`adapters.base.position_from_logprobs`)."""
+
+    tokens: tuple[int, ...]
+    top_k: int
+    rng: np.random.Generator
+    sample: bool
 
 
 @dataclass
@@ -65,6 +103,7 @@ class TransformersInProcessAdapter:
         max_length: int | None = None,
         seed: int = 0,
         executor: Executor | None = None,
+        body: BodyBuilder | None = None,
     ) -> None:
         import torch  # here, not at the top: importing this module loads neither torch nor transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,6 +133,11 @@ class TransformersInProcessAdapter:
         self._closed = False
         self._rng = np.random.default_rng(seed)
         """Draft randomness when a call gives no seed: one stream, so that calls draw independently."""
+        self._body = body(self.model) if body is not None else None
+        self._steps: StepBatcher[_Step, Position] | None = (
+            StepBatcher(self._steps_sync, executor, max_batch=MAX_BATCH) if self._body is not None else None
+        )
+        """Concurrent drafts' tokens batched into one pass (None: drafts run one at a time)."""
         self.capabilities = Capabilities(
             can_continue=True,
             token_ids=True,
@@ -138,8 +182,6 @@ class TransformersInProcessAdapter:
         of several requests each cost one new token per step.
         """
         torch = self._torch
-        from transformers import DynamicCache
-
         if not tokens:
             raise RemoteRejected(f"model {self.name!r}: the prompt is empty: no token to condition on", status=400)
         if len(tokens) >= self.max_length:
@@ -147,21 +189,7 @@ class TransformersInProcessAdapter:
         # the positions to compute: at least the last one, all of ``all_from:`` when scoring
         need = len(tokens) - 1 if all_from is None else all_from - 1
 
-        def shared(slot: _CacheSlot) -> int:
-            n = 0
-            for a, b in zip(slot.tokens, tokens, strict=False):
-                if a != b:
-                    break
-                n += 1
-            return min(n, need)
-
-        best = max(self._slots, key=lambda sl: (shared(sl), sl.used))
-        common = shared(best)
-        if common == 0:
-            best = min(self._slots, key=lambda sl: sl.used)
-            best.cache, best.tokens = DynamicCache(), []
-        elif common < len(best.tokens):
-            best.cache.crop(common - len(best.tokens))  # a negative count: tokens to drop
+        best, common = self._claim(tokens, need, ())
         with torch.inference_mode():
             ids = torch.tensor([tokens[common:]], dtype=torch.long)
             out = self.model(input_ids=ids, past_key_values=best.cache, use_cache=True)
@@ -171,6 +199,90 @@ class TransformersInProcessAdapter:
             return torch.log_softmax(out.logits[0, -1].double(), dim=-1).numpy()
         rows = out.logits[0, all_from - 1 - common : -1].double()
         return torch.log_softmax(rows, dim=-1).numpy()
+
+    def _claim(self, tokens: Sequence[int], need: int, taken: Collection[int]) -> tuple[_CacheSlot, int]:
+        """The cache slot (not one of the ``taken`` indices) for ``tokens``, holding the
+        longest prefix of them that any slot holds (at most ``need`` tokens), and that
+        prefix's length. A slot holding exactly such a prefix is extended in place; a slot
+        holding more past it (another request's answer, or a rejected draft) is kept, and its
+        prefix copied into the least recently used slot, so that requests sharing a prompt (a
+        forget item's sampled answers) do not crop each other's caches. The pool grows to
+        twice the largest batch (:data:`N_CACHES` at least)."""
+        from transformers import DynamicCache
+
+        want = list(tokens)
+        if len(self._slots) < 2 * (len(taken) + 1):
+            self._slots.append(_CacheSlot())
+        free = [i for i in range(len(self._slots)) if i not in taken]
+        shared = {i: min(_common_prefix(self._slots[i].tokens, want), need) for i in free}
+        index = max(free, key=lambda i: (shared[i], self._slots[i].used))
+        best, common = self._slots[index], shared[index]
+        if common == len(best.tokens) and common:
+            return best, common
+        spare = min((i for i in free if i != index), key=lambda i: self._slots[i].used, default=index)
+        target = self._slots[spare]
+        if common == 0:
+            target.cache, target.tokens = DynamicCache(), []
+        elif spare == index:  # no other slot: crop this one
+            best.cache.crop(common - len(best.tokens))  # a negative count: tokens to drop
+            best.tokens = best.tokens[:common]
+        else:
+            copy = DynamicCache()
+            for li, layer in enumerate(best.cache.layers):
+                copy.update(layer.keys[:, :, :common].clone(), layer.values[:, :, :common].clone(), li)
+            target.cache, target.tokens = copy, best.tokens[:common]
+        return target, common
+
+    def _steps_sync(self, steps: list[_Step]) -> list[Position | BaseException]:
+        """One drafted token for each of ``steps`` (:class:`StepBatcher`'s batch): every
+        step's new tokens (one, or a prompt's after the longest cached prefix) as a row of
+        one pass of the body (its rows packed: no padding computed), each row attending to
+        its own cache slot. Positions read as :meth:`_draft_sync` reads them."""
+        torch = self._torch
+        with self._lock:
+            if self._closed:
+                return [RemoteUnavailable(f"model {self.name!r} is shut down") for _ in steps]
+            taken: list[int] = []
+            claims = []
+            for step in steps:
+                slot, common = self._claim(step.tokens, len(step.tokens) - 1, taken)
+                taken.append(self._slots.index(slot))
+                claims.append((slot, common))
+            with torch.inference_mode():
+                logits = self._body_rows([(step.tokens, *claim) for step, claim in zip(steps, claims, strict=True)])
+                rows = torch.log_softmax(logits.double(), dim=-1).numpy()
+            out: list[Position | BaseException] = []
+            for step, (slot, _), lp in zip(steps, claims, rows, strict=True):
+                slot.tokens = list(step.tokens)
+                slot.used = next(self._clock)
+                out.append(
+                    position_from_logprobs(
+                        lp, top_k=step.top_k, candidate=self._candidate, rng=step.rng, sample=step.sample
+                    )
+                )
+            return out
+
+    def _body_rows(self, rows: list[tuple[tuple[int, ...], _CacheSlot, int]]) -> Any:
+        """The next-token logits ``[len(rows), V]`` after each row's tokens, one pass of the
+        body over each row's tokens past its slot's ``common`` cached ones (right-padded)."""
+        torch = self._torch
+        news = [tokens[common:] for tokens, _, common in rows]
+        width = max(len(n) for n in news)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        masks = []
+        low = torch.finfo(torch.float32).min
+        for r, (new, (_, _, common)) in enumerate(zip(news, rows, strict=True)):
+            n = len(new)
+            ids[r, :n] = torch.tensor(new)
+            positions[r, :n] = common + torch.arange(n)
+            span = torch.arange(common + n)[None, :]
+            mask = torch.zeros((n, common + n))
+            masks.append(mask.masked_fill_(span > (common + torch.arange(n))[:, None], low))
+        assert self._body is not None  # only batched drafts come here
+        hidden = self._body.rows(ids, positions, masks, [slot.cache for _, slot, _ in rows], None)
+        last = hidden[torch.arange(len(rows)), torch.tensor([len(n) - 1 for n in news])]
+        return self.model.get_output_embeddings()(last)
 
     def _candidate(self, tid: int, lp: float) -> Candidate:
         if tid in self.eot_ids:
@@ -202,9 +314,32 @@ class TransformersInProcessAdapter:
     async def draft(
         self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
     ) -> Draft:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._draft_sync, ctx, n_tokens, top_k, seed, greedy
-        )
+        if self._steps is None:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._draft_sync, ctx, n_tokens, top_k, seed, greedy
+            )
+        # batched with the other requests' drafts, a token per pass (the same positions as _draft_sync's)
+        tokens, n_prompt = self._tokens(ctx)
+        if not tokens:
+            raise RemoteRejected(f"model {self.name!r}: the prompt is empty: no token to condition on", status=400)
+        rng = self._rng if seed is None else np.random.default_rng(seed)
+        positions: list[Position] = []
+        finish = None
+        for _ in range(n_tokens):
+            if self._closed:
+                raise RemoteUnavailable(f"model {self.name!r} is shut down")
+            if len(tokens) >= self.max_length:
+                raise ContextExhausted(
+                    f"model {self.name!r}: {len(tokens)} tokens exceed the context of {self.max_length}"
+                )
+            pos = await self._steps.submit(_Step(tuple(tokens), top_k, rng, n_tokens > 1 and not greedy))
+            positions.append(pos)
+            if pos.sampled.is_eot:
+                finish = "stop"
+                break
+            assert pos.sampled.token_id is not None
+            tokens.append(pos.sampled.token_id)
+        return Draft(tuple(positions), finish or "length", n_prompt)
 
     def full_logprobs(self, ctx: Context, text: str, *, end_of_turn: bool = False) -> tuple[list[int], np.ndarray]:
         """Teacher-forced scoring of ``text`` after the context (prompt plus

@@ -322,6 +322,7 @@ async def _row_model(
     from proxy.common.literals import ObjectiveName, choice
     from proxy.decoding.served import ServedModel
     from proxy.pair import compute
+    from proxy.pair.lean import LeanDecoder
     from proxy.pair.local import LocalPair
     from proxy.registry import shares_tokenizer
     from proxy.training.config import TrainConfig
@@ -330,7 +331,13 @@ async def _row_model(
         if key not in adapters:
             # on the pair's compute thread, as the registry builds an in-process remote
             adapters[key] = compute.run(
-                functools.partial(TransformersInProcessAdapter, name=key, model_dir=folder, executor=compute.executor())
+                functools.partial(
+                    TransformersInProcessAdapter,
+                    name=key,
+                    model_dir=folder,
+                    executor=compute.executor(),
+                    body=LeanDecoder.build,
+                )
             )
         return adapters[key]
 

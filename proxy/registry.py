@@ -113,10 +113,18 @@ def build_adapter(name: str, cfg: ModelConfig, *, http_client: Any = None) -> Re
             )
         )
     if backend == "transformers-inprocess":
+        from proxy.pair.lean import LeanDecoder  # here: it imports torch
+
         assert cfg.transformers_model is not None
         folder = local_model_dir(cfg.transformers_model)
         return compute.run(
-            functools.partial(TransformersInProcessAdapter, name=name, model_dir=folder, executor=compute.executor())
+            functools.partial(
+                TransformersInProcessAdapter,
+                name=name,
+                model_dir=folder,
+                executor=compute.executor(),
+                body=LeanDecoder.build,
+            )
         )
     key_env = cfg.remote_api_key_env
     base_url = cfg.remote_base_url

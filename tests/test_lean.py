@@ -153,3 +153,27 @@ def test_no_tensor_views_the_weights_file_after_the_build(tiny_base, tmp_path):
 
     gc.collect()
     assert not mapped()
+
+
+def test_passes_of_many_rows_run_lean_where_padding_would_waste_positions():
+    """More than LEAN_MAX_ROWS rows: the lean body (tokens packed) where padding would be a
+    quarter of the positions or more, the modules' batched attention where rows are alike."""
+    from types import SimpleNamespace
+
+    from proxy.pair import forward
+
+    class Decoder:
+        has_lora = True
+
+    decoder = Decoder()
+    pair = SimpleNamespace(lean={Side.U: decoder, Side.B: decoder}, u_model=None, has_offset=True)
+
+    def rows(*widths):
+        return [(SimpleNamespace(ids=[0] * w), side) for side in (Side.U, Side.B) for w in widths]
+
+    assert forward._lean(pair, rows(1, 9, 2)) == (decoder, True)  # 6 rows: lean whatever the widths
+    assert forward._lean(pair, rows(*[1] * 8)) is None  # 16 one-token rows: no padding
+    assert forward._lean(pair, rows(*[8] * 7, 6)) is None  # 3% padding
+    assert forward._lean(pair, rows(*[8] * 6, 1, 2)) is None  # 102 of 128 positions real: 20% padding
+    assert forward._lean(pair, rows(*[8] * 5, 1, 1, 1)) == (decoder, True)  # 86 of 128: 33% padding
+    assert forward._lean(SimpleNamespace(**{**vars(pair), "lean": {}}), rows(1, 9)) is None

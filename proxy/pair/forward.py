@@ -3,9 +3,8 @@ sequence (:func:`forward`, log-softmax rows) or over the trees of a batch of
 :class:`proxy.pair.batcher.TreeJob` (:func:`forward_trees`: each request's KV cache
 left-padded to the longest, its tree right-padded; U's and B's rows in one pass where U
 is B plus a LoRA adapter, :func:`fused`, else one pass per model), and the switch between
-U and B on one set of weights (:func:`switched`, :func:`base_only`).
-
-The functions take the pair (:class:`proxy.pair.local.LocalPair`, as :class:`PairModels`).
+U and B on one set of weights (:func:`switched`, :func:`base_only`). The functions take the
+pair (:class:`proxy.pair.local.LocalPair`, as :class:`PairModels`).
 """
 
 from __future__ import annotations
@@ -107,12 +106,10 @@ def forward(
 
 @contextlib.contextmanager
 def switched(pair: PairModels, side: Side) -> Iterator[Any]:
-    """The model to run as U or B (``side``): the second model of a full artifact, or
-    the one model with its LoRA layers on, or off (:func:`base_only`) for B."""
-    if pair.u_model is not None:  # a full artifact: U and B are two models
-        yield pair.u_model if side is Side.U else pair.model
-    elif side is Side.U or not pair.has_offset:
-        yield pair.model
+    """The model to run as U or B (``side``): a full artifact's second model, or the one
+    model with its LoRA layers on, or off (:func:`base_only`) for B."""
+    if pair.u_model is not None or side is Side.U or not pair.has_offset:  # a full artifact: two models
+        yield pair.u_model if pair.u_model is not None and side is Side.U else pair.model
     else:
         with base_only(pair):
             yield pair.model
@@ -337,19 +334,22 @@ def _head_outputs(inner: Any, hidden: torch.Tensor, rows: Sequence[tuple[TreeJob
     return result
 
 
-#: Rows up to which a pass runs on the lean body, whose rows attend one at a time; more rows:
-#: the modules' one batched attention costs less (fake upstream, 2 cores, tokens/s of 1 / 4 /
-#: 16 token-by-token streams: up to 8 rows 15.3 / 26.6 / 45.2, always 15.9 / 25.7 / 41.4).
+#: Rows up to which a pass runs on the lean body (rows attending one at a time); beyond, where
+#: padding is under :data:`LEAN_PADDING` of the positions, the modules' batched attention costs
+#: less (16 token-by-token streams, fake upstream, 2 cores: 45.2 tokens/s against 41.4).
 LEAN_MAX_ROWS = 8
+#: Padding share from which a larger pass runs on the lean body, which packs the rows' tokens
+#: (speculative trees of several widths: a tofu-lite audit's passes were 2.8× their tokens).
+LEAN_PADDING = 0.25
 
 
 def _lean(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]]) -> tuple[Any, bool] | None:
     """The lean body that runs ``rows`` (:attr:`PairModels.lean`) and whether U's adapter applies
     to its U rows; ``None``: the modules (no lean body, a full artifact's two models in one
-    pass, more than :data:`LEAN_MAX_ROWS` rows)."""
-    found = {pair.lean.get(side) for _, side in rows}
-    decoder = found.pop() if len(found) == 1 and len(rows) <= LEAN_MAX_ROWS else None
-    if decoder is None:
+    pass, more than :data:`LEAN_MAX_ROWS` rows with little padding)."""
+    found, widths = {pair.lean.get(side) for _, side in rows}, [len(job.ids) for job, _ in rows]
+    decoder = found.pop() if len(found) == 1 else None
+    if decoder is None or (len(rows) > LEAN_MAX_ROWS and len(rows) * max(widths) * (1 - LEAN_PADDING) < sum(widths)):
         return None
     lora = pair.u_model is None and pair.has_offset and any(side is Side.U for _, side in rows)
     if lora and not decoder.has_lora:
@@ -376,11 +376,10 @@ HEAD_ROWS = 64
 
 
 def _log_softmax_(logits: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    """``logits`` (``[n, V]``) turned into their log-softmax over the last axis, in place,
-    ``chunk`` rows at a time: one ``[chunk, V]`` temporary instead of a second ``[n, V]``
-    array (a 256-position batch's is 50 MB for SmolLM2). The values are
-    ``torch.log_softmax``'s, row by row. Logits that autograd tracks (outside inference
-    mode) get an ordinary out-of-place log-softmax."""
+    """``logits`` (``[n, V]``) turned into their log-softmax (``torch.log_softmax``'s values)
+    in place, ``chunk`` rows at a time: one ``[chunk, V]`` temporary instead of a second
+    ``[n, V]`` array (50 MB for a 256-position SmolLM2 batch). Logits that autograd tracks
+    get an ordinary out-of-place log-softmax."""
     if logits.requires_grad:
         return torch.log_softmax(logits, dim=-1)
     for part in logits.split(chunk):

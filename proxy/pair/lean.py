@@ -181,40 +181,51 @@ class LeanDecoder:
         attend, the dtype's minimum where not) to its own ``caches[i]`` (a ``DynamicCache``
         of ``L_i`` positions, extended in place by its ``n_i`` tokens, :func:`_append`) and
         to its tokens; U's adapter is on the rows where ``on_u`` (``[b]``, 1.0 or 0.0) is 1,
-        ``None``: B alone. Padding positions come out as garbage that no row reads.
+        ``None``: B alone. The rows' real tokens are packed (``Σ n_i`` positions, no
+        padding computed); padding positions come out as zeros.
         transformers' ``LlamaModel.forward`` on each row alone, to float rounding."""
         b, w = ids.shape
         heads, kv, d = self.heads, self.kv_heads, self.head_dim
         group = heads // kv
         lengths = [m.shape[0] for m in masks]
-        x = self._inner.model.embed_tokens(ids)
-        cos, sin = self._inner.model.rotary_emb(x, positions)  # [b, w, d]
-        cos, sin = cos[:, None], sin[:, None]
-        rows_on_u = on_u.repeat_interleave(w)[:, None] if on_u is not None and self.has_lora else None
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        counts = torch.tensor(lengths)
+        row_of = torch.repeat_interleave(torch.arange(b), counts)
+        col_of = torch.cat([torch.arange(n) for n in lengths])
+        total = int(counts.sum())
+        x = self._inner.model.embed_tokens(ids[row_of, col_of])  # [T, hidden]
+        cos, sin = self._inner.model.rotary_emb(x[None], positions[row_of, col_of][None])  # [1, T, d]
+        cos, sin = cos[0, :, None], sin[0, :, None]
+        tokens_on_u = on_u.repeat_interleave(counts)[:, None] if on_u is not None and self.has_lora else None
         width = x.shape[-1]
         for li, layer in enumerate(self._layers):
-            h = self._norm(x, layer.norm_1).view(b * w, width)
-            qkv = layer.qkv(h, rows_on_u)
-            # the rotary embedding of the queries and keys at once: [b, heads + kv, w, d]
-            qk = qkv[:, : (heads + kv) * d].view(b, w, heads + kv, d).transpose(1, 2)
+            qkv = layer.qkv(self._norm(x, layer.norm_1), tokens_on_u)
+            # the rotary embedding of the queries and keys at once: [T, heads + kv, d]
+            qk = qkv[:, : (heads + kv) * d].view(total, heads + kv, d)
             qk = qk * cos + _rotate_half(qk) * sin
             q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[:, (heads + kv) * d :].view(b, w, kv, d).transpose(1, 2)
-            att = x.new_zeros((b, w, heads * d))
-            for i, n in enumerate(lengths):
-                keys, values = _append(caches[i], li, k[i : i + 1, :, :n], v[i : i + 1, :, :n])  # [1, kv, L + n, d]
+            v = qkv[:, (heads + kv) * d :].view(total, kv, d)
+            att = x.new_empty((total, heads * d))
+            for i, (at, n) in enumerate(zip(starts, lengths, strict=True)):
+                keys, values = _append(
+                    caches[i], li, k[at : at + n].transpose(0, 1)[None], v[at : at + n].transpose(0, 1)[None]
+                )  # [1, kv, L + n, d]
                 span = keys.shape[2]
                 # query head h reads key/value head h // group (transformers' repeat_kv order)
-                scores = torch.matmul(q[i, :, :n].reshape(kv, group * n, d), keys[0].transpose(1, 2)) * self.scale
+                queries = q[at : at + n].view(n, kv, group, d).permute(1, 2, 0, 3).reshape(kv, group * n, d)
+                scores = torch.matmul(queries, keys[0].transpose(1, 2)) * self.scale
                 probs = torch.softmax(scores.view(kv, group, n, span) + masks[i], dim=-1)
                 out = torch.matmul(probs.view(kv, group * n, span), values[0])  # [kv, group · n, d]
-                att[i, :n] = out.view(heads, n, d).transpose(0, 1).reshape(n, heads * d)
-            x = x + layer.o(att.view(b * w, heads * d), rows_on_u).view(b, w, width)
-            h = self._norm(x, layer.norm_2).view(b * w, width)
-            gate_up = layer.gate_up(h, rows_on_u)
+                att[at : at + n] = out.view(kv, group, n, d).permute(2, 0, 1, 3).reshape(n, heads * d)
+            x = x + layer.o(att, tokens_on_u)
+            gate_up = layer.gate_up(self._norm(x, layer.norm_2), tokens_on_u)
             inner = self._act(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-            x = x + layer.down(inner, rows_on_u).view(b, w, width)
-        return self._norm(x, self._inner.model.norm.weight)
+            x = x + layer.down(inner, tokens_on_u)
+        hidden = x.new_zeros((b, w, width))
+        hidden[row_of, col_of] = self._norm(x, self._inner.model.norm.weight)
+        return hidden
 
 
 #: Positions of room a cache layer's buffer keeps past its tokens (:func:`_append`).

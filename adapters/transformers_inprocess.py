@@ -8,22 +8,20 @@ paper's exact mode. Besides :meth:`draft`, it scores given text
 
 The prompt is rendered with the tokenizer's own chat template
 (``apply_chat_template``, generation prompt added), as the local pair does,
-so with the same tokenizer the two see the same prompt tokens. A small pool
-of KV caches is kept and the one sharing the longest prefix is reused, so a
-token-by-token decode costs one new token per step, also with several
-requests interleaved. One call computes at a
-time (torch already uses every core).
+so with the same tokenizer the two see the same prompt tokens. A pool of KV
+caches is kept (:class:`adapters.kv_slots.SlotPool`), so a token-by-token
+decode costs one new token per step, also with several requests interleaved.
+One call computes at a time (torch already uses every core).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +40,9 @@ from .base import (
     position_from_logprobs,
 )
 from .hf_vocab import hf_eot_ids, hf_token_bytes
+from .kv_slots import CacheSlot, SlotPool
 from .step_batcher import StepBatcher
 from .templates import hf_chat_ids, hf_special_strings
-
-#: KV caches kept at least (one per recently seen token sequence; the pool grows with the
-#: batches, :meth:`TransformersInProcessAdapter._claim`); a SmolLM2-135M cache of 100 tokens
-#: is about 5 MB.
-N_CACHES = 8
 
 #: Drafted tokens (one per request) per batched pass at most.
 MAX_BATCH = 32
@@ -57,21 +51,6 @@ BodyBuilder = Callable[[Any], Any]
 """``build(model)``: a decoder body for ``model`` with ``rows(ids, positions, masks, caches,
 on_u)`` (:meth:`proxy.pair.lean.LeanDecoder.rows`: per-row KV caches, final-norm hidden
 states), or None for a model it does not take."""
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """The length of the longest common prefix of ``a`` and ``b`` (list slices compared in C)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n - 1  # a[:lo] == b[:lo]; a[:hi + 1] != b[:hi + 1]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 @dataclass(frozen=True)
@@ -83,13 +62,6 @@ class _Step:
     top_k: int
     rng: np.random.Generator
     sample: bool
-
-
-@dataclass
-class _CacheSlot:
-    cache: Any = None
-    tokens: list[int] = field(default_factory=list)
-    used: int = 0
 
 
 class TransformersInProcessAdapter:
@@ -128,8 +100,7 @@ class TransformersInProcessAdapter:
         """The end-of-turn ids: those of :data:`adapters.base.EOT_TOKENS` and the eos token."""
         self._eot_text = self.tokenizer.eos_token or "</s>"
         self._lock = threading.Lock()
-        self._slots = [_CacheSlot() for _ in range(N_CACHES)]
-        self._clock = itertools.count(1)
+        self._slots = SlotPool()
         self._closed = False
         self._rng = np.random.default_rng(seed)
         """Draft randomness when a call gives no seed: one stream, so that calls draw independently."""
@@ -176,10 +147,9 @@ class TransformersInProcessAdapter:
         ``all_from``, the rows that predict ``tokens[all_from:]``
         (``[len(tokens) - all_from, V]``).
 
-        A pool of :data:`N_CACHES` KV caches: the one sharing the longest
-        prefix with ``tokens`` is cropped to it and extended (least recently
-        used one replaced when none shares a prefix), so interleaved decodes
-        of several requests each cost one new token per step.
+        The cache holding the longest prefix of ``tokens`` is extended
+        (:meth:`adapters.kv_slots.SlotPool.claim`), so interleaved decodes of
+        several requests each cost one new token per step.
         """
         torch = self._torch
         if not tokens:
@@ -189,49 +159,15 @@ class TransformersInProcessAdapter:
         # the positions to compute: at least the last one, all of ``all_from:`` when scoring
         need = len(tokens) - 1 if all_from is None else all_from - 1
 
-        best, common = self._claim(tokens, need, ())
+        best, common = self._slots.claim(tokens, need)
         with torch.inference_mode():
             ids = torch.tensor([tokens[common:]], dtype=torch.long)
             out = self.model(input_ids=ids, past_key_values=best.cache, use_cache=True)
-        best.tokens = list(tokens)
-        best.used = next(self._clock)
+        self._slots.used(best, tokens)
         if all_from is None:
             return torch.log_softmax(out.logits[0, -1].double(), dim=-1).numpy()
         rows = out.logits[0, all_from - 1 - common : -1].double()
         return torch.log_softmax(rows, dim=-1).numpy()
-
-    def _claim(self, tokens: Sequence[int], need: int, taken: Collection[int]) -> tuple[_CacheSlot, int]:
-        """The cache slot (not one of the ``taken`` indices) for ``tokens``, holding the
-        longest prefix of them that any slot holds (at most ``need`` tokens), and that
-        prefix's length. A slot holding exactly such a prefix is extended in place; a slot
-        holding more past it (another request's answer, or a rejected draft) is kept, and its
-        prefix copied into the least recently used slot, so that requests sharing a prompt (a
-        forget item's sampled answers) do not crop each other's caches. The pool grows to
-        twice the largest batch (:data:`N_CACHES` at least)."""
-        from transformers import DynamicCache
-
-        want = list(tokens)
-        if len(self._slots) < 2 * (len(taken) + 1):
-            self._slots.append(_CacheSlot())
-        free = [i for i in range(len(self._slots)) if i not in taken]
-        shared = {i: min(_common_prefix(self._slots[i].tokens, want), need) for i in free}
-        index = max(free, key=lambda i: (shared[i], self._slots[i].used))
-        best, common = self._slots[index], shared[index]
-        if common == len(best.tokens) and common:
-            return best, common
-        spare = min((i for i in free if i != index), key=lambda i: self._slots[i].used, default=index)
-        target = self._slots[spare]
-        if common == 0:
-            target.cache, target.tokens = DynamicCache(), []
-        elif spare == index:  # no other slot: crop this one
-            best.cache.crop(common - len(best.tokens))  # a negative count: tokens to drop
-            best.tokens = best.tokens[:common]
-        else:
-            copy = DynamicCache()
-            for li, layer in enumerate(best.cache.layers):
-                copy.update(layer.keys[:, :, :common].clone(), layer.values[:, :, :common].clone(), li)
-            target.cache, target.tokens = copy, best.tokens[:common]
-        return target, common
 
     def _steps_sync(self, steps: list[_Step]) -> list[Position | BaseException]:
         """One drafted token for each of ``steps`` (:class:`StepBatcher`'s batch): every
@@ -245,16 +181,15 @@ class TransformersInProcessAdapter:
             taken: list[int] = []
             claims = []
             for step in steps:
-                slot, common = self._claim(step.tokens, len(step.tokens) - 1, taken)
-                taken.append(self._slots.index(slot))
+                slot, common = self._slots.claim(step.tokens, len(step.tokens) - 1, taken)
+                taken.append(self._slots.slots.index(slot))
                 claims.append((slot, common))
             with torch.inference_mode():
                 logits = self._body_rows([(step.tokens, *claim) for step, claim in zip(steps, claims, strict=True)])
                 rows = torch.log_softmax(logits.double(), dim=-1).numpy()
             out: list[Position | BaseException] = []
             for step, (slot, _), lp in zip(steps, claims, rows, strict=True):
-                slot.tokens = list(step.tokens)
-                slot.used = next(self._clock)
+                self._slots.used(slot, step.tokens)
                 out.append(
                     position_from_logprobs(
                         lp, top_k=step.top_k, candidate=self._candidate, rng=step.rng, sample=step.sample
@@ -262,7 +197,7 @@ class TransformersInProcessAdapter:
                 )
             return out
 
-    def _body_rows(self, rows: list[tuple[tuple[int, ...], _CacheSlot, int]]) -> Any:
+    def _body_rows(self, rows: list[tuple[tuple[int, ...], CacheSlot, int]]) -> Any:
         """The next-token logits ``[len(rows), V]`` after each row's tokens, one pass of the
         body over each row's tokens past its slot's ``common`` cached ones (right-padded)."""
         torch = self._torch
@@ -391,7 +326,7 @@ class TransformersInProcessAdapter:
     async def aclose(self) -> None:
         with self._lock:
             self._closed = True
-            self._slots = [_CacheSlot() for _ in range(N_CACHES)]
+            self._slots.clear()
 
     def vocab_bytes(self) -> list[bytes | None]:
         """Bytes of every token (``None`` for special tokens), for same-tokenizer detection."""

@@ -61,19 +61,20 @@ async def run(samples: int, baseline_samples: int) -> dict[str, Any]:
     out: dict[str, Any] = {"row": ROW, "offset": facts.get("offset"), "items": 10}
     with tempfile.TemporaryDirectory() as tmp:
         await _audit(model, forget, 1, Path(tmp) / "warm")  # load kernels and caches once
-        remote._steps = None
-        one_at_a_time = await _audit(model, forget, baseline_samples, Path(tmp) / "serial")
-        remote._steps = steps
-        before = (steps.batches, steps.jobs)
-        batched = await _audit(model, forget, baseline_samples, Path(tmp) / "batched")
-        passes, rows = steps.batches - before[0], steps.jobs - before[1]
-        out["baseline"] = {
-            "samples": baseline_samples,
-            "seconds_one_at_a_time": round(one_at_a_time, 1),
-            "seconds_batched": round(batched, 1),
-            "batched_speedup": round(one_at_a_time / batched, 2),
-            "rows_per_remote_pass": round(rows / max(1, passes), 2),
-        }
+        if baseline_samples:
+            remote._steps = None
+            one_at_a_time = await _audit(model, forget, baseline_samples, Path(tmp) / "serial")
+            remote._steps = steps
+            before = (steps.batches, steps.jobs)
+            batched = await _audit(model, forget, baseline_samples, Path(tmp) / "batched")
+            passes, rows = steps.batches - before[0], steps.jobs - before[1]
+            out["baseline"] = {
+                "samples": baseline_samples,
+                "seconds_one_at_a_time": round(one_at_a_time, 1),
+                "seconds_batched": round(batched, 1),
+                "batched_speedup": round(one_at_a_time / batched, 2),
+                "rows_per_remote_pass": round(rows / max(1, passes), 2),
+            }
         if samples:
             out["audit"] = {
                 "samples": samples,
@@ -89,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--samples", type=int, default=100, help="T=1 answers per forget item in the timed audit (0: skip it)"
     )
-    ap.add_argument("--baseline-samples", type=int, default=10, help="T=1 answers per item in the comparison")
+    ap.add_argument(
+        "--baseline-samples", type=int, default=10, help="T=1 answers per item in the comparison (0: skip it)"
+    )
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args(argv)
     result = {"date": dt.date.today().isoformat(), **asyncio.run(run(args.samples, args.baseline_samples))}

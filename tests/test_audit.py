@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import make_tiny_pair
 
+import proxy.evaluation.summary as summary_module
 from adapters.base import Context
 from adapters.transformers_inprocess import TransformersInProcessAdapter
 from bench import tofu_lite
@@ -358,6 +359,41 @@ async def test_samples_drawn_at_once_equal_samples_drawn_one_by_one(adapter, dat
     assert rows[0]["samples"] == rows[1]["samples"]
     assert len(set(rows[0]["samples"])) > 1  # really sampled
     assert rows[0]["extraction_sampled"] == rows[1]["extraction_sampled"]
+
+
+async def test_an_audits_items_draw_their_samples_under_one_gate(adapter, data, tmp_path, monkeypatch):
+    """The T = 1 answers of all forget items share one gate of concurrency² requests, so an
+    item drawing alone (the audit's last) draws as many at once as all items together did
+    (a batching remote keeps its batches)."""
+    import proxy.evaluation.run as run_module
+
+    gates, in_flight, most = [], [0], [0]
+    original, generate = run_module.evaluate_item, summary_module.generate
+
+    async def recorded(*args):
+        gates.append(args[6])
+        return await original(*args)
+
+    async def counted(*args, **kwargs):
+        sampled = kwargs["temperature"] == 1.0
+        in_flight[0] += sampled
+        most[0] = max(most[0], in_flight[0])
+        try:
+            await asyncio.sleep(0.01)  # long enough for the gate to fill
+            return await generate(*args, **kwargs)
+        finally:
+            in_flight[0] -= sampled
+
+    monkeypatch.setattr(run_module, "evaluate_item", recorded)
+    monkeypatch.setattr(summary_module, "generate", counted)
+    model = ServedModel(name="target", adapter=adapter, pair=None, alpha=1.0)
+    one = tmp_path / "one.jsonl"
+    one.write_text(Path(_files(data)["forget"]).read_text().splitlines()[0] + "\n")
+    await run_audit(
+        model, {"forget": str(one)}, tmp_path / "a", settings=AuditSettings(samples=6, max_tokens=2, concurrency=2)
+    )
+    assert len(gates) == 1 and gates[0]._value == 4  # all 4 free again
+    assert most[0] == 4  # one item alone draws 2² at once (a gate of its own: 2)
 
 
 async def test_extraction_samples_apart_from_the_leak_samples(adapter, data, tmp_path):

@@ -69,7 +69,7 @@ def test_concurrent_drafts_are_batched_and_match_drafting_alone(model_dir, greed
     for a, b in zip(alone, together, strict=True):
         _same(a, b)
     # every request's cache is kept: the two drafts of the same prompt did not crop each other's
-    held = [tuple(slot.tokens) for slot in batched._slots]
+    held = [tuple(slot.tokens) for slot in batched._slots.slots]
     for q, d in zip(QUESTIONS, together, strict=True):
         ids = batched.prompt_tokens(_ctx(q)) + [p.sampled.token_id for p in d.positions]
         assert tuple(ids[: len(ids) - 1]) in held or (d.finish_reason == "stop" and tuple(ids[:-2]) in held)

@@ -184,7 +184,12 @@ def build() -> argparse.ArgumentParser:
     )
     a.add_argument("--max-tokens", type=int, default=48)
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--concurrency", type=int, default=4)
+    a.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="items evaluated at once; sampled answers are drawn the square of it at a time (default 4: 16)",
+    )
     a.add_argument("--no-progress", action="store_true")
     engine_options(a)
     model_options(a)

@@ -20,7 +20,7 @@ from proxy.decoding.scoring import PromptLogprobsCache
 from proxy.decoding.served import ServedModel
 from proxy.evaluation.items import AuditSettings
 from proxy.evaluation.scoring import QScorer
-from proxy.evaluation.summary import evaluate_item
+from proxy.evaluation.summary import evaluate_item, sample_gate
 from proxy.jobs.batch import BatchRunner, request_of
 from proxy.jobs.ray_engine import RaySettings, WorkerFactory, connect
 from proxy.redaction.redact import item_of, redact_one
@@ -67,10 +67,11 @@ class AuditWorker:
         self.model = _one(config, name)
         self.settings = settings
         self.scorer = QScorer(self.model, settings.system_prompt, PromptLogprobsCache(cache_dir() / "prompt_logprobs"))
+        self.gate = sample_gate(settings)
 
     async def answer(self, payload: dict[str, Any]) -> dict[str, Any]:
         split, index = payload["split"], int(payload["index"])
-        return await evaluate_item(self.model, self.scorer, split, index, payload["item"], self.settings)
+        return await evaluate_item(self.model, self.scorer, split, index, payload["item"], self.settings, self.gate)
 
     async def aclose(self) -> None:
         await self.model.aclose()

@@ -61,8 +61,9 @@ class AuditSettings:
     seed: int = 0
     min_k: float = 0.4
     concurrency: int = 4
-    """Items evaluated at once, and a forget item's sampled answers drawn this many at a time
-    (the pair batches their passes: :class:`proxy.pair.batcher.TreeBatcher`)."""
+    """Items evaluated at once; the audit's sampled answers are drawn ``concurrency²`` at a
+    time across its items (:func:`proxy.evaluation.summary.sample_gate`; the pair batches
+    their passes: :class:`proxy.pair.batcher.TreeBatcher`)."""
     system_prompt: str | None = None
     """A system message before every question (a prompt-guardrail baseline), or none."""
     extraction_samples: int | None = None

@@ -51,7 +51,7 @@ from proxy.decoding.scoring import PromptLogprobsCache
 from proxy.evaluation.items import SPLITS, AuditError, AuditSettings, load_items, load_reference
 from proxy.evaluation.report import render_html
 from proxy.evaluation.scoring import QScorer
-from proxy.evaluation.summary import check_policy, evaluate_item, summarise
+from proxy.evaluation.summary import check_policy, evaluate_item, sample_gate, summarise
 from proxy.jobs.ray_engine import RaySettings, WorkerFactory
 from proxy.jobs.runner import LineRunner, OnRay, OutputError
 from proxy.pair.model_files import file_sha256
@@ -121,9 +121,11 @@ async def run_audit(
         raise AuditError(f"--out: {exc}") from exc
     results = {f"{o['split']}:{o['index']}": o for o in done}
 
+    gate = sample_gate(settings)
+
     async def answer(si: tuple[str, int]) -> dict[str, Any]:
         split, i = si
-        return await evaluate_item(model, scorer, split, i, data[split][i], settings)
+        return await evaluate_item(model, scorer, split, i, data[split][i], settings, gate)
 
     def keep(row: dict[str, Any]) -> None:
         results[f"{row['split']}:{row['index']}"] = row

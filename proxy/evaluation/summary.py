@@ -39,6 +39,14 @@ async def generate(
     return "".join([p.text async for p in model.generate(ctx, params, index=index)])
 
 
+def sample_gate(settings: AuditSettings) -> asyncio.Semaphore:
+    """The gate of an audit's T = 1 answers across its items: ``concurrency²`` at a time
+    (``concurrency`` items, each ``concurrency`` answers). Shared, the last items draw as
+    many at once as the first did (a per-item gate left the audit's tail at a quarter of its
+    requests in flight, and a batching remote at small batches)."""
+    return asyncio.Semaphore(settings.concurrency**2)
+
+
 def _seed(settings: AuditSettings, split: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{settings.seed}:{split}:{index}".encode()).digest()[:6], "big")
 
@@ -64,9 +72,17 @@ async def _probability_metrics(
 
 
 async def evaluate_item(
-    model: Any, scorer: QScorer, split: str, index: int, item: dict[str, Any], s: AuditSettings
+    model: Any,
+    scorer: QScorer,
+    split: str,
+    index: int,
+    item: dict[str, Any],
+    s: AuditSettings,
+    samples_gate: asyncio.Semaphore | None = None,
 ) -> dict[str, Any]:
-    """Every per-item number for one item of ``split`` (see :data:`proxy.evaluation.items.SPLITS`)."""
+    """Every per-item number for one item of ``split`` (see :data:`proxy.evaluation.items.SPLITS`).
+    A forget item's T = 1 answers are drawn under ``samples_gate``, shared by the items of an
+    audit (:func:`sample_gate`); None: ``s.concurrency`` at a time for this item alone."""
     q, a = item["question"], item["answer"]
     seed = _seed(s, split, index)
     out: dict[str, Any] = {"split": split, "index": index, "question": q}
@@ -85,7 +101,7 @@ async def evaluate_item(
             out["probability_error"] = str(exc)
     if split == "forget":
         spans = item.get("key_spans") or [a]
-        gate = asyncio.Semaphore(s.concurrency)
+        gate = samples_gate if samples_gate is not None else asyncio.Semaphore(s.concurrency)
 
         async def sampled(i: int, seed: int, prefix: str = "") -> str:
             """Sample ``i`` at T = 1 (its own random stream: the order they finish in does not matter)."""

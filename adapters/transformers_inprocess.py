@@ -184,9 +184,14 @@ class TransformersInProcessAdapter:
                 slot, common = self._slots.claim(step.tokens, len(step.tokens) - 1, taken)
                 taken.append(self._slots.slots.index(slot))
                 claims.append((slot, common))
-            with torch.inference_mode():
-                logits = self._body_rows([(step.tokens, *claim) for step, claim in zip(steps, claims, strict=True)])
-                rows = torch.log_softmax(logits.double(), dim=-1).numpy()
+            try:
+                with torch.inference_mode():
+                    logits = self._body_rows([(step.tokens, *c) for step, c in zip(steps, claims, strict=True)])
+                    rows = torch.log_softmax(logits.double(), dim=-1).numpy()
+            except BaseException:
+                for slot, _ in claims:  # a pass that failed half-way may have extended some layers: drop them
+                    slot.cache, slot.tokens = None, []
+                raise
             out: list[Position | BaseException] = []
             for step, (slot, _), lp in zip(steps, claims, rows, strict=True):
                 self._slots.used(slot, step.tokens)

@@ -1,7 +1,7 @@
 """How long an audit of the tofu-lite forget items takes through the δ row, and what
 batching the in-process remote's drafts across requests saves, in one run.
 
-    python -m bench.audit_speed [--samples 100] [--baseline-samples 10] [--json FILE]
+    python -m bench.audit_speed [--samples 100] [--baseline-samples 10] [--concurrency 4] [--json FILE]
 
 The δ row of ``bench.tofu`` with the training defaults' offset (``--offset-settings '{}'``,
 trained once and cached): the fine-tuned tofu-lite target in-process as the remote
@@ -35,17 +35,17 @@ from typing import Any
 ROW = "delta:NPO+KL"
 
 
-async def _audit(model: Any, forget: str, samples: int, work: Path) -> float:
+async def _audit(model: Any, forget: str, samples: int, work: Path, concurrency: int = 4) -> float:
     from proxy.evaluation.items import AuditSettings
     from proxy.evaluation.run import run_audit
 
-    settings = AuditSettings(samples=samples, extraction_samples=0)
+    settings = AuditSettings(samples=samples, extraction_samples=0, concurrency=concurrency)
     started = time.monotonic()
     await run_audit(model, {"forget": forget}, work, settings=settings, progress=False)
     return time.monotonic() - started
 
 
-async def run(samples: int, baseline_samples: int) -> dict[str, Any]:
+async def run(samples: int, baseline_samples: int, concurrency: int) -> dict[str, Any]:
     from bench.tofu import _row_model
     from bench.tofu_models import FinetuneSettings, build, default_data
 
@@ -78,7 +78,8 @@ async def run(samples: int, baseline_samples: int) -> dict[str, Any]:
         if samples:
             out["audit"] = {
                 "samples": samples,
-                "audit_seconds": round(await _audit(model, forget, samples, Path(tmp) / "full"), 1),
+                "concurrency": concurrency,
+                "audit_seconds": round(await _audit(model, forget, samples, Path(tmp) / "full", concurrency), 1),
             }
     for a in adapters.values():
         await a.aclose()
@@ -93,9 +94,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--baseline-samples", type=int, default=10, help="T=1 answers per item in the comparison (0: skip it)"
     )
+    ap.add_argument(
+        "--concurrency", type=int, default=4, help="the timed audit's --concurrency (default 4, the audit's own)"
+    )
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args(argv)
-    result = {"date": dt.date.today().isoformat(), **asyncio.run(run(args.samples, args.baseline_samples))}
+    result = {
+        "date": dt.date.today().isoformat(),
+        **asyncio.run(run(args.samples, args.baseline_samples, args.concurrency)),
+    }
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -137,3 +137,24 @@ def test_the_step_batcher_fails_only_the_job_that_raised_and_survives_event_loop
         assert seen == [[1, -2, 3], [4, 5]]
     with pytest.raises(RuntimeError, match="whole batch"):
         asyncio.run(batcher.submit(99))
+
+
+def test_a_pass_that_fails_leaves_no_cache_behind(model_dir, monkeypatch):
+    """A batched pass that fails after extending its rows' caches drops them: the next drafts
+    start over and match drafting alone."""
+    serial = TransformersInProcessAdapter(name="r", model_dir=model_dir)
+    adapter = TransformersInProcessAdapter(name="r", model_dir=model_dir, body=LeanDecoder.build)
+    first = asyncio.run(adapter.draft(_ctx("Hi"), n_tokens=4, top_k=3, greedy=True))
+    # the draft's cache holds the prompt and its first 3 tokens: a continuation extends it in place
+    ctx = Context(messages=_ctx("Hi").messages, token_ids=tuple(p.sampled.token_id for p in first.positions))
+    rows = adapter._body.rows
+
+    def extend_then_fail(*args):
+        rows(*args)
+        raise RuntimeError("out of memory half-way")
+
+    monkeypatch.setattr(adapter._body, "rows", extend_then_fail)
+    with pytest.raises(RuntimeError, match="half-way"):
+        asyncio.run(adapter.draft(ctx, n_tokens=3, top_k=3, greedy=True))
+    monkeypatch.setattr(adapter._body, "rows", rows)
+    _same(asyncio.run(serial.draft(ctx, n_tokens=3, top_k=3)), asyncio.run(adapter.draft(ctx, n_tokens=3, top_k=3)))

@@ -20,9 +20,12 @@ bandwidth of the other shapes. :class:`LeanDecoder` runs the same arithmetic wit
 - U's LoRA adapter as one pair of rank-r products per group of projections (the
   groups' ``A`` factors stacked, their ``B`` factors block-diagonal, each scaled by its
   ``lora_alpha / r``), applied to U's rows only (a row mask, 0 for B's rows: their
-  output is the base product's exactly).
+  output is the base product's exactly);
+- the rows' tokens packed into one ``[Σ n_i, hidden]`` matrix for every product (no
+  padding computed), each row attending to its own cache.
 
-The values are the modules' to float32 rounding (the same sums in another order;
+The in-process transformers remote runs its batched drafts on the same body
+(:mod:`adapters.step_batcher`). The values are the modules' to float32 rounding (the same sums in another order;
 ``tests/test_lean.py`` checks logits against transformers' within 1e-4, with and without
 the adapter, on trees after a cache). Which models: ``model_type == "llama"`` with
 transformers' own Llama classes (SmolLM2, TinyLlama, Llama 2 and 3), LoRA as plain

@@ -1,14 +1,10 @@
 """The decoder body of a Llama-family pair as plain tensor operations, for its inference
-passes: the same function as transformers' ``LlamaModel.forward`` with a 4-D additive
-attention mask, position ids and a ``DynamicCache``, at about half its cost per
-one-token pass.
-
-A one-token pass of U and B (two rows) through transformers' modules costs about twice
-the time its weights take to read: some 1,300 module calls and 420 LoRA factor products
-per pass, attention through ``scaled_dot_product_attention``'s math fallback (which
-copies the grouped keys and values per head), and the MLP's down projection as a
-product of a ``[576, 1536]`` matrix by two rows, which MKL runs at a third of the
-bandwidth of the other shapes. :class:`LeanDecoder` runs the same arithmetic with
+passes: transformers' ``LlamaModel.forward`` (4-D additive mask, position ids, a
+``DynamicCache``) at about half its cost per one-token pass, where the modules spend
+twice the weights' read time on 1,300 module calls and 420 LoRA factor products, the
+math fallback of ``scaled_dot_product_attention`` (keys copied per head) and a down
+projection of two rows that MKL runs at a third of the bandwidth. :class:`LeanDecoder`
+runs the same arithmetic with
 
 - the query, key and value projections as one product, and the gate and up projections
   as another (their weights stored as one matrix, the modules' weights left as views of
@@ -81,8 +77,8 @@ class _Projection:
 
 @dataclass
 class _Layer:
-    norm_1: torch.Tensor
-    norm_2: torch.Tensor
+    norm_1: torch.Tensor  # before attention
+    norm_2: torch.Tensor  # before the MLP
     qkv: _Projection
     o: _Projection
     gate_up: _Projection
@@ -166,8 +162,7 @@ class LeanDecoder:
         return cls(inner, layers)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``LlamaRMSNorm``: ``w ⊙ x / sqrt(mean(x²) + ε)`` (torch's fused ``rms_norm``)."""
-        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, self.eps)  # LlamaRMSNorm, fused
 
     @torch.inference_mode()
     def rows(
@@ -187,16 +182,11 @@ class LeanDecoder:
         ``None``: B alone. The rows' real tokens are packed (``Σ n_i`` positions, no
         padding computed); padding positions come out as zeros.
         transformers' ``LlamaModel.forward`` on each row alone, to float rounding."""
-        b, w = ids.shape
-        heads, kv, d = self.heads, self.kv_heads, self.head_dim
-        group = heads // kv
-        lengths = [m.shape[0] for m in masks]
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
+        (b, w), (heads, kv, d) = ids.shape, (self.heads, self.kv_heads, self.head_dim)
+        group, lengths = heads // kv, [m.shape[0] for m in masks]
+        starts = [sum(lengths[:i]) for i in range(b)]
         counts = torch.tensor(lengths)
-        row_of = torch.repeat_interleave(torch.arange(b), counts)
-        col_of = torch.cat([torch.arange(n) for n in lengths])
+        row_of, col_of = torch.repeat_interleave(torch.arange(b), counts), torch.cat([torch.arange(n) for n in lengths])
         total = int(counts.sum())
         x = self._inner.model.embed_tokens(ids[row_of, col_of])  # [T, hidden]
         cos, sin = self._inner.model.rotary_emb(x[None], positions[row_of, col_of][None])  # [1, T, d]

@@ -246,6 +246,17 @@ def position_from_logprobs(
     return Position(cands, candidate(pick, float(lp[pick])))
 
 
+def drafted(positions: list[Position], tokens: list[int], pos: Position) -> bool:
+    """An in-process draft's step: ``pos`` added to ``positions`` and its sampled token to
+    ``tokens`` (the next step's context); True where it ends the draft (end of turn)."""
+    positions.append(pos)
+    if pos.sampled.is_eot:
+        return True
+    assert pos.sampled.token_id is not None
+    tokens.append(pos.sampled.token_id)
+    return False
+
+
 @runtime_checkable
 class RemoteAdapter(Protocol):
     """One method: the remote's top-k candidates for the next position(s)."""

@@ -43,6 +43,7 @@ from .base import (
     Position,
     RemoteRejected,
     RemoteUnavailable,
+    drafted,
     position_from_logprobs,
 )
 from .llama_cache import CLOSED, PromptCache
@@ -313,12 +314,9 @@ class LlamaInProcessAdapter:
                 pos = position_from_logprobs(
                     lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=n_tokens > 1 and not greedy
                 )
-                positions.append(pos)
-                if pos.sampled.is_eot:
+                if drafted(positions, tokens, pos):
                     finish = "stop"
                     break
-                assert pos.sampled.token_id is not None
-                tokens.append(pos.sampled.token_id)
             return Draft(tuple(positions), finish or "length", len(prompt))
 
     async def draft(

@@ -37,6 +37,7 @@ from .base import (
     RemoteRejected,
     RemoteUnavailable,
     ScoredText,
+    drafted,
     position_from_logprobs,
 )
 from .hf_vocab import hf_eot_ids, hf_token_bytes
@@ -243,12 +244,9 @@ class TransformersInProcessAdapter:
                 pos = position_from_logprobs(
                     lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=n_tokens > 1 and not greedy
                 )
-                positions.append(pos)
-                if pos.sampled.is_eot:
+                if drafted(positions, tokens, pos):
                     finish = "stop"
                     break
-                assert pos.sampled.token_id is not None
-                tokens.append(pos.sampled.token_id)
         return Draft(tuple(positions), finish or "length", n_prompt)
 
     async def draft(
@@ -273,12 +271,9 @@ class TransformersInProcessAdapter:
                     f"model {self.name!r}: {len(tokens)} tokens exceed the context of {self.max_length}"
                 )
             pos = await self._steps.submit(_Step(tuple(tokens), top_k, rng, n_tokens > 1 and not greedy))
-            positions.append(pos)
-            if pos.sampled.is_eot:
+            if drafted(positions, tokens, pos):
                 finish = "stop"
                 break
-            assert pos.sampled.token_id is not None
-            tokens.append(pos.sampled.token_id)
         return Draft(tuple(positions), finish or "length", n_prompt)
 
     def full_logprobs(self, ctx: Context, text: str, *, end_of_turn: bool = False) -> tuple[list[int], np.ndarray]:

@@ -56,6 +56,25 @@ def tiny_base(smollm2_tokenizer):
     return model
 
 
+@pytest.fixture(scope="session")
+def remote_dir(tmp_path_factory, tiny_base, smollm2_tokenizer) -> Path:
+    """A tiny random model folder (the tiny base's layers perturbed: other weights than the
+    pair's base), for the in-process transformers remote."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(7)
+    model = copy.deepcopy(tiny_base)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    d = tmp_path_factory.mktemp("remote")
+    model.save_pretrained(d)
+    smollm2_tokenizer.save_pretrained(d)
+    return d
+
+
 def make_tiny_pair(tiny_base, tokenizer, *, seed: int = 1, zero: bool = False, batching=None, prefix_cache_tokens=512):
     """U = B + a random (or zero) LoRA adapter on a copy of the tiny base (the same
     weights for the same seed); ``batching``: its :class:`proxy.pair.batcher.BatchSettings`."""

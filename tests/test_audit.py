@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import json
 import re
 from dataclasses import replace
@@ -28,20 +27,6 @@ from proxy.evaluation.scoring import QScorer
 from proxy.evaluation.summary import evaluate_item
 
 Q = "Where was Velokro Raidyr born?"
-
-
-@pytest.fixture(scope="module")
-def remote_dir(tmp_path_factory, tiny_base, smollm2_tokenizer) -> Path:
-    """A tiny random model folder, other weights than the pair's base."""
-    torch.manual_seed(7)
-    model = copy.deepcopy(tiny_base)
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    d = tmp_path_factory.mktemp("remote")
-    model.save_pretrained(d)
-    smollm2_tokenizer.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,9 @@ KV cache, give the positions that drafting each request alone gives."""
 from __future__ import annotations
 
 import asyncio
-import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from adapters.base import Context, ContextExhausted, RemoteUnavailable
 from adapters.step_batcher import StepBatcher
@@ -26,19 +23,6 @@ QUESTIONS = (
 )
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_base, smollm2_tokenizer) -> Path:
-    torch.manual_seed(3)
-    model = copy.deepcopy(tiny_base)
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    d = tmp_path_factory.mktemp("remote")
-    model.save_pretrained(d)
-    smollm2_tokenizer.save_pretrained(d)
-    return d
-
-
 def _ctx(q: str) -> Context:
     return Context(messages=({"role": "user", "content": q},))
 
@@ -52,9 +36,9 @@ def _same(a, b) -> None:
 
 
 @pytest.mark.parametrize("greedy", [True, False])
-def test_concurrent_drafts_are_batched_and_match_drafting_alone(model_dir, greedy):
-    serial = TransformersInProcessAdapter(name="r", model_dir=model_dir)
-    batched = TransformersInProcessAdapter(name="r", model_dir=model_dir, body=LeanDecoder.build)
+def test_concurrent_drafts_are_batched_and_match_drafting_alone(remote_dir, greedy):
+    serial = TransformersInProcessAdapter(name="r", model_dir=remote_dir)
+    batched = TransformersInProcessAdapter(name="r", model_dir=remote_dir, body=LeanDecoder.build)
     assert batched._steps is not None
 
     async def drafts(adapter):
@@ -90,8 +74,8 @@ def test_concurrent_drafts_are_batched_and_match_drafting_alone(model_dir, greed
     )
 
 
-def test_a_draft_past_the_context_or_after_closing_fails_alone(model_dir):
-    adapter = TransformersInProcessAdapter(name="r", model_dir=model_dir, body=LeanDecoder.build)
+def test_a_draft_past_the_context_or_after_closing_fails_alone(remote_dir):
+    adapter = TransformersInProcessAdapter(name="r", model_dir=remote_dir, body=LeanDecoder.build)
     n_prompt = len(adapter.prompt_tokens(_ctx("Hi")))
     adapter.max_length = n_prompt + 3
 
@@ -110,8 +94,8 @@ def test_a_draft_past_the_context_or_after_closing_fails_alone(model_dir):
         asyncio.run(adapter.draft(_ctx("Hi"), n_tokens=2, top_k=3))
 
 
-def test_a_model_the_body_does_not_take_drafts_one_at_a_time(model_dir):
-    adapter = TransformersInProcessAdapter(name="r", model_dir=model_dir, body=lambda model: None)
+def test_a_model_the_body_does_not_take_drafts_one_at_a_time(remote_dir):
+    adapter = TransformersInProcessAdapter(name="r", model_dir=remote_dir, body=lambda model: None)
     assert adapter._steps is None
     assert len(asyncio.run(adapter.draft(_ctx("Hi"), n_tokens=3, top_k=3, greedy=True)).positions) == 3
 
@@ -139,11 +123,11 @@ def test_the_step_batcher_fails_only_the_job_that_raised_and_survives_event_loop
         asyncio.run(batcher.submit(99))
 
 
-def test_a_pass_that_fails_leaves_no_cache_behind(model_dir, monkeypatch):
+def test_a_pass_that_fails_leaves_no_cache_behind(remote_dir, monkeypatch):
     """A batched pass that fails after extending its rows' caches drops them: the next drafts
     start over and match drafting alone."""
-    serial = TransformersInProcessAdapter(name="r", model_dir=model_dir)
-    adapter = TransformersInProcessAdapter(name="r", model_dir=model_dir, body=LeanDecoder.build)
+    serial = TransformersInProcessAdapter(name="r", model_dir=remote_dir)
+    adapter = TransformersInProcessAdapter(name="r", model_dir=remote_dir, body=LeanDecoder.build)
     first = asyncio.run(adapter.draft(_ctx("Hi"), n_tokens=4, top_k=3, greedy=True))
     # the draft's cache holds the prompt and its first 3 tokens: a continuation extends it in place
     ctx = Context(messages=_ctx("Hi").messages, token_ids=tuple(p.sampled.token_id for p in first.positions))

@@ -106,10 +106,11 @@ def forward(
 
 @contextlib.contextmanager
 def switched(pair: PairModels, side: Side) -> Iterator[Any]:
-    """The model to run as U or B (``side``): a full artifact's second model, or the one
-    model with its LoRA layers on, or off (:func:`base_only`) for B."""
-    if pair.u_model is not None or side is Side.U or not pair.has_offset:  # a full artifact: two models
-        yield pair.u_model if pair.u_model is not None and side is Side.U else pair.model
+    """U or B (``side``): a full artifact's second model, or the LoRA layers on, or off for B."""
+    if pair.u_model is not None:  # a full artifact: U and B are two models
+        yield pair.u_model if side is Side.U else pair.model
+    elif side is Side.U or not pair.has_offset:
+        yield pair.model
     else:
         with base_only(pair):
             yield pair.model

@@ -10,9 +10,9 @@ token per step (``n = 1``); an out-of-scope speculative draft scores a whole
 answer at once (``n`` near 128), where a single row already keeps the cores busy.
 Best of 3 repetitions each, in one process.
 
-``few_rows``: one-token passes of 1 to 4 rows with ``linear`` (``x · Wᵀ``) and with the
-pair's few-rows kernel (``W · xᵀ``, :mod:`proxy.pair.few_rows`), on the same model in the
-same run, best of 5 rounds of the two alternating.
+``few_rows``: one-token passes of 1 to 32 rows with ``linear`` (``x · Wᵀ``) and with the
+pair's few-rows kernel (``W · xᵀ``, :mod:`proxy.pair.few_rows`), through transformers'
+modules, on the same model in the same run, best of 5 rounds of the two alternating.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from bench import report
 
 CACHE_TOKENS = 150
 SHAPES = ((1, 1), (4, 1), (16, 1), (1, 8), (16, 8), (1, 32), (4, 32), (1, 96), (16, 96), (1, 128), (4, 128))
-#: One-token passes of 1 to 4 rows (U's and B's rows of one token, a few streams), timed with
+#: One-token passes of 1 to 32 rows (U's and B's rows of one token, a few streams), timed with
 #: ``torch.nn.functional.linear`` and with :mod:`proxy.pair.few_rows`'s ``W · xᵀ``, alternating.
-FEW_ROWS = (1, 2, 3, 4)
+FEW_ROWS = (1, 2, 4, 8, 16, 32)
 
 
 def forward_ms(

@@ -17,8 +17,10 @@ Measured, all in this run:
   generated tokens, pair milliseconds per generated token on the
   same-tokenizer (fast) and the general path; token by token again with U and B
   in a pass each (``pair.fuse_sides`` off), the baseline of running them as the
-  rows of one pass, and through transformers' modules (``pair.lean`` empty), the
-  baseline of the lean body (:mod:`proxy.pair.lean`);
+  rows of one pass, through transformers' modules (``pair.lean`` empty), the
+  baseline of the lean body (:mod:`proxy.pair.lean`), and with every product
+  ``x · Wᵀ`` (:data:`proxy.pair.few_rows.MAX_ROWS` 0), the baseline of the
+  few-rows products;
 - **throughput**: aggregate generated tokens/s of the same 16 greedy requests
   run 1, 4 and 16 at a time against ``bench.fake_upstream`` (a fast fake
   server), so that the proxy and its pair, not a model, are measured; with
@@ -372,6 +374,8 @@ def main() -> None:
             )
 
         async def llama_part() -> dict[str, Any]:
+            from proxy.pair import few_rows
+
             spec, tbt, general = (
                 served(speculative=True),
                 served(speculative=False),
@@ -409,6 +413,12 @@ def main() -> None:
                 tbt, out_prompts[:2], tokens=args.tokens, temperature=0.0
             )
             tbt.pair.lean = lean
+            # the baseline of the few-rows products: the same answers with every product x · Wᵀ
+            few_rows.MAX_ROWS, kept = 0, few_rows.MAX_ROWS
+            res["out_greedy_token_by_token_linear"] = await run_prompts(
+                tbt, out_prompts[:2], tokens=args.tokens, temperature=0.0
+            )
+            few_rows.MAX_ROWS = kept
             res["in_greedy_token_by_token"] = await run_prompts(
                 tbt, in_prompts[:2], tokens=args.tokens, temperature=0.0
             )
@@ -530,6 +540,12 @@ def main() -> None:
             3,
         ),
         "pair_ms_per_token_token_by_token_modules": ll["out_greedy_token_by_token_modules"]["pair_ms_per_token"],
+        "pair_ms_per_token_token_by_token_linear": ll["out_greedy_token_by_token_linear"]["pair_ms_per_token"],
+        "pair_token_by_token_few_rows_over_linear": round(
+            ll["out_greedy_token_by_token"]["pair_ms_per_token"]
+            / ll["out_greedy_token_by_token_linear"]["pair_ms_per_token"],
+            3,
+        ),
         "pair_token_by_token_lean_over_modules": round(
             ll["out_greedy_token_by_token"]["pair_ms_per_token"]
             / ll["out_greedy_token_by_token_modules"]["pair_ms_per_token"],

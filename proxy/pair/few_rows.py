@@ -1,19 +1,34 @@
-"""Linear layers that run passes of a few rows as ``W · xᵀ`` instead of ``x · Wᵀ``.
+"""Linear layers that run inference passes of a few rows as ``W · xᵀ`` instead of ``x · Wᵀ``.
 
-A pass of the pair over 2 to :data:`MAX_ROWS` token rows (U's and B's row of one token,
-or a few streams' one-token trees batched together) multiplies each weight matrix
-``W`` (``[out, in]``) by a ``[rows, in]`` activation. ``torch.nn.functional.linear``
-computes it as ``x · Wᵀ``; on CPU with MKL's sgemm that costs nearly twice one row's
-time for 2 to 4 rows, while ``(W · xᵀ)ᵀ`` (the same products, ``W`` read in its stored
-order) costs much less: a one-token pass of SmolLM2-135M-Instruct, float32, 2 cores,
-2 rows 101 → 70 ms, 4 rows 97 → 73 ms, one row 57 ms either way
-(``python -m bench.pair_batching``, ``bench/results/pair-batching-smollm2-20261206.json``).
-One row keeps ``linear``, and so does training: the override applies only where autograd
-is off. So does a weight stored transposed (:mod:`proxy.pair.lean`'s down projection):
-``linear`` reads it in its stored order.
+A pass of the pair over up to :data:`MAX_ROWS` token positions (U's and B's row of one
+token, a few streams' one-token trees batched together, a short draft) multiplies each
+weight matrix ``W`` (``[out, in]``) by a ``[rows, in]`` activation.
+``torch.nn.functional.linear`` computes it as ``x · Wᵀ``; on CPU with MKL's sgemm that
+runs far below the memory bandwidth for few rows, while ``(W · xᵀ)ᵀ`` (the same
+products, ``W`` read in its stored order) runs at it. One row is the worst case: MKL
+takes a matrix-vector path at about a third of the bandwidth, so a single row is
+computed as two (the row twice) and the first taken. Measured on 2 cores, SmolLM2-135M's
+30 layers' products, float32 (best of 9, one process):
 
-The values are the same sums in another order: equal to ``linear``'s within float32
-rounding (``tests/test_pair_batching.py`` checks 1e-5 relative).
+=====  =========================  ==========================
+rows   ``linear`` (ms)            ``W · xᵀ`` (ms)
+=====  =========================  ==========================
+1      36.0                       25.6 (the row twice)
+2      57.8                       13.8
+4      47.5                       18.7
+8      49.4                       33.4
+16     58.6                       39.7
+64     134.0                      98.4
+128    ``linear`` faster on the square and up projections
+=====  =========================  ==========================
+
+and the output head (49,152 × 576): one row 9.7 → 2.7 ms, two rows 21.4 → 2.7 ms.
+``python -m bench.pair_batching`` times whole passes both ways.
+
+Training keeps ``linear`` (the rule applies only where autograd is off), and so do
+LoRA's rank-r factors (below :data:`MIN_WEIGHTS`). The values are the same sums in
+another order: equal to ``linear``'s within float32 rounding
+(``tests/test_pair_batching.py`` checks 1e-5 relative).
 """
 
 from __future__ import annotations
@@ -23,26 +38,40 @@ from typing import Any
 
 import torch
 
-#: Rows up to which a pass uses ``W · xᵀ`` (from 2; measured faster up to 4 on 2 cores).
-MAX_ROWS = 4
+#: Positions up to which an inference product uses ``W · xᵀ`` (measured faster up to 64
+#: on 2 cores; at 128 ``linear`` wins on the larger matrices).
+MAX_ROWS = 64
 #: Smaller weight matrices (LoRA's rank-r factors) keep ``linear``: too small to matter.
 MIN_WEIGHTS = 65_536
 
 
+def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x · weightᵀ`` (``x``: ``[rows, in]``, ``weight``: ``[out, in]``; returns
+    ``[rows, out]``), computed as ``(weight · xᵀ)ᵀ`` for 1 to :data:`MAX_ROWS` rows (one
+    row as two, the first kept) where autograd is off and ``weight`` is contiguous,
+    else ``linear``."""
+    rows = x.shape[0]
+    if rows > MAX_ROWS or torch.is_grad_enabled() or not weight.is_contiguous():
+        return torch.nn.functional.linear(x, weight)
+    if rows == 1:
+        return torch.mm(weight, x.expand(2, -1).contiguous().t())[:, :1].t()  # xᵀ as a transposed view: MKL's fast case
+    return torch.mm(weight, x.t()).t()
+
+
 def _few_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // max(1, x.shape[-1])
-    if 2 <= rows <= MAX_ROWS and not torch.is_grad_enabled() and self.weight.is_contiguous():
-        out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()  # [rows, out]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-    return torch.nn.functional.linear(x, self.weight, self.bias)
+    if rows > MAX_ROWS or torch.is_grad_enabled() or not self.weight.is_contiguous():
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    out = product(x.reshape(rows, x.shape[-1]), self.weight)
+    if self.bias is not None:
+        out = out + self.bias
+    return out.reshape(*x.shape[:-1], self.out_features)
 
 
 def use_few_rows_kernel(model: Any, min_weights: int = MIN_WEIGHTS) -> int:
     """Give every ``torch.nn.Linear`` of ``model`` with at least ``min_weights`` weights
-    (peft's LoRA layers' base layers included) the few-rows forward; returns how many.
-    Idempotent."""
+    (peft's LoRA layers' base layers included) the few-rows forward (:func:`product`);
+    returns how many. Idempotent."""
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear and module.weight.numel() >= min_weights:

@@ -37,8 +37,7 @@ from typing import Any
 
 import torch
 
-#: Rows up to which a product runs as ``W · xᵀ`` (:mod:`proxy.pair.few_rows`'s rule).
-FEW_ROWS = 4
+from proxy.pair.few_rows import product
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj")
 _UP = ("gate_proj", "up_proj")
@@ -61,13 +60,10 @@ class _Projection:
     transposed: bool = False
 
     def __call__(self, x: torch.Tensor, on_u: torch.Tensor | None) -> torch.Tensor:
-        rows = x.shape[0]
         if self.transposed:
             y = torch.mm(x, self.weight)
-        elif 2 <= rows <= FEW_ROWS:
-            y = torch.mm(self.weight, x.t()).t()
         else:
-            y = torch.nn.functional.linear(x, self.weight)
+            y = product(x, self.weight)  # W · xᵀ for few rows (proxy.pair.few_rows)
         if self.bias is not None:
             y = y + self.bias
         if on_u is not None and self.lora_a is not None and self.lora_b is not None:

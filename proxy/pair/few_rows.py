@@ -45,26 +45,23 @@ MAX_ROWS = 64
 MIN_WEIGHTS = 65_536
 
 
-def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x · weightᵀ`` (``x``: ``[rows, in]``, ``weight``: ``[out, in]``; returns
-    ``[rows, out]``), computed as ``(weight · xᵀ)ᵀ`` for 1 to :data:`MAX_ROWS` rows (one
-    row as two, the first kept) where autograd is off and ``weight`` is contiguous,
-    else ``linear``."""
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x · weightᵀ + bias`` (``x``: ``[rows, in]``, ``weight``: ``[out, in]``, ``bias``:
+    ``[out]`` or ``None``; returns ``[rows, out]``), computed as ``(weight · xᵀ)ᵀ`` for 1 to
+    :data:`MAX_ROWS` rows (one row as two, the first kept) where autograd is off and
+    ``weight`` is contiguous, else exactly ``linear(x, weight, bias)``."""
     rows = x.shape[0]
     if rows > MAX_ROWS or torch.is_grad_enabled() or not weight.is_contiguous():
-        return torch.nn.functional.linear(x, weight)
+        return torch.nn.functional.linear(x, weight, bias)
     if rows == 1:
-        return torch.mm(weight, x.expand(2, -1).contiguous().t())[:, :1].t()  # xᵀ as a transposed view: MKL's fast case
-    return torch.mm(weight, x.t()).t()
+        y = torch.mm(weight, x.expand(2, -1).contiguous().t())[:, :1].t()  # xᵀ as a transposed view: MKL's fast case
+    else:
+        y = torch.mm(weight, x.t()).t()
+    return y if bias is None else y + bias
 
 
 def _few_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // max(1, x.shape[-1])
-    if rows > MAX_ROWS or torch.is_grad_enabled() or not self.weight.is_contiguous():
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    out = product(x.reshape(rows, x.shape[-1]), self.weight)
-    if self.bias is not None:
-        out = out + self.bias
+    out = product(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
     return out.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -62,10 +62,10 @@ class _Projection:
     def __call__(self, x: torch.Tensor, on_u: torch.Tensor | None) -> torch.Tensor:
         if self.transposed:
             y = torch.mm(x, self.weight)
+            if self.bias is not None:
+                y = y + self.bias
         else:
-            y = product(x, self.weight)  # W · xᵀ for few rows (proxy.pair.few_rows)
-        if self.bias is not None:
-            y = y + self.bias
+            y = product(x, self.weight, self.bias)  # W · xᵀ for few rows (proxy.pair.few_rows)
         if on_u is not None and self.lora_a is not None and self.lora_b is not None:
             y = y + torch.mm(torch.mm(x, self.lora_a.t()), self.lora_b.t()) * on_u
         return y

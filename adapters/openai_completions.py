@@ -7,6 +7,7 @@ given text (vLLM).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import openai
@@ -17,15 +18,20 @@ from .base import (
     Draft,
     Position,
     RemoteBadResponse,
+    RemoteError,
     RemoteRejected,
     Sample,
     ScoredText,
     split_incomplete_utf8,
 )
+from .draft_stream import StreamedDraft
 from .http import HTTPAdapter, sum_logprobs
 from .profiles import LLAMA_CPP, ServerProfile
+from .retry import call_with_retries
 from .templates import ChatTemplate
 from .wire import ranked_position
+
+log = logging.getLogger(__name__)
 
 
 class CompletionsAdapter(HTTPAdapter):
@@ -41,6 +47,8 @@ class CompletionsAdapter(HTTPAdapter):
             max_top_logprobs=profile.max_top_logprobs,
             prompt_logprobs=profile.prompt_logprobs,
             top_k_drafts=profile.top_k_drafts,
+            # where a stream closed early (at a replaced token) has its prompt's tokens counted
+            streams_drafts=profile.logprobs and profile.token_count is not None,
         )
 
     def render(self, ctx: Context) -> str:
@@ -59,6 +67,83 @@ class CompletionsAdapter(HTTPAdapter):
     ) -> Draft:
         """See :meth:`adapters.base.RemoteAdapter.draft` (and :meth:`adapters.http.HTTPAdapter._healed_draft`)."""
         return await self._healed_draft(ctx, n_tokens, top_k, seed, greedy)
+
+    async def stream_draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> StreamedDraft | None:
+        """See :meth:`adapters.base.DraftStreamingAdapter.stream_draft`: the request of
+        :meth:`draft` with ``stream`` on and its usage asked for at the end (counted by
+        :meth:`count_prompt_tokens` where the server's streams report none)."""
+        text, pending = split_incomplete_utf8(ctx.assistant_prefix)
+        if n_tokens < 2 or pending:
+            return None
+        prompt = self.render(ctx) + text
+        body = self._body(n_tokens, top_k, greedy, seed)
+
+        async def call() -> Any:
+            return await self._client.completions.create(
+                model=self.model,
+                prompt=prompt,
+                max_tokens=n_tokens,
+                logprobs=top_k,
+                temperature=0.0 if greedy else 1.0,
+                top_p=1.0,
+                seed=self._seed(seed),
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=body or None,
+            )
+
+        stream = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
+
+        def positions(chunk: Any) -> list[Position]:
+            return self._positions(chunk.choices[0].logprobs, top_k) if chunk.choices else []
+
+        def usage(chunk: Any) -> int | None:
+            return chunk.usage.prompt_tokens if getattr(chunk, "usage", None) is not None else None
+
+        async def count() -> int | None:
+            return await self.count_prompt_tokens(prompt)
+
+        return StreamedDraft(
+            stream,
+            positions=positions,
+            usage=usage,
+            prefix=ctx.assistant_prefix,
+            eot=self._eot(),
+            what=f"model {self.name!r}",
+            count=count,
+        )
+
+    async def count_prompt_tokens(self, prompt: str) -> int | None:
+        """The server's count of ``prompt``'s tokens (:attr:`adapters.profiles.ServerProfile.token_count`),
+        or None where the profile has no such endpoint or the server does not answer it (logged)."""
+        if self.profile.token_count is None:
+            return None
+        path, field = self.profile.token_count
+
+        async def call() -> Any:
+            return await self._client.post(self._root + path, cast_to=object, body={"model": self.model, field: prompt})
+
+        try:
+            answer = await call_with_retries(call, self.retry, f"model {self.name!r} {path}", secret=self._secret)
+            return int(answer["count"])
+        except (RemoteError, KeyError, TypeError, ValueError) as exc:
+            log.warning("model %r: the prompt's tokens were not counted (%s); usage.prompt_tokens is 0", self.name, exc)
+            return None
+
+    def _positions(self, lp: Any, top_k: int) -> list[Position]:
+        """The positions of a choice's (or a stream chunk's) ``logprobs``, best ``top_k`` first."""
+        positions: list[Position] = []
+        if lp is not None and lp.tokens:
+            tops_list = lp.top_logprobs or []
+            for i, token in enumerate(lp.tokens):
+                token_lp = lp.token_logprobs[i] if lp.token_logprobs and i < len(lp.token_logprobs) else None
+                sampled = self._wire(token, token_lp, None)
+                tops = tops_list[i] if i < len(tops_list) and tops_list[i] else {}
+                entries = [self._wire(t, v, None) for t, v in tops.items()]
+                positions.append(ranked_position(entries, sampled, top_k))
+        return positions
 
     async def sample(
         self,
@@ -144,16 +229,7 @@ class CompletionsAdapter(HTTPAdapter):
             )
 
         response, choice = await self._first_choice(call)
-        lp = choice.logprobs
-        positions: list[Position] = []
-        if lp is not None and lp.tokens:
-            tops_list = lp.top_logprobs or []
-            for i, token in enumerate(lp.tokens):
-                token_lp = lp.token_logprobs[i] if lp.token_logprobs and i < len(lp.token_logprobs) else None
-                sampled = self._wire(token, token_lp, None)
-                tops = tops_list[i] if i < len(tops_list) and tops_list[i] else {}
-                entries = [self._wire(t, v, None) for t, v in tops.items()]
-                positions.append(ranked_position(entries, sampled, top_k))
+        positions = self._positions(choice.logprobs, top_k)
         if not positions and choice.finish_reason == "stop":
             eot = self._eot()
             positions.append(Position((eot,), eot))

@@ -60,6 +60,11 @@ class ServerProfile:
     """Whether it gives top-k logprobs of its answers (``logprobs`` / ``top_logprobs``)."""
     max_top_logprobs: int = 20
     """The most ``top_logprobs`` it accepts (OpenAI's maximum is 20)."""
+    token_count: tuple[str, str] | None = None
+    """Where under the server's root a prompt's tokens are counted, and the body field that
+    carries the text (``POST {field: text}`` → ``{"count": n}``: llama-cpp-python's
+    ``/extras/tokenize/count``, vLLM's ``/tokenize``): the usage of a streamed draft that
+    reports none (llama-cpp-python's streams never do; a stream closed early has no end)."""
     seed_field: str | None = "seed"
     """The request field that seeds its sampling (``seed``; Mistral's ``random_seed``); ``None``:
     it takes none, and none is sent."""
@@ -73,6 +78,7 @@ LLAMA_CPP = ServerProfile(
     sampling_off=_frozen(top_k=0, min_p=0.0, repeat_penalty=1.0),
     top_k_drafts=True,
     prefill=ChatPrefill(),
+    token_count=("/extras/tokenize/count", "input"),
 )
 VLLM = ServerProfile(
     "vllm",
@@ -80,6 +86,7 @@ VLLM = ServerProfile(
     top_k_drafts=True,
     prefill=ChatPrefill(body=_frozen(continue_final_message=True, add_generation_prompt=False)),
     prompt_logprobs=True,
+    token_count=("/tokenize", "prompt"),
 )
 DEEPSEEK = ServerProfile("deepseek", prefill=ChatPrefill(message=_frozen(prefix=True)))
 NONE = ServerProfile("none")

@@ -10,7 +10,7 @@ threshold τ calibrated at train time, as the embedded default serves it.
 Measured, all in this run:
 
 - **direct**: the server alone on the same prompts, greedy, with
-  ``logprobs=20`` (what the proxy asks for) and without logprobs;
+  ``logprobs=20`` (what the proxy asks for), the same streamed, and without logprobs;
 - **proxy, out of scope** (prompts unrelated to the forget set) and **in
   scope** (the demo forget set's questions), greedy and T = 1, with
   speculative acceptance and token by token: wall time, remote calls per 100
@@ -20,7 +20,8 @@ Measured, all in this run:
   rows of one pass, through transformers' modules (``pair.lean`` empty), the
   baseline of the lean body (:mod:`proxy.pair.lean`), and with every product
   ``x · Wᵀ`` (:data:`proxy.pair.few_rows.MAX_ROWS` 0), the baseline of the
-  few-rows products;
+  few-rows products; speculative again with each draft read whole (the remote's
+  drafts streamed off), the baseline of streamed drafts;
 - **throughput**: aggregate generated tokens/s of the same 16 greedy requests
   run 1, 4 and 16 at a time against ``bench.fake_upstream`` (a fast fake
   server), so that the proxy and its pair, not a model, are measured; with
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import resource
@@ -137,8 +139,11 @@ async def run_prompts(model: Any, prompts: tuple[str, ...], *, tokens: int, temp
     return run
 
 
-async def direct_prompts(adapter: Any, url: str, prompts: tuple[str, ...], *, tokens: int, logprobs: bool) -> Run:
-    """The server alone, greedy, on the prompts the proxy renders (same template, same text)."""
+async def direct_prompts(
+    adapter: Any, url: str, prompts: tuple[str, ...], *, tokens: int, logprobs: bool, stream: bool = False
+) -> Run:
+    """The server alone, greedy, on the prompts the proxy renders (same template, same text);
+    ``stream``: each answer streamed (and read to its end)."""
     import openai
 
     from adapters.base import Context
@@ -148,7 +153,7 @@ async def direct_prompts(adapter: Any, url: str, prompts: tuple[str, ...], *, to
     t0 = time.perf_counter()
     for prompt in prompts:
         text = adapter.render(Context(messages=({"role": "user", "content": prompt},)))
-        r = await client.completions.create(
+        kwargs: dict[str, Any] = dict(
             model="smollm2",
             prompt=text,
             max_tokens=tokens,
@@ -156,7 +161,13 @@ async def direct_prompts(adapter: Any, url: str, prompts: tuple[str, ...], *, to
             logprobs=20 if logprobs else None,
             extra_body={"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0},
         )
-        run.tokens += r.usage.completion_tokens if r.usage else 0
+        if stream:
+            async for chunk in await client.completions.create(**kwargs, stream=True):
+                lp = chunk.choices[0].logprobs if chunk.choices else None
+                run.tokens += len(lp.tokens) if lp is not None and lp.tokens else 0
+        else:
+            r = await client.completions.create(**kwargs)
+            run.tokens += r.usage.completion_tokens if r.usage else 0
         run.calls += 1
     run.seconds = time.perf_counter() - t0
     await client.close()
@@ -391,7 +402,20 @@ def main() -> None:
             res["direct_plain"] = await direct_prompts(
                 spec.adapter, url, out_prompts, tokens=args.tokens, logprobs=False
             )
+            res["direct_logprobs_streamed"] = await direct_prompts(
+                spec.adapter, url, out_prompts, tokens=args.tokens, logprobs=True, stream=True
+            )
             res["out_greedy_speculative"] = await run_prompts(spec, out_prompts, tokens=args.tokens, temperature=0.0)
+            # the baseline of streamed drafts: the same answers with each draft read whole
+            streamed = spec.adapter.capabilities
+            spec.adapter.capabilities = dataclasses.replace(streamed, streams_drafts=False)
+            res["out_greedy_speculative_whole_drafts"] = await run_prompts(
+                spec, out_prompts, tokens=args.tokens, temperature=0.0
+            )
+            res["in_greedy_speculative_whole_drafts"] = await run_prompts(
+                spec, in_prompts, tokens=args.tokens, temperature=0.0
+            )
+            spec.adapter.capabilities = streamed
             res["out_t1_speculative"] = await run_prompts(spec, out_prompts, tokens=args.tokens, temperature=1.0)
             res["out_greedy_general_speculative"] = await run_prompts(
                 general, out_prompts, tokens=args.tokens, temperature=0.0
@@ -526,6 +550,18 @@ def main() -> None:
         "calls_per_100_tokens_token_by_token": ll["out_greedy_token_by_token"]["calls_per_100_tokens"],
         "wall_ratio_out_of_scope": round(per_token(out_spec) / per_token(direct_lp), 3),
         "wall_ratio_out_of_scope_vs_no_logprobs": round(per_token(out_spec) / per_token(direct_plain), 3),
+        # against the server alone streaming its answer with logprobs (llama-cpp-python streams faster)
+        "wall_ratio_out_of_scope_vs_streamed": round(
+            per_token(out_spec) / per_token(runs["direct_logprobs_streamed"]), 3
+        ),
+        "wall_ratio_out_of_scope_whole_drafts": round(
+            per_token(runs["out_greedy_speculative_whole_drafts"]) / per_token(direct_lp), 3
+        ),
+        "in_scope_over_out_of_scope_whole_drafts": round(
+            ll["in_greedy_speculative_whole_drafts"]["tokens_per_second"]
+            / ll["out_greedy_speculative_whole_drafts"]["tokens_per_second"],
+            3,
+        ),
         "wall_ratio_token_by_token": round(per_token(runs["out_greedy_token_by_token"]) / per_token(direct_lp), 3),
         "in_scope_over_out_of_scope": round(
             ll["in_greedy_speculative"]["tokens_per_second"] / ll["out_greedy_speculative"]["tokens_per_second"], 3

@@ -171,3 +171,41 @@ async def test_sampled_drafts_come_from_the_top_k_when_asked(llama_server, top_k
         assert outside == 0
     else:
         assert outside > 0
+
+
+async def test_streamed_drafts_give_whole_drafts_answers_and_usage(llama_server, smollm2_offset):
+    """The same requests with drafts streamed (closed at the first replaced token) and whole:
+    the same text, greedy and at T = 1 with a seed, and the same usage (llama-cpp-python's
+    streams report none: the prompt is counted by its tokenize endpoint)."""
+    import dataclasses
+
+    from adapters.base import Context
+    from proxy.decoding.types import ChoiceStats, SamplingParams
+
+    cfg = ModelConfig(
+        backend="openai-completions",
+        base_url=llama_server,
+        remote_model="smollm2",
+        template="gguf:smollm2",
+        pair="smollm2",
+        offset=str(smollm2_offset),
+    )
+    pairs: dict = {}
+    streamed = build_model("streamed", cfg, pairs=pairs)
+    whole = build_model("whole", cfg, pairs=pairs)
+    whole.adapter.capabilities = dataclasses.replace(whole.adapter.capabilities, streams_drafts=False)
+    assert streamed.adapter.capabilities.streams_drafts
+    try:
+        for prompt, temperature in ((PROMPTS[1], 0.0), (PROMPTS[4], 1.0)):
+            ctx = Context(messages=({"role": "user", "content": prompt},))
+            out = []
+            for model in (streamed, whole):
+                stats = ChoiceStats()
+                params = SamplingParams(max_tokens=24, temperature=temperature, alpha=8.0, seed=3)
+                text = "".join([p.text async for p in model.generate(ctx, params, stats=stats)])
+                out.append((text, stats.prompt_tokens, stats.completion_tokens))
+            assert out[0] == out[1], prompt
+            assert out[0][1] and out[0][1] > 5
+    finally:
+        await streamed.aclose()
+        await whole.aclose()

@@ -18,7 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from adapters.base import Candidate, Context, ContextExhausted, Position, RemoteBadResponse, find_token
+from adapters.base import (
+    Candidate,
+    Context,
+    ContextExhausted,
+    DraftStreamingAdapter,
+    Position,
+    RemoteBadResponse,
+    find_token,
+)
+from proxy.decoding.drafts import Drafted
 from proxy.decoding.offset import NoUsableCandidates, choose, flip_margin, predicted_acceptance, target_logits
 from proxy.decoding.protocols import Served
 from proxy.decoding.speculative import PREDICT_ABOVE, DraftLength, speculative_pick
@@ -85,7 +94,7 @@ class TokenDecoder:
                 seed = int(rng.integers(2**31)) if params.seed is not None and n > 1 else None
                 called = time.perf_counter()
                 try:
-                    positions = await self._draft(ctx, n, greedy=greedy, seed=seed, stats=stats)
+                    drafted = await self._draft(ctx, n, greedy=greedy, seed=seed, stats=stats)
                 except ContextExhausted:
                     if n > 1 and lengths is not None:
                         # Servers such as vLLM refuse prompt + max_tokens beyond their context:
@@ -101,63 +110,82 @@ class TokenDecoder:
                 # the draw is the drafted token (still exact: later drafted tokens are samples given it).
                 remote_s = time.perf_counter() - called
                 direct = 0 if n > 1 and not inside_character(prefix) else 1
-                if n > 1:
-                    stats.draft_tokens += len(positions)
                 # The pair scores the draft in chunks (one tree pass each), growing while they
                 # are accepted: the first is the run the acceptance rate expects, so that an
-                # out-of-scope draft costs one pass and an in-scope one little wasted work.
+                # out-of-scope draft costs one pass and an in-scope one little wasted work. A
+                # streamed draft's chunk is scored as soon as it has arrived, while the remote
+                # writes the rest, and the stream is closed at the first replaced token (the
+                # remote stops). Chunks are not capped while streaming: on a remote that shares
+                # the pair's cores, scoring beside it slowed both (docs/benchmarks.md).
                 done, chunk, more = 0, lengths.expected_run() if lengths is not None else 1, True
-                while more and done < len(positions):
-                    part = positions[done : done + chunk]
-                    try:
-                        scored = await self._score(part, aligner, stats)
-                    except ContextExhausted:
-                        if len(part) > 1:
-                            # The pair's context cannot take this chunk's tree: smaller chunks
-                            # and drafts from here on.
-                            chunk = len(part) // 2
-                            if lengths is not None:
-                                lengths.maximum = max(2, chunk)
-                            continue
-                        if stats.completion_tokens == 0:
-                            raise
-                        context_full = True
-                        break
-                    for j, (pos, (cands, ell, delta)) in enumerate(zip(part, scored, strict=False)):
-                        idx, logq, ok, changed = self._pick(
-                            pos, cands, ell, delta, params, rng, direct=done + j < direct, stats=stats
-                        )
-                        if done + j >= direct and lengths is not None:
-                            stats.accepted_tokens += int(ok)
-                            lengths.update(int(ok), 1)
-                        chosen = cands[idx]
-                        stats.completion_tokens += 1
-                        if chosen.is_eot:
-                            yield releaser.finish("stop")
-                            return
-                        assert chosen.data is not None
-                        tok = self._token_out(idx, cands, logq, params, changed)
-                        if aligner is not None:
-                            await self.model.run_pair(aligner.commit, chosen.data, stats=stats)
-                        prefix += chosen.data
-                        last = chosen.data
-                        if ids is not None:
-                            if chosen.token_id is None:
-                                ids = None
-                            else:
-                                ids.append(chosen.token_id)
-                        piece = releaser.push(tok)
-                        yield piece
-                        if piece.finish_reason is not None:
-                            return
-                        if not ok or stats.completion_tokens >= params.max_tokens:
-                            more = False
+                failed = False
+                try:
+                    while more:
+                        part = await drafted.get(done, chunk)
+                        if not part:
                             break
-                    more = more and len(scored) == len(part)
-                    done += len(part)
-                    chunk *= 2
+                        try:
+                            scored = await self._score(part, aligner, stats)
+                        except ContextExhausted:
+                            if len(part) > 1:
+                                # The pair's context cannot take this chunk's tree: smaller chunks
+                                # and drafts from here on.
+                                chunk = len(part) // 2
+                                if lengths is not None:
+                                    lengths.maximum = max(2, chunk)
+                                continue
+                            if stats.completion_tokens == 0:
+                                raise
+                            context_full = True
+                            break
+                        for j, (pos, (cands, ell, delta)) in enumerate(zip(part, scored, strict=False)):
+                            idx, logq, ok, changed = self._pick(
+                                pos, cands, ell, delta, params, rng, direct=done + j < direct, stats=stats
+                            )
+                            if done + j >= direct and lengths is not None:
+                                stats.accepted_tokens += int(ok)
+                                lengths.update(int(ok), 1)
+                            chosen = cands[idx]
+                            stats.completion_tokens += 1
+                            if chosen.is_eot:
+                                await self._end_round(drafted, n, stats)  # the usage is final before the last piece
+                                yield releaser.finish("stop")
+                                return
+                            assert chosen.data is not None
+                            tok = self._token_out(idx, cands, logq, params, changed)
+                            if aligner is not None:
+                                await self.model.run_pair(aligner.commit, chosen.data, stats=stats)
+                            prefix += chosen.data
+                            last = chosen.data
+                            if ids is not None:
+                                if chosen.token_id is None:
+                                    ids = None
+                                else:
+                                    ids.append(chosen.token_id)
+                            piece = releaser.push(tok)
+                            if piece.finish_reason is not None:
+                                await self._end_round(drafted, n, stats)
+                                yield piece
+                                return
+                            yield piece
+                            if not ok or stats.completion_tokens >= params.max_tokens:
+                                more = False
+                                break
+                        more = more and len(scored) == len(part)
+                        done += len(part)
+                        chunk *= 2
+                except BaseException:
+                    failed = True
+                    raise
+                finally:
+                    await self._end_round(drafted, n, stats, count=not failed)
                 if lengths is not None:  # the round's cost, for the next drafts' lengths
-                    self.model.draft_cost.observe(len(positions), remote_s + stats.pair_seconds - pair_before)
+                    # (a streamed round's pair passes overlap the remote: its wall time)
+                    if drafted.streamed:
+                        seconds = time.perf_counter() - called
+                    else:
+                        seconds = remote_s + stats.pair_seconds - pair_before
+                    self.model.draft_cost.observe(drafted.received, seconds)
             yield releaser.finish("length")
         finally:
             if batcher is not None:
@@ -266,33 +294,39 @@ class TokenDecoder:
             )
         return ell - float(np.logaddexp.reduce(every)) if every.size else ell
 
-    async def _draft(
-        self, ctx: Context, n: int, *, greedy: bool, seed: int | None, stats: ChoiceStats
-    ) -> list[Position]:
-        """One remote call: up to ``n`` positions, cut after the first drafted token the
-        decoder cannot continue from (end of turn, or bytes unknown).
+    async def _draft(self, ctx: Context, n: int, *, greedy: bool, seed: int | None, stats: ChoiceStats) -> Drafted:
+        """One remote call for up to ``n`` positions (:class:`proxy.decoding.drafts.Drafted`):
+        streamed where the remote streams drafts, else whole.
 
         Raises:
             ContextExhausted: the remote's context is full.
             RemoteBadResponse: no position.
         """
-        draft = await self.model.adapter.draft(ctx, n_tokens=n, top_k=self.model.top_k, seed=seed, greedy=greedy)
-        stats.remote_calls += draft.calls
-        if stats.prompt_tokens is None:
-            stats.prompt_tokens = draft.prompt_tokens
+        adapter = self.model.adapter
+        stats.remote_calls += 1
+        if adapter.capabilities.streams_drafts and isinstance(adapter, DraftStreamingAdapter):
+            stream = await adapter.stream_draft(ctx, n_tokens=n, top_k=self.model.top_k, seed=seed, greedy=greedy)
+            if stream is not None:
+                return Drafted(ctx.assistant_prefix, n, stream=stream)
+        draft = await adapter.draft(ctx, n_tokens=n, top_k=self.model.top_k, seed=seed, greedy=greedy)
+        stats.remote_calls += draft.calls - 1
         if not draft.positions:
             raise RemoteBadResponse("the upstream returned no positions")
-        positions = list(draft.positions[:n])
-        text = ctx.assistant_prefix
-        for j, pos in enumerate(positions):
-            if pos.sampled.is_eot or pos.sampled.data is None:
-                return positions[: j + 1]
-            text += pos.sampled.data
-            if inside_character(text):
-                # The next position would follow part of a character: token mode heals it
-                # (keeps only candidates that complete it); a new call does the same.
-                return positions[: j + 1]
-        return positions
+        drafted = Drafted(ctx.assistant_prefix, n, draft.positions)
+        drafted.prompt_tokens = draft.prompt_tokens
+        return drafted
+
+    @staticmethod
+    async def _end_round(drafted: Drafted, n: int, stats: ChoiceStats, *, count: bool = True) -> None:
+        """Close the round's draft (a streamed one's request ends), count its drafted tokens
+        and, with ``count`` (not on an error), the remote's prompt tokens where unknown. Once per round."""
+        if drafted.closed:
+            return
+        await drafted.close()
+        if n > 1:
+            stats.draft_tokens += drafted.received
+        if count and stats.prompt_tokens is None:
+            stats.prompt_tokens = await drafted.prompt_token_count()
 
     async def _score(
         self, positions: Sequence[Position], aligner: Any, stats: ChoiceStats

@@ -307,7 +307,16 @@ class TokenDecoder:
         if adapter.capabilities.streams_drafts and isinstance(adapter, DraftStreamingAdapter):
             stream = await adapter.stream_draft(ctx, n_tokens=n, top_k=self.model.top_k, seed=seed, greedy=greedy)
             if stream is not None:
-                return Drafted(ctx.assistant_prefix, n, stream=stream)
+                # Its first position is read here: an error before it (a full context, a failed
+                # stream) is the call's, as a whole draft's would be.
+                drafted = Drafted(ctx.assistant_prefix, n, stream=stream)
+                try:
+                    if not await drafted.get(0, 1):
+                        raise RemoteBadResponse("the upstream returned no positions")
+                except BaseException:
+                    await drafted.close()
+                    raise
+                return drafted
         draft = await adapter.draft(ctx, n_tokens=n, top_k=self.model.top_k, seed=seed, greedy=greedy)
         stats.remote_calls += draft.calls - 1
         if not draft.positions:

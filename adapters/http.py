@@ -12,7 +12,8 @@ reported candidates only (:attr:`adapters.base.Capabilities.top_k_drafts`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import openai
@@ -23,16 +24,21 @@ from .base import (
     Capabilities,
     Context,
     Draft,
+    Position,
     RemoteBadResponse,
+    RemoteError,
     Sample,
     ScoredText,
     split_incomplete_utf8,
 )
+from .draft_stream import StreamedDraft
 from .profiles import ServerProfile
 from .prompt_logprobs import scored_text
 from .retry import DEFAULT_RETRY, RetryPolicy, call_with_retries
 from .utf8 import heal, strip_held_back
 from .wire import candidate_from_wire, wire_logprob
+
+log = logging.getLogger(__name__)
 
 
 class HTTPAdapter:
@@ -205,6 +211,57 @@ class HTTPAdapter:
 
         response = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
         return scored_text(response, head, text, top_k, eot_tokens=self.eot_tokens, name=self.name)
+
+    async def _open_stream(
+        self,
+        call: Callable[[], Awaitable[Any]],
+        positions: Callable[[Any], Sequence[Position]],
+        prefix: bytes,
+        count_fields: dict[str, Any],
+    ) -> StreamedDraft:
+        """A streamed draft (:class:`adapters.draft_stream.StreamedDraft`): ``call`` opens the
+        stream (``stream_options.include_usage`` asked), retried as a whole draft's call;
+        ``positions(chunk)`` reads a chunk; where the stream reports no usage, the prompt's
+        tokens are counted with ``count_fields`` (:meth:`count_tokens`).
+
+        Raises:
+            RemoteUnavailable, RemoteRejected: as :func:`adapters.retry.call_with_retries`.
+        """
+        stream = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
+
+        def usage(chunk: Any) -> int | None:
+            return chunk.usage.prompt_tokens if getattr(chunk, "usage", None) is not None else None
+
+        async def count() -> int | None:
+            return await self.count_tokens(count_fields)
+
+        return StreamedDraft(
+            stream,
+            positions=positions,
+            usage=usage,
+            prefix=prefix,
+            eot=self._eot(),
+            what=f"model {self.name!r}",
+            count=count,
+        )
+
+    async def count_tokens(self, fields: dict[str, Any]) -> int | None:
+        """The server's count of a prompt's tokens (:attr:`adapters.profiles.ServerProfile.token_count`'s
+        endpoint, ``fields`` the prompt's body fields), or None where the profile has no such
+        endpoint or the server does not answer it (logged)."""
+        if self.profile.token_count is None:
+            return None
+        path = self.profile.token_count[0]
+
+        async def call() -> Any:
+            return await self._client.post(self._root + path, cast_to=object, body={"model": self.model, **fields})
+
+        try:
+            answer = await call_with_retries(call, self.retry, f"model {self.name!r} {path}", secret=self._secret)
+            return int(answer["count"])
+        except (RemoteError, KeyError, TypeError, ValueError) as exc:
+            log.warning("model %r: the prompt's tokens were not counted (%s); usage.prompt_tokens is 0", self.name, exc)
+            return None
 
     def _eot(self) -> Candidate:
         return Candidate(b"", 0.0, next(iter(sorted(self.eot_tokens))), is_eot=True)

@@ -24,6 +24,7 @@ from .base import (
     ScoredText,
     split_incomplete_utf8,
 )
+from .draft_stream import StreamedDraft
 from .http import HTTPAdapter, sum_logprobs
 from .profiles import ServerProfile
 from .wire import ranked_position
@@ -40,6 +41,12 @@ class ChatAdapter(HTTPAdapter):
             max_top_logprobs=profile.max_top_logprobs,
             prompt_logprobs=profile.prompt_logprobs,
             top_k_drafts=profile.top_k_drafts,
+            streams_drafts=(
+                profile.logprobs
+                and profile.prefill is not None
+                and profile.token_count is not None
+                and profile.tokenize_chat
+            ),
         )
 
     def _messages(self, ctx: Context, text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -86,12 +93,7 @@ class ChatAdapter(HTTPAdapter):
             )
 
         response, choice = await self._first_choice(call)
-        content = (choice.logprobs.content if choice.logprobs is not None else None) or []
-        positions: list[Position] = []
-        for entry in content:
-            sampled = self._wire(entry.token, entry.logprob, entry.bytes)
-            tops = [self._wire(t.token, t.logprob, t.bytes) for t in entry.top_logprobs or []]
-            positions.append(ranked_position(tops, sampled, top_k))
+        positions = self._positions(choice.logprobs, top_k)
         if not positions and choice.finish_reason == "stop":
             eot = self._eot()
             positions.append(Position((eot,), eot))  # the remote ended its turn at once
@@ -99,6 +101,48 @@ class ChatAdapter(HTTPAdapter):
             raise RemoteBadResponse("upstream returned no logprobs; it cannot serve token mode")
         usage = response.usage.prompt_tokens if response.usage is not None else None
         return Draft(tuple(positions), choice.finish_reason, usage)
+
+    async def stream_draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> StreamedDraft | None:
+        """See :meth:`adapters.base.DraftStreamingAdapter.stream_draft`: the request of
+        :meth:`draft` with ``stream`` on (:meth:`adapters.http.HTTPAdapter._open_stream`; the
+        prompt counted as the chat it is, with the prefill's fields, where the stream reports
+        no usage)."""
+        text, pending = split_incomplete_utf8(ctx.assistant_prefix)
+        if n_tokens < 2 or pending or ctx.messages is None or not self.capabilities.streams_drafts:
+            return None
+        messages, extra = self._messages(ctx, text)
+        body = {**self._body(n_tokens, top_k, greedy, seed), **extra}
+
+        async def call() -> Any:
+            return await self._client.chat.completions.create(  # type: ignore[call-overload]
+                model=self.model,
+                messages=messages,
+                max_tokens=n_tokens,
+                logprobs=True,
+                top_logprobs=top_k,
+                temperature=0.0 if greedy else 1.0,
+                top_p=1.0,
+                seed=self._seed(seed),
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=body or None,
+            )
+
+        def positions(chunk: Any) -> list[Position]:
+            return self._positions(chunk.choices[0].logprobs, top_k) if chunk.choices else []
+
+        return await self._open_stream(call, positions, ctx.assistant_prefix, {"messages": messages, **extra})
+
+    def _positions(self, logprobs: Any, top_k: int) -> list[Position]:
+        """The positions of a choice's (or a stream chunk's) ``logprobs.content``, best ``top_k`` first."""
+        positions: list[Position] = []
+        for entry in (logprobs.content if logprobs is not None else None) or []:
+            sampled = self._wire(entry.token, entry.logprob, entry.bytes)
+            tops = [self._wire(t.token, t.logprob, t.bytes) for t in entry.top_logprobs or []]
+            positions.append(ranked_position(tops, sampled, top_k))
+        return positions
 
     async def sample(
         self,

@@ -7,7 +7,6 @@ given text (vLLM).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import openai
@@ -18,7 +17,6 @@ from .base import (
     Draft,
     Position,
     RemoteBadResponse,
-    RemoteError,
     RemoteRejected,
     Sample,
     ScoredText,
@@ -27,11 +25,8 @@ from .base import (
 from .draft_stream import StreamedDraft
 from .http import HTTPAdapter, sum_logprobs
 from .profiles import LLAMA_CPP, ServerProfile
-from .retry import call_with_retries
 from .templates import ChatTemplate
 from .wire import ranked_position
-
-log = logging.getLogger(__name__)
 
 
 class CompletionsAdapter(HTTPAdapter):
@@ -72,10 +67,9 @@ class CompletionsAdapter(HTTPAdapter):
         self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
     ) -> StreamedDraft | None:
         """See :meth:`adapters.base.DraftStreamingAdapter.stream_draft`: the request of
-        :meth:`draft` with ``stream`` on and its usage asked for at the end (counted by
-        :meth:`count_prompt_tokens` where the server's streams report none)."""
+        :meth:`draft` with ``stream`` on (:meth:`adapters.http.HTTPAdapter._open_stream`)."""
         text, pending = split_incomplete_utf8(ctx.assistant_prefix)
-        if n_tokens < 2 or pending:
+        if n_tokens < 2 or pending or not self.capabilities.streams_drafts:
             return None
         prompt = self.render(ctx) + text
         body = self._body(n_tokens, top_k, greedy, seed)
@@ -94,43 +88,11 @@ class CompletionsAdapter(HTTPAdapter):
                 extra_body=body or None,
             )
 
-        stream = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
-
         def positions(chunk: Any) -> list[Position]:
             return self._positions(chunk.choices[0].logprobs, top_k) if chunk.choices else []
 
-        def usage(chunk: Any) -> int | None:
-            return chunk.usage.prompt_tokens if getattr(chunk, "usage", None) is not None else None
-
-        async def count() -> int | None:
-            return await self.count_prompt_tokens(prompt)
-
-        return StreamedDraft(
-            stream,
-            positions=positions,
-            usage=usage,
-            prefix=ctx.assistant_prefix,
-            eot=self._eot(),
-            what=f"model {self.name!r}",
-            count=count,
-        )
-
-    async def count_prompt_tokens(self, prompt: str) -> int | None:
-        """The server's count of ``prompt``'s tokens (:attr:`adapters.profiles.ServerProfile.token_count`),
-        or None where the profile has no such endpoint or the server does not answer it (logged)."""
-        if self.profile.token_count is None:
-            return None
-        path, field = self.profile.token_count
-
-        async def call() -> Any:
-            return await self._client.post(self._root + path, cast_to=object, body={"model": self.model, field: prompt})
-
-        try:
-            answer = await call_with_retries(call, self.retry, f"model {self.name!r} {path}", secret=self._secret)
-            return int(answer["count"])
-        except (RemoteError, KeyError, TypeError, ValueError) as exc:
-            log.warning("model %r: the prompt's tokens were not counted (%s); usage.prompt_tokens is 0", self.name, exc)
-            return None
+        assert self.profile.token_count is not None  # streams_drafts
+        return await self._open_stream(call, positions, ctx.assistant_prefix, {self.profile.token_count[1]: prompt})
 
     def _positions(self, lp: Any, top_k: int) -> list[Position]:
         """The positions of a choice's (or a stream chunk's) ``logprobs``, best ``top_k`` first."""

@@ -65,6 +65,9 @@ class ServerProfile:
     carries the text (``POST {field: text}`` → ``{"count": n}``: llama-cpp-python's
     ``/extras/tokenize/count``, vLLM's ``/tokenize``): the usage of a streamed draft that
     reports none (llama-cpp-python's streams never do; a stream closed early has no end)."""
+    tokenize_chat: bool = False
+    """Whether that endpoint also counts chat messages (``{"messages": …}`` with the prefill's
+    body fields, vLLM's ``/tokenize``): the chat adapter streams drafts only then."""
     seed_field: str | None = "seed"
     """The request field that seeds its sampling (``seed``; Mistral's ``random_seed``); ``None``:
     it takes none, and none is sent."""
@@ -87,6 +90,7 @@ VLLM = ServerProfile(
     prefill=ChatPrefill(body=_frozen(continue_final_message=True, add_generation_prompt=False)),
     prompt_logprobs=True,
     token_count=("/tokenize", "prompt"),
+    tokenize_chat=True,
 )
 DEEPSEEK = ServerProfile("deepseek", prefill=ChatPrefill(message=_frozen(prefix=True)))
 NONE = ServerProfile("none")

@@ -14,6 +14,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient
 from fakes import FakeRemote, cand, script
+from wire_streams import streaming
 
 from adapters.base import ContextExhausted, RemoteBadResponse
 from adapters.openai_chat import ChatAdapter
@@ -184,7 +185,7 @@ def chat_step(
 
 def mock_client(handler) -> openai.DefaultAsyncHttpxClient:
     """An SDK http client whose transport calls ``handler(request) -> Response`` (may raise)."""
-    return openai.DefaultAsyncHttpxClient(transport=httpx.MockTransport(handler))
+    return openai.DefaultAsyncHttpxClient(transport=httpx.MockTransport(streaming(handler)))
 
 
 FAST_RETRY = RetryPolicy(attempts=3, total_seconds=5, initial_backoff=0.01, max_backoff=0.05)

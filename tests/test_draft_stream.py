@@ -1,10 +1,11 @@
-"""Streamed drafts of a raw ``/v1/completions`` remote (llama.cpp's and vLLM's servers), through a
-mock transport that answers with their server-sent events as the openai SDK's
-``Completion`` chunks type them (the wire shapes of llama-cpp-python's and vLLM's streams:
-one token per chunk with its ``logprobs``, vLLM's usage in a last chunk without choices when
-``stream_options.include_usage`` asks, llama-cpp-python's never, its prompt counted by
-``POST /extras/tokenize/count``). Fault injection: a stream cut after some positions, and
-before any. The real servers' streams are tested in ``tests/test_llama_server.py``."""
+"""Streamed drafts of a raw ``/v1/completions`` remote (llama.cpp's and vLLM's servers) and of
+vLLM's chat endpoint, through a mock transport that answers with their server-sent events as
+the openai SDK's ``Completion`` and ``ChatCompletionChunk`` types shape them (the wire shapes
+of llama-cpp-python's and vLLM's streams: one token per chunk with its ``logprobs``, vLLM's
+usage in a last chunk without choices when ``stream_options.include_usage`` asks,
+llama-cpp-python's never, its prompt counted by ``POST /extras/tokenize/count``, vLLM's by
+``POST /tokenize``). Fault injection: a stream cut after some positions, and before any. The
+real servers' streams are tested in ``tests/test_llama_server.py`` and ``tests/test_vllm.py``."""
 
 from __future__ import annotations
 
@@ -22,6 +23,21 @@ from proxy.registry import build_model
 MSG = ({"role": "user", "content": "Capital of France?"},)
 ANSWER = [" The", " capital", " of", " France", " is", " Paris", "."]
 ROOT = "http://upstream.test"
+
+
+def _chat_chunk(token: str | None, finish: str | None = None, k: int = 3) -> dict:
+    entry = None
+    if token is not None:
+        tops = [{"token": token, "logprob": -0.1, "bytes": list(token.encode())}]
+        tops += [{"token": f" x{j}", "logprob": -3.0 - j, "bytes": list(f" x{j}".encode())} for j in range(k - 1)]
+        entry = {"content": [{"token": token, "logprob": -0.1, "bytes": list(token.encode()), "top_logprobs": tops}]}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": token or ""}, "logprobs": entry, "finish_reason": finish}],
+    }
 
 
 def _chunk(token: str | None, finish: str | None = None, k: int = 3) -> dict:
@@ -72,23 +88,29 @@ class StreamingUpstream:
     def handler(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         body = json.loads(request.content)
-        if request.url.path == "/extras/tokenize/count":
+        if request.url.path in ("/extras/tokenize/count", "/tokenize"):
             return httpx.Response(200, json={"count": 17})
-        done = body["prompt"].rsplit("<|im_start|>assistant\n", 1)[-1]
+        chat = request.url.path.endswith("/chat/completions")
+        if chat:
+            last = body["messages"][-1]
+            done = last["content"] if last["role"] == "assistant" else ""
+        else:
+            done = body["prompt"].rsplit("<|im_start|>assistant\n", 1)[-1]
         rest, text = [], ""
         for t in ANSWER:
             if len(text) >= len(done):
                 rest.append(t)
             text += t
         toks = rest[: body["max_tokens"]]
-        events = [_chunk(t) for t in toks]
-        events.append(_chunk(None, "stop" if len(toks) == len(rest) else "length"))
+        make = _chat_chunk if chat else _chunk
+        events = [make(t) for t in toks]
+        events.append(make(None, "stop" if len(toks) == len(rest) else "length"))
         if self.usage and (body.get("stream_options") or {}).get("include_usage"):
             n = len(toks)
             events.append(
                 {
                     "id": "cmpl-1",
-                    "object": "text_completion",
+                    "object": "chat.completion.chunk" if chat else "text_completion",
                     "created": 1,
                     "model": "m",
                     "choices": [],
@@ -140,6 +162,48 @@ async def test_a_streamed_draft_gives_the_answer_and_its_usage(sampling):
         assert json.loads(counted[0].content)["input"] == drafts[0]["prompt"]
     assert stats.remote_calls == 2 and stats.draft_tokens == len(ANSWER) + 1
     await model.aclose()
+
+
+@pytest.mark.parametrize("usage", [True, False])
+async def test_vllm_chat_streams_its_drafts_and_counts_the_messages_where_no_usage_came(usage):
+    upstream = StreamingUpstream(usage=usage)
+    cfg = ModelConfig(backend="openai-chat", prefill="vllm", base_url=ROOT + "/v1", remote_model="m")
+    model = build_model("m", cfg, http_client=upstream.client())
+    assert model.adapter.capabilities.streams_drafts
+    text, stats = await _answer(model, max_tokens=32, temperature=0.0)
+    assert text == "".join(ANSWER)
+    drafts = [b for b in upstream.bodies() if "messages" in b and "max_tokens" in b]
+    assert len(drafts) == 2 and all(b["stream"] is True and b["logprobs"] is True for b in drafts)
+    assert drafts[1]["messages"][-1] == {"role": "assistant", "content": "".join(ANSWER)}
+    assert drafts[1]["continue_final_message"] is True and drafts[1]["add_generation_prompt"] is False
+    counted = [json.loads(r.content) for r in upstream.requests if r.url.path == "/tokenize"]
+    if usage:
+        assert stats.prompt_tokens == 9 and not counted
+    else:  # the first round's messages, as its request sent them
+        assert stats.prompt_tokens == 17 and counted == [{"model": "m", "messages": drafts[0]["messages"]}]
+    await model.aclose()
+
+
+def test_only_servers_whose_prompt_can_be_counted_stream_drafts(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    chat = {
+        p: build_model("m", ModelConfig(backend="openai-chat", prefill=p, base_url=ROOT + "/v1", remote_model="m"))
+        for p in ("vllm", "llama.cpp", "deepseek")
+    }
+    assert chat["vllm"].adapter.capabilities.streams_drafts
+    assert not chat["llama.cpp"].adapter.capabilities.streams_drafts  # llama-server's count endpoint differs
+    assert not chat["deepseek"].adapter.capabilities.streams_drafts  # hosted: a closed stream's usage is lost
+    raw = {
+        p: build_model(
+            "m",
+            ModelConfig(
+                backend="openai-completions", sampling=p, base_url=ROOT + "/v1", remote_model="m", template="chatml"
+            ),
+        )
+        for p in ("vllm", "llama.cpp", "none")
+    }
+    assert raw["vllm"].adapter.capabilities.streams_drafts and raw["llama.cpp"].adapter.capabilities.streams_drafts
+    assert not raw["none"].adapter.capabilities.streams_drafts
 
 
 async def test_a_stream_cut_after_some_positions_ends_the_draft_there_and_the_answer_goes_on(caplog):

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+from wire_streams import answer_as
 
 from adapters.base import Context, RemoteRejected
 from adapters.profiles import PROVIDERS
@@ -151,10 +152,10 @@ class Upstream:
         if self.reply is not None:
             return self.reply(request, body)
         if request.url.path.endswith("/chat/completions"):
-            return httpx.Response(200, json=chat_body(body))
+            return answer_as(body, chat_body(body))
         if request.url.path.endswith("/responses"):
             return httpx.Response(200, json=responses_body(body))
-        return httpx.Response(200, json=completion_body(body))
+        return answer_as(body, completion_body(body))
 
     def client(self) -> openai.DefaultAsyncHttpxClient:
         return openai.DefaultAsyncHttpxClient(transport=httpx.MockTransport(self.handler))

@@ -314,3 +314,47 @@ def test_remote_mode_combined_logits(vllm_server, smollm2_dir, smollm2_offset):
     combined[batch["labels"] != IGNORE].logsumexp(-1).sum().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads  # the adapter learns through the support's l_U (l_R and l_B are constants)
+
+
+@pytest.mark.parametrize("backend", ["openai-chat", "openai-completions"])
+async def test_streamed_drafts_give_whole_drafts_answers_and_usage(vllm_server, smollm2_offset, backend):
+    """vLLM's chat (``prefill = "vllm"``) and raw completions (``sampling = "vllm"``) models
+    stream their drafts and close them at the first replaced token: the same text and usage
+    as whole drafts (greedy, with an offset that replaces tokens, and at α = 0), the usage
+    from the stream's last chunk or, for a stream closed early, from vLLM's ``POST /tokenize``
+    (of the chat messages with the prefill's fields, or of the prompt)."""
+    import dataclasses
+
+    if backend == "openai-chat":
+        cfg = vllm_model(vllm_server, pair="smollm2", offset=str(smollm2_offset), same_tokenizer=True)
+    else:
+        cfg = ModelConfig(
+            backend="openai-completions",
+            sampling="vllm",
+            template="chatml",
+            base_url=vllm_server,
+            remote_model="smollm2",
+            pair="smollm2",
+            offset=str(smollm2_offset),
+            same_tokenizer=True,
+            client_alpha="any",
+        )
+    pairs: dict = {}
+    streamed = build_model("streamed", cfg, pairs=pairs)
+    whole = build_model("whole", cfg, pairs=pairs)
+    assert streamed.adapter.capabilities.streams_drafts
+    whole.adapter.capabilities = dataclasses.replace(whole.adapter.capabilities, streams_drafts=False)
+    try:
+        for alpha in (0.0, 8.0):  # a stream read to its end, and streams closed early
+            ctx = Context(messages=({"role": "user", "content": PROMPTS[1]},))
+            out = []
+            for model in (streamed, whole):
+                stats = ChoiceStats()
+                params = SamplingParams(max_tokens=24, temperature=0, alpha=alpha)
+                text = "".join([p.text async for p in model.generate(ctx, params, stats=stats)])
+                out.append((text, stats.prompt_tokens, stats.completion_tokens))
+            assert out[0] == out[1], alpha
+            assert out[0][1] and out[0][1] > 5
+    finally:
+        await streamed.aclose()
+        await whole.aclose()

@@ -18,17 +18,23 @@ from proxy.decoding.text import inside_character
 
 
 class Drafted:
-    """The positions of one round; ``prefix`` is the accepted text the draft continues."""
+    """The positions of one round: ``positions`` (a whole draft, with its usage's
+    ``prompt_tokens``) or ``stream``; ``prefix`` is the accepted text the draft continues and
+    ``n`` the positions asked for."""
 
     def __init__(
-        self, prefix: bytes, n: int, positions: Sequence[Position] = (), stream: DraftStream | None = None
+        self,
+        prefix: bytes,
+        n: int,
+        positions: Sequence[Position] = (),
+        stream: DraftStream | None = None,
+        prompt_tokens: int | None = None,
     ) -> None:
         self.n = n
         self._text = prefix
         self._positions: list[Position] = []
         self._stream = stream
-        self.prompt_tokens: int | None = None
-        """The whole draft's usage count (a streamed one's: :meth:`prompt_token_count`)."""
+        self._prompt_tokens = prompt_tokens  # a whole draft's usage count
         self._ended = stream is None
         self.closed = False
         for pos in positions:
@@ -82,7 +88,7 @@ class Drafted:
         (:meth:`adapters.base.DraftStream.prompt_token_count`, once it is closed)."""
         if self._stream is not None:
             return await self._stream.prompt_token_count()
-        return self.prompt_tokens
+        return self._prompt_tokens
 
     async def close(self) -> None:
         """End a streamed draft's request (nothing for a whole draft)."""

@@ -321,9 +321,7 @@ class TokenDecoder:
         stats.remote_calls += draft.calls - 1
         if not draft.positions:
             raise RemoteBadResponse("the upstream returned no positions")
-        drafted = Drafted(ctx.assistant_prefix, n, draft.positions)
-        drafted.prompt_tokens = draft.prompt_tokens
-        return drafted
+        return Drafted(ctx.assistant_prefix, n, draft.positions, prompt_tokens=draft.prompt_tokens)
 
     @staticmethod
     async def _end_round(drafted: Drafted, n: int, stats: ChoiceStats, *, count: bool = True) -> None:

@@ -307,9 +307,9 @@ class DraftStream(Protocol):
     :class:`Draft` of the same call holds): iterate, then ask :meth:`prompt_token_count`;
     :meth:`aclose` ends the request where the decoder needs no more (the remote stops).
 
-    Iterating raises :class:`RemoteUnavailable` or :class:`RemoteBadResponse` only before the
-    first position: a stream cut later ends the draft at the positions received (a draft's
-    prefix is a draft)."""
+    Iterating raises a :class:`RemoteError` (:class:`RemoteUnavailable` for a stream that
+    broke off) only before the first position: a stream cut later ends the draft at the
+    positions received (a draft's prefix is a draft)."""
 
     async def prompt_token_count(self) -> int | None:
         """The remote's count of prompt tokens once the stream ended, where it can give one."""
@@ -319,7 +319,10 @@ class DraftStream(Protocol):
 
     async def __anext__(self) -> Position: ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self, *, drain: float = 0.0) -> None:
+        """End the request; ``drain``: seconds a stream read to its last position may take to
+        end by itself first (its usage chunk)."""
+        ...
 
 
 @runtime_checkable
@@ -330,9 +333,9 @@ class DraftStreamingAdapter(Protocol):
         self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
     ) -> DraftStream | None:
         """:meth:`RemoteAdapter.draft`'s positions as a stream (the same request, sampling and
-        positions), opened with the same retries; None where this context needs a whole
-        draft (``n_tokens`` of 1, or an accepted text that ends inside a character, which
-        :meth:`RemoteAdapter.draft` heals).
+        positions), opened with the same retries; None where this call needs a whole draft
+        (``n_tokens`` of 1, an accepted text that ends inside a character, which
+        :meth:`RemoteAdapter.draft` heals, or a context the adapter does not stream).
 
         Raises:
             RemoteUnavailable, RemoteRejected: as :meth:`RemoteAdapter.draft`, when opening.

@@ -16,6 +16,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import httpx2
+import openai
+
 from .base import Candidate, Position, RemoteBadResponse, RemoteError, RemoteUnavailable
 from .utf8 import strip_held_back
 
@@ -77,10 +80,14 @@ class StreamedDraft:
             raise
         except RemoteError as exc:
             self._failed(exc, raw)
-        except Exception as exc:  # the transport's or the SDK's: the stream broke off
+        except (httpx2.HTTPError, openai.APIError, ValueError) as exc:  # the stream broke off, or garbled
             self._failed(RemoteUnavailable(f"{self._what}: the draft's stream failed: {exc}"), raw)
+        except Exception as exc:  # not the remote's doing: the caller sees it, never a cut draft
+            self._queue.put_nowait(exc)
         finally:
             self._queue.put_nowait(_END)
+            with contextlib.suppress(Exception):  # a broken connection is closed all the same
+                await self._stream.close()
 
     def _failed(self, exc: RemoteError, raw: list[Position]) -> None:
         """Before any position the error is the draft's; after, the draft ends where it broke."""
@@ -109,10 +116,11 @@ class StreamedDraft:
             self._count = None
         return self._prompt_tokens
 
-    async def aclose(self) -> None:
-        """End the request: the reading task is cancelled and the response closed."""
+    async def aclose(self, *, drain: float = 0.0) -> None:
+        """End the request: the reading task is cancelled and the response closed; with
+        ``drain`` (seconds), a stream already read to its last position is first given that
+        long to end by itself, so that its usage chunk arrives."""
+        if drain > 0 and not self._task.done():
+            await asyncio.wait({self._task}, timeout=drain)
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        with contextlib.suppress(Exception):  # a broken connection is closed all the same
-            await self._stream.close()
+        await asyncio.wait({self._task})

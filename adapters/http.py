@@ -40,6 +40,9 @@ from .wire import candidate_from_wire, wire_logprob
 
 log = logging.getLogger(__name__)
 
+#: Retries of a token count (:meth:`HTTPAdapter.count_tokens`): two attempts within 5 s.
+COUNT_RETRY = RetryPolicy(attempts=2, total_seconds=5.0)
+
 
 class HTTPAdapter:
     """Client construction, retries and the EOT convention shared by both adapters.
@@ -248,7 +251,8 @@ class HTTPAdapter:
     async def count_tokens(self, fields: dict[str, Any]) -> int | None:
         """The server's count of a prompt's tokens (:attr:`adapters.profiles.ServerProfile.token_count`'s
         endpoint, ``fields`` the prompt's body fields), or None where the profile has no such
-        endpoint or the server does not answer it (logged)."""
+        endpoint or the server does not answer it within :data:`COUNT_RETRY` (logged): usage
+        is not worth holding an answer back for long."""
         if self.profile.token_count is None:
             return None
         path = self.profile.token_count[0]
@@ -257,7 +261,7 @@ class HTTPAdapter:
             return await self._client.post(self._root + path, cast_to=object, body={"model": self.model, **fields})
 
         try:
-            answer = await call_with_retries(call, self.retry, f"model {self.name!r} {path}", secret=self._secret)
+            answer = await call_with_retries(call, COUNT_RETRY, f"model {self.name!r} {path}", secret=self._secret)
             return int(answer["count"])
         except (RemoteError, KeyError, TypeError, ValueError) as exc:
             log.warning("model %r: the prompt's tokens were not counted (%s); usage.prompt_tokens is 0", self.name, exc)

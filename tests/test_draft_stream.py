@@ -78,8 +78,11 @@ class StreamingUpstream:
     prompt's assistant text; ``usage``: vLLM's last usage chunk; ``cut``: per request, where
     its stream breaks off (None: it does not)."""
 
-    def __init__(self, *, usage: bool, cuts: list[int | None] | None = None) -> None:
+    def __init__(
+        self, *, usage: bool, cuts: list[int | None] | None = None, count_status: int = 200, whole_status: int = 200
+    ) -> None:
         self.usage, self.cuts = usage, list(cuts or [])
+        self.count_status, self.whole_status = count_status, whole_status
         self.requests: list[httpx.Request] = []
 
     def bodies(self) -> list[dict]:
@@ -89,6 +92,8 @@ class StreamingUpstream:
         self.requests.append(request)
         body = json.loads(request.content)
         if request.url.path in ("/extras/tokenize/count", "/tokenize"):
+            if self.count_status != 200:
+                return httpx.Response(self.count_status, json={"detail": "Not Found"})
             return httpx.Response(200, json={"count": 17})
         chat = request.url.path.endswith("/chat/completions")
         if chat:
@@ -117,8 +122,32 @@ class StreamingUpstream:
                     "usage": {"prompt_tokens": 9, "completion_tokens": n, "total_tokens": 9 + n},
                 }
             )
-        if not body.get("stream"):
-            raise AssertionError("a draft of several tokens is streamed")
+        if not body.get("stream"):  # a whole draft (after a stream that broke off)
+            if self.whole_status != 200:
+                return httpx.Response(self.whole_status, json={"error": {"message": "overloaded"}})
+            choice: dict = {
+                "index": 0,
+                "text": "".join(toks),
+                "finish_reason": events[-1]["choices"][0]["finish_reason"],
+            }
+            choice["logprobs"] = {
+                "tokens": toks,
+                "token_logprobs": [-0.1] * len(toks),
+                "top_logprobs": [e["choices"][0]["logprobs"]["top_logprobs"][0] for e in events[: len(toks)]],
+                "text_offset": [0] * len(toks),
+            }
+            usage = {"prompt_tokens": 9, "completion_tokens": len(toks), "total_tokens": 9 + len(toks)}
+            return httpx.Response(
+                200,
+                json={
+                    "id": "c",
+                    "object": "text_completion",
+                    "created": 1,
+                    "model": "m",
+                    "choices": [choice],
+                    "usage": usage,
+                },
+            )
         cut = self.cuts.pop(0) if self.cuts else None
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_Events(events, cut))
 
@@ -218,11 +247,33 @@ async def test_a_stream_cut_after_some_positions_ends_the_draft_there_and_the_an
     await model.aclose()
 
 
-async def test_a_stream_cut_before_any_position_is_the_remote_unavailable():
+async def test_a_stream_cut_before_any_position_is_asked_again_whole(caplog):
     upstream = StreamingUpstream(usage=True, cuts=[0])
     model = _model("vllm", upstream)
-    with pytest.raises(RemoteUnavailable, match="stream failed"):
+    text, stats = await _answer(model, max_tokens=32, temperature=0.0)
+    assert text == "".join(ANSWER) and stats.prompt_tokens == 9
+    drafts = [b for b in upstream.bodies() if "max_tokens" in b]
+    assert drafts[0]["stream"] is True and "stream" not in drafts[1]  # the same draft, whole
+    assert drafts[1]["prompt"] == drafts[0]["prompt"] and drafts[1]["max_tokens"] == drafts[0]["max_tokens"]
+    assert "asked for again, whole" in caplog.text
+    await model.aclose()
+
+
+async def test_a_whole_draft_that_fails_after_a_broken_stream_is_the_remote_unavailable():
+    upstream = StreamingUpstream(usage=True, cuts=[0], whole_status=503)
+    model = _model("vllm", upstream)
+    with pytest.raises(RemoteUnavailable):
         await _answer(model, max_tokens=32, temperature=0.0)
+    await model.aclose()
+
+
+async def test_a_count_that_fails_is_asked_once_and_the_answer_is_whole(caplog):
+    upstream = StreamingUpstream(usage=False, count_status=404)
+    model = _model("llama.cpp", upstream)
+    text, stats = await _answer(model, max_tokens=32, temperature=0.0)
+    assert text == "".join(ANSWER) and stats.prompt_tokens is None  # reported as 0
+    assert len([r for r in upstream.requests if r.url.path == "/extras/tokenize/count"]) == 1
+    assert "the prompt's tokens were not counted" in caplog.text
     await model.aclose()
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class GuidedDecoder:
 
     async def generate(
         self, base: Context, params: SamplingParams, rng: np.random.Generator, stats: ChoiceStats
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         """Decode one choice; yields :class:`Piece` objects, the last with a finish reason.
 
         Raises:

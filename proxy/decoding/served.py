@@ -9,6 +9,7 @@ torch types here: the pair runs on its worker threads behind :meth:`ServedModel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -182,9 +183,13 @@ class ServedModel:
         if self.mode == "sequence":
             yield await self._sequence.generate(base, params, rng, stats)
             return
+        # aclosing: a consumer that stops early (a client gone) closes the decoder at once, and with
+        # it a streamed draft's request, not when the generator is collected.
         if self.mode == "guided":
-            async for piece in self._guided.generate(base, params, rng, stats):
-                yield piece
+            async with contextlib.aclosing(self._guided.generate(base, params, rng, stats)) as pieces:
+                async for piece in pieces:
+                    yield piece
             return
-        async for piece in self._token.generate(base, params, rng, stats):
-            yield piece
+        async with contextlib.aclosing(self._token.generate(base, params, rng, stats)) as pieces:
+            async for piece in pieces:
+                yield piece

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,12 +22,11 @@ from adapters.base import (
     Candidate,
     Context,
     ContextExhausted,
-    DraftStreamingAdapter,
     Position,
     RemoteBadResponse,
     find_token,
 )
-from proxy.decoding.drafts import Drafted
+from proxy.decoding.drafts import open_draft
 from proxy.decoding.offset import NoUsableCandidates, choose, flip_margin, predicted_acceptance, target_logits
 from proxy.decoding.protocols import Served
 from proxy.decoding.speculative import PREDICT_ABOVE, DraftLength, speculative_pick
@@ -48,7 +47,7 @@ class TokenDecoder:
 
     async def generate(
         self, base: Context, params: SamplingParams, rng: np.random.Generator, stats: ChoiceStats
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         """Decode one choice token by token; yields :class:`Piece` objects, the last with a
         finish reason.
 
@@ -84,6 +83,7 @@ class TokenDecoder:
         batcher = getattr(self.model.pair, "batcher", None) if aligner is not None else None
         if batcher is not None:
             batcher.open_stream()
+        first_round = True  # the request's usage counts its first call's prompt
         try:
             while stats.completion_tokens < params.max_tokens and not context_full:
                 pair_before = stats.pair_seconds
@@ -94,7 +94,7 @@ class TokenDecoder:
                 seed = int(rng.integers(2**31)) if params.seed is not None and n > 1 else None
                 called = time.perf_counter()
                 try:
-                    drafted = await self._draft(ctx, n, greedy=greedy, seed=seed, stats=stats)
+                    drafted = await open_draft(self.model, ctx, n, greedy=greedy, seed=seed, stats=stats)
                 except ContextExhausted:
                     if n > 1 and lengths is not None:
                         # Servers such as vLLM refuse prompt + max_tokens beyond their context:
@@ -115,8 +115,8 @@ class TokenDecoder:
                 # out-of-scope draft costs one pass and an in-scope one little wasted work. A
                 # streamed draft's chunk is scored as soon as it has arrived, while the remote
                 # writes the rest, and the stream is closed at the first replaced token (the
-                # remote stops). Chunks are not capped while streaming: on a remote that shares
-                # the pair's cores, scoring beside it slowed both (docs/benchmarks.md).
+                # remote stops). Chunks grow as for a whole draft: capping them to score beside
+                # the remote slowed both where they share the cores (docs/benchmarks.md).
                 done, chunk, more = 0, lengths.expected_run() if lengths is not None else 1, True
                 failed = False
                 try:
@@ -145,10 +145,12 @@ class TokenDecoder:
                             if done + j >= direct and lengths is not None:
                                 stats.accepted_tokens += int(ok)
                                 lengths.update(int(ok), 1)
+                            if not ok:
+                                await drafted.close()  # the remote stops now, not after this token's commit
                             chosen = cands[idx]
                             stats.completion_tokens += 1
                             if chosen.is_eot:
-                                await self._end_round(drafted, n, stats)  # the usage is final before the last piece
+                                await drafted.end_round(stats, first_round)  # usage final before the last piece
                                 yield releaser.finish("stop")
                                 return
                             assert chosen.data is not None
@@ -164,7 +166,7 @@ class TokenDecoder:
                                     ids.append(chosen.token_id)
                             piece = releaser.push(tok)
                             if piece.finish_reason is not None:
-                                await self._end_round(drafted, n, stats)
+                                await drafted.end_round(stats, first_round)
                                 yield piece
                                 return
                             yield piece
@@ -178,11 +180,13 @@ class TokenDecoder:
                     failed = True
                     raise
                 finally:
-                    await self._end_round(drafted, n, stats, count=not failed)
+                    ended = time.perf_counter()
+                    await drafted.end_round(stats, first_round and not failed)
+                first_round = False
                 if lengths is not None:  # the round's cost, for the next drafts' lengths
                     # (a streamed round's pair passes overlap the remote: its wall time)
                     if drafted.streamed:
-                        seconds = time.perf_counter() - called
+                        seconds = ended - called
                     else:
                         seconds = remote_s + stats.pair_seconds - pair_before
                     self.model.draft_cost.observe(drafted.received, seconds)
@@ -293,47 +297,6 @@ class TokenDecoder:
                 len(pos.candidates),
             )
         return ell - float(np.logaddexp.reduce(every)) if every.size else ell
-
-    async def _draft(self, ctx: Context, n: int, *, greedy: bool, seed: int | None, stats: ChoiceStats) -> Drafted:
-        """One remote call for up to ``n`` positions (:class:`proxy.decoding.drafts.Drafted`):
-        streamed where the remote streams drafts, else whole.
-
-        Raises:
-            ContextExhausted: the remote's context is full.
-            RemoteBadResponse: no position.
-        """
-        adapter = self.model.adapter
-        stats.remote_calls += 1
-        if adapter.capabilities.streams_drafts and isinstance(adapter, DraftStreamingAdapter):
-            stream = await adapter.stream_draft(ctx, n_tokens=n, top_k=self.model.top_k, seed=seed, greedy=greedy)
-            if stream is not None:
-                # Its first position is read here: an error before it (a full context, a failed
-                # stream) is the call's, as a whole draft's would be.
-                drafted = Drafted(ctx.assistant_prefix, n, stream=stream)
-                try:
-                    if not await drafted.get(0, 1):
-                        raise RemoteBadResponse("the upstream returned no positions")
-                except BaseException:
-                    await drafted.close()
-                    raise
-                return drafted
-        draft = await adapter.draft(ctx, n_tokens=n, top_k=self.model.top_k, seed=seed, greedy=greedy)
-        stats.remote_calls += draft.calls - 1
-        if not draft.positions:
-            raise RemoteBadResponse("the upstream returned no positions")
-        return Drafted(ctx.assistant_prefix, n, draft.positions, prompt_tokens=draft.prompt_tokens)
-
-    @staticmethod
-    async def _end_round(drafted: Drafted, n: int, stats: ChoiceStats, *, count: bool = True) -> None:
-        """Close the round's draft (a streamed one's request ends), count its drafted tokens
-        and, with ``count`` (not on an error), the remote's prompt tokens where unknown. Once per round."""
-        if drafted.closed:
-            return
-        await drafted.close()
-        if n > 1:
-            stats.draft_tokens += drafted.received
-        if count and stats.prompt_tokens is None:
-            stats.prompt_tokens = await drafted.prompt_token_count()
 
     async def _score(
         self, positions: Sequence[Position], aligner: Any, stats: ChoiceStats

@@ -21,6 +21,7 @@ Source: the OpenAI API reference for ``POST /v1/responses`` and the openai SDK's
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -294,10 +295,11 @@ async def respond(job: Job, req: ResponsesRequest) -> dict[str, Any]:
         adapters.base.RemoteError, DecodingError: the choice failed.
     """
     built = ResponseBuilder(job, req)
-    async for piece in _pieces(job):
-        built.text += piece.text
-        built.tokens.extend(piece.tokens)
-        built.finish = piece.finish_reason or built.finish
+    async with contextlib.aclosing(_pieces(job)) as pieces:
+        async for piece in pieces:
+            built.text += piece.text
+            built.tokens.extend(piece.tokens)
+            built.finish = piece.finish_reason or built.finish
     return built.response(built.status, [built.item(built.status)])
 
 
@@ -327,26 +329,27 @@ async def respond_stream(job: Job, req: ResponsesRequest) -> AsyncGenerator[dict
 
     opened = False
     where = {"item_id": built.item_id, "output_index": 0, "content_index": 0}
-    async for piece in _pieces(job):
-        if not opened:
-            opened = True
-            yield event("response.created", response=built.response("in_progress"))
-            yield event("response.in_progress", response=built.response("in_progress"))
-            yield event("response.output_item.added", output_index=0, item=built.item("in_progress"))
-            yield event("response.content_part.added", **where, part=built.part(False))
-        built.tokens.extend(piece.tokens)
-        if piece.text or piece.tokens:
-            built.text += piece.text
-            if built.refused:
-                yield event("response.refusal.delta", **where, delta=piece.text)
-            else:
-                yield event(
-                    "response.output_text.delta",
-                    **where,
-                    delta=piece.text,
-                    logprobs=[_logprob(t, with_bytes=False) for t in piece.tokens] if job.params.logprobs else [],
-                )
-        built.finish = piece.finish_reason or built.finish
+    async with contextlib.aclosing(_pieces(job)) as pieces:
+        async for piece in pieces:
+            if not opened:
+                opened = True
+                yield event("response.created", response=built.response("in_progress"))
+                yield event("response.in_progress", response=built.response("in_progress"))
+                yield event("response.output_item.added", output_index=0, item=built.item("in_progress"))
+                yield event("response.content_part.added", **where, part=built.part(False))
+            built.tokens.extend(piece.tokens)
+            if piece.text or piece.tokens:
+                built.text += piece.text
+                if built.refused:
+                    yield event("response.refusal.delta", **where, delta=piece.text)
+                else:
+                    yield event(
+                        "response.output_text.delta",
+                        **where,
+                        delta=piece.text,
+                        logprobs=[_logprob(t, with_bytes=False) for t in piece.tokens] if job.params.logprobs else [],
+                    )
+            built.finish = piece.finish_reason or built.finish
     if not opened:  # an empty answer still gets its events
         yield event("response.created", response=built.response("in_progress"))
         yield event("response.in_progress", response=built.response("in_progress"))

@@ -11,8 +11,9 @@ Prints ``base_url: http://127.0.0.1:PORT/v1`` once it listens.
 with ``logprobs`` and ``top_logprobs`` (the bytes included), continuing a
 final assistant message the way vLLM does (``continue_final_message``) or
 llama.cpp does (a final assistant message is continued); after the text it
-ends the turn (``<|im_end|>``, ``finish_reason: "stop"``). ``GET /v1/models``
-lists ``fake``. ``GET /stats`` returns the call and fault counters.
+ends the turn (``<|im_end|>``, ``finish_reason: "stop"``); with ``stream: true`` as vLLM
+streams it (a chunk per token, the usage where ``stream_options`` asks). ``POST /tokenize``
+counts a prompt as the usage does. ``GET /v1/models`` lists ``fake``. ``GET /stats`` returns the call and fault counters.
 
 With ``--fault-rate r`` a fraction r of the calls fail, chosen by a seeded
 generator, in turn as: HTTP 500; HTTP 503 with ``Retry-After: 0``; HTTP 429
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import random
 from collections import Counter
@@ -100,6 +102,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         content.append(_entry(tok, math.log(0.9), max(1, top_k), pos))
         text += tok
     stats["tokens"] += len(content)
+    if body.get("stream"):
+        return await _stream(request, body, content, finish)
     return web.json_response(
         {
             "id": f"chatcmpl-fake-{stats['calls']}",
@@ -117,6 +121,40 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "usage": {"prompt_tokens": 12, "completion_tokens": len(content), "total_tokens": 12 + len(content)},
         }
     )
+
+
+async def _stream(
+    request: web.Request, body: dict[str, Any], content: list[dict[str, Any]], finish: str
+) -> web.StreamResponse:
+    """The answer as vLLM streams it: a ``chat.completion.chunk`` per token with its logprobs,
+    the finish reason, the usage in a last chunk without choices where asked, then ``[DONE]``.
+    A client that goes away ends it."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    head = {"id": f"chatcmpl-fake-{request.app[STATS]['calls']}", "object": "chat.completion.chunk", "created": 0}
+    head["model"] = body.get("model", "fake")
+    chunks = [
+        {**head, "choices": [{"index": 0, "delta": {"content": e["token"]}, "logprobs": {"content": [e]}}]}
+        for e in content
+    ]
+    chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    if (body.get("stream_options") or {}).get("include_usage"):
+        n = len(content)
+        usage = {"prompt_tokens": 12, "completion_tokens": n, "total_tokens": 12 + n}
+        chunks.append({**head, "choices": [], "usage": usage})
+    try:
+        for chunk in chunks:
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError:  # the client closed the stream (a replaced token)
+        pass
+    return response
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /tokenize``: the count a completion's usage reports (12)."""
+    return web.json_response({"count": 12, "max_model_len": 2048, "tokens": list(range(12))})
 
 
 async def models(request: web.Request) -> web.Response:
@@ -142,6 +180,7 @@ def create_app(fault_rate: float = 0.0, seed: int = 0, delay: float = 0.0, repea
     app[FAULT_RATE] = fault_rate
     app[DELAY] = delay
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/tokenize", tokenize)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", stats)
     return app

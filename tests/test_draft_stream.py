@@ -286,3 +286,27 @@ async def test_one_token_steps_and_a_partial_character_are_whole_drafts():
     assert await adapter.stream_draft(partial, n_tokens=8, top_k=5) is None
     assert not upstream.requests
     await model.aclose()
+
+
+async def test_a_server_whose_streams_carry_no_logprobs_is_asked_whole_from_then_on(caplog):
+    """A server that answers a stream request as one JSON body (it ignores ``stream``): the
+    draft is asked for again whole, and the model's later drafts are whole."""
+    from test_providers import completion_body
+
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        return httpx.Response(200, json=completion_body(body))
+
+    cfg = ModelConfig(
+        backend="openai-completions", base_url=ROOT + "/v1", remote_model="m", template="chatml", sampling="vllm"
+    )
+    model = build_model("m", cfg, http_client=openai.DefaultAsyncHttpxClient(transport=httpx.MockTransport(handler)))
+    text, _ = await _answer(model, max_tokens=8, temperature=0.0)
+    assert text == " Paris."
+    assert bodies[0].get("stream") is True and all(not b.get("stream") for b in bodies[1:])
+    assert not model.adapter.capabilities.streams_drafts
+    assert "drafts are asked for whole" in caplog.text
+    await model.aclose()

@@ -11,6 +11,7 @@ replaced token, the answer's end): the remote stops generating the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -143,17 +144,33 @@ async def open_draft(
             stats.remote_calls += 1
             # An error before the first position is the call's, as a whole draft's would be; a
             # stream that broke off before it is asked again whole (with that call's retries).
+            # A server that answers a stream request without logprobs in its chunks (or not as a
+            # stream at all) is asked whole, and from then on only whole if that works.
             drafted = Drafted(ctx.assistant_prefix, n, stream=stream)
+            unstreamable = False
             try:
                 if await drafted.get(0, 1):
                     return drafted
                 raise RemoteBadResponse("the upstream returned no positions")
             except RemoteUnavailable as exc:
                 log.warning("model %s: %s; the draft is asked for again, whole", model.name, exc)
+            except RemoteBadResponse as exc:
+                unstreamable = True
+                log.warning("model %s: a streamed draft was unusable (%s); asked for again, whole", model.name, exc)
             finally:
                 if not drafted.received:
                     await drafted.close()
-    draft = await adapter.draft(ctx, n_tokens=n, top_k=model.top_k, seed=seed, greedy=greedy)
+            whole = await _whole(model, ctx, n, greedy=greedy, seed=seed, stats=stats)
+            if unstreamable:
+                adapter.capabilities = dataclasses.replace(adapter.capabilities, streams_drafts=False)
+                log.warning("model %s: its streams carry no usable logprobs; drafts are asked for whole", model.name)
+            return whole
+    return await _whole(model, ctx, n, greedy=greedy, seed=seed, stats=stats)
+
+
+async def _whole(model: Served, ctx: Context, n: int, *, greedy: bool, seed: int | None, stats: ChoiceStats) -> Drafted:
+    """One whole draft of ``model`` (:meth:`adapters.base.RemoteAdapter.draft`)."""
+    draft = await model.adapter.draft(ctx, n_tokens=n, top_k=model.top_k, seed=seed, greedy=greedy)
     stats.remote_calls += draft.calls
     if not draft.positions:
         raise RemoteBadResponse("the upstream returned no positions")

@@ -226,7 +226,7 @@ class Capabilities:
     q_t over the top-k S_t: a token drawn from the tail would always be rejected)."""
     streams_drafts: bool = False
     """Whether it streams a draft's positions as it generates them
-    (:class:`DraftStreamingAdapter`): the pair scores the first ones while the remote writes
+    (:class:`adapters.streams.DraftStreamingAdapter`): the pair scores the first ones while the remote writes
     the rest, and the decoder ends the request at the first token it replaces."""
 
 
@@ -299,47 +299,6 @@ class RemoteAdapter(Protocol):
 
     async def aclose(self) -> None:
         """Release connections, threads or models."""
-        ...
-
-
-class DraftStream(Protocol):
-    """A draft's positions in order, as the remote generates them (the same positions a
-    :class:`Draft` of the same call holds): iterate, then ask :meth:`prompt_token_count`;
-    :meth:`aclose` ends the request where the decoder needs no more (the remote stops).
-
-    Iterating raises a :class:`RemoteError` (:class:`RemoteUnavailable` for a stream that
-    broke off) only before the first position: a stream cut later ends the draft at the
-    positions received (a draft's prefix is a draft)."""
-
-    async def prompt_token_count(self) -> int | None:
-        """The remote's count of prompt tokens once the stream ended, where it can give one."""
-        ...
-
-    def __aiter__(self) -> DraftStream: ...
-
-    async def __anext__(self) -> Position: ...
-
-    async def aclose(self, *, drain: float = 0.0) -> None:
-        """End the request; ``drain``: seconds a stream read to its last position may take to
-        end by itself first (its usage chunk)."""
-        ...
-
-
-@runtime_checkable
-class DraftStreamingAdapter(Protocol):
-    """A remote that streams drafts (:attr:`Capabilities.streams_drafts`)."""
-
-    async def stream_draft(
-        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
-    ) -> DraftStream | None:
-        """:meth:`RemoteAdapter.draft`'s positions as a stream (the same request, sampling and
-        positions), opened with the same retries; None where this call needs a whole draft
-        (``n_tokens`` of 1, an accepted text that ends inside a character, which
-        :meth:`RemoteAdapter.draft` heals, or a context the adapter does not stream).
-
-        Raises:
-            RemoteUnavailable, RemoteRejected: as :meth:`RemoteAdapter.draft`, when opening.
-        """
         ...
 
 

@@ -1,5 +1,5 @@
-"""A draft read from a server-sent-event stream as the remote writes it
-(:class:`StreamedDraft`, an :class:`adapters.base.DraftStream`).
+"""A draft read from a server-sent-event stream as the remote writes it (:class:`StreamedDraft`,
+an :class:`adapters.streams.DraftStream`).
 
 A task reads the stream into a queue, so the remote is read (and its chunks parsed) while
 the decoder's pair scores the positions already received; the positions come out in order.
@@ -23,6 +23,7 @@ from .base import Candidate, Position, RemoteBadResponse, RemoteError, RemoteUna
 from .utf8 import strip_held_back
 
 log = logging.getLogger(__name__)
+
 
 _END = object()
 

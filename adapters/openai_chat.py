@@ -105,7 +105,7 @@ class ChatAdapter(HTTPAdapter):
     async def stream_draft(
         self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
     ) -> StreamedDraft | None:
-        """See :meth:`adapters.base.DraftStreamingAdapter.stream_draft`: the request of
+        """See :meth:`adapters.streams.DraftStreamingAdapter.stream_draft`: the request of
         :meth:`draft` with ``stream`` on (:meth:`adapters.http.HTTPAdapter._open_stream`; the
         prompt counted as the chat it is, with the prefill's fields, where the stream reports
         no usage)."""

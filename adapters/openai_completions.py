@@ -66,7 +66,7 @@ class CompletionsAdapter(HTTPAdapter):
     async def stream_draft(
         self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
     ) -> StreamedDraft | None:
-        """See :meth:`adapters.base.DraftStreamingAdapter.stream_draft`: the request of
+        """See :meth:`adapters.streams.DraftStreamingAdapter.stream_draft`: the request of
         :meth:`draft` with ``stream`` on (:meth:`adapters.http.HTTPAdapter._open_stream`)."""
         text, pending = split_incomplete_utf8(ctx.assistant_prefix)
         if n_tokens < 2 or pending or not self.capabilities.streams_drafts:

@@ -1,5 +1,5 @@
 """A round's drafted positions (:class:`Drafted`): a whole draft, or one the remote streams
-(:class:`adapters.base.DraftStream`), read in chunks by token mode as the pair scores them:
+(:class:`adapters.streams.DraftStream`), read in chunks by token mode as the pair scores them:
 a chunk is scored as soon as its positions have arrived, while the remote writes the next.
 
 Either way a draft holds at most the ``n`` positions asked for and ends after the first
@@ -15,7 +15,8 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from adapters.base import Context, DraftStream, DraftStreamingAdapter, Position, RemoteBadResponse, RemoteUnavailable
+from adapters.base import Context, Position, RemoteBadResponse, RemoteUnavailable
+from adapters.streams import DraftStream, DraftStreamingAdapter
 from proxy.decoding.protocols import Served
 from proxy.decoding.text import inside_character
 from proxy.decoding.types import ChoiceStats
@@ -111,7 +112,7 @@ class Drafted:
 
     async def prompt_token_count(self) -> int | None:
         """The remote's count of the prompt's tokens: the whole draft's usage, or the stream's
-        (:meth:`adapters.base.DraftStream.prompt_token_count`, once it is closed)."""
+        (:meth:`adapters.streams.DraftStream.prompt_token_count`, once it is closed)."""
         if self._stream is not None:
             return await self._stream.prompt_token_count()
         return self._prompt_tokens

@@ -13,7 +13,7 @@ reported candidates only (:attr:`adapters.base.Capabilities.top_k_drafts`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import openai
@@ -154,6 +154,10 @@ class HTTPAdapter:
         """One remote call continuing ``ctx`` after the assistant ``text`` (complete characters)."""
         raise NotImplementedError
 
+    def _positions(self, logprobs: Any, top_k: int) -> list[Position]:
+        """The positions of a choice's (or a stream chunk's) ``logprobs``, best ``top_k`` first."""
+        raise NotImplementedError
+
     async def _healed_draft(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None, greedy: bool) -> Draft:
         """A draft after ``ctx.assistant_prefix``, sent as text.
 
@@ -218,19 +222,22 @@ class HTTPAdapter:
     async def _open_stream(
         self,
         call: Callable[[], Awaitable[Any]],
-        positions: Callable[[Any], Sequence[Position]],
+        top_k: int,
         prefix: bytes,
         count_fields: dict[str, Any],
     ) -> StreamedDraft:
         """A streamed draft (:class:`adapters.draft_stream.StreamedDraft`): ``call`` opens the
-        stream (``stream_options.include_usage`` asked), retried as a whole draft's call;
-        ``positions(chunk)`` reads a chunk; where the stream reports no usage, the prompt's
-        tokens are counted with ``count_fields`` (:meth:`count_tokens`).
+        stream (``stream_options.include_usage`` asked), retried as a whole draft's call; each
+        chunk's logprobs are read as a whole answer's (:meth:`_positions`); where the stream
+        reports no usage, the prompt's tokens are counted with ``count_fields`` (:meth:`count_tokens`).
 
         Raises:
             RemoteUnavailable, RemoteRejected: as :func:`adapters.retry.call_with_retries`.
         """
         stream = await call_with_retries(call, self.retry, f"model {self.name!r}", secret=self._secret)
+
+        def positions(chunk: Any) -> list[Position]:
+            return self._positions(chunk.choices[0].logprobs, top_k) if chunk.choices else []
 
         def usage(chunk: Any) -> int | None:
             return chunk.usage.prompt_tokens if getattr(chunk, "usage", None) is not None else None

@@ -9,6 +9,7 @@ it needs :class:`adapters.openai_completions.CompletionsAdapter` instead.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
@@ -77,21 +78,7 @@ class ChatAdapter(HTTPAdapter):
     ) -> Draft:
         """One ``/v1/chat/completions`` call continuing the assistant ``text``."""
         messages, extra = self._messages(ctx, text)
-        body = {**self._body(max_tokens, top_k, greedy, seed), **extra}
-
-        async def call() -> Any:
-            return await self._client.chat.completions.create(
-                model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                max_tokens=max_tokens,
-                logprobs=True,
-                top_logprobs=top_k,
-                temperature=0.0 if greedy else 1.0,
-                top_p=1.0,
-                seed=self._seed(seed),
-                extra_body=body or None,
-            )
-
+        call = self._request(messages, extra, max_tokens, top_k, seed, greedy)
         response, choice = await self._first_choice(call)
         positions = self._positions(choice.logprobs, top_k)
         if not positions and choice.finish_reason == "stop":
@@ -113,27 +100,40 @@ class ChatAdapter(HTTPAdapter):
         if n_tokens < 2 or pending or ctx.messages is None or not self.capabilities.streams_drafts:
             return None
         messages, extra = self._messages(ctx, text)
-        body = {**self._body(n_tokens, top_k, greedy, seed), **extra}
+        call = self._request(messages, extra, n_tokens, top_k, seed, greedy, stream=True)
+        return await self._open_stream(call, top_k, ctx.assistant_prefix, {"messages": messages, **extra})
+
+    def _request(
+        self,
+        messages: list[dict[str, Any]],
+        extra: dict[str, Any],
+        max_tokens: int,
+        top_k: int,
+        seed: int | None,
+        greedy: bool,
+        *,
+        stream: bool = False,
+    ) -> Callable[[], Awaitable[Any]]:
+        """A draft's request (``extra``: the prefill's body fields), as a call to retry; with
+        ``stream``, the same request streamed with its usage at the end."""
+        body = {**self._body(max_tokens, top_k, greedy, seed), **extra}
+        streamed: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
 
         async def call() -> Any:
             return await self._client.chat.completions.create(  # type: ignore[call-overload]
                 model=self.model,
-                messages=messages,
-                max_tokens=n_tokens,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
                 logprobs=True,
                 top_logprobs=top_k,
                 temperature=0.0 if greedy else 1.0,
                 top_p=1.0,
                 seed=self._seed(seed),
-                stream=True,
-                stream_options={"include_usage": True},
                 extra_body=body or None,
+                **streamed,
             )
 
-        def positions(chunk: Any) -> list[Position]:
-            return self._positions(chunk.choices[0].logprobs, top_k) if chunk.choices else []
-
-        return await self._open_stream(call, positions, ctx.assistant_prefix, {"messages": messages, **extra})
+        return call
 
     def _positions(self, logprobs: Any, top_k: int) -> list[Position]:
         """The positions of a choice's (or a stream chunk's) ``logprobs.content``, best ``top_k`` first."""

@@ -7,6 +7,7 @@ given text (vLLM).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
@@ -72,27 +73,32 @@ class CompletionsAdapter(HTTPAdapter):
         if n_tokens < 2 or pending or not self.capabilities.streams_drafts:
             return None
         prompt = self.render(ctx) + text
-        body = self._body(n_tokens, top_k, greedy, seed)
+        call = self._request(prompt, n_tokens, top_k, seed, greedy, stream=True)
+        assert self.profile.token_count is not None  # streams_drafts
+        return await self._open_stream(call, top_k, ctx.assistant_prefix, {self.profile.token_count[1]: prompt})
+
+    def _request(
+        self, prompt: str, max_tokens: int, top_k: int, seed: int | None, greedy: bool, *, stream: bool = False
+    ) -> Callable[[], Awaitable[Any]]:
+        """A draft's request on ``prompt``, as a call to retry; with ``stream``, the same request
+        streamed with its usage at the end."""
+        body = self._body(max_tokens, top_k, greedy, seed)
+        streamed: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
 
         async def call() -> Any:
-            return await self._client.completions.create(
+            return await self._client.completions.create(  # type: ignore[call-overload]
                 model=self.model,
                 prompt=prompt,
-                max_tokens=n_tokens,
+                max_tokens=max_tokens,
                 logprobs=top_k,
                 temperature=0.0 if greedy else 1.0,
                 top_p=1.0,
                 seed=self._seed(seed),
-                stream=True,
-                stream_options={"include_usage": True},
                 extra_body=body or None,
+                **streamed,
             )
 
-        def positions(chunk: Any) -> list[Position]:
-            return self._positions(chunk.choices[0].logprobs, top_k) if chunk.choices else []
-
-        assert self.profile.token_count is not None  # streams_drafts
-        return await self._open_stream(call, positions, ctx.assistant_prefix, {self.profile.token_count[1]: prompt})
+        return call
 
     def _positions(self, lp: Any, top_k: int) -> list[Position]:
         """The positions of a choice's (or a stream chunk's) ``logprobs``, best ``top_k`` first."""
@@ -175,20 +181,7 @@ class CompletionsAdapter(HTTPAdapter):
         """One ``/v1/completions`` call on the rendered prompt followed by ``text``; ``greedy``: the
         sampled tokens are the remote's argmax (single steps, where only the candidate lists
         matter, and greedy drafts)."""
-        prompt = self.render(ctx) + text
-        body = self._body(max_tokens, top_k, greedy, seed)
-
-        async def call() -> Any:
-            return await self._client.completions.create(
-                model=self.model,
-                prompt=prompt,
-                max_tokens=max_tokens,
-                logprobs=top_k,
-                temperature=0.0 if greedy else 1.0,
-                top_p=1.0,
-                seed=self._seed(seed),
-                extra_body=body or None,
-            )
+        call = self._request(self.render(ctx) + text, max_tokens, top_k, seed, greedy)
 
         response, choice = await self._first_choice(call)
         positions = self._positions(choice.logprobs, top_k)

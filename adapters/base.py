@@ -228,6 +228,10 @@ class Capabilities:
     """Whether it streams a draft's positions as it generates them
     (:class:`adapters.streams.DraftStreamingAdapter`): the pair scores the first ones while the remote writes
     the rest, and the decoder ends the request at the first token it replaces."""
+    drafts_on_demand: bool = False
+    """Whether a streamed draft's positions are computed only as the decoder reads them (an
+    in-process remote, :class:`adapters.stepped_draft.SteppedDraft`): a long draft cut at its
+    first replaced token costs nothing past it, so the decoder asks for the longest."""
 
 
 def position_from_logprobs(

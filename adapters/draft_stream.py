@@ -109,6 +109,9 @@ class StreamedDraft:
             raise item
         return item
 
+    def want(self, count: int) -> None:
+        """Positions arrive as the server writes them."""
+
     async def prompt_token_count(self) -> int | None:
         """The remote's count of the prompt's tokens: its stream's usage, else ``count()``
         (one request, made only when asked), else None."""

@@ -47,6 +47,7 @@ from .base import (
     position_from_logprobs,
 )
 from .llama_cache import CLOSED, PromptCache
+from .stepped_draft import SteppedDraft
 from .templates import SpecialStrings, tokenize_chat
 
 #: :meth:`LlamaInProcessAdapter._tokenize`: a prompt longer than this many characters per
@@ -137,7 +138,9 @@ class LlamaInProcessAdapter:
         self._cond = threading.Condition()
         self._clock = itertools.count(1)
         self._closed = False
-        self.capabilities = Capabilities(can_continue=True, token_ids=True, top_k_drafts=True)
+        self.capabilities = Capabilities(
+            can_continue=True, token_ids=True, top_k_drafts=True, streams_drafts=True, drafts_on_demand=True
+        )
 
     # ------------------------------------------------------------- prompts
     def _tokenize(self, text: str, *, add_bos: bool) -> list[int]:
@@ -297,27 +300,32 @@ class LlamaInProcessAdapter:
         data = self.token_bytes[tid]
         return Candidate(data, lp, "" if data is None else data.decode("utf-8", "replace"), tid)
 
-    def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None, greedy: bool = False) -> Draft:
+    def _tokens(self, ctx: Context) -> tuple[list[int], list[int]]:
+        """The prompt's token ids, and those of the prompt and the accepted text after it."""
         prompt = self.prompt_tokens(ctx)
         if ctx.token_ids is not None:
-            tokens = prompt + list(ctx.token_ids)
-        else:
-            tokens = prompt + (
-                self.llama.tokenize(ctx.assistant_prefix, add_bos=False, special=False) if ctx.assistant_prefix else []
-            )
+            return prompt, prompt + list(ctx.token_ids)
+        prefix = ctx.assistant_prefix
+        return prompt, prompt + (self.llama.tokenize(prefix, add_bos=False, special=False) if prefix else [])
+
+    def _steps(
+        self, tokens: list[int], positions: list[Position], rng: np.random.Generator, count: int, top_k: int, sample: bool
+    ) -> bool:
+        """Up to ``count`` further positions of a draft after ``tokens`` (both extended in
+        place), under one lease of the context; True where the draft ended (end of turn)."""
         with self._lease(tokens) as slot:
-            rng = np.random.default_rng(seed)
-            positions: list[Position] = []
-            finish = None
-            for _ in range(n_tokens):
+            for _ in range(count):
                 lp = self._logprobs_after(slot, tokens)
-                pos = position_from_logprobs(
-                    lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=n_tokens > 1 and not greedy
-                )
+                pos = position_from_logprobs(lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=sample)
                 if drafted(positions, tokens, pos):
-                    finish = "stop"
-                    break
-            return Draft(tuple(positions), finish or "length", len(prompt))
+                    return True
+        return False
+
+    def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None, greedy: bool = False) -> Draft:
+        prompt, tokens = self._tokens(ctx)
+        positions: list[Position] = []
+        ended = self._steps(tokens, positions, np.random.default_rng(seed), n_tokens, top_k, n_tokens > 1 and not greedy)
+        return Draft(tuple(positions), "stop" if ended else "length", len(prompt))
 
     async def draft(
         self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
@@ -325,6 +333,28 @@ class LlamaInProcessAdapter:
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, self._draft_sync, ctx, n_tokens, top_k, seed, greedy
         )
+
+    async def stream_draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> SteppedDraft | None:
+        """:meth:`draft`'s positions computed as the decoder reads them
+        (:class:`adapters.stepped_draft.SteppedDraft`; the same positions for the same ``seed``).
+        None for a one-token call.
+
+        Raises:
+            RemoteRejected, ContextExhausted: the prompt cannot be served (as :meth:`draft`).
+        """
+        if n_tokens < 2:
+            return None
+        prompt, tokens = await asyncio.get_running_loop().run_in_executor(self._executor, self._tokens, ctx)
+        rng, sample = np.random.default_rng(seed), not greedy
+
+        def step(count: int) -> tuple[list[Position], bool]:
+            positions: list[Position] = []
+            ended = self._steps(tokens, positions, rng, count, top_k, sample)
+            return positions, ended
+
+        return SteppedDraft(step, n_tokens=n_tokens, prompt_tokens=len(prompt), executor=self._executor)
 
     async def check(self) -> None:
         """In-process: ready once constructed."""

@@ -20,6 +20,11 @@ class DraftStream(Protocol):
     broke off) only before the first position: a stream cut later ends the draft at the
     positions received (a draft's prefix is a draft)."""
 
+    def want(self, count: int) -> None:
+        """The decoder reads ``count`` more positions next (a remote that computes positions
+        only when read computes that many at once; one that streams ignores it)."""
+        ...
+
     async def prompt_token_count(self) -> int | None:
         """The remote's count of prompt tokens once the stream ended, where it can give one."""
         ...

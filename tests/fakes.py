@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from adapters.base import Candidate, Capabilities, Context, Draft, Position, Sample
+from adapters.stepped_draft import SteppedDraft
 
 EOT = Candidate(b"", 0.0, "<|im_end|>", is_eot=True)
 
@@ -45,6 +47,7 @@ class FakeRemote:
         seed: int = 0,
         top_k_drafts: bool = False,
         logprobs: bool = True,
+        on_demand: bool = False,
     ) -> None:
         self.steps = steps
         self.rng = np.random.default_rng(seed)
@@ -56,7 +59,13 @@ class FakeRemote:
         self.samples = 0
         """Complete answers given (sequence mode)."""
         self.contexts: list[Context] = []
-        self.capabilities = Capabilities(can_continue=can_continue, top_k_drafts=top_k_drafts, logprobs=logprobs)
+        self.capabilities = Capabilities(
+            can_continue=can_continue,
+            top_k_drafts=top_k_drafts,
+            logprobs=logprobs,
+            streams_drafts=on_demand,
+            drafts_on_demand=on_demand,
+        )
         self.not_ready: Exception | None = None
         """Raised by :meth:`check` when set (readiness tests)."""
 
@@ -69,9 +78,14 @@ class FakeRemote:
         if n_tokens == 1:
             cands = tuple(sorted(self.steps(ctx.assistant_prefix), key=lambda c: -c.logprob))[:top_k]
             return Draft((Position(cands, cands[0]),), None, 7)
+        positions = list(self._positions(ctx, n_tokens, top_k, seed, greedy))
+        last = positions[-1].sampled
+        return Draft(tuple(positions), "stop" if last.is_eot or last.data is None else "length", 7)
+
+    def _positions(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None, greedy: bool) -> Iterator[Position]:
+        """A draft's positions, each computed when asked for (one random draw each, in order)."""
         rng = self.rng if seed is None else np.random.default_rng(seed)
         prefix = ctx.assistant_prefix
-        positions: list[Position] = []
         for _ in range(n_tokens):
             full = sorted(self.steps(prefix), key=lambda c: -c.logprob)
             lp = np.array([c.logprob for c in full])
@@ -79,12 +93,30 @@ class FakeRemote:
             every = [Candidate(c.data, float(v), c.token, c.token_id, c.is_eot) for c, v in zip(full, lp, strict=True)]
             law = np.exp(lp[:top_k] if self.capabilities.top_k_drafts else lp)
             pick = 0 if greedy else int(rng.choice(law.size, p=law / law.sum()))
-            positions.append(Position(tuple(every[:top_k]), every[pick]))
             self.drafted += 1
+            yield Position(tuple(every[:top_k]), every[pick])
             if every[pick].is_eot or every[pick].data is None:
-                return Draft(tuple(positions), "stop", 7)
+                return
             prefix += every[pick].data
-        return Draft(tuple(positions), "length", 7)
+
+    async def stream_draft(
+        self, ctx: Context, *, n_tokens: int, top_k: int, seed: int | None = None, greedy: bool = False
+    ) -> SteppedDraft | None:
+        """With ``on_demand``: :meth:`draft`'s positions computed as read (an in-process remote's
+        :class:`adapters.stepped_draft.SteppedDraft`); ``self.computed`` counts them."""
+        if n_tokens < 2:
+            return None
+        self.calls += 1
+        self.contexts.append(ctx)
+        self.requested.append(n_tokens)
+        positions = self._positions(ctx, n_tokens, top_k, seed, greedy)
+
+        def step(count: int) -> tuple[list[Position], bool]:
+            out = list(itertools.islice(positions, count))
+            ended = bool(out) and (out[-1].sampled.is_eot or out[-1].sampled.data is None)
+            return out, ended
+
+        return SteppedDraft(step, n_tokens=n_tokens, prompt_tokens=7, executor=None)
 
     async def sample(
         self,

@@ -266,19 +266,27 @@ def test_backend_that_cannot_continue_is_refused_for_token_mode():
 
 
 @pytest.mark.parametrize(
-    "temperature,top_p,top_k_drafts", [(1.0, 1.0, False), (0.7, 0.9, False), (1.0, 1.0, True), (0.7, 0.9, True)]
+    "temperature,top_p,top_k_drafts,on_demand",
+    [
+        (1.0, 1.0, False, False),
+        (0.7, 0.9, False, False),
+        (1.0, 1.0, True, False),
+        (0.7, 0.9, True, False),
+        (1.0, 1.0, False, True),
+        (0.7, 0.9, True, True),
+    ],
 )
-def test_speculative_sequences_follow_q_chi_square(temperature, top_p, top_k_drafts):
+def test_speculative_sequences_follow_q_chi_square(temperature, top_p, top_k_drafts, on_demand):
     """Whole answers from speculative acceptance (drafts sampled from the remote's full
-    distribution, some drafted tokens outside the top-k S_t, or from its top-k alone)
-    have the law of token-by-token decoding, computed exactly; they are not the
-    remote's own law.
+    distribution, some drafted tokens outside the top-k S_t, or from its top-k alone;
+    whole, or computed as read as an in-process remote does) have the law of
+    token-by-token decoding, computed exactly; they are not the remote's own law.
 
     Power: 3,000 answers over 12 to 34 pooled cells, at α = 0.01, detect a deviation of
     Cohen's w = 0.15 from the exact law with probability 1.0 (w = 0.1: 0.71 to 0.93). The
     remote's own law, what accepting every draft would give, is w = 0.9 to 4.9 away."""
     pair, top_k, alpha = PrefixDeltaPair(), 5, 1.0
-    fake = FakeRemote(prefix_remote, seed=3, top_k_drafts=top_k_drafts)
+    fake = FakeRemote(prefix_remote, seed=3, top_k_drafts=top_k_drafts, on_demand=on_demand)
     model = ServedModel("m", fake, pair=pair, alpha=alpha, top_k=top_k, max_draft_tokens=8)
     want = exact_sequence_probs(pair, temperature, alpha, top_k, top_p)
     remote_only = exact_sequence_probs(pair, 1.0, 0.0, 6, 1.0)
@@ -301,15 +309,18 @@ def test_speculative_sequences_follow_q_chi_square(temperature, top_p, top_k_dra
     assert np.abs(counts - remote_exp).max() > 0.1 * n  # the offset really moved the law
     assert fake.calls < 0.75 * sum(len(d.split(" ")) for d in draws)  # fewer calls than tokens (end of turn included)
     assert fake.drafted > 0
+    if on_demand:  # positions computed only as read: fewer than the drafts asked for
+        assert fake.drafted < 0.5 * sum(n for n in fake.requested if n > 1)
 
 
-@pytest.mark.parametrize("scope", ["token", "choice"])
-def test_speculative_sequences_follow_q_under_a_scope_threshold_chi_square(scope):
+@pytest.mark.parametrize("scope,on_demand", [("token", False), ("choice", False), ("choice", True)])
+def test_speculative_sequences_follow_q_under_a_scope_threshold_chi_square(scope, on_demand):
     """With τ under the token and choice rules, speculative answers keep the exact law of
-    token-by-token decoding under the same rule (as the test above, at T = 1), and the rules
-    give different laws here (the choice rule's whole offsets matter)."""
+    token-by-token decoding under the same rule (as the test above, at T = 1; drafts whole or
+    computed as read), and the rules give different laws here (the choice rule's whole
+    offsets matter)."""
     pair, top_k, alpha, tau = PrefixDeltaPair(), 5, 1.0, 0.5
-    fake = FakeRemote(prefix_remote, seed=3)
+    fake = FakeRemote(prefix_remote, seed=3, on_demand=on_demand)
     model = ServedModel("m", fake, pair=pair, alpha=alpha, top_k=top_k, max_draft_tokens=8, offset_scope=scope)
     want = exact_sequence_probs(pair, 1.0, alpha, top_k, 1.0, threshold=tau, scope=scope)
     other = exact_sequence_probs(pair, 1.0, alpha, top_k, 1.0, threshold=tau, scope="token" if scope == "choice" else "choice")

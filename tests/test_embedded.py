@@ -240,3 +240,94 @@ def test_prompt_caches_wait_as_saved_states_and_come_back_exact():
     finally:
         shared._close()
         shared._close()  # twice: a no-op
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+async def test_a_draft_computed_as_read_is_the_whole_draft(seed):
+    """The in-process remote's stepped draft (``stream_draft``) gives exactly the positions of
+    a whole draft of the same call, greedy and seeded at T = 1, also when another request's
+    draft runs between its reads (its cache saved and restored in between)."""
+    from adapters.base import Context
+    from adapters.llama_inprocess import LlamaInProcessAdapter
+    from proxy.pair.model_files import packaged_gguf
+
+    adapter = LlamaInProcessAdapter(name="s", model_path=packaged_gguf("smollm2"), n_ctx=512, n_contexts=2)
+    greedy = seed is None
+    ctx = Context(messages=({"role": "user", "content": "Tell me about the Moon."},))
+    other = Context(messages=({"role": "user", "content": "Name three colours."},))
+
+    def rows(positions) -> list:
+        return [(p.sampled.token_id, [(c.token_id, c.logprob) for c in p.candidates]) for p in positions]
+
+    try:
+        whole = await adapter.draft(ctx, n_tokens=12, top_k=5, seed=seed, greedy=greedy)
+        assert await adapter.stream_draft(ctx, n_tokens=1, top_k=5) is None  # a one-token call is whole
+        stream = await adapter.stream_draft(ctx, n_tokens=12, top_k=5, seed=seed, greedy=greedy)
+        assert stream is not None
+        got = []
+        for want in (1, 4, 2, 8):
+            stream.want(want)
+            for _ in range(want):
+                try:
+                    got.append(await anext(stream))
+                except StopAsyncIteration:
+                    break
+            await adapter.draft(other, n_tokens=3, top_k=5, greedy=True)  # takes the context in between
+        assert rows(got) == rows(whole.positions)
+        assert await stream.prompt_token_count() == whole.prompt_tokens
+    finally:
+        await adapter.aclose()
+
+
+async def test_drafts_computed_as_read_give_whole_drafts_answers(smollm2_offset):
+    """Through the embedded default with an offset that bites (α = 4), greedy answers are the
+    same with drafts computed as read as with whole drafts; a seeded answer at T = 1 is the same
+    twice. Fewer positions are computed than asked for."""
+    import dataclasses
+
+    models = build_models(embedded_default(offset=str(smollm2_offset), alpha=4.0))
+    model = models[DEFAULT_MODEL]
+    adapter = model.adapter
+    assert adapter.capabilities.drafts_on_demand
+    computed: list[int] = []
+    real = adapter._steps
+
+    def steps(tokens, positions, rng, count, top_k, sample):
+        before = len(positions)
+        try:
+            return real(tokens, positions, rng, count, top_k, sample)
+        finally:
+            computed.append(len(positions) - before)
+
+    adapter._steps = steps
+    asked: list[int] = []
+    real_stream = adapter.stream_draft
+
+    async def stream_draft(ctx, *, n_tokens, **kw):
+        asked.append(n_tokens)
+        return await real_stream(ctx, n_tokens=n_tokens, **kw)
+
+    adapter.stream_draft = stream_draft
+    server = TestServer(create_app(models))
+    await server.start_server()
+    oa = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="none", max_retries=0)
+    try:
+        async def answers(**kw) -> list[str]:
+            out = []
+            for prompt in ("Who wrote Hamlet?", "Describe a walk in the forest.", "What is the capital of France?"):
+                msgs = [{"role": "user", "content": prompt}]
+                r = await oa.chat.completions.create(model=DEFAULT_MODEL, messages=msgs, max_tokens=40, **kw)
+                out.append(r.choices[0].message.content)
+            return out
+
+        stepped = await answers(temperature=0)
+        seeded = await answers(temperature=1, seed=11)
+        assert await answers(temperature=1, seed=11) == seeded
+        assert 0 < sum(computed) < 0.5 * sum(n for n in asked if n > 1)
+        assert await answers(temperature=0, extra_body={"offset_alpha": 0}) != stepped  # the offset bites
+        whole_caps = dataclasses.replace(adapter.capabilities, streams_drafts=False, drafts_on_demand=False)
+        adapter.capabilities = whole_caps
+        assert await answers(temperature=0) == stepped
+    finally:
+        await oa.close()
+        await server.close()

@@ -86,6 +86,9 @@ class Drafted:
             adapters.base.RemoteUnavailable, adapters.base.RemoteBadResponse: a streamed
                 draft that failed before its first position.
         """
+        if not self._ended and len(self._positions) < start + count:
+            assert self._stream is not None
+            self._stream.want(start + count - len(self._positions))
         while not self._ended and len(self._positions) < start + count:
             assert self._stream is not None
             try:

@@ -15,6 +15,14 @@ from proxy.decoding.offset import apply_top_p, choose, log_softmax
 #: shorter ones would waste little remote work and are not worth the pair's extra forward pass.
 PREDICT_ABOVE = 8
 
+#: A draft computed only as read (:attr:`adapters.base.Capabilities.drafts_on_demand`) is
+#: asked for at full length and scored from a first chunk of this many positions, doubling
+#: while accepted: in forget scope each position past the first replaced token costs a remote
+#: step and a share of a pair pass for nothing, and from about 4 positions on a pass of the
+#: float32 pair costs about as much per position as a long one. Measured on the embedded
+#: default (docs/benchmarks.md): first chunks of 4 and 8 against the expected run (16 there).
+ON_DEMAND_FIRST_CHUNK = 4
+
 
 class DraftCost:
     """What a round of speculative decoding costs as a function of its draft's length n:

@@ -29,7 +29,7 @@ from adapters.base import (
 from proxy.decoding.drafts import open_draft
 from proxy.decoding.offset import NoUsableCandidates, choose, flip_margin, predicted_acceptance, target_logits
 from proxy.decoding.protocols import Served
-from proxy.decoding.speculative import PREDICT_ABOVE, DraftLength, speculative_pick
+from proxy.decoding.speculative import ON_DEMAND_FIRST_CHUNK, PREDICT_ABOVE, DraftLength, speculative_pick
 from proxy.decoding.text import TextReleaser, inside_character
 from proxy.decoding.types import ChoiceStats, DecodingError, Piece, SamplingParams, TokenOut, display_token, finite
 
@@ -84,12 +84,20 @@ class TokenDecoder:
         if batcher is not None:
             batcher.open_stream()
         first_round = True  # the request's usage counts its first call's prompt
+        on_demand = self.model.adapter.capabilities.drafts_on_demand
         try:
             while stats.completion_tokens < params.max_tokens and not context_full:
                 pair_before = stats.pair_seconds
-                n = lengths.next(params.max_tokens - stats.completion_tokens) if lengths is not None else 1
-                if n > PREDICT_ABOVE and aligner is not None and lengths is not None:
-                    n = min(n, await self._predicted_length(aligner, lengths, params, stats))
+                left = params.max_tokens - stats.completion_tokens
+                if lengths is None:
+                    n = 1
+                elif on_demand:
+                    # Positions computed only as read: a draft cut early costs nothing past its cut.
+                    n = min(lengths.maximum, left)
+                else:
+                    n = lengths.next(left)
+                    if n > PREDICT_ABOVE and aligner is not None:
+                        n = min(n, await self._predicted_length(aligner, lengths, params, stats))
                 ctx = Context(base.messages, base.prompt, prefix, tuple(ids) if ids is not None else None, last)
                 seed = int(rng.integers(2**31)) if params.seed is not None and n > 1 else None
                 called = time.perf_counter()
@@ -118,6 +126,8 @@ class TokenDecoder:
                 # remote stops). Chunks grow as for a whole draft: capping them to score beside
                 # the remote slowed both where they share the cores (docs/benchmarks.md).
                 done, chunk, more = 0, lengths.expected_run() if lengths is not None else 1, True
+                if on_demand:
+                    chunk = min(chunk, ON_DEMAND_FIRST_CHUNK)
                 failed = False
                 try:
                     while more:

@@ -40,14 +40,21 @@ class PromptCache:
           further, as at the end of the context): all of them when they end where the
           prompt's batch ended, else all but the last, provided that one was evaluated
           alone (evaluated alone again after the same cache, it gives the same logits).
+        - When ``tokens`` leave the cache at their last token, after the prompt's batch (the
+          decoder replaced a drafted token: the cache holds the prompt, the accepted tokens
+          and the rest of the draft): the tokens before it, and the new one is evaluated
+          alone, as a context that generated them one at a time would.
         - Nothing otherwise: a cache that shares only part of a prompt would have it
           evaluated in another batch split, and llama.cpp's quantised matmuls then give
           slightly different logits (enough to flip near-ties), so that a direct call
           would not be reproduced.
         """
         n, want = len(self.tokens), len(tokens)
-        if not np.array_equal(self.tokens[: min(n, want)], tokens[: min(n, want)]):
-            return 0
+        common = min(n, want)
+        differ = np.flatnonzero(self.tokens[:common] != np.asarray(tokens[:common], dtype=self.tokens.dtype))
+        if differ.size:
+            kept = int(differ[0])
+            return kept if kept == want - 1 and kept >= max(1, self.batch_end) else 0
         if n < want:
             return n
         if want == self.batch_end and self.batch_logits is not None:

@@ -127,7 +127,7 @@ class TokenDecoder:
                 # the remote slowed both where they share the cores (docs/benchmarks.md).
                 done, chunk, more = 0, lengths.expected_run() if lengths is not None else 1, True
                 if on_demand:
-                    chunk = max(ON_DEMAND_FIRST_CHUNK, chunk // 2)  # nothing computed past the chunk
+                    chunk = max(ON_DEMAND_FIRST_CHUNK, chunk // 4)  # nothing computed past the chunk
                 failed = False
                 try:
                     while more:

@@ -125,6 +125,7 @@ async def run_prompts(model: Any, prompts: tuple[str, ...], *, tokens: int, temp
             seed=seed + i,
             alpha=model.alpha,
             offset_threshold=model.offset_threshold,  # as the server's make_job sets them
+            offset_scope=model.offset_scope,
         )
         ctx = Context(messages=({"role": "user", "content": prompt},))
         async for _ in model.generate(ctx, params, stats=stats):

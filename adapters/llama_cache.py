@@ -25,41 +25,40 @@ class PromptCache:
     used: int = 0
     """When it was last released (a counter): least recently used wins ties."""
     batch_end: int = 0
-    """Positions before this were evaluated in one multi-token batch (a prompt); those from
-    it on, one at a time (drafted tokens)."""
+    """Positions before this were evaluated in one batch (the prompt); those from it on, one
+    at a time (the answer)."""
     batch_logits: np.ndarray | None = None
     """log-softmax after position ``batch_end − 1``, kept from that batch (``[V]`` float64)."""
 
-    def reusable(self, tokens: Sequence[int]) -> int:
-        """How many of ``tokens`` the cache already holds in a form that gives the same
-        logits as before: that many are kept and the rest evaluated (all of them: the
-        logits after them are :attr:`batch_logits`).
+    def reusable(self, tokens: Sequence[int], prompt_len: int) -> int:
+        """How many of ``tokens`` (a prompt of ``prompt_len`` tokens and the answer so far)
+        the cache holds as llama.cpp's direct generation would have computed them: the prompt
+        in one batch, every later token alone. That many are kept and the rest evaluated the
+        same way (:meth:`adapters.llama_inprocess.LlamaInProcessAdapter._logprobs_after`), so
+        that a position's logits depend on the tokens alone, not on what the cache held
+        before (llama.cpp's quantised products give slightly different logits in another
+        batch split, enough to flip near-ties).
 
-        - The whole cache, when it holds a prefix of ``tokens``.
-        - When it holds all of ``tokens`` and more (an earlier draft of this answer went
-          further, as at the end of the context): all of them when they end where the
-          prompt's batch ended, else all but the last, provided that one was evaluated
-          alone (evaluated alone again after the same cache, it gives the same logits).
-        - When ``tokens`` leave the cache at their last token, after the prompt's batch (the
-          decoder replaced a drafted token: the cache holds the prompt, the accepted tokens
-          and the rest of the draft): the tokens before it, and the new one is evaluated
-          alone, as a context that generated them one at a time would.
-        - Nothing otherwise: a cache that shares only part of a prompt would have it
-          evaluated in another batch split, and llama.cpp's quantised matmuls then give
-          slightly different logits (enough to flip near-ties), so that a direct call
-          would not be reproduced.
+        - Nothing unless the cache's batch is this very prompt.
+        - Otherwise the tokens it shares with ``tokens``: also when it goes on past a token
+          the decoder replaced (it holds the rest of the rejected draft) or past the tokens
+          altogether (an earlier draft went further). Where it holds all of ``tokens``, the
+          logits after them are :attr:`batch_logits` if they end where the prompt's batch
+          ended, else the last token is evaluated alone again (the same logits as before).
         """
         n, want = len(self.tokens), len(tokens)
+        if prompt_len < 1 or self.batch_end != prompt_len or min(n, want) < prompt_len:
+            return 0
         common = min(n, want)
         differ = np.flatnonzero(self.tokens[:common] != np.asarray(tokens[:common], dtype=self.tokens.dtype))
-        if differ.size:
-            kept = int(differ[0])
-            return kept if kept == want - 1 and kept >= max(1, self.batch_end) else 0
-        if n < want:
-            return n
+        shared = int(differ[0]) if differ.size else common
+        if shared < prompt_len:
+            return 0
+        if shared < want:
+            return shared
         if want == self.batch_end and self.batch_logits is not None:
             return want
-        return want - 1 if want - 1 >= max(1, self.batch_end) else 0
+        return want - 1 if want - 1 >= prompt_len else 0
 
 
 CLOSED = PromptCache()

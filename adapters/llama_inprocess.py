@@ -47,6 +47,7 @@ from .base import (
     position_from_logprobs,
 )
 from .llama_cache import CLOSED, PromptCache
+from .llama_vocab import token_piece
 from .stepped_draft import SteppedDraft
 from .templates import SpecialStrings, tokenize_chat
 
@@ -54,18 +55,6 @@ from .templates import SpecialStrings, tokenize_chat
 #: context token is probed by its head first (English text averages about 4 per token).
 PROBE_CHARS_PER_TOKEN = 8
 PROBE_MARGIN = 64
-
-
-def _piece(llama_cpp: Any, vocab: Any, token: int) -> bytes:
-    """A token's exact bytes. (``Llama.detokenize`` uses a 32-byte buffer and returns
-    nothing for longer tokens, such as runs of spaces or dashes.)"""
-    size = 64
-    while True:
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
-        if n >= 0:
-            return buf.raw[:n]
-        size = -n  # the piece needs this many bytes
 
 
 class LlamaInProcessAdapter:
@@ -117,7 +106,7 @@ class LlamaInProcessAdapter:
             if llama_cpp.llama_vocab_is_eog(vocab, i):
                 self.eog[i] = True
             is_control = llama_cpp.llama_vocab_is_control(vocab, i)
-            self.token_bytes.append(None if is_control else _piece(llama_cpp, vocab, i))
+            self.token_bytes.append(None if is_control else token_piece(llama_cpp, vocab, i))
             if self.llama._model.token_get_attr(i) & parsed:
                 special_texts.append(self.llama._model.token_get_text(i))
         self._specials = SpecialStrings(special_texts)
@@ -205,9 +194,10 @@ class LlamaInProcessAdapter:
 
     # ------------------------------------------------------------- decoding
     @contextmanager
-    def _lease(self, tokens: list[int]) -> Iterator[Any]:
-        """The context whose cache holds the longest prefix of ``tokens`` (least recently
-        used among equals), once no other call is computing.
+    def _lease(self, tokens: list[int], prompt_len: int = 0) -> Iterator[Any]:
+        """The context whose cache holds the longest usable prefix of ``tokens`` (a prompt of
+        ``prompt_len`` tokens and the answer so far; :meth:`PromptCache.reusable`), least
+        recently used among equals, once no other call is computing.
 
         Raises:
             RemoteUnavailable: the adapter is closed.
@@ -220,7 +210,7 @@ class LlamaInProcessAdapter:
                 if not any(s.busy for s in self._slots):
                     break
                 self._cond.wait()
-            slot = max(self._slots, key=lambda s: (s.reusable(tokens), -s.used))
+            slot = max(self._slots, key=lambda s: (s.reusable(tokens, prompt_len), -s.used))
             slot.busy = True
         try:
             self._activate(slot)
@@ -269,30 +259,39 @@ class LlamaInProcessAdapter:
             slot.tokens, slot.batch_end, slot.batch_logits = slot.tokens[:0], 0, None
         slot.state = None
 
-    def _logprobs_after(self, slot: PromptCache, tokens: list[int]) -> np.ndarray:
-        """log-softmax of the next-token logits after ``tokens`` (the cache reused as far as
+    def _logprobs_after(self, slot: PromptCache, tokens: list[int], prompt_len: int) -> np.ndarray:
+        """log-softmax of the next-token logits after ``tokens`` (a prompt of ``prompt_len``
+        tokens and the answer so far), computed as a direct generation computes them: the
+        prompt in one batch, every later token alone (the cache reused as far as
         :meth:`PromptCache.reusable` allows)."""
         llama = self.llama
         if not tokens:
             raise RemoteRejected(f"model {self.name!r}: the prompt is empty: no token to condition on", status=400)
         if len(tokens) >= self.n_ctx:
             raise ContextExhausted(f"model {self.name!r}: {len(tokens)} tokens exceed the context of {self.n_ctx}")
+        prompt_len = max(1, min(prompt_len, len(tokens)))
         slot.tokens = llama.input_ids[: llama.n_tokens]  # the live cache (a view; copied on release)
-        keep = slot.reusable(tokens)
+        keep = slot.reusable(tokens, prompt_len)
         llama.n_tokens = keep
         if keep == len(tokens):
             assert slot.batch_logits is not None
             return slot.batch_logits.copy()
-        llama.eval(tokens[keep:])
-        ptr = self._llama_cpp.llama_get_logits_ith(llama.ctx, -1)
+        if keep < prompt_len:
+            llama.eval(tokens[:prompt_len])
+            lp = self._last_logprobs()
+            slot.batch_end, slot.batch_logits = prompt_len, lp  # kept: the prompt's last logits
+            keep = prompt_len
+        for token in tokens[keep:]:
+            llama.eval([token])
+            lp = self._last_logprobs()
+        return lp
+
+    def _last_logprobs(self) -> np.ndarray:
+        """log-softmax of the logits of the last evaluated position (``[V]`` float64)."""
+        ptr = self._llama_cpp.llama_get_logits_ith(self.llama.ctx, -1)
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
         top = logits.max()
-        lp = logits - top - np.log(np.exp(logits - top).sum())
-        if len(tokens) - keep > 1:  # a batch (a prompt): its last logits are kept
-            slot.batch_end, slot.batch_logits = len(tokens), lp
-        elif keep < slot.batch_end:  # the batch was cut: the positions from `keep` on are new
-            slot.batch_end, slot.batch_logits = keep, None
-        return lp
+        return logits - top - np.log(np.exp(logits - top).sum())
 
     def _candidate(self, tid: int, lp: float) -> Candidate:
         if self.eog[tid]:
@@ -309,13 +308,21 @@ class LlamaInProcessAdapter:
         return prompt, prompt + (self.llama.tokenize(prefix, add_bos=False, special=False) if prefix else [])
 
     def _steps(
-        self, tokens: list[int], positions: list[Position], rng: np.random.Generator, count: int, top_k: int, sample: bool
+        self,
+        tokens: list[int],
+        prompt_len: int,
+        positions: list[Position],
+        rng: np.random.Generator,
+        count: int,
+        top_k: int,
+        sample: bool,
     ) -> bool:
-        """Up to ``count`` further positions of a draft after ``tokens`` (both extended in
+        """Up to ``count`` further positions of a draft after ``tokens`` (a prompt of
+        ``prompt_len`` tokens and the answer so far; ``tokens`` and ``positions`` extended in
         place), under one lease of the context; True where the draft ended (end of turn)."""
-        with self._lease(tokens) as slot:
+        with self._lease(tokens, prompt_len) as slot:
             for _ in range(count):
-                lp = self._logprobs_after(slot, tokens)
+                lp = self._logprobs_after(slot, tokens, prompt_len)
                 pos = position_from_logprobs(lp, top_k=top_k, candidate=self._candidate, rng=rng, sample=sample)
                 if drafted(positions, tokens, pos):
                     return True
@@ -324,7 +331,8 @@ class LlamaInProcessAdapter:
     def _draft_sync(self, ctx: Context, n_tokens: int, top_k: int, seed: int | None, greedy: bool = False) -> Draft:
         prompt, tokens = self._tokens(ctx)
         positions: list[Position] = []
-        ended = self._steps(tokens, positions, np.random.default_rng(seed), n_tokens, top_k, n_tokens > 1 and not greedy)
+        rng, sample = np.random.default_rng(seed), n_tokens > 1 and not greedy
+        ended = self._steps(tokens, len(prompt), positions, rng, n_tokens, top_k, sample)
         return Draft(tuple(positions), "stop" if ended else "length", len(prompt))
 
     async def draft(
@@ -351,7 +359,7 @@ class LlamaInProcessAdapter:
 
         def step(count: int) -> tuple[list[Position], bool]:
             positions: list[Position] = []
-            ended = self._steps(tokens, positions, rng, count, top_k, sample)
+            ended = self._steps(tokens, len(prompt), positions, rng, count, top_k, sample)
             return positions, ended
 
         return SteppedDraft(step, n_tokens=n_tokens, prompt_tokens=len(prompt), executor=self._executor)

@@ -292,10 +292,10 @@ async def test_drafts_computed_as_read_give_whole_drafts_answers(smollm2_offset)
     computed: list[int] = []
     real = adapter._steps
 
-    def steps(tokens, positions, rng, count, top_k, sample):
+    def steps(tokens, prompt_len, positions, *rest):
         before = len(positions)
         try:
-            return real(tokens, positions, rng, count, top_k, sample)
+            return real(tokens, prompt_len, positions, *rest)
         finally:
             computed.append(len(positions) - before)
 

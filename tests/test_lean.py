@@ -76,11 +76,11 @@ def test_the_modules_share_the_lean_weights_and_compute_what_they_did(tiny_base,
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     layer, lean = net.model.layers[0], decoder._layers[0]
     attn, mlp = layer.self_attn, layer.mlp
-    # q, k and v are rows of one matrix; the down projection a transposed view: one copy of each weight
+    # q, k and v are rows of one matrix, gate and up another; the down projection its own: one copy of each weight
     assert attn.q_proj.weight.data_ptr() == lean.qkv.weight.data_ptr()
     assert attn.v_proj.weight.data_ptr() == lean.qkv.weight[-attn.v_proj.weight.shape[0] :].data_ptr()
     assert mlp.up_proj.weight.data_ptr() == lean.gate_up.weight[mlp.gate_proj.weight.shape[0] :].data_ptr()
-    assert mlp.down_proj.weight.data_ptr() == lean.down.weight.data_ptr() and lean.down.transposed
+    assert mlp.down_proj.weight.data_ptr() == lean.down.weight.data_ptr() and lean.down.weight.is_contiguous()
 
 
 def test_other_models_and_adapters_keep_the_modules(tiny_base, smollm2_tokenizer):

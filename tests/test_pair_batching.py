@@ -473,3 +473,18 @@ def test_only_large_linear_layers_get_the_few_rows_kernel(tiny_base, smollm2_tok
     linear = [m for m in fresh.model.modules() if type(m) is torch.nn.Linear]
     patched = [m for m in linear if "forward" in m.__dict__]
     assert patched and patched == [m for m in linear if m.weight.numel() >= MIN_WEIGHTS]
+
+
+@pytest.mark.parametrize("rows", [2, 3, 8])
+def test_the_few_rows_product_takes_a_column_major_input(rows):
+    """A column-major ``x`` (the transposed output of an earlier product, as the lean body's
+    layers pass on) gives the values of a row-major one: it is multiplied as a row-major copy."""
+    from proxy.pair.few_rows import product
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(576, 1536) / 40, torch.randn(rows, 1536)  # outputs of about 1
+    column_major = x.t().contiguous().t()
+    assert not column_major.is_contiguous() and torch.equal(column_major, x)
+    with torch.inference_mode():
+        assert torch.equal(product(column_major, weight), product(x, weight))
+        torch.testing.assert_close(product(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)

@@ -49,14 +49,19 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     """``x · weightᵀ + bias`` (``x``: ``[rows, in]``, ``weight``: ``[out, in]``, ``bias``:
     ``[out]`` or ``None``; returns ``[rows, out]``), computed as ``(weight · xᵀ)ᵀ`` for 1 to
     :data:`MAX_ROWS` rows (one row as two, the first kept) where autograd is off and
-    ``weight`` is contiguous, else exactly ``linear(x, weight, bias)``."""
+    ``weight`` is contiguous, else exactly ``linear(x, weight, bias)``. ``x`` may have any
+    strides (it is copied row-major where it is not)."""
     rows = x.shape[0]
     if rows > MAX_ROWS or torch.is_grad_enabled() or not weight.is_contiguous():
         return torch.nn.functional.linear(x, weight, bias)
     if rows == 1:
         y = torch.mm(weight, x.expand(2, -1).contiguous().t())[:, :1].t()  # xᵀ as a transposed view: MKL's fast case
     else:
-        y = torch.mm(weight, x.t()).t()
+        # xᵀ must be a transposed view of a row-major x: a column-major x (the transposed
+        # output of an earlier product, or an elementwise result of one) made xᵀ row-major,
+        # which MKL ran at a third of the speed (down projection of 2 rows: 16.8 → 6.9 ms
+        # over 30 layers, the copy included).
+        y = torch.mm(weight, x.contiguous().t()).t()
     return y if bias is None else y + bias
 
 

@@ -2,15 +2,13 @@
 passes: transformers' ``LlamaModel.forward`` (4-D additive mask, position ids, a
 ``DynamicCache``) at about half its cost per one-token pass, where the modules spend
 twice the weights' read time on 1,300 module calls and 420 LoRA factor products, the
-math fallback of ``scaled_dot_product_attention`` (keys copied per head) and a down
-projection of two rows that MKL runs at a third of the bandwidth. :class:`LeanDecoder`
-runs the same arithmetic with
+math fallback of ``scaled_dot_product_attention`` (keys copied per head) and products
+of few rows that MKL runs at a third of the bandwidth. :class:`LeanDecoder` runs the same
+arithmetic with
 
 - the query, key and value projections as one product, and the gate and up projections
   as another (their weights stored as one matrix, the modules' weights left as views of
   it: no second copy);
-- the down projection's weight stored transposed (``[intermediate, hidden]``; the
-  module's weight a transposed view of it);
 - grouped-query attention as two batched products over each key/value head's group of
   query heads, nothing copied per head;
 - U's LoRA adapter as one pair of rank-r products per group of projections (the
@@ -18,7 +16,12 @@ runs the same arithmetic with
   ``lora_alpha / r``), applied to U's rows only (a row mask, 0 for B's rows: their
   output is the base product's exactly);
 - the rows' tokens packed into one ``[Σ n_i, hidden]`` matrix for every product (no
-  padding computed), each row attending to its own cache.
+  padding computed), each row attending to its own cache;
+- every product of up to 64 positions computed as ``W · xᵀ`` on the weights in their
+  stored ``[out, in]`` order (:func:`proxy.pair.few_rows.product`), the down projection
+  included: stored transposed and multiplied as ``x · W``, it took 13.6 of a two-row
+  pass's 50 ms, against about 4.5 (2 cores, float32; a product of 1 to 512 rows is as
+  fast or faster this way).
 
 The in-process transformers remote runs its batched drafts on the same body
 (:mod:`adapters.step_batcher`). The values are the modules' to float32 rounding (the same sums in another order;
@@ -47,27 +50,22 @@ _NAMES = (*_ATTENTION, "o_proj", *_UP, "down_proj")
 @dataclass
 class _Projection:
     """One product of the decoder (a group of its linear layers side by side), and U's
-    LoRA update of it: ``x · Wᵀ + b`` (or ``x · W_t`` where stored transposed), plus
+    LoRA update of it: ``x · Wᵀ + b`` (:func:`proxy.pair.few_rows.product`), plus
     ``((x · Aᵀ) · Bᵀ) ⊙ u`` with ``u`` 1 on U's rows and 0 on B's."""
 
     weight: torch.Tensor
-    """``[out, in]``, or ``[in, out]`` where :attr:`transposed`."""
+    """``[out, in]``"""
     bias: torch.Tensor | None
     lora_a: torch.Tensor | None
     """``[R, in]``: the group's ``A`` factors stacked."""
     lora_b: torch.Tensor | None
     """``[out, R]``: the group's ``B`` factors block-diagonal, each times its scaling."""
-    transposed: bool = False
 
     def __call__(self, x: torch.Tensor, on_u: torch.Tensor | None) -> torch.Tensor:
-        if self.transposed:
-            y = torch.mm(x, self.weight)
-            if self.bias is not None:
-                y = y + self.bias
-        else:
-            y = product(x, self.weight, self.bias)  # W · xᵀ for few rows (proxy.pair.few_rows)
+        y = product(x, self.weight, self.bias)  # W · xᵀ for few rows (proxy.pair.few_rows)
         if on_u is not None and self.lora_a is not None and self.lora_b is not None:
-            y = y + torch.mm(torch.mm(x, self.lora_a.t()), self.lora_b.t()) * on_u
+            # the row mask on the rank-R product, B's product added in place of a temporary
+            y = torch.addmm(y, torch.mm(x, self.lora_a.t()) * on_u, self.lora_b.t())
         return y
 
 
@@ -151,7 +149,7 @@ class LeanDecoder:
                     qkv=_group([getattr(attn, n) for n in _ATTENTION], pages),
                     o=_group([attn.o_proj], pages),
                     gate_up=_group([getattr(mlp, n) for n in _UP], pages),
-                    down=_group([mlp.down_proj], pages, transposed=True),
+                    down=_group([mlp.down_proj], pages),
                 )
             )
         _own_memory(inner, layers, pages)
@@ -326,21 +324,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _group(modules: list[Any], pages: _FilePages, *, transposed: bool = False) -> _Projection:
+def _group(modules: list[Any], pages: _FilePages) -> _Projection:
     """One :class:`_Projection` for ``modules`` side by side (outputs concatenated, in
     order), its weights stored once: each module's base weight becomes a view of the
-    group's matrix (rows of it, or, ``transposed``, of its transpose); the old weights'
+    group's matrix (rows of it); the old weights'
     pages of the weights file are dropped (:class:`_FilePages`)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     bases: list[Any] = [m.get_base_layer() if isinstance(m, BaseTunerLayer) else m for m in modules]
     olds = [m.weight.detach() for m in bases]
     with torch.no_grad():
-        if transposed:
-            (base,) = bases
-            weight = base.weight.detach().t().contiguous()  # [in, out]
-            base.weight.data = weight.t()
-        elif len(bases) == 1:
+        if len(bases) == 1:
             weight = bases[0].weight.detach().clone()
             bases[0].weight.data = weight
         else:
@@ -362,7 +356,7 @@ def _group(modules: list[Any], pages: _FilePages, *, transposed: bool = False) -
         lora_a, lora_b = _lora(modules, bases)
     for old in olds:
         pages.drop(old)
-    return _Projection(weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, transposed=transposed)
+    return _Projection(weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
 
 
 def _lora(modules: list[Any], bases: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:

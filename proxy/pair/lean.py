@@ -19,9 +19,9 @@ arithmetic with
   padding computed), each row attending to its own cache;
 - every product of up to 64 positions computed as ``W · xᵀ`` on the weights in their
   stored ``[out, in]`` order (:func:`proxy.pair.few_rows.product`), the down projection
-  included: stored transposed and multiplied as ``x · W``, it took 13.6 of a two-row
-  pass's 50 ms, against about 4.5 (2 cores, float32; a product of 1 to 512 rows is as
-  fast or faster this way).
+  included: stored transposed and multiplied as ``x · W``, it took 13.6 ms of a two-row
+  pass's 50, against 5.8 now (2 cores, float32, inside the served pass; alone, a product
+  of 1 to 512 rows is as fast or faster this way).
 
 The in-process transformers remote runs its batched drafts on the same body
 (:mod:`adapters.step_batcher`). The values are the modules' to float32 rounding (the same sums in another order;

@@ -15,7 +15,9 @@ Measured, all in this run:
   scope** (the demo forget set's questions), greedy and T = 1, with
   speculative acceptance and token by token: wall time, remote calls per 100
   generated tokens, pair milliseconds per generated token on the
-  same-tokenizer (fast) and the general path; token by token again with U and B
+  same-tokenizer (fast) and the general path; speculative and token by token again with
+  U's rows in every pass (``pair.lazy_u`` off), the baseline of computing U only where the
+  scope gate opens (:class:`proxy.pair.scorer.PairScorer`); token by token again with U and B
   in a pass each (``pair.fuse_sides`` off), the baseline of running them as the
   rows of one pass, through transformers' modules (``pair.lean`` empty), the
   baseline of the lean body (:mod:`proxy.pair.lean`), and with every product
@@ -407,6 +409,12 @@ def main() -> None:
                 spec.adapter, url, out_prompts, tokens=args.tokens, logprobs=True, stream=True
             )
             res["out_greedy_speculative"] = await run_prompts(spec, out_prompts, tokens=args.tokens, temperature=0.0)
+            # the baseline of lazy U: the same answers with U's rows computed in every pass
+            spec.pair.lazy_u = False
+            res["out_greedy_speculative_eager_u"] = await run_prompts(
+                spec, out_prompts, tokens=args.tokens, temperature=0.0
+            )
+            spec.pair.lazy_u = True
             # the baseline of streamed drafts: the same answers with each draft read whole
             streamed = spec.adapter.capabilities
             spec.adapter.capabilities = dataclasses.replace(streamed, streams_drafts=False)
@@ -426,6 +434,11 @@ def main() -> None:
             res["out_greedy_token_by_token"] = await run_prompts(
                 tbt, out_prompts[:2], tokens=args.tokens, temperature=0.0
             )
+            tbt.pair.lazy_u = False
+            res["out_greedy_token_by_token_eager_u"] = await run_prompts(
+                tbt, out_prompts[:2], tokens=args.tokens, temperature=0.0
+            )
+            tbt.pair.lazy_u = True
             # the baseline of U and B as rows of one pass: the same answers, a pass per model
             tbt.pair.fuse_sides = False
             res["out_greedy_token_by_token_unfused"] = await run_prompts(
@@ -569,6 +582,20 @@ def main() -> None:
         ),
         "pair_ms_per_token_fast": ll["out_greedy_speculative"]["pair_ms_per_token"],
         "pair_ms_per_token_general": ll["out_greedy_general_speculative"]["pair_ms_per_token"],
+        "pair_ms_per_token_fast_eager_u": ll["out_greedy_speculative_eager_u"]["pair_ms_per_token"],
+        "pair_fast_lazy_u_over_eager_u": round(
+            ll["out_greedy_speculative"]["pair_ms_per_token"] / ll["out_greedy_speculative_eager_u"]["pair_ms_per_token"],
+            3,
+        ),
+        "wall_ratio_out_of_scope_eager_u": round(
+            per_token(runs["out_greedy_speculative_eager_u"]) / per_token(direct_lp), 3
+        ),
+        "pair_ms_per_token_token_by_token_eager_u": ll["out_greedy_token_by_token_eager_u"]["pair_ms_per_token"],
+        "pair_token_by_token_lazy_u_over_eager_u": round(
+            ll["out_greedy_token_by_token"]["pair_ms_per_token"]
+            / ll["out_greedy_token_by_token_eager_u"]["pair_ms_per_token"],
+            3,
+        ),
         "pair_ms_per_token_token_by_token": ll["out_greedy_token_by_token"]["pair_ms_per_token"],
         "pair_ms_per_token_token_by_token_unfused": ll["out_greedy_token_by_token_unfused"]["pair_ms_per_token"],
         "pair_token_by_token_fused_over_unfused": round(

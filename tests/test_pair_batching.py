@@ -281,6 +281,9 @@ def test_prefix_cache_keeps_its_token_budget():
     class Cache:
         layers = [Layer(*kv[Side.B][0])]
 
+        def get_seq_length(self):
+            return 40
+
     cache.store(list(range(12)), {Side.B: Cache()}, (Side.B,))
     cache.store(list(range(100, 112)), {Side.B: Cache()}, (Side.B,))
     cache.store(list(range(12)) + [7, 7], {Side.B: Cache()}, (Side.B,))  # extends the first: replaces it

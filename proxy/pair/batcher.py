@@ -57,7 +57,7 @@ class TreeJob:
     the tree's ``n`` token ids, which cached and tree positions each may see (``allowed``,
     ``[n, L + n]`` bool, ``L`` the cache length), its positions (``[n]``), the positions
     whose next-token rows are read (``keep``), and the scorer's caches by model
-    (:class:`~proxy.pair.sides.Side`).
+    (:class:`~proxy.pair.sides.Side`), of which it runs as ``sides`` (every model by default).
 
     ``reduce(model, rows)``, when given, runs inside the pass on each model's rows
     (``[len(keep), V]`` float32, valid only during the call), and its value
@@ -72,6 +72,8 @@ class TreeJob:
     keep: list[int]
     caches: dict[Side, Any]
     reduce: Callable[[Side, np.ndarray], Any] | None = None
+    sides: tuple[Side, ...] | None = None
+    """The models the job runs as (a subset of the pair's); ``None``: every model of the pair."""
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[Side, Any] | None = None
     error: BaseException | None = None

@@ -119,9 +119,10 @@ def switched(pair: PairModels, side: Side) -> Iterator[Any]:
 def forward_trees(pair: PairModels, jobs: Sequence[TreeJob]) -> list[dict[Side, Any]]:
     """One forward pass over the trees of ``jobs``, batched: each job's rows
     (``[len(job.keep), V]`` float32 log-softmax, nats) by model (:class:`Side`; only
-    ``Side.B`` without an offset), or what the job's ``reduce`` made of them, and each
-    job's caches extended by its tree (as one pass of its own would leave them); when the
-    pass fails, every job's caches are left as they were.
+    ``Side.B`` without an offset; only the models of ``job.sides`` where it names them), or
+    what the job's ``reduce`` made of them, and each job's caches extended by its tree (as
+    one pass of its own would leave them); when the pass fails, every job's caches are left
+    as they were.
 
     With a LoRA offset, U and B run as the rows of one pass (:func:`fused`): the weights
     are read once for both, U's adapter applied to U's rows only (:class:`_RowAdapters`).
@@ -135,18 +136,21 @@ def forward_trees(pair: PairModels, jobs: Sequence[TreeJob]) -> list[dict[Side, 
     """
     models = sides(pair.has_offset)
     out: list[dict[Side, Any]] = [{} for _ in jobs]
+    # (job index, model) of every row of the pass, U's rows first, then B's
+    runs = [(i, m) for m in models for i, job in enumerate(jobs) if job.sides is None or m in job.sides]
     before = [{m: (c, c.get_seq_length()) for m, c in job.caches.items()} for job in jobs]
     with pair.lock:
         try:
             if fused(pair):
-                results = forward_rows(pair, [(job, m) for m in models for job in jobs])
-                for k, m in enumerate(models):  # U's rows first, then B's
-                    for i, got in enumerate(out):
-                        got[m] = results[k * len(jobs) + i]
+                results = forward_rows(pair, [(jobs[i], m) for i, m in runs])
+                for (i, m), got in zip(runs, results, strict=True):
+                    out[i][m] = got
             else:
                 for m in models:
-                    for got, lp in zip(out, forward_batch(pair, jobs, m), strict=True):
-                        got[m] = lp
+                    picked = [i for i, side in runs if side is m]
+                    if picked:
+                        for i, lp in zip(picked, forward_batch(pair, [jobs[i] for i in picked], m), strict=True):
+                            out[i][m] = lp
         except BaseException:
             # Every job's caches as they were (a pass that failed half-way, for one model
             # or for some layers, must not leave tokens behind: the jobs run again alone).

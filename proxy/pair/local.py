@@ -93,6 +93,9 @@ class LocalPair:
         """U and B as the rows of one pass where the offset is a LoRA adapter
         (:func:`proxy.pair.forward.fused`); ``False``: one pass per model (the reference
         that ``bench.speed`` and the tests compare against)."""
+        self.lazy_u = True
+        """U's rows computed only where the scope gate opens on B's (:class:`PairScorer`); ``False``:
+        U and B in every pass (the reference that ``bench.speed`` and the tests compare against)."""
         self.lean: dict[Side, Any] = {}
         """Each side's lean body (:class:`proxy.pair.lean.LeanDecoder`) for the batched passes,
         where the model is of the Llama family (:meth:`LeanDecoder.build`); empty:
@@ -210,7 +213,7 @@ class LocalPair:
 
     def aligner(self, prompt_ids: Sequence[int], *, same_tokenizer: bool) -> Aligner:
         """Alignment state for one choice, with ``prompt_ids`` as the trunk's start."""
-        scorer = PairScorer(self)
+        scorer = PairScorer(self, self.gate)
         aligner = Aligner(self.vocab, scorer, same_tokenizer=same_tokenizer, gate=self.gate)
         aligner.pending = list(prompt_ids)
         return aligner

@@ -40,7 +40,8 @@ class PrefixCache:
 
     def lookup(self, ids: Sequence[int], limit: int) -> tuple[int, dict[Side, list[tuple[torch.Tensor, torch.Tensor]]]]:
         """The longest cached prefix of ``ids``, at most ``limit`` tokens: its length and
-        its keys and values by model (``[1, heads, length, dim]`` views), or ``(0, {})``."""
+        its keys and values by model (``[1, heads, length, dim]`` views, a model's at most
+        that length: fewer where the entry holds fewer of its positions), or ``(0, {})``."""
         if limit < self.MIN_TOKENS:
             return 0, {}
         want = np.asarray(ids[:limit], dtype=np.int64)
@@ -63,7 +64,9 @@ class PrefixCache:
         return best, {m: [(k[:, :, :best], v[:, :, :best]) for k, v in layers] for m, layers in kv.items()}
 
     def store(self, ids: Sequence[int], caches: dict[Side, Any], models: Sequence[Side]) -> None:
-        """Keep the first ``len(ids)`` positions of ``caches`` (copies) under ``ids``; nothing
+        """Keep the first ``len(ids)`` positions of ``caches`` (copies) under ``ids``, or the
+        fewer that a model's cache holds (U's behind B's under lazy U,
+        :class:`proxy.pair.scorer.PairScorer`; :meth:`lookup` gives them as they are); nothing
         when a cached entry already begins with them or they exceed the whole budget."""
         key = tuple(ids)
         if len(key) < self.MIN_TOKENS or len(key) > self.max_tokens:
@@ -77,6 +80,7 @@ class PrefixCache:
                 for layer in caches[m].layers
             ]
             for m in models
+            if caches[m].get_seq_length()  # U's cache may hold fewer tokens, or none (lazy U)
         }
         with self._lock:
             for k in [k for k in self._entries if key[: len(k)] == k]:  # shorter entries it extends

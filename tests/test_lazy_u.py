@@ -184,3 +184,44 @@ def test_a_prefix_cached_without_u_catches_u_up_from_the_start(tiny_base, smollm
         al.gate = al.scorer.gate = opened
     np.testing.assert_allclose(a.deltas([b" Paris", b" Rome", EOT]), b.deltas([b" Paris", b" Rome", EOT]), atol=2e-5)
     assert lazy.prefix_cache.hits == 1 and a.scorer.u_behind() == 0
+
+
+def test_a_failing_catch_up_of_u_leaves_both_caches_as_they_were(tiny_base, smollm2_tokenizer, monkeypatch):
+    """U's pass fails after B's succeeded: B's cache and rows are those before the call, and the
+    call made again gives U-in-every-pass's Δ."""
+    from proxy.pair import forward
+
+    lazy, eager = twin_pairs(tiny_base, smollm2_tokenizer, prefix_cache_tokens=0)
+    width = lazy.gate.vocab_size
+    closed = ScopeGate(np.zeros(width, dtype=np.float32), -50.0, 0.5)
+    opened = ScopeGate(np.zeros(width, dtype=np.float32), 50.0, 0.5)
+    prompt = eager.prompt_ids(prompt="Tell me a story.")
+    a, b = lazy.aligner(prompt, same_tokenizer=True), eager.aligner(prompt, same_tokenizer=True)
+    a.gate = a.scorer.gate = closed
+    b.gate = b.scorer.gate = opened
+    for piece in (b"Once", b" upon", b" a"):
+        a.deltas([b" the", EOT])
+        a.commit(piece)
+        b.commit(piece)
+    a.deltas([b" the", EOT])  # the pending tokens enter B's cache; U's stays behind
+    sc = a.scorer
+    before = (sc.trunk_len, sc.caches[Side.B].get_seq_length(), sc.caches[Side.U].get_seq_length(), sc.last[Side.B])
+    assert before[2] < before[0] == before[1]
+    a.commit(b" time")
+    a.gate = sc.gate = opened
+    real = forward.forward_rows
+
+    def failing(pair, rows):
+        if pair is lazy and all(side is Side.U for _, side in rows):
+            raise RuntimeError("injected")
+        return real(pair, rows)
+
+    monkeypatch.setattr(forward, "forward_rows", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        a.deltas([b" there", b" the", EOT])
+    after = (sc.trunk_len, sc.caches[Side.B].get_seq_length(), sc.caches[Side.U].get_seq_length(), sc.last[Side.B])
+    assert after[:3] == before[:3] and after[3] is before[3]
+    monkeypatch.setattr(forward, "forward_rows", real)
+    b.commit(b" time")
+    np.testing.assert_allclose(a.deltas([b" there", b" the", EOT]), b.deltas([b" there", b" the", EOT]), atol=2e-5)
+    assert sc.u_behind() == 0

@@ -145,12 +145,12 @@ def forward_trees(pair: PairModels, jobs: Sequence[TreeJob]) -> list[dict[Side, 
                 results = forward_rows(pair, [(jobs[i], m) for i, m in runs])
                 for (i, m), got in zip(runs, results, strict=True):
                     out[i][m] = got
-            else:
+            else:  # one pass per model
                 for m in models:
                     picked = [i for i, side in runs if side is m]
                     if picked:
-                        for i, lp in zip(picked, forward_batch(pair, [jobs[i] for i in picked], m), strict=True):
-                            out[i][m] = lp
+                        for i, got in zip(picked, forward_rows(pair, [(jobs[i], m) for i in picked]), strict=True):
+                            out[i][m] = got
         except BaseException:
             # Every job's caches as they were (a pass that failed half-way, for one model
             # or for some layers, must not leave tokens behind: the jobs run again alone).
@@ -205,17 +205,6 @@ class _RowAdapters:
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def forward_batch(pair: PairModels, jobs: Sequence[TreeJob], side: Side) -> list[Any]:
-    """The pass of :func:`forward_trees` for one model (``side``): each job's result, its
-    cache replaced by the extended one. One job, or a model whose body and head cannot be
-    run apart, runs alone on its own cache, in place.
-
-    Raises:
-        ValueError: a job's ``allowed`` does not fit its tokens after its cache.
-    """
-    return forward_rows(pair, [(job, side) for job in jobs])
 
 
 @torch.inference_mode()
@@ -376,7 +365,7 @@ def _lean_rows(pair: PairModels, rows: Sequence[tuple[TreeJob, Side]], decoder: 
     return _head_outputs(body_and_head(net), hidden, rows, None)
 
 
-#: Rows of the output head computed in one product in a batched pass (:func:`forward_batch`).
+#: Rows of the output head computed in one product in a batched pass (:func:`forward_rows`).
 HEAD_ROWS = 64
 
 

@@ -491,3 +491,31 @@ def test_the_few_rows_product_takes_a_column_major_input(rows):
     with torch.inference_mode():
         assert torch.equal(product(column_major, weight), product(x, weight))
         torch.testing.assert_close(product(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_cache_prefers_the_entry_that_holds_both_models():
+    """Two entries share a system prompt; the first was stored while U's cache was behind (B's
+    keys alone): a third prompt with that head gets the second's, U's included."""
+    from proxy.pair.prefix_cache import PrefixCache
+
+    class Layer:
+        def __init__(self, n):
+            self.keys, self.values = torch.full((1, 2, n, 4), float(n)), torch.full((1, 2, n, 4), float(n))
+
+    class Cache:
+        def __init__(self, n):
+            self.layers, self.n = [Layer(n)], n
+
+        def get_seq_length(self):
+            return self.n
+
+    head = list(range(20))
+    cache = PrefixCache(max_tokens=200)
+    cache.store(head + [100, 101], {Side.B: Cache(22), Side.U: Cache(0)}, (Side.U, Side.B))  # U behind: none
+    cache.store(head + [200, 201], {Side.B: Cache(22), Side.U: Cache(22)}, (Side.U, Side.B))
+    got, kv = cache.lookup(head + [300, 301], 22)
+    assert got == 20 and set(kv) == {Side.U, Side.B} and kv[Side.U][0][0].shape == (1, 2, 20, 4)
+    # an entry with more shared tokens still wins over one holding more models
+    cache.store(head + [300], {Side.B: Cache(21), Side.U: Cache(5)}, (Side.U, Side.B))
+    got, kv = cache.lookup(head + [300, 301], 22)
+    assert got == 21 and kv[Side.U][0][0].shape == (1, 2, 5, 4)

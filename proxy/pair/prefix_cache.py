@@ -41,20 +41,24 @@ class PrefixCache:
     def lookup(self, ids: Sequence[int], limit: int) -> tuple[int, dict[Side, list[tuple[torch.Tensor, torch.Tensor]]]]:
         """The longest cached prefix of ``ids``, at most ``limit`` tokens: its length and
         its keys and values by model (``[1, heads, length, dim]`` views, a model's at most
-        that length: fewer where the entry holds fewer of its positions), or ``(0, {})``."""
+        that length: fewer where the entry holds fewer of its positions), or ``(0, {})``. Of
+        entries that share as many tokens, the one whose models hold the most of them."""
         if limit < self.MIN_TOKENS:
             return 0, {}
         want = np.asarray(ids[:limit], dtype=np.int64)
-        best, found = 0, None
+        best, found, held = 0, None, 0
         with self._lock:
             for key in self._entries:
                 n = min(len(key), len(want))
-                if n <= best:
+                if n < best:
                     continue
                 diff = np.flatnonzero(np.asarray(key[:n], dtype=np.int64) != want[:n])
                 common = int(diff[0]) if diff.size else n
-                if common > best:
-                    best, found = common, key
+                # Of two entries sharing as many tokens, the one whose models hold more of them
+                # (an entry stored while U's cache was behind has fewer of U's, or none).
+                covered = sum(min(common, layers[0][0].shape[2]) for layers in self._entries[key].values() if layers)
+                if (common, covered) > (best, held):
+                    best, found, held = common, key, covered
             if found is None or best < self.MIN_TOKENS:
                 return 0, {}
             self._entries.move_to_end(found)

@@ -125,10 +125,7 @@ class PairScorer:
             n = len(tree.tokens)
         if n == 0 and not self.u_behind():
             for m in models:
-                if self.last[m] is None:
-                    raise ValueError("empty prompt: the pair has nothing to condition on")
-                repeated = np.repeat(self.last[m][None, :], len(want), axis=0)  # type: ignore[index]
-                rows[m] = reduce(repeated) if reduce else repeated
+                rows[m] = self._from_last(m, len(want), reduce)
         elif not self._lazy(n):
             job = self._job(tree, commit, want, reduce, None)
             scored = self.pair.batcher.run(job)
@@ -146,12 +143,9 @@ class PairScorer:
                 ]
                 self._keep(Side.B, n - commit, commit, last)
             else:  # nothing new for B (its row is the last committed one); U's cache is behind
+                rows[Side.B] = self._from_last(Side.B, len(want), reduce)
                 b_last = self.last[Side.B]
-                if b_last is None:
-                    raise ValueError("empty prompt: the pair has nothing to condition on")
-                repeated = np.repeat(b_last[None, :], len(want), axis=0)
-                rows[Side.B] = reduce(repeated) if reduce else repeated
-                opened = self.gate is not None and bool(self.gate.open(b_last[None, :])[0])
+                opened = self.gate is not None and b_last is not None and bool(self.gate.open(b_last[None, :])[0])
             self.opened_last = opened
             if opened:
                 u_tree = Tree(
@@ -183,6 +177,19 @@ class PairScorer:
         if not self.pair.has_offset:
             rows[Side.U] = rows[Side.B]
         return rows[Side.U], rows[Side.B]
+
+    def _from_last(self, m: Side, count: int, reduce: Callable[[np.ndarray], Any] | None) -> Any:
+        """Model ``m``'s rows of a tree with no new token: its last committed row ``count``
+        times (or ``reduce``'s value of them).
+
+        Raises:
+            ValueError: nothing committed yet (no prompt).
+        """
+        last = self.last[m]
+        if last is None:
+            raise ValueError("empty prompt: the pair has nothing to condition on")
+        repeated = np.repeat(last[None, :], count, axis=0)
+        return reduce(repeated) if reduce else repeated
 
     def _keep(self, m: Side, remove: int, commit: int, last: np.ndarray | None) -> None:
         """After a pass of model ``m``: its cache keeps the committed chain (the rest of the

@@ -109,6 +109,9 @@ class Aligner:
     pending: list[int] = field(default_factory=list)
     """Tokens accepted into the trunk but not yet in the KV cache."""
     last_max_abs_delta: float = 0.0
+    last_opened: list[bool] | None = None
+    """Whether the scope gate was open at each position of the last :meth:`draft_deltas`
+    (``None`` without a gate): how the speculative loop sizes its next chunk."""
     n_before_ahead: int = 0
     """How many tokens the last draft's score committed before its own chain (pending ones)."""
     chain: list[int] = field(default_factory=list)
@@ -284,6 +287,7 @@ class Aligner:
         (logp_u, _), (logp_b, opened) = self.scorer.score(
             Tree(tuple(tokens), tuple(parents)), commit=n_chain, need=rows, reduce=path_logps
         )
+        self.last_opened = None if opened is None else [bool(o) for o in opened]
         self.n_before_ahead = len(self.pending)
         self.chain = tokens[:n_chain]
         self.pending = []

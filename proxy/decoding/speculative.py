@@ -18,15 +18,41 @@ PREDICT_ABOVE = 8
 #: A draft computed only as read (:attr:`adapters.base.Capabilities.drafts_on_demand`) is
 #: asked for at full length and scored from a first chunk of a quarter of the expected
 #: accepted run (:meth:`DraftLength.expected_run`), at least this many positions, doubling
-#: while accepted. In forget scope each position computed past the first replaced token
-#: costs a remote step and a share of a pair pass for nothing; out of scope the run is the
-#: whole draft, and a 96-token answer is scored in two passes (32, then the rest) instead of
-#: one. Measured on the embedded default (6 forget-set and 6 other prompts, 96 tokens, one
-#: process), positions computed per token kept in scope: 2.1 with the expected run as the
-#: first chunk, 1.7 with half of it, 1.5 with a quarter, 1.38 with 4 always; a first chunk
-#: of 4 or 8 always made answers out of scope about 10% slower (a pass per 4 or 8 positions
-#: at first), a quarter of the run did not (44 tokens/s either way).
+#: while accepted (:func:`on_demand_chunk`). In forget scope each position computed past the
+#: first replaced token costs a remote step and a share of a pair pass for nothing; out of
+#: scope the run is the whole draft, and a 96-token answer is scored in a few passes.
 ON_DEMAND_FIRST_CHUNK = 4
+
+#: While the offset's scope gate is open at the last position scored (in forget scope), an
+#: on-demand draft is scored this many positions a pass, without doubling: there the
+#: offset replaces about one drafted token in 14 (the demo offset, its forget questions and
+#: their paraphrases, greedy), and a longer chunk computes positions past the replacement.
+IN_SCOPE_CHUNK = 4
+
+#: An answer's first chunk where the pair has a scope gate that has not been read yet: small
+#: enough that an in-scope answer wastes little before the gate is known, large enough that
+#: an out-of-scope one needs few passes more (it doubles from here while the gate stays closed).
+GATED_FIRST_CHUNK = 8
+
+
+def on_demand_chunk(previous: int | None, gate_open: bool | None, *, gated: bool, expected_run: int) -> int:
+    """How many positions of a draft computed as read the pair scores in its next pass.
+
+    ``previous`` is the round's last chunk (``None``: the round's first), ``gate_open`` whether
+    the scope gate was open at the last position scored (``None``: not known yet, or no gate),
+    ``gated`` whether the offset has a scope gate, ``expected_run`` the acceptance rate's
+    expected run (:meth:`DraftLength.expected_run`, positions). Where the gate is open,
+    :data:`IN_SCOPE_CHUNK`; a round's first chunk is otherwise :data:`GATED_FIRST_CHUNK` before
+    the gate is known, else a quarter of the expected run (at least :data:`ON_DEMAND_FIRST_CHUNK`);
+    later chunks double. Chunk sizes change only which positions are computed, never a token
+    chosen (each position is scored as it would be alone)."""
+    if gate_open:
+        return IN_SCOPE_CHUNK
+    if previous is not None:
+        return previous * 2
+    if gated and gate_open is None:
+        return GATED_FIRST_CHUNK
+    return max(ON_DEMAND_FIRST_CHUNK, expected_run // 4)
 
 
 class DraftCost:

@@ -29,7 +29,7 @@ from adapters.base import (
 from proxy.decoding.drafts import open_draft
 from proxy.decoding.offset import NoUsableCandidates, choose, flip_margin, predicted_acceptance, target_logits
 from proxy.decoding.protocols import Served
-from proxy.decoding.speculative import ON_DEMAND_FIRST_CHUNK, PREDICT_ABOVE, DraftLength, speculative_pick
+from proxy.decoding.speculative import PREDICT_ABOVE, DraftLength, on_demand_chunk, speculative_pick
 from proxy.decoding.text import TextReleaser, inside_character
 from proxy.decoding.types import ChoiceStats, DecodingError, Piece, SamplingParams, TokenOut, display_token, finite
 
@@ -85,6 +85,8 @@ class TokenDecoder:
             batcher.open_stream()
         first_round = True  # the request's usage counts its first call's prompt
         on_demand = self.model.adapter.capabilities.drafts_on_demand
+        gated = getattr(aligner, "gate", None) is not None
+        gate_open: bool | None = None  # the scope gate at the last position scored (None: not yet)
         try:
             while stats.completion_tokens < params.max_tokens and not context_full:
                 pair_before = stats.pair_seconds
@@ -124,10 +126,12 @@ class TokenDecoder:
                 # streamed draft's chunk is scored as soon as it has arrived, while the remote
                 # writes the rest, and the stream is closed at the first replaced token (the
                 # remote stops). Chunks grow as for a whole draft: capping them to score beside
-                # the remote slowed both where they share the cores (docs/benchmarks.md).
+                # the remote slowed both where they share the cores (docs/benchmarks.md). A
+                # draft computed as read is scored in short chunks while the scope gate is open
+                # (:func:`proxy.decoding.speculative.on_demand_chunk`).
                 done, chunk, more = 0, lengths.expected_run() if lengths is not None else 1, True
-                if on_demand:
-                    chunk = max(ON_DEMAND_FIRST_CHUNK, chunk // 4)  # nothing computed past the chunk
+                if on_demand:  # nothing computed past the chunk; in scope short chunks
+                    chunk = on_demand_chunk(None, gate_open, gated=gated, expected_run=chunk)
                 failed = False
                 try:
                     while more:
@@ -148,7 +152,10 @@ class TokenDecoder:
                                 raise
                             context_full = True
                             break
+                        opened = getattr(aligner, "last_opened", None)
                         for j, (pos, (cands, ell, delta)) in enumerate(zip(part, scored, strict=False)):
+                            if opened is not None and j < len(opened):
+                                gate_open = opened[j]
                             idx, logq, ok, changed = self._pick(
                                 pos, cands, ell, delta, params, rng, direct=done + j < direct, stats=stats
                             )
@@ -185,7 +192,10 @@ class TokenDecoder:
                                 break
                         more = more and len(scored) == len(part)
                         done += len(part)
-                        chunk *= 2
+                        if on_demand:
+                            chunk = on_demand_chunk(chunk, gate_open, gated=gated, expected_run=chunk)
+                        else:
+                            chunk *= 2
                 except BaseException:
                     failed = True
                     raise

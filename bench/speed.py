@@ -53,7 +53,11 @@ Measured, all in this run:
   its resident memory after them (``embedded_rss_mb``, ``VmRSS``) and its peak.
 
 Ratios are against runs in this same process; absolute times on 2 shared
-cores vary by about ±10% from run to run.
+cores vary by up to 1.5× from run to run and by a third within one. The sets that the
+headline ratios compare run prompt by prompt in turn (:func:`alternating`): greedy
+speculative out of scope, in scope and the server alone (``wall_ratio_out_of_scope``,
+``in_scope_over_out_of_scope``), the same two with whole drafts, and the embedded default's
+out of scope and in scope.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +102,11 @@ class Run:
     accepted: int = 0
     shortened: int = 0
     """Drafts shortened because the pair predicted a rejection at their first position."""
+
+    def __iadd__(self, other: Run) -> Run:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -140,6 +150,19 @@ async def run_prompts(model: Any, prompts: tuple[str, ...], *, tokens: int, temp
         run.shortened += stats.predicted_short
     run.seconds = time.perf_counter() - t0
     return run
+
+
+async def alternating(parts: Sequence[tuple[Callable[[tuple[str, ...], int], Awaitable[Run]], tuple[str, ...]]]) -> list[Run]:
+    """Each part's prompts one at a time, the parts in turn (every part's first prompt, then
+    every part's second, …), each part's runs summed. A part is a function of (one prompt,
+    its index) and its prompts. The machine's speed drifts by up to a third within a run
+    here: in turn, the drift falls on every part alike, and the ratios between them hold."""
+    totals = [Run() for _ in parts]
+    for i in range(max(len(prompts) for _, prompts in parts)):
+        for total, (run, prompts) in zip(totals, parts, strict=True):
+            if i < len(prompts):
+                total += await run((prompts[i],), i)
+    return totals
 
 
 async def direct_prompts(
@@ -325,11 +348,15 @@ def embedded_part(out_prompts: tuple[str, ...], in_prompts: tuple[str, ...], tok
             return r.usage.completion_tokens
 
         ask(out_prompts[0])  # warm
-        rates = {}
-        for name, prompts in (("out_of_scope", out_prompts), ("in_scope", in_prompts)):
-            t0 = time.perf_counter()
-            n = sum(ask(q) for q in prompts)
-            rates[name] = round(n / (time.perf_counter() - t0), 2)
+        # out of scope and in scope prompt by prompt in turn (as :func:`alternating`)
+        counts, seconds = {"out_of_scope": 0, "in_scope": 0}, {"out_of_scope": 0.0, "in_scope": 0.0}
+        for i in range(max(len(out_prompts), len(in_prompts))):
+            for name, prompts in (("out_of_scope", out_prompts), ("in_scope", in_prompts)):
+                if i < len(prompts):
+                    t0 = time.perf_counter()
+                    counts[name] += ask(prompts[i])
+                    seconds[name] += time.perf_counter() - t0
+        rates = {name: round(counts[name] / seconds[name], 2) for name in counts}
         mixed = [q for pair in zip(out_prompts * 3, in_prompts * 3, strict=False) for q in pair][:16]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(16) as pool:
@@ -399,8 +426,15 @@ def main() -> None:
             # Warm the server's prompt cache and the pair's kernels, then measure.
             await direct_prompts(spec.adapter, url, out_prompts[:1], tokens=8, logprobs=True)
             await run_prompts(spec, out_prompts[:1], tokens=8, temperature=0.0)
-            res["direct_logprobs"] = await direct_prompts(
-                spec.adapter, url, out_prompts, tokens=args.tokens, logprobs=True
+            # The proxy out of scope and in scope and the server alone, prompt by prompt in turn
+            # (:func:`alternating`): the wall ratio and the in-scope ratio within one stretch of
+            # time. The server's call follows another prompt's, so its prompt cache helps neither.
+            res["out_greedy_speculative"], res["in_greedy_speculative"], res["direct_logprobs"] = await alternating(
+                [
+                    (lambda p, i: run_prompts(spec, p, tokens=args.tokens, temperature=0.0, seed=i), out_prompts),
+                    (lambda p, i: run_prompts(spec, p, tokens=args.tokens, temperature=0.0, seed=i), in_prompts),
+                    (lambda p, i: direct_prompts(spec.adapter, url, p, tokens=args.tokens, logprobs=True), out_prompts),
+                ]
             )
             res["direct_plain"] = await direct_prompts(
                 spec.adapter, url, out_prompts, tokens=args.tokens, logprobs=False
@@ -408,7 +442,6 @@ def main() -> None:
             res["direct_logprobs_streamed"] = await direct_prompts(
                 spec.adapter, url, out_prompts, tokens=args.tokens, logprobs=True, stream=True
             )
-            res["out_greedy_speculative"] = await run_prompts(spec, out_prompts, tokens=args.tokens, temperature=0.0)
             # the baseline of lazy U: the same answers with U's rows computed in every pass
             spec.pair.lazy_u = False
             res["out_greedy_speculative_eager_u"] = await run_prompts(
@@ -418,18 +451,18 @@ def main() -> None:
             # the baseline of streamed drafts: the same answers with each draft read whole
             streamed = spec.adapter.capabilities
             spec.adapter.capabilities = dataclasses.replace(streamed, streams_drafts=False)
-            res["out_greedy_speculative_whole_drafts"] = await run_prompts(
-                spec, out_prompts, tokens=args.tokens, temperature=0.0
+            whole = await alternating(
+                [
+                    (lambda p, i: run_prompts(spec, p, tokens=args.tokens, temperature=0.0, seed=i), out_prompts),
+                    (lambda p, i: run_prompts(spec, p, tokens=args.tokens, temperature=0.0, seed=i), in_prompts),
+                ]
             )
-            res["in_greedy_speculative_whole_drafts"] = await run_prompts(
-                spec, in_prompts, tokens=args.tokens, temperature=0.0
-            )
+            res["out_greedy_speculative_whole_drafts"], res["in_greedy_speculative_whole_drafts"] = whole
             spec.adapter.capabilities = streamed
             res["out_t1_speculative"] = await run_prompts(spec, out_prompts, tokens=args.tokens, temperature=1.0)
             res["out_greedy_general_speculative"] = await run_prompts(
                 general, out_prompts, tokens=args.tokens, temperature=0.0
             )
-            res["in_greedy_speculative"] = await run_prompts(spec, in_prompts, tokens=args.tokens, temperature=0.0)
             res["in_t1_speculative"] = await run_prompts(spec, in_prompts, tokens=args.tokens, temperature=1.0)
             res["out_greedy_token_by_token"] = await run_prompts(
                 tbt, out_prompts[:2], tokens=args.tokens, temperature=0.0

@@ -82,3 +82,37 @@ def test_chunks_follow_the_gate_and_answers_do_not(tiny_base, smollm2_tokenizer,
         assert not any("alt" in t for t in whole[:2])  # greedy: Δ = 0 everywhere, the remote's tokens
         for p in passes[:2]:
             assert p == [GATED_FIRST_CHUNK, 2 * GATED_FIRST_CHUNK, 40 - 3 * GATED_FIRST_CHUNK]  # one round of 40
+
+
+@pytest.mark.parametrize("bias", [50.0, -50.0], ids=["gate open", "gate closed"])
+def test_a_first_draft_in_scope_is_sized_for_the_in_scope_rate(tiny_base, smollm2_tokenizer, bias):
+    """With whole drafts: where the scope gate is open at the first position, the first draft
+    is sized for the model's running in-scope acceptance rate at most, not for its overall
+    rate (1.0 here, as out-of-scope answers leave it); a seeded request's at T = 1 does not
+    depend on that rate (its lengths depend on the request alone); where the gate is closed the draft is as long as
+    before. α = 0.001: the pair's own prediction of the first position never shortens it. The
+    in-scope rate then moves towards the answer's."""
+    pair = make_tiny_pair(tiny_base, smollm2_tokenizer)
+    pair.gate = ScopeGate(np.zeros(len(smollm2_tokenizer), dtype=np.float32), bias, 0.5)
+
+    def first_draft(rate: float, **sampling) -> tuple[int, float]:
+        remote = FakeRemote(script(WORDS, alternatives=4), top_k_drafts=True)  # T = 1: the law of q
+        model = ServedModel("m", remote, pair=pair, alpha=1e-3, max_draft_tokens=64)
+        model.scope_acceptance_rate = rate
+        params = SamplingParams(max_tokens=40, alpha=1e-3, **sampling)
+
+        async def one() -> None:
+            async for _ in model.generate(Context(prompt="Story number 1: upon a time"), params):
+                pass
+
+        asyncio.run(one())
+        return remote.requested[0], model.scope_acceptance_rate
+
+    assert first_draft(1.0, temperature=0.0)[0] == 40  # max_tokens: nothing shortens it
+    capped, rate = first_draft(0.5, temperature=0.0)
+    assert first_draft(0.5, temperature=1.0, seed=3)[0] == first_draft(1.0, temperature=1.0, seed=3)[0] == 40
+    if bias > 0:
+        assert capped < 10
+        assert rate > 0.5  # α = 0.001: every drafted token accepted
+    else:
+        assert capped == 40 and rate == 0.5

@@ -87,6 +87,8 @@ class Served(Protocol):
     max_draft_tokens: int
     acceptance_rate: float
     """The running per-token acceptance rate of the model's drafts; the token decoder updates it."""
+    scope_acceptance_rate: float
+    """The same where the offset's scope gate was open; the token decoder updates it."""
     draft_cost: DraftCost
     """The measured cost of a round against its draft's length; the token decoder updates it."""
     sequence_samples: int

@@ -75,6 +75,11 @@ class ServedModel:
     _guided: GuidedDecoder = field(init=False, repr=False)
     acceptance_rate: float = 1.0
     """Running per-token acceptance rate of this model's drafts (seeds each request's :class:`DraftLength`)."""
+    scope_acceptance_rate: float = 0.9
+    """Running per-token acceptance rate of this model's drafted tokens where the offset's scope
+    gate was open (in forget scope): where the gate opens at a draft's first position, the
+    draft is sized for this rate at most (:meth:`TokenDecoder._predicted_length`). 0.9 before
+    one is measured (the demo offset's is 0.93 on its forget questions)."""
     draft_cost: DraftCost = field(default_factory=DraftCost)
     """What a round of speculative decoding costs this model as a function of its draft's
     length (sizes unseeded requests' drafts, :meth:`DraftLength.best_length`)."""

@@ -87,6 +87,7 @@ class TokenDecoder:
         on_demand = self.model.adapter.capabilities.drafts_on_demand
         gated = getattr(aligner, "gate", None) is not None
         gate_open: bool | None = None  # the scope gate at the last position scored (None: not yet)
+        in_scope = [0, 0]  # drafted positions examined where the gate was open, and accepted
         try:
             while stats.completion_tokens < params.max_tokens and not context_full:
                 pair_before = stats.pair_seconds
@@ -162,6 +163,9 @@ class TokenDecoder:
                             if done + j >= direct and lengths is not None:
                                 stats.accepted_tokens += int(ok)
                                 lengths.update(int(ok), 1)
+                                if gate_open:
+                                    in_scope[0] += 1
+                                    in_scope[1] += int(ok)
                             if not ok:
                                 await drafted.close()  # the remote stops now, not after this token's commit
                             chosen = cands[idx]
@@ -219,6 +223,10 @@ class TokenDecoder:
                 self.model.acceptance_rate = (
                     0.8 * self.model.acceptance_rate + 0.2 * lengths.accepted / lengths.examined
                 )
+            if in_scope[0]:
+                self.model.scope_acceptance_rate = (
+                    0.8 * self.model.scope_acceptance_rate + 0.2 * in_scope[1] / in_scope[0]
+                )
 
     async def _predicted_length(
         self, aligner: Any, lengths: DraftLength, params: SamplingParams, stats: ChoiceStats
@@ -227,7 +235,14 @@ class TokenDecoder:
         predicts it (:func:`proxy.decoding.offset.predicted_acceptance`, B standing in for the
         remote): where the offset would change the token, a long draft would be thrown
         away after its first position, so the draft is as long as that rate warrants
-        (:meth:`DraftLength.length_for`). The trunk's pending tokens are run now instead
+        (:meth:`DraftLength.length_for`). Where the scope gate is open on B's row there (in
+        forget scope), the rate is at most the model's running rate where the gate was open
+        (:attr:`ServedModel.scope_acceptance_rate
+        <proxy.decoding.served.ServedModel.scope_acceptance_rate>`; not for a seeded request
+        at T > 0, whose draft lengths must not depend on other requests): an answer's first
+        draft would otherwise be sized for the out-of-scope rate that the model's running rate
+        mostly measures, and the remote would write tokens past the first replaced one for
+        nothing. The trunk's pending tokens are run now instead
         of with the draft's tree, so this costs one extra forward pass at most; the
         acceptance test itself does not use the prediction (exactness is unchanged)."""
         next_rows = getattr(aligner, "next_rows", None)  # aligners without the pair's own rows: no prediction
@@ -249,6 +264,9 @@ class TokenDecoder:
             top_k=self.model.top_k,
             top_k_drafts=self.model.adapter.capabilities.top_k_drafts,
         )
+        gate = getattr(aligner, "gate", None)
+        if gate is not None and (params.seed is None or params.temperature == 0) and bool(gate.open(rows[1][None, :])[0]):
+            rate = min(rate, self.model.scope_acceptance_rate)
         n = lengths.length_for(rate)
         stats.predicted_short += int(n < lengths.maximum)
         return n

@@ -426,13 +426,16 @@ def main() -> None:
             # Warm the server's prompt cache and the pair's kernels, then measure.
             await direct_prompts(spec.adapter, url, out_prompts[:1], tokens=8, logprobs=True)
             await run_prompts(spec, out_prompts[:1], tokens=8, temperature=0.0)
+            def greedy(p: tuple[str, ...], i: int) -> Awaitable[Run]:  # prompt i of a set, as run_prompts seeds it
+                return run_prompts(spec, p, tokens=args.tokens, temperature=0.0, seed=i)
+
             # The proxy out of scope and in scope and the server alone, prompt by prompt in turn
             # (:func:`alternating`): the wall ratio and the in-scope ratio within one stretch of
             # time. The server's call follows another prompt's, so its prompt cache helps neither.
             res["out_greedy_speculative"], res["in_greedy_speculative"], res["direct_logprobs"] = await alternating(
                 [
-                    (lambda p, i: run_prompts(spec, p, tokens=args.tokens, temperature=0.0, seed=i), out_prompts),
-                    (lambda p, i: run_prompts(spec, p, tokens=args.tokens, temperature=0.0, seed=i), in_prompts),
+                    (greedy, out_prompts),
+                    (greedy, in_prompts),
                     (lambda p, i: direct_prompts(spec.adapter, url, p, tokens=args.tokens, logprobs=True), out_prompts),
                 ]
             )
@@ -451,12 +454,7 @@ def main() -> None:
             # the baseline of streamed drafts: the same answers with each draft read whole
             streamed = spec.adapter.capabilities
             spec.adapter.capabilities = dataclasses.replace(streamed, streams_drafts=False)
-            whole = await alternating(
-                [
-                    (lambda p, i: run_prompts(spec, p, tokens=args.tokens, temperature=0.0, seed=i), out_prompts),
-                    (lambda p, i: run_prompts(spec, p, tokens=args.tokens, temperature=0.0, seed=i), in_prompts),
-                ]
-            )
+            whole = await alternating([(greedy, out_prompts), (greedy, in_prompts)])
             res["out_greedy_speculative_whole_drafts"], res["in_greedy_speculative_whole_drafts"] = whole
             spec.adapter.capabilities = streamed
             res["out_t1_speculative"] = await run_prompts(spec, out_prompts, tokens=args.tokens, temperature=1.0)

@@ -87,7 +87,7 @@ class TokenDecoder:
         on_demand = self.model.adapter.capabilities.drafts_on_demand
         gated = getattr(aligner, "gate", None) is not None
         gate_open: bool | None = None  # the scope gate at the last position scored (None: not yet)
-        in_scope = [0, 0]  # drafted positions examined where the gate was open, and accepted
+        open_examined = open_accepted = 0  # drafted positions examined where the gate was open, and accepted
         try:
             while stats.completion_tokens < params.max_tokens and not context_full:
                 pair_before = stats.pair_seconds
@@ -164,8 +164,8 @@ class TokenDecoder:
                                 stats.accepted_tokens += int(ok)
                                 lengths.update(int(ok), 1)
                                 if gate_open:
-                                    in_scope[0] += 1
-                                    in_scope[1] += int(ok)
+                                    open_examined += 1
+                                    open_accepted += int(ok)
                             if not ok:
                                 await drafted.close()  # the remote stops now, not after this token's commit
                             chosen = cands[idx]
@@ -223,9 +223,9 @@ class TokenDecoder:
                 self.model.acceptance_rate = (
                     0.8 * self.model.acceptance_rate + 0.2 * lengths.accepted / lengths.examined
                 )
-            if in_scope[0]:
+            if open_examined:
                 self.model.scope_acceptance_rate = (
-                    0.8 * self.model.scope_acceptance_rate + 0.2 * in_scope[1] / in_scope[0]
+                    0.8 * self.model.scope_acceptance_rate + 0.2 * open_accepted / open_examined
                 )
 
     async def _predicted_length(
